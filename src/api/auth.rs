@@ -1,0 +1,83 @@
+//! The admin token: created on first start in `DATA_DIR/admin-token` (mode
+//! 0600), required as `Authorization: Bearer <token>` on the control API and
+//! on repository load/unload. Compared in constant time; never logged.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn new(token: String) -> AdminToken {
+        AdminToken(token)
+    }
+
+    /// Reads `DIR/admin-token`, creating it (mode 0600) with a random token
+    /// when it does not exist. Returns the token and whether it was created.
+    pub fn load_or_create(dir: &Path) -> std::io::Result<(AdminToken, bool)> {
+        let path = dir.join("admin-token");
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => return Ok((AdminToken(s.trim().to_string()), false)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+        let token = hex::encode(bytes);
+        let tmp = dir.join(".admin-token.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(token.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok((AdminToken(token), true))
+    }
+
+    /// Checks `Authorization: Bearer <token>`.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(t) if bool::from(t.as_bytes().ct_eq(self.0.as_bytes())) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the admin token is wrong; use the one in DATA_DIR/admin-token (ferry reads ./ferry-data/admin-token, FERRY_TOKEN or --token)",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this endpoint needs the admin token: send Authorization: Bearer <token from DATA_DIR/admin-token>",
+            )),
+        }
+    }
+}
+
+/// Middleware: refuses requests without the admin token.
+pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match state.token.check(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            let mut resp = e.into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The control API (`/api/v1`, admin token required): the registry — add a
+//! version by upload or by URL, list, show, change serving settings, remove —
+//! and each model's event history.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiJson, ErrorBody};
+use super::{ApiError, AppState, Limits, auth};
+use crate::registry::{
+    Artifact, NewVersion, RegistryError, ServingSettings, SettingsPatch, VersionRecord,
+};
+use crate::store::Event;
+
+pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{model}", get(show_model))
+        .route(
+            "/api/v1/models/{model}/versions/{version}",
+            get(show_version)
+                .put(add_version)
+                .patch(set_version)
+                .delete(remove_version)
+                .layer(DefaultBodyLimit::max(limits.max_upload_bytes)),
+        )
+        .route("/api/v1/models/{model}/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state, auth::require_admin))
+        .route("/api/v1/openapi.json", get(super::openapi::document))
+}
+
+/// A version as the control API shows it: the record plus whether it serves.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VersionView {
+    #[serde(flatten)]
+    pub record: VersionRecord,
+    /// Loaded, warm and in the published routes.
+    pub serving: bool,
+    /// `stable` for the version that serves production traffic, `loaded` for
+    /// one loaded beside it, null otherwise.
+    pub role: Option<&'static str>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelSummary {
+    pub name: String,
+    pub stable: Option<String>,
+    pub versions: Vec<String>,
+    /// Whether the stable version is serving.
+    pub serving: bool,
+    pub created_at: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelView {
+    pub name: String,
+    pub stable: Option<String>,
+    pub created_at: String,
+    pub versions: Vec<VersionView>,
+}
+
+fn view(s: &AppState, stable: Option<&str>, record: VersionRecord) -> VersionView {
+    let serving = s.controller.serves(&record.model, &record.version);
+    let role = if stable == Some(record.version.as_str()) {
+        Some("stable")
+    } else if record.loaded {
+        Some("loaded")
+    } else {
+        None
+    };
+    VersionView {
+        record,
+        serving,
+        role,
+    }
+}
+
+fn store_err(e: crate::store::StoreError) -> ApiError {
+    RegistryError::from(e).into()
+}
+
+/// All models.
+#[utoipa::path(get, path = "/api/v1/models", tag = "registry", security(("admin_token" = [])),
+    responses((status = 200, body = Vec<ModelSummary>), (status = 401, body = ErrorBody)))]
+pub async fn list_models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>, ApiError> {
+    let store = s.controller.registry().store();
+    let mut out = Vec::new();
+    for m in store.models().map_err(store_err)? {
+        let versions = store.versions(&m.name).map_err(store_err)?;
+        out.push(ModelSummary {
+            serving: m
+                .stable
+                .as_deref()
+                .is_some_and(|v| s.controller.serves(&m.name, v)),
+            name: m.name,
+            stable: m.stable,
+            versions: versions.into_iter().map(|v| v.version).collect(),
+            created_at: m.created_at,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// One model with all its versions.
+#[utoipa::path(get, path = "/api/v1/models/{model}", tag = "registry", security(("admin_token" = [])),
+    responses((status = 200, body = ModelView), (status = 404, body = ErrorBody)))]
+pub async fn show_model(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
+    crate::registry::check_name("model", &model)?;
+    let store = s.controller.registry().store();
+    let m = store.model(&model).map_err(store_err)?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "model \"{model}\" is not registered; add it with `ferry model add {model} VERSION --file MODEL.onnx`"
+        ))
+    })?;
+    let versions = store
+        .versions(&model)
+        .map_err(store_err)?
+        .into_iter()
+        .map(|v| view(&s, m.stable.as_deref(), v))
+        .collect();
+    Ok(Json(ModelView {
+        name: m.name,
+        stable: m.stable,
+        created_at: m.created_at,
+        versions,
+    }))
+}
+
+/// One version.
+#[utoipa::path(get, path = "/api/v1/models/{model}/versions/{version}", tag = "registry", security(("admin_token" = [])),
+    responses((status = 200, body = VersionView), (status = 404, body = ErrorBody)))]
+pub async fn show_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<VersionView>, ApiError> {
+    let record = s.controller.registry().version(&model, &version)?;
+    let stable = s
+        .controller
+        .registry()
+        .store()
+        .model(&model)
+        .map_err(store_err)?
+        .and_then(|m| m.stable);
+    Ok(Json(view(&s, stable.as_deref(), record)))
+}
+
+/// How to register a version: the JSON body (remote versions), or the `spec`
+/// part of a multipart upload whose `artifact` part is the ONNX file.
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddVersionSpec {
+    /// Remote V2 endpoints (`http://host:port[/v2/models/NAME[/versions/V]]`),
+    /// one replica each. Leave empty when uploading an ONNX file.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Serving settings; omitted fields take the defaults.
+    #[serde(default)]
+    pub settings: SettingsPatch,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AddVersionResult {
+    /// `created`, or `unchanged` when the same artifact was already registered.
+    pub result: &'static str,
+    #[serde(flatten)]
+    pub version: VersionView,
+}
+
+async fn read_add_request(
+    req: Request,
+    state: &AppState,
+) -> Result<(AddVersionSpec, Option<axum::body::Bytes>), ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !content_type.starts_with("multipart/form-data") {
+        let ApiJson(spec) = ApiJson::<AddVersionSpec>::from_request(req, state).await?;
+        return Ok((spec, None));
+    }
+    let mut multipart = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let mut spec = AddVersionSpec::default();
+    let mut artifact = None;
+    while let Some(field) = multipart.next_field().await.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            format!("could not read the upload: {}", e.body_text()),
+        )
+    })? {
+        let name = field.name().unwrap_or("").to_string();
+        let data = field.bytes().await.map_err(|e| {
+            ApiError::new(
+                e.status(),
+                format!("could not read the upload: {}", e.body_text()),
+            )
+        })?;
+        match name.as_str() {
+            "spec" => {
+                spec = serde_json::from_slice(&data).map_err(|e| {
+                    ApiError::bad_request(format!("the \"spec\" part is not valid: {e}"))
+                })?
+            }
+            "artifact" => artifact = Some(data),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unexpected multipart part \"{other}\"; send \"spec\" (JSON) and \"artifact\" (the ONNX file)"
+                )));
+            }
+        }
+    }
+    Ok((spec, artifact))
+}
+
+/// Registers a version: upload an ONNX file (multipart: `spec` + `artifact`)
+/// or give remote endpoints (JSON). The version is loaded and warmed up before
+/// it is accepted. Re-adding the same artifact is a no-op (200); different
+/// content under the same name is a 409.
+#[utoipa::path(put, path = "/api/v1/models/{model}/versions/{version}", tag = "registry", security(("admin_token" = [])),
+    request_body(content = AddVersionSpec, description = "JSON for remote versions; multipart/form-data with parts `spec` and `artifact` for ONNX files"),
+    responses((status = 201, body = AddVersionResult), (status = 200, body = AddVersionResult),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn add_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (spec, artifact) = read_add_request(req, &s).await?;
+    let artifact = match (artifact, spec.urls.is_empty()) {
+        (Some(bytes), true) => Artifact::Onnx(bytes),
+        (None, false) => Artifact::Remote(spec.urls),
+        (Some(_), false) => {
+            return Err(ApiError::bad_request(
+                "give either an ONNX artifact or remote urls, not both",
+            ));
+        }
+        (None, true) => {
+            return Err(ApiError::bad_request(
+                "nothing to register: upload the ONNX file (multipart part \"artifact\") or give \"urls\" of a remote V2 server",
+            ));
+        }
+    };
+    let added = s
+        .controller
+        .register(NewVersion {
+            model,
+            version,
+            artifact,
+            labels: spec.labels,
+            settings: ServingSettings::default().apply(&spec.settings),
+        })
+        .await?;
+    let stable = if added.stable || !added.created {
+        s.controller
+            .registry()
+            .store()
+            .model(&added.record.model)
+            .map_err(store_err)?
+            .and_then(|m| m.stable)
+    } else {
+        None
+    };
+    let status = if added.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = AddVersionResult {
+        result: if added.created {
+            "created"
+        } else {
+            "unchanged"
+        },
+        version: view(&s, stable.as_deref(), added.record),
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Changes a version's serving settings; a serving version restarts its
+/// replicas with them (warm before they take over).
+#[utoipa::path(patch, path = "/api/v1/models/{model}/versions/{version}", tag = "registry", security(("admin_token" = [])),
+    request_body = SettingsPatch,
+    responses((status = 200, body = VersionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    ApiJson(patch): ApiJson<SettingsPatch>,
+) -> Result<Json<VersionView>, ApiError> {
+    let record = s
+        .controller
+        .set_settings(&model, &version, &patch, "control API")
+        .await?;
+    let stable = s
+        .controller
+        .registry()
+        .store()
+        .model(&model)
+        .map_err(store_err)?
+        .and_then(|m| m.stable);
+    Ok(Json(view(&s, stable.as_deref(), record)))
+}
+
+/// Removes a version that does not serve.
+#[utoipa::path(delete, path = "/api/v1/models/{model}/versions/{version}", tag = "registry", security(("admin_token" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.controller
+        .registry()
+        .remove(&model, &version, "control API")?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// At most this many of the most recent events (default 1000).
+    limit: Option<usize>,
+}
+
+/// A model's events, oldest first.
+#[utoipa::path(get, path = "/api/v1/models/{model}/events", tag = "registry", security(("admin_token" = [])),
+    params(EventsQuery),
+    responses((status = 200, body = Vec<Event>), (status = 404, body = ErrorBody)))]
+pub async fn events(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let limit = query
+        .map_err(|e| ApiError::bad_request(e.body_text()))?
+        .limit
+        .unwrap_or(1000)
+        .clamp(1, 100_000);
+    crate::registry::check_name("model", &model)?;
+    let store = s.controller.registry().store();
+    if store.model(&model).map_err(store_err)?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "model \"{model}\" is not registered"
+        )));
+    }
+    Ok(Json(store.events(&model, limit).map_err(store_err)?))
+}

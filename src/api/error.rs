@@ -1,0 +1,198 @@
+//! The one place where errors become HTTP responses: always `{"error": "..."}`
+//! with Triton's status mapping (not found 404, unavailable 503, bad input 400,
+//! internal 500). 5xx bodies say what failed, never internals (those go to
+//! the log).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::controller::ControlError;
+use crate::gateway::GatewayError;
+use crate::protocol::ProtocolError;
+use crate::registry::RegistryError;
+use crate::runtime::RuntimeError;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Seconds for `Retry-After` (set when the client should come back).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// A server-side failure: the details are logged, the client gets `what`.
+    pub fn internal(what: &str, detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!("{what}: {detail}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what}; the server log has the details"),
+        )
+    }
+}
+
+/// The error body, for the OpenAPI document.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong and, where it can, how to fix it.
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(e: ProtocolError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::BadInput(m) => ApiError::bad_request(m),
+            RuntimeError::QueueFull { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            },
+            RuntimeError::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+            RuntimeError::Unavailable(m) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m)
+            },
+            RuntimeError::InvalidModel(_) | RuntimeError::UnsupportedSignature(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            other => ApiError::internal("inference failed", other),
+        }
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        match e {
+            GatewayError::NotFound(m) => ApiError::not_found(m),
+            GatewayError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            GatewayError::Runtime(r) => r.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(m) => ApiError::bad_request(m),
+            RegistryError::Artifact(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
+            RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            RegistryError::NotFound(m) => ApiError::not_found(m),
+            RegistryError::Store(e) => ApiError::internal("the store failed", e),
+            RegistryError::Io(e) => ApiError::internal("storing the artifact failed", e),
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Registry(r) => r.into(),
+            ControlError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            start @ ControlError::Start { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, start.to_string())
+            }
+        }
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "request body is larger than the server's limit (ferry serve --max-body-bytes)",
+            )
+        } else {
+            ApiError::new(
+                status,
+                format!("could not read the request body: {}", e.body_text()),
+            )
+        }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::new(e.status(), e.body_text())
+    }
+}
+
+/// `Json<T>` that reports bad input in the API's own error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state).await?;
+        if bytes.is_empty() {
+            return serde_json::from_slice(b"{}")
+                .map(ApiJson)
+                .map_err(|e| ApiError::bad_request(format!("request body is required: {e}")));
+        }
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid: {e}")))
+    }
+}
+
+/// Unknown paths: 404 in the API's error shape.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no such endpoint: {}; see /api/v1/openapi.json for the API",
+        uri.path()
+    ))
+}
+
+/// Known paths with the wrong method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

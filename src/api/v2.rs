@@ -1,0 +1,411 @@
+//! The Open Inference Protocol data plane (`/v2`): health, server and model
+//! metadata, readiness, inference (JSON and binary tensors) and the model
+//! repository extension.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::error::ApiJson;
+use super::{ApiError, AppState};
+use crate::protocol::{self, InferResponse, Tensor};
+use crate::registry::{Source, VersionRecord};
+use crate::runtime::TensorSpec;
+
+pub const VERSION_HEADER: &str = "x-ferry-version";
+pub const REQUEST_ID_HEADER: &str = "x-ferry-request-id";
+
+/// The protocol extensions Ferry really implements.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(version_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(version_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        )
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    name: &'static str,
+    version: &'static str,
+    extensions: Vec<&'static str>,
+}
+
+/// Server metadata.
+#[utoipa::path(get, path = "/v2", tag = "v2", responses((status = 200, body = ServerMetadata)))]
+pub async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata {
+        name: "ferry",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: EXTENSIONS.to_vec(),
+    })
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/v2/health/live", tag = "v2", responses((status = 200)))]
+pub async fn live() -> Json<serde_json::Value> {
+    Json(json!({"live": true}))
+}
+
+/// Readiness: every version that should serve is loaded and warm.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "v2", responses((status = 200), (status = 503)))]
+pub async fn ready(State(s): State<AppState>) -> Response {
+    if s.controller.is_ready() {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "error": "starting: loading and warming the registered models"})),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    name: String,
+    versions: Vec<String>,
+    platform: &'static str,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
+    ModelMetadata {
+        name: record.model.clone(),
+        versions,
+        platform: match record.source {
+            Source::Onnx { .. } => "onnxruntime_onnx",
+            Source::Remote { .. } => "remote_v2",
+        },
+        inputs: record.signature.inputs.clone(),
+        outputs: record.signature.outputs.clone(),
+    }
+}
+
+/// The stable version of a model, as the registry knows it.
+fn stable_record(s: &AppState, model: &str) -> Result<VersionRecord, ApiError> {
+    let registry = s.controller.registry();
+    crate::registry::check_name("model", model)?;
+    let stable = registry
+        .store()
+        .model(model)
+        .map_err(crate::registry::RegistryError::from)?
+        .and_then(|m| m.stable)
+        .ok_or_else(|| ApiError::not_found(format!("model \"{model}\" is not registered")))?;
+    Ok(registry.version(model, &stable)?)
+}
+
+/// Model metadata (of the stable version); `versions` lists the loaded ones.
+#[utoipa::path(get, path = "/v2/models/{model}", tag = "v2",
+    responses((status = 200, body = ModelMetadata), (status = 404, body = super::error::ErrorBody)))]
+pub async fn model_metadata(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    let record = stable_record(&s, &model)?;
+    let mut versions: Vec<String> = s
+        .gateway
+        .routes()
+        .model(&model)
+        .map(|r| r.versions.keys().cloned().collect())
+        .unwrap_or_default();
+    versions.sort();
+    Ok(Json(metadata(&record, versions)))
+}
+
+/// Metadata of one version.
+#[utoipa::path(get, path = "/v2/models/{model}/versions/{version}", tag = "v2",
+    responses((status = 200, body = ModelMetadata), (status = 404, body = super::error::ErrorBody)))]
+pub async fn version_metadata(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    let record = s.controller.registry().version(&model, &version)?;
+    Ok(Json(metadata(&record, vec![version])))
+}
+
+fn readiness(s: &AppState, model: &str, version: &str) -> Response {
+    if s.controller.serves(model, version) {
+        Json(json!({"name": model, "version": version, "ready": true})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("version \"{version}\" of model \"{model}\" is registered but not loaded"),
+        )
+        .into_response()
+    }
+}
+
+/// Whether the model's stable version is loaded and warm.
+#[utoipa::path(get, path = "/v2/models/{model}/ready", tag = "v2",
+    responses((status = 200), (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn model_ready(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let record = stable_record(&s, &model)?;
+    Ok(readiness(&s, &model, &record.version))
+}
+
+/// Whether one version is loaded and warm.
+#[utoipa::path(get, path = "/v2/models/{model}/versions/{version}/ready", tag = "v2",
+    responses((status = 200), (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn version_ready(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    s.controller.registry().version(&model, &version)?;
+    Ok(readiness(&s, &model, &version))
+}
+
+/// Inference on the model (its stable version). JSON, or the binary tensor
+/// data extension with `Inference-Header-Content-Length`.
+#[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "v2",
+    request_body(content = serde_json::Value, description = "V2 inference request"),
+    responses((status = 200, description = "V2 inference response"), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn infer(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    run_infer(s, model, None, headers, body?).await
+}
+
+/// Inference on one loaded version.
+#[utoipa::path(post, path = "/v2/models/{model}/versions/{version}/infer", tag = "v2",
+    request_body(content = serde_json::Value, description = "V2 inference request"),
+    responses((status = 200, description = "V2 inference response"), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn infer_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    run_infer(s, model, Some(version), headers, body?).await
+}
+
+async fn run_infer(
+    s: AppState,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let header_len = headers
+        .get(protocol::HEADER_CONTENT_LENGTH)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let request = protocol::decode_request(&body, header_len)?;
+    let requested: Vec<&str> = request.outputs.iter().map(|o| o.name.as_str()).collect();
+    let served = s
+        .gateway
+        .infer(
+            &model,
+            version.as_deref(),
+            request.inputs.clone(),
+            &requested,
+        )
+        .await?;
+    let outputs: Vec<Tensor> = if request.outputs.is_empty() {
+        served.outputs
+    } else {
+        let mut all = served.outputs;
+        request
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                all.iter()
+                    .position(|t| t.name == o.name)
+                    .map(|i| all.swap_remove(i))
+            })
+            .collect()
+    };
+    let id = request.id.clone().unwrap_or_else(|| s.ids.next());
+    let response = InferResponse {
+        model_name: model,
+        model_version: served.version,
+        id,
+        outputs,
+    };
+    let binary = |t: &Tensor| {
+        request
+            .outputs
+            .iter()
+            .find(|o| o.name == t.name)
+            .and_then(|o| o.binary)
+            .unwrap_or(request.binary_output)
+    };
+    let (body, json_len) = protocol::encode_response(&response, binary);
+    let mut resp = Response::new(axum::body::Body::from(body));
+    let h = resp.headers_mut();
+    match json_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(
+                HeaderName::from_static(protocol::HEADER_CONTENT_LENGTH),
+                HeaderValue::from(n),
+            );
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&response.model_version) {
+        h.insert(HeaderName::from_static(VERSION_HEADER), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&response.id) {
+        h.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+pub struct IndexRequest {
+    /// Only versions that are loaded and ready.
+    #[serde(default)]
+    ready: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct IndexEntry {
+    name: String,
+    version: String,
+    /// `READY` (loaded and warm) or `UNAVAILABLE` (registered, not loaded).
+    state: &'static str,
+    reason: String,
+}
+
+/// Every registered version and whether it is loaded.
+#[utoipa::path(post, path = "/v2/repository/index", tag = "v2",
+    request_body(content = Option<IndexRequest>), responses((status = 200, body = Vec<IndexEntry>)))]
+pub async fn repository_index(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<IndexRequest>,
+) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+    let store = s.controller.registry().store();
+    let mut out = Vec::new();
+    for m in store
+        .models()
+        .map_err(crate::registry::RegistryError::from)?
+    {
+        for v in store
+            .versions(&m.name)
+            .map_err(crate::registry::RegistryError::from)?
+        {
+            let serving = s.controller.serves(&m.name, &v.version);
+            if req.ready && !serving {
+                continue;
+            }
+            out.push(IndexEntry {
+                name: m.name.clone(),
+                version: v.version.clone(),
+                state: if serving { "READY" } else { "UNAVAILABLE" },
+                reason: if serving {
+                    String::new()
+                } else if m.stable.as_deref() == Some(v.version.as_str()) || v.loaded {
+                    "should serve but could not start; see the server log".into()
+                } else {
+                    "registered, not loaded".into()
+                },
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+pub struct RepositoryRequest {
+    #[serde(default)]
+    parameters: RepositoryParameters,
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+pub struct RepositoryParameters {
+    /// The version to load or unload (default: the stable version).
+    #[serde(default)]
+    version: Option<String>,
+}
+
+fn version_param(s: &AppState, model: &str, req: &RepositoryRequest) -> Result<String, ApiError> {
+    match &req.parameters.version {
+        Some(v) => Ok(v.clone()),
+        None => Ok(stable_record(s, model)?.version),
+    }
+}
+
+/// Loads a version beside the stable one (admin token required).
+#[utoipa::path(post, path = "/v2/repository/models/{model}/load", tag = "v2",
+    request_body(content = Option<RepositoryRequest>), security(("admin_token" = [])),
+    responses((status = 200), (status = 401, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+pub async fn repository_load(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<RepositoryRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.token.check(&headers)?;
+    let version = version_param(&s, &model, &req)?;
+    s.controller
+        .load(&model, &version, "repository API")
+        .await?;
+    Ok(Json(
+        json!({"name": model, "version": version, "state": "READY"}),
+    ))
+}
+
+/// Unloads a version that is not stable (admin token required).
+#[utoipa::path(post, path = "/v2/repository/models/{model}/unload", tag = "v2",
+    request_body(content = Option<RepositoryRequest>), security(("admin_token" = [])),
+    responses((status = 200), (status = 401, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+pub async fn repository_unload(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<RepositoryRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.token.check(&headers)?;
+    let version = version_param(&s, &model, &req)?;
+    s.controller
+        .unload(&model, &version, "repository API")
+        .await?;
+    Ok(Json(
+        json!({"name": model, "version": version, "state": "UNAVAILABLE"}),
+    ))
+}

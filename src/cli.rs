@@ -1,0 +1,95 @@
+//! The `ferry` command line: `serve` starts the server; every other command is
+//! a client of the control API (it never reaches into server internals).
+//!
+//! Layout: [`client`] (HTTP to the server, token lookup, error display),
+//! [`model`] (the registry commands), [`table`] (aligned human output).
+
+pub mod client;
+pub mod model;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::api::Limits;
+use crate::server::{self, ServeOptions};
+
+/// Serve machine-learning models and ship new versions of them into production safely.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// The Ferry server to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// The admin token (default: FERRY_TOKEN, then ./ferry-data/admin-token).
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start the server.
+    Serve(ServeArgs),
+    /// Register, list, inspect, configure and remove model versions.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Where the database, artifacts and admin token live.
+    #[arg(long, default_value = "./ferry-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0: any free port, printed at start-up).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, beside the binary, the build's copy).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    /// Largest inference request body, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Largest model upload, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_upload_bytes)]
+    pub max_upload_bytes: usize,
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            server::serve(ServeOptions {
+                data_dir: args.data_dir,
+                listen: args.listen,
+                ort_library: args.ort_library,
+                limits: Limits {
+                    max_body_bytes: args.max_body_bytes,
+                    max_upload_bytes: args.max_upload_bytes,
+                },
+            })
+            .await
+        }
+        Command::Model(cmd) => {
+            let client = client::Client::new(&cli.server, cli.token)?;
+            model::run(&client, cmd, cli.output).await
+        }
+    }
+}

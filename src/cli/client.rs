@@ -1,0 +1,87 @@
+//! The CLI's HTTP client of the control API: finds the token, sends requests,
+//! and turns the server's `{"error": ...}` answers into readable failures.
+
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let base = server.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            anyhow::bail!("--server {server:?} must start with http://");
+        }
+        let token = token.or_else(|| {
+            std::fs::read_to_string(Path::new("ferry-data").join("admin-token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        });
+        Ok(Client {
+            base,
+            token,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer; an error answer becomes the
+    /// server's message.
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        rb: RequestBuilder,
+    ) -> anyhow::Result<(reqwest::StatusCode, T)> {
+        let resp = self.send_raw(rb).await?;
+        let status = resp.status();
+        let body = resp.bytes().await.context("reading the server's answer")?;
+        let value = serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "the server's answer is not the expected JSON: {}",
+                String::from_utf8_lossy(&body)
+            )
+        })?;
+        Ok((status, value))
+    }
+
+    pub async fn send_raw(&self, rb: RequestBuilder) -> anyhow::Result<Response> {
+        let resp = rb.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow!(
+                    "cannot reach Ferry at {}: is `ferry serve` running? (choose the server with --server or FERRY_SERVER)",
+                    self.base
+                )
+            } else {
+                anyhow!("request to {} failed: {e}", self.base)
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            anyhow::bail!(
+                "{message}\n(no token found: pass --token, set FERRY_TOKEN, or run from the directory that holds ferry-data/)"
+            );
+        }
+        anyhow::bail!("{message} (HTTP {})", status.as_u16())
+    }
+}

@@ -1,0 +1,359 @@
+//! `ferry model ...`: the registry commands.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::Output;
+use super::client::Client;
+use super::table;
+use crate::units::HumanDuration;
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Register a version: an ONNX file (--file) or remote V2 endpoints (--url, repeatable).
+    Add {
+        model: String,
+        version: String,
+        /// The ONNX model file.
+        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        file: Option<PathBuf>,
+        /// A remote V2 endpoint: http://host:port[/v2/models/NAME[/versions/V]] (one per replica).
+        #[arg(long)]
+        url: Vec<String>,
+        /// A label, key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Change a version's serving settings.
+    Set {
+        model: String,
+        version: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// List models.
+    List,
+    /// Show a model's versions: source, signature, settings, labels, whether they serve.
+    Show { model: String },
+    /// Remove a version that does not serve.
+    Remove { model: String, version: String },
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct SettingsArgs {
+    /// ONNX Runtime sessions (each on its own thread).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Intra-op threads per session.
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Requests that may wait per replica before 503.
+    #[arg(long)]
+    queue: Option<u32>,
+    /// Longest wait for an answer, e.g. 500ms, 2s.
+    #[arg(long)]
+    timeout: Option<HumanDuration>,
+}
+
+impl SettingsArgs {
+    fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        if let Some(v) = self.replicas {
+            m.insert("replicas".into(), json!(v));
+        }
+        if let Some(v) = self.threads {
+            m.insert("threads".into(), json!(v));
+        }
+        if let Some(v) = self.queue {
+            m.insert("queue".into(), json!(v));
+        }
+        if let Some(v) = self.timeout {
+            m.insert("timeout".into(), json!(v.to_string()));
+        }
+        Value::Object(m)
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be key=value"))
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
+}
+
+pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Add {
+            model,
+            version,
+            file,
+            url,
+            labels,
+            settings,
+        } => {
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let spec = json!({"labels": labels, "settings": settings.to_json(), "urls": url});
+            let path = format!("/api/v1/models/{model}/versions/{version}");
+            let rb = match &file {
+                Some(f) => {
+                    let bytes =
+                        std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                    let name = f
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let form = reqwest::multipart::Form::new()
+                        .text("spec", spec.to_string())
+                        .part(
+                            "artifact",
+                            reqwest::multipart::Part::bytes(bytes).file_name(name),
+                        );
+                    client.request(Method::PUT, &path).multipart(form)
+                }
+                None => client.request(Method::PUT, &path).json(&spec),
+            };
+            let (_, v): (_, Value) = client.send(rb).await?;
+            if output == Output::Json {
+                print_json(&v);
+                return Ok(());
+            }
+            let what = source_text(&v["source"]);
+            let serving = if v["role"] == "stable" {
+                format!(
+                    "it is the stable version of {model} and {}",
+                    if v["serving"] == true {
+                        "serves now"
+                    } else {
+                        "could not start (see the server log)"
+                    }
+                )
+            } else {
+                format!("the stable version of {model} is unchanged; roll it out with a deployment")
+            };
+            match v["result"].as_str() {
+                Some("unchanged") => println!(
+                    "{model} {version} was already registered with this artifact ({what}); nothing changed"
+                ),
+                _ => println!("registered {model} {version} ({what}); {serving}"),
+            }
+        }
+        ModelCommand::Set {
+            model,
+            version,
+            settings,
+        } => {
+            let body = settings.to_json();
+            if body.as_object().is_some_and(|m| m.is_empty()) {
+                anyhow::bail!(
+                    "nothing to change: give --replicas, --threads, --queue or --timeout"
+                );
+            }
+            let path = format!("/api/v1/models/{model}/versions/{version}");
+            let (_, v): (_, Value) = client
+                .send(client.request(Method::PATCH, &path).json(&body))
+                .await?;
+            if output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("{model} {version}: {}", settings_text(&v["settings"]));
+            }
+        }
+        ModelCommand::List => {
+            let (_, v): (_, Value) = client
+                .send(client.request(Method::GET, "/api/v1/models"))
+                .await?;
+            if output == Output::Json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|m| {
+                    vec![
+                        str_of(&m["name"]),
+                        str_of(&m["stable"]),
+                        m["versions"]
+                            .as_array()
+                            .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
+                            .unwrap_or_default(),
+                        yes_no(&m["serving"]),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!(
+                    "no models yet; register one with `ferry model add MODEL VERSION --file MODEL.onnx`"
+                );
+            } else {
+                println!(
+                    "{}",
+                    table::render(&["MODEL", "STABLE", "VERSIONS", "SERVING"], &rows)
+                );
+            }
+        }
+        ModelCommand::Show { model } => {
+            let (_, v): (_, Value) = client
+                .send(client.request(Method::GET, &format!("/api/v1/models/{model}")))
+                .await?;
+            if output == Output::Json {
+                print_json(&v);
+                return Ok(());
+            }
+            show_model(&v);
+        }
+        ModelCommand::Remove { model, version } => {
+            let path = format!("/api/v1/models/{model}/versions/{version}");
+            client
+                .send_raw(client.request(Method::DELETE, &path))
+                .await?;
+            if output == Output::Json {
+                print_json(&json!({"removed": {"model": model, "version": version}}));
+            } else {
+                println!("removed {model} {version}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn yes_no(v: &Value) -> String {
+    if v == true { "yes".into() } else { "no".into() }
+}
+
+fn source_text(s: &Value) -> String {
+    match s["kind"].as_str() {
+        Some("onnx") => format!(
+            "onnx sha256:{} {}",
+            s["digest"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(12)
+                .collect::<String>(),
+            table::bytes(s["size"].as_u64().unwrap_or(0))
+        ),
+        Some("remote") => format!(
+            "remote {}",
+            s["endpoints"]
+                .as_array()
+                .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        ),
+        _ => "-".into(),
+    }
+}
+
+fn settings_text(s: &Value) -> String {
+    format!(
+        "replicas {}, threads {}, queue {}, timeout {}",
+        str_of(&s["replicas"]),
+        str_of(&s["threads"]),
+        str_of(&s["queue"]),
+        str_of(&s["timeout"])
+    )
+}
+
+fn show_model(v: &Value) {
+    println!(
+        "model {}  stable {}  created {}",
+        str_of(&v["name"]),
+        str_of(&v["stable"]),
+        str_of(&v["created_at"])
+    );
+    let versions = v["versions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|x| {
+            let labels = x["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", str_of(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            vec![
+                str_of(&x["version"]),
+                str_of(&x["role"]),
+                yes_no(&x["serving"]),
+                source_text(&x["source"]),
+                settings_text(&x["settings"]),
+                str_of(&x["created_at"]),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels
+                },
+            ]
+        })
+        .collect();
+    println!();
+    println!(
+        "{}",
+        table::render(
+            &[
+                "VERSION", "ROLE", "SERVING", "SOURCE", "SETTINGS", "ADDED", "LABELS"
+            ],
+            &rows
+        )
+    );
+    let mut shown: Vec<&Value> = Vec::new();
+    for x in versions {
+        let sig = &x["signature"];
+        if shown.contains(&sig) {
+            continue;
+        }
+        shown.push(sig);
+        let same: Vec<String> = versions
+            .iter()
+            .filter(|y| &y["signature"] == sig)
+            .map(|y| str_of(&y["version"]))
+            .collect();
+        println!("\nsignature of version {}:", same.join(", "));
+        let mut rows = Vec::new();
+        for (role, key) in [("input", "inputs"), ("output", "outputs")] {
+            for t in sig[key].as_array().map(Vec::as_slice).unwrap_or_default() {
+                rows.push(vec![
+                    role.to_string(),
+                    str_of(&t["name"]),
+                    str_of(&t["datatype"]),
+                    t["shape"].to_string(),
+                ]);
+            }
+        }
+        for line in table::render(&["", "NAME", "DATATYPE", "SHAPE"], &rows)
+            .lines()
+            .skip(1)
+        {
+            println!("  {line}");
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Ferry serves machine-learning models and ships new versions of them into
+//! production safely.
+//!
+//! # Layout
+//!
+//! The inference path and the control path meet only at the route table
+//! (the controller writes it, the gateway reads it) and the metrics.
+//!
+//! ```text
+//!  clients ──HTTP──▶ api ──▶ gateway ──▶ pool(version) ──▶ replica ──▶ runtime (ONNX Runtime | remote V2)
+//!                     │        └─ reads RouteTable (ArcSwap snapshot), records metrics
+//!  ferry CLI ─HTTP──▶ api ──▶ controller ──▶ registry ──▶ store (SQLite) ; publishes RouteTable
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`protocol`] | Open Inference Protocol types, the JSON and binary tensor codec, error body |
+//! | [`runtime`] | ONNX Runtime sessions on worker threads, remote V2 clients, model signatures |
+//! | [`registry`] | models, versions, labels, serving settings, content-addressed artifacts, validation |
+//! | [`gateway`] | per-request choice of version and replica, from the route table |
+//! | [`metrics`] | per-version counters and latency histograms; Prometheus export |
+//! | [`controller`] | what serves: loading versions, publishing routes, recording changes first |
+//! | [`store`] | durable state behind a trait; SQLite embedded |
+//! | [`api`] | HTTP wiring: `/v2`, `/api/v1`, `/metrics`, OpenAPI, auth, error mapping |
+//! | [`cli`] | the `ferry` subcommands, a client of the control API |
+//! | [`server`] | `ferry serve`: wiring everything together |
+//! | [`units`] | durations with units (`500ms`, `2s`) and timestamps |
+//!
+//! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
+
+pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod gateway;
+pub mod metrics;
+pub mod protocol;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod store;
+pub mod units;

@@ -1,0 +1,499 @@
+//! Decoding V2 inference requests and encoding responses, as JSON and with the
+//! binary tensor data extension (a JSON header, then raw little-endian tensors).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::ProtocolError;
+use super::tensor::{DataType, Tensor, TensorData, element_count};
+
+/// JSON nesting deeper than this in `data` is refused (tensors of rank > 32
+/// do not exist in practice, and deep nesting is a way to exhaust the stack).
+const MAX_DATA_DEPTH: usize = 32;
+
+/// A decoded inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    /// The client's request id, echoed in the response.
+    pub id: Option<String>,
+    /// Request-level parameters, passed through untouched.
+    pub parameters: Map<String, Value>,
+    pub inputs: Vec<Tensor>,
+    /// Outputs the client asked for; empty means all of them.
+    pub outputs: Vec<RequestedOutput>,
+    /// `parameters.binary_data_output`: the default for outputs that do not say.
+    pub binary_output: bool,
+}
+
+/// One output named in the request, and whether it should come back binary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedOutput {
+    pub name: String,
+    pub binary: Option<bool>,
+}
+
+/// What a version answered, ready to encode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: String,
+    pub outputs: Vec<Tensor>,
+}
+
+/// A tensor as it appears in JSON, before its data is typed.
+#[derive(Deserialize)]
+struct RawTensor {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    inputs: Vec<RawTensor>,
+    #[serde(default)]
+    outputs: Option<Vec<RawOutput>>,
+}
+
+#[derive(Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+struct RawResponse {
+    #[serde(default)]
+    outputs: Vec<RawTensor>,
+}
+
+/// Splits a body into its JSON part and binary part, using the value of
+/// `Inference-Header-Content-Length` when the client sent it.
+fn split_body<'a>(
+    body: &'a [u8],
+    header_len: Option<&str>,
+) -> Result<(&'a [u8], &'a [u8]), ProtocolError> {
+    match header_len {
+        None => Ok((body, &[])),
+        Some(h) => {
+            let n: usize = h
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n <= body.len())
+                .ok_or_else(|| ProtocolError::HeaderLength {
+                    header: h.chars().take(32).collect(),
+                    body: body.len(),
+                })?;
+            Ok(body.split_at(n))
+        }
+    }
+}
+
+fn json_error(e: serde_json::Error) -> ProtocolError {
+    ProtocolError::Json(e.to_string())
+}
+
+/// Decodes a request body (JSON, or JSON header + binary tensors when
+/// `header_len` is the `Inference-Header-Content-Length` value).
+pub fn decode_request(
+    body: &[u8],
+    header_len: Option<&str>,
+) -> Result<InferRequest, ProtocolError> {
+    let (json, binary) = split_body(body, header_len)?;
+    let raw: RawRequest = serde_json::from_slice(json).map_err(json_error)?;
+    let parameters = raw.parameters.unwrap_or_default();
+    let binary_output = parameters
+        .get("binary_data_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let inputs = decode_tensors(raw.inputs, binary)?;
+    let mut outputs = Vec::new();
+    for o in raw.outputs.unwrap_or_default() {
+        if outputs.iter().any(|x: &RequestedOutput| x.name == o.name) {
+            return Err(ProtocolError::Duplicate(o.name));
+        }
+        let binary = o
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data"))
+            .and_then(Value::as_bool);
+        outputs.push(RequestedOutput {
+            name: o.name,
+            binary,
+        });
+    }
+    Ok(InferRequest {
+        id: raw.id,
+        parameters,
+        inputs,
+        outputs,
+        binary_output,
+    })
+}
+
+/// Decodes the outputs of a V2 response (as sent by a remote server).
+pub fn decode_response_json(
+    body: &[u8],
+    header_len: Option<&str>,
+) -> Result<Vec<Tensor>, ProtocolError> {
+    let (json, binary) = split_body(body, header_len)?;
+    let raw: RawResponse = serde_json::from_slice(json).map_err(json_error)?;
+    decode_tensors(raw.outputs, binary)
+}
+
+fn decode_tensors(raw: Vec<RawTensor>, binary: &[u8]) -> Result<Vec<Tensor>, ProtocolError> {
+    let mut rest = binary;
+    let mut out: Vec<Tensor> = Vec::with_capacity(raw.len());
+    for t in raw {
+        if out.iter().any(|x| x.name == t.name) {
+            return Err(ProtocolError::Duplicate(t.name));
+        }
+        let datatype = DataType::parse(&t.datatype).ok_or_else(|| ProtocolError::DataType {
+            tensor: t.name.clone(),
+            datatype: t.datatype.chars().take(32).collect(),
+        })?;
+        let expected = element_count(&t.shape).map_err(|why| ProtocolError::Shape {
+            tensor: t.name.clone(),
+            shape: t.shape.clone(),
+            why,
+        })?;
+        let binary_size = t
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+            .map(|v| {
+                v.as_u64().ok_or_else(|| {
+                    ProtocolError::Binary(format!(
+                        "tensor \"{}\": binary_data_size must be a non-negative integer",
+                        t.name
+                    ))
+                })
+            })
+            .transpose()?;
+        let count_error = |got: u64| ProtocolError::ElementCount {
+            tensor: t.name.clone(),
+            shape: t.shape.clone(),
+            expected,
+            got,
+        };
+        let data = match (binary_size, &t.data) {
+            (Some(size), _) => {
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                if size > rest.len() {
+                    return Err(ProtocolError::Binary(format!(
+                        "tensor \"{}\" announces {size} bytes but only {} remain in the body",
+                        t.name,
+                        rest.len()
+                    )));
+                }
+                let elem = datatype.byte_size();
+                if size % elem != 0 {
+                    return Err(ProtocolError::Binary(format!(
+                        "tensor \"{}\": {size} bytes is not a whole number of {datatype} elements ({elem} bytes each)",
+                        t.name
+                    )));
+                }
+                let got = (size / elem) as u64;
+                if got != expected {
+                    return Err(count_error(got));
+                }
+                let (bytes, tail) = rest.split_at(size);
+                rest = tail;
+                TensorData::from_le_bytes(datatype, bytes).map_err(|e| ProtocolError::Element {
+                    tensor: t.name.clone(),
+                    index: e.index,
+                    value: e.value,
+                    datatype: datatype.as_str(),
+                })?
+            }
+            (None, Some(value)) => {
+                let mut flat = Vec::new();
+                flatten(value, &mut flat, 0).map_err(|why| ProtocolError::Shape {
+                    tensor: t.name.clone(),
+                    shape: t.shape.clone(),
+                    why,
+                })?;
+                if flat.len() as u64 != expected {
+                    return Err(count_error(flat.len() as u64));
+                }
+                TensorData::from_json(datatype, &flat).map_err(|e| ProtocolError::Element {
+                    tensor: t.name.clone(),
+                    index: e.index,
+                    value: e.value,
+                    datatype: datatype.as_str(),
+                })?
+            }
+            (None, None) => return Err(ProtocolError::MissingData { tensor: t.name }),
+        };
+        out.push(Tensor {
+            name: t.name,
+            shape: t.shape,
+            data,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(ProtocolError::Binary(format!(
+            "{} bytes follow the last tensor; every binary tensor needs parameters.binary_data_size",
+            rest.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Flattens nested JSON arrays (row-major) into their scalar elements.
+fn flatten<'v>(value: &'v Value, out: &mut Vec<&'v Value>, depth: usize) -> Result<(), String> {
+    if depth > MAX_DATA_DEPTH {
+        return Err(format!(
+            "data is nested deeper than {MAX_DATA_DEPTH} levels"
+        ));
+    }
+    match value {
+        Value::Array(items) => {
+            for item in items {
+                flatten(item, out, depth + 1)?;
+            }
+        }
+        scalar => out.push(scalar),
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct TensorOut<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a TensorData>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    id: &'a str,
+    outputs: Vec<TensorOut<'a>>,
+}
+
+/// Encodes a response. Each output is paired with whether it goes binary.
+/// Returns the body and, when any output is binary, the length of the JSON
+/// header (the value of `Inference-Header-Content-Length`).
+pub fn encode_response(
+    response: &InferResponse,
+    binary: impl Fn(&Tensor) -> bool,
+) -> (Vec<u8>, Option<usize>) {
+    let mut tail = Vec::new();
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    for t in &response.outputs {
+        if binary(t) {
+            let before = tail.len();
+            t.data.write_le_bytes(&mut tail);
+            outputs.push(TensorOut {
+                name: &t.name,
+                datatype: t.datatype().as_str(),
+                shape: &t.shape,
+                parameters: Some(BinarySize {
+                    binary_data_size: tail.len() - before,
+                }),
+                data: None,
+            });
+        } else {
+            outputs.push(TensorOut {
+                name: &t.name,
+                datatype: t.datatype().as_str(),
+                shape: &t.shape,
+                parameters: None,
+                data: Some(&t.data),
+            });
+        }
+    }
+    let mut body = serde_json::to_vec(&ResponseOut {
+        model_name: &response.model_name,
+        model_version: &response.model_version,
+        id: &response.id,
+        outputs,
+    })
+    .expect("a response always serialises");
+    if tail.is_empty() && !response.outputs.iter().any(&binary) {
+        return (body, None);
+    }
+    let json_len = body.len();
+    body.extend_from_slice(&tail);
+    (body, Some(json_len))
+}
+
+/// Encodes a JSON request, as Ferry sends to a remote V2 server.
+pub fn encode_request_json(id: Option<&str>, inputs: &[Tensor]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct RequestOut<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        inputs: Vec<TensorOut<'a>>,
+    }
+    let inputs = inputs
+        .iter()
+        .map(|t| TensorOut {
+            name: &t.name,
+            datatype: t.datatype().as_str(),
+            shape: &t.shape,
+            parameters: None,
+            data: Some(&t.data),
+        })
+        .collect();
+    serde_json::to_vec(&RequestOut { id, inputs }).expect("a request always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(s: &str) -> Result<InferRequest, ProtocolError> {
+        decode_request(s.as_bytes(), None)
+    }
+
+    #[test]
+    fn nested_and_flat_json_data_decode_alike() {
+        let flat =
+            decode(r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]}"#)
+                .unwrap();
+        let nested = decode(
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4]]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(flat.inputs, nested.inputs);
+        assert_eq!(
+            flat.inputs[0].data,
+            TensorData::Fp32(vec![1.0, 2.0, 3.0, 4.0])
+        );
+    }
+
+    #[test]
+    fn element_count_mismatch_names_the_tensor() {
+        let err =
+            decode(r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#)
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor \"x\": shape [2, 2] needs 4 elements but 3 were given"
+        );
+    }
+
+    #[test]
+    fn malformed_inputs_are_refused_with_reasons() {
+        for (body, needle) in [
+            ("{", "not a valid inference request"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}"#,
+                "BYTES",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[]}]}"#,
+                "negative",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
+                "has no data",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[200]}]}"#,
+                "not a valid INT8",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]},{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                "more than once",
+            ),
+        ] {
+            let err = decode(body).unwrap_err().to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+        let deep = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":{}1{}}}]}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert!(
+            decode(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
+        );
+    }
+
+    #[test]
+    fn binary_request_decodes_and_checks_sizes() {
+        let header = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}],"parameters":{"binary_data_output":true}}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend(1.5f32.to_le_bytes());
+        body.extend(2.5f32.to_le_bytes());
+        let len = header.len().to_string();
+        let req = decode_request(&body, Some(&len)).unwrap();
+        assert_eq!(req.inputs[0].data, TensorData::Fp32(vec![1.5, 2.5]));
+        assert!(req.binary_output);
+        // One byte short, one byte too many, and a bad header length.
+        assert!(decode_request(&body[..body.len() - 1], Some(&len)).is_err());
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(
+            decode_request(&longer, Some(&len))
+                .unwrap_err()
+                .to_string()
+                .contains("follow the last tensor")
+        );
+        assert!(matches!(
+            decode_request(&body, Some("99999")),
+            Err(ProtocolError::HeaderLength { .. })
+        ));
+    }
+
+    #[test]
+    fn response_encodes_binary_and_json_outputs_and_decodes_back() {
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: "r1".into(),
+            outputs: vec![
+                Tensor {
+                    name: "label".into(),
+                    shape: vec![2],
+                    data: TensorData::Int64(vec![0, 1]),
+                },
+                Tensor {
+                    name: "probabilities".into(),
+                    shape: vec![2, 2],
+                    data: TensorData::Fp32(vec![0.75, 0.25, 0.5, 0.5]),
+                },
+            ],
+        };
+        let (json_body, len) = encode_response(&response, |_| false);
+        assert_eq!(len, None);
+        assert_eq!(
+            decode_response_json(&json_body, None).unwrap(),
+            response.outputs
+        );
+        let (bin_body, len) = encode_response(&response, |t| t.name == "probabilities");
+        let len = len.expect("binary output present");
+        assert_eq!(bin_body.len(), len + 16);
+        assert_eq!(
+            decode_response_json(&bin_body, Some(&len.to_string())).unwrap(),
+            response.outputs
+        );
+    }
+}

@@ -1,0 +1,84 @@
+//! Turning an artifact into something that runs: ONNX Runtime sessions on their
+//! own worker threads, and clients of remote Open Inference Protocol servers.
+//!
+//! Layout: [`library`] finds and loads `libonnxruntime`; [`signature`] is a
+//! model's input/output contract; [`onnx`] builds sessions and runs them;
+//! [`worker`] gives each session a thread and a bounded queue; [`remote`]
+//! speaks V2 to another server. [`Engine`] is what the gateway calls: it does
+//! not know about versions, routes or rollouts.
+
+pub mod library;
+pub mod onnx;
+pub mod remote;
+pub mod signature;
+pub mod worker;
+
+use std::time::Duration;
+
+use crate::protocol::Tensor;
+pub use onnx::OnnxRuntime;
+pub use remote::{RemoteClient, RemoteTarget};
+pub use signature::{Signature, TensorSpec};
+pub use worker::Worker;
+
+/// What can go wrong turning an artifact into answers.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No `libonnxruntime` anywhere Ferry looks.
+    #[error(
+        "ONNX Runtime library not found (looked in: {tried}). Fix: run `cargo build` in a Ferry checkout \
+         (it provisions the library beside the binary), or `python3 scripts/fetch-onnxruntime.py DIR` and \
+         start with `--ort-library DIR/libonnxruntime.so`, or set ORT_DYLIB_PATH"
+    )]
+    LibraryNotFound { tried: String },
+    /// The library exists but could not be loaded.
+    #[error("could not load ONNX Runtime from {path}: {reason}")]
+    LibraryLoad { path: String, reason: String },
+    /// The artifact is not a model ONNX Runtime can load.
+    #[error("not a loadable ONNX model: {0}")]
+    InvalidModel(String),
+    /// The model loads but its inputs or outputs are not something Ferry can serve.
+    #[error("{0}")]
+    UnsupportedSignature(String),
+    /// The input does not fit the model's signature (a client error).
+    #[error("{0}")]
+    BadInput(String),
+    /// The engine failed while running (a server-side error).
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The replica's queue is full; the client should retry shortly.
+    #[error("replica queue is full ({depth} requests waiting); retry shortly")]
+    QueueFull { depth: usize },
+    /// No answer within the version's timeout.
+    #[error("no answer within the timeout of {0:?}")]
+    Timeout(Duration),
+    /// The replica cannot take requests (stopped, or a remote that does not answer).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl RuntimeError {
+    /// Whether retrying the same request on another version may help: true for
+    /// failures of the serving side, false when the input itself is wrong.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, RuntimeError::BadInput(_))
+    }
+}
+
+/// One running replica's engine: the only thing the gateway calls to infer.
+pub enum Engine {
+    /// An ONNX Runtime session on its own thread.
+    Local(Worker),
+    /// An endpoint of a remote V2 server.
+    Remote(RemoteClient),
+}
+
+impl Engine {
+    /// Runs one request. Inputs must already match the version's signature.
+    pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        match self {
+            Engine::Local(w) => w.infer(inputs).await,
+            Engine::Remote(r) => r.infer(&inputs).await,
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! A model's contract with its clients: input and output names, datatypes and
+//! shapes (`-1` for a dimension of any size, such as the batch).
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{DataType, Tensor, TensorData};
+
+/// One input or output of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TensorSpec {
+    pub name: String,
+    #[schema(value_type = String, example = "FP32")]
+    pub datatype: DataType,
+    /// `-1` marks a dimension of any size.
+    pub shape: Vec<i64>,
+}
+
+/// Inputs and outputs of a model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Signature {
+    /// Checks a request's inputs against the signature; the error says what
+    /// the model expects.
+    pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), String> {
+        for t in inputs {
+            let Some(spec) = self.inputs.iter().find(|s| s.name == t.name) else {
+                return Err(format!(
+                    "unknown input \"{}\"; the model's inputs are: {}",
+                    t.name,
+                    names(&self.inputs)
+                ));
+            };
+            if spec.datatype != t.datatype() {
+                return Err(format!(
+                    "input \"{}\" must be {}, not {}",
+                    t.name,
+                    spec.datatype,
+                    t.datatype()
+                ));
+            }
+            let fits = spec.shape.len() == t.shape.len()
+                && spec
+                    .shape
+                    .iter()
+                    .zip(&t.shape)
+                    .all(|(want, got)| *want < 0 || want == got);
+            if !fits {
+                return Err(format!(
+                    "input \"{}\" has shape {:?} but the model expects {:?} (-1: any size)",
+                    t.name, t.shape, spec.shape
+                ));
+            }
+        }
+        if let Some(missing) = self
+            .inputs
+            .iter()
+            .find(|s| !inputs.iter().any(|t| t.name == s.name))
+        {
+            return Err(format!(
+                "missing input \"{}\" ({} {:?})",
+                missing.name, missing.datatype, missing.shape
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that every requested output exists.
+    pub fn check_outputs<'a>(
+        &self,
+        requested: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        for name in requested {
+            if !self.outputs.iter().any(|s| s.name == name) {
+                return Err(format!(
+                    "unknown output \"{name}\"; the model's outputs are: {}",
+                    names(&self.outputs)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A one-row input of zeros (any-size dimensions set to 1): the warm-up
+    /// inference every version must pass before it takes traffic.
+    pub fn warmup_inputs(&self) -> Vec<Tensor> {
+        self.inputs
+            .iter()
+            .map(|s| {
+                let shape: Vec<i64> = s
+                    .shape
+                    .iter()
+                    .map(|d| if *d < 0 { 1 } else { *d })
+                    .collect();
+                let n = shape.iter().product::<i64>().max(0) as usize;
+                Tensor {
+                    name: s.name.clone(),
+                    shape,
+                    data: TensorData::zeros(s.datatype, n),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig() -> Signature {
+        Signature {
+            inputs: vec![TensorSpec {
+                name: "input".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 3],
+            }],
+            outputs: vec![TensorSpec {
+                name: "label".into(),
+                datatype: DataType::Int64,
+                shape: vec![-1],
+            }],
+        }
+    }
+
+    fn input(name: &str, shape: Vec<i64>, data: TensorData) -> Tensor {
+        Tensor {
+            name: name.into(),
+            shape,
+            data,
+        }
+    }
+
+    #[test]
+    fn accepts_any_batch_and_refuses_wrong_inputs_with_reasons() {
+        let s = sig();
+        assert!(
+            s.check_inputs(&[input("input", vec![5, 3], TensorData::Fp32(vec![0.0; 15]))])
+                .is_ok()
+        );
+        let err = s
+            .check_inputs(&[input("x", vec![1, 3], TensorData::Fp32(vec![0.0; 3]))])
+            .unwrap_err();
+        assert_eq!(err, "unknown input \"x\"; the model's inputs are: input");
+        let err = s
+            .check_inputs(&[input("input", vec![1, 3], TensorData::Fp64(vec![0.0; 3]))])
+            .unwrap_err();
+        assert_eq!(err, "input \"input\" must be FP32, not FP64");
+        let err = s
+            .check_inputs(&[input("input", vec![1, 4], TensorData::Fp32(vec![0.0; 4]))])
+            .unwrap_err();
+        assert!(err.contains("expects [-1, 3]"), "{err}");
+        assert!(
+            s.check_inputs(&[])
+                .unwrap_err()
+                .starts_with("missing input \"input\"")
+        );
+        assert!(s.check_outputs(["label"]).is_ok());
+        assert!(
+            s.check_outputs(["probs"])
+                .unwrap_err()
+                .contains("outputs are: label")
+        );
+    }
+
+    #[test]
+    fn warmup_is_one_row_of_zeros() {
+        let w = sig().warmup_inputs();
+        assert_eq!(w[0].shape, vec![1, 3]);
+        assert_eq!(w[0].data, TensorData::Fp32(vec![0.0; 3]));
+    }
+}

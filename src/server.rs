@@ -1,0 +1,112 @@
+//! `ferry serve`: opens the data dir, loads ONNX Runtime, wires the store,
+//! registry, controller, gateway and HTTP API together, and serves until
+//! SIGINT/SIGTERM (in-flight requests finish first).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, AdminToken, AppState, Limits, RequestIds};
+use crate::controller::Controller;
+use crate::gateway::{Gateway, RouteTable};
+use crate::metrics::Metrics;
+use crate::registry::{Blobs, Registry};
+use crate::runtime::{OnnxRuntime, remote};
+use crate::store::{SqliteStore, Store};
+
+/// Validated settings of `ferry serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub ort_library: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
+    let onnx = Arc::new(OnnxRuntime::load(opts.ort_library.as_deref())?);
+    tracing::info!("ONNX Runtime loaded from {}", onnx.library.display());
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&opts.data_dir)
+            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
+    );
+    let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
+    blobs.clean_temporaries();
+    let (token, created) = AdminToken::load_or_create(&opts.data_dir)
+        .context("cannot read or create the admin token")?;
+    let token_path = opts.data_dir.join("admin-token");
+    if created {
+        tracing::info!("admin token created in {}", token_path.display());
+    }
+    let http = remote::http_client(Duration::from_secs(2));
+    let metrics = Arc::new(Metrics::new());
+    let routes = Arc::new(RouteTable::new());
+    let registry = Arc::new(Registry::new(store, blobs, onnx.clone(), http.clone()));
+    let controller = Arc::new(Controller::new(
+        registry,
+        routes.clone(),
+        onnx,
+        http,
+        metrics.clone(),
+    ));
+    let state = AppState {
+        controller: controller.clone(),
+        gateway: Arc::new(Gateway::new(routes)),
+        metrics,
+        token: Arc::new(token),
+        ids: Arc::new(RequestIds::default()),
+    };
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another server using it? choose one with --listen)",
+                opts.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        "data dir {}, admin token in {}",
+        opts.data_dir.display(),
+        token_path.display()
+    );
+    // Printed on stdout so scripts (and the tests) can find an ephemeral port.
+    println!("ferry listening on http://{addr}");
+    let starting = controller.clone();
+    tokio::spawn(async move {
+        match starting.start().await {
+            Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
+            Err(e) => tracing::error!("start-up failed: {e}"),
+        }
+    });
+    axum::serve(listener, api::router(state, opts.limits))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,104 @@
+//! Durable state behind the [`Store`] trait: models, versions and their
+//! serving settings, and the event history. Only the store writes state.
+//!
+//! [`sqlite::SqliteStore`] is the embedded default (WAL, synchronous writes);
+//! a PostgreSQL implementation can be added beside it without touching the
+//! gateway or the registry. Every method is one transaction: an event is never
+//! written without the change it records, nor the change without its event.
+
+pub mod sqlite;
+
+use crate::registry::{ModelRecord, ServingSettings, VersionRecord};
+
+pub use sqlite::SqliteStore;
+
+/// A failure of the storage itself (disk, corruption, a bug): a 500, never a
+/// user mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("stored data is unreadable ({what}): {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error(
+        "the database schema is version {found}, newer than this Ferry understands ({known}); upgrade Ferry"
+    )]
+    TooNew { found: i64, known: i64 },
+}
+
+/// An event to record: what happened, in words a person can read, plus data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub model: String,
+    pub rollout: Option<String>,
+    pub kind: String,
+    pub message: String,
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(model: &str, kind: &str, message: String, data: serde_json::Value) -> NewEvent {
+        NewEvent {
+            model: model.to_string(),
+            rollout: None,
+            kind: kind.to_string(),
+            message,
+            data,
+        }
+    }
+}
+
+/// A recorded event (ordered by `id`, never rewritten).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct Event {
+    #[serde(skip)]
+    pub id: i64,
+    pub at: String,
+    pub model: String,
+    pub rollout: Option<String>,
+    pub kind: String,
+    pub message: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// What inserting a version did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// A new version; `stable` says it became the model's stable version (the
+    /// model's first version).
+    Created { stable: bool },
+    /// A version with that name already exists (returned as stored).
+    Exists(Box<VersionRecord>),
+}
+
+/// Durable state. Methods are synchronous and short; callers on async threads
+/// run them where blocking for a disk write is acceptable (the control plane).
+pub trait Store: Send + Sync + 'static {
+    fn models(&self) -> Result<Vec<ModelRecord>, StoreError>;
+    fn model(&self, model: &str) -> Result<Option<ModelRecord>, StoreError>;
+    fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError>;
+    fn version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError>;
+    /// Inserts a version unless one of that name exists. The model's first
+    /// version becomes its stable version; both are recorded as events.
+    fn insert_version(&self, v: &VersionRecord) -> Result<Inserted, StoreError>;
+    fn update_settings(
+        &self,
+        model: &str,
+        version: &str,
+        settings: &ServingSettings,
+        event: NewEvent,
+    ) -> Result<(), StoreError>;
+    /// Marks a non-stable version loaded (addressable by `/versions/{v}`) or not.
+    fn set_loaded(
+        &self,
+        model: &str,
+        version: &str,
+        loaded: bool,
+        event: NewEvent,
+    ) -> Result<(), StoreError>;
+    fn remove_version(&self, model: &str, version: &str, event: NewEvent)
+    -> Result<(), StoreError>;
+    /// Events of a model, oldest first; at most the `limit` most recent.
+    fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
+}

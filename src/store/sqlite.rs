@@ -1,0 +1,418 @@
+//! The embedded store: one SQLite database in the data dir (WAL journal,
+//! `synchronous = FULL`, so a state change that returned is on disk and
+//! survives `kill -9` and power loss).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{Event, Inserted, NewEvent, Store, StoreError};
+use crate::registry::{ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::units::now_rfc3339;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE models (
+    name        TEXT PRIMARY KEY,
+    stable      TEXT,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE versions (
+    model       TEXT NOT NULL REFERENCES models(name),
+    version     TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    signature   TEXT NOT NULL,
+    labels      TEXT NOT NULL,
+    settings    TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    loaded      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE events (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    rollout  TEXT,
+    kind     TEXT NOT NULL,
+    message  TEXT NOT NULL,
+    data     TEXT NOT NULL
+);
+CREATE INDEX events_by_model ON events(model, id);
+"#];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("{what}: {e}").into(),
+    )
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(
+    row: &Row,
+    idx: usize,
+    what: &str,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(what, e))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records always serialise")
+}
+
+const VERSION_COLUMNS: &str =
+    "model, version, source, signature, labels, settings, created_at, loaded";
+
+fn version_row(row: &Row) -> rusqlite::Result<VersionRecord> {
+    Ok(VersionRecord {
+        model: row.get(0)?,
+        version: row.get(1)?,
+        source: json_col(row, 2, "version source")?,
+        signature: json_col(row, 3, "version signature")?,
+        labels: json_col(row, 4, "version labels")?,
+        settings: json_col(row, 5, "serving settings")?,
+        created_at: row.get(6)?,
+        loaded: row.get::<_, i64>(7)? != 0,
+    })
+}
+
+fn insert_event(tx: &Connection, e: &NewEvent) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO events (at, model, rollout, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![now_rfc3339(), e.model, e.rollout, e.kind, e.message, to_json(&e.data)],
+    )?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `ferry.db` in `dir` and migrates it.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(dir.join("ferry.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StoreError::TooNew {
+                found: current,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied change:
+        // every write is a transaction that rolls back when dropped.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_tx<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(_, _, reason) => StoreError::Corrupt {
+            what: "a stored record".into(),
+            reason: reason.to_string(),
+        },
+        other => StoreError::Database(other),
+    }
+}
+
+impl Store for SqliteStore {
+    fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT name, stable, created_at FROM models ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ModelRecord {
+                name: r.get(0)?,
+                stable: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    fn model(&self, model: &str) -> Result<Option<ModelRecord>, StoreError> {
+        let conn = self.lock();
+        conn.query_row(
+            "SELECT name, stable, created_at FROM models WHERE name = ?1",
+            [model],
+            |r| {
+                Ok(ModelRecord {
+                    name: r.get(0)?,
+                    stable: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(map_err)
+    }
+
+    fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE model = ?1 ORDER BY created_at, version"
+        ))?;
+        let rows = stmt.query_map([model], version_row)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    fn version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError> {
+        let conn = self.lock();
+        conn.query_row(
+            &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE model = ?1 AND version = ?2"),
+            [model, version],
+            version_row,
+        )
+        .optional()
+        .map_err(map_err)
+    }
+
+    fn insert_version(&self, v: &VersionRecord) -> Result<Inserted, StoreError> {
+        self.with_tx(|tx| {
+            let existing = tx
+                .query_row(
+                    &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE model = ?1 AND version = ?2"),
+                    [&v.model, &v.version],
+                    version_row,
+                )
+                .optional()?;
+            if let Some(existing) = existing {
+                return Ok(Inserted::Exists(Box::new(existing)));
+            }
+            let stable: Option<Option<String>> = tx
+                .query_row("SELECT stable FROM models WHERE name = ?1", [&v.model], |r| r.get(0))
+                .optional()?;
+            let becomes_stable = !matches!(stable, Some(Some(_)));
+            if stable.is_none() {
+                tx.execute(
+                    "INSERT INTO models (name, stable, created_at) VALUES (?1, NULL, ?2)",
+                    params![v.model, v.created_at],
+                )?;
+            }
+            tx.execute(
+                &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    v.model,
+                    v.version,
+                    to_json(&v.source),
+                    to_json(&v.signature),
+                    to_json(&v.labels),
+                    to_json(&v.settings),
+                    v.created_at,
+                    v.loaded as i64
+                ],
+            )?;
+            let what = match &v.source {
+                Source::Onnx { digest, size } => format!("ONNX sha256:{} ({size} bytes)", &digest[..12]),
+                Source::Remote { endpoints } => format!("remote {}", endpoints.join(", ")),
+            };
+            insert_event(
+                tx,
+                &NewEvent::new(
+                    &v.model,
+                    "version_registered",
+                    format!("version {} registered: {what}", v.version),
+                    serde_json::json!({"version": v.version, "source": v.source, "labels": v.labels}),
+                ),
+            )?;
+            if becomes_stable {
+                tx.execute("UPDATE models SET stable = ?2 WHERE name = ?1", [&v.model, &v.version])?;
+                insert_event(
+                    tx,
+                    &NewEvent::new(
+                        &v.model,
+                        "stable_set",
+                        format!(
+                            "version {} is the stable version: it is the model's first version",
+                            v.version
+                        ),
+                        serde_json::json!({"version": v.version}),
+                    ),
+                )?;
+            }
+            Ok(Inserted::Created {
+                stable: becomes_stable,
+            })
+        })
+    }
+
+    fn update_settings(
+        &self,
+        model: &str,
+        version: &str,
+        settings: &ServingSettings,
+        event: NewEvent,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE versions SET settings = ?3 WHERE model = ?1 AND version = ?2",
+                params![model, version, to_json(settings)],
+            )?;
+            insert_event(tx, &event)
+        })
+    }
+
+    fn set_loaded(
+        &self,
+        model: &str,
+        version: &str,
+        loaded: bool,
+        event: NewEvent,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE versions SET loaded = ?3 WHERE model = ?1 AND version = ?2",
+                params![model, version, loaded as i64],
+            )?;
+            insert_event(tx, &event)
+        })
+    }
+
+    fn remove_version(
+        &self,
+        model: &str,
+        version: &str,
+        event: NewEvent,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "DELETE FROM versions WHERE model = ?1 AND version = ?2",
+                [model, version],
+            )?;
+            insert_event(tx, &event)
+        })
+    }
+
+    fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, at, model, rollout, kind, message, data FROM
+               (SELECT * FROM events WHERE model = ?1 ORDER BY id DESC LIMIT ?2)
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![model, limit as i64], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                model: r.get(2)?,
+                rollout: r.get(3)?,
+                kind: r.get(4)?,
+                message: r.get(5)?,
+                data: json_col(r, 6, "event data")?,
+            })
+        })?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ServingSettings, Source};
+    use crate::runtime::Signature;
+
+    fn record(model: &str, version: &str) -> VersionRecord {
+        VersionRecord {
+            model: model.into(),
+            version: version.into(),
+            source: Source::Onnx {
+                digest: "ab".repeat(32),
+                size: 10,
+            },
+            signature: Signature {
+                inputs: vec![],
+                outputs: vec![],
+            },
+            labels: Default::default(),
+            settings: ServingSettings::default(),
+            created_at: now_rfc3339(),
+            loaded: false,
+        }
+    }
+
+    #[test]
+    fn first_version_becomes_stable_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            assert_eq!(
+                store.insert_version(&record("m", "1")).unwrap(),
+                Inserted::Created { stable: true }
+            );
+            assert_eq!(
+                store.insert_version(&record("m", "2")).unwrap(),
+                Inserted::Created { stable: false }
+            );
+            assert!(matches!(
+                store.insert_version(&record("m", "2")).unwrap(),
+                Inserted::Exists(_)
+            ));
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.model("m").unwrap().unwrap().stable.as_deref(),
+            Some("1")
+        );
+        assert_eq!(store.versions("m").unwrap().len(), 2);
+        let kinds: Vec<String> = store
+            .events("m", 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            ["version_registered", "stable_set", "version_registered"]
+        );
+        assert_eq!(store.events("m", 1).unwrap()[0].kind, "version_registered");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join("ferry.db")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            SqliteStore::open(dir.path()),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
