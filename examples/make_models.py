@@ -2,7 +2,7 @@
 
 Run from the repository root (needs scikit-learn, skl2onnx, onnx, numpy):
 
-    python3 -m venv .venv && .venv/bin/pip install scikit-learn skl2onnx onnx onnxruntime numpy
+    python3 -m venv .venv && .venv/bin/pip install -r examples/requirements.txt
     .venv/bin/python examples/make_models.py
 
 Everything is trained on scikit-learn's bundled breast-cancer data set (569 rows,
@@ -24,11 +24,25 @@ All four models share one signature, so any of them can be rolled out over anoth
                the same answers as v1, at least 20 ms per single-row inference
   cancer-holdout.jsonl  the 30% hold-out split, one V2 request body per line
                plus its "label"
+
+Test fixtures (tests/data/), also committed:
+  cancer-zipmap.onnx   logistic regression exported *with* ZipMap (outputs a
+               sequence of maps): registration must refuse it with the fix
+  all-types.onnx       one Identity per V2 datatype Ferry serves (inputs
+               in_<TYPE> [-1, 2] -> outputs out_<TYPE>): round-trips every datatype
 """
 
 import json
+import os
 import pathlib
+import sys
 import time
+
+# skl2onnx iterates over sets of strings: fix the hash seed so the files come
+# out byte-identical on every run (their digests are their identity in Ferry).
+if os.environ.get("PYTHONHASHSEED") != "0":
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import numpy as np
 import onnx
@@ -43,17 +57,34 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 OUT = pathlib.Path(__file__).resolve().parent / "models"
+TEST_DATA = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
+ALL_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+}
 SEED = 7
 SLOW_SIZE = 1024
 
 
-def to_onnx(model, n_features):
-    return convert_sklearn(
+def to_onnx(model, n_features, zipmap=False):
+    proto = convert_sklearn(
         model,
         initial_types=[("input", FloatTensorType([None, n_features]))],
-        options={id(model): {"zipmap": False}},
+        options={id(model): {"zipmap": zipmap}},
         target_opset={"": 17, "ai.onnx.ml": 3},
     )
+    proto.graph.name = "ferry_example"  # skl2onnx picks a random name: keep files reproducible
+    return proto
 
 
 def add_slow_branch(model_proto):
@@ -96,6 +127,19 @@ def add_slow_branch(model_proto):
     assert old_out.name == "probabilities"
     onnx.checker.check_model(model_proto)
     return model_proto
+
+
+def all_types_model():
+    inputs, outputs, nodes = [], [], []
+    for name, ty in ALL_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", ty, ["batch", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", ty, ["batch", 2]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    graph = helper.make_graph(nodes, "all_types", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
 
 
 def single_row_ms(path, x):
@@ -144,6 +188,11 @@ def main():
     slow = add_slow_branch(to_onnx(v1, x.shape[1]))
     (OUT / "cancer-slow.onnx").write_bytes(slow.SerializeToString())
     report["cancer-slow"] = dict(report["cancer-v1"])
+
+    TEST_DATA.mkdir(parents=True, exist_ok=True)
+    zipmap = to_onnx(v1, x.shape[1], zipmap=True)
+    (TEST_DATA / "cancer-zipmap.onnx").write_bytes(zipmap.SerializeToString())
+    (TEST_DATA / "all-types.onnx").write_bytes(all_types_model().SerializeToString())
 
     with open(OUT / "cancer-holdout.jsonl", "w") as f:
         for row, label in zip(x_test, y_test):
