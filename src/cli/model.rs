@@ -94,7 +94,24 @@ fn print_json(v: &Value) {
     );
 }
 
+/// Checks names before they go into a URL path (where `..` would be
+/// normalised away), with the server's own rule and message.
+fn check_names(model: &str, version: Option<&str>) -> anyhow::Result<()> {
+    crate::registry::check_name("model", model)?;
+    if let Some(v) = version {
+        crate::registry::check_name("version", v)?;
+    }
+    Ok(())
+}
+
 pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::Result<()> {
+    match &cmd {
+        ModelCommand::Add { model, version, .. }
+        | ModelCommand::Set { model, version, .. }
+        | ModelCommand::Remove { model, version } => check_names(model, Some(version))?,
+        ModelCommand::Show { model } => check_names(model, None)?,
+        ModelCommand::List => {}
+    }
     match cmd {
         ModelCommand::Add {
             model,

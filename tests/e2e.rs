@@ -1,0 +1,7 @@
+pub mod harness;
+
+mod data_plane;
+mod registry;
+mod remote;
+mod restart;
+mod triton;

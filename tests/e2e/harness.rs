@@ -1,0 +1,224 @@
+//! Starting and stopping `ferry serve`, running the CLI, and small HTTP helpers.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn example(name: &str) -> PathBuf {
+    repo().join("examples/models").join(name)
+}
+
+pub fn test_data(name: &str) -> PathBuf {
+    repo().join("tests/data").join(name)
+}
+
+/// A running `ferry serve` with its own data dir.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut s = Server::start_in(&dir, &[]).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts on `dir` (kept by the caller) with extra `serve` arguments.
+    pub async fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(FERRY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ferry starts");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("ferry listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ferry prints its address within 30 s");
+        let server = Server {
+            child: Some(child),
+            url,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            http: reqwest::Client::new(),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(self.at("/v2/health/ready")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry did not become ready within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin-token"))
+            .expect("admin token exists")
+            .trim()
+            .to_string()
+    }
+
+    /// Runs the CLI against this server (with its token).
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(FERRY)
+            .args(["--server", &self.url, "--token", &self.token()])
+            .args(args)
+            .output()
+            .expect("the CLI runs")
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ferry_ok(&self, args: &[&str]) -> String {
+        let out = self.ferry(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs the CLI with `-o json` and parses the answer.
+    pub fn ferry_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.ferry_ok(&all)).expect("JSON output")
+    }
+
+    /// Registers an example model file as MODEL VERSION.
+    pub fn add(&self, model: &str, version: &str, file: &str) -> Value {
+        let path = example(file);
+        self.ferry_json(&[
+            "model",
+            "add",
+            model,
+            version,
+            "--file",
+            path.to_str().unwrap(),
+        ])
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9");
+            c.wait().expect("reaped");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// POSTs a JSON inference request to `path`.
+    pub async fn infer(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let r = self
+            .http
+            .post(self.at(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The hold-out rows: (V2 request body without the label, label).
+pub fn holdout() -> Vec<(Value, i64)> {
+    std::fs::read_to_string(example("cancer-holdout.jsonl"))
+        .expect("hold-out set")
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("JSON line");
+            let label = v["label"].as_i64().expect("label");
+            v.as_object_mut().unwrap().remove("label");
+            (v, label)
+        })
+        .collect()
+}
+
+/// A request with `n` hold-out rows as one batch.
+pub fn batch(n: usize) -> Value {
+    let rows: Vec<Value> = holdout()
+        .into_iter()
+        .take(n)
+        .map(|(v, _)| v["inputs"][0]["data"].clone())
+        .collect();
+    serde_json::json!({"inputs": [{"name": "input", "shape": [n, 30], "datatype": "FP32", "data": rows}]})
+}

@@ -1,0 +1,82 @@
+//! Remote versions: a version served by another Open Inference Protocol server
+//! (here, a second Ferry), with several endpoints as replicas.
+
+use serde_json::json;
+
+use super::harness::{Server, batch};
+
+#[tokio::test]
+async fn a_remote_version_serves_through_ferry() {
+    let upstream = Server::start().await;
+    upstream.add("cancer", "1", "cancer-v1.onnx");
+    upstream.add("cancer", "2", "cancer-v2.onnx");
+    let r = upstream
+        .http
+        .post(upstream.at("/v2/repository/models/cancer/load"))
+        .bearer_auth(upstream.token())
+        .json(&json!({"parameters": {"version": "2"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let s = Server::start().await;
+    // Same model name on the remote, two endpoints (two replicas).
+    let v = s.ferry_json(&[
+        "model",
+        "add",
+        "cancer",
+        "r1",
+        "--url",
+        &upstream.url,
+        "--url",
+        &upstream.url,
+    ]);
+    assert_eq!(v["source"]["kind"], "remote");
+    assert_eq!(v["serving"], true);
+    assert_eq!(v["signature"]["inputs"][0]["shape"], json!([-1, 30]));
+    // A named remote model and version.
+    let named = format!("{}/v2/models/cancer/versions/2", upstream.url);
+    s.ferry_json(&["model", "add", "remote2", "x", "--url", &named]);
+
+    let (status, headers, body) = s.infer("/v2/models/cancer/infer", &batch(5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-ferry-version"], "r1");
+    let (_, _, direct) = upstream
+        .infer("/v2/models/cancer/versions/1/infer", &batch(5))
+        .await;
+    assert_eq!(body["outputs"], direct["outputs"]);
+    let (_, _, via) = s.infer("/v2/models/remote2/infer", &batch(5)).await;
+    let (_, _, direct2) = upstream
+        .infer("/v2/models/cancer/versions/2/infer", &batch(5))
+        .await;
+    assert_eq!(via["outputs"], direct2["outputs"]);
+
+    // Bad input is refused by Ferry before it goes out.
+    let (status, _, body) = s
+        .infer("/v2/models/cancer/infer", &json!({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn unreachable_or_wrong_remotes_are_refused_at_registration() {
+    let s = Server::start().await;
+    let out = s.ferry(&["model", "add", "cancer", "1", "--url", "http://127.0.0.1:1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("http://127.0.0.1:1/v2/models/cancer") && err.contains("connection failed"),
+        "{err}"
+    );
+
+    let upstream = Server::start().await;
+    upstream.add("cancer", "1", "cancer-v1.onnx");
+    let missing = format!("{}/v2/models/absent", upstream.url);
+    let out = s.ferry(&["model", "add", "cancer", "1", "--url", &missing]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not ready"), "{err}");
+    let out = s.ferry(&["model", "add", "cancer", "1", "--url", "ftp://x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
+    assert_eq!(s.ferry_json(&["model", "list"]), json!([]));
+}

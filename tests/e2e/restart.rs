@@ -1,0 +1,152 @@
+//! Durability: graceful shutdown finishes in-flight requests; a restart, also
+//! after `kill -9`, brings every registered version back serving as before;
+//! a corrupted artifact is detected and refused.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::harness::{Server, batch};
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let mut s = Server::start().await;
+    s.add("slow", "1", "cancer-slow.onnx");
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let http = reqwest::Client::new();
+        let url = s.at("/v2/models/slow/infer");
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&batch(1))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    // The five requests take ≥ 5 × 20 ms on one replica; stop while they run.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let st = s.terminate();
+        drop(s);
+        st
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "ferry exits cleanly on SIGTERM: {status:?}"
+    );
+    for t in tasks {
+        assert_eq!(t.await.unwrap().expect("answered, not cut off"), 200);
+    }
+}
+
+#[tokio::test]
+async fn restart_after_kill_9_keeps_every_version_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.add("other", "a", "cancer-bad.onnx");
+    s.ferry_json(&["model", "set", "cancer", "1", "--replicas", "2"]);
+    let r = s
+        .http
+        .post(s.at("/v2/repository/models/cancer/load"))
+        .bearer_auth(s.token())
+        .json(&serde_json::json!({"parameters": {"version": "2"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let before = s.ferry_json(&["model", "show", "cancer"]);
+    let (_, _, answer_before) = s.infer("/v2/models/cancer/infer", &batch(10)).await;
+    let token = s.token();
+    s.kill9();
+
+    let s = Server::start_in(&dir, &[]).await;
+    assert_eq!(s.token(), token, "the admin token survives");
+    let after = s.ferry_json(&["model", "show", "cancer"]);
+    assert_eq!(before, after, "registry identical after kill -9");
+    assert_eq!(after["versions"][0]["settings"]["replicas"], 2);
+    let (status, headers, answer_after) = s.infer("/v2/models/cancer/infer", &batch(10)).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ferry-version"], "1");
+    assert_eq!(answer_before["outputs"], answer_after["outputs"]);
+    let (status, _, _) = s
+        .infer("/v2/models/cancer/versions/2/infer", &batch(1))
+        .await;
+    assert_eq!(status, 200, "the loaded version is loaded again");
+    let (status, _, _) = s.infer("/v2/models/other/infer", &batch(1)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_corrupted_artifact_is_refused_with_a_clear_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    let v = s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("fine", "1", "cancer-v2.onnx");
+    let digest = v["source"]["digest"].as_str().unwrap().to_string();
+    s.kill9();
+    let blob = dir.join("blobs/sha256").join(&digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let s = Server::start_in(&dir, &[]).await;
+    let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(status, 404, "{body}");
+    let ready = s
+        .http
+        .get(s.at("/v2/models/cancer/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let index: Value = s
+        .http
+        .post(s.at("/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "cancer")
+        .unwrap();
+    assert_eq!(entry["state"], "UNAVAILABLE");
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not start")
+    );
+    // Other models are unaffected.
+    let (status, _, _) = s.infer("/v2/models/fine/infer", &batch(1)).await;
+    assert_eq!(status, 200);
+    // Loading it explicitly says what is wrong and how to fix it.
+    let r = s
+        .http
+        .post(s.at("/v2/repository/models/cancer/load"))
+        .bearer_auth(s.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let msg = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("corrupted") && msg.contains("re-register"),
+        "{msg}"
+    );
+}
