@@ -176,13 +176,7 @@ impl Controller {
     }
 
     fn is_stable(&self, model: &str, version: &str) -> Result<bool, ControlError> {
-        Ok(self
-            .registry
-            .store()
-            .model(model)?
-            .and_then(|m| m.stable)
-            .as_deref()
-            == Some(version))
+        Ok(self.registry.stable(model)?.as_deref() == Some(version))
     }
 
     /// Brings the published route of `model` in line with the store: starts
@@ -190,7 +184,7 @@ impl Controller {
     /// publishes once, and lets dropped pools drain.
     async fn refresh(&self, model: &str) -> Result<(), ControlError> {
         let store = self.registry.store();
-        let Some(stable) = store.model(model)?.and_then(|m| m.stable) else {
+        let Some(stable) = self.registry.stable(model)? else {
             self.routes.publish(model, None);
             return Ok(());
         };
@@ -242,6 +236,7 @@ impl Controller {
         let mut replicas = Vec::new();
         match &record.source {
             Source::Onnx { digest, .. } => {
+                warn_if_oversubscribed(record);
                 let bytes = self
                     .registry
                     .artifact(digest)
@@ -294,5 +289,22 @@ impl Controller {
             timeout: record.settings.timeout.0,
             metrics: self.metrics.for_version(&record.model, &record.version),
         })
+    }
+}
+
+/// Replicas × threads beyond the machine's cores make sessions compete for
+/// CPU and raise tail latency; say so when a version asks for that.
+fn warn_if_oversubscribed(record: &VersionRecord) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (record.settings.replicas * record.settings.threads) as usize;
+    if threads > cores {
+        tracing::warn!(
+            model = %record.model,
+            version = %record.version,
+            "{} replicas x {} threads = {threads} inference threads on {cores} cores; they will compete for CPU \
+             (lower --threads or --replicas with `ferry model set`)",
+            record.settings.replicas,
+            record.settings.threads
+        );
     }
 }

@@ -252,6 +252,11 @@ impl Registry {
         self.blobs.get(digest).map_err(RegistryError::Artifact)
     }
 
+    /// The stable version of a model (None: the model is not registered).
+    pub fn stable(&self, model: &str) -> Result<Option<String>, RegistryError> {
+        Ok(self.store.model(model)?.and_then(|m| m.stable))
+    }
+
     pub fn version(&self, model: &str, version: &str) -> Result<VersionRecord, RegistryError> {
         check_name("model", model)?;
         check_name("version", version)?;
@@ -433,8 +438,7 @@ impl Registry {
     /// Removes a version that does not serve.
     pub fn remove(&self, model: &str, version: &str, who: &str) -> Result<(), RegistryError> {
         let record = self.version(model, version)?;
-        let stable = self.store.model(model)?.and_then(|m| m.stable);
-        if stable.as_deref() == Some(version) {
+        if self.stable(model)?.as_deref() == Some(version) {
             return Err(RegistryError::Conflict(format!(
                 "version \"{version}\" is the stable version of model \"{model}\" and serves production traffic; roll out another version first"
             )));

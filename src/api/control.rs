@@ -66,6 +66,12 @@ pub struct ModelView {
     pub versions: Vec<VersionView>,
 }
 
+/// The view of a record, looking up whether it is the stable version.
+fn view_of(s: &AppState, record: VersionRecord) -> Result<VersionView, ApiError> {
+    let stable = s.controller.registry().stable(&record.model)?;
+    Ok(view(s, stable.as_deref(), record))
+}
+
 fn view(s: &AppState, stable: Option<&str>, record: VersionRecord) -> VersionView {
     let serving = s.controller.serves(&record.model, &record.version);
     let role = if stable == Some(record.version.as_str()) {
@@ -144,14 +150,7 @@ pub async fn show_version(
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<VersionView>, ApiError> {
     let record = s.controller.registry().version(&model, &version)?;
-    let stable = s
-        .controller
-        .registry()
-        .store()
-        .model(&model)
-        .map_err(store_err)?
-        .and_then(|m| m.stable);
-    Ok(Json(view(&s, stable.as_deref(), record)))
+    Ok(Json(view_of(&s, record)?))
 }
 
 /// How to register a version: the JSON body (remote versions), or the `spec`
@@ -265,16 +264,6 @@ pub async fn add_version(
             settings: ServingSettings::default().apply(&spec.settings),
         })
         .await?;
-    let stable = if added.stable || !added.created {
-        s.controller
-            .registry()
-            .store()
-            .model(&added.record.model)
-            .map_err(store_err)?
-            .and_then(|m| m.stable)
-    } else {
-        None
-    };
     let status = if added.created {
         StatusCode::CREATED
     } else {
@@ -286,7 +275,7 @@ pub async fn add_version(
         } else {
             "unchanged"
         },
-        version: view(&s, stable.as_deref(), added.record),
+        version: view_of(&s, added.record)?,
     };
     Ok((status, Json(body)).into_response())
 }
@@ -305,14 +294,7 @@ pub async fn set_version(
         .controller
         .set_settings(&model, &version, &patch, "control API")
         .await?;
-    let stable = s
-        .controller
-        .registry()
-        .store()
-        .model(&model)
-        .map_err(store_err)?
-        .and_then(|m| m.stable);
-    Ok(Json(view(&s, stable.as_deref(), record)))
+    Ok(Json(view_of(&s, record)?))
 }
 
 /// Removes a version that does not serve.

@@ -116,10 +116,7 @@ fn stable_record(s: &AppState, model: &str) -> Result<VersionRecord, ApiError> {
     let registry = s.controller.registry();
     crate::registry::check_name("model", model)?;
     let stable = registry
-        .store()
-        .model(model)
-        .map_err(crate::registry::RegistryError::from)?
-        .and_then(|m| m.stable)
+        .stable(model)?
         .ok_or_else(|| ApiError::not_found(format!("model \"{model}\" is not registered")))?;
     Ok(registry.version(model, &stable)?)
 }

@@ -550,15 +550,10 @@ async fn repository_load_and_unload_need_the_token_and_go_through_the_controller
     let body = json!({"parameters": {"version": "2"}});
     let r = s.http.post(&load).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = s
-        .http
-        .post(&load)
-        .bearer_auth(s.token())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (status, _) = s
+        .admin_post("/v2/repository/models/cancer/load", Some(body.clone()))
+        .await;
+    assert_eq!(status, 200);
     let (status, headers, _) = s
         .infer("/v2/models/cancer/versions/2/infer", &batch(1))
         .await;
@@ -588,46 +583,18 @@ async fn repository_load_and_unload_need_the_token_and_go_through_the_controller
     let show = s.ferry_json(&["model", "show", "cancer"]);
     assert_eq!(show["versions"][1]["role"], "loaded");
 
-    let unload = s.at("/v2/repository/models/cancer/unload");
-    let r = s
-        .http
-        .post(&unload)
-        .bearer_auth(s.token())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409, "the stable version cannot be unloaded");
-    let r = s
-        .http
-        .post(&unload)
-        .bearer_auth(s.token())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let unload = "/v2/repository/models/cancer/unload";
+    let (status, _) = s.admin_post(unload, None).await;
+    assert_eq!(status, 409, "the stable version cannot be unloaded");
+    let (status, _) = s.admin_post(unload, Some(body)).await;
+    assert_eq!(status, 200);
     let (status, _, _) = s
         .infer("/v2/models/cancer/versions/2/infer", &batch(1))
         .await;
     assert_eq!(status, 404);
-    let events: Value = s
-        .http
-        .get(s.at("/api/v1/models/cancer/events"))
-        .bearer_auth(s.token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds = s.event_kinds("cancer").await;
     assert!(
-        kinds.ends_with(&["version_loaded", "version_unloaded"]),
+        kinds.ends_with(&["version_loaded".to_string(), "version_unloaded".to_string()]),
         "{kinds:?}"
     );
 }

@@ -170,6 +170,54 @@ impl Server {
         }
     }
 
+    /// GETs a control-API path with the admin token; returns the JSON answer.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(self.at(path))
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .expect("request sent");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.expect("JSON answer")
+    }
+
+    /// POSTs with the admin token (an optional JSON body); returns status and answer.
+    pub async fn admin_post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.post(self.at(path)).bearer_auth(self.token());
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("request sent");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Loads a version beside the stable one through the repository API.
+    pub async fn load(&self, model: &str, version: &str) {
+        let path = format!("/v2/repository/models/{model}/load");
+        let (status, body) = self
+            .admin_post(
+                &path,
+                Some(serde_json::json!({"parameters": {"version": version}})),
+            )
+            .await;
+        assert_eq!(status, 200, "load {model} {version}: {body}");
+    }
+
+    /// The kinds of a model's events, oldest first.
+    pub async fn event_kinds(&self, model: &str) -> Vec<String> {
+        let events = self
+            .admin_get(&format!("/api/v1/models/{model}/events"))
+            .await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// POSTs a JSON inference request to `path`.
     pub async fn infer(
         &self,

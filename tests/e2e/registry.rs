@@ -92,22 +92,8 @@ async fn first_version_becomes_stable_and_serves_later_ones_wait() {
     }
 
     // Events: registration and the stable choice, with readable reasons.
-    let events: Value = s
-        .http
-        .get(s.at("/api/v1/models/cancer/events"))
-        .bearer_auth(s.token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let events = s.admin_get("/api/v1/models/cancer/events").await;
+    let kinds = s.event_kinds("cancer").await;
     assert_eq!(
         kinds,
         ["version_registered", "stable_set", "version_registered"]

@@ -10,15 +10,7 @@ async fn a_remote_version_serves_through_ferry() {
     let upstream = Server::start().await;
     upstream.add("cancer", "1", "cancer-v1.onnx");
     upstream.add("cancer", "2", "cancer-v2.onnx");
-    let r = upstream
-        .http
-        .post(upstream.at("/v2/repository/models/cancer/load"))
-        .bearer_auth(upstream.token())
-        .json(&json!({"parameters": {"version": "2"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    upstream.load("cancer", "2").await;
 
     let s = Server::start().await;
     // Same model name on the remote, two endpoints (two replicas).

@@ -51,15 +51,7 @@ async fn restart_after_kill_9_keeps_every_version_serving() {
     s.add("cancer", "2", "cancer-v2.onnx");
     s.add("other", "a", "cancer-bad.onnx");
     s.ferry_json(&["model", "set", "cancer", "1", "--replicas", "2"]);
-    let r = s
-        .http
-        .post(s.at("/v2/repository/models/cancer/load"))
-        .bearer_auth(s.token())
-        .json(&serde_json::json!({"parameters": {"version": "2"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    s.load("cancer", "2").await;
     let before = s.ferry_json(&["model", "show", "cancer"]);
     let (_, _, answer_before) = s.infer("/v2/models/cancer/infer", &batch(10)).await;
     let token = s.token();
@@ -133,20 +125,44 @@ async fn a_corrupted_artifact_is_refused_with_a_clear_reason() {
     let (status, _, _) = s.infer("/v2/models/fine/infer", &batch(1)).await;
     assert_eq!(status, 200);
     // Loading it explicitly says what is wrong and how to fix it.
-    let r = s
-        .http
-        .post(s.at("/v2/repository/models/cancer/load"))
-        .bearer_auth(s.token())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let msg = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (status, body) = s
+        .admin_post("/v2/repository/models/cancer/load", None)
+        .await;
+    assert_eq!(status, 503);
+    let msg = body["error"].as_str().unwrap();
     assert!(
         msg.contains("corrupted") && msg.contains("re-register"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(super::harness::FERRY)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ort-library",
+            "/nonexistent/libonnxruntime.so",
+            "--data-dir",
+        ])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so") && err.contains("--ort-library"),
+        "{err}"
+    );
+    let out = std::process::Command::new(super::harness::FERRY)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .env("ORT_DYLIB_PATH", "/nonexistent/lib.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("given in ORT_DYLIB_PATH"));
 }
