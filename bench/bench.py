@@ -1,0 +1,212 @@
+"""Runs Ferry's benchmarks (called by bench/run.sh; standard library only).
+
+Suite "serving": the example model cancer-v1 (scaler + logistic regression on
+breast cancer, 30 features) served in-process by Ferry and, for comparison,
+the same scikit-learn pipeline served by MLServer's scikit-learn runtime, with
+the same single-row V2 JSON request, one server at a time on this machine:
+  * requests/s at saturation with 16 and 64 connections,
+  * p50/p99/p99.9 at a fixed rate well below saturation (oha with latency
+    correction, so a stall is not hidden by coordinated omission),
+  * resident memory after the run.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MLSERVER_VENV = ROOT / "bench" / ".venv"
+MLSERVER_PACKAGES = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "scikit-learn==1.9.1"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wait_http(url, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer 200 within {timeout}s")
+
+
+def rss_kib(pid):
+    """Resident memory of a process and its children, KiB."""
+    total = 0
+    pids = [pid]
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        pids += [int(p) for p in out]
+    except FileNotFoundError:
+        pass
+    for p in pids:
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def oha(args, url, body, extra):
+    cmd = [
+        args.oha, "--no-tui", "--output-format", "json", "-m", "POST", "-D", str(body),
+        "-T", "application/json", *extra, url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    codes = d.get("statusCodeDistribution", {})
+    # oha cuts the requests still running when the duration ends; those are
+    # not failures of the server.
+    errors = {k: v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k}
+    ok = codes.get("200", 0)
+    total = sum(codes.values()) + sum(errors.values())
+    p = d["latencyPercentiles"]
+    if p["p50"] is None:
+        raise SystemExit(f"no successful request to {url}: {codes} {errors}")
+    return {
+        "rps": round(d["summary"]["requestsPerSec"], 1),
+        "ok": ok,
+        "failed": total - ok,
+        "p50_ms": round(p["p50"] * 1000, 3),
+        "p99_ms": round(p["p99"] * 1000, 3),
+        "p999_ms": round(p["p99.9"] * 1000, 3),
+        "errors": errors,
+    }
+
+
+def measure(args, name, url, body, pid):
+    log(f"== {name}: saturation")
+    result = {"saturation": {}, "fixed_rate": {}}
+    dur = "3s" if args.quick else "10s"
+    oha(args, url, body, ["-c", "16", "-z", "2s"])  # warm-up
+    for c in (16, 64):
+        result["saturation"][f"c{c}"] = oha(args, url, body, ["-c", str(c), "-z", dur])
+        log(f"   c={c}: {result['saturation'][f'c{c}']}")
+    for rate in args.rates:
+        r = oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur])
+        result["fixed_rate"][f"{rate}rps"] = r
+        log(f"   {rate} req/s: {r}")
+    result["rss_mib"] = round(rss_kib(pid) / 1024, 1)
+    return result
+
+
+def start(cmd, cwd=None, env=None, read_stdout=False):
+    # Only Ferry's one line of stdout is read; anything else goes nowhere, so
+    # a chatty server never blocks on a full pipe.
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE if read_stdout else subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_ferry(args, tmp, body):
+    data = tmp / "ferry-data"
+    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.strip().removeprefix("ferry listening on ")
+        wait_http(f"{url}/v2/health/ready")
+        token = (data / "admin-token").read_text().strip()
+        subprocess.run(
+            [args.ferry, "--server", url, "--token", token, "model", "add", "cancer", "1",
+             "--file", str(ROOT / "examples/models/cancer-v1.onnx")],
+            check=True, capture_output=True,
+        )
+        return measure(args, "ferry", f"{url}/v2/models/cancer/infer", body, proc.pid)
+    finally:
+        stop(proc)
+
+
+def run_mlserver(args, tmp, body):
+    python = MLSERVER_VENV / "bin" / "python"
+    if not python.exists():
+        log(f"installing MLServer into {MLSERVER_VENV} (once)")
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *MLSERVER_PACKAGES], check=True)
+    models = tmp / "mlserver"
+    subprocess.run([str(python), str(ROOT / "bench/mlserver_model.py"), str(models)], check=True)
+    # parallel_workers 0: MLServer 1.7.1's worker processes die at start-up on
+    # this machine ("There is no current event loop in thread 'MainThread'"),
+    # so inference runs in the server process, as MLServer allows.
+    (models / "settings.json").write_text(json.dumps(
+        {"http_port": 18901, "grpc_port": 18902, "metrics_port": 18903, "parallel_workers": 0}
+    ))
+    proc = start([str(MLSERVER_VENV / "bin" / "mlserver"), "start", "."], cwd=models)
+    try:
+        wait_http("http://127.0.0.1:18901/v2/models/cancer/ready", timeout=120)
+        return measure(args, "mlserver", "http://127.0.0.1:18901/v2/models/cancer/infer", body, proc.pid)
+    finally:
+        stop(proc)
+
+
+def machine():
+    cpu = "unknown"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--oha", required=True)
+    ap.add_argument("--ferry", required=True)
+    ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
+    ap.add_argument("--no-mlserver", action="store_true")
+    ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = pathlib.Path(t)
+        row = json.loads((ROOT / "examples/models/cancer-holdout.jsonl").read_text().splitlines()[0])
+        row.pop("label")
+        body = tmp / "body.json"
+        body.write_text(json.dumps(row))
+        results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
+        if not args.no_mlserver:
+            results["mlserver"] = run_mlserver(args, tmp, body)
+            f, m = results["ferry"], results["mlserver"]
+            results["ratios"] = {
+                "throughput_c16": round(f["saturation"]["c16"]["rps"] / m["saturation"]["c16"]["rps"], 1),
+                "throughput_c64": round(f["saturation"]["c64"]["rps"] / m["saturation"]["c64"]["rps"], 1),
+                "p50_at_200rps": round(m["fixed_rate"]["200rps"]["p50_ms"] / f["fixed_rate"]["200rps"]["p50_ms"], 1)
+                if "200rps" in f["fixed_rate"] and "200rps" in m["fixed_rate"] else None,
+                "memory": round(m["rss_mib"] / f["rss_mib"], 1),
+            }
+    out = RESULTS / "serving.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    log(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Ferry's benchmark suite: one entry point. Installs what it needs itself
+# (oha from crates.io into bench/.tools, MLServer into bench/.venv), builds
+# Ferry in release mode, runs the peers and Ferry side by side in one run,
+# writes bench/results/<suite>.json and prints a summary to paste into
+# BENCHMARKS.md. Every process it starts is stopped on exit.
+#
+#   bench/run.sh [--quick] [--no-mlserver]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OHA_VERSION=1.16.0
+TOOLS=bench/.tools
+if ! [ -x "$TOOLS/bin/oha" ]; then
+  echo "installing oha $OHA_VERSION into $TOOLS (once)"
+  cargo install oha --version "$OHA_VERSION" --locked --root "$TOOLS" --quiet
+fi
+
+cargo build --release --quiet
+exec python3 bench/bench.py --oha "$TOOLS/bin/oha" --ferry target/release/ferry "$@"
