@@ -20,7 +20,7 @@ use axum::routing::get;
 
 use crate::controller::Controller;
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Telemetry};
 pub use auth::AdminToken;
 pub use error::ApiError;
 
@@ -48,6 +48,7 @@ pub struct AppState {
     pub controller: Arc<Controller>,
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<Metrics>,
+    pub telemetry: Arc<Telemetry>,
     pub token: Arc<AdminToken>,
     pub ids: Arc<RequestIds>,
 }

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::api::Limits;
+use crate::gateway::predlog::PredictionLogSettings;
 use crate::server::{self, ServeOptions};
+use crate::units::HumanDuration;
 
 /// Serve machine-learning models and ship new versions of them into production safely.
 #[derive(Parser, Debug)]
@@ -70,6 +72,21 @@ pub struct ServeArgs {
     /// Largest model upload, in bytes.
     #[arg(long, default_value_t = Limits::default().max_upload_bytes)]
     pub max_upload_bytes: usize,
+    /// How long a version leaving the routes may take to finish its requests.
+    #[arg(long, default_value = "30s")]
+    pub drain_timeout: HumanDuration,
+    /// Recent request ids remembered for delayed labels (feedback).
+    #[arg(long, default_value_t = 100_000)]
+    pub remember_requests: usize,
+    /// Write a sample of requests and answers to this JSON Lines file.
+    #[arg(long)]
+    pub prediction_log: Option<PathBuf>,
+    /// Fraction of requests written to the prediction log (0-1).
+    #[arg(long, default_value_t = 0.01)]
+    pub prediction_log_sample: f64,
+    /// Size at which the prediction log is rotated to FILE.1, in bytes.
+    #[arg(long, default_value_t = 100 << 20)]
+    pub prediction_log_max_bytes: u64,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -84,6 +101,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_body_bytes: args.max_body_bytes,
                     max_upload_bytes: args.max_upload_bytes,
                 },
+                drain_timeout: args.drain_timeout.0,
+                remember_requests: args.remember_requests,
+                prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
+                    path,
+                    sample: args.prediction_log_sample,
+                    max_bytes: args.prediction_log_max_bytes,
+                }),
             })
             .await
         }

@@ -3,16 +3,18 @@
 //! effect. On start-up it loads and warms everything the persisted state says
 //! should serve before the server reports ready.
 //!
-//! Today it keeps each model's stable version serving (the first version
-//! registered becomes stable) plus versions loaded through the repository API;
-//! rollouts (strategies) build on the same load/publish steps.
+//! Every change goes through one sequence, [`Controller::apply`]: start (and
+//! warm) the pools the model's routing policy needs, persist the policy with
+//! its event, publish the route in one swap, and drain the pools that left.
+//! Rollouts (strategies) will drive the same sequence with their policies.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::gateway::{ModelRoute, Replica, RouteTable, VersionPool};
-use crate::metrics::Metrics;
+use crate::gateway::{ModelRoute, Replica, RoutePolicy, RouteTable, VersionPool};
+use crate::metrics::{Metrics, Role, Telemetry};
 use crate::registry::{
     Added, NewVersion, Registry, RegistryError, SettingsPatch, Source, VersionRecord,
 };
@@ -26,6 +28,9 @@ pub struct Controller {
     onnx: Arc<OnnxRuntime>,
     http: reqwest::Client,
     metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
+    /// How long a pool that left the routes may take to finish its requests.
+    drain_timeout: Duration,
     /// One change at a time: load/publish sequences never interleave.
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
@@ -42,8 +47,12 @@ pub enum ControlError {
         version: String,
         reason: String,
     },
+    /// The request conflicts with what serves (e.g. unloading the stable version).
     #[error("{0}")]
     Conflict(String),
+    /// A routing policy that cannot be applied; names the field.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<crate::store::StoreError> for ControlError {
@@ -52,20 +61,27 @@ impl From<crate::store::StoreError> for ControlError {
     }
 }
 
+/// The services the controller drives.
+pub struct ControllerParts {
+    pub registry: Arc<Registry>,
+    pub routes: Arc<RouteTable>,
+    pub onnx: Arc<OnnxRuntime>,
+    pub http: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub telemetry: Arc<Telemetry>,
+    pub drain_timeout: Duration,
+}
+
 impl Controller {
-    pub fn new(
-        registry: Arc<Registry>,
-        routes: Arc<RouteTable>,
-        onnx: Arc<OnnxRuntime>,
-        http: reqwest::Client,
-        metrics: Arc<Metrics>,
-    ) -> Controller {
+    pub fn new(p: ControllerParts) -> Controller {
         Controller {
-            registry,
-            routes,
-            onnx,
-            http,
-            metrics,
+            registry: p.registry,
+            routes: p.routes,
+            onnx: p.onnx,
+            http: p.http,
+            metrics: p.metrics,
+            telemetry: p.telemetry,
+            drain_timeout: p.drain_timeout,
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
         }
@@ -80,14 +96,14 @@ impl Controller {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Loads every model's stable and loaded versions, then reports ready.
+    /// Loads every model's routed and loaded versions, then reports ready.
     /// A model that cannot start is logged with the reason and left unserved;
     /// the others serve.
     pub async fn start(&self) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
         let models = self.registry.store().models()?;
         for model in models {
-            if let Err(e) = self.refresh(&model.name).await {
+            if let Err(e) = self.apply(&model.name, None).await {
                 tracing::error!(model = %model.name, "not serving: {e}");
             }
         }
@@ -100,16 +116,43 @@ impl Controller {
         let added = self.registry.add(new).await?;
         if added.stable || (!added.created && self.routes.model(&added.record.model).is_none()) {
             let _guard = self.lock.lock().await;
-            self.refresh(&added.record.model).await?;
+            self.apply(&added.record.model, None).await?;
         }
         Ok(added)
     }
 
-    /// Loads a version beside the stable one (repository `load`).
+    /// The model's routing policy (the stored one, or stable-only).
+    pub fn route(&self, model: &str) -> Result<RoutePolicy, ControlError> {
+        if let Some(p) = self.registry.store().route(model)? {
+            return Ok(p);
+        }
+        let stable = self.registry.stable(model)?.ok_or_else(|| {
+            RegistryError::NotFound(format!("model \"{model}\" is not registered"))
+        })?;
+        Ok(RoutePolicy::stable_only(&stable))
+    }
+
+    /// Replaces a model's routing policy: the versions it needs are started
+    /// and warm before the policy is persisted and published.
+    pub async fn set_route(
+        &self,
+        model: &str,
+        policy: RoutePolicy,
+        who: &str,
+    ) -> Result<RoutePolicy, ControlError> {
+        policy.validate().map_err(ControlError::Invalid)?;
+        let _guard = self.lock.lock().await;
+        self.route(model)?; // the model exists
+        self.check_contract(model, &policy)?;
+        self.apply(model, Some((policy.clone(), who))).await?;
+        Ok(policy)
+    }
+
+    /// Loads a version beside the routed ones (repository `load`).
     pub async fn load(&self, model: &str, version: &str, who: &str) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
         let record = self.registry.version(model, version)?;
-        if !record.loaded && !self.is_stable(model, version)? {
+        if !record.loaded {
             self.registry.store().set_loaded(
                 model,
                 version,
@@ -122,16 +165,23 @@ impl Controller {
                 ),
             )?;
         }
-        self.refresh(model).await
+        self.apply(model, None).await
     }
 
-    /// Unloads a version that is not stable (repository `unload`).
+    /// Unloads a version the route does not use (repository `unload`).
     pub async fn unload(&self, model: &str, version: &str, who: &str) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
         let record = self.registry.version(model, version)?;
-        if self.is_stable(model, version)? {
+        let policy = self.route(model)?;
+        if policy.stable == version {
             return Err(ControlError::Conflict(format!(
                 "version \"{version}\" is the stable version of model \"{model}\" and serves production traffic; it cannot be unloaded"
+            )));
+        }
+        if policy.versions().contains(version) {
+            return Err(ControlError::Conflict(format!(
+                "version \"{version}\" of model \"{model}\" is in the model's route ({}); change the route first",
+                policy.describe()
             )));
         }
         if record.loaded {
@@ -147,7 +197,7 @@ impl Controller {
                 ),
             )?;
         }
-        self.refresh(model).await
+        self.apply(model, None).await
     }
 
     /// Changes serving settings; a serving version restarts its pool with them
@@ -163,7 +213,7 @@ impl Controller {
         let before = self.registry.version(model, version)?;
         let record = self.registry.set_settings(model, version, patch, who)?;
         if record.settings != before.settings && self.serves(model, version) {
-            self.refresh(model).await?;
+            self.apply(model, None).await?;
         }
         Ok(record)
     }
@@ -172,56 +222,164 @@ impl Controller {
     pub fn serves(&self, model: &str, version: &str) -> bool {
         self.routes
             .model(model)
-            .is_some_and(|r| r.versions.contains_key(version))
+            .is_some_and(|r| r.pools.contains_key(version))
     }
 
-    fn is_stable(&self, model: &str, version: &str) -> Result<bool, ControlError> {
-        Ok(self.registry.stable(model)?.as_deref() == Some(version))
+    /// Versions that take the same requests as the stable version must keep
+    /// its contract (same inputs, at least the same outputs).
+    fn check_contract(&self, model: &str, policy: &RoutePolicy) -> Result<(), ControlError> {
+        let stable = self.registry.version(model, &policy.stable)?;
+        let mut same_requests: Vec<&str> = policy.failover.iter().map(String::as_str).collect();
+        same_requests.extend(policy.candidate.as_ref().map(|c| c.version.as_str()));
+        same_requests.extend(policy.shadow.as_ref().map(|s| s.version.as_str()));
+        for v in same_requests {
+            let record = self.registry.version(model, v)?;
+            let diffs = stable.signature.contract_differences(&record.signature);
+            if !diffs.is_empty() {
+                return Err(ControlError::Invalid(format!(
+                    "version \"{v}\" does not keep the contract of the stable version \"{}\": {}",
+                    policy.stable,
+                    diffs.join("; ")
+                )));
+            }
+        }
+        if let Some(shadow) = &policy.shadow
+            && !stable
+                .signature
+                .outputs
+                .iter()
+                .any(|o| o.name == shadow.compare.output)
+        {
+            return Err(ControlError::Invalid(format!(
+                "shadow.compare.output \"{}\" is not an output of the model; outputs: {}",
+                shadow.compare.output,
+                stable
+                    .signature
+                    .outputs
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
     }
 
-    /// Brings the published route of `model` in line with the store: starts
-    /// pools that are missing or whose settings changed, reuses the others,
-    /// publishes once, and lets dropped pools drain.
-    async fn refresh(&self, model: &str) -> Result<(), ControlError> {
+    /// Brings the published route of `model` in line with its policy (the
+    /// given one, else the stored one): starts the pools it needs (reusing
+    /// running ones whose settings are unchanged), persists a new policy with
+    /// its event, publishes once, and drains the pools that left.
+    async fn apply(
+        &self,
+        model: &str,
+        change: Option<(RoutePolicy, &str)>,
+    ) -> Result<(), ControlError> {
         let store = self.registry.store();
         let Some(stable) = self.registry.stable(model)? else {
             self.routes.publish(model, None);
             return Ok(());
         };
+        let policy = match &change {
+            Some((p, _)) => p.clone(),
+            None => store
+                .route(model)?
+                .unwrap_or_else(|| RoutePolicy::stable_only(&stable)),
+        };
+        let mut wanted: Vec<String> = policy.versions().into_iter().map(str::to_string).collect();
+        for v in store.versions(model)? {
+            if v.loaded && !wanted.contains(&v.version) {
+                wanted.push(v.version);
+            }
+        }
         let current = self.routes.model(model);
-        let wanted: Vec<VersionRecord> = store
-            .versions(model)?
-            .into_iter()
-            .filter(|v| v.loaded || v.version == stable)
-            .collect();
-        let mut versions = HashMap::new();
-        for record in wanted {
+        let mut pools = HashMap::new();
+        for version in &wanted {
+            let record = self.registry.version(model, version)?;
             let reusable = current
                 .as_ref()
-                .and_then(|r| r.versions.get(&record.version))
+                .and_then(|r| r.pools.get(version))
                 .filter(|p| p.settings == record.settings);
             let pool = match reusable {
                 Some(p) => p.clone(),
                 None => Arc::new(self.start_pool(&record).await?),
             };
-            versions.insert(record.version.clone(), pool);
+            pools.insert(version.clone(), pool);
         }
-        let stable_pool = versions
-            .get(&stable)
-            .cloned()
-            .ok_or_else(|| ControlError::Start {
-                model: model.to_string(),
-                version: stable.clone(),
-                reason: "the stable version is not registered".into(),
-            })?;
-        self.routes.publish(
-            model,
-            Some(ModelRoute {
-                stable: stable_pool,
-                versions,
-            }),
-        );
+        if let Some((policy, who)) = &change {
+            store.set_route(
+                model,
+                policy,
+                NewEvent::new(
+                    model,
+                    "route_changed",
+                    format!("route: {} (by {who})", policy.describe()),
+                    serde_json::json!({"route": policy, "by": who}),
+                ),
+            )?;
+        }
+        let leaving: Vec<Arc<VersionPool>> = current
+            .map(|r| {
+                r.pools
+                    .values()
+                    .filter(|old| !pools.values().any(|new| Arc::ptr_eq(old, new)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.publish_metrics(model, &policy);
+        self.routes
+            .publish(model, Some(ModelRoute::new(policy, pools)));
+        let serving: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        self.telemetry.forget_idle(model, &serving);
+        self.drain(leaving);
         Ok(())
+    }
+
+    fn publish_metrics(&self, model: &str, policy: &RoutePolicy) {
+        let mut roles = vec![(policy.stable.clone(), Role::Stable)];
+        let mut weights = Vec::new();
+        match &policy.candidate {
+            Some(c) => {
+                roles.push((c.version.clone(), Role::Candidate));
+                weights.push((policy.stable.clone(), 100.0 - c.weight));
+                weights.push((c.version.clone(), c.weight));
+            }
+            None => weights.push((policy.stable.clone(), 100.0)),
+        }
+        roles.extend(policy.staging.iter().map(|v| (v.clone(), Role::Staging)));
+        roles.extend(policy.failover.iter().map(|v| (v.clone(), Role::Fallback)));
+        roles.extend(
+            policy
+                .shadow
+                .iter()
+                .map(|s| (s.version.clone(), Role::Shadow)),
+        );
+        self.metrics.set_routing(model, &roles, &weights);
+    }
+
+    /// Lets pools that left the routes finish their in-flight requests, up to
+    /// the drain timeout, then releases them (their worker threads stop once
+    /// the last request holding them is done).
+    fn drain(&self, pools: Vec<Arc<VersionPool>>) {
+        let timeout = self.drain_timeout;
+        for pool in pools {
+            tokio::spawn(async move {
+                let deadline = Instant::now() + timeout;
+                while pool.in_flight() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                match pool.in_flight() {
+                    0 => {
+                        tracing::info!(model = %pool.model, version = %pool.version, "drained and unloaded")
+                    }
+                    n => tracing::warn!(
+                        model = %pool.model,
+                        version = %pool.version,
+                        "{n} requests still running after the drain timeout of {timeout:?}; released, they finish on their replicas"
+                    ),
+                }
+            });
+        }
     }
 
     /// Starts every replica of a version and warms each one up; nothing is
@@ -237,10 +395,11 @@ impl Controller {
         match &record.source {
             Source::Onnx { digest, .. } => {
                 warn_if_oversubscribed(record);
-                let bytes = self
-                    .registry
-                    .artifact(digest)
-                    .map_err(|e| start_err(e.to_string()))?;
+                let bytes = Arc::new(
+                    self.registry
+                        .artifact(digest)
+                        .map_err(|e| start_err(e.to_string()))?,
+                );
                 for i in 0..record.settings.replicas {
                     let (onnx, bytes, warmup) = (self.onnx.clone(), bytes.clone(), warmup.clone());
                     let threads = record.settings.threads as usize;
@@ -280,15 +439,15 @@ impl Controller {
             replicas = replicas.len(),
             "version loaded and warm"
         );
-        Ok(VersionPool {
-            model: record.model.clone(),
-            version: record.version.clone(),
-            signature: record.signature.clone(),
+        Ok(VersionPool::new(
+            record.model.clone(),
+            record.version.clone(),
+            record.signature.clone(),
             replicas,
-            settings: record.settings.clone(),
-            timeout: record.settings.timeout.0,
-            metrics: self.metrics.for_version(&record.model, &record.version),
-        })
+            record.settings.clone(),
+            self.metrics.for_version(&record.model, &record.version),
+            self.telemetry.clone(),
+        ))
     }
 }
 

@@ -1,22 +1,38 @@
 //! Per-request decisions, read from the route table: which version serves a
-//! request, which replica runs it. The controller publishes routes; the
-//! gateway only reads them (lock-free) and never waits on the controller.
+//! request, which replica runs it, what happens when it fails, and which
+//! copies go to a shadow. The controller publishes routes; the gateway only
+//! reads them (lock-free) and never waits on the controller.
 //!
-//! The request path is the file tree: [`routes`] (the published snapshot and
-//! the choice of version) → [`pool`] (the version's replicas and the choice of
-//! replica) → [`crate::runtime::Engine`] (the call).
+//! The request path is the file tree: [`routes`] (the published snapshot) →
+//! [`choose`] (the version, from the [`policy`]) → [`pool`] (the replica) →
+//! failover along the chain, guarded by [`breaker`]s → [`mirror`] (the shadow
+//! copy, compared by [`compare`]) → [`recent`] (what answered, for delayed
+//! labels) and [`predlog`] (the optional sampled prediction log).
 
+pub mod breaker;
+pub mod choose;
+pub mod compare;
+pub mod mirror;
+pub mod policy;
 pub mod pool;
+pub mod predlog;
+pub mod recent;
 pub mod routes;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::metrics::Outcome;
+use axum::http::HeaderMap;
+
+use crate::metrics::{Metrics, Outcome, Role};
 use crate::protocol::Tensor;
 use crate::runtime::RuntimeError;
+pub use policy::RoutePolicy;
 pub use pool::{Replica, VersionPool};
 pub use routes::{ModelRoute, RouteTable};
+
+/// The header that sends a request to the staging environment.
+pub const ENV_HEADER: &str = "x-ferry-env";
 
 /// Why the gateway could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -24,65 +40,224 @@ pub enum GatewayError {
     /// No such model or version is being served.
     #[error("{0}")]
     NotFound(String),
-    /// The version exists but cannot take requests now.
-    #[error("{0}")]
-    Unavailable(String),
     /// The version ran (or refused) the request.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
 }
 
+/// One inference call as the gateway sees it.
+pub struct Call<'a> {
+    pub model: &'a str,
+    /// `/versions/{v}` in the path.
+    pub version: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The request id (the client's or a generated one).
+    pub id: &'a str,
+    pub inputs: Vec<Tensor>,
+    /// Outputs the client asked for (empty: all).
+    pub outputs: &'a [&'a str],
+}
+
 /// An answer and the version that gave it.
 pub struct Served {
     pub version: String,
+    pub role: Role,
     pub outputs: Vec<Tensor>,
+    /// The predicted class of the first row (see [`compare::answer_class`]).
+    pub class: Option<i64>,
 }
 
 /// The data plane's entry point.
 pub struct Gateway {
     routes: Arc<RouteTable>,
+    metrics: Arc<Metrics>,
+    recent: recent::RecentPredictions,
+    log: Option<predlog::PredictionLog>,
 }
 
 impl Gateway {
-    pub fn new(routes: Arc<RouteTable>) -> Gateway {
-        Gateway { routes }
+    pub fn new(
+        routes: Arc<RouteTable>,
+        metrics: Arc<Metrics>,
+        recent: recent::RecentPredictions,
+        log: Option<predlog::PredictionLog>,
+    ) -> Gateway {
+        Gateway {
+            routes,
+            metrics,
+            recent,
+            log,
+        }
     }
 
     pub fn routes(&self) -> &Arc<RouteTable> {
         &self.routes
     }
 
-    /// Chooses the version (`version` given: exactly that one; otherwise the
-    /// model's stable version), checks the inputs against its signature, and
-    /// runs the request on its least busy replica.
-    pub async fn infer(
-        &self,
-        model: &str,
-        version: Option<&str>,
-        inputs: Vec<Tensor>,
-        outputs: &[&str],
-    ) -> Result<Served, GatewayError> {
-        let pool = self.routes.choose(model, version)?;
-        let started = Instant::now();
+    /// What answered recent requests (for delayed labels).
+    pub fn recent(&self) -> &recent::RecentPredictions {
+        &self.recent
+    }
+
+    /// Serves one request: choose the version, check the inputs against its
+    /// signature, run it (along the failover chain when the stable version
+    /// fails), mirror a copy to the shadow, and record what answered.
+    pub async fn infer(&self, call: Call<'_>) -> Result<Served, GatewayError> {
+        let route = self.routes.model(call.model).ok_or_else(|| {
+            GatewayError::NotFound(format!(
+                "model \"{}\" is not served here; GET /v2/repository/index lists the models and their state",
+                call.model
+            ))
+        })?;
+        let (version, role) = match call.version {
+            Some(v) => (v, Role::Direct),
+            None => {
+                let staging = call
+                    .headers
+                    .get(ENV_HEADER)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"staging"));
+                let header = |name: &str| call.headers.get(name).and_then(|v| v.to_str().ok());
+                choose::choose(&route.policy, staging, header, fastrand::u32(..choose::BUCKETS)).map_err(
+                    |choose::NoVersion::NoStaging| {
+                        GatewayError::NotFound(format!(
+                            "model \"{}\" has no staging version (the request has {ENV_HEADER}: staging)",
+                            call.model
+                        ))
+                    },
+                )?
+            }
+        };
+        let pool = route.pools.get(version).ok_or_else(|| {
+            GatewayError::NotFound(format!(
+                "version \"{version}\" of model \"{}\" is not loaded; loaded versions: {}",
+                call.model,
+                route.loaded().join(", ")
+            ))
+        })?;
         let checked = pool
             .signature
-            .check_inputs(&inputs)
-            .and_then(|()| pool.signature.check_outputs(outputs.iter().copied()));
+            .check_inputs(&call.inputs)
+            .and_then(|()| pool.signature.check_outputs(call.outputs.iter().copied()));
         if let Err(why) = checked {
-            pool.metrics.record(Outcome::Rejected, 0.0);
+            pool.record(role, Outcome::Rejected, 0.0, None);
             return Err(RuntimeError::BadInput(why).into());
         }
-        let result = pool.infer(inputs).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_)) => Outcome::Rejected,
-            Err(_) => Outcome::Error,
+        let timeout = route.policy.timeout.map_or_else(|| pool.timeout(), |t| t.0);
+        // Production requests (those the stable version serves) are the ones
+        // mirrored to a shadow and protected by the failover chain.
+        let shadow = (role == Role::Stable)
+            .then(|| mirror::Mirror::start(&route, &call.inputs))
+            .flatten();
+        let chain: Vec<&Arc<VersionPool>> = if role == Role::Stable {
+            std::iter::once(pool)
+                .chain(
+                    route
+                        .policy
+                        .failover
+                        .iter()
+                        .filter_map(|v| route.pools.get(v)),
+                )
+                .collect()
+        } else {
+            vec![pool]
         };
-        pool.metrics
-            .record(outcome, started.elapsed().as_secs_f64());
-        Ok(Served {
-            version: pool.version.clone(),
-            outputs: result?,
-        })
+        let logged_inputs = self
+            .log
+            .as_ref()
+            .filter(|l| l.sampled())
+            .map(|_| call.inputs.clone());
+        let result = self
+            .run_chain(&route, &chain, role, call.inputs, timeout)
+            .await;
+        if let Some(shadow) = shadow {
+            shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()));
+        }
+        let served = result?;
+        self.recent
+            .remember(call.id, call.model, &served.version, served.class);
+        if let (Some(log), Some(inputs)) = (&self.log, logged_inputs) {
+            log.write(
+                call.id,
+                call.model,
+                &served.version,
+                served.role,
+                &inputs,
+                &served.outputs,
+            );
+        }
+        Ok(served)
+    }
+
+    /// Runs the request on the first version of the chain, and on failure on
+    /// the next, and so on. Retrying is safe: inference is a pure function of
+    /// its input, so a request that failed on one version has no effect to
+    /// undo, and a bad input (the client's mistake) is never retried.
+    async fn run_chain(
+        &self,
+        route: &ModelRoute,
+        chain: &[&Arc<VersionPool>],
+        role: Role,
+        inputs: Vec<Tensor>,
+        timeout: Duration,
+    ) -> Result<Served, GatewayError> {
+        let breakers = chain.len() > 1;
+        let mut inputs = Some(inputs);
+        let mut last_error: Option<RuntimeError> = None;
+        let mut previous: Option<&str> = None;
+        for (i, pool) in chain.iter().enumerate() {
+            let is_last = i + 1 == chain.len();
+            if breakers && !is_last && !pool.breaker.allow(Instant::now()) {
+                continue; // circuit open: skip to the next version
+            }
+            let attempt_inputs = if is_last {
+                inputs.take().expect("inputs are kept for the last attempt")
+            } else {
+                inputs
+                    .clone()
+                    .expect("inputs are kept until the last attempt")
+            };
+            if let Some(from) = previous {
+                self.metrics.failover(&pool.model, from, &pool.version);
+            }
+            let attempt_role = if i == 0 { role } else { Role::Fallback };
+            let started = Instant::now();
+            let result = pool.infer(attempt_inputs, timeout).await;
+            let seconds = started.elapsed().as_secs_f64();
+            if breakers {
+                pool.breaker
+                    .record(result.is_ok(), Instant::now(), &route.policy.breaker);
+            }
+            match result {
+                Ok(outputs) => {
+                    let class = compare::answer_class(&outputs);
+                    pool.record(attempt_role, Outcome::Ok, seconds, class);
+                    return Ok(Served {
+                        version: pool.version.clone(),
+                        role: attempt_role,
+                        outputs,
+                        class,
+                    });
+                }
+                Err(e) => {
+                    let outcome = match e {
+                        RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_) => {
+                            Outcome::Rejected
+                        }
+                        _ => Outcome::Error,
+                    };
+                    pool.record(attempt_role, outcome, seconds, None);
+                    if !e.is_retryable() {
+                        return Err(e.into());
+                    }
+                    previous = Some(&pool.version);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| {
+                RuntimeError::Unavailable("no version of the chain could take the request".into())
+            })
+            .into())
     }
 }

@@ -1,14 +1,70 @@
-//! Per-version counters and latency histograms, exported in the Prometheus
-//! text format at `/metrics`. Series are keyed by `model` and `version` only,
-//! so they survive a version changing role. Records; decides nothing.
+//! Per-version telemetry. Records; decides nothing.
+//!
+//! Two views of the same events:
+//! - [`Telemetry`]: time windows per model, version and role ([`window`],
+//!   with mergeable latency [`sketch`]es) for analysis, the dashboard and
+//!   `/api/v1/models/{model}/metrics`;
+//! - [`Metrics`]: Prometheus series at `/metrics`, keyed by `model` and
+//!   `version` only (so they survive a version changing role), with roles and
+//!   traffic weights as separate info series.
 
-use std::sync::Mutex;
+pub mod sketch;
+pub mod window;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+pub use window::{Series, Summary, unix_now};
+
+/// What a version does for a request; telemetry is kept per role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Stable,
+    Candidate,
+    Staging,
+    Shadow,
+    /// Answered after the stable version failed (failover chain).
+    Fallback,
+    /// Addressed by `/versions/{v}`.
+    Direct,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::Stable,
+        Role::Candidate,
+        Role::Staging,
+        Role::Shadow,
+        Role::Fallback,
+        Role::Direct,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Stable => "stable",
+            Role::Candidate => "candidate",
+            Role::Staging => "staging",
+            Role::Shadow => "shadow",
+            Role::Fallback => "fallback",
+            Role::Direct => "direct",
+        }
+    }
+
+    fn index(self) -> usize {
+        Role::ALL.iter().position(|r| *r == self).expect("listed")
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -21,6 +77,27 @@ struct RequestLabels {
 struct VersionLabels {
     model: String,
     version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    model: String,
+    from_version: String,
+    to_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComparisonLabels {
+    model: String,
+    version: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    model: String,
+    version: String,
+    role: &'static str,
 }
 
 fn duration_histogram() -> Histogram {
@@ -39,11 +116,30 @@ pub enum Outcome {
     Rejected,
 }
 
-/// All of Ferry's metrics.
+/// The result of comparing a shadow's answer with the primary's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Agree,
+    Disagree,
+    /// The shadow failed (or its answer lacked the compared output).
+    Error,
+}
+
+/// The role and weight series set for one model.
+type PublishedRouting = (Vec<RoleLabels>, Vec<VersionLabels>);
+
+/// All of Ferry's Prometheus metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<VersionLabels, Histogram, fn() -> Histogram>,
+    failovers: Family<FailoverLabels, Counter>,
+    comparisons: Family<ComparisonLabels, Counter>,
+    dropped: Family<VersionLabels, Counter>,
+    roles: Family<RoleLabels, Gauge>,
+    weights: Family<VersionLabels, Gauge<f64, AtomicU64>>,
+    /// The role and weight series set for each model, to clear on change.
+    published: Mutex<HashMap<String, PublishedRouting>>,
 }
 
 /// Handles for one version, taken once when its pool starts, so the request
@@ -54,6 +150,10 @@ pub struct VersionMetrics {
     error: Counter,
     rejected: Counter,
     duration: Histogram,
+    agree: Counter,
+    disagree: Counter,
+    compare_error: Counter,
+    dropped: Counter,
 }
 
 impl VersionMetrics {
@@ -66,6 +166,20 @@ impl VersionMetrics {
         if outcome != Outcome::Rejected {
             self.duration.observe(seconds);
         }
+    }
+
+    /// Counts a shadow comparison (on the shadow version's series).
+    pub fn compared(&self, c: Comparison) {
+        match c {
+            Comparison::Agree => self.agree.inc(),
+            Comparison::Disagree => self.disagree.inc(),
+            Comparison::Error => self.compare_error.inc(),
+        };
+    }
+
+    /// Counts a mirrored copy dropped (on the shadow version's series).
+    pub fn dropped(&self) {
+        self.dropped.inc();
     }
 }
 
@@ -82,6 +196,11 @@ impl Metrics {
         let duration = Family::<VersionLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
         );
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        let comparisons = Family::<ComparisonLabels, Counter>::default();
+        let dropped = Family::<VersionLabels, Counter>::default();
+        let roles = Family::<RoleLabels, Gauge>::default();
+        let weights = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "ferry_requests",
             "Inference requests by model, version and outcome (ok, error, rejected)",
@@ -92,10 +211,41 @@ impl Metrics {
             "Time to answer an inference request, by the version that answered",
             duration.clone(),
         );
+        registry.register(
+            "ferry_failovers",
+            "Requests retried on the next version of a failover chain",
+            failovers.clone(),
+        );
+        registry.register(
+            "ferry_shadow_comparisons",
+            "Shadow answers compared with production's (agree, disagree, error)",
+            comparisons.clone(),
+        );
+        registry.register(
+            "ferry_shadow_dropped",
+            "Mirrored copies dropped because the shadow was saturated",
+            dropped.clone(),
+        );
+        registry.register(
+            "ferry_version_role",
+            "The role a version plays for its model (1 while it does)",
+            roles.clone(),
+        );
+        registry.register(
+            "ferry_traffic_weight_percent",
+            "The configured share of production traffic per version",
+            weights.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
             duration,
+            failovers,
+            comparisons,
+            dropped,
+            roles,
+            weights,
+            published: Mutex::new(HashMap::new()),
         }
     }
 
@@ -109,18 +259,76 @@ impl Metrics {
                 })
                 .clone()
         };
+        let compared = |result| {
+            self.comparisons
+                .get_or_create(&ComparisonLabels {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                    result,
+                })
+                .clone()
+        };
+        let labels = VersionLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
         VersionMetrics {
             ok: counter("ok"),
             error: counter("error"),
             rejected: counter("rejected"),
-            duration: self
-                .duration
-                .get_or_create(&VersionLabels {
-                    model: model.to_string(),
-                    version: version.to_string(),
-                })
-                .clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            agree: compared("agree"),
+            disagree: compared("disagree"),
+            compare_error: compared("error"),
+            dropped: self.dropped.get_or_create(&labels).clone(),
         }
+    }
+
+    /// Counts a request retried from one version to the next.
+    pub fn failover(&self, model: &str, from: &str, to: &str) {
+        self.failovers
+            .get_or_create(&FailoverLabels {
+                model: model.to_string(),
+                from_version: from.to_string(),
+                to_version: to.to_string(),
+            })
+            .inc();
+    }
+
+    /// Replaces a model's role and weight info series.
+    pub fn set_routing(&self, model: &str, roles: &[(String, Role)], weights: &[(String, f64)]) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((old_roles, old_weights)) = published.remove(model) {
+            old_roles.iter().for_each(|l| {
+                self.roles.remove(l);
+            });
+            old_weights.iter().for_each(|l| {
+                self.weights.remove(l);
+            });
+        }
+        let role_labels: Vec<RoleLabels> = roles
+            .iter()
+            .map(|(v, r)| RoleLabels {
+                model: model.to_string(),
+                version: v.clone(),
+                role: r.as_str(),
+            })
+            .collect();
+        for l in &role_labels {
+            self.roles.get_or_create(l).set(1);
+        }
+        let weight_labels: Vec<VersionLabels> = weights
+            .iter()
+            .map(|(v, w)| {
+                let l = VersionLabels {
+                    model: model.to_string(),
+                    version: v.clone(),
+                };
+                self.weights.get_or_create(&l).set(*w);
+                l
+            })
+            .collect();
+        published.insert(model.to_string(), (role_labels, weight_labels));
     }
 
     /// The Prometheus text exposition.
@@ -130,6 +338,86 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// A version's series, one slot per [`Role`].
+type RoleSeries = [Option<Arc<Series>>; 6];
+
+/// The time-window series of every model, version and role.
+#[derive(Default)]
+pub struct Telemetry {
+    series: RwLock<HashMap<String, HashMap<String, RoleSeries>>>,
+}
+
+/// One series' summary, as the metrics API lists it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SeriesSummary {
+    pub version: String,
+    pub role: Role,
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+impl Telemetry {
+    /// The series of a model, version and role (created on first use).
+    pub fn series(&self, model: &str, version: &str, role: Role) -> Arc<Series> {
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .and_then(|m| m.get(version))
+            .and_then(|roles| roles[role.index()].clone())
+        {
+            return s;
+        }
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut all
+            .entry(model.to_string())
+            .or_default()
+            .entry(version.to_string())
+            .or_default()[role.index()];
+        slot.get_or_insert_with(Default::default).clone()
+    }
+
+    /// Summaries of every series of a model over the last `window`.
+    pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
+        let now = unix_now();
+        let all = self.series.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        if let Some(versions) = all.get(model) {
+            for (version, roles) in versions {
+                for (i, s) in roles.iter().enumerate() {
+                    if let Some(s) = s {
+                        out.push(SeriesSummary {
+                            version: version.clone(),
+                            role: Role::ALL[i],
+                            summary: s.summary(now, window),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.version, a.role).cmp(&(&b.version, b.role)));
+        out
+    }
+
+    /// Drops the series of versions that no longer serve and have seen no
+    /// traffic for the whole retention (15 minutes).
+    pub fn forget_idle(&self, model: &str, serving: &[&str]) {
+        let now = unix_now();
+        let retention = (window::RING as u64) * window::BUCKET_SECS;
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(versions) = all.get_mut(model) {
+            versions.retain(|version, roles| {
+                serving.contains(&version.as_str())
+                    || roles
+                        .iter()
+                        .flatten()
+                        .any(|s| s.last_seen().is_some_and(|t| t + retention > now))
+            });
+        }
     }
 }
 
@@ -143,18 +431,55 @@ mod tests {
         let v = m.for_version("cancer", "1");
         v.record(Outcome::Ok, 0.0002);
         v.record(Outcome::Rejected, 0.0);
+        m.failover("cancer", "2", "1");
+        m.set_routing(
+            "cancer",
+            &[("1".into(), Role::Stable), ("2".into(), Role::Candidate)],
+            &[("1".into(), 90.0), ("2".into(), 10.0)],
+        );
         let text = m.encode();
-        assert!(
-            text.contains(r#"ferry_requests_total{model="cancer",version="1",outcome="ok"} 1"#),
-            "{text}"
+        for line in [
+            r#"ferry_requests_total{model="cancer",version="1",outcome="ok"} 1"#,
+            r#"ferry_requests_total{model="cancer",version="1",outcome="rejected"} 1"#,
+            r#"ferry_request_duration_seconds_count{model="cancer",version="1"} 1"#,
+            r#"ferry_failovers_total{model="cancer",from_version="2",to_version="1"} 1"#,
+            r#"ferry_version_role{model="cancer",version="2",role="candidate"} 1"#,
+            r#"ferry_traffic_weight_percent{model="cancer",version="2"} 10.0"#,
+            r#"ferry_shadow_comparisons_total{model="cancer",version="1",result="agree"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // A new routing replaces the old info series.
+        m.set_routing(
+            "cancer",
+            &[("2".into(), Role::Stable)],
+            &[("2".into(), 100.0)],
         );
-        assert!(
-            text.contains(
-                r#"ferry_requests_total{model="cancer",version="1",outcome="rejected"} 1"#
-            )
+        let text = m.encode();
+        assert!(!text.contains(r#"version="1",role="stable""#));
+        assert!(text.contains(r#"ferry_version_role{model="cancer",version="2",role="stable"} 1"#));
+    }
+
+    #[test]
+    fn telemetry_series_are_per_role_and_summarised() {
+        let t = Telemetry::default();
+        t.series("m", "1", Role::Stable)
+            .record(unix_now(), |b| b.requests += 3);
+        t.series("m", "1", Role::Stable)
+            .record(unix_now(), |b| b.requests += 2);
+        t.series("m", "2", Role::Candidate)
+            .record(unix_now(), |b| b.requests += 1);
+        let s = t.summaries("m", Duration::from_secs(30));
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].version.as_str(), s[0].role, s[0].summary.requests),
+            ("1", Role::Stable, 5)
         );
-        assert!(
-            text.contains(r#"ferry_request_duration_seconds_count{model="cancer",version="1"} 1"#)
+        t.forget_idle("m", &["1"]);
+        assert_eq!(
+            t.summaries("m", Duration::from_secs(30)).len(),
+            2,
+            "recent traffic is kept"
         );
     }
 }

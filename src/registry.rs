@@ -448,6 +448,13 @@ impl Registry {
                 "version \"{version}\" of model \"{model}\" is loaded; unload it first (POST /v2/repository/models/{model}/unload)"
             )));
         }
+        if let Some(route) = self.store.route(model)?
+            && route.versions().contains(version)
+        {
+            return Err(RegistryError::Conflict(format!(
+                "version \"{version}\" of model \"{model}\" is part of the model's route (candidate, staging, failover or shadow); change the route first"
+            )));
+        }
         self.store.remove_version(
             model,
             version,

@@ -10,9 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, AdminToken, AppState, Limits, RequestIds};
-use crate::controller::Controller;
+use crate::controller::{Controller, ControllerParts};
+use crate::gateway::predlog::{PredictionLog, PredictionLogSettings};
+use crate::gateway::recent::RecentPredictions;
 use crate::gateway::{Gateway, RouteTable};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Telemetry};
 use crate::registry::{Blobs, Registry};
 use crate::runtime::{OnnxRuntime, remote};
 use crate::store::{SqliteStore, Store};
@@ -24,6 +26,12 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub ort_library: Option<PathBuf>,
     pub limits: Limits,
+    /// How long a version leaving the routes may take to finish its requests.
+    pub drain_timeout: Duration,
+    /// Request ids remembered for delayed labels.
+    pub remember_requests: usize,
+    /// The optional sampled prediction log.
+    pub prediction_log: Option<PredictionLogSettings>,
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -45,19 +53,39 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let http = remote::http_client(Duration::from_secs(2));
     let metrics = Arc::new(Metrics::new());
+    let telemetry = Arc::new(Telemetry::default());
     let routes = Arc::new(RouteTable::new());
     let registry = Arc::new(Registry::new(store, blobs, onnx.clone(), http.clone()));
-    let controller = Arc::new(Controller::new(
+    let controller = Arc::new(Controller::new(ControllerParts {
         registry,
-        routes.clone(),
+        routes: routes.clone(),
         onnx,
         http,
+        metrics: metrics.clone(),
+        telemetry: telemetry.clone(),
+        drain_timeout: opts.drain_timeout,
+    }));
+    let prediction_log = match opts.prediction_log {
+        Some(settings) => {
+            let path = settings.path.display().to_string();
+            let log = PredictionLog::start(settings)
+                .with_context(|| format!("cannot open the prediction log {path}"))?;
+            tracing::info!("sampled prediction log: {path}");
+            Some(log)
+        }
+        None => None,
+    };
+    let gateway = Gateway::new(
+        routes,
         metrics.clone(),
-    ));
+        RecentPredictions::new(opts.remember_requests),
+        prediction_log,
+    );
     let state = AppState {
         controller: controller.clone(),
-        gateway: Arc::new(Gateway::new(routes)),
+        gateway: Arc::new(gateway),
         metrics,
+        telemetry,
         token: Arc::new(token),
         ids: Arc::new(RequestIds::default()),
     };

@@ -8,6 +8,7 @@
 
 pub mod sqlite;
 
+use crate::gateway::RoutePolicy;
 use crate::registry::{ModelRecord, ServingSettings, VersionRecord};
 
 pub use sqlite::SqliteStore;
@@ -99,6 +100,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     fn remove_version(&self, model: &str, version: &str, event: NewEvent)
     -> Result<(), StoreError>;
+    /// The model's routing policy, when one was set (otherwise the stable
+    /// version takes all traffic).
+    fn route(&self, model: &str) -> Result<Option<RoutePolicy>, StoreError>;
+    /// Replaces the routing policy; the model's stable version becomes the
+    /// policy's, in the same transaction as the event.
+    fn set_route(
+        &self,
+        model: &str,
+        policy: &RoutePolicy,
+        event: NewEvent,
+    ) -> Result<(), StoreError>;
     /// Events of a model, oldest first; at most the `limit` most recent.
     fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
 }

@@ -14,10 +14,13 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiJson, ErrorBody};
 use super::{ApiError, AppState, Limits, auth};
+use crate::gateway::RoutePolicy;
+use crate::metrics::SeriesSummary;
 use crate::registry::{
     Artifact, NewVersion, RegistryError, ServingSettings, SettingsPatch, VersionRecord,
 };
 use crate::store::Event;
+use crate::units::HumanDuration;
 
 pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
     Router::new()
@@ -32,6 +35,11 @@ pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
                 .layer(DefaultBodyLimit::max(limits.max_upload_bytes)),
         )
         .route("/api/v1/models/{model}/events", get(events))
+        .route(
+            "/api/v1/models/{model}/route",
+            get(show_route).put(set_route),
+        )
+        .route("/api/v1/models/{model}/metrics", get(model_metrics))
         .route_layer(middleware::from_fn_with_state(state, auth::require_admin))
         .route("/api/v1/openapi.json", get(super::openapi::document))
 }
@@ -338,4 +346,82 @@ pub async fn events(
         )));
     }
     Ok(Json(store.events(&model, limit).map_err(store_err)?))
+}
+
+/// The model's routing policy: which versions take which requests.
+#[utoipa::path(get, path = "/api/v1/models/{model}/route", tag = "routing", security(("admin_token" = [])),
+    responses((status = 200, body = RoutePolicy), (status = 404, body = ErrorBody)))]
+pub async fn show_route(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<RoutePolicy>, ApiError> {
+    crate::registry::check_name("model", &model)?;
+    Ok(Json(s.controller.route(&model)?))
+}
+
+/// Sets the model's routing policy directly: candidate weight (sticky key,
+/// cohort), staging, failover chain and breaker, shadow mirroring. Every
+/// version it names is loaded and warm before the switch, which is atomic.
+/// Rollouts set this for you; this is the manual control.
+#[utoipa::path(put, path = "/api/v1/models/{model}/route", tag = "routing", security(("admin_token" = [])),
+    request_body = RoutePolicy,
+    responses((status = 200, body = RoutePolicy), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn set_route(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    ApiJson(policy): ApiJson<RoutePolicy>,
+) -> Result<Json<RoutePolicy>, ApiError> {
+    crate::registry::check_name("model", &model)?;
+    Ok(Json(
+        s.controller
+            .set_route(&model, policy, "control API")
+            .await?,
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct MetricsQuery {
+    /// The window to summarise, e.g. `30s`, `5m` (default 1m, at most 15m).
+    window: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelMetrics {
+    pub model: String,
+    #[schema(value_type = String)]
+    pub window: HumanDuration,
+    /// One entry per version and role that saw traffic in the last 15 minutes.
+    pub series: Vec<SeriesSummary>,
+}
+
+/// Per-version, per-role request counts, error rate, latency percentiles and
+/// shadow agreement over a recent window.
+#[utoipa::path(get, path = "/api/v1/models/{model}/metrics", tag = "routing", security(("admin_token" = [])),
+    params(MetricsQuery),
+    responses((status = 200, body = ModelMetrics), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn model_metrics(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    query: Result<axum::extract::Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ModelMetrics>, ApiError> {
+    let query = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let window = match &query.window {
+        Some(w) => {
+            HumanDuration::parse(w).map_err(|e| ApiError::bad_request(format!("window: {e}")))?
+        }
+        None => HumanDuration(std::time::Duration::from_secs(60)),
+    };
+    if window.0 > std::time::Duration::from_secs(900) || window.0.is_zero() {
+        return Err(ApiError::bad_request(format!(
+            "window must be between 1s and 15m, not {window}"
+        )));
+    }
+    crate::registry::check_name("model", &model)?;
+    s.controller.route(&model)?;
+    Ok(Json(ModelMetrics {
+        model: model.clone(),
+        window,
+        series: s.telemetry.summaries(&model, window.0),
+    }))
 }

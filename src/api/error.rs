@@ -104,7 +104,6 @@ impl From<GatewayError> for ApiError {
     fn from(e: GatewayError) -> Self {
         match e {
             GatewayError::NotFound(m) => ApiError::not_found(m),
-            GatewayError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             GatewayError::Runtime(r) => r.into(),
         }
     }
@@ -128,6 +127,7 @@ impl From<ControlError> for ApiError {
         match e {
             ControlError::Registry(r) => r.into(),
             ControlError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            ControlError::Invalid(m) => ApiError::bad_request(m),
             start @ ControlError::Start { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, start.to_string())
             }

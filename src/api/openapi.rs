@@ -33,6 +33,7 @@ impl Modify for AdminTokenScheme {
         v2::repository_index, v2::repository_load, v2::repository_unload,
         control::list_models, control::show_model, control::show_version, control::add_version,
         control::set_version, control::remove_version, control::events,
+        control::show_route, control::set_route, control::model_metrics,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&AdminTokenScheme),

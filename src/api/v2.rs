@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::error::ApiJson;
 use super::{ApiError, AppState};
+use crate::gateway::Call;
 use crate::protocol::{self, InferResponse, Tensor};
 use crate::registry::{Source, VersionRecord};
 use crate::runtime::TensorSpec;
@@ -133,7 +134,7 @@ pub async fn model_metadata(
         .gateway
         .routes()
         .model(&model)
-        .map(|r| r.versions.keys().cloned().collect())
+        .map(|r| r.pools.keys().cloned().collect())
         .unwrap_or_default();
     versions.sort();
     Ok(Json(metadata(&record, versions)))
@@ -223,16 +224,20 @@ async fn run_infer(
     let header_len = headers
         .get(protocol::HEADER_CONTENT_LENGTH)
         .map(|v| v.to_str().unwrap_or("(not text)"));
-    let request = protocol::decode_request(&body, header_len)?;
+    let mut request = protocol::decode_request(&body, header_len)?;
+    let inputs = std::mem::take(&mut request.inputs);
     let requested: Vec<&str> = request.outputs.iter().map(|o| o.name.as_str()).collect();
+    let id = request.id.clone().unwrap_or_else(|| s.ids.next());
     let served = s
         .gateway
-        .infer(
-            &model,
-            version.as_deref(),
-            request.inputs.clone(),
-            &requested,
-        )
+        .infer(Call {
+            model: &model,
+            version: version.as_deref(),
+            headers: &headers,
+            id: &id,
+            inputs,
+            outputs: &requested,
+        })
         .await?;
     let outputs: Vec<Tensor> = if request.outputs.is_empty() {
         served.outputs
@@ -248,7 +253,6 @@ async fn run_infer(
             })
             .collect()
     };
-    let id = request.id.clone().unwrap_or_else(|| s.ids.next());
     let response = InferResponse {
         model_name: model,
         model_version: served.version,

@@ -1,10 +1,13 @@
 //! A version's pool of replicas and the choice of replica: the ready replica
-//! with the fewest requests in flight.
+//! with the fewest requests in flight. The pool also carries what the request
+//! path records into: the version's breaker, metrics and telemetry series.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::metrics::VersionMetrics;
+use super::breaker::Breaker;
+use crate::metrics::{Outcome, Role, Series, Telemetry, VersionMetrics, unix_now};
 use crate::protocol::Tensor;
 use crate::registry::ServingSettings;
 use crate::runtime::{Engine, RuntimeError, Signature};
@@ -39,7 +42,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// The running replicas of one version, with what the gateway needs to call
-/// them. Immutable once published; replaced whole when anything changes.
+/// them. Immutable once published; replaced whole when its settings change.
 pub struct VersionPool {
     pub model: String,
     pub version: String,
@@ -47,18 +50,89 @@ pub struct VersionPool {
     pub replicas: Vec<Replica>,
     /// The settings the replicas were started with (a change restarts the pool).
     pub settings: ServingSettings,
-    /// Longest wait for an answer (from the settings).
-    pub timeout: Duration,
     pub metrics: VersionMetrics,
+    /// Stops sending to this version when it fails in a failover chain.
+    pub breaker: Breaker,
+    telemetry: Arc<Telemetry>,
+    series: [OnceLock<Arc<Series>>; 6],
 }
 
 impl VersionPool {
+    pub fn new(
+        model: String,
+        version: String,
+        signature: Signature,
+        replicas: Vec<Replica>,
+        settings: ServingSettings,
+        metrics: VersionMetrics,
+        telemetry: Arc<Telemetry>,
+    ) -> VersionPool {
+        VersionPool {
+            model,
+            version,
+            signature,
+            replicas,
+            settings,
+            metrics,
+            breaker: Breaker::default(),
+            telemetry,
+            series: Default::default(),
+        }
+    }
+
+    /// Requests running or queued on this version's replicas.
+    pub fn in_flight(&self) -> usize {
+        self.replicas.iter().map(Replica::in_flight).sum()
+    }
+
+    /// The version's own timeout (a route may set a shorter or longer one).
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout.0
+    }
+
+    fn series(&self, role: Role) -> &Arc<Series> {
+        let i = Role::ALL.iter().position(|r| *r == role).expect("listed");
+        self.series[i].get_or_init(|| self.telemetry.series(&self.model, &self.version, role))
+    }
+
+    /// Records one request's outcome in the Prometheus series and in the
+    /// role's time window (with the predicted class when there is one).
+    pub fn record(&self, role: Role, outcome: Outcome, seconds: f64, class: Option<i64>) {
+        self.metrics.record(outcome, seconds);
+        self.series(role).record(unix_now(), |b| {
+            match outcome {
+                Outcome::Ok => {
+                    b.requests += 1;
+                    b.latency.add(seconds);
+                }
+                Outcome::Error => {
+                    b.requests += 1;
+                    b.errors += 1;
+                    b.latency.add(seconds);
+                }
+                Outcome::Rejected => b.rejected += 1,
+            }
+            if let Some(c) = class {
+                *b.classes.entry(c).or_default() += 1;
+            }
+        });
+    }
+
+    /// Records a shadow comparison or a dropped copy on this (shadow) version.
+    pub fn record_shadow(&self, f: impl FnOnce(&mut crate::metrics::window::Bucket)) {
+        self.series(Role::Shadow).record(unix_now(), f);
+    }
+
     fn pick(&self) -> Option<&Replica> {
         self.replicas.iter().min_by_key(|r| r.in_flight())
     }
 
-    /// Runs a request on the least busy replica, within the timeout.
-    pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+    /// Runs a request on the least busy replica, within `timeout`.
+    pub async fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        timeout: Duration,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
         let replica = self.pick().ok_or_else(|| {
             RuntimeError::Unavailable(format!(
                 "version \"{}\" of model \"{}\" has no running replica",
@@ -67,9 +141,9 @@ impl VersionPool {
         })?;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&replica.in_flight);
-        match tokio::time::timeout(self.timeout, replica.engine.infer(inputs)).await {
+        match tokio::time::timeout(timeout, replica.engine.infer(inputs)).await {
             Ok(result) => result,
-            Err(_) => Err(RuntimeError::Timeout(self.timeout)),
+            Err(_) => Err(RuntimeError::Timeout(timeout)),
         }
     }
 }

@@ -1,21 +1,45 @@
-//! The route table: an immutable snapshot per model, swapped atomically by the
-//! one writer (the controller) and read without locks on every request.
+//! The route table: per model, an immutable snapshot of its routing policy
+//! and the pools of the versions it uses, swapped atomically by the one
+//! writer (the controller) and read without locks on every request.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
 
-use super::GatewayError;
+use super::policy::RoutePolicy;
 use super::pool::VersionPool;
 
 /// How one model's traffic is served right now.
-#[derive(Clone)]
 pub struct ModelRoute {
-    /// Serves every request that does not name a version.
-    pub stable: Arc<VersionPool>,
-    /// Every loaded version (stable included), reachable by `/versions/{v}`.
-    pub versions: HashMap<String, Arc<VersionPool>>,
+    pub policy: RoutePolicy,
+    /// Every loaded version of the model (the policy's, plus versions loaded
+    /// through the repository API), reachable by `/versions/{v}`.
+    pub pools: HashMap<String, Arc<VersionPool>>,
+    /// Bounds mirrored copies in flight (present when a shadow is set).
+    pub shadow_slots: Option<Arc<Semaphore>>,
+}
+
+impl ModelRoute {
+    pub fn new(policy: RoutePolicy, pools: HashMap<String, Arc<VersionPool>>) -> ModelRoute {
+        let shadow_slots = policy
+            .shadow
+            .as_ref()
+            .map(|s| Arc::new(Semaphore::new(s.max_in_flight as usize)));
+        ModelRoute {
+            policy,
+            pools,
+            shadow_slots,
+        }
+    }
+
+    /// The loaded versions, sorted.
+    pub fn loaded(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
 }
 
 /// All models' routes. Readers take a snapshot; the writer replaces it whole.
@@ -29,11 +53,6 @@ impl RouteTable {
         RouteTable::default()
     }
 
-    /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<HashMap<String, Arc<ModelRoute>>> {
-        self.models.load_full()
-    }
-
     pub fn model(&self, model: &str) -> Option<Arc<ModelRoute>> {
         self.models.load().get(model).cloned()
     }
@@ -41,38 +60,14 @@ impl RouteTable {
     /// Publishes a model's new route (or removes it with `None`) in one swap.
     /// Requests already running keep the pools they hold until they finish.
     pub fn publish(&self, model: &str, route: Option<ModelRoute>) {
+        let route = route.map(Arc::new);
         self.models.rcu(|current| {
             let mut next = HashMap::clone(current);
             match &route {
-                Some(r) => next.insert(model.to_string(), Arc::new(r.clone())),
+                Some(r) => next.insert(model.to_string(), r.clone()),
                 None => next.remove(model),
             };
             next
         });
-    }
-
-    /// The pool that serves a request for `model` (and `version`, if named).
-    pub fn choose(
-        &self,
-        model: &str,
-        version: Option<&str>,
-    ) -> Result<Arc<VersionPool>, GatewayError> {
-        let snapshot = self.models.load();
-        let route = snapshot.get(model).ok_or_else(|| {
-            GatewayError::NotFound(format!(
-                "model \"{model}\" is not served here; GET /v2/repository/index lists the models and their state"
-            ))
-        })?;
-        match version {
-            None => Ok(route.stable.clone()),
-            Some(v) => route.versions.get(v).cloned().ok_or_else(|| {
-                let mut loaded: Vec<&str> = route.versions.keys().map(String::as_str).collect();
-                loaded.sort_unstable();
-                GatewayError::NotFound(format!(
-                    "version \"{v}\" of model \"{model}\" is not loaded; loaded versions: {}",
-                    loaded.join(", ")
-                ))
-            }),
-        }
     }
 }

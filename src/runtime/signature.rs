@@ -92,6 +92,44 @@ impl Signature {
         Ok(())
     }
 
+    /// How `other` breaks this signature's contract with clients: the same
+    /// inputs (names, datatypes, shapes) and at least the same outputs (with
+    /// the same datatypes and shapes). Empty when it keeps it.
+    pub fn contract_differences(&self, other: &Signature) -> Vec<String> {
+        let mut out = Vec::new();
+        for want in &self.inputs {
+            match other.inputs.iter().find(|s| s.name == want.name) {
+                None => out.push(format!("input \"{}\" is missing", want.name)),
+                Some(got) if got != want => out.push(format!(
+                    "input \"{}\" is {} {:?}, not {} {:?}",
+                    want.name, got.datatype, got.shape, want.datatype, want.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        for extra in other
+            .inputs
+            .iter()
+            .filter(|s| !self.inputs.iter().any(|w| w.name == s.name))
+        {
+            out.push(format!(
+                "input \"{}\" is new (clients do not send it)",
+                extra.name
+            ));
+        }
+        for want in &self.outputs {
+            match other.outputs.iter().find(|s| s.name == want.name) {
+                None => out.push(format!("output \"{}\" is missing", want.name)),
+                Some(got) if got != want => out.push(format!(
+                    "output \"{}\" is {} {:?}, not {} {:?}",
+                    want.name, got.datatype, got.shape, want.datatype, want.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
     /// A one-row input of zeros (any-size dimensions set to 1): the warm-up
     /// inference every version must pass before it takes traffic.
     pub fn warmup_inputs(&self) -> Vec<Tensor> {
@@ -170,6 +208,27 @@ mod tests {
             s.check_outputs(["probs"])
                 .unwrap_err()
                 .contains("outputs are: label")
+        );
+    }
+
+    #[test]
+    fn contract_differences_list_what_breaks() {
+        let a = sig();
+        assert!(a.contract_differences(&a).is_empty());
+        let mut b = sig();
+        b.inputs[0].shape = vec![-1, 4];
+        b.outputs.clear();
+        b.outputs.push(TensorSpec {
+            name: "extra".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1],
+        });
+        assert_eq!(
+            a.contract_differences(&b),
+            vec![
+                "input \"input\" is FP32 [-1, 4], not FP32 [-1, 3]".to_string(),
+                "output \"label\" is missing".to_string()
+            ]
         );
     }
 

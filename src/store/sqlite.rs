@@ -8,11 +8,13 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Event, Inserted, NewEvent, Store, StoreError};
+use crate::gateway::RoutePolicy;
 use crate::registry::{ModelRecord, ServingSettings, Source, VersionRecord};
 use crate::units::now_rfc3339;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE models (
     name        TEXT PRIMARY KEY,
     stable      TEXT,
@@ -39,7 +41,11 @@ CREATE TABLE events (
     data     TEXT NOT NULL
 );
 CREATE INDEX events_by_model ON events(model, id);
-"#];
+"#,
+    r#"
+ALTER TABLE models ADD COLUMN route TEXT;
+"#,
+];
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -314,6 +320,39 @@ impl Store for SqliteStore {
             tx.execute(
                 "DELETE FROM versions WHERE model = ?1 AND version = ?2",
                 [model, version],
+            )?;
+            insert_event(tx, &event)
+        })
+    }
+
+    fn route(&self, model: &str) -> Result<Option<RoutePolicy>, StoreError> {
+        let conn = self.lock();
+        let text: Option<Option<String>> = conn
+            .query_row("SELECT route FROM models WHERE name = ?1", [model], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match text.flatten() {
+            None => Ok(None),
+            Some(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("route of model {model}"),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    fn set_route(
+        &self,
+        model: &str,
+        policy: &RoutePolicy,
+        event: NewEvent,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE models SET route = ?2, stable = ?3 WHERE name = ?1",
+                params![model, to_json(policy), policy.stable],
             )?;
             insert_event(tx, &event)
         })

@@ -1,0 +1,95 @@
+//! What answered each recent request: request id → model, version and
+//! predicted class, for delayed labels (`POST /v2/models/{m}/feedback`).
+//! Bounded: the oldest ids are forgotten first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// The answer a request id got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered {
+    pub model: Arc<str>,
+    pub version: Arc<str>,
+    pub class: Option<i64>,
+}
+
+struct Inner {
+    by_id: HashMap<String, Answered>,
+    order: VecDeque<String>,
+}
+
+/// A bounded memory of recent answers.
+pub struct RecentPredictions {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+impl RecentPredictions {
+    pub fn new(capacity: usize) -> RecentPredictions {
+        RecentPredictions {
+            capacity,
+            inner: Mutex::new(Inner {
+                by_id: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+        }
+    }
+
+    pub fn remember(&self, id: &str, model: &str, version: &str, class: Option<i64>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let answered = Answered {
+            model: model.into(),
+            version: version.into(),
+            class,
+        };
+        if inner.by_id.insert(id.to_string(), answered).is_none() {
+            inner.order.push_back(id.to_string());
+        }
+        while inner.order.len() > self.capacity {
+            if let Some(old) = inner.order.pop_front() {
+                inner.by_id.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Answered> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .get(id)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_the_newest_and_forgets_the_oldest() {
+        let r = RecentPredictions::new(2);
+        r.remember("a", "m", "1", Some(0));
+        r.remember("b", "m", "2", Some(1));
+        r.remember("c", "m", "2", None);
+        assert_eq!(r.len(), 2);
+        assert!(r.get("a").is_none());
+        assert_eq!(r.get("b").unwrap().class, Some(1));
+        assert_eq!(&*r.get("c").unwrap().version, "2");
+    }
+}

@@ -1,0 +1,186 @@
+//! Telemetry in time windows: per model, version and role, counts and latency
+//! sketches in 5-second buckets over the last 15 minutes, so analysis can ask
+//! "candidate vs stable over the last 30 s". Buckets are aligned to wall-clock
+//! time and mergeable, so several instances could be summed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::sketch::Sketch;
+
+/// Width of one bucket.
+pub const BUCKET_SECS: u64 = 5;
+/// Buckets kept: 15 minutes.
+pub const RING: usize = 180;
+
+/// What happened in one bucket of time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bucket {
+    /// Start of the bucket, in `BUCKET_SECS` units since the Unix epoch.
+    pub epoch: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub rejected: u64,
+    pub latency: Sketch,
+    /// Shadow comparisons (recorded on the shadow's series).
+    pub agree: u64,
+    pub disagree: u64,
+    /// Mirrored copies dropped because the shadow was saturated.
+    pub dropped: u64,
+    /// Predicted classes answered (for prediction-shift analysis).
+    pub classes: BTreeMap<i64, u64>,
+}
+
+impl Bucket {
+    fn merge(&mut self, o: &Bucket) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.rejected += o.rejected;
+        self.latency.merge(&o.latency);
+        self.agree += o.agree;
+        self.disagree += o.disagree;
+        self.dropped += o.dropped;
+        for (c, n) in &o.classes {
+            *self.classes.entry(*c).or_default() += n;
+        }
+    }
+}
+
+/// A summary of a window, as the API and analysis see it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    /// Seconds the summary covers.
+    pub seconds: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub rejected: u64,
+    pub error_rate: Option<f64>,
+    pub requests_per_second: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub agree: u64,
+    pub disagree: u64,
+    /// Share of shadow comparisons that agreed.
+    pub agreement: Option<f64>,
+    pub dropped: u64,
+    #[schema(value_type = Object)]
+    pub classes: BTreeMap<i64, u64>,
+    /// The merged latency sketch (for rank tests).
+    #[serde(skip)]
+    pub latency: Sketch,
+}
+
+/// Seconds since the Unix epoch, from the wall clock.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One series of buckets (a model, version and role).
+#[derive(Default)]
+pub struct Series {
+    ring: Mutex<VecDeque<Bucket>>,
+}
+
+impl Series {
+    /// Applies `f` to the bucket covering `now` (Unix seconds).
+    pub fn record(&self, now: u64, f: impl FnOnce(&mut Bucket)) {
+        let epoch = now / BUCKET_SECS;
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.back().is_none_or(|b| b.epoch < epoch) {
+            ring.push_back(Bucket {
+                epoch,
+                ..Bucket::default()
+            });
+            while ring.len() > RING || ring.front().is_some_and(|b| b.epoch + RING as u64 <= epoch)
+            {
+                ring.pop_front();
+            }
+        }
+        let bucket = ring
+            .iter_mut()
+            .rev()
+            .find(|b| b.epoch <= epoch)
+            .expect("a bucket at or before now exists");
+        f(bucket);
+    }
+
+    /// Merges the buckets that start within the last `window` before `now`.
+    pub fn summary(&self, now: u64, window: Duration) -> Summary {
+        let secs = window.as_secs().max(BUCKET_SECS);
+        let first = now.saturating_sub(secs) / BUCKET_SECS;
+        let last = now / BUCKET_SECS;
+        let mut total = Bucket::default();
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        for b in ring.iter().filter(|b| b.epoch > first && b.epoch <= last) {
+            total.merge(b);
+        }
+        drop(ring);
+        let covered = (last - first) * BUCKET_SECS;
+        let ms = |q| total.latency.quantile(q).map(|s| (s * 1e5).round() / 100.0);
+        let compared = total.agree + total.disagree;
+        Summary {
+            seconds: covered,
+            requests: total.requests,
+            errors: total.errors,
+            rejected: total.rejected,
+            error_rate: (total.requests > 0).then(|| total.errors as f64 / total.requests as f64),
+            requests_per_second: total.requests as f64 / covered.max(1) as f64,
+            latency_p50_ms: ms(0.5),
+            latency_p95_ms: ms(0.95),
+            latency_p99_ms: ms(0.99),
+            agree: total.agree,
+            disagree: total.disagree,
+            agreement: (compared > 0).then(|| total.agree as f64 / compared as f64),
+            dropped: total.dropped,
+            classes: total.classes,
+            latency: total.latency,
+        }
+    }
+
+    /// The newest bucket's start (Unix seconds), if any.
+    pub fn last_seen(&self) -> Option<u64> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.back().map(|b| b.epoch * BUCKET_SECS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_recent_buckets_only() {
+        let s = Series::default();
+        let t0 = 1_000_000;
+        for i in 0..60 {
+            s.record(t0 + i, |b| {
+                b.requests += 10;
+                b.errors += u64::from(i >= 50);
+                b.latency.add(0.001);
+            });
+        }
+        let now = t0 + 59;
+        let last_30 = s.summary(now, Duration::from_secs(30));
+        assert_eq!(last_30.requests, 300);
+        assert_eq!(last_30.errors, 10);
+        assert!((last_30.latency_p50_ms.unwrap() - 1.0).abs() < 0.02);
+        assert!((last_30.requests_per_second - 10.0).abs() < 1e-9);
+        // Fifteen minutes later nothing is left.
+        assert_eq!(s.summary(now + 901, Duration::from_secs(60)).requests, 0);
+    }
+
+    #[test]
+    fn the_ring_stays_bounded() {
+        let s = Series::default();
+        for i in 0..10_000u64 {
+            s.record(i * BUCKET_SECS, |b| b.requests += 1);
+        }
+        assert_eq!(s.ring.lock().unwrap().len(), RING);
+    }
+}
