@@ -193,6 +193,31 @@ impl Server {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// PUTs a model's routing policy; returns status and answer.
+    pub async fn set_route(&self, model: &str, policy: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .put(self.at(&format!("/api/v1/models/{model}/route")))
+            .bearer_auth(self.token())
+            .json(&policy)
+            .send()
+            .await
+            .expect("request sent");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The Prometheus exposition.
+    pub async fn prometheus(&self) -> String {
+        self.http
+            .get(self.at("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Loads a version beside the stable one through the repository API.
     pub async fn load(&self, model: &str, version: &str) {
         let path = format!("/v2/repository/models/{model}/load");
@@ -261,6 +286,16 @@ pub fn holdout() -> Vec<(Value, i64)> {
         .collect()
 }
 
+/// A value of a Prometheus series (0 when absent).
+pub fn series_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// A request with `n` hold-out rows as one batch.
 pub fn batch(n: usize) -> Value {
     let rows: Vec<Value> = holdout()
@@ -269,4 +304,13 @@ pub fn batch(n: usize) -> Value {
         .map(|(v, _)| v["inputs"][0]["data"].clone())
         .collect();
     serde_json::json!({"inputs": [{"name": "input", "shape": [n, 30], "datatype": "FP32", "data": rows}]})
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub async fn eventually<F: AsyncFnMut() -> bool>(timeout: Duration, what: &str, mut cond: F) {
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
