@@ -75,6 +75,61 @@ async fn restart_after_kill_9_keeps_every_version_serving() {
 }
 
 #[tokio::test]
+async fn the_routing_policy_survives_kill_9_and_sticky_users_keep_their_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.add("cancer", "3", "cancer-bad.onnx");
+    let policy = serde_json::json!({
+        "stable": "1",
+        "candidate": {"version": "2", "weight": 40, "sticky_header": "x-user-id"},
+        "staging": "3"
+    });
+    assert_eq!(s.set_route("cancer", policy).await.0, 200);
+    let route_before = s.admin_get("/api/v1/models/cancer/route").await;
+    let versions = |s: &Server| {
+        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+        async move {
+            let mut out = Vec::new();
+            for u in 0..200 {
+                let r = http
+                    .post(&url)
+                    .header("x-user-id", format!("u{u}"))
+                    .json(&batch(1))
+                    .send()
+                    .await
+                    .unwrap();
+                out.push(r.headers()["x-ferry-version"].to_str().unwrap().to_string());
+            }
+            out
+        }
+    };
+    let before = versions(&s).await;
+    s.kill9();
+    let s = Server::start_in(&dir, &[]).await;
+    assert_eq!(
+        s.admin_get("/api/v1/models/cancer/route").await,
+        route_before
+    );
+    assert_eq!(
+        versions(&s).await,
+        before,
+        "every user kept their version across the restart"
+    );
+    let r = s
+        .http
+        .post(s.at("/v2/models/cancer/infer"))
+        .header("x-ferry-env", "staging")
+        .json(&batch(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-ferry-version"], "3");
+}
+
+#[tokio::test]
 async fn a_corrupted_artifact_is_refused_with_a_clear_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");

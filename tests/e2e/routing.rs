@@ -601,3 +601,44 @@ async fn the_prediction_log_samples_requests_to_json_lines() {
     assert_eq!(line["inputs"][0]["shape"], json!([1, 30]));
     assert_eq!(line["outputs"][1]["name"], "probabilities");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_finish_on_a_version_that_leaves_the_route() {
+    let s = Server::start().await;
+    s.add("cancer", "slow", "cancer-slow.onnx");
+    s.add("cancer", "1", "cancer-v1.onnx");
+    // Six requests queue on the slow version's one replica (≥ 20 ms each).
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).json(&batch(1)).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()["x-ferry-version"].to_str().unwrap().to_string(),
+            )
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(s.set_route("cancer", json!({"stable": "1"})).await.0, 200);
+    let (_, headers, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(
+        headers["x-ferry-version"], "1",
+        "new requests go to the new stable version"
+    );
+    let mut answered_by_slow = 0;
+    for t in tasks {
+        let (status, version) = t.await.unwrap();
+        assert_eq!(status, 200, "an in-flight request was lost in the switch");
+        answered_by_slow += usize::from(version == "slow");
+    }
+    assert!(
+        answered_by_slow >= 1,
+        "requests that were running finished on the old version"
+    );
+    // Once drained, the old version is no longer loaded.
+    let (status, _, _) = s
+        .infer("/v2/models/cancer/versions/slow/infer", &batch(1))
+        .await;
+    assert_eq!(status, 404);
+}
