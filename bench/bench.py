@@ -1,5 +1,11 @@
 """Runs Ferry's benchmarks (called by bench/run.sh; standard library only).
 
+Suite "routing" (Ferry alone): the same model with the gateway's routing
+features switched on one at a time — a 90/10 weighted split, a sticky split,
+a failover chain, a 100 % shadow mirror — against the plain stable route, at
+a fixed rate: latency and the server's CPU time per request (from
+/proc/PID/stat, the figure least disturbed by a noisy shared machine).
+
 Suite "serving": the example model cancer-v1 (scaler + logistic regression on
 breast cancer, 30 features) served in-process by Ferry and, for comparison,
 the same scikit-learn pipeline served by MLServer's scikit-learn runtime, with
@@ -127,6 +133,64 @@ def stop(proc):
             proc.wait()
 
 
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def api(url, token, method, path, body=None):
+    req = urllib.request.Request(
+        f"{url}{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def run_routing(args, tmp, body):
+    data = tmp / "ferry-routing"
+    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    try:
+        url = proc.stdout.readline().strip().removeprefix("ferry listening on ")
+        wait_http(f"{url}/v2/health/ready")
+        token = (data / "admin-token").read_text().strip()
+        for version, file in [("1", "cancer-v1.onnx"), ("2", "cancer-v2.onnx")]:
+            subprocess.run(
+                [args.ferry, "--server", url, "--token", token, "model", "add", "cancer", version,
+                 "--file", str(ROOT / "examples/models" / file)],
+                check=True, capture_output=True,
+            )
+        setups = [
+            ("stable only", {"stable": "1"}, []),
+            ("90/10 split", {"stable": "1", "candidate": {"version": "2", "weight": 10}}, []),
+            ("90/10 sticky split", {"stable": "1", "candidate": {"version": "2", "weight": 10, "sticky_header": "x-user-id"}},
+             ["-H", "x-user-id: user-42"]),
+            ("failover chain 1 > 2", {"stable": "1", "failover": ["2"]}, []),
+            ("shadow 100% to 2", {"stable": "1", "shadow": {"version": "2", "percent": 100, "compare": {"output": "label"}}}, []),
+        ]
+        rate = args.routing_rate
+        dur = "3s" if args.quick else "10s"
+        out = {}
+        for name, policy, extra in setups:
+            api(url, token, "PUT", "/api/v1/models/cancer/route", policy)
+            oha(args, f"{url}/v2/models/cancer/infer", body, ["-c", "8", "-z", "1s", *extra])  # warm-up
+            before = cpu_seconds(proc.pid)
+            r = oha(args, f"{url}/v2/models/cancer/infer", body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur, *extra])
+            cpu = cpu_seconds(proc.pid) - before
+            r["cpu_us_per_request"] = round(cpu / max(r["ok"] + r["failed"], 1) * 1e6, 1)
+            out[name] = r
+            log(f"   {name}: {r}")
+        metrics = api(url, token, "GET", "/api/v1/models/cancer/metrics?window=15m")
+        shadow = [s for s in metrics["series"] if s["role"] == "shadow"]
+        if shadow:
+            out["shadow 100% to 2"]["shadow_compared"] = shadow[0]["agree"] + shadow[0]["disagree"]
+            out["shadow 100% to 2"]["shadow_dropped"] = shadow[0]["dropped"]
+            out["shadow 100% to 2"]["shadow_agreement"] = shadow[0]["agreement"]
+        return out
+    finally:
+        stop(proc)
+
+
 def run_ferry(args, tmp, body):
     data = tmp / "ferry-data"
     proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
@@ -183,6 +247,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
+    ap.add_argument("--suite", choices=["all", "serving", "routing"], default="all")
+    ap.add_argument("--routing-rate", type=int, default=2000)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as t:
@@ -191,6 +257,13 @@ def main():
         row.pop("label")
         body = tmp / "body.json"
         body.write_text(json.dumps(row))
+        if args.suite in ("all", "routing"):
+            log("== routing (Ferry)")
+            routing = {"machine": machine(), "rate": args.routing_rate, "setups": run_routing(args, tmp, body)}
+            (RESULTS / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
+            print(json.dumps(routing, indent=2))
+        if args.suite == "routing":
+            return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:
             results["mlserver"] = run_mlserver(args, tmp, body)
