@@ -562,15 +562,7 @@ async fn repository_load_and_unload_need_the_token_and_go_through_the_controller
     // The stable version still answers unversioned requests.
     let (_, headers, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
     assert_eq!(headers["x-ferry-version"], "1");
-    let index: Value = s
-        .http
-        .post(s.at("/v2/repository/index"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index = s.index().await;
     assert_eq!(
         index
             .as_array()

@@ -206,6 +206,17 @@ impl Server {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The repository index (`POST /v2/repository/index`).
+    pub async fn index(&self) -> Value {
+        let r = self
+            .http
+            .post(self.at("/v2/repository/index"))
+            .send()
+            .await
+            .expect("request sent");
+        r.json().await.expect("JSON answer")
+    }
+
     /// The Prometheus exposition.
     pub async fn prometheus(&self) -> String {
         self.http

@@ -218,15 +218,7 @@ async fn invalid_uploads_are_refused_and_leave_nothing_behind() {
 
     assert_eq!(blob_count(&s), 0, "no artifact stored");
     assert_eq!(s.ferry_json(&["model", "list"]), json!([]));
-    let index: Value = s
-        .http
-        .post(s.at("/v2/repository/index"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index = s.index().await;
     assert_eq!(index, json!([]));
 }
 

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::harness::{Server, batch};
 
 #[tokio::test]
@@ -154,15 +152,7 @@ async fn a_corrupted_artifact_is_refused_with_a_clear_reason() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
-    let index: Value = s
-        .http
-        .post(s.at("/v2/repository/index"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index = s.index().await;
     let entry = index
         .as_array()
         .unwrap()

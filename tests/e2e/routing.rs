@@ -20,7 +20,7 @@ async fn drive(
     n: usize,
     concurrency: usize,
     headers: impl Fn(usize) -> Vec<(&'static str, String)> + Send + Sync + 'static,
-) -> (HashMap<String, usize>, Vec<String>) {
+) -> LoadResult {
     let headers = Arc::new(headers);
     let body = Arc::new(holdout()[0].0.clone());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -76,6 +76,45 @@ async fn drive(
 /// Five standard deviations of a binomial share.
 fn tolerance(p: f64, n: usize) -> f64 {
     5.0 * (p * (1.0 - p) / n as f64).sqrt()
+}
+
+/// How many requests each version answered, and the failures seen.
+type LoadResult = (HashMap<String, usize>, Vec<String>);
+
+/// Load from 8 concurrent clients until the returned flag is set; the
+/// task answers how many each version served, and the failures.
+fn background_load(s: &Server) -> (Arc<AtomicBool>, tokio::task::JoinHandle<LoadResult>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+    let task = tokio::spawn(async move {
+        let body = holdout()[0].0.clone();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut failures = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let (http, url, body) = (http.clone(), url.clone(), body.clone());
+                set.spawn(async move { http.post(url).json(&body).send().await });
+            }
+            while let Some(r) = set.join_next().await {
+                match r.unwrap() {
+                    Ok(r) if r.status() == 200 => {
+                        let v = r.headers()["x-ferry-version"].to_str().unwrap().to_string();
+                        *seen.entry(v).or_default() += 1;
+                    }
+                    Ok(r) => failures.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+        }
+        (seen, failures)
+    });
+    (stop, task)
 }
 
 async fn two_versions() -> Server {
@@ -330,35 +369,7 @@ async fn failover_keeps_answering_when_the_primary_remote_dies_mid_load() {
                         "breaker": {"consecutive_failures": 3, "probe_every": "200ms"}});
     assert_eq!(s.set_route("cancer", policy).await.0, 200);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-        tokio::spawn(async move {
-            let body = holdout()[0].0.clone();
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let mut set = tokio::task::JoinSet::new();
-                for _ in 0..8 {
-                    let (http, url, body) = (http.clone(), url.clone(), body.clone());
-                    set.spawn(async move { http.post(url).json(&body).send().await });
-                }
-                while let Some(r) = set.join_next().await {
-                    match r.unwrap() {
-                        Ok(r) if r.status() == 200 => {
-                            *seen
-                                .entry(r.headers()["x-ferry-version"].to_str().unwrap().to_string())
-                                .or_default() += 1
-                        }
-                        Ok(r) => failures.push(r.status().to_string()),
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-            }
-            (seen, failures)
-        })
-    };
+    let (stop, load) = background_load(&s);
     tokio::time::sleep(Duration::from_millis(400)).await;
     tokio::task::spawn_blocking(move || upstream.kill9())
         .await
@@ -513,39 +524,7 @@ async fn a_dead_shadow_costs_users_nothing_and_its_errors_are_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_all_traffic_under_load_fails_no_request() {
     let s = two_versions().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-        tokio::spawn(async move {
-            let body = holdout()[0].0.clone();
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let mut set = tokio::task::JoinSet::new();
-                for _ in 0..8 {
-                    let (http, url, body) = (http.clone(), url.clone(), body.clone());
-                    set.spawn(async move { http.post(url).json(&body).send().await });
-                }
-                while let Some(r) = set.join_next().await {
-                    match r.unwrap() {
-                        Ok(r) if r.status() == 200 => {
-                            *seen
-                                .entry(r.headers()["x-ferry-version"].to_str().unwrap().to_string())
-                                .or_default() += 1
-                        }
-                        Ok(r) => failures.push(format!(
-                            "{} {}",
-                            r.status(),
-                            r.text().await.unwrap_or_default()
-                        )),
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-            }
-            (seen, failures)
-        })
-    };
+    let (stop, load) = background_load(&s);
     for i in 0..8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let stable = if i % 2 == 0 { "2" } else { "1" };
