@@ -37,5 +37,6 @@ pub mod protocol;
 pub mod registry;
 pub mod runtime;
 pub mod server;
+pub mod spec;
 pub mod store;
 pub mod units;

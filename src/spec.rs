@@ -1,0 +1,732 @@
+//! Rollout specs (DESIGN.md §5): what `ferry apply -f rollout.yaml`, `ferry
+//! deploy` and `POST /api/v1/models/{model}/rollouts` describe. Parsed from
+//! YAML or JSON into typed data where "exactly one of" is an enum (the
+//! strategy), then [`RolloutSpec::validate`]d; an invalid spec is refused
+//! before anything changes, with a message naming the field.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::policy::{CompareMode, MatchRule};
+use crate::units::HumanDuration;
+
+fn dur(s: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(s))
+}
+
+/// A rollout: bring `version` of `model` in with a strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    pub model: String,
+    pub version: String,
+    /// Let a candidate change the inputs or outputs clients see.
+    #[serde(default)]
+    pub allow_signature_change: bool,
+    pub strategy: Strategy,
+    /// Checks over live metrics, used by every strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisSpec>,
+    /// Webhooks told about rollout events.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifySpec>,
+}
+
+/// Exactly one strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Basic(BasicSpec),
+    Multi(MultiSpec),
+    Rolling(RollingSpec),
+    Canary(CanarySpec),
+    #[serde(alias = "blue-green")]
+    BlueGreen(BlueGreenSpec),
+    Shadow(ShadowSpec),
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Basic(_) => "basic",
+            Strategy::Multi(_) => "multi",
+            Strategy::Rolling(_) => "rolling",
+            Strategy::Canary(_) => "canary",
+            Strategy::BlueGreen(_) => "blue_green",
+            Strategy::Shadow(_) => "shadow",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicSpec {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MultiSpec {
+    /// Previous versions kept loaded as the failover chain.
+    #[serde(default = "one")]
+    pub keep: u32,
+    /// Per-request timeout before failing over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerSpec>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    #[serde(default = "half")]
+    pub error_rate: f64,
+    #[serde(default = "ten_seconds")]
+    #[schema(value_type = String)]
+    pub window: HumanDuration,
+    #[serde(default = "one_second")]
+    #[schema(value_type = String)]
+    pub probe_every: HumanDuration,
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn ten_seconds() -> HumanDuration {
+    dur(10)
+}
+fn one_second() -> HumanDuration {
+    dur(1)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollingSpec {
+    pub replicas: u32,
+    #[serde(default = "one")]
+    pub batch_size: u32,
+    #[serde(default)]
+    pub max_unavailable: u32,
+    #[serde(default = "one")]
+    pub max_surge: u32,
+    #[serde(default = "ten_seconds")]
+    #[schema(value_type = String)]
+    pub batch_pause: HumanDuration,
+    #[serde(default)]
+    pub rollback: RollingRollback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RollingRollback {
+    #[default]
+    Batch,
+    All,
+}
+
+/// Canary: ordered steps, optional stickiness and cohort.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySpec {
+    pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<MatchRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    pub header: String,
+}
+
+/// One canary step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Percent of eligible traffic to the candidate.
+    Weight(f64),
+    /// A timed pause (`30s`), or `{}` to wait for `ferry promote`.
+    Pause(Pause),
+    /// Wait for a passing analysis verdict.
+    Analysis(AnalysisGate),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Pause {
+    #[schema(value_type = String)]
+    For(HumanDuration),
+    UntilPromoted(Empty),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// An analysis gate; `passes` consecutive passing windows open it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisGate {
+    #[serde(default = "one")]
+    pub passes: u32,
+}
+
+impl Step {
+    /// The step as the status lists it: `weight 10`, `pause 30s`, `analysis`.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Weight(w) => format!("weight {w}"),
+            Step::Pause(Pause::For(d)) => format!("pause {d}"),
+            Step::Pause(Pause::UntilPromoted(_)) => "pause until promoted".into(),
+            Step::Analysis(g) if g.passes > 1 => format!("analysis ({} passes)", g.passes),
+            Step::Analysis(_) => "analysis".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlueGreenSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qa: Option<QaSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub auto_promote_after: Option<HumanDuration>,
+    #[serde(default = "five_minutes")]
+    #[schema(value_type = String)]
+    pub scale_down_delay: HumanDuration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub post_promotion: Option<HumanDuration>,
+}
+
+fn five_minutes() -> HumanDuration {
+    dur(300)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QaSpec {
+    /// JSON Lines of V2 request bodies with a `label` (a path, relative to
+    /// the spec file; the CLI sends its content).
+    pub dataset: String,
+    pub output: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mean_abs_error: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    pub mirror_percent: f64,
+    pub compare: CompareSpec,
+    pub min_comparisons: u64,
+    pub min_agreement: f64,
+    pub then: ShadowThen,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompareSpec {
+    pub output: String,
+    #[serde(default)]
+    pub mode: CompareMode,
+    #[serde(default)]
+    pub tolerance: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowThen {
+    Promote,
+    Manual,
+    Canary,
+}
+
+/// How analysis runs (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSpec {
+    #[serde(default = "ten_seconds")]
+    #[schema(value_type = String)]
+    pub interval: HumanDuration,
+    #[serde(default = "fifty")]
+    pub min_requests: u64,
+    #[serde(default = "two")]
+    pub failure_limit: u32,
+    #[serde(default = "six")]
+    pub max_inconclusive: u32,
+    #[serde(default = "ninety_five")]
+    pub confidence: f64,
+    #[serde(default)]
+    pub checks: Vec<CheckSpec>,
+}
+
+fn fifty() -> u64 {
+    50
+}
+fn two() -> u32 {
+    2
+}
+fn six() -> u32 {
+    6
+}
+fn ninety_five() -> f64 {
+    0.95
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        AnalysisSpec {
+            interval: ten_seconds(),
+            min_requests: 50,
+            failure_limit: 2,
+            max_inconclusive: 6,
+            confidence: 0.95,
+            checks: Vec::new(),
+        }
+    }
+}
+
+/// One check: a metric with one condition, or an external check
+/// (`kind: webhook | prometheus`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Metric>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ExternalKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vs_stable: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_vs_stable: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delta_vs_stable: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_delta_vs_stable: Option<f64>,
+    /// Prometheus server (`kind: prometheus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// PromQL query returning one number (`kind: prometheus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Webhook to POST the window's context to (`kind: webhook`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    ErrorRate,
+    LatencyP50Ms,
+    LatencyP95Ms,
+    LatencyP99Ms,
+    Requests,
+    Agreement,
+    Accuracy,
+    PredictionShift,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::ErrorRate => "error_rate",
+            Metric::LatencyP50Ms => "latency_p50_ms",
+            Metric::LatencyP95Ms => "latency_p95_ms",
+            Metric::LatencyP99Ms => "latency_p99_ms",
+            Metric::Requests => "requests",
+            Metric::Agreement => "agreement",
+            Metric::Accuracy => "accuracy",
+            Metric::PredictionShift => "prediction_shift",
+        }
+    }
+
+    /// Whether larger values are worse (for the direction of a condition).
+    pub fn higher_is_worse(self) -> bool {
+        matches!(
+            self,
+            Metric::ErrorRate | Metric::LatencyP50Ms | Metric::LatencyP95Ms | Metric::LatencyP99Ms | Metric::PredictionShift
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalKind {
+    Webhook,
+    Prometheus,
+}
+
+/// A validated condition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Condition {
+    Max(f64),
+    Min(f64),
+    MaxVsStable(f64),
+    MinVsStable(f64),
+    MaxDeltaVsStable(f64),
+    MinDeltaVsStable(f64),
+}
+
+impl Condition {
+    pub fn describe(&self) -> String {
+        match self {
+            Condition::Max(v) => format!("max {v}"),
+            Condition::Min(v) => format!("min {v}"),
+            Condition::MaxVsStable(v) => format!("max {v} x stable"),
+            Condition::MinVsStable(v) => format!("min {v} x stable"),
+            Condition::MaxDeltaVsStable(v) => format!("max stable {v:+}"),
+            Condition::MinDeltaVsStable(v) => format!("min stable {v:+}"),
+        }
+    }
+}
+
+/// A validated check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    Metric { metric: Metric, condition: Condition },
+    Prometheus { address: String, query: String, condition: Condition },
+    Webhook { url: String },
+}
+
+impl CheckSpec {
+    fn conditions(&self) -> Vec<Condition> {
+        [
+            self.max.map(Condition::Max),
+            self.min.map(Condition::Min),
+            self.max_vs_stable.map(Condition::MaxVsStable),
+            self.min_vs_stable.map(Condition::MinVsStable),
+            self.max_delta_vs_stable.map(Condition::MaxDeltaVsStable),
+            self.min_delta_vs_stable.map(Condition::MinDeltaVsStable),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// The validated check; the error names the field (`field` is its path).
+    pub fn check(&self, field: &str) -> Result<Check, String> {
+        let conditions = self.conditions();
+        match (self.metric, self.kind) {
+            (Some(_), Some(_)) => Err(format!("{field}: give either metric or kind, not both")),
+            (None, None) => Err(format!(
+                "{field}: give a metric (error_rate, latency_p99_ms, accuracy, …) or kind: webhook | prometheus"
+            )),
+            (Some(metric), None) => {
+                let [condition] = conditions.as_slice() else {
+                    return Err(format!(
+                        "{field}: give exactly one of max, min, max_vs_stable, min_vs_stable, max_delta_vs_stable, min_delta_vs_stable (found {})",
+                        conditions.len()
+                    ));
+                };
+                if self.address.is_some() || self.query.is_some() || self.url.is_some() {
+                    return Err(format!("{field}: address, query and url belong to external checks (kind)"));
+                }
+                for v in [condition] {
+                    let x = match v {
+                        Condition::Max(x) | Condition::Min(x) | Condition::MaxVsStable(x) | Condition::MinVsStable(x) => *x,
+                        Condition::MaxDeltaVsStable(x) | Condition::MinDeltaVsStable(x) => *x,
+                    };
+                    if !x.is_finite() {
+                        return Err(format!("{field}: the bound must be a number"));
+                    }
+                    if matches!(v, Condition::MaxVsStable(x) | Condition::MinVsStable(x) if *x <= 0.0) {
+                        return Err(format!("{field}: a ratio to stable must be greater than 0"));
+                    }
+                }
+                Ok(Check::Metric { metric, condition: *condition })
+            }
+            (None, Some(ExternalKind::Webhook)) => {
+                let url = self.url.clone().ok_or_else(|| format!("{field}: a webhook check needs url"))?;
+                if !url.starts_with("http://") {
+                    return Err(format!("{field}.url must start with http://"));
+                }
+                if !conditions.is_empty() || self.address.is_some() || self.query.is_some() {
+                    return Err(format!("{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"));
+                }
+                Ok(Check::Webhook { url })
+            }
+            (None, Some(ExternalKind::Prometheus)) => {
+                let address = self.address.clone().ok_or_else(|| format!("{field}: a prometheus check needs address"))?;
+                let query = self.query.clone().ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
+                if !address.starts_with("http://") {
+                    return Err(format!("{field}.address must start with http://"));
+                }
+                let condition = match conditions.as_slice() {
+                    [c @ (Condition::Max(_) | Condition::Min(_))] => *c,
+                    _ => return Err(format!("{field}: a prometheus check needs exactly one of max or min")),
+                };
+                Ok(Check::Prometheus { address, query, condition })
+            }
+        }
+    }
+}
+
+/// A webhook told about rollout events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    pub url: String,
+    /// Event kinds sent (default: the rollout's end states).
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+fn check_weight(field: &str, w: f64) -> Result<(), String> {
+    if w.is_finite() && (0.0..=100.0).contains(&w) {
+        Ok(())
+    } else {
+        Err(format!("{field} must be between 0 and 100, not {w}"))
+    }
+}
+
+fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
+    if c.steps.is_empty() {
+        return Err(format!("{field}.steps must list at least one step"));
+    }
+    for (i, s) in c.steps.iter().enumerate() {
+        if let Step::Weight(w) = s {
+            check_weight(&format!("{field}.steps[{i}].weight"), *w)?;
+        }
+        if let Step::Analysis(g) = s
+            && g.passes == 0
+        {
+            return Err(format!("{field}.steps[{i}].analysis.passes must be at least 1"));
+        }
+    }
+    let mut probe = crate::gateway::RoutePolicy::stable_only("stable");
+    probe.candidate = Some(crate::gateway::policy::CandidateSplit {
+        version: "candidate".into(),
+        weight: 0.0,
+        sticky_header: c.sticky.as_ref().map(|s| s.header.clone()),
+        matches: c.matches.clone(),
+    });
+    probe
+        .validate()
+        .map_err(|e| format!("{field}: {}", e.replace("candidate.sticky_header", "sticky.header").replace("candidate.", "")))
+}
+
+impl RolloutSpec {
+    /// Parses YAML (JSON is YAML too); the error says where and what.
+    pub fn from_yaml(text: &str) -> Result<RolloutSpec, String> {
+        // Single-key maps (`canary: {...}`, `- weight: 10`) select enum variants,
+        // as in JSON, rather than YAML tags.
+        let spec: RolloutSpec =
+            yaml_serde::with::singleton_map_recursive::deserialize(yaml_serde::Deserializer::from_str(text))
+                .map_err(|e| format!("the spec is not valid: {e}"))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The validated analysis checks.
+    pub fn checks(&self) -> Vec<Check> {
+        self.analysis
+            .iter()
+            .flat_map(|a| a.checks.iter().enumerate())
+            .filter_map(|(i, c)| c.check(&format!("analysis.checks[{i}]")).ok())
+            .collect()
+    }
+
+    /// Checks every field; the error names the field and what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::registry::check_name("model", &self.model).map_err(|e| e.to_string())?;
+        crate::registry::check_name("version", &self.version).map_err(|e| e.to_string())?;
+        match &self.strategy {
+            Strategy::Basic(_) => {}
+            Strategy::Multi(m) => {
+                if m.keep == 0 {
+                    return Err("strategy.multi.keep must be at least 1 (the versions kept for failover)".into());
+                }
+                if let Some(b) = &m.breaker
+                    && !(b.error_rate > 0.0 && b.error_rate <= 1.0)
+                {
+                    return Err(format!("strategy.multi.breaker.error_rate must be in (0, 1], not {}", b.error_rate));
+                }
+            }
+            Strategy::Rolling(r) => {
+                if r.replicas == 0 || r.replicas > 64 {
+                    return Err(format!("strategy.rolling.replicas must be between 1 and 64, not {}", r.replicas));
+                }
+                if r.batch_size == 0 || r.batch_size > r.replicas {
+                    return Err(format!(
+                        "strategy.rolling.batch_size must be between 1 and replicas ({}), not {}",
+                        r.replicas, r.batch_size
+                    ));
+                }
+                if r.max_unavailable >= r.replicas {
+                    return Err("strategy.rolling.max_unavailable must be less than replicas".into());
+                }
+            }
+            Strategy::Canary(c) => check_canary("strategy.canary", c)?,
+            Strategy::BlueGreen(b) => {
+                if let Some(qa) = &b.qa {
+                    match (qa.min_accuracy, qa.max_mean_abs_error) {
+                        (Some(a), None) if (0.0..=1.0).contains(&a) => {}
+                        (Some(a), None) => return Err(format!("strategy.blue_green.qa.min_accuracy must be between 0 and 1, not {a}")),
+                        (None, Some(e)) if e >= 0.0 => {}
+                        (None, Some(e)) => return Err(format!("strategy.blue_green.qa.max_mean_abs_error must be 0 or more, not {e}")),
+                        _ => return Err("strategy.blue_green.qa: give exactly one of min_accuracy or max_mean_abs_error".into()),
+                    }
+                }
+            }
+            Strategy::Shadow(s) => {
+                check_weight("strategy.shadow.mirror_percent", s.mirror_percent)?;
+                if !(0.0..=1.0).contains(&s.min_agreement) {
+                    return Err(format!("strategy.shadow.min_agreement must be between 0 and 1, not {}", s.min_agreement));
+                }
+                if s.min_comparisons == 0 {
+                    return Err("strategy.shadow.min_comparisons must be at least 1".into());
+                }
+                match (s.then, &s.canary) {
+                    (ShadowThen::Canary, None) => {
+                        return Err("strategy.shadow.then is canary: give the canary block (strategy.shadow.canary.steps)".into());
+                    }
+                    (ShadowThen::Canary, Some(c)) => check_canary("strategy.shadow.canary", c)?,
+                    (_, Some(_)) => return Err("strategy.shadow.canary is only used with then: canary".into()),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(a) = &self.analysis {
+            if a.interval.0 < Duration::from_secs(crate::metrics::window::BUCKET_SECS) {
+                return Err(format!(
+                    "analysis.interval must be at least {}s (the metrics' bucket width), not {}",
+                    crate::metrics::window::BUCKET_SECS,
+                    a.interval
+                ));
+            }
+            if a.min_requests == 0 {
+                return Err("analysis.min_requests must be at least 1".into());
+            }
+            if a.failure_limit == 0 {
+                return Err("analysis.failure_limit must be at least 1".into());
+            }
+            if !(a.confidence > 0.5 && a.confidence < 1.0) {
+                return Err(format!("analysis.confidence must be between 0.5 and 1 (e.g. 0.95), not {}", a.confidence));
+            }
+            for (i, c) in a.checks.iter().enumerate() {
+                c.check(&format!("analysis.checks[{i}]"))?;
+            }
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            if !n.url.starts_with("http://") {
+                return Err(format!("notify[{i}].url must start with http://"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = r#"
+model: cancer
+version: "2"
+allow_signature_change: false
+strategy:
+  canary:
+    steps:
+      - weight: 10
+      - pause: 30s
+      - analysis: {}
+      - weight: 50
+      - pause: {}
+      - weight: 100
+    sticky: { header: x-user-id }
+    match:
+      - { header: x-region, values: [eu-west] }
+analysis:
+  interval: 10s
+  min_requests: 50
+  failure_limit: 2
+  max_inconclusive: 6
+  confidence: 0.95
+  checks:
+    - { metric: error_rate, max: 0.01 }
+    - { metric: latency_p99_ms, max_vs_stable: 1.5 }
+    - { metric: accuracy, min_delta_vs_stable: -0.01 }
+    - { metric: prediction_shift, max: 0.2 }
+    - { kind: prometheus, address: "http://127.0.0.1:9090", query: "sum(rate(checkout_failures[1m]))", max: 5 }
+notify:
+  - { url: "http://127.0.0.1:9000/hooks/ferry", events: [aborted, succeeded, failed, rolled_back] }
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let spec = RolloutSpec::from_yaml(DESIGN_EXAMPLE).unwrap();
+        let Strategy::Canary(c) = &spec.strategy else { panic!("canary") };
+        assert_eq!(
+            c.steps.iter().map(Step::describe).collect::<Vec<_>>(),
+            ["weight 10", "pause 30s", "analysis", "weight 50", "pause until promoted", "weight 100"]
+        );
+        assert_eq!(spec.checks().len(), 5);
+        assert_eq!(
+            spec.checks()[1],
+            Check::Metric { metric: Metric::LatencyP99Ms, condition: Condition::MaxVsStable(1.5) }
+        );
+        // JSON is accepted too, and round-trips.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(RolloutSpec::from_yaml(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn every_strategy_kind_parses() {
+        for s in [
+            "strategy: { basic: {} }",
+            "strategy: { multi: { keep: 2, timeout: 500ms, breaker: { error_rate: 0.5, window: 10s, probe_every: 1s } } }",
+            "strategy: { rolling: { replicas: 4, batch_size: 1, max_unavailable: 0, max_surge: 1, batch_pause: 10s, rollback: batch } }",
+            "strategy: { blue_green: { qa: { dataset: holdout.jsonl, output: probabilities, min_accuracy: 0.95 }, auto_promote_after: 60s, scale_down_delay: 5m, post_promotion: 60s } }",
+            "strategy: { blue-green: { scale_down_delay: 5m } }",
+            "strategy: { shadow: { mirror_percent: 100, compare: { output: probabilities, mode: class }, min_comparisons: 500, min_agreement: 0.98, then: canary, canary: { steps: [ { weight: 10 }, { pause: 1m }, { weight: 100 } ] } } }",
+        ] {
+            let text = format!("model: cancer\nversion: \"2\"\n{s}\n");
+            RolloutSpec::from_yaml(&text).unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let cases = [
+            ("strategy: { canary: { steps: [ { weight: 120 } ] } }", "strategy.canary.steps[0].weight must be between 0 and 100"),
+            ("strategy: { canary: { steps: [] } }", "strategy.canary.steps must list at least one step"),
+            ("strategy: { canry: { steps: [] } }", "unknown variant `canry`"),
+            ("strategy: { basic: {}, multi: {} }", "the spec is not valid"),
+            ("strategy: { canary: { steps: [ { weight: 10 } ], sticky: { header: X-User } } }", "sticky.header"),
+            ("strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate } ] }", "analysis.checks[0]: give exactly one of"),
+            ("strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }", "unknown variant `error_rat`"),
+            ("strategy: { basic: {} }\nanalysis: { interval: 1s }", "analysis.interval must be at least 5s"),
+            ("strategy: { basic: {} }\nanalysis: { checks: [ { kind: prometheus, address: \"http://x\", max: 1 } ] }", "needs query"),
+            ("strategy: { shadow: { mirror_percent: 100, compare: { output: p }, min_comparisons: 5, min_agreement: 0.9, then: canary } }", "give the canary block"),
+            ("strategy: { blue_green: { qa: { dataset: d, output: p } } }", "exactly one of min_accuracy or max_mean_abs_error"),
+            ("strategy: { rolling: { replicas: 2, batch_size: 3 } }", "batch_size must be between 1 and replicas (2)"),
+            ("strategy: { basic: {} }\nnotify: [ { url: \"ftp://x\" } ]", "notify[0].url"),
+            ("strategy: { basic: {} }\nextra: 1", "unknown field `extra`"),
+        ];
+        for (body, needle) in cases {
+            let text = format!("model: cancer\nversion: \"2\"\n{body}\n");
+            let err = RolloutSpec::from_yaml(&text).unwrap_err();
+            assert!(err.contains(needle), "{body}\n  expected {needle:?}\n  got {err:?}");
+        }
+        let err = RolloutSpec::from_yaml("model: ../x\nversion: \"2\"\nstrategy: { basic: {} }").unwrap_err();
+        assert!(err.contains("is not allowed"));
+    }
+}
