@@ -28,6 +28,7 @@
 //!
 //! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
 
+pub mod analysis;
 pub mod api;
 pub mod cli;
 pub mod controller;

@@ -362,7 +362,11 @@ impl Metric {
     pub fn higher_is_worse(self) -> bool {
         matches!(
             self,
-            Metric::ErrorRate | Metric::LatencyP50Ms | Metric::LatencyP95Ms | Metric::LatencyP99Ms | Metric::PredictionShift
+            Metric::ErrorRate
+                | Metric::LatencyP50Ms
+                | Metric::LatencyP95Ms
+                | Metric::LatencyP99Ms
+                | Metric::PredictionShift
         )
     }
 }
@@ -401,9 +405,18 @@ impl Condition {
 /// A validated check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Check {
-    Metric { metric: Metric, condition: Condition },
-    Prometheus { address: String, query: String, condition: Condition },
-    Webhook { url: String },
+    Metric {
+        metric: Metric,
+        condition: Condition,
+    },
+    Prometheus {
+        address: String,
+        query: String,
+        condition: Condition,
+    },
+    Webhook {
+        url: String,
+    },
 }
 
 impl CheckSpec {
@@ -437,43 +450,71 @@ impl CheckSpec {
                     ));
                 };
                 if self.address.is_some() || self.query.is_some() || self.url.is_some() {
-                    return Err(format!("{field}: address, query and url belong to external checks (kind)"));
+                    return Err(format!(
+                        "{field}: address, query and url belong to external checks (kind)"
+                    ));
                 }
                 for v in [condition] {
                     let x = match v {
-                        Condition::Max(x) | Condition::Min(x) | Condition::MaxVsStable(x) | Condition::MinVsStable(x) => *x,
+                        Condition::Max(x)
+                        | Condition::Min(x)
+                        | Condition::MaxVsStable(x)
+                        | Condition::MinVsStable(x) => *x,
                         Condition::MaxDeltaVsStable(x) | Condition::MinDeltaVsStable(x) => *x,
                     };
                     if !x.is_finite() {
                         return Err(format!("{field}: the bound must be a number"));
                     }
-                    if matches!(v, Condition::MaxVsStable(x) | Condition::MinVsStable(x) if *x <= 0.0) {
+                    if matches!(v, Condition::MaxVsStable(x) | Condition::MinVsStable(x) if *x <= 0.0)
+                    {
                         return Err(format!("{field}: a ratio to stable must be greater than 0"));
                     }
                 }
-                Ok(Check::Metric { metric, condition: *condition })
+                Ok(Check::Metric {
+                    metric,
+                    condition: *condition,
+                })
             }
             (None, Some(ExternalKind::Webhook)) => {
-                let url = self.url.clone().ok_or_else(|| format!("{field}: a webhook check needs url"))?;
+                let url = self
+                    .url
+                    .clone()
+                    .ok_or_else(|| format!("{field}: a webhook check needs url"))?;
                 if !url.starts_with("http://") {
                     return Err(format!("{field}.url must start with http://"));
                 }
                 if !conditions.is_empty() || self.address.is_some() || self.query.is_some() {
-                    return Err(format!("{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"));
+                    return Err(format!(
+                        "{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"
+                    ));
                 }
                 Ok(Check::Webhook { url })
             }
             (None, Some(ExternalKind::Prometheus)) => {
-                let address = self.address.clone().ok_or_else(|| format!("{field}: a prometheus check needs address"))?;
-                let query = self.query.clone().ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
+                let address = self
+                    .address
+                    .clone()
+                    .ok_or_else(|| format!("{field}: a prometheus check needs address"))?;
+                let query = self
+                    .query
+                    .clone()
+                    .ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
                 if !address.starts_with("http://") {
                     return Err(format!("{field}.address must start with http://"));
                 }
                 let condition = match conditions.as_slice() {
                     [c @ (Condition::Max(_) | Condition::Min(_))] => *c,
-                    _ => return Err(format!("{field}: a prometheus check needs exactly one of max or min")),
+                    _ => {
+                        return Err(format!(
+                            "{field}: a prometheus check needs exactly one of max or min"
+                        ));
+                    }
                 };
-                Ok(Check::Prometheus { address, query, condition })
+                Ok(Check::Prometheus {
+                    address,
+                    query,
+                    condition,
+                })
             }
         }
     }
@@ -508,7 +549,9 @@ fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
         if let Step::Analysis(g) = s
             && g.passes == 0
         {
-            return Err(format!("{field}.steps[{i}].analysis.passes must be at least 1"));
+            return Err(format!(
+                "{field}.steps[{i}].analysis.passes must be at least 1"
+            ));
         }
     }
     let mut probe = crate::gateway::RoutePolicy::stable_only("stable");
@@ -518,9 +561,13 @@ fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
         sticky_header: c.sticky.as_ref().map(|s| s.header.clone()),
         matches: c.matches.clone(),
     });
-    probe
-        .validate()
-        .map_err(|e| format!("{field}: {}", e.replace("candidate.sticky_header", "sticky.header").replace("candidate.", "")))
+    probe.validate().map_err(|e| {
+        format!(
+            "{field}: {}",
+            e.replace("candidate.sticky_header", "sticky.header")
+                .replace("candidate.", "")
+        )
+    })
 }
 
 impl RolloutSpec {
@@ -528,9 +575,10 @@ impl RolloutSpec {
     pub fn from_yaml(text: &str) -> Result<RolloutSpec, String> {
         // Single-key maps (`canary: {...}`, `- weight: 10`) select enum variants,
         // as in JSON, rather than YAML tags.
-        let spec: RolloutSpec =
-            yaml_serde::with::singleton_map_recursive::deserialize(yaml_serde::Deserializer::from_str(text))
-                .map_err(|e| format!("the spec is not valid: {e}"))?;
+        let spec: RolloutSpec = yaml_serde::with::singleton_map_recursive::deserialize(
+            yaml_serde::Deserializer::from_str(text),
+        )
+        .map_err(|e| format!("the spec is not valid: {e}"))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -552,17 +600,26 @@ impl RolloutSpec {
             Strategy::Basic(_) => {}
             Strategy::Multi(m) => {
                 if m.keep == 0 {
-                    return Err("strategy.multi.keep must be at least 1 (the versions kept for failover)".into());
+                    return Err(
+                        "strategy.multi.keep must be at least 1 (the versions kept for failover)"
+                            .into(),
+                    );
                 }
                 if let Some(b) = &m.breaker
                     && !(b.error_rate > 0.0 && b.error_rate <= 1.0)
                 {
-                    return Err(format!("strategy.multi.breaker.error_rate must be in (0, 1], not {}", b.error_rate));
+                    return Err(format!(
+                        "strategy.multi.breaker.error_rate must be in (0, 1], not {}",
+                        b.error_rate
+                    ));
                 }
             }
             Strategy::Rolling(r) => {
                 if r.replicas == 0 || r.replicas > 64 {
-                    return Err(format!("strategy.rolling.replicas must be between 1 and 64, not {}", r.replicas));
+                    return Err(format!(
+                        "strategy.rolling.replicas must be between 1 and 64, not {}",
+                        r.replicas
+                    ));
                 }
                 if r.batch_size == 0 || r.batch_size > r.replicas {
                     return Err(format!(
@@ -571,7 +628,9 @@ impl RolloutSpec {
                     ));
                 }
                 if r.max_unavailable >= r.replicas {
-                    return Err("strategy.rolling.max_unavailable must be less than replicas".into());
+                    return Err(
+                        "strategy.rolling.max_unavailable must be less than replicas".into(),
+                    );
                 }
             }
             Strategy::Canary(c) => check_canary("strategy.canary", c)?,
@@ -589,7 +648,10 @@ impl RolloutSpec {
             Strategy::Shadow(s) => {
                 check_weight("strategy.shadow.mirror_percent", s.mirror_percent)?;
                 if !(0.0..=1.0).contains(&s.min_agreement) {
-                    return Err(format!("strategy.shadow.min_agreement must be between 0 and 1, not {}", s.min_agreement));
+                    return Err(format!(
+                        "strategy.shadow.min_agreement must be between 0 and 1, not {}",
+                        s.min_agreement
+                    ));
                 }
                 if s.min_comparisons == 0 {
                     return Err("strategy.shadow.min_comparisons must be at least 1".into());
@@ -599,7 +661,9 @@ impl RolloutSpec {
                         return Err("strategy.shadow.then is canary: give the canary block (strategy.shadow.canary.steps)".into());
                     }
                     (ShadowThen::Canary, Some(c)) => check_canary("strategy.shadow.canary", c)?,
-                    (_, Some(_)) => return Err("strategy.shadow.canary is only used with then: canary".into()),
+                    (_, Some(_)) => {
+                        return Err("strategy.shadow.canary is only used with then: canary".into());
+                    }
                     _ => {}
                 }
             }
@@ -619,7 +683,10 @@ impl RolloutSpec {
                 return Err("analysis.failure_limit must be at least 1".into());
             }
             if !(a.confidence > 0.5 && a.confidence < 1.0) {
-                return Err(format!("analysis.confidence must be between 0.5 and 1 (e.g. 0.95), not {}", a.confidence));
+                return Err(format!(
+                    "analysis.confidence must be between 0.5 and 1 (e.g. 0.95), not {}",
+                    a.confidence
+                ));
             }
             for (i, c) in a.checks.iter().enumerate() {
                 c.check(&format!("analysis.checks[{i}]"))?;
@@ -673,15 +740,27 @@ notify:
     #[test]
     fn the_design_example_parses() {
         let spec = RolloutSpec::from_yaml(DESIGN_EXAMPLE).unwrap();
-        let Strategy::Canary(c) = &spec.strategy else { panic!("canary") };
+        let Strategy::Canary(c) = &spec.strategy else {
+            panic!("canary")
+        };
         assert_eq!(
             c.steps.iter().map(Step::describe).collect::<Vec<_>>(),
-            ["weight 10", "pause 30s", "analysis", "weight 50", "pause until promoted", "weight 100"]
+            [
+                "weight 10",
+                "pause 30s",
+                "analysis",
+                "weight 50",
+                "pause until promoted",
+                "weight 100"
+            ]
         );
         assert_eq!(spec.checks().len(), 5);
         assert_eq!(
             spec.checks()[1],
-            Check::Metric { metric: Metric::LatencyP99Ms, condition: Condition::MaxVsStable(1.5) }
+            Check::Metric {
+                metric: Metric::LatencyP99Ms,
+                condition: Condition::MaxVsStable(1.5)
+            }
         );
         // JSON is accepted too, and round-trips.
         let json = serde_json::to_string(&spec).unwrap();
@@ -706,27 +785,70 @@ notify:
     #[test]
     fn invalid_specs_name_the_field() {
         let cases = [
-            ("strategy: { canary: { steps: [ { weight: 120 } ] } }", "strategy.canary.steps[0].weight must be between 0 and 100"),
-            ("strategy: { canary: { steps: [] } }", "strategy.canary.steps must list at least one step"),
-            ("strategy: { canry: { steps: [] } }", "unknown variant `canry`"),
-            ("strategy: { basic: {}, multi: {} }", "the spec is not valid"),
-            ("strategy: { canary: { steps: [ { weight: 10 } ], sticky: { header: X-User } } }", "sticky.header"),
-            ("strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate } ] }", "analysis.checks[0]: give exactly one of"),
-            ("strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }", "unknown variant `error_rat`"),
-            ("strategy: { basic: {} }\nanalysis: { interval: 1s }", "analysis.interval must be at least 5s"),
-            ("strategy: { basic: {} }\nanalysis: { checks: [ { kind: prometheus, address: \"http://x\", max: 1 } ] }", "needs query"),
-            ("strategy: { shadow: { mirror_percent: 100, compare: { output: p }, min_comparisons: 5, min_agreement: 0.9, then: canary } }", "give the canary block"),
-            ("strategy: { blue_green: { qa: { dataset: d, output: p } } }", "exactly one of min_accuracy or max_mean_abs_error"),
-            ("strategy: { rolling: { replicas: 2, batch_size: 3 } }", "batch_size must be between 1 and replicas (2)"),
-            ("strategy: { basic: {} }\nnotify: [ { url: \"ftp://x\" } ]", "notify[0].url"),
+            (
+                "strategy: { canary: { steps: [ { weight: 120 } ] } }",
+                "strategy.canary.steps[0].weight must be between 0 and 100",
+            ),
+            (
+                "strategy: { canary: { steps: [] } }",
+                "strategy.canary.steps must list at least one step",
+            ),
+            (
+                "strategy: { canry: { steps: [] } }",
+                "unknown variant `canry`",
+            ),
+            (
+                "strategy: { basic: {}, multi: {} }",
+                "the spec is not valid",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 10 } ], sticky: { header: X-User } } }",
+                "sticky.header",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate } ] }",
+                "analysis.checks[0]: give exactly one of",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }",
+                "unknown variant `error_rat`",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { interval: 1s }",
+                "analysis.interval must be at least 5s",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { kind: prometheus, address: \"http://x\", max: 1 } ] }",
+                "needs query",
+            ),
+            (
+                "strategy: { shadow: { mirror_percent: 100, compare: { output: p }, min_comparisons: 5, min_agreement: 0.9, then: canary } }",
+                "give the canary block",
+            ),
+            (
+                "strategy: { blue_green: { qa: { dataset: d, output: p } } }",
+                "exactly one of min_accuracy or max_mean_abs_error",
+            ),
+            (
+                "strategy: { rolling: { replicas: 2, batch_size: 3 } }",
+                "batch_size must be between 1 and replicas (2)",
+            ),
+            (
+                "strategy: { basic: {} }\nnotify: [ { url: \"ftp://x\" } ]",
+                "notify[0].url",
+            ),
             ("strategy: { basic: {} }\nextra: 1", "unknown field `extra`"),
         ];
         for (body, needle) in cases {
             let text = format!("model: cancer\nversion: \"2\"\n{body}\n");
             let err = RolloutSpec::from_yaml(&text).unwrap_err();
-            assert!(err.contains(needle), "{body}\n  expected {needle:?}\n  got {err:?}");
+            assert!(
+                err.contains(needle),
+                "{body}\n  expected {needle:?}\n  got {err:?}"
+            );
         }
-        let err = RolloutSpec::from_yaml("model: ../x\nversion: \"2\"\nstrategy: { basic: {} }").unwrap_err();
+        let err = RolloutSpec::from_yaml("model: ../x\nversion: \"2\"\nstrategy: { basic: {} }")
+            .unwrap_err();
         assert!(err.contains("is not allowed"));
     }
 }

@@ -32,6 +32,10 @@ pub struct Bucket {
     pub dropped: u64,
     /// Predicted classes answered (for prediction-shift analysis).
     pub classes: BTreeMap<i64, u64>,
+    /// Delayed labels received for answers of this bucket's time, and how
+    /// many matched the predicted class.
+    pub labelled: u64,
+    pub correct: u64,
 }
 
 impl Bucket {
@@ -46,6 +50,8 @@ impl Bucket {
         for (c, n) in &o.classes {
             *self.classes.entry(*c).or_default() += n;
         }
+        self.labelled += o.labelled;
+        self.correct += o.correct;
     }
 }
 
@@ -69,6 +75,10 @@ pub struct Summary {
     pub dropped: u64,
     #[schema(value_type = Object)]
     pub classes: BTreeMap<i64, u64>,
+    /// Delayed labels joined to answers, and how many were right.
+    pub labelled: u64,
+    pub correct: u64,
+    pub accuracy: Option<f64>,
     /// The merged latency sketch (for rank tests).
     #[serde(skip)]
     pub latency: Sketch,
@@ -139,6 +149,9 @@ impl Series {
             agreement: (compared > 0).then(|| total.agree as f64 / compared as f64),
             dropped: total.dropped,
             classes: total.classes,
+            labelled: total.labelled,
+            correct: total.correct,
+            accuracy: (total.labelled > 0).then(|| total.correct as f64 / total.labelled as f64),
             latency: total.latency,
         }
     }
