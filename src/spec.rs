@@ -390,6 +390,18 @@ pub enum Condition {
 }
 
 impl Condition {
+    /// The number the condition compares with.
+    pub fn bound(&self) -> f64 {
+        match *self {
+            Condition::Max(x)
+            | Condition::Min(x)
+            | Condition::MaxVsStable(x)
+            | Condition::MinVsStable(x)
+            | Condition::MaxDeltaVsStable(x)
+            | Condition::MinDeltaVsStable(x) => x,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Condition::Max(v) => format!("max {v}"),
@@ -454,21 +466,16 @@ impl CheckSpec {
                         "{field}: address, query and url belong to external checks (kind)"
                     ));
                 }
-                for v in [condition] {
-                    let x = match v {
-                        Condition::Max(x)
-                        | Condition::Min(x)
-                        | Condition::MaxVsStable(x)
-                        | Condition::MinVsStable(x) => *x,
-                        Condition::MaxDeltaVsStable(x) | Condition::MinDeltaVsStable(x) => *x,
-                    };
-                    if !x.is_finite() {
-                        return Err(format!("{field}: the bound must be a number"));
-                    }
-                    if matches!(v, Condition::MaxVsStable(x) | Condition::MinVsStable(x) if *x <= 0.0)
-                    {
-                        return Err(format!("{field}: a ratio to stable must be greater than 0"));
-                    }
+                let x = condition.bound();
+                if !x.is_finite() {
+                    return Err(format!("{field}: the bound must be a number"));
+                }
+                if matches!(
+                    condition,
+                    Condition::MaxVsStable(_) | Condition::MinVsStable(_)
+                ) && x <= 0.0
+                {
+                    return Err(format!("{field}: a ratio to stable must be greater than 0"));
                 }
                 Ok(Check::Metric {
                     metric,
