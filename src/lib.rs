@@ -40,4 +40,5 @@ pub mod runtime;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod strategy;
 pub mod units;

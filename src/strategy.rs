@@ -1,0 +1,340 @@
+//! Strategies as pure functions: `plan(spec, state, observations, now)` →
+//! the new state, the route to publish, the events to record and when to look
+//! again. No I/O, no clock: the controller passes time in, persists what comes
+//! back, then applies the route. A test drives a whole canary through its
+//! steps with a fake clock in microseconds.
+//!
+//! What every strategy shares lives here (commands, background analysis,
+//! failure and abort); each strategy's own steps live in its file:
+//! [`basic`], [`multi`], [`canary`].
+
+pub mod basic;
+pub mod canary;
+pub mod multi;
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{Outcome, Verdict};
+use crate::gateway::RoutePolicy;
+use crate::spec::{RolloutSpec, Strategy};
+
+/// Where a rollout is (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Progressing,
+    Paused,
+    Succeeded,
+    Aborted,
+    Failed,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Succeeded => "succeeded",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+
+    /// `progressing` or `paused`: the model's one active rollout.
+    pub fn is_active(self) -> bool {
+        matches!(self, Phase::Progressing | Phase::Paused)
+    }
+}
+
+/// What ends a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Waiting {
+    Promote,
+    Resume,
+}
+
+/// Background analysis bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisProgress {
+    pub consecutive_failures: u32,
+    pub consecutive_inconclusive: u32,
+    /// Passing windows since the current analysis gate began.
+    pub gate_passes: u32,
+    /// The latest verdict, with its numbers.
+    pub last: Option<Verdict>,
+    /// When the latest window closed (Unix ms).
+    pub last_at_ms: u64,
+}
+
+/// A rollout's durable state: everything needed to continue it after a
+/// restart, with timers as stored timestamps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    pub phase: Phase,
+    pub waiting_for: Option<Waiting>,
+    /// Index of the current step (a strategy's own numbering).
+    pub step: usize,
+    /// When the current step began (Unix ms); timed pauses count from it.
+    pub step_started_ms: u64,
+    /// The route before the rollout began: abort and failure restore it.
+    pub before: RoutePolicy,
+    /// The route the rollout wants published now.
+    pub route: RoutePolicy,
+    pub analysis: AnalysisProgress,
+    pub message: String,
+}
+
+/// A person's (or a pipeline's) command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Promote { full: bool },
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// What happened since the last plan.
+#[derive(Debug, Clone, Default)]
+pub struct Observations {
+    /// An analysis window that just closed.
+    pub verdict: Option<Verdict>,
+    /// A command, and who gave it.
+    pub command: Option<(Command, String)>,
+    /// Publishing the last route failed (a version could not start).
+    pub route_failed: Option<String>,
+}
+
+/// An event to record: kind and a sentence a person can read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedEvent {
+    pub kind: String,
+    pub message: String,
+}
+
+/// The outcome of one plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub state: RolloutState,
+    /// Publish this route (already in `state.route`) when it changed.
+    pub publish: bool,
+    pub events: Vec<PlannedEvent>,
+    /// Look again after this many milliseconds (None: only on a new event).
+    pub requeue_ms: Option<u64>,
+}
+
+impl Plan {
+    fn event(&mut self, kind: &str, message: impl Into<String>) {
+        let message = message.into();
+        self.state.message = message.clone();
+        self.events.push(PlannedEvent {
+            kind: kind.to_string(),
+            message,
+        });
+    }
+
+    fn set_route(&mut self, route: RoutePolicy) {
+        if route != self.state.route {
+            self.state.route = route;
+            self.publish = true;
+        }
+    }
+
+    /// Ends the rollout with the route restored to what it was before.
+    fn end_restored(&mut self, phase: Phase, kind: &str, message: String) {
+        self.state.phase = phase;
+        self.state.waiting_for = None;
+        let before = self.state.before.clone();
+        self.set_route(before);
+        self.event(kind, message);
+        self.requeue_ms = None;
+    }
+
+    fn pause(&mut self, waiting: Waiting, kind: &str, message: String) {
+        self.state.phase = Phase::Paused;
+        self.state.waiting_for = Some(waiting);
+        self.event(kind, message);
+    }
+}
+
+/// The state of a rollout that has not taken a step yet.
+pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
+    RolloutState {
+        phase: Phase::Progressing,
+        waiting_for: None,
+        step: 0,
+        step_started_ms: now_ms,
+        before: current.clone(),
+        route: current.clone(),
+        analysis: AnalysisProgress::default(),
+        message: "starting".into(),
+    }
+}
+
+/// The strategy's own steps, as the status lists them.
+pub fn steps(spec: &RolloutSpec) -> Vec<String> {
+    match &spec.strategy {
+        Strategy::Canary(c) => canary::steps(c),
+        Strategy::Multi(_) | Strategy::Basic(_) => vec!["switch".into(), "done".into()],
+        other => vec![format!("{} is not available yet", other.name())],
+    }
+}
+
+/// Whether the candidate takes traffic now, so analysis windows count.
+pub fn analysing(spec: &RolloutSpec, state: &RolloutState) -> bool {
+    state.phase.is_active()
+        && spec.analysis.is_some()
+        && state
+            .route
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.version == spec.version && c.weight > 0.0)
+}
+
+/// One planning pass.
+pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms: u64) -> Plan {
+    let mut p = Plan {
+        state: state.clone(),
+        publish: false,
+        events: Vec::new(),
+        requeue_ms: None,
+    };
+    if !state.phase.is_active() {
+        return p;
+    }
+    if let Some(why) = &obs.route_failed {
+        p.end_restored(
+            Phase::Failed,
+            "failed",
+            format!(
+                "failed: {why}; version {} keeps serving",
+                state.before.stable
+            ),
+        );
+        return p;
+    }
+    if let Some((command, who)) = &obs.command {
+        match command {
+            Command::Abort => {
+                p.end_restored(
+                    Phase::Aborted,
+                    "aborted",
+                    format!(
+                        "aborted by {who}: all traffic back on version {}",
+                        state.before.stable
+                    ),
+                );
+                return p;
+            }
+            Command::Pause => {
+                p.pause(Waiting::Resume, "paused", format!("paused by {who}"));
+                return p;
+            }
+            Command::Resume => {
+                if p.state.waiting_for == Some(Waiting::Resume) {
+                    p.state.phase = Phase::Progressing;
+                    p.state.waiting_for = None;
+                    p.state.analysis.consecutive_inconclusive = 0;
+                    p.event("resumed", format!("resumed by {who}"));
+                }
+            }
+            Command::Promote { .. } => {}
+        }
+    }
+    if let Some(verdict) = &obs.verdict {
+        let a = &mut p.state.analysis;
+        a.last = Some(verdict.clone());
+        a.last_at_ms = now_ms;
+        let limits = spec.analysis.clone().unwrap_or_default();
+        match verdict.outcome {
+            Outcome::Pass => {
+                a.consecutive_failures = 0;
+                a.consecutive_inconclusive = 0;
+                a.gate_passes += 1;
+            }
+            Outcome::Fail => {
+                a.consecutive_failures += 1;
+                a.consecutive_inconclusive = 0;
+                let n = a.consecutive_failures;
+                if n >= limits.failure_limit {
+                    let requests = verdict.candidate_requests;
+                    p.end_restored(
+                        Phase::Aborted,
+                        "aborted",
+                        format!(
+                            "aborted: {} in {n} consecutive windows ({requests} candidate requests); all traffic back on version {}",
+                            verdict.reason, state.before.stable
+                        ),
+                    );
+                    return p;
+                }
+                p.events.push(PlannedEvent {
+                    kind: "analysis_failed".into(),
+                    message: format!(
+                        "analysis window failed ({n} of {}): {}",
+                        limits.failure_limit, verdict.reason
+                    ),
+                });
+            }
+            Outcome::Inconclusive => {
+                a.consecutive_inconclusive += 1;
+                let n = a.consecutive_inconclusive;
+                if n >= limits.max_inconclusive && p.state.phase == Phase::Progressing {
+                    p.pause(
+                        Waiting::Resume,
+                        "paused",
+                        format!(
+                            "paused: {n} consecutive inconclusive analysis windows ({}); `ferry resume` to continue",
+                            verdict.reason
+                        ),
+                    );
+                    return p;
+                }
+            }
+        }
+    }
+    let promote = match &obs.command {
+        Some((Command::Promote { full }, who)) => Some((*full, who.clone())),
+        _ => None,
+    };
+    if p.state.phase == Phase::Paused
+        && p.state.waiting_for == Some(Waiting::Resume)
+        && promote.is_none()
+    {
+        return p;
+    }
+    match &spec.strategy {
+        Strategy::Basic(_) => basic::plan(spec, &mut p, now_ms),
+        Strategy::Multi(m) => multi::plan(spec, m, &mut p, now_ms),
+        Strategy::Canary(c) => canary::plan(spec, c, &mut p, promote, now_ms),
+        other => p.end_restored(
+            Phase::Failed,
+            "failed",
+            format!(
+                "failed: the {} strategy is not available in this version of Ferry",
+                other.name()
+            ),
+        ),
+    }
+    p
+}
+
+/// Marks the end of a successful rollout: `route` (already published by the
+/// previous pass) is how the model now serves.
+fn succeed(p: &mut Plan, spec: &RolloutSpec) {
+    p.state.phase = Phase::Succeeded;
+    p.state.waiting_for = None;
+    p.requeue_ms = None;
+    p.event(
+        "succeeded",
+        format!(
+            "succeeded: version {} is the stable version of {}",
+            spec.version, spec.model
+        ),
+    );
+}
+
+#[cfg(test)]
+mod tests;

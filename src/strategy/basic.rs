@@ -1,0 +1,28 @@
+//! basic: replace in place. Switch all traffic to the candidate (the
+//! controller loads it first; the old version drains and unloads), then done.
+//! No analysis, no automatic rollback, nothing kept warm.
+
+use super::{Plan, succeed};
+use crate::gateway::RoutePolicy;
+use crate::spec::RolloutSpec;
+
+pub fn plan(spec: &RolloutSpec, p: &mut Plan, now_ms: u64) {
+    match p.state.step {
+        0 => {
+            let mut route = RoutePolicy::stable_only(&spec.version);
+            route.timeout = p.state.before.timeout;
+            p.set_route(route);
+            p.state.step = 1;
+            p.state.step_started_ms = now_ms;
+            p.requeue_ms = Some(0);
+            p.event(
+                "step",
+                format!(
+                    "step 1/2: switching all traffic from version {} to version {}",
+                    p.state.before.stable, spec.version
+                ),
+            );
+        }
+        _ => succeed(p, spec),
+    }
+}

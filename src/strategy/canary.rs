@@ -1,0 +1,164 @@
+//! canary: an ordered list of steps — `weight` (share of eligible traffic to
+//! the candidate), `pause` (timed, or until `promote`), `analysis` (a gate
+//! that waits for passing verdicts) — with optional stickiness and cohort.
+//! After the last step the candidate takes all traffic and becomes stable.
+
+use super::{Phase, Plan, Waiting, succeed};
+use crate::gateway::RoutePolicy;
+use crate::gateway::policy::CandidateSplit;
+use crate::spec::{CanarySpec, Pause, RolloutSpec, Step};
+
+/// The steps as the status lists them, plus the final promotion.
+pub fn steps(c: &CanarySpec) -> Vec<String> {
+    c.steps
+        .iter()
+        .map(Step::describe)
+        .chain(["promote".to_string()])
+        .collect()
+}
+
+fn route_at(before: &RoutePolicy, spec: &RolloutSpec, c: &CanarySpec, weight: f64) -> RoutePolicy {
+    let mut r = before.clone();
+    r.candidate = Some(CandidateSplit {
+        version: spec.version.clone(),
+        weight,
+        sticky_header: c.sticky.as_ref().map(|s| s.header.clone()),
+        matches: c.matches.clone(),
+    });
+    r
+}
+
+fn advance(p: &mut Plan, now_ms: u64) {
+    p.state.step += 1;
+    p.state.step_started_ms = now_ms;
+    p.state.analysis.gate_passes = 0;
+}
+
+/// `promote`: `Some((full, who))` when a person asked to advance.
+pub fn plan(
+    spec: &RolloutSpec,
+    c: &CanarySpec,
+    p: &mut Plan,
+    promote: Option<(bool, String)>,
+    now_ms: u64,
+) {
+    let n = c.steps.len();
+    let cohort = if c.matches.is_empty() {
+        String::new()
+    } else {
+        " of the cohort".to_string()
+    };
+    if let Some((full, who)) = promote {
+        p.state.phase = Phase::Progressing;
+        p.state.waiting_for = None;
+        if full {
+            p.state.step = n;
+            p.event("promoted", format!("promoted to the end by {who}"));
+        } else if p.state.step < n {
+            let from = p.state.step;
+            let waits = matches!(c.steps[from], Step::Pause(_) | Step::Analysis(_));
+            if waits {
+                advance(p, now_ms);
+            }
+            p.event(
+                "promoted",
+                format!(
+                    "promoted past step {}/{} ({}) by {who}",
+                    from + 1,
+                    n + 1,
+                    c.steps[from].describe()
+                ),
+            );
+        }
+    }
+    loop {
+        let i = p.state.step;
+        if i > n {
+            succeed(p, spec);
+            return;
+        }
+        if i == n {
+            let mut route = RoutePolicy::stable_only(&spec.version);
+            route.timeout = p.state.before.timeout;
+            route.breaker = p.state.before.breaker.clone();
+            p.set_route(route);
+            p.state.step = n + 1;
+            p.state.step_started_ms = now_ms;
+            p.requeue_ms = Some(0);
+            p.event(
+                "step",
+                format!(
+                    "step {}/{}: promoting: version {} takes all traffic",
+                    n + 1,
+                    n + 1,
+                    spec.version
+                ),
+            );
+            return;
+        }
+        match &c.steps[i] {
+            Step::Weight(w) => {
+                let route = route_at(&p.state.before, spec, c, *w);
+                p.set_route(route);
+                p.event(
+                    "step",
+                    format!("step {}/{}: weight {w}%{cohort}", i + 1, n + 1),
+                );
+                advance(p, now_ms);
+                p.requeue_ms = Some(0);
+                // Publish this weight before taking further steps.
+                return;
+            }
+            Step::Pause(Pause::For(d)) => {
+                let end = p.state.step_started_ms + d.0.as_millis() as u64;
+                if now_ms >= end {
+                    advance(p, now_ms);
+                    continue;
+                }
+                let left = (end - now_ms).div_ceil(1000);
+                p.state.message = format!("step {}/{}: pause {d}, {left}s left", i + 1, n + 1);
+                p.requeue_ms = Some(end - now_ms);
+                return;
+            }
+            Step::Pause(Pause::UntilPromoted(_)) => {
+                if p.state.waiting_for != Some(Waiting::Promote) {
+                    p.pause(
+                        Waiting::Promote,
+                        "paused",
+                        format!(
+                            "step {}/{}: waiting for `ferry promote {}`",
+                            i + 1,
+                            n + 1,
+                            spec.model
+                        ),
+                    );
+                }
+                return;
+            }
+            Step::Analysis(gate) => {
+                if p.state.analysis.gate_passes >= gate.passes {
+                    p.event(
+                        "step",
+                        format!(
+                            "step {}/{}: analysis gate passed ({} passing windows)",
+                            i + 1,
+                            n + 1,
+                            gate.passes
+                        ),
+                    );
+                    advance(p, now_ms);
+                    continue;
+                }
+                p.state.message = format!(
+                    "step {}/{}: analysis gate, {} passing windows of {}",
+                    i + 1,
+                    n + 1,
+                    p.state.analysis.gate_passes,
+                    gate.passes
+                );
+                p.requeue_ms = Some(1_000);
+                return;
+            }
+        }
+    }
+}
