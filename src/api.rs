@@ -7,6 +7,7 @@ pub mod auth;
 pub mod control;
 pub mod error;
 pub mod openapi;
+pub mod rollouts;
 pub mod v2;
 
 use std::sync::Arc;

@@ -8,6 +8,9 @@
 //! its event, publish the route in one swap, and drain the pools that left.
 //! Rollouts (strategies) will drive the same sequence with their policies.
 
+mod external;
+pub mod rollouts;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,6 +110,9 @@ impl Controller {
                 tracing::error!(model = %model.name, "not serving: {e}");
             }
         }
+        if let Err(e) = self.resume_rollouts().await {
+            tracing::error!("resuming rollouts: {e}");
+        }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -143,6 +149,19 @@ impl Controller {
         policy.validate().map_err(ControlError::Invalid)?;
         let _guard = self.lock.lock().await;
         self.route(model)?; // the model exists
+        if let Some(active) = self
+            .registry
+            .store()
+            .rollouts(model, 1)?
+            .into_iter()
+            .find(|r| r.state.phase.is_active())
+        {
+            return Err(ControlError::Conflict(format!(
+                "{} is rolling out version {} of \"{model}\" and owns its route; abort it first (`ferry abort {model}`)",
+                active.name(),
+                active.spec.version
+            )));
+        }
         self.check_contract(model, &policy)?;
         self.apply(model, Some((policy.clone(), who))).await?;
         Ok(policy)

@@ -173,8 +173,13 @@ impl Gateway {
             shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()));
         }
         let served = result?;
-        self.recent
-            .remember(call.id, call.model, &served.version, served.class);
+        self.recent.remember(
+            call.id,
+            call.model,
+            &served.version,
+            served.role,
+            served.class,
+        );
         if let (Some(log), Some(inputs)) = (&self.log, logged_inputs) {
             log.write(
                 call.id,

@@ -381,6 +381,19 @@ impl Telemetry {
         slot.get_or_insert_with(Default::default).clone()
     }
 
+    /// The summary of one version in one role over the last `window` (empty
+    /// when it has seen no traffic in that role).
+    pub fn summary(&self, model: &str, version: &str, role: Role, window: Duration) -> Summary {
+        let series = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .and_then(|m| m.get(version))
+            .and_then(|roles| roles[role.index()].clone());
+        series.map_or_else(Summary::default, |s| s.summary(unix_now(), window))
+    }
+
     /// Summaries of every series of a model over the last `window`.
     pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
         let now = unix_now();

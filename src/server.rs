@@ -111,6 +111,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
+        starting.run_rollouts().await;
     });
     axum::serve(listener, api::router(state, opts.limits))
         .with_graceful_shutdown(shutdown_signal())

@@ -10,6 +10,8 @@ pub mod sqlite;
 
 use crate::gateway::RoutePolicy;
 use crate::registry::{ModelRecord, ServingSettings, VersionRecord};
+use crate::spec::RolloutSpec;
+use crate::strategy::RolloutState;
 
 pub use sqlite::SqliteStore;
 
@@ -73,6 +75,42 @@ pub enum Inserted {
     Exists(Box<VersionRecord>),
 }
 
+/// A rollout as stored: its spec, its state, and what it undoes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRecord {
+    pub id: i64,
+    pub model: String,
+    /// The strategy's name, or `rollback`.
+    pub kind: String,
+    pub spec: RolloutSpec,
+    pub state: RolloutState,
+    /// The rollout a rollback undoes.
+    pub undoes: Option<i64>,
+    /// The A/B report, stored when the rollout ended.
+    pub report: Option<serde_json::Value>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl RolloutRecord {
+    /// `r-17`: how people and events name a rollout.
+    pub fn name(&self) -> String {
+        format!("r-{}", self.id)
+    }
+}
+
+/// Parses `r-17` (or `17`) into a rollout id.
+pub fn rollout_id(name: &str) -> Option<i64> {
+    name.strip_prefix("r-").unwrap_or(name).parse().ok()
+}
+
+/// Why a rollout could not be created.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotCreated {
+    /// The model already has an active rollout.
+    Active(Box<RolloutRecord>),
+}
+
 /// Durable state. Methods are synchronous and short; callers on async threads
 /// run them where blocking for a disk write is acceptable (the control plane).
 pub trait Store: Send + Sync + 'static {
@@ -111,6 +149,34 @@ pub trait Store: Send + Sync + 'static {
         policy: &RoutePolicy,
         event: NewEvent,
     ) -> Result<(), StoreError>;
+    /// Creates a rollout unless the model has an active one. The events are
+    /// recorded with it (their `rollout` is filled in); a rollback marks the
+    /// rollout it undoes `rolled_back` in the same transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn create_rollout(
+        &self,
+        model: &str,
+        kind: &str,
+        spec: &RolloutSpec,
+        state: &RolloutState,
+        undoes: Option<i64>,
+        events: Vec<NewEvent>,
+    ) -> Result<Result<RolloutRecord, NotCreated>, StoreError>;
+    /// Stores a rollout's new state with the events that explain it.
+    fn update_rollout(
+        &self,
+        id: i64,
+        state: &RolloutState,
+        events: Vec<NewEvent>,
+    ) -> Result<(), StoreError>;
+    fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError>;
+    fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StoreError>;
+    /// A model's rollouts, newest first; at most `limit`.
+    fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// Every rollout that is progressing or paused.
+    fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// A rollout's events, oldest first.
+    fn rollout_events(&self, id: i64) -> Result<Vec<Event>, StoreError>;
     /// Events of a model, oldest first; at most the `limit` most recent.
     fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
 }

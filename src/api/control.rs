@@ -40,6 +40,7 @@ pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
             get(show_route).put(set_route),
         )
         .route("/api/v1/models/{model}/metrics", get(model_metrics))
+        .merge(super::rollouts::router())
         .route_layer(middleware::from_fn_with_state(state, auth::require_admin))
         .route("/api/v1/openapi.json", get(super::openapi::document))
 }

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{control, error, v2};
+use super::{control, error, rollouts, v2};
 
 struct AdminTokenScheme;
 
@@ -34,6 +34,9 @@ impl Modify for AdminTokenScheme {
         control::list_models, control::show_model, control::show_version, control::add_version,
         control::set_version, control::remove_version, control::events,
         control::show_route, control::set_route, control::model_metrics,
+        rollouts::apply, rollouts::all_status, rollouts::status, rollouts::promote, rollouts::pause,
+        rollouts::resume, rollouts::abort, rollouts::retry, rollouts::rollback, rollouts::history,
+        rollouts::rollout_events, rollouts::report, v2::feedback,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&AdminTokenScheme),

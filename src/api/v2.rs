@@ -45,6 +45,7 @@ pub fn router() -> Router<AppState> {
             "/v2/models/{model}/versions/{version}/infer",
             post(infer_version),
         )
+        .route("/v2/models/{model}/feedback", post(feedback))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route(
@@ -409,4 +410,73 @@ pub async fn repository_unload(
     Ok(Json(
         json!({"name": model, "version": version, "state": "UNAVAILABLE"}),
     ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The id of the answered request (the `id` of its response).
+    id: String,
+    /// The true class index (or value).
+    #[schema(value_type = f64)]
+    label: serde_json::Value,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct FeedbackResult {
+    id: String,
+    model: String,
+    version: String,
+    predicted: Option<i64>,
+    label: f64,
+    correct: bool,
+}
+
+/// Delayed labels: joins ground truth to the version and predicted class that
+/// answered a recent request, feeding per-version live accuracy. Adds an
+/// observation; never changes what serves.
+#[utoipa::path(post, path = "/v2/models/{model}/feedback", tag = "v2",
+    request_body = FeedbackRequest,
+    responses((status = 200, body = FeedbackResult), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+pub async fn feedback(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    ApiJson(req): ApiJson<FeedbackRequest>,
+) -> Result<Json<FeedbackResult>, ApiError> {
+    let label = req
+        .label
+        .as_f64()
+        .filter(|l| l.is_finite())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "label must be a number (a class index), not {}",
+                req.label
+            ))
+        })?;
+    let answered = s
+        .gateway
+        .recent()
+        .get(&req.id)
+        .filter(|a| &*a.model == model.as_str())
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "request id \"{}\" of model \"{model}\" is unknown or too old: Ferry remembers the most recent answers (ferry serve --remember-requests)",
+                req.id.chars().take(80).collect::<String>()
+            ))
+        })?;
+    let correct = answered.class.is_some_and(|c| c as f64 == label);
+    s.telemetry
+        .series(&model, &answered.version, answered.role)
+        .record(crate::metrics::unix_now(), |b| {
+            b.labelled += 1;
+            b.correct += u64::from(correct);
+        });
+    Ok(Json(FeedbackResult {
+        id: req.id,
+        model,
+        version: answered.version.to_string(),
+        predicted: answered.class,
+        label,
+        correct,
+    }))
 }

@@ -5,11 +5,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use crate::metrics::Role;
+
 /// The answer a request id got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answered {
     pub model: Arc<str>,
     pub version: Arc<str>,
+    /// The role the version played for this request.
+    pub role: Role,
     pub class: Option<i64>,
 }
 
@@ -35,7 +39,7 @@ impl RecentPredictions {
         }
     }
 
-    pub fn remember(&self, id: &str, model: &str, version: &str, class: Option<i64>) {
+    pub fn remember(&self, id: &str, model: &str, version: &str, role: Role, class: Option<i64>) {
         if self.capacity == 0 {
             return;
         }
@@ -43,6 +47,7 @@ impl RecentPredictions {
         let answered = Answered {
             model: model.into(),
             version: version.into(),
+            role,
             class,
         };
         if inner.by_id.insert(id.to_string(), answered).is_none() {
@@ -84,9 +89,9 @@ mod tests {
     #[test]
     fn remembers_the_newest_and_forgets_the_oldest() {
         let r = RecentPredictions::new(2);
-        r.remember("a", "m", "1", Some(0));
-        r.remember("b", "m", "2", Some(1));
-        r.remember("c", "m", "2", None);
+        r.remember("a", "m", "1", Role::Stable, Some(0));
+        r.remember("b", "m", "2", Role::Candidate, Some(1));
+        r.remember("c", "m", "2", Role::Candidate, None);
         assert_eq!(r.len(), 2);
         assert!(r.get("a").is_none());
         assert_eq!(r.get("b").unwrap().class, Some(1));

@@ -7,9 +7,11 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Event, Inserted, NewEvent, Store, StoreError};
+use super::{Event, Inserted, NewEvent, NotCreated, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
 use crate::registry::{ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::spec::RolloutSpec;
+use crate::strategy::{Phase, RolloutState};
 use crate::units::now_rfc3339;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
@@ -44,6 +46,23 @@ CREATE INDEX events_by_model ON events(model, id);
 "#,
     r#"
 ALTER TABLE models ADD COLUMN route TEXT;
+"#,
+    r#"
+CREATE TABLE rollouts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    model       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    active      INTEGER NOT NULL,
+    undoes      INTEGER,
+    report      TEXT,
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX rollouts_by_model ON rollouts(model, id);
+CREATE INDEX rollouts_active ON rollouts(active);
+CREATE INDEX events_by_rollout ON events(rollout, id);
 "#,
 ];
 
@@ -85,6 +104,27 @@ fn version_row(row: &Row) -> rusqlite::Result<VersionRecord> {
         settings: json_col(row, 5, "serving settings")?,
         created_at: row.get(6)?,
         loaded: row.get::<_, i64>(7)? != 0,
+    })
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "id, model, kind, spec, state, undoes, report, created_at, updated_at";
+
+fn rollout_row(row: &Row) -> rusqlite::Result<RolloutRecord> {
+    let report: Option<String> = row.get(6)?;
+    Ok(RolloutRecord {
+        id: row.get(0)?,
+        model: row.get(1)?,
+        kind: row.get(2)?,
+        spec: json_col::<RolloutSpec>(row, 3, "rollout spec")?,
+        state: json_col::<RolloutState>(row, 4, "rollout state")?,
+        undoes: row.get(5)?,
+        report: report
+            .map(|r| serde_json::from_str(&r))
+            .transpose()
+            .map_err(|e| corrupt("rollout report", e))?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
     })
 }
 
@@ -356,6 +396,141 @@ impl Store for SqliteStore {
             )?;
             insert_event(tx, &event)
         })
+    }
+
+    fn create_rollout(
+        &self,
+        model: &str,
+        kind: &str,
+        spec: &RolloutSpec,
+        state: &RolloutState,
+        undoes: Option<i64>,
+        events: Vec<NewEvent>,
+    ) -> Result<Result<RolloutRecord, NotCreated>, StoreError> {
+        self.with_tx(|tx| {
+            let active = tx
+                .query_row(
+                    &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE model = ?1 AND active = 1"),
+                    [model],
+                    rollout_row,
+                )
+                .optional()?;
+            if let Some(active) = active {
+                return Ok(Err(NotCreated::Active(Box::new(active))));
+            }
+            let now = now_rfc3339();
+            tx.execute(
+                "INSERT INTO rollouts (model, kind, spec, state, active, undoes, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![model, kind, to_json(spec), to_json(state), state.phase.is_active() as i64, undoes, now],
+            )?;
+            let id = tx.last_insert_rowid();
+            if let Some(undone) = undoes {
+                let old: Option<String> =
+                    tx.query_row("SELECT state FROM rollouts WHERE id = ?1", [undone], |r| r.get(0)).optional()?;
+                if let Some(old) = old {
+                    let mut old: RolloutState = serde_json::from_str(&old).map_err(|e| corrupt("rollout state", e))?;
+                    old.phase = Phase::RolledBack;
+                    old.message = format!("rolled back by r-{id}");
+                    tx.execute(
+                        "UPDATE rollouts SET state = ?2, active = 0, updated_at = ?3 WHERE id = ?1",
+                        params![undone, to_json(&old), now],
+                    )?;
+                }
+            }
+            for mut e in events {
+                e.rollout = Some(format!("r-{id}"));
+                insert_event(tx, &e)?;
+            }
+            let record = tx.query_row(
+                &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
+                [id],
+                rollout_row,
+            )?;
+            Ok(Ok(record))
+        })
+    }
+
+    fn update_rollout(
+        &self,
+        id: i64,
+        state: &RolloutState,
+        events: Vec<NewEvent>,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE rollouts SET state = ?2, active = ?3, updated_at = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    to_json(state),
+                    state.phase.is_active() as i64,
+                    now_rfc3339()
+                ],
+            )?;
+            for mut e in events {
+                e.rollout = Some(format!("r-{id}"));
+                insert_event(tx, &e)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE rollouts SET report = ?2 WHERE id = ?1",
+                params![id, to_json(report)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StoreError> {
+        let conn = self.lock();
+        conn.query_row(
+            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
+            [id],
+            rollout_row,
+        )
+        .optional()
+        .map_err(map_err)
+    }
+
+    fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE model = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![model, limit as i64], rollout_row)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE active = 1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], rollout_row)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    fn rollout_events(&self, id: i64) -> Result<Vec<Event>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, at, model, rollout, kind, message, data FROM events WHERE rollout = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([format!("r-{id}")], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                model: r.get(2)?,
+                rollout: r.get(3)?,
+                kind: r.get(4)?,
+                message: r.get(5)?,
+                data: json_col(r, 6, "event data")?,
+            })
+        })?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
     }
 
     fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError> {

@@ -1,0 +1,307 @@
+//! The rollout part of the control API: apply a spec, status, commands
+//! (promote, pause, resume, abort, retry, rollback), history, events and the
+//! A/B report. Every handler is a thin call into the controller.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiJson, ErrorBody};
+use super::{ApiError, AppState};
+use crate::analysis::report::Report;
+use crate::controller::rollouts::{Applied, Status};
+use crate::spec::RolloutSpec;
+use crate::store::Event;
+use crate::strategy::{Command, Phase};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/status", get(all_status))
+        .route("/api/v1/models/{model}/rollouts", post(apply).get(history))
+        .route(
+            "/api/v1/models/{model}/rollouts/{rollout}/events",
+            get(rollout_events),
+        )
+        .route("/api/v1/models/{model}/status", get(status))
+        .route("/api/v1/models/{model}/report", get(report))
+        .route("/api/v1/models/{model}/promote", post(promote))
+        .route("/api/v1/models/{model}/pause", post(pause))
+        .route("/api/v1/models/{model}/resume", post(resume))
+        .route("/api/v1/models/{model}/abort", post(abort))
+        .route("/api/v1/models/{model}/retry", post(retry))
+        .route("/api/v1/models/{model}/rollback", post(rollback))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ApplyResult {
+    /// `created`, or `unchanged` when the same spec is already rolling out.
+    pub result: Applied,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+/// Starts a rollout from a spec (JSON, or YAML: the same schema). An
+/// identical spec to the active rollout's is a no-op (200, `unchanged`);
+/// another active rollout is a 409 naming it.
+#[utoipa::path(post, path = "/api/v1/models/{model}/rollouts", tag = "rollouts", security(("admin_token" = [])),
+    request_body = RolloutSpec,
+    responses((status = 201, body = ApplyResult), (status = 200, body = ApplyResult), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn apply(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("the spec is not UTF-8 text"))?;
+    let spec = RolloutSpec::from_yaml(text).map_err(ApiError::bad_request)?;
+    if spec.model != model {
+        return Err(ApiError::bad_request(format!(
+            "the spec is for model \"{}\" but was sent to /api/v1/models/{model}/rollouts",
+            spec.model
+        )));
+    }
+    let (result, status) = s.controller.apply_rollout(spec, "control API").await?;
+    let code = if result == Applied::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(ApplyResult { result, status })).into_response())
+}
+
+/// Every model's status.
+#[utoipa::path(get, path = "/api/v1/status", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Vec<Status>)))]
+pub async fn all_status(State(s): State<AppState>) -> Result<Json<Vec<Status>>, ApiError> {
+    let models = s
+        .controller
+        .registry()
+        .store()
+        .models()
+        .map_err(crate::registry::RegistryError::from)?;
+    let mut out = Vec::new();
+    for m in models {
+        out.push(s.controller.status(&m.name)?);
+    }
+    Ok(Json(out))
+}
+
+/// A model's status: stable and candidate, the active rollout's steps,
+/// traffic, the latest analysis verdict with its numbers.
+#[utoipa::path(get, path = "/api/v1/models/{model}/status", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Status), (status = 404, body = ErrorBody)))]
+pub async fn status(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    crate::registry::check_name("model", &model)?;
+    Ok(Json(s.controller.status(&model)?))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// Skip every remaining step.
+    #[serde(default)]
+    full: bool,
+}
+
+/// Advances past the current wait or step (`full`: to the end).
+#[utoipa::path(post, path = "/api/v1/models/{model}/promote", tag = "rollouts", security(("admin_token" = [])),
+    request_body(content = Option<PromoteRequest>),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn promote(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    ApiJson(req): ApiJson<PromoteRequest>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        s.controller
+            .command(&model, Command::Promote { full: req.full }, "control API")
+            .await?,
+    ))
+}
+
+/// Pauses the active rollout until `resume`.
+#[utoipa::path(post, path = "/api/v1/models/{model}/pause", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn pause(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        s.controller
+            .command(&model, Command::Pause, "control API")
+            .await?,
+    ))
+}
+
+/// Ends a pause that waits for `resume`.
+#[utoipa::path(post, path = "/api/v1/models/{model}/resume", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn resume(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        s.controller
+            .command(&model, Command::Resume, "control API")
+            .await?,
+    ))
+}
+
+/// Puts all traffic back on the stable version at once; final for the rollout.
+#[utoipa::path(post, path = "/api/v1/models/{model}/abort", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn abort(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        s.controller
+            .command(&model, Command::Abort, "control API")
+            .await?,
+    ))
+}
+
+/// Starts a new rollout with the spec of the last aborted or failed one.
+#[utoipa::path(post, path = "/api/v1/models/{model}/retry", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn retry(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(s.controller.retry(&model, "control API").await?))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to go back to (default: the previous stable version).
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// Switches production to the previous stable version (or `to`), as a
+/// recorded rollout; the rollout it undoes becomes `rolled_back`.
+#[utoipa::path(post, path = "/api/v1/models/{model}/rollback", tag = "rollouts", security(("admin_token" = [])),
+    request_body(content = Option<RollbackRequest>),
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+pub async fn rollback(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    ApiJson(req): ApiJson<RollbackRequest>,
+) -> Result<Json<Status>, ApiError> {
+    if let Some(v) = &req.to {
+        crate::registry::check_name("version", v)?;
+    }
+    Ok(Json(
+        s.controller
+            .rollback(&model, req.to.as_deref(), "control API")
+            .await?,
+    ))
+}
+
+/// One rollout in the history.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RolloutSummary {
+    pub rollout: String,
+    pub strategy: String,
+    pub version: String,
+    /// The stable version when it started.
+    pub from: String,
+    pub phase: Phase,
+    pub message: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[schema(value_type = Object)]
+    pub spec: RolloutSpec,
+}
+
+/// A model's rollouts, newest first, each with its events.
+#[utoipa::path(get, path = "/api/v1/models/{model}/rollouts", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Vec<RolloutSummary>), (status = 404, body = ErrorBody)))]
+pub async fn history(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Vec<RolloutSummary>>, ApiError> {
+    crate::registry::check_name("model", &model)?;
+    s.controller.route(&model)?;
+    let rollouts = s
+        .controller
+        .registry()
+        .store()
+        .rollouts(&model, 200)
+        .map_err(crate::registry::RegistryError::from)?;
+    Ok(Json(
+        rollouts
+            .into_iter()
+            .map(|r| RolloutSummary {
+                rollout: r.name(),
+                strategy: r.kind.clone(),
+                version: r.spec.version.clone(),
+                from: r.state.before.stable.clone(),
+                phase: r.state.phase,
+                message: r.state.message.clone(),
+                created_at: r.created_at.clone(),
+                updated_at: r.updated_at.clone(),
+                spec: r.spec,
+            })
+            .collect(),
+    ))
+}
+
+/// A rollout's events, oldest first.
+#[utoipa::path(get, path = "/api/v1/models/{model}/rollouts/{rollout}/events", tag = "rollouts", security(("admin_token" = [])),
+    responses((status = 200, body = Vec<Event>), (status = 404, body = ErrorBody)))]
+pub async fn rollout_events(
+    State(s): State<AppState>,
+    Path((model, rollout)): Path<(String, String)>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let r = s.controller.rollout(&model, Some(&rollout))?;
+    Ok(Json(
+        s.controller
+            .registry()
+            .store()
+            .rollout_events(r.id)
+            .map_err(crate::registry::RegistryError::from)?,
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ReportQuery {
+    /// The rollout (default: the latest).
+    rollout: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReportView {
+    pub rollout: String,
+    pub strategy: String,
+    pub phase: Phase,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+/// The A/B comparison of a rollout's two arms.
+#[utoipa::path(get, path = "/api/v1/models/{model}/report", tag = "rollouts", security(("admin_token" = [])),
+    params(ReportQuery), responses((status = 200, body = ReportView), (status = 404, body = ErrorBody)))]
+pub async fn report(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ReportView>, ApiError> {
+    let query = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let r = s.controller.rollout(&model, query.rollout.as_deref())?;
+    Ok(Json(ReportView {
+        rollout: r.name(),
+        strategy: r.kind.clone(),
+        phase: r.state.phase,
+        report: s.controller.report_of(&r),
+    }))
+}

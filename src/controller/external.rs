@@ -1,0 +1,166 @@
+//! The controller's I/O on behalf of analysis and people: fetching external
+//! checks (webhook, Prometheus) for an analysis window, and telling `notify`
+//! webhooks about rollout events (bounded retries, never blocking a rollout).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::analysis::{External, Outcome};
+use crate::metrics::Summary;
+use crate::spec::Check;
+use crate::store::RolloutRecord;
+use crate::strategy::PlannedEvent;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Fetches every external check of the window, in order.
+pub async fn fetch(
+    http: &reqwest::Client,
+    record: &RolloutRecord,
+    checks: &[Check],
+    candidate: &Summary,
+    stable: &Summary,
+) -> Vec<External> {
+    let mut out = Vec::new();
+    for check in checks {
+        match check {
+            Check::Metric { .. } => {}
+            Check::Webhook { url } => out.push(webhook(http, url, record, candidate, stable).await),
+            Check::Prometheus { address, query, .. } => {
+                out.push(prometheus(http, address, query).await)
+            }
+        }
+    }
+    out
+}
+
+async fn webhook(
+    http: &reqwest::Client,
+    url: &str,
+    record: &RolloutRecord,
+    candidate: &Summary,
+    stable: &Summary,
+) -> External {
+    let context = json!({
+        "model": record.model,
+        "rollout": record.name(),
+        "candidate": {"version": record.spec.version, "metrics": candidate},
+        "stable": {"version": record.state.route.stable, "metrics": stable},
+    });
+    let answer = async {
+        let r = http
+            .post(url)
+            .timeout(TIMEOUT)
+            .json(&context)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("answered {}", r.status()));
+        }
+        r.json::<Value>()
+            .await
+            .map_err(|e| format!("answered something other than JSON: {e}"))
+    }
+    .await;
+    match answer {
+        Err(e) => External::Unavailable(format!("webhook {url}: {e}")),
+        Ok(v) => {
+            let reason = v["reason"].as_str().unwrap_or("").to_string();
+            match v["result"].as_str() {
+                Some("pass") => External::Verdict(
+                    Outcome::Pass,
+                    format!("webhook passed {reason}").trim().into(),
+                ),
+                Some("fail") => External::Verdict(
+                    Outcome::Fail,
+                    format!("webhook {url} failed the window: {reason}"),
+                ),
+                Some("inconclusive") => External::Verdict(
+                    Outcome::Inconclusive,
+                    format!("webhook inconclusive {reason}").trim().into(),
+                ),
+                _ => External::Unavailable(format!(
+                    "webhook {url} answered {v}; expected {{\"result\": \"pass\" | \"fail\" | \"inconclusive\"}}"
+                )),
+            }
+        }
+    }
+}
+
+async fn prometheus(http: &reqwest::Client, address: &str, query: &str) -> External {
+    let url = format!("{}/api/v1/query", address.trim_end_matches('/'));
+    let answer = async {
+        let r = http
+            .get(&url)
+            .query(&[("query", query)])
+            .timeout(TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        r.json::<Value>().await.map_err(|e| e.to_string())
+    }
+    .await;
+    let v = match answer {
+        Ok(v) => v,
+        Err(e) => return External::Unavailable(format!("prometheus {address}: {e}")),
+    };
+    if v["status"] != "success" {
+        return External::Unavailable(format!("prometheus query {query:?} failed: {}", v["error"]));
+    }
+    let data = &v["data"];
+    let value = match data["resultType"].as_str() {
+        Some("scalar") => data["result"][1].as_str(),
+        Some("vector") => data["result"][0]["value"][1].as_str(),
+        _ => None,
+    };
+    match value.and_then(|s| s.parse::<f64>().ok()) {
+        Some(x) if x.is_finite() => External::Value(x),
+        _ => External::Unavailable(format!(
+            "prometheus query {query:?} returned no single number"
+        )),
+    }
+}
+
+/// The event kinds sent when `notify` names none.
+const DEFAULT_EVENTS: &[&str] = &["succeeded", "aborted", "failed", "rolled_back"];
+
+/// Posts each event to the rollout's notify webhooks that want it, in the
+/// background, with up to three tries each.
+pub fn notify(http: &reqwest::Client, record: &RolloutRecord, events: &[PlannedEvent]) {
+    for n in &record.spec.notify {
+        for e in events {
+            let wanted = if n.events.is_empty() {
+                DEFAULT_EVENTS.contains(&e.kind.as_str())
+            } else {
+                n.events.iter().any(|k| *k == e.kind)
+            };
+            if !wanted {
+                continue;
+            }
+            let body = json!({
+                "model": record.model, "rollout": record.name(), "strategy": record.kind,
+                "version": record.spec.version, "kind": e.kind, "message": e.message,
+                "at": crate::units::now_rfc3339(),
+            });
+            let (http, url) = (http.clone(), n.url.clone());
+            tokio::spawn(async move {
+                for attempt in 0..3u32 {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
+                    }
+                    match http.post(&url).timeout(TIMEOUT).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => return,
+                        Ok(r) => tracing::warn!(
+                            "notify {url}: answered {} (try {})",
+                            r.status(),
+                            attempt + 1
+                        ),
+                        Err(e) => tracing::warn!("notify {url}: {e} (try {})", attempt + 1),
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,653 @@
+//! Rollouts: creating them, stepping them through their strategy's plan,
+//! commands from people, the background loop (timers and analysis windows),
+//! and the status view. Every pass persists the new state with its events
+//! *before* the route it wants is applied; a restart picks up from the store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{ControlError, Controller, external};
+use crate::analysis::{self, CheckResult, Outcome};
+use crate::gateway::RoutePolicy;
+use crate::metrics::Role;
+use crate::registry::RegistryError;
+use crate::spec::{BasicSpec, RolloutSpec, Strategy};
+use crate::store::{NewEvent, NotCreated, RolloutRecord};
+use crate::strategy::{self, Command, Observations, Phase, Waiting};
+
+/// Milliseconds since the Unix epoch (the clock strategies are given).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether `apply` created a rollout or found the same one running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Applied {
+    Created,
+    Unchanged,
+}
+
+/// The latest analysis window, as the status shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AnalysisView {
+    pub verdict: Outcome,
+    /// The window's length, e.g. `10s`.
+    pub window: String,
+    pub reason: String,
+    pub candidate_requests: u64,
+    pub stable_requests: u64,
+    pub checks: Vec<CheckResult>,
+    pub consecutive_failures: u32,
+    pub consecutive_inconclusive: u32,
+}
+
+/// The last rollout when none is active, so a watcher can tell how it ended.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LastRollout {
+    pub rollout: String,
+    pub strategy: String,
+    pub phase: Phase,
+    pub message: String,
+}
+
+/// A model's rollout status (DESIGN.md §5).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    pub model: String,
+    pub stable: Option<String>,
+    pub candidate: Option<String>,
+    pub rollout: Option<String>,
+    pub strategy: Option<String>,
+    /// `idle` when no rollout is active, else the rollout's phase.
+    pub phase: String,
+    pub waiting_for: Option<Waiting>,
+    pub steps: Vec<String>,
+    pub step: Option<usize>,
+    /// Configured share of production traffic per version (of the cohort,
+    /// for a cohort canary).
+    pub traffic: BTreeMap<String, f64>,
+    /// Share actually answered over the last 10 s.
+    pub observed: BTreeMap<String, f64>,
+    pub message: String,
+    pub analysis: Option<AnalysisView>,
+    pub updated_at: Option<String>,
+    pub last_rollout: Option<LastRollout>,
+}
+
+fn traffic(route: &RoutePolicy) -> BTreeMap<String, f64> {
+    let mut t = BTreeMap::new();
+    match &route.candidate {
+        Some(c) => {
+            t.insert(route.stable.clone(), 100.0 - c.weight);
+            t.insert(c.version.clone(), c.weight);
+        }
+        None => {
+            t.insert(route.stable.clone(), 100.0);
+        }
+    }
+    t
+}
+
+impl Controller {
+    /// Starts a rollout from a validated spec, or finds the identical one
+    /// already running (so pipelines can apply on every run).
+    pub async fn apply_rollout(
+        &self,
+        spec: RolloutSpec,
+        who: &str,
+    ) -> Result<(Applied, Status), ControlError> {
+        spec.validate().map_err(ControlError::Invalid)?;
+        let model = spec.model.clone();
+        {
+            let _guard = self.lock.lock().await;
+            let store = self.registry.store().clone();
+            let current = self.route(&model)?;
+            if let Some(active) = store
+                .rollouts(&model, 1)?
+                .into_iter()
+                .find(|r| r.state.phase.is_active())
+            {
+                if active.spec == spec {
+                    drop(_guard);
+                    return Ok((Applied::Unchanged, self.status(&model)?));
+                }
+                return Err(ControlError::Conflict(format!(
+                    "model \"{model}\" already has an active rollout, {} ({} of version {}, {}); abort it (`ferry abort {model}`) or wait for it to end",
+                    active.name(),
+                    active.kind,
+                    active.spec.version,
+                    active.state.phase.as_str()
+                )));
+            }
+            if !matches!(
+                spec.strategy,
+                Strategy::Basic(_) | Strategy::Multi(_) | Strategy::Canary(_)
+            ) {
+                return Err(ControlError::Invalid(format!(
+                    "the {} strategy is not available in this version of Ferry yet (basic, multi and canary are)",
+                    spec.strategy.name()
+                )));
+            }
+            let candidate = self.registry.version(&model, &spec.version)?;
+            if current.stable == spec.version {
+                return Err(ControlError::Invalid(format!(
+                    "version \"{}\" is already the stable version of model \"{model}\"; nothing to roll out",
+                    spec.version
+                )));
+            }
+            if !spec.allow_signature_change {
+                let stable = self.registry.version(&model, &current.stable)?;
+                let diffs = stable.signature.contract_differences(&candidate.signature);
+                if !diffs.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "version \"{}\" breaks the contract of the stable version \"{}\": {}; set allow_signature_change: true to roll it out anyway",
+                        spec.version,
+                        current.stable,
+                        diffs.join("; ")
+                    )));
+                }
+            }
+            let state = strategy::initial_state(&current, now_ms());
+            let kind = spec.strategy.name();
+            let started = NewEvent::new(
+                &model,
+                "rollout_started",
+                format!(
+                    "{kind} of version {} started (by {who}); stable is version {}",
+                    spec.version, current.stable
+                ),
+                serde_json::json!({"spec": spec, "by": who}),
+            );
+            let record =
+                match store.create_rollout(&model, kind, &spec, &state, None, vec![started])? {
+                    Ok(r) => r,
+                    Err(NotCreated::Active(a)) => {
+                        return Err(ControlError::Conflict(format!(
+                            "model \"{model}\" already has an active rollout, {}",
+                            a.name()
+                        )));
+                    }
+                };
+            self.step(record, Observations::default()).await?;
+        }
+        Ok((Applied::Created, self.status(&model)?))
+    }
+
+    /// A person's command to the model's active rollout.
+    pub async fn command(
+        &self,
+        model: &str,
+        command: Command,
+        who: &str,
+    ) -> Result<Status, ControlError> {
+        {
+            let _guard = self.lock.lock().await;
+            let active = self.active(model)?;
+            match (&command, active.state.waiting_for, active.state.phase) {
+                (Command::Resume, w, phase) if w != Some(Waiting::Resume) => {
+                    return Err(ControlError::Conflict(format!(
+                        "{} is not waiting for resume (it is {}{}); resume only ends a pause",
+                        active.name(),
+                        phase.as_str(),
+                        w.map_or(String::new(), |w| format!(
+                            ", waiting for {}",
+                            serde_json::to_value(w)
+                                .unwrap_or_default()
+                                .as_str()
+                                .unwrap_or("")
+                        ))
+                    )));
+                }
+                (Command::Promote { .. }, Some(Waiting::Resume), _) => {
+                    return Err(ControlError::Conflict(format!(
+                        "{} is paused waiting for resume; `ferry resume {model}` first",
+                        active.name()
+                    )));
+                }
+                (Command::Pause, _, Phase::Paused) => {
+                    return Err(ControlError::Conflict(format!(
+                        "{} is already paused",
+                        active.name()
+                    )));
+                }
+                _ => {}
+            }
+            let obs = Observations {
+                command: Some((command, who.to_string())),
+                ..Observations::default()
+            };
+            self.step(active, obs).await?;
+        }
+        self.status(model)
+    }
+
+    /// Starts a new rollout with the spec of the model's last one (which must
+    /// have ended aborted or failed).
+    pub async fn retry(&self, model: &str, who: &str) -> Result<Status, ControlError> {
+        let last = self
+            .registry
+            .store()
+            .rollouts(model, 20)?
+            .into_iter()
+            .find(|r| r.kind != "rollback")
+            .ok_or_else(|| {
+                ControlError::Conflict(format!("model \"{model}\" has no rollout to retry"))
+            })?;
+        if !matches!(last.state.phase, Phase::Aborted | Phase::Failed) {
+            return Err(ControlError::Conflict(format!(
+                "the last rollout of \"{model}\", {}, is {}; only an aborted or failed rollout can be retried",
+                last.name(),
+                last.state.phase.as_str()
+            )));
+        }
+        let by = format!("{who} (retry of {})", last.name());
+        self.apply_rollout(last.spec, &by).await.map(|(_, s)| s)
+    }
+
+    /// Switches production back to the previous stable version (or `to`), as
+    /// a recorded rollout of its own; the rollout it undoes is marked
+    /// `rolled_back`.
+    pub async fn rollback(
+        &self,
+        model: &str,
+        to: Option<&str>,
+        who: &str,
+    ) -> Result<Status, ControlError> {
+        {
+            let _guard = self.lock.lock().await;
+            let store = self.registry.store().clone();
+            let history = store.rollouts(model, 50)?;
+            if let Some(active) = history.iter().find(|r| r.state.phase.is_active()) {
+                return Err(ControlError::Conflict(format!(
+                    "{} is still active; `ferry abort {model}` puts traffic back on the stable version at once",
+                    active.name()
+                )));
+            }
+            let current = self.route(model)?;
+            let undone = history
+                .iter()
+                .find(|r| {
+                    r.state.phase == Phase::Succeeded && r.state.route.stable == current.stable
+                })
+                .cloned();
+            let target = match (to, &undone) {
+                (Some(v), _) => v.to_string(),
+                (None, Some(u)) => u.state.before.stable.clone(),
+                (None, None) => {
+                    return Err(ControlError::Conflict(format!(
+                        "no rollout of \"{model}\" to roll back; name the version with `ferry rollback {model} --to VERSION`"
+                    )));
+                }
+            };
+            self.registry.version(model, &target)?;
+            if target == current.stable {
+                return Err(ControlError::Invalid(format!(
+                    "version \"{target}\" is already the stable version"
+                )));
+            }
+            let spec = RolloutSpec {
+                model: model.to_string(),
+                version: target.clone(),
+                allow_signature_change: true,
+                strategy: Strategy::Basic(BasicSpec {}),
+                analysis: None,
+                notify: undone
+                    .as_ref()
+                    .map(|u| u.spec.notify.clone())
+                    .unwrap_or_default(),
+            };
+            let warm = self.serves(model, &target);
+            let event = NewEvent::new(
+                model,
+                "rollback_started",
+                format!(
+                    "rollback to version {target} (by {who}){}{}",
+                    undone
+                        .as_ref()
+                        .map_or(String::new(), |u| format!(", undoing {}", u.name())),
+                    if warm {
+                        "; it is still loaded, so the switch is instant"
+                    } else {
+                        "; loading it first"
+                    }
+                ),
+                serde_json::json!({"to": target, "undoes": undone.as_ref().map(|u| u.name()), "by": who}),
+            );
+            let state = strategy::initial_state(&current, now_ms());
+            let record = match store.create_rollout(
+                model,
+                "rollback",
+                &spec,
+                &state,
+                undone.as_ref().map(|u| u.id),
+                vec![event],
+            )? {
+                Ok(r) => r,
+                Err(NotCreated::Active(a)) => {
+                    return Err(ControlError::Conflict(format!(
+                        "{} is still active",
+                        a.name()
+                    )));
+                }
+            };
+            self.step(record, Observations::default()).await?;
+        }
+        self.status(model)
+    }
+
+    fn active(&self, model: &str) -> Result<RolloutRecord, ControlError> {
+        self.route(model)?;
+        self.registry
+            .store()
+            .rollouts(model, 1)?
+            .into_iter()
+            .find(|r| r.state.phase.is_active())
+            .ok_or_else(|| {
+                ControlError::Conflict(format!(
+                    "model \"{model}\" has no active rollout; start one with `ferry deploy` or `ferry apply`"
+                ))
+            })
+    }
+
+    /// Plans and applies until the rollout waits: persist the new state and
+    /// its events first, then publish the route it wants; a route that
+    /// cannot be applied is fed back as an observation.
+    pub(super) async fn step(
+        &self,
+        mut record: RolloutRecord,
+        mut obs: Observations,
+    ) -> Result<RolloutRecord, ControlError> {
+        let store = self.registry.store().clone();
+        let name = record.name();
+        for _ in 0..32 {
+            let plan = strategy::plan(&record.spec, &record.state, &obs, now_ms());
+            if plan.state == record.state && plan.events.is_empty() {
+                return Ok(record);
+            }
+            let events: Vec<NewEvent> = plan
+                .events
+                .iter()
+                .map(|e| {
+                    NewEvent::new(
+                        &record.model,
+                        &e.kind,
+                        e.message.clone(),
+                        serde_json::json!({}),
+                    )
+                })
+                .collect();
+            store.update_rollout(record.id, &plan.state, events)?;
+            external::notify(&self.http, &record, &plan.events);
+            let ended = record.state.phase.is_active() && !plan.state.phase.is_active();
+            record.state = plan.state.clone();
+            obs = Observations::default();
+            if plan.publish {
+                let route = plan.state.route.clone();
+                if let Err(e) = self.apply(&record.model, Some((route, &name))).await {
+                    obs.route_failed = Some(e.to_string());
+                    continue;
+                }
+            }
+            if ended {
+                self.store_report(&record);
+            }
+            if plan.requeue_ms != Some(0) || !record.state.phase.is_active() {
+                return Ok(record);
+            }
+        }
+        Ok(record)
+    }
+
+    fn store_report(&self, record: &RolloutRecord) {
+        let report = self.report_of(record);
+        if let Err(e) = self.registry.store().set_rollout_report(
+            record.id,
+            &serde_json::to_value(&report).unwrap_or_default(),
+        ) {
+            tracing::warn!("could not store the report of {}: {e}", record.name());
+        }
+    }
+
+    /// Drives every active rollout: timers, and an analysis window every
+    /// `interval` while the candidate takes traffic. Runs until the process ends.
+    pub async fn run_rollouts(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !self.is_ready() {
+                continue;
+            }
+            let active = match self.registry.store().active_rollouts() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!("cannot read active rollouts: {e}");
+                    continue;
+                }
+            };
+            for record in active {
+                if let Err(e) = self.tick(record).await {
+                    tracing::warn!("rollout step failed: {e}");
+                }
+            }
+        }
+    }
+
+    async fn tick(&self, record: RolloutRecord) -> Result<(), ControlError> {
+        let now = now_ms();
+        let mut obs = Observations::default();
+        if strategy::analysing(&record.spec, &record.state) {
+            let spec = record.spec.analysis.clone().unwrap_or_default();
+            let interval = spec.interval.0;
+            if now >= record.state.analysis.last_at_ms + interval.as_millis() as u64 {
+                let candidate = self.telemetry.summary(
+                    &record.model,
+                    &record.spec.version,
+                    Role::Candidate,
+                    interval,
+                );
+                let stable = self.telemetry.summary(
+                    &record.model,
+                    &record.state.route.stable,
+                    Role::Stable,
+                    interval,
+                );
+                let checks = record.spec.checks();
+                let external =
+                    external::fetch(&self.http, &record, &checks, &candidate, &stable).await;
+                let verdict = analysis::evaluate(
+                    &checks,
+                    &candidate,
+                    &stable,
+                    &external,
+                    analysis::Settings {
+                        min_requests: spec.min_requests,
+                        confidence: spec.confidence,
+                    },
+                );
+                obs.verdict = Some(verdict);
+            }
+        }
+        let _guard = self.lock.lock().await;
+        // Re-read under the lock: a command may have changed it meanwhile.
+        let Some(current) = self.registry.store().rollout(record.id)? else {
+            return Ok(());
+        };
+        if !current.state.phase.is_active() {
+            return Ok(());
+        }
+        if obs.verdict.is_none() {
+            let plan = strategy::plan(&current.spec, &current.state, &obs, now_ms());
+            if plan.state == current.state && plan.events.is_empty() {
+                return Ok(());
+            }
+        }
+        self.step(current, obs).await?;
+        Ok(())
+    }
+
+    /// After a restart: make the published routes match what each active
+    /// rollout last persisted (a crash may have come between the two).
+    pub(super) async fn resume_rollouts(&self) -> Result<(), ControlError> {
+        for record in self.registry.store().active_rollouts()? {
+            let published = self.route(&record.model)?;
+            if published != record.state.route {
+                tracing::info!(rollout = %record.name(), "re-applying the route of an interrupted step");
+                let name = record.name();
+                if let Err(e) = self
+                    .apply(&record.model, Some((record.state.route.clone(), &name)))
+                    .await
+                {
+                    self.step(
+                        record,
+                        Observations {
+                            route_failed: Some(e.to_string()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's status.
+    pub fn status(&self, model: &str) -> Result<Status, ControlError> {
+        let route = self.route(model)?;
+        let history = self.registry.store().rollouts(model, 1)?;
+        let observed = {
+            let window = Duration::from_secs(10);
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for s in self.telemetry.summaries(model, window) {
+                if matches!(s.role, Role::Stable | Role::Candidate | Role::Fallback) {
+                    *counts.entry(s.version).or_default() += s.summary.requests;
+                }
+            }
+            let total: u64 = counts.values().sum();
+            counts
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(v, n)| (v, (n as f64 * 1000.0 / total as f64).round() / 10.0))
+                .collect()
+        };
+        let latest = history.into_iter().next();
+        let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
+            let last = self.registry.store().rollouts(model, 1)?.into_iter().next();
+            return Ok(Status {
+                model: model.to_string(),
+                stable: Some(route.stable.clone()),
+                candidate: None,
+                rollout: None,
+                strategy: None,
+                phase: "idle".into(),
+                waiting_for: None,
+                steps: vec![],
+                step: None,
+                traffic: traffic(&route),
+                observed,
+                message: last.as_ref().map_or("no rollout yet".to_string(), |l| {
+                    format!("last rollout {}: {}", l.name(), l.state.message)
+                }),
+                analysis: None,
+                updated_at: last.as_ref().map(|l| l.updated_at.clone()),
+                last_rollout: last.map(|l| LastRollout {
+                    rollout: l.name(),
+                    strategy: l.kind,
+                    phase: l.state.phase,
+                    message: l.state.message,
+                }),
+            });
+        };
+        let interval = r
+            .spec
+            .analysis
+            .as_ref()
+            .map_or(Duration::from_secs(10), |a| a.interval.0);
+        Ok(Status {
+            model: model.to_string(),
+            stable: Some(r.state.before.stable.clone()),
+            candidate: Some(r.spec.version.clone()),
+            rollout: Some(r.name()),
+            strategy: Some(r.kind.clone()),
+            phase: r.state.phase.as_str().into(),
+            waiting_for: r.state.waiting_for,
+            steps: strategy::steps(&r.spec),
+            step: Some(r.state.step),
+            traffic: traffic(&r.state.route),
+            observed,
+            message: r.state.message.clone(),
+            analysis: r.state.analysis.last.as_ref().map(|v| AnalysisView {
+                verdict: v.outcome,
+                window: crate::units::HumanDuration(interval).to_string(),
+                reason: v.reason.clone(),
+                candidate_requests: v.candidate_requests,
+                stable_requests: v.stable_requests,
+                checks: v.checks.clone(),
+                consecutive_failures: r.state.analysis.consecutive_failures,
+                consecutive_inconclusive: r.state.analysis.consecutive_inconclusive,
+            }),
+            updated_at: Some(r.updated_at.clone()),
+            last_rollout: None,
+        })
+    }
+
+    /// The A/B report of a rollout: the stored one when it has ended, else
+    /// computed from the live windows (at most the last 15 minutes).
+    pub fn report_of(&self, record: &RolloutRecord) -> analysis::report::Report {
+        if let Some(stored) = record
+            .report
+            .as_ref()
+            .and_then(|r| serde_json::from_value(r.clone()).ok())
+        {
+            return stored;
+        }
+        let started = humantime::parse_rfc3339(&record.created_at)
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        let window = started.clamp(Duration::from_secs(5), Duration::from_secs(900));
+        let stable_version = &record.state.before.stable;
+        let stable = self
+            .telemetry
+            .summary(&record.model, stable_version, Role::Stable, window);
+        let candidate =
+            self.telemetry
+                .summary(&record.model, &record.spec.version, Role::Candidate, window);
+        let confidence = record.spec.analysis.as_ref().map_or(0.95, |a| a.confidence);
+        analysis::report::compare(
+            stable_version,
+            &stable,
+            &record.spec.version,
+            &candidate,
+            confidence,
+            window.as_secs(),
+        )
+    }
+
+    /// A rollout by name (`r-17`) or the model's latest.
+    pub fn rollout(&self, model: &str, name: Option<&str>) -> Result<RolloutRecord, ControlError> {
+        let store = self.registry.store();
+        let found = match name {
+            Some(n) => {
+                let id = crate::store::rollout_id(n).ok_or_else(|| {
+                    ControlError::Invalid(format!(
+                        "rollout \"{n}\" is not a rollout name (like r-17)"
+                    ))
+                })?;
+                store.rollout(id)?.filter(|r| r.model == model)
+            }
+            None => store.rollouts(model, 1)?.into_iter().next(),
+        };
+        found.ok_or_else(|| {
+            ControlError::Registry(RegistryError::NotFound(match name {
+                Some(n) => format!("model \"{model}\" has no rollout {n}"),
+                None => format!("model \"{model}\" has no rollouts yet"),
+            }))
+        })
+    }
+}
