@@ -134,7 +134,7 @@ pub fn notify(http: &reqwest::Client, record: &RolloutRecord, events: &[PlannedE
             let wanted = if n.events.is_empty() {
                 DEFAULT_EVENTS.contains(&e.kind.as_str())
             } else {
-                n.events.iter().any(|k| *k == e.kind)
+                n.events.contains(&e.kind)
             };
             if !wanted {
                 continue;
