@@ -6,10 +6,12 @@
 
 pub mod client;
 pub mod model;
+pub mod rollout;
 pub mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -53,6 +55,53 @@ pub enum Command {
     /// Register, list, inspect, configure and remove model versions.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Start a rollout from flags.
+    Deploy(Box<rollout::DeployArgs>),
+    /// Start a rollout from a spec file (YAML or JSON); applying the active
+    /// rollout's spec again changes nothing.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Where rollouts stand (all models, or one).
+    Status {
+        model: Option<String>,
+        /// Follow the rollout live until it ends; exit 0 if it succeeded,
+        /// 1 if it was aborted, failed or rolled back, 2 on timeout.
+        #[arg(long)]
+        watch: bool,
+        /// Stop watching after this long.
+        #[arg(long, requires = "watch")]
+        timeout: Option<HumanDuration>,
+    },
+    /// Advance past the current wait or step.
+    Promote {
+        model: String,
+        /// Skip every remaining step.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Pause the active rollout until `resume`.
+    Pause { model: String },
+    /// End a pause that waits for resume.
+    Resume { model: String },
+    /// Put all traffic back on the stable version at once.
+    Abort { model: String },
+    /// Start again with the spec of the last aborted or failed rollout.
+    Retry { model: String },
+    /// Switch production back to the previous stable version (or --to).
+    Rollback {
+        model: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// A model's rollouts and events.
+    History { model: String },
+    /// The A/B comparison of a rollout's two arms.
+    Report {
+        model: String,
+        rollout: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,10 +139,13 @@ pub struct ServeArgs {
 }
 
 /// Runs the command line; returns the process exit code.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let output = cli.output;
+    let client = || client::Client::new(&cli.server, cli.token.clone());
+    let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Serve(args) => {
-            server::serve(ServeOptions {
+            let served = server::serve(ServeOptions {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 ort_library: args.ort_library,
@@ -109,11 +161,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_bytes: args.prediction_log_max_bytes,
                 }),
             })
-            .await
+            .await;
+            ok(served)
         }
-        Command::Model(cmd) => {
-            let client = client::Client::new(&cli.server, cli.token)?;
-            model::run(&client, cmd, cli.output).await
+        Command::Model(cmd) => ok(model::run(&client()?, cmd, output).await),
+        Command::Deploy(args) => {
+            let spec = rollout::deploy_spec(&args)?;
+            ok(rollout::send_spec(&client()?, &spec, output).await)
+        }
+        Command::Apply { file } => ok(rollout::apply(&client()?, &file, output).await),
+        Command::Status {
+            model,
+            watch,
+            timeout,
+        } => rollout::status(&client()?, model.as_deref(), watch, timeout, output).await,
+        Command::Promote { model, full } => ok(rollout::command(
+            &client()?,
+            &model,
+            "promote",
+            serde_json::json!({"full": full}),
+            output,
+        )
+        .await),
+        Command::Pause { model } => {
+            ok(rollout::command(&client()?, &model, "pause", serde_json::json!({}), output).await)
+        }
+        Command::Resume { model } => {
+            ok(rollout::command(&client()?, &model, "resume", serde_json::json!({}), output).await)
+        }
+        Command::Abort { model } => {
+            ok(rollout::command(&client()?, &model, "abort", serde_json::json!({}), output).await)
+        }
+        Command::Retry { model } => {
+            ok(rollout::command(&client()?, &model, "retry", serde_json::json!({}), output).await)
+        }
+        Command::Rollback { model, to } => ok(rollout::command(
+            &client()?,
+            &model,
+            "rollback",
+            serde_json::json!({"to": to}),
+            output,
+        )
+        .await),
+        Command::History { model } => ok(rollout::history(&client()?, &model, output).await),
+        Command::Report { model, rollout: r } => {
+            ok(rollout::report(&client()?, &model, r.as_deref(), output).await)
         }
     }
 }

@@ -20,7 +20,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(ferry::cli::run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -103,14 +103,6 @@ fn arm(version: &str, s: &Summary, z: f64) -> Arm {
     }
 }
 
-fn two_sided_proportions(x1: u64, n1: u64, x2: u64, n2: u64) -> Option<f64> {
-    if n1 == 0 || n2 == 0 {
-        return None;
-    }
-    let one = stats::proportion_exceeds(x1, n1, x2, n2, 1.0, 0.0);
-    Some((2.0 * one.min(1.0 - one)).min(1.0))
-}
-
 /// Compares the candidate arm with the stable arm.
 pub fn compare(
     stable_version: &str,
@@ -137,7 +129,7 @@ pub fn compare(
             .error_rate
             .zip(stable.error_rate)
             .map(|(c, s)| c - s),
-        two_sided_proportions(
+        stats::proportions_differ(
             candidate.errors,
             candidate.requests,
             stable.errors,
@@ -161,7 +153,7 @@ pub fn compare(
     diff(
         "accuracy",
         candidate.accuracy.zip(stable.accuracy).map(|(c, s)| c - s),
-        two_sided_proportions(
+        stats::proportions_differ(
             candidate.correct,
             candidate.labelled,
             stable.correct,

@@ -46,6 +46,21 @@ pub fn proportion_falls_short(x_c: u64, n_c: u64, x_s: u64, n_s: u64, k: f64, d:
     1.0 - normal_cdf(diff / var.sqrt())
 }
 
+/// Two-sided p-value of "the two rates differ" (pooled two-proportion z-test).
+pub fn proportions_differ(x1: u64, n1: u64, x2: u64, n2: u64) -> Option<f64> {
+    if n1 == 0 || n2 == 0 {
+        return None;
+    }
+    let (p1, p2) = (x1 as f64 / n1 as f64, x2 as f64 / n2 as f64);
+    let pooled = (x1 + x2) as f64 / (n1 + n2) as f64;
+    let var = pooled * (1.0 - pooled) * (1.0 / n1 as f64 + 1.0 / n2 as f64);
+    if var <= 0.0 {
+        return Some(1.0);
+    }
+    let z = (p1 - p2).abs() / var.sqrt();
+    Some((2.0 * (1.0 - normal_cdf(z))).min(1.0))
+}
+
 /// One-sided Mann-Whitney U test: p-value of "candidate samples tend to be
 /// larger than stable samples". Samples come as (value, count) ascending;
 /// ties get mid-ranks and the tie-corrected variance.
@@ -149,6 +164,13 @@ mod tests {
         // Accuracy 0.90 vs 0.96 on 500 labels: short by more than 0.01.
         assert!(proportion_falls_short(450, 500, 480, 500, 1.0, -0.01) < 0.01);
         assert_eq!(proportion_exceeds(0, 0, 1, 10, 1.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn two_sided_proportions() {
+        assert_eq!(proportions_differ(0, 12, 0, 7), Some(1.0));
+        assert!(proportions_differ(96, 100, 80, 100).unwrap() < 0.01);
+        assert_eq!(proportions_differ(1, 0, 1, 1), None);
     }
 
     #[test]
