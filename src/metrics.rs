@@ -381,8 +381,9 @@ impl Telemetry {
         slot.get_or_insert_with(Default::default).clone()
     }
 
-    /// The summary of one version in one role over the last `window` (empty
-    /// when it has seen no traffic in that role).
+    /// The summary of one version in one role over the complete buckets of
+    /// the last `window` (empty when it has seen no traffic in that role):
+    /// what analysis judges.
     pub fn summary(&self, model: &str, version: &str, role: Role, window: Duration) -> Summary {
         let series = self
             .series
@@ -391,7 +392,7 @@ impl Telemetry {
             .get(model)
             .and_then(|m| m.get(version))
             .and_then(|roles| roles[role.index()].clone());
-        series.map_or_else(Summary::default, |s| s.summary(unix_now(), window))
+        series.map_or_else(Summary::default, |s| s.complete_summary(unix_now(), window))
     }
 
     /// Summaries of every series of a model over the last `window`.

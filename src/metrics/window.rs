@@ -120,18 +120,30 @@ impl Series {
         f(bucket);
     }
 
-    /// Merges the buckets that start within the last `window` before `now`.
+    /// Merges the buckets of the last `window` before `now`, the one still
+    /// filling included (fresh figures, for people).
     pub fn summary(&self, now: u64, window: Duration) -> Summary {
-        let secs = window.as_secs().max(BUCKET_SECS);
-        let first = now.saturating_sub(secs) / BUCKET_SECS;
-        let last = now / BUCKET_SECS;
+        self.merged(now / BUCKET_SECS, window)
+    }
+
+    /// Merges only complete buckets: the `window` before the bucket still
+    /// filling. Analysis judges these, so a window is never a fraction of a
+    /// bucket and consecutive windows do not overlap.
+    pub fn complete_summary(&self, now: u64, window: Duration) -> Summary {
+        self.merged((now / BUCKET_SECS).saturating_sub(1), window)
+    }
+
+    /// The `window` of buckets ending with (and including) epoch `last`.
+    fn merged(&self, last: u64, window: Duration) -> Summary {
+        let n = window.as_secs().div_ceil(BUCKET_SECS).max(1);
+        let first = last.saturating_sub(n);
         let mut total = Bucket::default();
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         for b in ring.iter().filter(|b| b.epoch > first && b.epoch <= last) {
             total.merge(b);
         }
         drop(ring);
-        let covered = (last - first) * BUCKET_SECS;
+        let covered = n * BUCKET_SECS;
         let ms = |q| total.latency.quantile(q).map(|s| (s * 1e5).round() / 100.0);
         let compared = total.agree + total.disagree;
         Summary {
@@ -182,6 +194,13 @@ mod tests {
         let last_30 = s.summary(now, Duration::from_secs(30));
         assert_eq!(last_30.requests, 300);
         assert_eq!(last_30.errors, 10);
+        // Analysis sees only complete buckets: t0+25..54 at t0+59, and
+        // t0+30..59 once that bucket has closed.
+        assert_eq!(s.complete_summary(now, Duration::from_secs(30)).errors, 5);
+        assert_eq!(
+            s.complete_summary(now + 1, Duration::from_secs(30)).errors,
+            10
+        );
         assert!((last_30.latency_p50_ms.unwrap() - 1.0).abs() < 0.02);
         assert!((last_30.requests_per_second - 10.0).abs() < 1e-9);
         // Fifteen minutes later nothing is left.
