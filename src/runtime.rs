@@ -46,6 +46,9 @@ pub enum RuntimeError {
     /// The engine failed while running (a server-side error).
     #[error("inference failed: {0}")]
     Inference(String),
+    /// A remote endpoint answered with a server error.
+    #[error("{0}")]
+    Upstream(String),
     /// The replica's queue is full; the client should retry shortly.
     #[error("replica queue is full ({depth} requests waiting); retry shortly")]
     QueueFull { depth: usize },

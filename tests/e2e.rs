@@ -5,5 +5,6 @@ mod data_plane;
 mod registry;
 mod remote;
 mod restart;
+mod rollouts;
 mod routing;
 mod triton;

@@ -95,6 +95,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::InvalidModel(_) | RuntimeError::UnsupportedSignature(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
+            RuntimeError::Upstream(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
             other => ApiError::internal("inference failed", other),
         }
     }

@@ -80,6 +80,17 @@ pub struct Status {
     pub last_rollout: Option<LastRollout>,
 }
 
+/// The rollout's message as of now: a pause's countdown is computed from its
+/// stored start rather than persisted every second.
+fn live_message(r: &RolloutRecord) -> String {
+    let plan = strategy::plan(&r.spec, &r.state, &Observations::default(), now_ms());
+    if plan.events.is_empty() && !plan.publish && plan.state.step == r.state.step {
+        plan.state.message
+    } else {
+        r.state.message.clone()
+    }
+}
+
 fn traffic(route: &RoutePolicy) -> BTreeMap<String, f64> {
     let mut t = BTreeMap::new();
     match &route.candidate {
@@ -482,7 +493,11 @@ impl Controller {
         }
         if obs.verdict.is_none() {
             let plan = strategy::plan(&current.spec, &current.state, &obs, now_ms());
-            if plan.state == current.state && plan.events.is_empty() {
+            // A countdown only changes the message: nothing to persist (the
+            // status computes it live).
+            let same_step =
+                plan.state.phase == current.state.phase && plan.state.step == current.state.step;
+            if plan.events.is_empty() && !plan.publish && same_step {
                 return Ok(());
             }
         }
@@ -580,7 +595,7 @@ impl Controller {
             step: Some(r.state.step),
             traffic: traffic(&r.state.route),
             observed,
-            message: r.state.message.clone(),
+            message: live_message(&r),
             analysis: r.state.analysis.last.as_ref().map(|v| AnalysisView {
                 verdict: v.outcome,
                 window: crate::units::HumanDuration(interval).to_string(),

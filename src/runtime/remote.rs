@@ -218,7 +218,7 @@ impl RemoteClient {
                 if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
                     RuntimeError::BadInput(text)
                 } else {
-                    RuntimeError::Inference(text)
+                    RuntimeError::Upstream(text)
                 },
             );
         }

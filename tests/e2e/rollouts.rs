@@ -1,0 +1,679 @@
+//! Rollouts end to end, with the real process, real models and real traffic:
+//! a canary promoted through its steps, candidates aborted automatically on
+//! errors and on latency, a restart in the middle of a pause, multi-version
+//! failover and instant rollback, a basic rollout whose candidate cannot
+//! start, delayed labels, and notify webhooks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::harness::{Server, eventually, holdout};
+use super::upstream::Upstream;
+
+/// What a background load saw: answers per version, and failures.
+#[derive(Default, Debug)]
+struct Seen {
+    versions: HashMap<String, u64>,
+    failures: u64,
+}
+
+/// Sends requests from `clients` sticky users at about `rate` per second
+/// until stopped.
+fn traffic(
+    s: &Server,
+    rate: u64,
+    clients: u64,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Seen>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+    let task = tokio::spawn(async move {
+        let rows = holdout();
+        let n = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (http, url, rows, flag, n) = (
+                http.clone(),
+                url.clone(),
+                rows.clone(),
+                flag.clone(),
+                n.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let pause = Duration::from_millis(1000 * clients / rate.max(1));
+                while !flag.load(Ordering::Relaxed) {
+                    let i = n.fetch_add(1, Ordering::Relaxed) as usize;
+                    let r = http
+                        .post(&url)
+                        .header("x-user-id", format!("user-{}", i % 500))
+                        .header("x-region", if c % 2 == 0 { "eu-west" } else { "us-east" })
+                        .json(&rows[i % rows.len()].0)
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            *seen
+                                .versions
+                                .entry(r.headers()["x-ferry-version"].to_str().unwrap().into())
+                                .or_default() += 1
+                        }
+                        _ => seen.failures += 1,
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                seen
+            }));
+        }
+        let mut all = Seen::default();
+        for t in tasks {
+            let s = t.await.unwrap();
+            for (k, v) in s.versions {
+                *all.versions.entry(k).or_default() += v;
+            }
+            all.failures += s.failures;
+        }
+        all
+    });
+    (stop, task)
+}
+
+async fn status(s: &Server) -> Value {
+    s.admin_get("/api/v1/models/cancer/status").await
+}
+
+/// Waits until the model's last rollout has ended; returns its phase.
+async fn ended(s: &Server, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(s).await;
+        if st["phase"] == "idle" && st["last_rollout"].is_object() {
+            return st["last_rollout"]["phase"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not end within {within:?}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn write_spec(dir: &std::path::Path, yaml: &str) -> String {
+    let path = dir.join("rollout.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_of_v2_is_promoted_through_its_steps() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        r#"
+model: cancer
+version: "2"
+strategy:
+  canary:
+    steps:
+      - weight: 20
+      - pause: {}
+      - weight: 50
+      - analysis: {}
+      - weight: 100
+    sticky: { header: x-user-id }
+analysis:
+  interval: 5s
+  min_requests: 10
+  checks:
+    - { metric: error_rate, max: 0.01 }
+    - { metric: latency_p99_ms, max_vs_stable: 3 }
+"#,
+    );
+    let (stop, load) = traffic(&s, 200, 4);
+    let out = s.ferry_ok(&["apply", "-f", &spec]);
+    assert!(
+        out.contains("r-1 started: canary of cancer version 2"),
+        "{out}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the canary waits for promote",
+        async || status(&s).await["waiting_for"] == "promote",
+    )
+    .await;
+    let st = status(&s).await;
+    assert_eq!(st["traffic"], json!({"1": 80.0, "2": 20.0}));
+    assert_eq!(
+        st["steps"],
+        json!([
+            "weight 20",
+            "pause until promoted",
+            "weight 50",
+            "analysis",
+            "weight 100",
+            "promote"
+        ])
+    );
+    assert_eq!(st["step"], 1);
+    // Applying the same spec again changes nothing; another spec is refused.
+    let again = s.ferry_ok(&["apply", "-f", &spec]);
+    assert!(again.contains("already rolling out this spec"), "{again}");
+    s.add("cancer", "3", "cancer-bad.onnx");
+    let out = s.ferry(&["deploy", "cancer", "3", "--strategy", "basic"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has an active rollout, r-1"));
+    // Let the candidate take traffic for a while, then promote.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    s.ferry_ok(&["promote", "cancer"]);
+    let watched = std::process::Command::new(super::harness::FERRY)
+        .args([
+            "--server",
+            &s.url,
+            "--token",
+            &s.token(),
+            "status",
+            "cancer",
+            "--watch",
+            "--timeout",
+            "60s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        watched.status.success(),
+        "status --watch: {}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(String::from_utf8_lossy(&watched.stdout).contains("r-1: succeeded"));
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    assert_eq!(seen.failures, 0, "{seen:?}");
+    assert!(seen.versions["2"] > 0 && seen.versions["1"] > 0, "{seen:?}");
+    let show = s.ferry_json(&["model", "show", "cancer"]);
+    assert_eq!(show["stable"], "2");
+    // Every step is in the history, in order, with readable reasons.
+    let events = s
+        .admin_get("/api/v1/models/cancer/rollouts/r-1/events")
+        .await;
+    let messages: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    let expect = [
+        "step 1/6: weight 20%",
+        "waiting for `ferry promote cancer`",
+        "promoted past step 2/6",
+        "step 3/6: weight 50%",
+        "analysis gate passed",
+        "step 5/6: weight 100%",
+        "succeeded",
+    ];
+    let mut at = 0;
+    for m in &messages {
+        if at < expect.len() && m.contains(expect[at]) {
+            at += 1;
+        }
+    }
+    assert_eq!(
+        at,
+        expect.len(),
+        "events out of order or missing: {messages:#?}"
+    );
+    // The A/B report compares both arms.
+    let report = s.ferry_json(&["report", "cancer", "r-1"]);
+    assert!(
+        report["candidate"]["requests"].as_u64().unwrap() > 10,
+        "{report}"
+    );
+    assert!(report["stable"]["requests"].as_u64().unwrap() > 10);
+    let human = s.ferry_ok(&["report", "cancer"]);
+    assert!(
+        human.contains("STABLE 1") && human.contains("CANDIDATE 2") && human.contains("error rate"),
+        "{human}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share() {
+    let upstream = Upstream::start().await;
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.ferry_json(&["model", "add", "cancer", "broken", "--url", &upstream.url]);
+    let (stop, load) = traffic(&s, 150, 3);
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "broken",
+        "--strategy",
+        "canary",
+        "--steps",
+        "20,100",
+        "--step-pause",
+        "60s",
+        "--interval",
+        "5s",
+        "--min-requests",
+        "10",
+        "--max-error-rate",
+        "0.01",
+    ]);
+    // It loaded and warmed up fine; now it starts failing every request.
+    upstream.set_failing(true);
+    let started = Instant::now();
+    assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    let total = seen.failures + seen.versions.values().sum::<u64>();
+    let share = seen.failures as f64 / total as f64;
+    assert!(
+        seen.failures > 0,
+        "the candidate's errors reached some clients: {seen:?}"
+    );
+    assert!(
+        share < 0.35,
+        "clients saw errors only in proportion to the 20% weight: {share:.3} ({seen:?})"
+    );
+    // Two failed 5 s windows (failure_limit 2), plus bucket alignment.
+    assert!(took < Duration::from_secs(25), "aborted after {took:?}");
+    let st = status(&s).await;
+    let msg = st["last_rollout"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("aborted: candidate error_rate")
+            && msg.contains("in 2 consecutive windows"),
+        "{msg}"
+    );
+    assert_eq!(st["traffic"], json!({"1": 100.0}));
+    let (status_code, headers, _) = s
+        .infer("/v2/models/cancer/infer", &super::harness::batch(1))
+        .await;
+    assert_eq!(
+        (status_code, headers["x-ferry-version"].to_str().unwrap()),
+        (200, "1")
+    );
+    // retry starts the same spec again.
+    upstream.set_failing(false);
+    let out = s.ferry_ok(&["retry", "cancer"]);
+    assert!(out.starts_with("r-2"), "{out}");
+    s.ferry_ok(&["abort", "cancer"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_candidate_is_aborted_on_latency() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "slow", "cancer-slow.onnx");
+    let (stop, load) = traffic(&s, 60, 2);
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "slow",
+        "--strategy",
+        "canary",
+        "--steps",
+        "30,100",
+        "--step-pause",
+        "60s",
+        "--interval",
+        "5s",
+        "--min-requests",
+        "10",
+        "--max-p99-vs-stable",
+        "1.5",
+    ]);
+    assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    assert_eq!(seen.failures, 0, "slow is not failing: {seen:?}");
+    let events = s
+        .admin_get("/api/v1/models/cancer/rollouts/r-1/events")
+        .await;
+    let last = events.as_array().unwrap().last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        last.contains("latency_p99_ms") && last.contains("x stable") && last.contains("p="),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_pause_resumes_the_same_step_with_the_time_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "25,100",
+        "--step-pause",
+        "8s",
+    ]);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = status(&s).await;
+    assert_eq!(before["step"], 1);
+    s.kill9();
+    let s = Server::start_in(&dir, &[]).await;
+    let after = status(&s).await;
+    let since_start = started.elapsed().as_secs();
+    assert_eq!(after["rollout"], "r-1");
+    assert_eq!(after["step"], 1, "same step");
+    assert_eq!(
+        after["traffic"],
+        json!({"1": 75.0, "2": 25.0}),
+        "same weights"
+    );
+    let left: u64 = after["message"]
+        .as_str()
+        .unwrap()
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("s left")
+        .parse()
+        .unwrap();
+    assert!(
+        left + since_start <= 9 && left >= 1,
+        "the pause continues from its stored start: {left}s left after {since_start}s ({after})"
+    );
+    assert_eq!(ended(&s, Duration::from_secs(20)).await, "succeeded");
+    let total = started.elapsed();
+    assert!(
+        total < Duration::from_secs(12),
+        "the 8 s pause was not restarted from zero: {total:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_fails_over_when_the_primary_dies_and_rollback_is_instant() {
+    let mut primary = Server::start().await;
+    primary.add("cancer", "1", "cancer-v2.onnx");
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.ferry_json(&["model", "add", "cancer", "2", "--url", &primary.url]);
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "multi",
+        "--keep",
+        "1",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(ended(&s, Duration::from_secs(10)).await, "succeeded");
+    let route = s.admin_get("/api/v1/models/cancer/route").await;
+    assert_eq!(
+        (route["stable"].as_str(), route["failover"].clone()),
+        (Some("2"), json!(["1"]))
+    );
+
+    let (stop, load) = traffic(&s, 200, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(move || primary.kill9())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = Instant::now();
+    s.ferry_ok(&["rollback", "cancer"]);
+    let rollback_took = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    assert_eq!(
+        seen.failures, 0,
+        "zero client errors while the primary died: {seen:?}"
+    );
+    assert!(seen.versions["1"] > 0);
+    assert!(
+        rollback_took < Duration::from_secs(2),
+        "rollback to a warm version: {rollback_took:?}"
+    );
+    let history = s.admin_get("/api/v1/models/cancer/rollouts").await;
+    assert_eq!(history[0]["strategy"], "rollback");
+    assert_eq!(history[1]["phase"], "rolled_back");
+    let events = s
+        .admin_get("/api/v1/models/cancer/rollouts/r-2/events")
+        .await;
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still loaded, so the switch is instant"),
+        "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_basic_rollout_whose_candidate_cannot_start_fails_and_stable_keeps_serving() {
+    let mut upstream = Upstream::start().await;
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.ferry_json(&["model", "add", "cancer", "2", "--url", &upstream.url]);
+    upstream.shut_down();
+    upstream.set_failing(true);
+    s.ferry_ok(&["deploy", "cancer", "2", "--strategy", "basic"]);
+    assert_eq!(ended(&s, Duration::from_secs(15)).await, "failed");
+    let st = status(&s).await;
+    let msg = st["last_rollout"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("could not start") && msg.contains("version 1 keeps serving"),
+        "{msg}"
+    );
+    let (code, headers, _) = s
+        .infer("/v2/models/cancer/infer", &super::harness::batch(1))
+        .await;
+    assert_eq!(
+        (code, headers["x-ferry-version"].to_str().unwrap()),
+        (200, "1")
+    );
+    // A watcher learns how it ended from the exit code.
+    let out = std::process::Command::new(super::harness::FERRY)
+        .args([
+            "--server",
+            &s.url,
+            "--token",
+            &s.token(),
+            "status",
+            "cancer",
+            "--watch",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn delayed_labels_give_live_accuracy_per_version() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let rows = holdout();
+    let mut correct = 0;
+    for (i, (body, label)) in rows.iter().take(40).enumerate() {
+        let mut body = body.clone();
+        body["id"] = json!(format!("req-{i}"));
+        let (_, _, answer) = s.infer("/v2/models/cancer/infer", &body).await;
+        let r = s
+            .http
+            .post(s.at("/v2/models/cancer/feedback"))
+            .json(&json!({"id": format!("req-{i}"), "label": label}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let fb: Value = r.json().await.unwrap();
+        assert_eq!(fb["predicted"], answer["outputs"][0]["data"][0]);
+        correct += usize::from(fb["correct"] == true);
+    }
+    let m = s.admin_get("/api/v1/models/cancer/metrics?window=1m").await;
+    let stable = m["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["role"] == "stable")
+        .unwrap()
+        .clone();
+    assert_eq!(stable["labelled"], 40);
+    assert_eq!(stable["correct"], correct);
+    let r = s
+        .http
+        .post(s.at("/v2/models/cancer/feedback"))
+        .json(&json!({"id": "never-seen", "label": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown or too old")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_webhooks_hear_how_a_rollout_ended() {
+    use axum::routing::post;
+    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(v): axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        &format!(
+            "model: cancer\nversion: \"2\"\nstrategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{hook}\" }} ]\n"
+        ),
+    );
+    s.ferry_ok(&["apply", "-f", &spec]);
+    eventually(
+        Duration::from_secs(10),
+        "the webhook hears `succeeded`",
+        async || {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "succeeded")
+        },
+    )
+    .await;
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "only the end states by default: {got:?}");
+    assert_eq!(got[0]["rollout"], "r-1");
+    assert_eq!(got[0]["model"], "cancer");
+}
+
+#[tokio::test]
+async fn invalid_specs_and_commands_are_refused_with_reasons() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let types = super::harness::test_data("all-types.onnx");
+    s.ferry_json(&[
+        "model",
+        "add",
+        "cancer",
+        "odd",
+        "--file",
+        types.to_str().unwrap(),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    for (yaml, needle) in [
+        (
+            "model: cancer\nversion: \"2\"\nstrategy: { canary: { steps: [ { weight: 150 } ] } }\n",
+            "strategy.canary.steps[0].weight",
+        ),
+        (
+            "model: cancer\nversion: \"9\"\nstrategy: { basic: {} }\n",
+            "version \"9\" of model \"cancer\" is not registered",
+        ),
+        (
+            "model: cancer\nversion: \"odd\"\nstrategy: { basic: {} }\n",
+            "breaks the contract",
+        ),
+        (
+            "model: cancer\nversion: \"1\"\nstrategy: { basic: {} }\n",
+            "already the stable version",
+        ),
+        (
+            "model: cancer\nversion: \"2\"\nstrategy: { rolling: { replicas: 2 } }\n",
+            "not available in this version of Ferry yet",
+        ),
+    ] {
+        let spec = write_spec(tmp.path(), yaml);
+        let out = s.ferry(&["apply", "-f", &spec]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{yaml}: {err}"
+        );
+    }
+    for (cmd, needle) in [
+        (vec!["promote", "cancer"], "no active rollout"),
+        (
+            vec!["rollback", "cancer"],
+            "no rollout of \"cancer\" to roll back",
+        ),
+        (vec!["retry", "cancer"], "no rollout to retry"),
+    ] {
+        let out = s.ferry(&cmd);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{cmd:?}"
+        );
+    }
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,100",
+        "--step-pause",
+        "1m",
+    ]);
+    let out = s.ferry(&["resume", "cancer"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not waiting for resume"));
+    let (code, body) = s.set_route("cancer", json!({"stable": "1"})).await;
+    assert_eq!(code, 409, "a manual route change during a rollout: {body}");
+    s.ferry_ok(&["pause", "cancer"]);
+    let out = s.ferry(&["promote", "cancer"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paused waiting for resume"));
+    s.ferry_ok(&["resume", "cancer"]);
+    let out = s.ferry_ok(&["abort", "cancer"]);
+    assert!(out.contains("aborted by control API"), "{out}");
+}
