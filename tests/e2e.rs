@@ -2,6 +2,7 @@ pub mod harness;
 pub mod upstream;
 
 mod data_plane;
+mod external;
 mod registry;
 mod remote;
 mod restart;
