@@ -19,7 +19,10 @@
 //! | [`registry`] | models, versions, labels, serving settings, content-addressed artifacts, validation |
 //! | [`gateway`] | per-request choice of version and replica, from the route table |
 //! | [`metrics`] | per-version counters and latency histograms; Prometheus export |
-//! | [`controller`] | what serves: loading versions, publishing routes, recording changes first |
+//! | [`controller`] | what serves: loading versions, publishing routes, rollouts, recording changes first |
+//! | [`spec`] | rollout specs (YAML/JSON) as validated types |
+//! | [`strategy`] | pure rollout plans: basic, multi, canary |
+//! | [`analysis`] | pure verdicts over metric windows, significance tests, the A/B report |
 //! | [`store`] | durable state behind a trait; SQLite embedded |
 //! | [`api`] | HTTP wiring: `/v2`, `/api/v1`, `/metrics`, OpenAPI, auth, error mapping |
 //! | [`cli`] | the `ferry` subcommands, a client of the control API |
