@@ -112,6 +112,8 @@ pub struct Observations {
 pub struct PlannedEvent {
     pub kind: String,
     pub message: String,
+    /// The numbers behind it (an analysis window's verdict), or null.
+    pub data: serde_json::Value,
 }
 
 /// The outcome of one plan.
@@ -132,6 +134,7 @@ impl Plan {
         self.events.push(PlannedEvent {
             kind: kind.to_string(),
             message,
+            data: serde_json::Value::Null,
         });
     }
 
@@ -248,6 +251,32 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
         a.last = Some(verdict.clone());
         a.last_at_ms = now_ms;
         let limits = spec.analysis.clone().unwrap_or_default();
+        // Every window is recorded with its numbers, so history can say why.
+        let (kind, count) = match verdict.outcome {
+            Outcome::Pass => ("analysis_passed", String::new()),
+            Outcome::Fail => (
+                "analysis_failed",
+                format!(
+                    " ({} of {} allowed)",
+                    a.consecutive_failures + 1,
+                    limits.failure_limit
+                ),
+            ),
+            Outcome::Inconclusive => (
+                "analysis_inconclusive",
+                format!(
+                    " ({} of {} before pausing)",
+                    a.consecutive_inconclusive + 1,
+                    limits.max_inconclusive
+                ),
+            ),
+        };
+        p.events.push(PlannedEvent {
+            kind: kind.into(),
+            message: format!("analysis window{count}: {}", verdict.reason),
+            data: serde_json::to_value(verdict).unwrap_or_default(),
+        });
+        let a = &mut p.state.analysis;
         match verdict.outcome {
             Outcome::Pass => {
                 a.consecutive_failures = 0;
@@ -270,13 +299,6 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                     );
                     return p;
                 }
-                p.events.push(PlannedEvent {
-                    kind: "analysis_failed".into(),
-                    message: format!(
-                        "analysis window failed ({n} of {}): {}",
-                        limits.failure_limit, verdict.reason
-                    ),
-                });
             }
             Outcome::Inconclusive => {
                 a.consecutive_inconclusive += 1;

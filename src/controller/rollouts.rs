@@ -384,14 +384,7 @@ impl Controller {
             let events: Vec<NewEvent> = plan
                 .events
                 .iter()
-                .map(|e| {
-                    NewEvent::new(
-                        &record.model,
-                        &e.kind,
-                        e.message.clone(),
-                        serde_json::json!({}),
-                    )
-                })
+                .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
                 .collect();
             store.update_rollout(record.id, &plan.state, events)?;
             external::notify(&self.http, &record, &plan.events);
