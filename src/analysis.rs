@@ -7,6 +7,7 @@
 //! A window with fewer than `min_requests` candidate requests is
 //! inconclusive — never a pass, never a failure.
 
+pub mod qa;
 pub mod report;
 pub mod stats;
 

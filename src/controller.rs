@@ -313,14 +313,18 @@ impl Controller {
         let current = self.routes.model(model);
         let mut pools = HashMap::new();
         for version in &wanted {
-            let record = self.registry.version(model, version)?;
+            let mut record = self.registry.version(model, version)?;
+            let replicas = policy.replicas.get(version).copied();
+            if let Some(n) = replicas {
+                record.settings.replicas = n;
+            }
             let reusable = current
                 .as_ref()
                 .and_then(|r| r.pools.get(version))
                 .filter(|p| p.settings == record.settings);
             let pool = match reusable {
                 Some(p) => p.clone(),
-                None => Arc::new(self.start_pool(&record).await?),
+                None => Arc::new(self.start_pool(&record, replicas).await?),
             };
             pools.insert(version.clone(), pool);
         }
@@ -403,7 +407,13 @@ impl Controller {
 
     /// Starts every replica of a version and warms each one up; nothing is
     /// returned (or published) unless all are ready.
-    async fn start_pool(&self, record: &VersionRecord) -> Result<VersionPool, ControlError> {
+    /// `replicas` is the route's override: for a remote version, how many of
+    /// its endpoints to use (default: all).
+    async fn start_pool(
+        &self,
+        record: &VersionRecord,
+        override_replicas: Option<u32>,
+    ) -> Result<VersionPool, ControlError> {
         let start_err = |reason: String| ControlError::Start {
             model: record.model.clone(),
             version: record.version.clone(),
@@ -441,7 +451,11 @@ impl Controller {
                 }
             }
             Source::Remote { endpoints } => {
-                for url in endpoints {
+                // A route may run a version on fewer of its endpoints (a
+                // rolling update's batches); by default, all of them.
+                let n = override_replicas
+                    .map_or(endpoints.len(), |n| (n as usize).min(endpoints.len()));
+                for url in endpoints.iter().take(n) {
                     let target = RemoteTarget::parse(url, &record.model).map_err(start_err)?;
                     let client = RemoteClient::new(target, self.http.clone());
                     tokio::time::timeout(record.settings.timeout.0, client.infer(&warmup))

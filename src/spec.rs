@@ -217,6 +217,10 @@ pub struct QaSpec {
     /// JSON Lines of V2 request bodies with a `label` (a path, relative to
     /// the spec file; the CLI sends its content).
     pub dataset: String,
+    /// The dataset's content, as the CLI sends it; without it the server
+    /// reads `dataset` from its own disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     pub output: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_accuracy: Option<f64>,

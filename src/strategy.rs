@@ -9,8 +9,11 @@
 //! [`basic`], [`multi`], [`canary`].
 
 pub mod basic;
+pub mod blue_green;
 pub mod canary;
 pub mod multi;
+pub mod rolling;
+pub mod shadow;
 
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +88,36 @@ pub struct RolloutState {
     pub route: RoutePolicy,
     pub analysis: AnalysisProgress,
     pub message: String,
+    /// Shadow comparisons counted since mirroring began.
+    #[serde(default)]
+    pub shadow: ShadowProgress,
+    /// The blue-green QA gate's result, once it ran.
+    #[serde(default)]
+    pub qa: Option<crate::analysis::qa::QaResult>,
+    /// Why a rolling update is taking its batches back (after a failed batch).
+    #[serde(default)]
+    pub rolling_back: Option<String>,
+}
+
+/// Shadow comparisons accumulated window by window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowProgress {
+    pub agree: u64,
+    pub disagree: u64,
+    /// Copies the shadow failed to answer.
+    pub errors: u64,
+    /// Copies dropped because the shadow was saturated.
+    pub dropped: u64,
+}
+
+impl ShadowProgress {
+    pub fn compared(&self) -> u64 {
+        self.agree + self.disagree
+    }
+
+    pub fn agreement(&self) -> Option<f64> {
+        (self.compared() > 0).then(|| self.agree as f64 / self.compared() as f64)
+    }
 }
 
 /// A person's (or a pipeline's) command.
@@ -105,6 +138,10 @@ pub struct Observations {
     pub command: Option<(Command, String)>,
     /// Publishing the last route failed (a version could not start).
     pub route_failed: Option<String>,
+    /// Shadow comparisons of the window that just closed.
+    pub shadow_window: Option<ShadowProgress>,
+    /// The QA gate's result, when it just ran.
+    pub qa: Option<crate::analysis::qa::QaResult>,
 }
 
 /// An event to record: kind and a sentence a person can read.
@@ -171,8 +208,14 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
         step_started_ms: now_ms,
         before: current.clone(),
         route: current.clone(),
-        analysis: AnalysisProgress::default(),
+        analysis: AnalysisProgress {
+            last_at_ms: now_ms,
+            ..AnalysisProgress::default()
+        },
         message: "starting".into(),
+        shadow: ShadowProgress::default(),
+        qa: None,
+        rolling_back: None,
     }
 }
 
@@ -181,19 +224,49 @@ pub fn steps(spec: &RolloutSpec) -> Vec<String> {
     match &spec.strategy {
         Strategy::Canary(c) => canary::steps(c),
         Strategy::Multi(_) | Strategy::Basic(_) => vec!["switch".into(), "done".into()],
-        other => vec![format!("{} is not available yet", other.name())],
+        Strategy::Rolling(r) => rolling::steps(r),
+        Strategy::BlueGreen(_) => blue_green::STEPS.iter().map(|s| s.to_string()).collect(),
+        Strategy::Shadow(sh) => shadow::steps(sh),
+    }
+}
+
+/// Which role's telemetry is the candidate's, for analysis: mirrored copies
+/// for a shadow, staging traffic for a blue-green candidate before
+/// promotion, production traffic otherwise.
+pub fn candidate_role(spec: &RolloutSpec, state: &RolloutState) -> crate::metrics::Role {
+    use crate::metrics::Role;
+    let route = &state.route;
+    if route
+        .shadow
+        .as_ref()
+        .is_some_and(|s| s.version == spec.version)
+    {
+        Role::Shadow
+    } else if route.staging.as_deref() == Some(spec.version.as_str()) {
+        Role::Staging
+    } else if route.stable == spec.version {
+        Role::Stable
+    } else {
+        Role::Candidate
     }
 }
 
 /// Whether the candidate takes traffic now, so analysis windows count.
 pub fn analysing(spec: &RolloutSpec, state: &RolloutState) -> bool {
-    state.phase.is_active()
-        && spec.analysis.is_some()
-        && state
-            .route
-            .candidate
+    let route = &state.route;
+    let takes_traffic = route
+        .candidate
+        .as_ref()
+        .is_some_and(|c| c.version == spec.version && c.weight > 0.0)
+        || route
+            .shadow
             .as_ref()
-            .is_some_and(|c| c.version == spec.version && c.weight > 0.0)
+            .is_some_and(|s| s.version == spec.version)
+        || route.staging.as_deref() == Some(spec.version.as_str())
+        || (route.stable == spec.version && matches!(spec.strategy, Strategy::BlueGreen(_)));
+    // A shadow counts comparisons every window, with or without checks.
+    let counts = matches!(spec.strategy, Strategy::Shadow(_));
+    state.phase.is_active() && takes_traffic && (spec.analysis.is_some() || counts)
 }
 
 /// One planning pass.
@@ -205,6 +278,25 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
         requeue_ms: None,
     };
     if !state.phase.is_active() {
+        return p;
+    }
+    if let (Some(why), Strategy::Rolling(_)) = (&obs.route_failed, &spec.strategy) {
+        if p.state.rolling_back.is_none() {
+            p.state.rolling_back = Some(format!("a batch could not start: {why}"));
+            // The failed route was never published: the previous batch serves.
+            let done = p.state.step.saturating_sub(1) as u32; // batches fully up
+            if let Strategy::Rolling(r) = &spec.strategy {
+                let previous = rolling::route_for(
+                    &p.state.before,
+                    spec,
+                    r.replicas,
+                    (done * r.batch_size).min(r.replicas),
+                );
+                p.state.route = previous;
+                p.state.step_started_ms = now_ms;
+            }
+            p.event("batch_failed", format!("batch failed: {why}; rolling back"));
+        }
         return p;
     }
     if let Some(why) = &obs.route_failed {
@@ -246,7 +338,20 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
             Command::Promote { .. } => {}
         }
     }
-    if let Some(verdict) = &obs.verdict {
+    if let Some(w) = &obs.shadow_window {
+        let sp = &mut p.state.shadow;
+        sp.agree += w.agree;
+        sp.disagree += w.disagree;
+        sp.errors += w.errors;
+        sp.dropped += w.dropped;
+    }
+    if let Some(qa) = &obs.qa {
+        p.state.qa = Some(qa.clone());
+    }
+    if obs.verdict.is_some() || obs.shadow_window.is_some() {
+        p.state.analysis.last_at_ms = now_ms;
+    }
+    if let Some(verdict) = obs.verdict.as_ref().filter(|_| spec.analysis.is_some()) {
         let a = &mut p.state.analysis;
         a.last = Some(verdict.clone());
         a.last_at_ms = now_ms;
@@ -287,7 +392,12 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                 a.consecutive_failures += 1;
                 a.consecutive_inconclusive = 0;
                 let n = a.consecutive_failures;
-                if n >= limits.failure_limit {
+                if let Strategy::Rolling(_) = &spec.strategy {
+                    if p.state.rolling_back.is_none() {
+                        p.state.rolling_back = Some(format!("analysis failed: {}", verdict.reason));
+                        p.state.step_started_ms = now_ms;
+                    }
+                } else if n >= limits.failure_limit {
                     let requests = verdict.candidate_requests;
                     p.end_restored(
                         Phase::Aborted,
@@ -330,15 +440,10 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
     match &spec.strategy {
         Strategy::Basic(_) => basic::plan(spec, &mut p, now_ms),
         Strategy::Multi(m) => multi::plan(spec, m, &mut p, now_ms),
-        Strategy::Canary(c) => canary::plan(spec, c, &mut p, promote, now_ms),
-        other => p.end_restored(
-            Phase::Failed,
-            "failed",
-            format!(
-                "failed: the {} strategy is not available in this version of Ferry",
-                other.name()
-            ),
-        ),
+        Strategy::Canary(c) => canary::plan(spec, c, &mut p, promote, 0, now_ms),
+        Strategy::Rolling(r) => rolling::plan(spec, r, &mut p, promote, now_ms),
+        Strategy::BlueGreen(b) => blue_green::plan(spec, b, &mut p, promote, now_ms),
+        Strategy::Shadow(sh) => shadow::plan(spec, sh, &mut p, promote, now_ms),
     }
     p
 }

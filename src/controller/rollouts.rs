@@ -10,11 +10,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{ControlError, Controller, external};
+use crate::analysis::qa::QaResult;
 use crate::analysis::{self, CheckResult, Outcome};
 use crate::gateway::RoutePolicy;
 use crate::metrics::Role;
 use crate::registry::RegistryError;
-use crate::spec::{BasicSpec, RolloutSpec, Strategy};
+use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
 use crate::store::{NewEvent, NotCreated, RolloutRecord};
 use crate::strategy::{self, Command, Observations, Phase, Waiting};
 
@@ -134,15 +135,6 @@ impl Controller {
                     active.kind,
                     active.spec.version,
                     active.state.phase.as_str()
-                )));
-            }
-            if !matches!(
-                spec.strategy,
-                Strategy::Basic(_) | Strategy::Multi(_) | Strategy::Canary(_)
-            ) {
-                return Err(ControlError::Invalid(format!(
-                    "the {} strategy is not available in this version of Ferry yet (basic, multi and canary are)",
-                    spec.strategy.name()
                 )));
             }
             let candidate = self.registry.version(&model, &spec.version)?;
@@ -421,10 +413,15 @@ impl Controller {
     /// Drives every active rollout: timers, and an analysis window every
     /// `interval` while the candidate takes traffic. Runs until the process ends.
     pub async fn run_rollouts(self: Arc<Self>) {
+        let mut ticks: u64 = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if !self.is_ready() {
                 continue;
+            }
+            ticks += 1;
+            if ticks % 5 == 0 {
+                self.expire_warm().await;
             }
             let active = match self.registry.store().active_rollouts() {
                 Ok(a) => a,
@@ -448,18 +445,26 @@ impl Controller {
             let spec = record.spec.analysis.clone().unwrap_or_default();
             let interval = spec.interval.0;
             if now >= record.state.analysis.last_at_ms + interval.as_millis() as u64 {
-                let candidate = self.telemetry.summary(
-                    &record.model,
-                    &record.spec.version,
-                    Role::Candidate,
-                    interval,
-                );
+                let role = strategy::candidate_role(&record.spec, &record.state);
+                let candidate =
+                    self.telemetry
+                        .summary(&record.model, &record.spec.version, role, interval);
+                // The stable arm is the version that served production when
+                // the rollout began.
                 let stable = self.telemetry.summary(
                     &record.model,
-                    &record.state.route.stable,
+                    &record.state.before.stable,
                     Role::Stable,
                     interval,
                 );
+                if role == Role::Shadow {
+                    obs.shadow_window = Some(strategy::ShadowProgress {
+                        agree: candidate.agree,
+                        disagree: candidate.disagree,
+                        errors: candidate.errors,
+                        dropped: candidate.dropped,
+                    });
+                }
                 let checks = record.spec.checks();
                 let external =
                     external::fetch(&self.http, &record, &checks, &candidate, &stable).await;
@@ -476,6 +481,9 @@ impl Controller {
                 obs.verdict = Some(verdict);
             }
         }
+        if let Some(qa) = self.qa_due(&record) {
+            obs.qa = Some(qa.await);
+        }
         let _guard = self.lock.lock().await;
         // Re-read under the lock: a command may have changed it meanwhile.
         let Some(current) = self.registry.store().rollout(record.id)? else {
@@ -484,7 +492,7 @@ impl Controller {
         if !current.state.phase.is_active() {
             return Ok(());
         }
-        if obs.verdict.is_none() {
+        if obs.verdict.is_none() && obs.qa.is_none() && obs.shadow_window.is_none() {
             let plan = strategy::plan(&current.spec, &current.state, &obs, now_ms());
             // A countdown only changes the message: nothing to persist (the
             // status computes it live).
@@ -496,6 +504,101 @@ impl Controller {
         }
         self.step(current, obs).await?;
         Ok(())
+    }
+
+    /// The QA gate to run now, if the rollout waits for one.
+    fn qa_due(&self, record: &RolloutRecord) -> Option<impl Future<Output = QaResult> + '_> {
+        let Strategy::BlueGreen(b) = &record.spec.strategy else {
+            return None;
+        };
+        let qa = b.qa.clone()?;
+        if record.state.step != 1 || record.state.qa.is_some() || !record.state.phase.is_active() {
+            return None;
+        }
+        let (model, version) = (record.model.clone(), record.spec.version.clone());
+        Some(async move { self.run_qa(&model, &version, &qa).await })
+    }
+
+    /// Runs the labelled dataset against green's replicas (directly, not as
+    /// staging traffic) and judges the answers.
+    async fn run_qa(&self, model: &str, version: &str, qa: &QaSpec) -> QaResult {
+        let refused = |reason: String| QaResult {
+            rows: 0,
+            failures: 0,
+            accuracy: None,
+            mean_abs_error: None,
+            passed: false,
+            reason,
+        };
+        let text = match &qa.content {
+            Some(c) => c.clone(),
+            None => match std::fs::read_to_string(&qa.dataset) {
+                Ok(t) => t,
+                Err(e) => {
+                    return refused(format!(
+                        "QA dataset {} cannot be read on the server ({e}); `ferry apply` sends the file's content with the spec",
+                        qa.dataset
+                    ));
+                }
+            },
+        };
+        let rows = match analysis::qa::parse_dataset(&text) {
+            Ok(r) => r,
+            Err(e) => return refused(e),
+        };
+        let Some(pool) = self
+            .routes
+            .model(model)
+            .and_then(|r| r.pools.get(version).cloned())
+        else {
+            return refused(format!("green (version {version}) is not loaded"));
+        };
+        let mut answers = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let body = serde_json::to_vec(&row.request).unwrap_or_default();
+            let answer = match crate::protocol::decode_request(&body, None) {
+                Ok(req) if pool.signature.check_inputs(&req.inputs).is_ok() => {
+                    pool.infer(req.inputs, pool.timeout()).await.ok()
+                }
+                _ => None,
+            };
+            answers.push(answer);
+        }
+        let labels: Vec<f64> = rows.iter().map(|r| r.label).collect();
+        analysis::qa::judge(qa, &labels, &answers)
+    }
+
+    /// Unloads versions a route kept warm once their time is up (blue after
+    /// a blue-green switch), unless a rollout owns the model.
+    pub(super) async fn expire_warm(&self) {
+        let now = now_ms();
+        for (model, route) in self.routes.snapshot_policies() {
+            if !route.warm.iter().any(|w| w.until_ms <= now) {
+                continue;
+            }
+            let _guard = self.lock.lock().await;
+            let active = self
+                .registry
+                .store()
+                .rollouts(&model, 1)
+                .map(|r| r.iter().any(|r| r.state.phase.is_active()))
+                .unwrap_or(true);
+            if active {
+                continue;
+            }
+            let mut next = route.clone();
+            let gone: Vec<String> = next
+                .warm
+                .iter()
+                .filter(|w| w.until_ms <= now)
+                .map(|w| w.version.clone())
+                .collect();
+            next.warm.retain(|w| w.until_ms > now);
+            let who = format!("scale-down of {} after its delay", gone.join(", "));
+            if let Err(e) = self.apply(&model, Some((next, &who))).await {
+                tracing::warn!(model = %model, "scale-down failed: {e}");
+            }
+        }
     }
 
     /// After a restart: make the published routes match what each active

@@ -2,7 +2,7 @@
 //! is data — the controller writes it (and persists it), the gateway reads it
 //! — never branches scattered in handlers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,22 @@ pub struct RoutePolicy {
     /// A version receiving mirrored copies of production requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowPolicy>,
+    /// Versions kept loaded and warm without traffic (a blue version after a
+    /// blue-green switch), until the given time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<WarmVersion>,
+    /// Replica counts for this route, overriding versions' own settings
+    /// (a rolling update's pool split).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, u32>,
+}
+
+/// A version kept loaded without traffic until `until_ms` (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmVersion {
+    pub version: String,
+    pub until_ms: u64,
 }
 
 /// The candidate's share of production traffic.
@@ -150,6 +166,8 @@ impl RoutePolicy {
             breaker: BreakerSettings::default(),
             timeout: None,
             shadow: None,
+            warm: Vec::new(),
+            replicas: BTreeMap::new(),
         }
     }
 
@@ -167,6 +185,7 @@ impl RoutePolicy {
         if let Some(s) = &self.shadow {
             v.insert(s.version.as_str());
         }
+        v.extend(self.warm.iter().map(|w| w.version.as_str()));
         v
     }
 
@@ -191,6 +210,12 @@ impl RoutePolicy {
         }
         if let Some(sh) = &self.shadow {
             parts.push(format!("shadow {} mirroring {}%", sh.version, sh.percent));
+        }
+        for w in &self.warm {
+            parts.push(format!("{} kept warm", w.version));
+        }
+        for (v, n) in &self.replicas {
+            parts.push(format!("{v} on {n} replicas"));
         }
         parts.join("; ")
     }
@@ -250,6 +275,11 @@ impl RoutePolicy {
                 && (s.compare.tolerance.is_nan() || s.compare.tolerance < 0.0)
             {
                 return Err("shadow.compare.tolerance must be 0 or more".into());
+            }
+        }
+        for (v, n) in &self.replicas {
+            if *n == 0 || *n > 64 {
+                return Err(format!("replicas[{v}] must be between 1 and 64, not {n}"));
             }
         }
         let b = &self.breaker;

@@ -53,6 +53,15 @@ impl RouteTable {
         RouteTable::default()
     }
 
+    /// Every model's current policy.
+    pub fn snapshot_policies(&self) -> Vec<(String, RoutePolicy)> {
+        self.models
+            .load()
+            .iter()
+            .map(|(m, r)| (m.clone(), r.policy.clone()))
+            .collect()
+    }
+
     pub fn model(&self, model: &str) -> Option<Arc<ModelRoute>> {
         self.models.load().get(model).cloned()
     }

@@ -2,6 +2,9 @@
 //! the candidate), `pause` (timed, or until `promote`), `analysis` (a gate
 //! that waits for passing verdicts) — with optional stickiness and cohort.
 //! After the last step the candidate takes all traffic and becomes stable.
+//!
+//! A shadow rollout with `then: canary` continues here: `offset` is the
+//! number of steps before the canary's (they keep their numbering).
 
 use super::{Phase, Plan, Waiting, succeed};
 use crate::gateway::RoutePolicy;
@@ -40,9 +43,11 @@ pub fn plan(
     c: &CanarySpec,
     p: &mut Plan,
     promote: Option<(bool, String)>,
+    offset: usize,
     now_ms: u64,
 ) {
     let n = c.steps.len();
+    let total = offset + n + 1;
     let cohort = if c.matches.is_empty() {
         String::new()
     } else {
@@ -51,28 +56,26 @@ pub fn plan(
     if let Some((full, who)) = promote {
         p.state.phase = Phase::Progressing;
         p.state.waiting_for = None;
+        let i = p.state.step.saturating_sub(offset);
         if full {
-            p.state.step = n;
+            p.state.step = offset + n;
             p.event("promoted", format!("promoted to the end by {who}"));
-        } else if p.state.step < n {
-            let from = p.state.step;
-            let waits = matches!(c.steps[from], Step::Pause(_) | Step::Analysis(_));
-            if waits {
+        } else if i < n {
+            if matches!(c.steps[i], Step::Pause(_) | Step::Analysis(_)) {
                 advance(p, now_ms);
             }
             p.event(
                 "promoted",
                 format!(
-                    "promoted past step {}/{} ({}) by {who}",
-                    from + 1,
-                    n + 1,
-                    c.steps[from].describe()
+                    "promoted past step {}/{total} ({}) by {who}",
+                    offset + i + 1,
+                    c.steps[i].describe()
                 ),
             );
         }
     }
     loop {
-        let i = p.state.step;
+        let i = p.state.step.saturating_sub(offset);
         if i > n {
             succeed(p, spec);
             return;
@@ -82,28 +85,24 @@ pub fn plan(
             route.timeout = p.state.before.timeout;
             route.breaker = p.state.before.breaker.clone();
             p.set_route(route);
-            p.state.step = n + 1;
+            p.state.step = offset + n + 1;
             p.state.step_started_ms = now_ms;
             p.requeue_ms = Some(0);
             p.event(
                 "step",
                 format!(
-                    "step {}/{}: promoting: version {} takes all traffic",
-                    n + 1,
-                    n + 1,
+                    "step {total}/{total}: promoting: version {} takes all traffic",
                     spec.version
                 ),
             );
             return;
         }
+        let shown = offset + i + 1;
         match &c.steps[i] {
             Step::Weight(w) => {
                 let route = route_at(&p.state.before, spec, c, *w);
                 p.set_route(route);
-                p.event(
-                    "step",
-                    format!("step {}/{}: weight {w}%{cohort}", i + 1, n + 1),
-                );
+                p.event("step", format!("step {shown}/{total}: weight {w}%{cohort}"));
                 advance(p, now_ms);
                 p.requeue_ms = Some(0);
                 // Publish this weight before taking further steps.
@@ -116,7 +115,7 @@ pub fn plan(
                     continue;
                 }
                 let left = (end - now_ms).div_ceil(1000);
-                p.state.message = format!("step {}/{}: pause {d}, {left}s left", i + 1, n + 1);
+                p.state.message = format!("step {shown}/{total}: pause {d}, {left}s left");
                 p.requeue_ms = Some(end - now_ms);
                 return;
             }
@@ -126,9 +125,7 @@ pub fn plan(
                         Waiting::Promote,
                         "paused",
                         format!(
-                            "step {}/{}: waiting for `ferry promote {}`",
-                            i + 1,
-                            n + 1,
+                            "step {shown}/{total}: waiting for `ferry promote {}`",
                             spec.model
                         ),
                     );
@@ -140,9 +137,7 @@ pub fn plan(
                     p.event(
                         "step",
                         format!(
-                            "step {}/{}: analysis gate passed ({} passing windows)",
-                            i + 1,
-                            n + 1,
+                            "step {shown}/{total}: analysis gate passed ({} passing windows)",
                             gate.passes
                         ),
                     );
@@ -150,11 +145,8 @@ pub fn plan(
                     continue;
                 }
                 p.state.message = format!(
-                    "step {}/{}: analysis gate, {} passing windows of {}",
-                    i + 1,
-                    n + 1,
-                    p.state.analysis.gate_passes,
-                    gate.passes
+                    "step {shown}/{total}: analysis gate, {} passing windows of {}",
+                    p.state.analysis.gate_passes, gate.passes
                 );
                 p.requeue_ms = Some(1_000);
                 return;

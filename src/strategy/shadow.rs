@@ -1,0 +1,197 @@
+//! shadow: the candidate receives copies of `mirror_percent` of production
+//! requests; users only get stable's answers. Comparisons accumulate window by
+//! window; with at least `min_comparisons` pairs agreeing at ≥
+//! `min_agreement` (and analysis passing, when configured), `then` decides:
+//! `promote`, `manual` (wait for a person) or `canary` (real users next).
+//! Too little agreement with enough pairs aborts, with the numbers.
+//!
+//! Steps: 0 mirroring, 1 decided, then the canary's steps (offset 2).
+
+use super::{Phase, Plan, Waiting, canary, succeed};
+use crate::analysis::Outcome;
+use crate::gateway::RoutePolicy;
+use crate::gateway::policy::{Compare, ShadowPolicy};
+use crate::spec::{RolloutSpec, ShadowSpec, ShadowThen};
+
+pub fn steps(sh: &ShadowSpec) -> Vec<String> {
+    let mut v = vec!["mirroring".to_string(), "decided".to_string()];
+    if let Some(c) = &sh.canary {
+        v.extend(canary::steps(c));
+    }
+    v
+}
+
+fn total(sh: &ShadowSpec) -> usize {
+    steps(sh).len()
+}
+
+fn mirroring(before: &RoutePolicy, spec: &RolloutSpec, sh: &ShadowSpec) -> RoutePolicy {
+    let mut r = before.clone();
+    r.shadow = Some(ShadowPolicy {
+        version: spec.version.clone(),
+        percent: sh.mirror_percent,
+        compare: Compare {
+            output: sh.compare.output.clone(),
+            mode: sh.compare.mode,
+            tolerance: sh.compare.tolerance,
+        },
+        max_in_flight: 64,
+    });
+    r
+}
+
+/// The comparisons so far, in words.
+fn tally(p: &Plan) -> String {
+    let s = &p.state.shadow;
+    format!(
+        "{} comparisons, agreement {}, {} disagreed, {} shadow errors, {} copies dropped",
+        s.compared(),
+        s.agreement().map_or("-".into(), |a| format!("{a:.4}")),
+        s.disagree,
+        s.errors,
+        s.dropped
+    )
+}
+
+/// Acts on `then` once the shadow has proved itself (or a person promoted).
+fn decide(
+    spec: &RolloutSpec,
+    sh: &ShadowSpec,
+    p: &mut Plan,
+    promoted_by: Option<String>,
+    now_ms: u64,
+) {
+    let why = match &promoted_by {
+        Some(who) => format!("promoted by {who} ({})", tally(p)),
+        None => format!("shadow passed: {}", tally(p)),
+    };
+    match (sh.then, promoted_by.is_some()) {
+        (ShadowThen::Manual, false) => {
+            if p.state.waiting_for != Some(Waiting::Promote) {
+                p.pause(
+                    Waiting::Promote,
+                    "paused",
+                    format!(
+                        "step 1/{}: {why}; waiting for `ferry promote {}`",
+                        total(sh),
+                        spec.model
+                    ),
+                );
+            }
+        }
+        (ShadowThen::Canary, _) => {
+            let before = p.state.before.clone();
+            p.set_route(before);
+            p.state.phase = Phase::Progressing;
+            p.state.waiting_for = None;
+            p.state.step = 2;
+            p.state.step_started_ms = now_ms;
+            p.requeue_ms = Some(0);
+            p.event(
+                "step",
+                format!(
+                    "step 2/{}: {why}; continuing as a canary with real users",
+                    total(sh)
+                ),
+            );
+        }
+        _ => {
+            let mut route = RoutePolicy::stable_only(&spec.version);
+            route.timeout = p.state.before.timeout;
+            route.breaker = p.state.before.breaker.clone();
+            p.set_route(route);
+            p.state.phase = Phase::Progressing;
+            p.state.waiting_for = None;
+            p.state.step = 1;
+            p.requeue_ms = Some(0);
+            p.event(
+                "step",
+                format!(
+                    "step 2/{}: {why}; production switched to version {}",
+                    total(sh),
+                    spec.version
+                ),
+            );
+        }
+    }
+}
+
+pub fn plan(
+    spec: &RolloutSpec,
+    sh: &ShadowSpec,
+    p: &mut Plan,
+    promote: Option<(bool, String)>,
+    now_ms: u64,
+) {
+    if p.state.step >= 2 {
+        let c = sh
+            .canary
+            .as_ref()
+            .expect("then: canary has a canary block (validated)");
+        canary::plan(spec, c, p, promote, 2, now_ms);
+        return;
+    }
+    if p.state.step == 1 {
+        succeed(p, spec);
+        return;
+    }
+    let wanted = mirroring(&p.state.before, spec, sh);
+    if p.state.route.shadow.is_none() {
+        p.set_route(wanted);
+        p.event(
+            "step",
+            format!(
+                "step 1/{}: mirroring {}% of production to version {}; users only get version {}'s answers",
+                total(sh),
+                sh.mirror_percent,
+                spec.version,
+                p.state.before.stable
+            ),
+        );
+        return;
+    }
+    if let Some((_, who)) = promote {
+        decide(spec, sh, p, Some(who), now_ms);
+        return;
+    }
+    let compared = p.state.shadow.compared();
+    if compared < sh.min_comparisons {
+        p.state.message = format!(
+            "step 1/{}: mirroring: {} (need {})",
+            total(sh),
+            tally(p),
+            sh.min_comparisons
+        );
+        p.requeue_ms = Some(1_000);
+        return;
+    }
+    let agreement = p.state.shadow.agreement().unwrap_or(0.0);
+    if agreement < sh.min_agreement {
+        p.end_restored(
+            Phase::Aborted,
+            "aborted",
+            format!(
+                "aborted: shadow agreement {agreement:.4} < {} ({}); version {} keeps serving",
+                sh.min_agreement,
+                tally(p),
+                p.state.before.stable
+            ),
+        );
+        return;
+    }
+    let analysis_ok = spec.analysis.is_none()
+        || p.state
+            .analysis
+            .last
+            .as_ref()
+            .is_some_and(|v| v.outcome == Outcome::Pass);
+    if !analysis_ok {
+        p.state.message = format!(
+            "step 1/{}: agreement {agreement:.4} is enough; waiting for a passing analysis window",
+            total(sh)
+        );
+        p.requeue_ms = Some(1_000);
+        return;
+    }
+    decide(spec, sh, p, None, now_ms);
+}
