@@ -420,7 +420,7 @@ impl Controller {
                 continue;
             }
             ticks += 1;
-            if ticks % 5 == 0 {
+            if ticks.is_multiple_of(5) {
                 self.expire_warm().await;
             }
             let active = match self.registry.store().active_rollouts() {

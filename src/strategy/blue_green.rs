@@ -125,19 +125,16 @@ pub fn plan(
                 return;
             }
             _ => {
-                match b.post_promotion {
-                    Some(d) => {
-                        let end = p.state.step_started_ms + d.0.as_millis() as u64;
-                        if now_ms < end {
-                            p.state.message = format!(
-                                "step 5/5: post-promotion analysis, {}s left; failure switches back to blue (version {blue})",
-                                (end - now_ms).div_ceil(1000)
-                            );
-                            p.requeue_ms = Some(end - now_ms);
-                            return;
-                        }
+                if let Some(d) = b.post_promotion {
+                    let end = p.state.step_started_ms + d.0.as_millis() as u64;
+                    if now_ms < end {
+                        p.state.message = format!(
+                            "step 5/5: post-promotion analysis, {}s left; failure switches back to blue (version {blue})",
+                            (end - now_ms).div_ceil(1000)
+                        );
+                        p.requeue_ms = Some(end - now_ms);
+                        return;
                     }
-                    None => {}
                 }
                 succeed(p, spec);
                 return;
