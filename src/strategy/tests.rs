@@ -295,3 +295,243 @@ fn cohort_canaries_say_so_in_their_messages() {
         d.state.message
     );
 }
+
+fn window(agree: u64, disagree: u64) -> Observations {
+    Observations {
+        shadow_window: Some(ShadowProgress {
+            agree,
+            disagree,
+            errors: 0,
+            dropped: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+const SHADOW: &str = "strategy: { shadow: { mirror_percent: 100, compare: { output: probabilities }, min_comparisons: 100, min_agreement: 0.95, then: promote } }\n";
+
+#[test]
+fn a_shadow_that_agrees_is_promoted_and_users_never_saw_it() {
+    let mut d = Driver::new(spec(SHADOW));
+    d.idle();
+    let shadow = d.state.route.shadow.clone().expect("mirroring");
+    assert_eq!((shadow.version.as_str(), shadow.percent), ("2", 100.0));
+    assert_eq!(d.state.route.stable, "1", "users keep the stable answers");
+    d.tick(window(60, 1));
+    assert_eq!(
+        d.state.phase,
+        Phase::Progressing,
+        "61 comparisons are not enough"
+    );
+    d.tick(window(59, 1));
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("2"));
+}
+
+#[test]
+fn a_shadow_that_disagrees_is_aborted_with_the_numbers() {
+    let mut d = Driver::new(spec(SHADOW));
+    d.idle();
+    d.tick(window(61, 39));
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
+    assert!(
+        d.state
+            .message
+            .starts_with("aborted: shadow agreement 0.6100 < 0.95 (100 comparisons"),
+        "{}",
+        d.state.message
+    );
+}
+
+#[test]
+fn shadow_then_manual_waits_and_shadow_then_canary_hands_over() {
+    let mut d = Driver::new(spec(&SHADOW.replace("then: promote", "then: manual")));
+    d.idle();
+    d.tick(window(100, 0));
+    assert_eq!(
+        (d.state.phase, d.state.waiting_for),
+        (Phase::Paused, Some(Waiting::Promote))
+    );
+    d.tick(Observations {
+        command: Some((Command::Promote { full: false }, "ann".into())),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Succeeded);
+
+    let mut d = Driver::new(spec(&SHADOW.replace(
+        "then: promote",
+        "then: canary, canary: { steps: [ { weight: 10 }, { pause: 1m }, { weight: 100 } ] }",
+    )));
+    d.idle();
+    d.tick(window(100, 0));
+    assert!(
+        d.state.route.shadow.is_none(),
+        "mirroring ends when real users start"
+    );
+    assert_eq!(d.weight(), Some(10.0));
+    assert_eq!(steps(&d.spec)[d.state.step], "pause 1m");
+    d.now = 60_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    assert!(
+        d.events
+            .iter()
+            .any(|e| e.contains("continuing as a canary")),
+        "{:#?}",
+        d.events
+    );
+}
+
+const BLUE_GREEN: &str = "strategy: { blue_green: { qa: { dataset: holdout.jsonl, output: probabilities, min_accuracy: 0.9 }, auto_promote_after: 30s, scale_down_delay: 5m, post_promotion: 20s } }\nanalysis: { interval: 10s, failure_limit: 1 }\n";
+
+fn qa(passed: bool) -> Observations {
+    Observations {
+        qa: Some(crate::analysis::qa::QaResult {
+            rows: 171,
+            failures: 0,
+            accuracy: Some(if passed { 0.959 } else { 0.567 }),
+            mean_abs_error: None,
+            passed,
+            reason: format!(
+                "QA accuracy {} 0.9 on 171 rows (0 failed)",
+                if passed { "0.9590 >=" } else { "0.5670 <" }
+            ),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn blue_green_stages_checks_qa_promotes_and_keeps_blue_warm() {
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    d.idle();
+    assert_eq!(d.state.route.staging.as_deref(), Some("2"));
+    assert_eq!(d.state.route.stable, "1");
+    assert_eq!(d.state.step, 1, "waiting for the QA gate");
+    d.tick(qa(true));
+    assert_eq!(d.state.step, 2);
+    d.now = 29_000;
+    d.idle();
+    assert_eq!(d.state.route.stable, "1");
+    d.now = 30_000;
+    d.idle();
+    assert_eq!(d.state.route.stable, "2", "auto-promoted");
+    assert_eq!(d.state.route.warm[0].version, "1");
+    assert_eq!(d.state.route.warm[0].until_ms, 30_000 + 300_000);
+    assert_eq!(d.state.phase, Phase::Progressing, "post-promotion window");
+    d.now = 50_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+}
+
+#[test]
+fn blue_green_qa_failure_and_post_promotion_failure_go_back_to_blue() {
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    d.idle();
+    d.tick(qa(false));
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
+    assert!(
+        d.state.message.contains("QA accuracy 0.5670 < 0.9"),
+        "{}",
+        d.state.message
+    );
+
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    d.idle();
+    d.tick(qa(true));
+    d.tick(Observations {
+        command: Some((Command::Promote { full: false }, "ann".into())),
+        ..Default::default()
+    });
+    assert_eq!(d.state.route.stable, "2");
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Fail)),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(
+        d.state.route,
+        RoutePolicy::stable_only("1"),
+        "switched back to blue"
+    );
+}
+
+const ROLLING: &str = "strategy: { rolling: { replicas: 4, batch_size: 1, batch_pause: 10s } }\n";
+
+fn split_of(d: &Driver) -> (Option<u32>, Option<u32>, f64) {
+    let r = &d.state.route;
+    (
+        r.replicas.get("1").copied(),
+        r.replicas.get("2").copied(),
+        r.candidate
+            .as_ref()
+            .map_or(if r.stable == "2" { 100.0 } else { 0.0 }, |c| c.weight),
+    )
+}
+
+#[test]
+fn rolling_replaces_one_replica_per_batch() {
+    let mut d = Driver::new(spec(ROLLING));
+    d.idle();
+    assert_eq!(
+        split_of(&d),
+        (Some(3), Some(1), 25.0),
+        "scaled up to 4, then batch 1"
+    );
+    for (t, want) in [
+        (10_000, (Some(2), Some(2), 50.0)),
+        (20_000, (Some(1), Some(3), 75.0)),
+        (30_000, (None, Some(4), 100.0)),
+    ] {
+        d.now = t;
+        d.idle();
+        assert_eq!(split_of(&d), want, "at {t} ms");
+    }
+    d.now = 40_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    assert_eq!(d.state.route.stable, "2");
+}
+
+#[test]
+fn a_rolling_batch_that_fails_rolls_back_batch_by_batch() {
+    let mut d = Driver::new(spec(
+        &ROLLING.replace("batch_pause: 10s", "batch_pause: 10s, rollback: batch"),
+    ));
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    assert_eq!(split_of(&d).1, Some(2));
+    d.now = 20_000;
+    // Batch 3's replicas cannot start: the pass that publishes it fails.
+    let mut p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    while !p.publish {
+        p = plan(&d.spec, &p.state, &Observations::default(), d.now);
+    }
+    d.state = p.state;
+    assert_eq!(split_of(&d).1, Some(3));
+    d.tick(Observations {
+        route_failed: Some("replica 3 would not warm up".into()),
+        ..Default::default()
+    });
+    assert!(d.state.rolling_back.is_some());
+    assert_eq!(
+        split_of(&d).1,
+        Some(2),
+        "back to the last batch that was up"
+    );
+    d.now = 30_000;
+    d.idle();
+    assert_eq!(split_of(&d).1, Some(1));
+    d.now = 40_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(split_of(&d), (Some(4), None, 0.0));
+    assert!(
+        d.state.message.contains("replica 3 would not warm up"),
+        "{}",
+        d.state.message
+    );
+}
