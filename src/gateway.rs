@@ -146,7 +146,7 @@ impl Gateway {
         // Production requests (those the stable version serves) are the ones
         // mirrored to a shadow and protected by the failover chain.
         let shadow = (role == Role::Stable)
-            .then(|| mirror::Mirror::start(&route, &call.inputs))
+            .then(|| mirror::Mirror::start(&route, &call.inputs, call.id))
             .flatten();
         let chain: Vec<&Arc<VersionPool>> = if role == Role::Stable {
             std::iter::once(pool)

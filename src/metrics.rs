@@ -344,10 +344,24 @@ impl Metrics {
 /// A version's series, one slot per [`Role`].
 type RoleSeries = [Option<Arc<Series>>; 6];
 
+/// A shadow answer that disagreed with production's, kept as an example.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Disagreement {
+    pub id: String,
+    #[schema(value_type = Object)]
+    pub primary: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub shadow: serde_json::Value,
+}
+
+/// Disagreements kept per shadow version.
+const EXAMPLES: usize = 5;
+
 /// The time-window series of every model, version and role.
 #[derive(Default)]
 pub struct Telemetry {
     series: RwLock<HashMap<String, HashMap<String, RoleSeries>>>,
+    examples: Mutex<HashMap<(String, String), std::collections::VecDeque<Disagreement>>>,
 }
 
 /// One series' summary, as the metrics API lists it.
@@ -393,6 +407,26 @@ impl Telemetry {
             .and_then(|m| m.get(version))
             .and_then(|roles| roles[role.index()].clone());
         series.map_or_else(Summary::default, |s| s.complete_summary(unix_now(), window))
+    }
+
+    /// Keeps a disagreement as an example (the most recent few per version).
+    pub fn record_disagreement(&self, model: &str, version: &str, example: Disagreement) {
+        let mut all = self.examples.lock().unwrap_or_else(|p| p.into_inner());
+        let list = all
+            .entry((model.to_string(), version.to_string()))
+            .or_default();
+        list.push_back(example);
+        while list.len() > EXAMPLES {
+            list.pop_front();
+        }
+    }
+
+    /// The latest disagreements of a shadow version.
+    pub fn disagreements(&self, model: &str, version: &str) -> Vec<Disagreement> {
+        let all = self.examples.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&(model.to_string(), version.to_string()))
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Summaries of every series of a model over the last `window`.

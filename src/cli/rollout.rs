@@ -218,7 +218,9 @@ pub fn deploy_spec(a: &DeployArgs) -> anyhow::Result<RolloutSpec> {
         analysis.insert("checks".into(), json!(checks));
         spec["analysis"] = Value::Object(analysis);
     }
-    RolloutSpec::from_yaml(&spec.to_string()).map_err(|e| anyhow::anyhow!(e))
+    let mut spec = RolloutSpec::from_yaml(&spec.to_string()).map_err(|e| anyhow::anyhow!(e))?;
+    embed_qa_dataset(&mut spec, std::path::Path::new(""))?;
+    Ok(spec)
 }
 
 fn print_json(v: &Value) {
@@ -265,12 +267,32 @@ pub async fn send_spec(client: &Client, spec: &RolloutSpec, output: Output) -> a
     Ok(())
 }
 
+/// Puts the QA dataset's content into the spec (its path is relative to
+/// `base`), so the gate works against a remote server.
+fn embed_qa_dataset(spec: &mut RolloutSpec, base: &std::path::Path) -> anyhow::Result<()> {
+    if let crate::spec::Strategy::BlueGreen(b) = &mut spec.strategy
+        && let Some(qa) = &mut b.qa
+        && qa.content.is_none()
+    {
+        let path = base.join(&qa.dataset);
+        qa.content = Some(std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read the QA dataset {} (qa.dataset is relative to the spec file)",
+                path.display()
+            )
+        })?);
+    }
+    Ok(())
+}
+
 /// `ferry apply -f FILE`.
 pub async fn apply(client: &Client, file: &PathBuf, output: Output) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let spec =
+    let mut spec =
         RolloutSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let base = file.parent().map(PathBuf::from).unwrap_or_default();
+    embed_qa_dataset(&mut spec, &base)?;
     send_spec(client, &spec, output).await
 }
 
@@ -359,6 +381,40 @@ fn render_status(v: &Value, events: &[Value]) -> String {
         out.push(format!("observed  {}", bar(&v["observed"], 40)));
     }
     out.push(format!("message   {}", str_of(&v["message"])));
+    if let Some(s) = v["staging"].as_str() {
+        out.push(format!(
+            "staging   version {s} (requests with x-ferry-env: staging)"
+        ));
+    }
+    if let Some(q) = v["qa"].as_object() {
+        out.push(format!("qa        {}", str_of(&q["reason"])));
+    }
+    if let Some(sh) = v["shadow"].as_object() {
+        out.push(format!(
+            "shadow    {} comparisons, agreement {}, {} disagreed, {} errors, {} dropped",
+            str_of(&sh["comparisons"]),
+            sh["agreement"]
+                .as_f64()
+                .map_or("-".into(), |a| format!("{a:.4}")),
+            str_of(&sh["disagree"]),
+            str_of(&sh["errors"]),
+            str_of(&sh["dropped"])
+        ));
+        for e in sh["examples"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .take(3)
+        {
+            out.push(format!(
+                "  disagreed on {}: production {} vs shadow {}",
+                str_of(&e["id"]),
+                e["primary"]["data"],
+                e["shadow"]["data"]
+            ));
+        }
+    }
     if let Some(a) = v["analysis"].as_object() {
         out.push(format!(
             "analysis  {} over {}: {} ({} candidate / {} stable requests)",

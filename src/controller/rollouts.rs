@@ -48,6 +48,18 @@ pub struct AnalysisView {
     pub consecutive_inconclusive: u32,
 }
 
+/// A shadow rollout's comparisons so far.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ShadowView {
+    pub comparisons: u64,
+    pub agreement: Option<f64>,
+    pub disagree: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    /// The latest disagreements (request id and both outputs).
+    pub examples: Vec<crate::metrics::Disagreement>,
+}
+
 /// The last rollout when none is active, so a watcher can tell how it ended.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LastRollout {
@@ -79,6 +91,15 @@ pub struct Status {
     pub analysis: Option<AnalysisView>,
     pub updated_at: Option<String>,
     pub last_rollout: Option<LastRollout>,
+    /// Shadow rollouts: agreement so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowView>,
+    /// Blue-green rollouts: the QA gate's result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qa: Option<QaResult>,
+    /// Blue-green rollouts: the version in staging.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staging: Option<String>,
 }
 
 /// The rollout's message as of now: a pause's countdown is computed from its
@@ -672,6 +693,9 @@ impl Controller {
                     phase: l.state.phase,
                     message: l.state.message,
                 }),
+                shadow: None,
+                qa: None,
+                staging: route.staging.clone(),
             });
         };
         let interval = r
@@ -704,6 +728,16 @@ impl Controller {
             }),
             updated_at: Some(r.updated_at.clone()),
             last_rollout: None,
+            shadow: matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
+                comparisons: r.state.shadow.compared(),
+                agreement: r.state.shadow.agreement(),
+                disagree: r.state.shadow.disagree,
+                errors: r.state.shadow.errors,
+                dropped: r.state.shadow.dropped,
+                examples: self.telemetry.disagreements(model, &r.spec.version),
+            }),
+            qa: r.state.qa.clone(),
+            staging: r.state.route.staging.clone(),
         })
     }
 

@@ -22,7 +22,7 @@ pub struct Mirror {
 impl Mirror {
     /// Decides whether to mirror this request (by the policy's percentage and
     /// the free slots) and, if so, sends the copy at once.
-    pub fn start(route: &ModelRoute, inputs: &[Tensor]) -> Option<Mirror> {
+    pub fn start(route: &ModelRoute, inputs: &[Tensor], id: &str) -> Option<Mirror> {
         let policy = route.policy.shadow.as_ref()?;
         if fastrand::f64() * 100.0 >= policy.percent {
             return None;
@@ -36,6 +36,7 @@ impl Mirror {
         let (primary, primary_answer) = oneshot::channel::<Option<Tensor>>();
         let inputs = inputs.to_vec();
         let compare = policy.compare.clone();
+        let id = id.to_string();
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
@@ -58,7 +59,12 @@ impl Mirror {
                 (Ok(shadow), Some(p)) => Some(
                     match compare::agree(std::slice::from_ref(&p), shadow, &compare) {
                         Some(true) => Comparison::Agree,
-                        Some(false) => Comparison::Disagree,
+                        Some(false) => {
+                            if let Some(s) = shadow.iter().find(|t| t.name == compare.output) {
+                                pool.record_disagreement(&id, &p, s);
+                            }
+                            Comparison::Disagree
+                        }
                         None => Comparison::Error,
                     },
                 ),

@@ -118,6 +118,21 @@ impl VersionPool {
         });
     }
 
+    /// Keeps an example of this (shadow) version disagreeing with production.
+    pub fn record_disagreement(&self, id: &str, primary: &Tensor, shadow: &Tensor) {
+        let json =
+            |t: &Tensor| serde_json::json!({"name": t.name, "shape": t.shape, "data": t.data});
+        self.telemetry.record_disagreement(
+            &self.model,
+            &self.version,
+            crate::metrics::Disagreement {
+                id: id.to_string(),
+                primary: json(primary),
+                shadow: json(shadow),
+            },
+        );
+    }
+
     /// Records a shadow comparison or a dropped copy on this (shadow) version.
     pub fn record_shadow(&self, f: impl FnOnce(&mut crate::metrics::window::Bucket)) {
         self.series(Role::Shadow).record(unix_now(), f);

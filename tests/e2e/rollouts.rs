@@ -629,8 +629,8 @@ async fn invalid_specs_and_commands_are_refused_with_reasons() {
             "already the stable version",
         ),
         (
-            "model: cancer\nversion: \"2\"\nstrategy: { rolling: { replicas: 2 } }\n",
-            "not available in this version of Ferry yet",
+            "model: cancer\nversion: \"2\"\nstrategy: { blue_green: { qa: { dataset: missing.jsonl, output: probabilities, min_accuracy: 0.9 } } }\n",
+            "cannot read the QA dataset",
         ),
     ] {
         let spec = write_spec(tmp.path(), yaml);
