@@ -8,4 +8,5 @@ mod remote;
 mod restart;
 mod rollouts;
 mod routing;
+mod strategies;
 mod triton;
