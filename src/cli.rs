@@ -8,6 +8,7 @@ pub mod client;
 pub mod model;
 pub mod rollout;
 pub mod table;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -102,6 +103,8 @@ pub enum Command {
         model: String,
         rollout: Option<String>,
     },
+    /// Send requests at a fixed rate and report what answered.
+    Traffic(traffic::TrafficArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,5 +210,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report { model, rollout: r } => {
             ok(rollout::report(&client()?, &model, r.as_deref(), output).await)
         }
+        Command::Traffic(args) => ok(traffic::run(&client()?, &cli.server, args, output).await),
     }
 }

@@ -1,0 +1,308 @@
+//! `ferry traffic`: a load generator for trying things out — a fixed request
+//! rate from the hold-out set (or zeros shaped like the model's input), with
+//! user ids and extra headers, reporting requests, errors, latency
+//! percentiles and which versions answered. `ferry demo` drives its traffic
+//! with the same [`Load`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::Output;
+use super::client::Client;
+use super::table;
+use crate::metrics::sketch::Sketch;
+use crate::units::HumanDuration;
+
+#[derive(clap::Args, Debug)]
+pub struct TrafficArgs {
+    pub model: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 50.0)]
+    pub rps: f64,
+    /// How long to run, e.g. 30s.
+    #[arg(long, default_value = "10s")]
+    pub duration: HumanDuration,
+    /// JSON Lines of V2 request bodies (a `label` field is ignored); default:
+    /// zeros shaped like the model's input.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Simulate this many users, one id each, sent in --user-header.
+    #[arg(long)]
+    pub users: Option<u64>,
+    #[arg(long, default_value = "x-user-id")]
+    pub user_header: String,
+    /// An extra header, k=v (repeatable).
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+}
+
+/// What a load generator sends.
+#[derive(Clone)]
+pub struct Load {
+    pub url: String,
+    pub bodies: Arc<Vec<Value>>,
+    pub rps: f64,
+    pub users: Option<(u64, String)>,
+    pub headers: Vec<(String, String)>,
+    /// Values cycled through for a header (e.g. regions), per request.
+    pub rotate: Option<(String, Vec<String>)>,
+}
+
+/// What it saw.
+#[derive(Default, Clone, Serialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub ok: u64,
+    /// Failures by HTTP status (or `connect` / `timeout`).
+    pub errors: BTreeMap<String, u64>,
+    /// Answers per version (x-ferry-version).
+    pub versions: BTreeMap<String, u64>,
+    #[serde(skip)]
+    pub latency: Sketch,
+    /// Requests not sent because 256 were already waiting for answers.
+    pub skipped: u64,
+}
+
+impl Stats {
+    pub fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    pub fn ms(&self, q: f64) -> Option<f64> {
+        self.latency.quantile(q).map(|s| (s * 1e5).round() / 100.0)
+    }
+}
+
+impl Load {
+    /// Sends at the configured rate until `stop` is set or `duration`
+    /// passes; `stats` is updated as answers come in.
+    pub async fn run(
+        &self,
+        duration: Option<Duration>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<Mutex<Stats>>,
+    ) {
+        let http = reqwest::Client::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(256));
+        let period = Duration::from_secs_f64(1.0 / self.rps.max(0.1));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        let mut i: u64 = 0;
+        let mut tasks = tokio::task::JoinSet::new();
+        while !stop.load(Ordering::Relaxed) && duration.is_none_or(|d| started.elapsed() < d) {
+            ticker.tick().await;
+            while tasks.try_join_next().is_some() {}
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                stats.lock().unwrap_or_else(|p| p.into_inner()).skipped += 1;
+                continue;
+            };
+            let mut rb = http
+                .post(&self.url)
+                .json(&self.bodies[(i as usize) % self.bodies.len()]);
+            if let Some((n, header)) = &self.users {
+                rb = rb.header(header, format!("user-{}", i % n.max(&1)));
+            }
+            for (k, v) in &self.headers {
+                rb = rb.header(k, v);
+            }
+            if let Some((k, values)) = &self.rotate {
+                rb = rb.header(k, &values[(i as usize) % values.len()]);
+            }
+            i += 1;
+            let stats = stats.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let t = Instant::now();
+                let r = rb.timeout(Duration::from_secs(10)).send().await;
+                let secs = t.elapsed().as_secs_f64();
+                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                s.requests += 1;
+                s.latency.add(secs);
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        s.ok += 1;
+                        let v = r
+                            .headers()
+                            .get("x-ferry-version")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("?");
+                        *s.versions.entry(v.to_string()).or_default() += 1;
+                    }
+                    Ok(r) => *s.errors.entry(r.status().as_u16().to_string()).or_default() += 1,
+                    Err(e) => {
+                        let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                        *s.errors.entry(kind.into()).or_default() += 1;
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Reads V2 request bodies (dropping `label`) from JSON Lines.
+pub fn read_bodies(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let mut v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("label");
+        }
+        out.push(v);
+    }
+    anyhow::ensure!(!out.is_empty(), "{} has no requests", path.display());
+    Ok(out)
+}
+
+/// One request of zeros shaped like the model's inputs (batch 1).
+async fn zeros_for(client: &Client, model: &str) -> anyhow::Result<Value> {
+    let (_, meta): (_, Value) = client
+        .send(client.request(Method::GET, &format!("/v2/models/{model}")))
+        .await?;
+    let inputs: Vec<Value> = meta["inputs"]
+        .as_array()
+        .context("the model metadata lists no inputs")?
+        .iter()
+        .map(|i| {
+            let shape: Vec<i64> = i["shape"].as_array().map(|s| s.iter().map(|d| d.as_i64().unwrap_or(1).max(1)).collect()).unwrap_or_default();
+            let n: i64 = shape.iter().product();
+            let zero = if i["datatype"] == "BOOL" { json!(false) } else { json!(0) };
+            json!({"name": i["name"], "datatype": i["datatype"], "shape": shape, "data": vec![zero; n as usize]})
+        })
+        .collect();
+    Ok(json!({"inputs": inputs}))
+}
+
+pub fn parse_header(s: &str) -> anyhow::Result<(String, String)> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .with_context(|| format!("--header {s:?} must be name=value"))
+}
+
+/// Prints a report (human or JSON).
+pub fn report(stats: &Stats, seconds: f64, output: Output) {
+    let rate = stats.requests as f64 / seconds.max(0.001);
+    if output == Output::Json {
+        let mut v = serde_json::to_value(stats).unwrap_or_default();
+        v["seconds"] = json!(seconds);
+        v["requests_per_second"] = json!(rate);
+        v["latency_ms"] = json!({"p50": stats.ms(0.5), "p95": stats.ms(0.95), "p99": stats.ms(0.99), "max": stats.ms(1.0)});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    let ms = |q| stats.ms(q).map_or("-".into(), |m| format!("{m:.2} ms"));
+    println!(
+        "{} requests in {seconds:.1} s ({rate:.1}/s): {} ok, {} failed{}",
+        stats.requests,
+        stats.ok,
+        stats.failed(),
+        if stats.skipped > 0 {
+            format!(", {} not sent (client saturated)", stats.skipped)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "latency  p50 {}  p95 {}  p99 {}  max {}",
+        ms(0.5),
+        ms(0.95),
+        ms(0.99),
+        ms(1.0)
+    );
+    let rows: Vec<Vec<String>> = stats
+        .versions
+        .iter()
+        .map(|(v, n)| {
+            vec![
+                v.clone(),
+                n.to_string(),
+                format!("{:.1}%", *n as f64 * 100.0 / stats.ok.max(1) as f64),
+            ]
+        })
+        .collect();
+    println!("{}", table::render(&["VERSION", "ANSWERS", "SHARE"], &rows));
+    for (k, n) in &stats.errors {
+        println!("errors {k}: {n}");
+    }
+}
+
+/// `ferry traffic`.
+pub async fn run(
+    client: &Client,
+    server: &str,
+    args: TrafficArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    crate::registry::check_name("model", &args.model)?;
+    anyhow::ensure!(
+        args.rps > 0.0 && args.rps <= 100_000.0,
+        "--rps must be between 0 and 100000"
+    );
+    let bodies = match &args.data {
+        Some(p) => read_bodies(p)?,
+        None => vec![zeros_for(client, &args.model).await?],
+    };
+    let load = Load {
+        url: format!(
+            "{}/v2/models/{}/infer",
+            server.trim_end_matches('/'),
+            args.model
+        ),
+        bodies: Arc::new(bodies),
+        rps: args.rps,
+        users: args.users.map(|n| (n, args.user_header.clone())),
+        headers: args
+            .headers
+            .iter()
+            .map(|h| parse_header(h))
+            .collect::<anyhow::Result<_>>()?,
+        rotate: None,
+    };
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bar = (output == Output::Human).then(|| {
+        let b = indicatif::ProgressBar::new(args.duration.0.as_millis() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {elapsed}/{duration} {msg}")
+                .expect("a valid template"),
+        );
+        b
+    });
+    let started = Instant::now();
+    let runner = {
+        let (load, stop, stats) = (load.clone(), stop.clone(), stats.clone());
+        let d = args.duration.0;
+        tokio::spawn(async move { load.run(Some(d), stop, stats).await })
+    };
+    while !runner.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(b) = &bar {
+            let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            b.set_position(started.elapsed().as_millis() as u64);
+            b.set_message(format!("{} requests, {} failed", s.requests, s.failed()));
+        }
+    }
+    runner.await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report(&s, started.elapsed().as_secs_f64(), output);
+    Ok(())
+}
