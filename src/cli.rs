@@ -5,6 +5,7 @@
 //! [`model`] (the registry commands), [`table`] (aligned human output).
 
 pub mod client;
+pub mod demo;
 pub mod model;
 pub mod rollout;
 pub mod table;
@@ -105,6 +106,8 @@ pub enum Command {
     },
     /// Send requests at a fixed rate and report what answered.
     Traffic(traffic::TrafficArgs),
+    /// A guided live demo of all six strategies on the bundled example models.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,5 +214,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ok(rollout::report(&client()?, &model, r.as_deref(), output).await)
         }
         Command::Traffic(args) => ok(traffic::run(&client()?, &cli.server, args, output).await),
+        Command::Demo(args) => demo::run(args).await,
     }
 }
