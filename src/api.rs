@@ -88,6 +88,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(v2::router())
         .merge(control::router(state.clone(), limits))
         .route("/metrics", get(metrics))
+        .route("/ui/", get(crate::dashboard::index))
+        .route("/ui", get(crate::dashboard::redirect))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))

@@ -25,7 +25,8 @@
 //! | [`analysis`] | pure verdicts over metric windows, significance tests, the A/B report |
 //! | [`store`] | durable state behind a trait; SQLite embedded |
 //! | [`api`] | HTTP wiring: `/v2`, `/api/v1`, `/metrics`, OpenAPI, auth, error mapping |
-//! | [`cli`] | the `ferry` subcommands, a client of the control API |
+//! | [`cli`] | the `ferry` subcommands, a client of the control API; `demo`, `traffic` |
+//! | [`dashboard`] | the static page at `/ui/`, embedded in the binary |
 //! | [`server`] | `ferry serve`: wiring everything together |
 //! | [`units`] | durations with units (`500ms`, `2s`) and timestamps |
 //!
@@ -35,6 +36,7 @@ pub mod analysis;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod dashboard;
 pub mod gateway;
 pub mod metrics;
 pub mod protocol;

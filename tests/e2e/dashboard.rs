@@ -1,0 +1,146 @@
+//! The dashboard in a real browser: Debian's Chromium driven by
+//! `playwright-core` from npm (never a downloaded browser). The test
+//! provisions both when they are missing (npm into the target dir; Chromium
+//! with apt-get, which needs root — CI runs as root).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::harness::{Server, holdout, repo};
+
+const PLAYWRIGHT: &str = "playwright-core@1.65.1";
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+}
+
+/// A node_modules with playwright-core, made once.
+fn node_modules() -> PathBuf {
+    let dir = target().join("test-node");
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return dir;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"name": "ferry-browser-tests", "private": true, "type": "module"}"#,
+    )
+    .unwrap();
+    let ok = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--silent", PLAYWRIGHT])
+        .current_dir(&dir)
+        .status();
+    assert!(
+        ok.is_ok_and(|s| s.success()),
+        "this test needs Node.js with npm to install {PLAYWRIGHT}"
+    );
+    dir
+}
+
+/// Debian's Chromium, installed when missing (as root).
+fn chromium() -> PathBuf {
+    let path =
+        PathBuf::from(std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
+    if !path.exists() {
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    assert!(
+        path.exists(),
+        "this test needs Debian's chromium (apt-get install chromium) at {}",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
+    let (modules, browser) = tokio::task::spawn_blocking(|| (node_modules(), chromium()))
+        .await
+        .unwrap();
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, http, url) = (
+            stop.clone(),
+            s.http.clone(),
+            s.at("/v2/models/cancer/infer"),
+        );
+        tokio::spawn(async move {
+            let rows = holdout();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = http
+                    .post(&url)
+                    .header("x-user-id", format!("u{}", i % 300))
+                    .json(&rows[i % rows.len()].0)
+                    .send()
+                    .await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let spec = json!({
+        "model": "cancer", "version": "2",
+        "strategy": {"canary": {"steps": [{"weight": 10}, {"pause": {}}, {"weight": 50}, {"pause": {}}, {"weight": 100}], "sticky": {"header": "x-user-id"}}},
+        "analysis": {"interval": "5s", "min_requests": 5, "checks": [{"metric": "error_rate", "max": 0.05}]}
+    });
+    let r = s
+        .http
+        .post(s.at("/api/v1/models/cancer/rollouts"))
+        .bearer_auth(s.token())
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let shots = target().join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = repo().join("tests/browser/dashboard.mjs");
+    let run_dir = modules.clone();
+    std::fs::copy(&script, run_dir.join("dashboard.mjs")).unwrap();
+    let (url, token, shots_dir) = (s.url.clone(), s.token(), shots.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("dashboard.mjs")
+            .current_dir(&run_dir)
+            .env("FERRY_URL", url)
+            .env("FERRY_TOKEN", token)
+            .env("CHROMIUM", browser)
+            .env("SCREENSHOTS", shots_dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("dashboard OK"),
+        "browser test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shots.join("dashboard.png").exists());
+    let st = s.admin_get("/api/v1/models/cancer/status").await;
+    assert_eq!(
+        st["last_rollout"]["phase"], "aborted",
+        "the page's Abort reached the server"
+    );
+}
