@@ -3,6 +3,7 @@ pub mod upstream;
 
 mod dashboard;
 mod data_plane;
+mod docs;
 mod external;
 mod registry;
 mod remote;

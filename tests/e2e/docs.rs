@@ -1,0 +1,129 @@
+//! The docs cannot drift from the code: every rollout spec in the README and
+//! `docs/` parses and validates, every other YAML block parses, and every
+//! `ferry` command line in a shell block parses with the real CLI.
+
+use clap::Parser;
+
+use super::harness::repo;
+
+fn documents() -> Vec<(String, String)> {
+    let mut out = vec![(
+        "README.md".to_string(),
+        std::fs::read_to_string(repo().join("README.md")).unwrap(),
+    )];
+    for e in std::fs::read_dir(repo().join("docs")).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "md") {
+            out.push((
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+/// Fenced blocks of a language: (line number, content).
+fn blocks(text: &str, lang: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let fence = line.trim_start();
+        match current.take() {
+            None if fence == format!("```{lang}") => current = Some((i + 1, String::new())),
+            None => {}
+            Some(block) if fence == "```" => out.push(block),
+            Some((n, mut body)) => {
+                body.push_str(line);
+                body.push('\n');
+                current = Some((n, body));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_yaml_example_in_the_docs_is_valid() {
+    let mut specs = 0;
+    for (doc, text) in documents() {
+        for (line, block) in blocks(&text, "yaml") {
+            if block.contains("strategy:") {
+                ferry::spec::RolloutSpec::from_yaml(&block)
+                    .unwrap_or_else(|e| panic!("{doc}:{line}: {e}\n{block}"));
+                specs += 1;
+            } else {
+                yaml_serde::from_str::<yaml_serde::Value>(&block)
+                    .unwrap_or_else(|e| panic!("{doc}:{line}: {e}"));
+            }
+        }
+    }
+    assert!(specs >= 8, "found only {specs} rollout specs in the docs");
+}
+
+/// Splits a shell line into words, honouring single and double quotes.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut any = false;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if !cur.is_empty() || any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if !cur.is_empty() || any {
+        out.push(cur);
+    }
+    out
+}
+
+#[test]
+fn every_ferry_command_in_the_docs_parses() {
+    let mut commands = 0;
+    for (doc, text) in documents() {
+        for (line, block) in blocks(&text, "sh") {
+            let mut joined = String::new();
+            for raw in block.lines() {
+                // Continuation lines and comments.
+                if let Some(stripped) = raw.strip_suffix('\\') {
+                    joined.push_str(stripped);
+                    continue;
+                }
+                joined.push_str(raw);
+                let full = std::mem::take(&mut joined);
+                let code = full.split(" # ").next().unwrap_or("").trim().to_string();
+                for part in code.split(" | ") {
+                    let part = part.trim().replace(['[', ']'], "");
+                    let part = part
+                        .strip_prefix("cargo run --release -- ")
+                        .map(|rest| format!("ferry {rest}"))
+                        .unwrap_or(part);
+                    if !part.starts_with("ferry ") {
+                        continue;
+                    }
+                    let args = words(&part);
+                    ferry::cli::Cli::try_parse_from(&args)
+                        .unwrap_or_else(|e| panic!("{doc}:{line}: `{part}` does not parse:\n{e}"));
+                    commands += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        commands >= 25,
+        "found only {commands} ferry commands in the docs"
+    );
+}
