@@ -175,6 +175,22 @@ impl Plan {
         });
     }
 
+    /// Moves to `step`, starting its timers now, and plans again at once.
+    fn goto(&mut self, step: usize, now_ms: u64) {
+        self.state.step = step;
+        self.state.step_started_ms = now_ms;
+        self.requeue_ms = Some(0);
+    }
+
+    /// The route where `version` takes all traffic, keeping the model's
+    /// timeout and breaker settings from before the rollout.
+    fn all_to(&self, version: &str) -> RoutePolicy {
+        let mut route = RoutePolicy::stable_only(version);
+        route.timeout = self.state.before.timeout;
+        route.breaker = self.state.before.breaker.clone();
+        route
+    }
+
     fn set_route(&mut self, route: RoutePolicy) {
         if route != self.state.route {
             self.state.route = route;

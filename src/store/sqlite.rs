@@ -107,6 +107,18 @@ fn version_row(row: &Row) -> rusqlite::Result<VersionRecord> {
     })
 }
 
+fn event_row(r: &Row) -> rusqlite::Result<Event> {
+    Ok(Event {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        model: r.get(2)?,
+        rollout: r.get(3)?,
+        kind: r.get(4)?,
+        message: r.get(5)?,
+        data: json_col(r, 6, "event data")?,
+    })
+}
+
 const ROLLOUT_COLUMNS: &str =
     "id, model, kind, spec, state, undoes, report, created_at, updated_at";
 
@@ -519,17 +531,7 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare(
             "SELECT id, at, model, rollout, kind, message, data FROM events WHERE rollout = ?1 ORDER BY id",
         )?;
-        let rows = stmt.query_map([format!("r-{id}")], |r| {
-            Ok(Event {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                model: r.get(2)?,
-                rollout: r.get(3)?,
-                kind: r.get(4)?,
-                message: r.get(5)?,
-                data: json_col(r, 6, "event data")?,
-            })
-        })?;
+        let rows = stmt.query_map([format!("r-{id}")], event_row)?;
         rows.collect::<Result<_, _>>().map_err(map_err)
     }
 
@@ -540,17 +542,7 @@ impl Store for SqliteStore {
                (SELECT * FROM events WHERE model = ?1 ORDER BY id DESC LIMIT ?2)
              ORDER BY id",
         )?;
-        let rows = stmt.query_map(params![model, limit as i64], |r| {
-            Ok(Event {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                model: r.get(2)?,
-                rollout: r.get(3)?,
-                kind: r.get(4)?,
-                message: r.get(5)?,
-                data: json_col(r, 6, "event data")?,
-            })
-        })?;
+        let rows = stmt.query_map(params![model, limit as i64], event_row)?;
         rows.collect::<Result<_, _>>().map_err(map_err)
     }
 }

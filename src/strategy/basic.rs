@@ -3,18 +3,14 @@
 //! No analysis, no automatic rollback, nothing kept warm.
 
 use super::{Plan, succeed};
-use crate::gateway::RoutePolicy;
 use crate::spec::RolloutSpec;
 
 pub fn plan(spec: &RolloutSpec, p: &mut Plan, now_ms: u64) {
     match p.state.step {
         0 => {
-            let mut route = RoutePolicy::stable_only(&spec.version);
-            route.timeout = p.state.before.timeout;
+            let route = p.all_to(&spec.version);
             p.set_route(route);
-            p.state.step = 1;
-            p.state.step_started_ms = now_ms;
-            p.requeue_ms = Some(0);
+            p.goto(1, now_ms);
             p.event(
                 "step",
                 format!(

@@ -7,7 +7,6 @@
 //! `post_promotion` analysis window switches back to blue on failure.
 
 use super::{Phase, Plan, Waiting, succeed};
-use crate::gateway::RoutePolicy;
 use crate::gateway::policy::WarmVersion;
 use crate::spec::{BlueGreenSpec, RolloutSpec};
 
@@ -27,9 +26,7 @@ pub fn plan(
                 let mut route = p.state.before.clone();
                 route.staging = Some(spec.version.clone());
                 p.set_route(route);
-                p.state.step = 1;
-                p.state.step_started_ms = now_ms;
-                p.requeue_ms = Some(0);
+                p.goto(1, now_ms);
                 p.event(
                     "step",
                     format!(
@@ -104,17 +101,13 @@ pub fn plan(
                 }
             }
             3 => {
-                let mut route = RoutePolicy::stable_only(&spec.version);
-                route.timeout = p.state.before.timeout;
-                route.breaker = p.state.before.breaker.clone();
+                let mut route = p.all_to(&spec.version);
                 route.warm = vec![WarmVersion {
                     version: blue.clone(),
                     until_ms: now_ms + b.scale_down_delay.0.as_millis() as u64,
                 }];
                 p.set_route(route);
-                p.state.step = 4;
-                p.state.step_started_ms = now_ms;
-                p.requeue_ms = Some(0);
+                p.goto(4, now_ms);
                 p.event(
                     "step",
                     format!(

@@ -81,13 +81,9 @@ pub fn plan(
             return;
         }
         if i == n {
-            let mut route = RoutePolicy::stable_only(&spec.version);
-            route.timeout = p.state.before.timeout;
-            route.breaker = p.state.before.breaker.clone();
+            let route = p.all_to(&spec.version);
             p.set_route(route);
-            p.state.step = offset + n + 1;
-            p.state.step_started_ms = now_ms;
-            p.requeue_ms = Some(0);
+            p.goto(offset + n + 1, now_ms);
             p.event(
                 "step",
                 format!(

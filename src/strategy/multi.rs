@@ -29,9 +29,7 @@ pub fn plan(spec: &RolloutSpec, m: &MultiSpec, p: &mut Plan, now_ms: u64) {
                 };
             }
             p.set_route(route);
-            p.state.step = 1;
-            p.state.step_started_ms = now_ms;
-            p.requeue_ms = Some(0);
+            p.goto(1, now_ms);
             p.event(
                 "step",
                 format!(

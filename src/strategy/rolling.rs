@@ -114,9 +114,7 @@ pub fn plan(
     let step = p.state.step;
     if step == 0 {
         p.set_route(route_for(&p.state.before, spec, n, 0));
-        p.state.step = 1;
-        p.state.step_started_ms = now_ms;
-        p.requeue_ms = Some(0);
+        p.goto(1, now_ms);
         p.event(
             "step",
             format!(

@@ -96,9 +96,7 @@ fn decide(
             );
         }
         _ => {
-            let mut route = RoutePolicy::stable_only(&spec.version);
-            route.timeout = p.state.before.timeout;
-            route.breaker = p.state.before.breaker.clone();
+            let route = p.all_to(&spec.version);
             p.set_route(route);
             p.state.phase = Phase::Progressing;
             p.state.waiting_for = None;
