@@ -5,13 +5,10 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use serde_json::json;
 
-use super::harness::{Server, holdout, repo};
+use super::harness::{Server, Traffic, repo};
 
 const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 
@@ -74,28 +71,7 @@ async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "2", "cancer-v2.onnx");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, http, url) = (
-            stop.clone(),
-            s.http.clone(),
-            s.at("/v2/models/cancer/infer"),
-        );
-        tokio::spawn(async move {
-            let rows = holdout();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let _ = http
-                    .post(&url)
-                    .header("x-user-id", format!("u{}", i % 300))
-                    .json(&rows[i % rows.len()].0)
-                    .send()
-                    .await;
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let traffic = Traffic::start(&s, 50, 2);
     let spec = json!({
         "model": "cancer", "version": "2",
         "strategy": {"canary": {"steps": [{"weight": 10}, {"pause": {}}, {"weight": 50}, {"pause": {}}, {"weight": 100}], "sticky": {"header": "x-user-id"}}},
@@ -129,8 +105,7 @@ async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
     })
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    traffic.finish().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("dashboard OK"),

@@ -4,13 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, eventually, holdout, repo};
+use super::harness::{Server, Traffic, eventually, repo};
 use super::upstream::Upstream;
 
 /// Debian's `prometheus`: on PATH, or unpacked from the package into the
@@ -133,25 +131,6 @@ async fn start_prometheus(ferry: &Server) -> Prometheus {
     p
 }
 
-fn spawn_load(
-    s: &Server,
-) -> (
-    Arc<std::sync::atomic::AtomicBool>,
-    tokio::task::JoinHandle<()>,
-) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-    let task = tokio::spawn(async move {
-        let body = holdout()[0].0.clone();
-        while !flag.load(Ordering::Relaxed) {
-            let _ = http.post(&url).json(&body).send().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    (stop, task)
-}
-
 async fn last_message(s: &Server, within: Duration) -> String {
     let mut message = String::new();
     eventually(within, "the rollout ends", async || {
@@ -195,12 +174,11 @@ analysis:
         ),
     )
     .unwrap();
-    let (stop, load) = spawn_load(&s);
+    let traffic = Traffic::start(&s, 100, 1);
     s.ferry_ok(&["apply", "-f", spec.to_str().unwrap()]);
     upstream.set_failing(true);
     let message = last_message(&s, Duration::from_secs(60)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    traffic.finish().await;
     assert!(
         message.starts_with("aborted:") && message.contains("> 3.00"),
         "{message}"
@@ -237,11 +215,10 @@ async fn a_webhook_check_can_fail_a_window() {
         ),
     )
     .unwrap();
-    let (stop, load) = spawn_load(&s);
+    let traffic = Traffic::start(&s, 100, 1);
     s.ferry_ok(&["apply", "-f", spec.to_str().unwrap()]);
     let message = last_message(&s, Duration::from_secs(40)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    traffic.finish().await;
     assert!(
         message.contains("checkout conversions dropped"),
         "{message}"

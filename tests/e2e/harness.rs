@@ -325,3 +325,97 @@ pub async fn eventually<F: AsyncFnMut() -> bool>(timeout: Duration, what: &str, 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What a background load saw: answers per version, and failures.
+#[derive(Default, Debug)]
+pub struct Seen {
+    pub versions: std::collections::HashMap<String, u64>,
+    /// One line per failed request (status and body, or the error).
+    pub failures: Vec<String>,
+}
+
+impl Seen {
+    pub fn answered(&self) -> u64 {
+        self.versions.values().sum()
+    }
+}
+
+/// Background traffic to `cancer` from `clients` concurrent clients, each at
+/// about `rate / clients` requests per second (`rate` 0: as fast as they
+/// can), with 500 sticky user ids and two regions. Stop it with
+/// [`Traffic::finish`].
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Seen>,
+}
+
+impl Traffic {
+    pub fn start(s: &Server, rate: u64, clients: u64) -> Traffic {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+        let task = tokio::spawn(async move {
+            let rows = Arc::new(holdout());
+            let n = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let (http, url, rows, flag, n) = (
+                    http.clone(),
+                    url.clone(),
+                    rows.clone(),
+                    flag.clone(),
+                    n.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut seen = Seen::default();
+                    let pause = (rate > 0).then(|| Duration::from_millis(1000 * clients / rate));
+                    while !flag.load(Ordering::Relaxed) {
+                        let i = n.fetch_add(1, Ordering::Relaxed) as usize;
+                        let r = http
+                            .post(&url)
+                            .header("x-user-id", format!("user-{}", i % 500))
+                            .header("x-region", if c % 2 == 0 { "eu-west" } else { "us-east" })
+                            .json(&rows[i % rows.len()].0)
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) if r.status() == 200 => {
+                                let v =
+                                    r.headers()["x-ferry-version"].to_str().unwrap().to_string();
+                                *seen.versions.entry(v).or_default() += 1;
+                            }
+                            Ok(r) => seen.failures.push(format!(
+                                "{} {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
+                            Err(e) => seen.failures.push(e.to_string()),
+                        }
+                        if let Some(p) = pause {
+                            tokio::time::sleep(p).await;
+                        }
+                    }
+                    seen
+                }));
+            }
+            let mut all = Seen::default();
+            for t in tasks {
+                let s = t.await.unwrap();
+                for (k, v) in s.versions {
+                    *all.versions.entry(k).or_default() += v;
+                }
+                all.failures.extend(s.failures);
+            }
+            all
+        });
+        Traffic { stop, task }
+    }
+
+    /// Stops the traffic and says what it saw.
+    pub async fn finish(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}

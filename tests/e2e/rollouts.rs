@@ -4,83 +4,13 @@
 //! failover and instant rollback, a basic rollout whose candidate cannot
 //! start, delayed labels, and notify webhooks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, eventually, holdout};
+use super::harness::{Server, Traffic, eventually, holdout};
 use super::upstream::Upstream;
-
-/// What a background load saw: answers per version, and failures.
-#[derive(Default, Debug)]
-struct Seen {
-    versions: HashMap<String, u64>,
-    failures: u64,
-}
-
-/// Sends requests from `clients` sticky users at about `rate` per second
-/// until stopped.
-fn traffic(
-    s: &Server,
-    rate: u64,
-    clients: u64,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Seen>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-    let task = tokio::spawn(async move {
-        let rows = holdout();
-        let n = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let (http, url, rows, flag, n) = (
-                http.clone(),
-                url.clone(),
-                rows.clone(),
-                flag.clone(),
-                n.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut seen = Seen::default();
-                let pause = Duration::from_millis(1000 * clients / rate.max(1));
-                while !flag.load(Ordering::Relaxed) {
-                    let i = n.fetch_add(1, Ordering::Relaxed) as usize;
-                    let r = http
-                        .post(&url)
-                        .header("x-user-id", format!("user-{}", i % 500))
-                        .header("x-region", if c % 2 == 0 { "eu-west" } else { "us-east" })
-                        .json(&rows[i % rows.len()].0)
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status() == 200 => {
-                            *seen
-                                .versions
-                                .entry(r.headers()["x-ferry-version"].to_str().unwrap().into())
-                                .or_default() += 1
-                        }
-                        _ => seen.failures += 1,
-                    }
-                    tokio::time::sleep(pause).await;
-                }
-                seen
-            }));
-        }
-        let mut all = Seen::default();
-        for t in tasks {
-            let s = t.await.unwrap();
-            for (k, v) in s.versions {
-                *all.versions.entry(k).or_default() += v;
-            }
-            all.failures += s.failures;
-        }
-        all
-    });
-    (stop, task)
-}
 
 async fn status(s: &Server) -> Value {
     s.admin_get("/api/v1/models/cancer/status").await
@@ -136,7 +66,7 @@ analysis:
     - { metric: latency_p99_ms, max_vs_stable: 3 }
 "#,
     );
-    let (stop, load) = traffic(&s, 200, 4);
+    let load = Traffic::start(&s, 200, 4);
     let out = s.ferry_ok(&["apply", "-f", &spec]);
     assert!(
         out.contains("r-1 started: canary of cancer version 2"),
@@ -191,9 +121,8 @@ analysis:
         String::from_utf8_lossy(&watched.stderr)
     );
     assert!(String::from_utf8_lossy(&watched.stdout).contains("r-1: succeeded"));
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
-    assert_eq!(seen.failures, 0, "{seen:?}");
+    let seen = load.finish().await;
+    assert!(seen.failures.is_empty(), "{seen:?}");
     assert!(seen.versions["2"] > 0 && seen.versions["1"] > 0, "{seen:?}");
     let show = s.ferry_json(&["model", "show", "cancer"]);
     assert_eq!(show["stable"], "2");
@@ -247,7 +176,7 @@ async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.ferry_json(&["model", "add", "cancer", "broken", "--url", &upstream.url]);
-    let (stop, load) = traffic(&s, 150, 3);
+    let load = Traffic::start(&s, 150, 3);
     s.ferry_ok(&[
         "deploy",
         "cancer",
@@ -270,12 +199,11 @@ async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share
     let started = Instant::now();
     assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
-    let total = seen.failures + seen.versions.values().sum::<u64>();
-    let share = seen.failures as f64 / total as f64;
+    let seen = load.finish().await;
+    let failed = seen.failures.len() as u64;
+    let share = failed as f64 / (failed + seen.answered()) as f64;
     assert!(
-        seen.failures > 0,
+        failed > 0,
         "the candidate's errors reached some clients: {seen:?}"
     );
     assert!(
@@ -311,7 +239,7 @@ async fn a_slow_candidate_is_aborted_on_latency() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "slow", "cancer-slow.onnx");
-    let (stop, load) = traffic(&s, 60, 2);
+    let load = Traffic::start(&s, 60, 2);
     s.ferry_ok(&[
         "deploy",
         "cancer",
@@ -330,9 +258,8 @@ async fn a_slow_candidate_is_aborted_on_latency() {
         "1.5",
     ]);
     assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
-    assert_eq!(seen.failures, 0, "slow is not failing: {seen:?}");
+    let seen = load.finish().await;
+    assert!(seen.failures.is_empty(), "slow is not failing: {seen:?}");
     let events = s
         .admin_get("/api/v1/models/cancer/rollouts/r-1/events")
         .await;
@@ -425,7 +352,7 @@ async fn multi_fails_over_when_the_primary_dies_and_rollback_is_instant() {
         (Some("2"), json!(["1"]))
     );
 
-    let (stop, load) = traffic(&s, 200, 4);
+    let load = Traffic::start(&s, 200, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::spawn_blocking(move || primary.kill9())
         .await
@@ -435,10 +362,9 @@ async fn multi_fails_over_when_the_primary_dies_and_rollback_is_instant() {
     s.ferry_ok(&["rollback", "cancer"]);
     let rollback_took = t.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
-    assert_eq!(
-        seen.failures, 0,
+    let seen = load.finish().await;
+    assert!(
+        seen.failures.is_empty(),
         "zero client errors while the primary died: {seen:?}"
     );
     assert!(seen.versions["1"] > 0);

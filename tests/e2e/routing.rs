@@ -4,13 +4,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, batch, holdout, series_value};
+use super::harness::{Seen, Server, Traffic, batch, holdout, series_value};
 use super::upstream::Upstream;
+
+/// How many requests each version answered, and the failures seen.
+type LoadResult = (HashMap<String, usize>, Vec<String>);
 
 /// Sends `n` requests from `concurrency` clients; `headers(i)` gives request
 /// i's headers. Returns how many each version answered, and the failures.
@@ -76,45 +79,6 @@ async fn drive(
 /// Five standard deviations of a binomial share.
 fn tolerance(p: f64, n: usize) -> f64 {
     5.0 * (p * (1.0 - p) / n as f64).sqrt()
-}
-
-/// How many requests each version answered, and the failures seen.
-type LoadResult = (HashMap<String, usize>, Vec<String>);
-
-/// Load from 8 concurrent clients until the returned flag is set; the
-/// task answers how many each version served, and the failures.
-fn background_load(s: &Server) -> (Arc<AtomicBool>, tokio::task::JoinHandle<LoadResult>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-    let task = tokio::spawn(async move {
-        let body = holdout()[0].0.clone();
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        let mut failures = Vec::new();
-        while !flag.load(Ordering::Relaxed) {
-            let mut set = tokio::task::JoinSet::new();
-            for _ in 0..8 {
-                let (http, url, body) = (http.clone(), url.clone(), body.clone());
-                set.spawn(async move { http.post(url).json(&body).send().await });
-            }
-            while let Some(r) = set.join_next().await {
-                match r.unwrap() {
-                    Ok(r) if r.status() == 200 => {
-                        let v = r.headers()["x-ferry-version"].to_str().unwrap().to_string();
-                        *seen.entry(v).or_default() += 1;
-                    }
-                    Ok(r) => failures.push(format!(
-                        "{} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    )),
-                    Err(e) => failures.push(e.to_string()),
-                }
-            }
-        }
-        (seen, failures)
-    });
-    (stop, task)
 }
 
 async fn two_versions() -> Server {
@@ -369,14 +333,16 @@ async fn failover_keeps_answering_when_the_primary_remote_dies_mid_load() {
                         "breaker": {"consecutive_failures": 3, "probe_every": "200ms"}});
     assert_eq!(s.set_route("cancer", policy).await.0, 200);
 
-    let (stop, load) = background_load(&s);
+    let traffic = Traffic::start(&s, 0, 8);
     tokio::time::sleep(Duration::from_millis(400)).await;
     tokio::task::spawn_blocking(move || upstream.kill9())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (seen, failures) = load.await.unwrap();
+    let Seen {
+        versions: seen,
+        failures,
+    } = traffic.finish().await;
     assert!(failures.is_empty(), "clients saw errors: {failures:?}");
     assert!(seen.get("remote").copied().unwrap_or(0) > 0, "{seen:?}");
     assert!(seen.get("local").copied().unwrap_or(0) > 0, "{seen:?}");
@@ -524,7 +490,7 @@ async fn a_dead_shadow_costs_users_nothing_and_its_errors_are_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_all_traffic_under_load_fails_no_request() {
     let s = two_versions().await;
-    let (stop, load) = background_load(&s);
+    let traffic = Traffic::start(&s, 0, 8);
     for i in 0..8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let stable = if i % 2 == 0 { "2" } else { "1" };
@@ -532,8 +498,10 @@ async fn switching_all_traffic_under_load_fails_no_request() {
         assert_eq!(status, 200, "{body}");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (seen, failures) = load.await.unwrap();
+    let Seen {
+        versions: seen,
+        failures,
+    } = traffic.finish().await;
     assert!(
         failures.is_empty(),
         "failed requests across switches: {failures:?}"

@@ -3,13 +3,11 @@
 //! middle of each.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, batch, eventually, example, holdout};
+use super::harness::{Server, Traffic, batch, eventually, example, holdout};
 use super::upstream::Upstream;
 
 async fn status(s: &Server) -> Value {
@@ -50,40 +48,6 @@ async fn split(s: &Server, n: usize, headers: &[(&str, &str)]) -> HashMap<String
             .or_default() += 1;
     }
     seen
-}
-
-/// Background load; returns (stop flag, task answering the failures seen).
-fn load(s: &Server) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
-    let task = tokio::spawn(async move {
-        let rows = holdout();
-        let (mut ok, mut failed) = (0, 0);
-        let mut i = 0;
-        while !flag.load(Ordering::Relaxed) {
-            let mut set = tokio::task::JoinSet::new();
-            for _ in 0..4 {
-                let (http, url, body) = (http.clone(), url.clone(), rows[i % rows.len()].0.clone());
-                i += 1;
-                set.spawn(async move {
-                    http.post(url)
-                        .json(&body)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16())
-                });
-            }
-            while let Some(r) = set.join_next().await {
-                match r.unwrap() {
-                    Ok(200) => ok += 1,
-                    _ => failed += 1,
-                }
-            }
-        }
-        (ok, failed)
-    });
-    (stop, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +114,7 @@ async fn a_rolling_candidate_that_cannot_start_is_rolled_back_and_stable_serves_
         &upstream.url,
     ]);
     upstream.set_failing(true);
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     s.ferry_ok(&[
         "deploy",
         "cancer",
@@ -163,8 +127,8 @@ async fn a_rolling_candidate_that_cannot_start_is_rolled_back_and_stable_serves_
         "1s",
     ]);
     let last = ended(&s, Duration::from_secs(20)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = task.await.unwrap();
+    let seen = traffic.finish().await;
+    let (ok, failed) = (seen.answered(), seen.failures.len());
     assert_eq!(last["phase"], "aborted", "{last}");
     assert!(
         last["message"]
@@ -239,13 +203,13 @@ async fn blue_green_stages_green_gates_on_qa_switches_without_errors_and_rolls_b
         Some(&20),
         "staging does"
     );
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.ferry_ok(&["promote", "cancer"]);
     let last = ended(&s, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = task.await.unwrap();
+    let seen = traffic.finish().await;
+    let (ok, failed) = (seen.answered(), seen.failures.len());
     assert_eq!(last["phase"], "succeeded");
     assert_eq!(failed, 0, "no failed request across the switch ({ok} ok)");
     assert_eq!(split(&s, 20, &[]).await.get("2"), Some(&20));
@@ -277,7 +241,7 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.ferry_json(&["model", "add", "cancer", "green", "--url", &upstream.url]);
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     s.ferry_ok(&[
         "deploy",
         "cancer",
@@ -300,8 +264,7 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
     )
     .await;
     // Deploy flags give no post_promotion window; apply one through the API instead.
-    stop.store(true, Ordering::Relaxed);
-    task.await.unwrap();
+    traffic.finish().await;
     let _ = ended(&s, Duration::from_secs(10)).await;
     s.ferry_ok(&["rollback", "cancer"]);
     let spec = json!({
@@ -318,7 +281,7 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     eventually(
         Duration::from_secs(15),
         "green takes production again",
@@ -327,8 +290,7 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
     .await;
     upstream.set_failing(true);
     let last = ended(&s, Duration::from_secs(40)).await;
-    stop.store(true, Ordering::Relaxed);
-    task.await.unwrap();
+    traffic.finish().await;
     assert_eq!(last["phase"], "aborted", "{last}");
     assert!(
         last["message"]
@@ -373,7 +335,7 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     s.add("cancer", "2", "cancer-v2.onnx");
     s.add("cancer", "bad", "cancer-bad.onnx");
     // cancer-bad agrees with v1 on about 61% of rows.
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     apply_json(&s, &shadow_spec("bad", "promote")).await;
     let last = ended(&s, Duration::from_secs(40)).await;
     assert_eq!(last["phase"], "aborted", "{last}");
@@ -404,8 +366,8 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     )
     .await;
     let last = ended(&s, Duration::from_secs(60)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = task.await.unwrap();
+    let seen = traffic.finish().await;
+    let (ok, failed) = (seen.answered(), seen.failures.len());
     assert_eq!(last["phase"], "succeeded", "{last}");
     assert_eq!(failed, 0, "{ok} ok");
     let events = s
@@ -499,7 +461,7 @@ async fn kill_9_in_the_middle_of_rolling_blue_green_and_shadow_resumes_where_it_
     let mut spec = shadow_spec("2", "promote");
     spec["strategy"]["shadow"]["min_comparisons"] = json!(100_000);
     apply_json(&s, &spec).await;
-    let (stop, task) = load(&s);
+    let traffic = Traffic::start(&s, 0, 4);
     eventually(Duration::from_secs(30), "some comparisons", async || {
         status(&s).await["shadow"]["comparisons"]
             .as_u64()
@@ -507,8 +469,7 @@ async fn kill_9_in_the_middle_of_rolling_blue_green_and_shadow_resumes_where_it_
             > 20
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    task.await.unwrap();
+    traffic.finish().await;
     let before = status(&s).await["shadow"]["comparisons"].as_u64().unwrap();
     s.kill9();
     let s = Server::start_in(&dir, &[]).await;
