@@ -21,7 +21,9 @@ use crate::metrics::{Metrics, Role, Telemetry};
 use crate::registry::{
     Added, NewVersion, Registry, RegistryError, SettingsPatch, Source, VersionRecord,
 };
-use crate::runtime::{Engine, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker};
+use crate::runtime::{
+    Batching, Engine, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
+};
 use crate::store::NewEvent;
 
 /// The one writer of the route table.
@@ -434,11 +436,16 @@ impl Controller {
                     let threads = record.settings.threads as usize;
                     let name = format!("{}-{}-{i}", record.model, record.version);
                     let queue = record.settings.queue as usize;
+                    let batching = record.settings.batching().map(|(max, delay)| Batching {
+                        max,
+                        delay,
+                        sizes: Some(self.metrics.batch_sizes(&record.model, &record.version)),
+                    });
                     let worker =
                         tokio::task::spawn_blocking(move || -> Result<Worker, RuntimeError> {
                             let mut session = onnx.session(&bytes, threads)?;
                             session.run(warmup)?;
-                            Worker::spawn(&name, session, queue).map_err(|e| {
+                            Worker::spawn(&name, session, queue, batching).map_err(|e| {
                                 RuntimeError::Unavailable(format!(
                                     "cannot start a worker thread: {e}"
                                 ))

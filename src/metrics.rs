@@ -100,6 +100,10 @@ struct RoleLabels {
     role: &'static str,
 }
 
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
 fn duration_histogram() -> Histogram {
     // 100 µs to about 13 s, doubling.
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -137,6 +141,7 @@ pub struct Metrics {
     comparisons: Family<ComparisonLabels, Counter>,
     dropped: Family<VersionLabels, Counter>,
     roles: Family<RoleLabels, Gauge>,
+    batch_sizes: Family<VersionLabels, Histogram, fn() -> Histogram>,
     weights: Family<VersionLabels, Gauge<f64, AtomicU64>>,
     /// The role and weight series set for each model, to clear on change.
     published: Mutex<HashMap<String, PublishedRouting>>,
@@ -200,6 +205,10 @@ impl Metrics {
         let comparisons = Family::<ComparisonLabels, Counter>::default();
         let dropped = Family::<VersionLabels, Counter>::default();
         let roles = Family::<RoleLabels, Gauge>::default();
+        let batch_sizes =
+            Family::<VersionLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                batch_histogram as fn() -> Histogram,
+            );
         let weights = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "ferry_requests",
@@ -227,6 +236,11 @@ impl Metrics {
             dropped.clone(),
         );
         registry.register(
+            "ferry_batch_size",
+            "Requests merged into one inference run (adaptive batching)",
+            batch_sizes.clone(),
+        );
+        registry.register(
             "ferry_version_role",
             "The role a version plays for its model (1 while it does)",
             roles.clone(),
@@ -244,6 +258,7 @@ impl Metrics {
             comparisons,
             dropped,
             roles,
+            batch_sizes,
             weights,
             published: Mutex::new(HashMap::new()),
         }
@@ -282,6 +297,16 @@ impl Metrics {
             compare_error: compared("error"),
             dropped: self.dropped.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The histogram of a version's batch sizes.
+    pub fn batch_sizes(&self, model: &str, version: &str) -> Histogram {
+        self.batch_sizes
+            .get_or_create(&VersionLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+            })
+            .clone()
     }
 
     /// Counts a request retried from one version to the next.

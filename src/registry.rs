@@ -52,6 +52,23 @@ pub struct ServingSettings {
     /// Longest wait for an answer before the request fails.
     #[schema(value_type = String, example = "2s")]
     pub timeout: HumanDuration,
+    /// Adaptive batching: up to this many concurrent requests merged into
+    /// one run (1: off).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch_max: u32,
+    /// Adaptive batching: how long the first request of a batch waits for
+    /// others (default 2ms when batching is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "2ms")]
+    pub batch_delay: Option<HumanDuration>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
 }
 
 impl Default for ServingSettings {
@@ -61,6 +78,8 @@ impl Default for ServingSettings {
             threads: 1,
             queue: 128,
             timeout: HumanDuration(Duration::from_secs(2)),
+            batch_max: 1,
+            batch_delay: None,
         }
     }
 }
@@ -74,15 +93,30 @@ pub struct SettingsPatch {
     pub queue: Option<u32>,
     #[schema(value_type = Option<String>, example = "2s")]
     pub timeout: Option<HumanDuration>,
+    pub batch_max: Option<u32>,
+    #[schema(value_type = Option<String>, example = "2ms")]
+    pub batch_delay: Option<HumanDuration>,
 }
 
 impl ServingSettings {
+    /// The batching window, when batching is on.
+    pub fn batching(&self) -> Option<(usize, Duration)> {
+        (self.batch_max > 1).then(|| {
+            (
+                self.batch_max as usize,
+                self.batch_delay.map_or(Duration::from_millis(2), |d| d.0),
+            )
+        })
+    }
+
     pub fn apply(&self, patch: &SettingsPatch) -> ServingSettings {
         ServingSettings {
             replicas: patch.replicas.unwrap_or(self.replicas),
             threads: patch.threads.unwrap_or(self.threads),
             queue: patch.queue.unwrap_or(self.queue),
             timeout: patch.timeout.unwrap_or(self.timeout),
+            batch_max: patch.batch_max.unwrap_or(self.batch_max),
+            batch_delay: patch.batch_delay.or(self.batch_delay),
         }
     }
 
@@ -98,6 +132,12 @@ impl ServingSettings {
         check("replicas", self.replicas.into(), 1, 64)?;
         check("threads", self.threads.into(), 1, 256)?;
         check("queue", self.queue.into(), 1, 1_000_000)?;
+        check("batch_max", self.batch_max.into(), 1, 1024)?;
+        if let Some(d) = self.batch_delay
+            && d.0 > Duration::from_millis(100)
+        {
+            return Err(format!("batch_delay must be at most 100ms, not {d}"));
+        }
         let t = self.timeout.0;
         if t < Duration::from_millis(1) || t > Duration::from_secs(600) {
             return Err(format!(

@@ -7,6 +7,7 @@
 //! speaks V2 to another server. [`Engine`] is what the gateway calls: it does
 //! not know about versions, routes or rollouts.
 
+pub mod batch;
 pub mod library;
 pub mod onnx;
 pub mod remote;
@@ -19,7 +20,7 @@ use crate::protocol::Tensor;
 pub use onnx::OnnxRuntime;
 pub use remote::{RemoteClient, RemoteTarget};
 pub use signature::{Signature, TensorSpec};
-pub use worker::Worker;
+pub use worker::{Batching, Worker};
 
 /// What can go wrong turning an artifact into answers.
 #[derive(Debug, thiserror::Error)]

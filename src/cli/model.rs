@@ -60,6 +60,12 @@ pub struct SettingsArgs {
     /// Longest wait for an answer, e.g. 500ms, 2s.
     #[arg(long)]
     timeout: Option<HumanDuration>,
+    /// Adaptive batching: merge up to N concurrent requests into one run (1: off).
+    #[arg(long)]
+    batch_max: Option<u32>,
+    /// Adaptive batching: how long a request waits for others, e.g. 2ms.
+    #[arg(long)]
+    batch_delay: Option<HumanDuration>,
 }
 
 impl SettingsArgs {
@@ -76,6 +82,12 @@ impl SettingsArgs {
         }
         if let Some(v) = self.timeout {
             m.insert("timeout".into(), json!(v.to_string()));
+        }
+        if let Some(v) = self.batch_max {
+            m.insert("batch_max".into(), json!(v));
+        }
+        if let Some(v) = self.batch_delay {
+            m.insert("batch_delay".into(), json!(v.to_string()));
         }
         Value::Object(m)
     }
@@ -175,7 +187,7 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
             let body = settings.to_json();
             if body.as_object().is_some_and(|m| m.is_empty()) {
                 anyhow::bail!(
-                    "nothing to change: give --replicas, --threads, --queue or --timeout"
+                    "nothing to change: give --replicas, --threads, --queue, --timeout, --batch-max or --batch-delay"
                 );
             }
             let path = format!("/api/v1/models/{model}/versions/{version}");
@@ -285,8 +297,15 @@ fn source_text(s: &Value) -> String {
 }
 
 fn settings_text(s: &Value) -> String {
+    let batching = match s["batch_max"].as_u64() {
+        Some(n) if n > 1 => format!(
+            ", batches of up to {n} within {}",
+            s["batch_delay"].as_str().unwrap_or("2ms")
+        ),
+        _ => String::new(),
+    };
     format!(
-        "replicas {}, threads {}, queue {}, timeout {}",
+        "replicas {}, threads {}, queue {}, timeout {}{batching}",
         str_of(&s["replicas"]),
         str_of(&s["threads"]),
         str_of(&s["queue"]),

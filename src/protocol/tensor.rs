@@ -304,6 +304,60 @@ impl TensorData {
         })
     }
 
+    /// Joins tensors' elements end to end (row-major data concatenated
+    /// along the first dimension); `None` when the datatypes differ.
+    pub fn concat(parts: &[&TensorData]) -> Option<TensorData> {
+        macro_rules! join {
+            ($variant:ident) => {{
+                let mut out = Vec::new();
+                for p in parts {
+                    match p {
+                        TensorData::$variant(v) => out.extend_from_slice(v),
+                        _ => return None,
+                    }
+                }
+                TensorData::$variant(out)
+            }};
+        }
+        Some(match parts.first()? {
+            TensorData::Bool(_) => join!(Bool),
+            TensorData::Uint8(_) => join!(Uint8),
+            TensorData::Uint16(_) => join!(Uint16),
+            TensorData::Uint32(_) => join!(Uint32),
+            TensorData::Uint64(_) => join!(Uint64),
+            TensorData::Int8(_) => join!(Int8),
+            TensorData::Int16(_) => join!(Int16),
+            TensorData::Int32(_) => join!(Int32),
+            TensorData::Int64(_) => join!(Int64),
+            TensorData::Fp16(_) => join!(Fp16),
+            TensorData::Fp32(_) => join!(Fp32),
+            TensorData::Fp64(_) => join!(Fp64),
+        })
+    }
+
+    /// Elements `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> TensorData {
+        macro_rules! cut {
+            ($variant:ident, $v:expr) => {
+                TensorData::$variant($v[start..start + len].to_vec())
+            };
+        }
+        match self {
+            TensorData::Bool(v) => cut!(Bool, v),
+            TensorData::Uint8(v) => cut!(Uint8, v),
+            TensorData::Uint16(v) => cut!(Uint16, v),
+            TensorData::Uint32(v) => cut!(Uint32, v),
+            TensorData::Uint64(v) => cut!(Uint64, v),
+            TensorData::Int8(v) => cut!(Int8, v),
+            TensorData::Int16(v) => cut!(Int16, v),
+            TensorData::Int32(v) => cut!(Int32, v),
+            TensorData::Int64(v) => cut!(Int64, v),
+            TensorData::Fp16(v) => cut!(Fp16, v),
+            TensorData::Fp32(v) => cut!(Fp32, v),
+            TensorData::Fp64(v) => cut!(Fp64, v),
+        }
+    }
+
     /// The elements as `f64`, for comparing predictions across versions.
     pub fn to_f64(&self) -> Vec<f64> {
         match self {

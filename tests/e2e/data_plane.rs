@@ -637,3 +637,70 @@ async fn a_full_queue_answers_503_with_retry_after() {
         "{answers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_batching_merges_concurrent_requests_with_identical_answers() {
+    let s = cancer().await;
+    let rows = holdout();
+    // The answers without batching, one request at a time.
+    let mut expected = Vec::new();
+    for (body, _) in rows.iter().take(64) {
+        let (_, _, answer) = s.infer("/v2/models/cancer/infer", body).await;
+        expected.push(answer["outputs"].clone());
+    }
+    let v = s.ferry_json(&[
+        "model",
+        "set",
+        "cancer",
+        "1",
+        "--batch-max",
+        "16",
+        "--batch-delay",
+        "5ms",
+    ]);
+    assert_eq!(v["settings"]["batch_max"], 16);
+    let human = s.ferry_ok(&["model", "show", "cancer"]);
+    assert!(human.contains("batches of up to 16 within 5ms"), "{human}");
+    // The same 64 rows, all at once.
+    let mut tasks = Vec::new();
+    for (body, _) in rows.iter().take(64).cloned() {
+        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["outputs"].clone()
+        }));
+    }
+    // Labels are identical; probabilities agree to float rounding (a batched
+    // matrix product may sum in another order).
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(
+            got[0], expected[i][0],
+            "row {i}: another label when batched"
+        );
+        let (a, b) = (
+            got[1]["data"].as_array().unwrap(),
+            expected[i][1]["data"].as_array().unwrap(),
+        );
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-6,
+                "row {i}: {got} vs {}",
+                expected[i]
+            );
+        }
+    }
+    let prom = s.prometheus().await;
+    let count = super::harness::series_value(
+        &prom,
+        r#"ferry_batch_size_count{model="cancer",version="1"}"#,
+    );
+    let sum =
+        super::harness::series_value(&prom, r#"ferry_batch_size_sum{model="cancer",version="1"}"#);
+    assert_eq!(sum, 64.0, "every request went through the batcher: {prom}");
+    assert!(
+        count < 64.0,
+        "some requests ran together: {count} runs for 64 requests"
+    );
+}
