@@ -663,8 +663,12 @@ async fn adaptive_batching_merges_concurrent_requests_with_identical_answers() {
     assert!(human.contains("batches of up to 16 within 5ms"), "{human}");
     // The same 64 rows, all at once.
     let mut tasks = Vec::new();
-    for (body, _) in rows.iter().take(64).cloned() {
-        let (http, url) = (s.http.clone(), s.at("/v2/models/cancer/infer"));
+    for (body, _) in rows.iter().take(64) {
+        let (http, url, body) = (
+            s.http.clone(),
+            s.at("/v2/models/cancer/infer"),
+            body.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let r = http.post(url).json(&body).send().await.unwrap();
             assert_eq!(r.status(), 200);
