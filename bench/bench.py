@@ -191,6 +191,33 @@ def run_routing(args, tmp, body):
         stop(proc)
 
 
+def run_batching(args, tmp, body):
+    """Ferry's cancer-v1 with and without adaptive batching (16 requests, 2 ms)."""
+    data = tmp / "ferry-batching"
+    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    try:
+        url = proc.stdout.readline().strip().removeprefix("ferry listening on ")
+        wait_http(f"{url}/v2/health/ready")
+        token = (data / "admin-token").read_text().strip()
+        ferry = [args.ferry, "--server", url, "--token", token]
+        subprocess.run([*ferry, "model", "add", "cancer", "1", "--file", str(ROOT / "examples/models/cancer-v1.onnx")], check=True, capture_output=True)
+        out = {}
+        dur = "3s" if args.quick else "10s"
+        for name, flags in [("off", ["--batch-max", "1"]), ("16 within 2ms", ["--batch-max", "16", "--batch-delay", "2ms"])]:
+            subprocess.run([*ferry, "model", "set", "cancer", "1", *flags], check=True, capture_output=True)
+            target = f"{url}/v2/models/cancer/infer"
+            oha(args, target, body, ["-c", "16", "-z", "1s"])
+            before = cpu_seconds(proc.pid)
+            sat = oha(args, target, body, ["-c", "64", "-z", dur])
+            sat["cpu_us_per_request"] = round((cpu_seconds(proc.pid) - before) / max(sat["ok"], 1) * 1e6, 1)
+            fixed = oha(args, target, body, ["-c", "8", "-q", "1000", "--latency-correction", "-z", dur])
+            out[name] = {"saturation_c64": sat, "fixed_1000rps": fixed}
+            log(f"   batching {name}: {out[name]}")
+        return out
+    finally:
+        stop(proc)
+
+
 def run_ferry(args, tmp, body):
     data = tmp / "ferry-data"
     proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
@@ -247,7 +274,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching"], default="all")
     ap.add_argument("--routing-rate", type=int, default=2000)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -262,7 +289,12 @@ def main():
             routing = {"machine": machine(), "rate": args.routing_rate, "setups": run_routing(args, tmp, body)}
             (RESULTS / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
             print(json.dumps(routing, indent=2))
-        if args.suite == "routing":
+        if args.suite in ("all", "batching"):
+            log("== adaptive batching (Ferry)")
+            batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
+            (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
+            print(json.dumps(batching, indent=2))
+        if args.suite in ("routing", "batching"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:
