@@ -274,7 +274,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways"], default="all")
     ap.add_argument("--routing-rate", type=int, default=2000)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -289,12 +289,18 @@ def main():
             routing = {"machine": machine(), "rate": args.routing_rate, "setups": run_routing(args, tmp, body)}
             (RESULTS / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
             print(json.dumps(routing, indent=2))
+        if args.suite in ("all", "gateways"):
+            log("== routing overhead: Ferry vs nginx vs HAProxy")
+            import gateways
+            g = {"machine": machine(), "rate": args.routing_rate, "setups": gateways.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "gateways.json").write_text(json.dumps(g, indent=2) + "\n")
+            print(json.dumps(g, indent=2))
         if args.suite in ("all", "batching"):
             log("== adaptive batching (Ferry)")
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching"):
+        if args.suite in ("routing", "batching", "gateways"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:

@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, beside the binary, the build's copy).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
+    /// Threads for network I/O and request handling (0: one per core).
+    /// Inference runs on each replica's own threads either way.
+    #[arg(long, default_value_t = 0)]
+    pub io_threads: usize,
     /// Largest inference request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
