@@ -58,6 +58,13 @@ pub struct Call<'a> {
     pub outputs: &'a [&'a str],
 }
 
+/// A request's route: the model's snapshot, the version chosen and its role.
+pub struct Routed {
+    pub route: Arc<ModelRoute>,
+    pub pool: Arc<VersionPool>,
+    pub role: Role,
+}
+
 /// An answer and the version that gave it.
 pub struct Served {
     pub version: String,
@@ -99,41 +106,98 @@ impl Gateway {
         &self.recent
     }
 
-    /// Serves one request: choose the version, check the inputs against its
-    /// signature, run it (along the failover chain when the stable version
-    /// fails), mirror a copy to the shadow, and record what answered.
-    pub async fn infer(&self, call: Call<'_>) -> Result<Served, GatewayError> {
-        let route = self.routes.model(call.model).ok_or_else(|| {
+    /// Chooses the version for a request from its path and headers alone.
+    pub fn route(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Routed, GatewayError> {
+        let route = self.routes.model(model).ok_or_else(|| {
             GatewayError::NotFound(format!(
-                "model \"{}\" is not served here; GET /v2/repository/index lists the models and their state",
-                call.model
+                "model \"{model}\" is not served here; GET /v2/repository/index lists the models and their state"
             ))
         })?;
-        let (version, role) = match call.version {
-            Some(v) => (v, Role::Direct),
+        let (version, role) = match version {
+            Some(v) => (v.to_string(), Role::Direct),
             None => {
-                let staging = call
-                    .headers
+                let staging = headers
                     .get(ENV_HEADER)
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"staging"));
-                let header = |name: &str| call.headers.get(name).and_then(|v| v.to_str().ok());
-                choose::choose(&route.policy, staging, header, fastrand::u32(..choose::BUCKETS)).map_err(
-                    |choose::NoVersion::NoStaging| {
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let (v, role) = choose::choose(&route.policy, staging, header, fastrand::u32(..choose::BUCKETS))
+                    .map_err(|choose::NoVersion::NoStaging| {
                         GatewayError::NotFound(format!(
-                            "model \"{}\" has no staging version (the request has {ENV_HEADER}: staging)",
-                            call.model
+                            "model \"{model}\" has no staging version (the request has {ENV_HEADER}: staging)"
                         ))
-                    },
-                )?
+                    })?;
+                (v.to_string(), role)
             }
         };
-        let pool = route.pools.get(version).ok_or_else(|| {
+        let pool = route.pools.get(&version).cloned().ok_or_else(|| {
             GatewayError::NotFound(format!(
-                "version \"{version}\" of model \"{}\" is not loaded; loaded versions: {}",
-                call.model,
+                "version \"{version}\" of model \"{model}\" is not loaded; loaded versions: {}",
                 route.loaded().join(", ")
             ))
         })?;
+        Ok(Routed { route, pool, role })
+    }
+
+    /// Whether a routed request can pass through untouched: its version runs
+    /// on remote endpoints and nothing needs its decoded tensors — no shadow
+    /// copy, no failover chain, no prediction log sample.
+    pub fn can_pass_through(&self, routed: &Routed) -> bool {
+        let production = routed.role == Role::Stable;
+        routed.pool.is_remote()
+            && !(production
+                && (routed.route.policy.shadow.is_some()
+                    || !routed.route.policy.failover.is_empty()))
+            && self.log.as_ref().is_none_or(|l| !l.sampled())
+    }
+
+    /// Passes a request body to a remote version untouched (see
+    /// [`Gateway::can_pass_through`]); the remote checks the inputs. Returns
+    /// the answer's body and `Inference-Header-Content-Length`.
+    pub async fn forward(
+        &self,
+        routed: &Routed,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+    ) -> Result<(bytes::Bytes, Option<String>), GatewayError> {
+        let pool = &routed.pool;
+        let timeout = routed
+            .route
+            .policy
+            .timeout
+            .map_or_else(|| pool.timeout(), |t| t.0);
+        let started = Instant::now();
+        let result = pool.forward(body, header_len, timeout).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_)) => Outcome::Rejected,
+            Err(_) => Outcome::Error,
+        };
+        pool.record(routed.role, outcome, started.elapsed().as_secs_f64(), None);
+        Ok(result?)
+    }
+
+    /// Remembers what answered a passed-through request (for delayed labels).
+    pub fn remember(&self, id: &str, routed: &Routed, class: Option<i64>) {
+        self.recent.remember(
+            id,
+            &routed.pool.model,
+            &routed.pool.version,
+            routed.role,
+            class,
+        );
+    }
+
+    /// Serves one decoded request: check the inputs against the version's
+    /// signature, run it (along the failover chain when the stable version
+    /// fails), mirror a copy to the shadow, and record what answered.
+    pub async fn infer(&self, routed: Routed, call: Call<'_>) -> Result<Served, GatewayError> {
+        let Routed { route, pool, role } = routed;
+        let pool = &pool;
         let checked = pool
             .signature
             .check_inputs(&call.inputs)

@@ -10,8 +10,8 @@ pub mod codec;
 pub mod tensor;
 
 pub use codec::{
-    InferRequest, InferResponse, RequestedOutput, decode_request, decode_response_json,
-    encode_request_json, encode_response,
+    InferRequest, InferResponse, RequestedOutput, Rewritten, decode_request, decode_response_json,
+    encode_request_json, encode_response, rewrite_response,
 };
 pub use tensor::{DataType, Tensor, TensorData};
 

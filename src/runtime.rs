@@ -78,6 +78,24 @@ pub enum Engine {
 }
 
 impl Engine {
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Engine::Remote(_))
+    }
+
+    /// Passes a request body through to a remote endpoint untouched.
+    pub async fn forward(
+        &self,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+        match self {
+            Engine::Remote(r) => r.forward(body, header_len).await,
+            Engine::Local(_) => Err(RuntimeError::Inference(
+                "a local replica has no pass-through".into(),
+            )),
+        }
+    }
+
     /// Runs one request. Inputs must already match the version's signature.
     pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         match self {

@@ -225,20 +225,50 @@ async fn run_infer(
     let header_len = headers
         .get(protocol::HEADER_CONTENT_LENGTH)
         .map(|v| v.to_str().unwrap_or("(not text)"));
+    let routed = s.gateway.route(&model, version.as_deref(), &headers)?;
+    if s.gateway.can_pass_through(&routed) {
+        // A remote version with nothing to observe: the body goes as it is,
+        // the answer comes back with our model name, version and id.
+        let fallback_id = s.ids.next();
+        let (answer, answer_len) = s.gateway.forward(&routed, body, header_len).await?;
+        let rewritten = protocol::rewrite_response(
+            &answer,
+            answer_len.as_deref(),
+            &model,
+            &routed.pool.version,
+            &fallback_id,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the remote version sent an unreadable answer: {e}"),
+            )
+        })?;
+        s.gateway.remember(&rewritten.id, &routed, rewritten.class);
+        return Ok(respond(
+            rewritten.body,
+            rewritten.json_len,
+            &routed.pool.version,
+            &rewritten.id,
+        ));
+    }
     let mut request = protocol::decode_request(&body, header_len)?;
     let inputs = std::mem::take(&mut request.inputs);
     let requested: Vec<&str> = request.outputs.iter().map(|o| o.name.as_str()).collect();
     let id = request.id.clone().unwrap_or_else(|| s.ids.next());
     let served = s
         .gateway
-        .infer(Call {
-            model: &model,
-            version: version.as_deref(),
-            headers: &headers,
-            id: &id,
-            inputs,
-            outputs: &requested,
-        })
+        .infer(
+            routed,
+            Call {
+                model: &model,
+                version: version.as_deref(),
+                headers: &headers,
+                id: &id,
+                inputs,
+                outputs: &requested,
+            },
+        )
         .await?;
     let outputs: Vec<Tensor> = if request.outputs.is_empty() {
         served.outputs
@@ -269,6 +299,17 @@ async fn run_infer(
             .unwrap_or(request.binary_output)
     };
     let (body, json_len) = protocol::encode_response(&response, binary);
+    Ok(respond(
+        body,
+        json_len,
+        &response.model_version,
+        &response.id,
+    ))
+}
+
+/// An inference answer with its headers: content type (and the JSON header's
+/// length for the binary extension), the version that answered, the id.
+fn respond(body: Vec<u8>, json_len: Option<usize>, version: &str, id: &str) -> Response {
     let mut resp = Response::new(axum::body::Body::from(body));
     let h = resp.headers_mut();
     match json_len {
@@ -289,13 +330,13 @@ async fn run_infer(
             );
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&response.model_version) {
+    if let Ok(v) = HeaderValue::from_str(version) {
         h.insert(HeaderName::from_static(VERSION_HEADER), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&response.id) {
+    if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
-    Ok(resp)
+    resp
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]

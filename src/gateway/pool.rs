@@ -142,6 +142,32 @@ impl VersionPool {
         self.replicas.iter().min_by_key(|r| r.in_flight())
     }
 
+    /// Every replica is a remote endpoint (requests can pass through untouched).
+    pub fn is_remote(&self) -> bool {
+        !self.replicas.is_empty() && self.replicas.iter().all(|r| r.engine.is_remote())
+    }
+
+    /// Passes a request body through to the least busy remote replica.
+    pub async fn forward(
+        &self,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+        let replica = self.pick().ok_or_else(|| {
+            RuntimeError::Unavailable(format!(
+                "version \"{}\" of model \"{}\" has no running replica",
+                self.version, self.model
+            ))
+        })?;
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(&replica.in_flight);
+        match tokio::time::timeout(timeout, replica.engine.forward(body, header_len)).await {
+            Ok(result) => result,
+            Err(_) => Err(RuntimeError::Timeout(timeout)),
+        }
+    }
+
     /// Runs a request on the least busy replica, within `timeout`.
     pub async fn infer(
         &self,

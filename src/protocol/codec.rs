@@ -340,6 +340,61 @@ pub fn encode_response(
     (body, Some(json_len))
 }
 
+/// A remote's answer, rewritten to say which model and version answered.
+pub struct Rewritten {
+    pub body: Vec<u8>,
+    pub json_len: Option<usize>,
+    /// The answer's id (the client's, echoed by the remote) or the fallback.
+    pub id: String,
+    /// The first row's value of a `label` output, when the answer is JSON.
+    pub class: Option<i64>,
+}
+
+/// Rewrites a passed-through answer's JSON header: `model_name` and
+/// `model_version` become Ferry's, and an answer without an `id` gets
+/// `fallback_id`. Binary tensor data after the header is kept as it is.
+pub fn rewrite_response(
+    body: &[u8],
+    header_len: Option<&str>,
+    model: &str,
+    version: &str,
+    fallback_id: &str,
+) -> Result<Rewritten, ProtocolError> {
+    let (json, binary) = split_body(body, header_len)?;
+    let mut head: Value = serde_json::from_slice(json).map_err(json_error)?;
+    let obj = head
+        .as_object_mut()
+        .ok_or_else(|| ProtocolError::Json("the answer is not a JSON object".into()))?;
+    obj.insert("model_name".into(), Value::from(model));
+    obj.insert("model_version".into(), Value::from(version));
+    let id = match obj.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => {
+            obj.insert("id".into(), Value::from(fallback_id));
+            fallback_id.to_string()
+        }
+    };
+    let class = obj
+        .get("outputs")
+        .and_then(Value::as_array)
+        .and_then(|outs| outs.iter().find(|o| o["name"] == "label"))
+        .and_then(|o| {
+            o["data"]
+                .as_array()
+                .and_then(|d| d.first())
+                .and_then(Value::as_i64)
+        });
+    let mut out = serde_json::to_vec(&head).expect("a JSON value serialises");
+    let json_len = (header_len.is_some()).then_some(out.len());
+    out.extend_from_slice(binary);
+    Ok(Rewritten {
+        body: out,
+        json_len,
+        id,
+        class,
+    })
+}
+
 /// Encodes a JSON request, as Ferry sends to a remote V2 server.
 pub fn encode_request_json(id: Option<&str>, inputs: &[Tensor]) -> Vec<u8> {
     #[derive(Serialize)]
@@ -461,6 +516,31 @@ mod tests {
             decode_request(&body, Some("99999")),
             Err(ProtocolError::HeaderLength { .. })
         ));
+    }
+
+    #[test]
+    fn a_passed_through_answer_is_renamed_and_keeps_its_binary_tail() {
+        let head = br#"{"model_name":"remote-name","model_version":"9","outputs":[{"name":"label","datatype":"INT64","shape":[1],"parameters":{"binary_data_size":8}}]}"#;
+        let mut body = head.to_vec();
+        body.extend(1i64.to_le_bytes());
+        let r =
+            rewrite_response(&body, Some(&head.len().to_string()), "cancer", "2", "gen-1").unwrap();
+        let json_len = r.json_len.unwrap();
+        let v: Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
+        assert_eq!(
+            (
+                v["model_name"].as_str(),
+                v["model_version"].as_str(),
+                v["id"].as_str()
+            ),
+            (Some("cancer"), Some("2"), Some("gen-1"))
+        );
+        assert_eq!(&r.body[json_len..], &1i64.to_le_bytes());
+        assert_eq!(r.class, None, "binary data is not read");
+        let json = br#"{"id":"c-1","outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[1]}]}"#;
+        let r = rewrite_response(json, None, "cancer", "2", "gen-2").unwrap();
+        assert_eq!((r.id.as_str(), r.class, r.json_len), ("c-1", Some(1), None));
+        assert!(rewrite_response(b"[]", None, "m", "v", "x").is_err());
     }
 
     #[test]

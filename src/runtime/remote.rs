@@ -192,14 +192,31 @@ impl RemoteClient {
     /// 4xx answers are `BadInput`.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
         let body = protocol::encode_request_json(None, inputs);
-        let resp = self
-            .http
-            .post(self.infer_url.clone())
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| unavailable(&self.target, e))?;
+        let (bytes, header_len) = self.forward(body.into(), None).await?;
+        protocol::decode_response_json(&bytes, header_len.as_deref()).map_err(|e| {
+            RuntimeError::Inference(format!(
+                "remote {} sent an unreadable answer: {e}",
+                self.target.display()
+            ))
+        })
+    }
+
+    /// Sends a request body as it is (JSON, or the binary extension when
+    /// `header_len` is set) and returns the answer's body and its
+    /// `Inference-Header-Content-Length`. Error answers become errors.
+    pub async fn forward(
+        &self,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+        let mut rb = self.http.post(self.infer_url.clone()).body(body);
+        rb = match header_len {
+            Some(n) => rb
+                .header("content-type", "application/octet-stream")
+                .header(protocol::HEADER_CONTENT_LENGTH, n),
+            None => rb.header("content-type", "application/json"),
+        };
+        let resp = rb.send().await.map_err(|e| unavailable(&self.target, e))?;
         let status = resp.status();
         let header_len = resp
             .headers()
@@ -224,12 +241,7 @@ impl RemoteClient {
                 },
             );
         }
-        protocol::decode_response_json(&bytes, header_len.as_deref()).map_err(|e| {
-            RuntimeError::Inference(format!(
-                "remote {} sent an unreadable answer: {e}",
-                self.target.display()
-            ))
-        })
+        Ok((bytes, header_len))
     }
 }
 

@@ -72,3 +72,70 @@ async fn unreachable_or_wrong_remotes_are_refused_at_registration() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
     assert_eq!(s.ferry_json(&["model", "list"]), json!([]));
 }
+
+#[tokio::test]
+async fn remote_requests_pass_through_untouched_and_answer_as_ferrys() {
+    let upstream = Server::start().await;
+    upstream.add("cancer", "1", "cancer-v1.onnx");
+    let s = Server::start().await;
+    s.ferry_json(&["model", "add", "cancer", "far", "--url", &upstream.url]);
+    // Binary in, binary out, through the pass-through path.
+    let header = json!({"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "parameters": {"binary_data_size": 120}}],
+                        "parameters": {"binary_data_output": true}});
+    let mut body = serde_json::to_vec(&header).unwrap();
+    let len = body.len();
+    body.extend(vec![0u8; 120]);
+    let r = s
+        .http
+        .post(s.at("/v2/models/cancer/infer"))
+        .header("inference-header-content-length", len)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ferry-version"], "far");
+    let id = r.headers()["x-ferry-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let json_len: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = r.bytes().await.unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+    assert_eq!(
+        (head["model_name"].as_str(), head["model_version"].as_str()),
+        (Some("cancer"), Some("far"))
+    );
+    assert_eq!(head["id"], id.as_str());
+    assert_eq!(
+        bytes.len() - json_len,
+        8 + 8,
+        "label (INT64) and two FP32 probabilities"
+    );
+    // A JSON request with the client's id; the label is remembered for feedback.
+    let mut row = batch(1);
+    row["id"] = json!("client-7");
+    let (status, headers, answer) = s.infer("/v2/models/cancer/infer", &row).await;
+    assert_eq!(
+        (status, headers["x-ferry-request-id"].to_str().unwrap()),
+        (200, "client-7")
+    );
+    assert_eq!(answer["model_version"], "far");
+    let label = answer["outputs"][0]["data"][0].as_i64().unwrap();
+    let fb: serde_json::Value = s
+        .http
+        .post(s.at("/v2/models/cancer/feedback"))
+        .json(&json!({"id": "client-7", "label": label}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fb["correct"], true, "{fb}");
+    assert_eq!(fb["version"], "far");
+}
