@@ -274,7 +274,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control"], default="all")
     ap.add_argument("--routing-rate", type=int, default=2000)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -295,12 +295,18 @@ def main():
             g = {"machine": machine(), "rate": args.routing_rate, "setups": gateways.run(sys.modules[__name__], args, tmp, body)}
             (RESULTS / "gateways.json").write_text(json.dumps(g, indent=2) + "\n")
             print(json.dumps(g, indent=2))
+        if args.suite in ("all", "control"):
+            log("== control plane (Ferry)")
+            import control
+            c = {"machine": machine(), "figures": control.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "control.json").write_text(json.dumps(c, indent=2) + "\n")
+            print(json.dumps(c, indent=2))
         if args.suite in ("all", "batching"):
             log("== adaptive batching (Ferry)")
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways"):
+        if args.suite in ("routing", "batching", "gateways", "control"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:

@@ -465,7 +465,15 @@ impl Controller {
         if strategy::analysing(&record.spec, &record.state) {
             let spec = record.spec.analysis.clone().unwrap_or_default();
             let interval = spec.interval.0;
-            if now >= record.state.analysis.last_at_ms + interval.as_millis() as u64 {
+            // Windows are whole 5 s buckets: judge one just after a bucket
+            // closes, so a breach is seen at most one interval (plus this
+            // slack) after it began, and consecutive windows never overlap.
+            let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
+            let since_boundary = now % bucket_ms;
+            let due = now + bucket_ms / 2
+                >= record.state.analysis.last_at_ms + interval.as_millis() as u64
+                && (50..400).contains(&since_boundary);
+            if due {
                 let role = strategy::candidate_role(&record.spec, &record.state);
                 let candidate =
                     self.telemetry
