@@ -274,7 +274,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale"], default="all")
+    ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -301,12 +302,18 @@ def main():
             c = {"machine": machine(), "figures": control.run(sys.modules[__name__], args, tmp, body)}
             (RESULTS / "control.json").write_text(json.dumps(c, indent=2) + "\n")
             print(json.dumps(c, indent=2))
+        if args.suite in ("all", "scale"):
+            log(f"== scale: {args.scale_models} models x 3 versions (Ferry)")
+            import scale
+            sc = {"machine": machine(), "figures": scale.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "scale.json").write_text(json.dumps(sc, indent=2) + "\n")
+            print(json.dumps(sc, indent=2))
         if args.suite in ("all", "batching"):
             log("== adaptive batching (Ferry)")
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways", "control"):
+        if args.suite in ("routing", "batching", "gateways", "control", "scale"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:
