@@ -51,6 +51,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub telemetry: Arc<Telemetry>,
     pub token: Arc<AdminToken>,
+    /// When set, the data plane needs it (or the admin token).
+    pub inference_token: Option<Arc<AdminToken>>,
     pub ids: Arc<RequestIds>,
 }
 
@@ -85,7 +87,7 @@ impl RequestIds {
 /// The whole HTTP surface on one router.
 pub fn router(state: AppState, limits: Limits) -> Router {
     Router::new()
-        .merge(v2::router())
+        .merge(v2::router(state.clone()))
         .merge(control::router(state.clone(), limits))
         .route("/metrics", get(metrics))
         .route("/ui/", get(crate::dashboard::index))

@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// Recent request ids remembered for delayed labels (feedback).
     #[arg(long, default_value_t = 100_000)]
     pub remember_requests: usize,
+    /// Require this token (read from the file, created mode 0600 when
+    /// missing) on the data plane; health checks stay open.
+    #[arg(long)]
+    pub inference_token_file: Option<PathBuf>,
     /// Write a sample of requests and answers to this JSON Lines file.
     #[arg(long)]
     pub prediction_log: Option<PathBuf>,
@@ -164,6 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_upload_bytes: args.max_upload_bytes,
                 },
                 drain_timeout: args.drain_timeout.0,
+                inference_token_file: args.inference_token_file,
                 remember_requests: args.remember_requests,
                 prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
                     path,

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub remember_requests: usize,
     /// The optional sampled prediction log.
     pub prediction_log: Option<PredictionLogSettings>,
+    /// When set, the data plane needs this token (created when missing).
+    pub inference_token_file: Option<PathBuf>,
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -87,6 +89,23 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics,
         telemetry,
         token: Arc::new(token),
+        inference_token: match &opts.inference_token_file {
+            Some(path) => {
+                let (t, created) = AdminToken::from_file(path).with_context(|| {
+                    format!(
+                        "cannot read or create the inference token {}",
+                        path.display()
+                    )
+                })?;
+                tracing::info!(
+                    "the data plane needs the inference token in {}{}",
+                    path.display(),
+                    if created { " (created)" } else { "" }
+                );
+                Some(Arc::new(t))
+            }
+            None => None,
+        },
         ids: Arc::new(RequestIds::default()),
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)

@@ -24,7 +24,11 @@ impl AdminToken {
     /// Reads `DIR/admin-token`, creating it (mode 0600) with a random token
     /// when it does not exist. Returns the token and whether it was created.
     pub fn load_or_create(dir: &Path) -> std::io::Result<(AdminToken, bool)> {
-        let path = dir.join("admin-token");
+        Self::load_or_create_named(dir, "admin-token")
+    }
+
+    fn load_or_create_named(dir: &Path, name: &str) -> std::io::Result<(AdminToken, bool)> {
+        let path = dir.join(name);
         match std::fs::read_to_string(&path) {
             Ok(s) if !s.trim().is_empty() => return Ok((AdminToken(s.trim().to_string()), false)),
             Ok(_) => {}
@@ -34,7 +38,7 @@ impl AdminToken {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
         let token = hex::encode(bytes);
-        let tmp = dir.join(".admin-token.tmp");
+        let tmp = dir.join(format!(".{name}.tmp"));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -46,6 +50,27 @@ impl AdminToken {
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         Ok((AdminToken(token), true))
+    }
+
+    /// Whether the request carries this token (constant-time comparison).
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| bool::from(t.trim().as_bytes().ct_eq(self.0.as_bytes())))
+    }
+
+    /// Reads a token from `path`, creating it (mode 0600) when missing.
+    pub fn from_file(path: &Path) -> std::io::Result<(AdminToken, bool)> {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("the token path has no file name"))?;
+        Self::load_or_create_named(dir, &name.to_string_lossy())
     }
 
     /// Checks `Authorization: Bearer <token>`.
@@ -67,6 +92,29 @@ impl AdminToken {
             )),
         }
     }
+}
+
+/// Middleware for the data plane: when an inference token is configured,
+/// requests need it or the admin token.
+pub async fn require_inference(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &state.inference_token else {
+        return next.run(req).await;
+    };
+    if token.matches(req.headers()) || state.token.matches(req.headers()) {
+        return next.run(req).await;
+    }
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "this server needs the inference token: send Authorization: Bearer <token from the --inference-token-file>",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
 }
 
 /// Middleware: refuses requests without the admin token.

@@ -25,11 +25,14 @@ pub const REQUEST_ID_HEADER: &str = "x-ferry-request-id";
 /// The protocol extensions Ferry really implements.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v2", get(server_metadata))
+/// The data plane. With an inference token configured, everything but the
+/// health checks needs it (or the admin token).
+pub fn router(state: AppState) -> Router<AppState> {
+    let health = Router::new()
         .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
+        .route("/v2/health/ready", get(ready));
+    let guarded = Router::new()
+        .route("/v2", get(server_metadata))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/infer", post(infer))
@@ -52,6 +55,11 @@ pub fn router() -> Router<AppState> {
             "/v2/repository/models/{model}/unload",
             post(repository_unload),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            super::auth::require_inference,
+        ));
+    health.merge(guarded)
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -339,3 +339,81 @@ async fn openapi_document_lists_the_api() {
     }
     assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
 }
+
+#[tokio::test]
+async fn an_inference_token_guards_the_data_plane_but_not_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("inference-token");
+    let s = Server::start_in(
+        &tmp.path().join("data"),
+        &["--inference-token-file", token_file.to_str().unwrap()],
+    )
+    .await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let url = s.at("/v2/models/cancer/infer");
+    let r = s
+        .http
+        .post(&url)
+        .json(&super::harness::batch(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("inference token")
+    );
+    let r = s
+        .http
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&super::harness::batch(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for t in [token.as_str(), s.token().as_str()] {
+        let r = s
+            .http
+            .post(&url)
+            .bearer_auth(t)
+            .json(&super::harness::batch(1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "the inference token and the admin token both work"
+        );
+    }
+    assert_eq!(
+        s.http
+            .get(s.at("/v2/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.http
+            .get(s.at("/v2/models/cancer"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}

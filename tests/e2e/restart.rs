@@ -10,8 +10,9 @@ use super::harness::{Server, batch};
 async fn sigterm_lets_in_flight_requests_finish() {
     let mut s = Server::start().await;
     s.add("slow", "1", "cancer-slow.onnx");
+    s.ferry_json(&["model", "set", "slow", "1", "--timeout", "30s"]);
     let mut tasks = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..20 {
         let http = reqwest::Client::new();
         let url = s.at("/v2/models/slow/infer");
         tasks.push(tokio::spawn(async move {
@@ -22,8 +23,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
                 .map(|r| r.status().as_u16())
         }));
     }
-    // The five requests take ≥ 5 × 20 ms on one replica; stop while they run.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The twenty requests take ≥ 20 × 20 ms on one replica. Wait long enough
+    // for all of them to be accepted even on a loaded machine (a connection
+    // not yet accepted when the listener closes is not in flight), but stop
+    // while most are still queued or running.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let status = tokio::task::spawn_blocking(move || {
         let st = s.terminate();
         drop(s);
