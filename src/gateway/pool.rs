@@ -154,18 +154,10 @@ impl VersionPool {
         header_len: Option<&str>,
         timeout: Duration,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
-        let replica = self.pick().ok_or_else(|| {
-            RuntimeError::Unavailable(format!(
-                "version \"{}\" of model \"{}\" has no running replica",
-                self.version, self.model
-            ))
-        })?;
-        replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlight(&replica.in_flight);
-        match tokio::time::timeout(timeout, replica.engine.forward(body, header_len)).await {
-            Ok(result) => result,
-            Err(_) => Err(RuntimeError::Timeout(timeout)),
-        }
+        self.on_replica(timeout, async |engine: &Engine| {
+            engine.forward(body, header_len).await
+        })
+        .await
     }
 
     /// Runs a request on the least busy replica, within `timeout`.
@@ -174,6 +166,17 @@ impl VersionPool {
         inputs: Vec<Tensor>,
         timeout: Duration,
     ) -> Result<Vec<Tensor>, RuntimeError> {
+        self.on_replica(timeout, async |engine: &Engine| engine.infer(inputs).await)
+            .await
+    }
+
+    /// Calls the least busy replica, counting the request in flight until it
+    /// ends however it ends, within `timeout`.
+    async fn on_replica<T>(
+        &self,
+        timeout: Duration,
+        call: impl AsyncFnOnce(&Engine) -> Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
         let replica = self.pick().ok_or_else(|| {
             RuntimeError::Unavailable(format!(
                 "version \"{}\" of model \"{}\" has no running replica",
@@ -182,7 +185,7 @@ impl VersionPool {
         })?;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&replica.in_flight);
-        match tokio::time::timeout(timeout, replica.engine.infer(inputs)).await {
+        match tokio::time::timeout(timeout, call(&replica.engine)).await {
             Ok(result) => result,
             Err(_) => Err(RuntimeError::Timeout(timeout)),
         }
