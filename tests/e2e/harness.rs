@@ -419,3 +419,25 @@ impl Traffic {
         self.task.await.unwrap()
     }
 }
+
+/// The `cancer` model's status.
+pub async fn status(s: &Server) -> Value {
+    s.admin_get("/api/v1/models/cancer/status").await
+}
+
+/// Waits until the `cancer` model's last rollout has ended; returns it
+/// (`rollout`, `strategy`, `phase`, `message`).
+pub async fn ended(s: &Server, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(s).await;
+        if st["phase"] == "idle" && st["last_rollout"].is_object() {
+            return st["last_rollout"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not end within {within:?}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -9,27 +9,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, Traffic, eventually, holdout};
+use super::harness::{Server, Traffic, eventually, holdout, status};
 use super::upstream::Upstream;
 
-async fn status(s: &Server) -> Value {
-    s.admin_get("/api/v1/models/cancer/status").await
-}
-
-/// Waits until the model's last rollout has ended; returns its phase.
+/// The phase the `cancer` model's last rollout ended in.
 async fn ended(s: &Server, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(s).await;
-        if st["phase"] == "idle" && st["last_rollout"].is_object() {
-            return st["last_rollout"]["phase"].as_str().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rollout did not end within {within:?}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::harness::ended(s, within).await["phase"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn write_spec(dir: &std::path::Path, yaml: &str) -> String {

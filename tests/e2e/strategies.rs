@@ -7,27 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, Traffic, batch, eventually, example, holdout};
+use super::harness::{Server, Traffic, batch, ended, eventually, example, holdout, status};
 use super::upstream::Upstream;
-
-async fn status(s: &Server) -> Value {
-    s.admin_get("/api/v1/models/cancer/status").await
-}
-
-async fn ended(s: &Server, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(s).await;
-        if st["phase"] == "idle" && st["last_rollout"].is_object() {
-            return st["last_rollout"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rollout did not end within {within:?}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// How each version answered `n` requests over the hold-out rows.
 async fn split(s: &Server, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
