@@ -137,6 +137,12 @@ pub struct ServeArgs {
     /// Recent request ids remembered for delayed labels (feedback).
     #[arg(long, default_value_t = 100_000)]
     pub remember_requests: usize,
+    /// A client must send its request headers within this long (slow clients are disconnected).
+    #[arg(long, default_value = "10s")]
+    pub header_read_timeout: HumanDuration,
+    /// Connections open at once; more are closed at once.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
     /// Require this token (read from the file, created mode 0600 when
     /// missing) on the data plane; health checks stay open.
     #[arg(long)]
@@ -169,6 +175,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 drain_timeout: args.drain_timeout.0,
                 inference_token_file: args.inference_token_file,
+                header_read_timeout: args.header_read_timeout.0,
+                max_connections: args.max_connections,
                 remember_requests: args.remember_requests,
                 prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
                     path,

@@ -34,6 +34,10 @@ pub struct ServeOptions {
     pub prediction_log: Option<PredictionLogSettings>,
     /// When set, the data plane needs this token (created when missing).
     pub inference_token_file: Option<PathBuf>,
+    /// A client must send its request headers within this long.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -67,7 +71,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         drain_timeout: opts.drain_timeout,
     }));
-    let prediction_log = match opts.prediction_log {
+    let prediction_log = match opts.prediction_log.clone() {
         Some(settings) => {
             let path = settings.path.display().to_string();
             let log = PredictionLog::start(settings)
@@ -132,12 +136,62 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         starting.run_rollouts().await;
     });
-    axum::serve(listener, api::router(state, opts.limits))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    serve_connections(listener, api::router(state, opts.limits), &opts).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
+/// idle connections and waits for in-flight requests to finish. A client
+/// that does not finish sending its request headers within
+/// `header_read_timeout` is disconnected (slow-loris), and connections beyond
+/// `max_connections` are closed at once.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    opts: &ServeOptions,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "connection refused: already {} open (--max-connections)",
+                opts.max_connections
+            );
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {

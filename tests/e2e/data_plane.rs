@@ -708,3 +708,56 @@ async fn adaptive_batching_merges_concurrent_requests_with_identical_answers() {
         "some requests ran together: {count} runs for 64 requests"
     );
 }
+
+#[tokio::test]
+async fn slow_clients_are_disconnected_and_connections_are_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        &tmp.path().join("d"),
+        &["--header-read-timeout", "500ms", "--max-connections", "3"],
+    )
+    .await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let outcome = tokio::task::spawn_blocking(move || {
+        // A slow-loris client: half a request line, then nothing.
+        let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        slow.write_all(b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let n = slow.read(&mut buf).unwrap_or(0);
+        let slow_closed_after = started.elapsed();
+        let slow_answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        // Three idle connections fill the limit; a fourth is closed at once.
+        let idle: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let _ = extra.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n");
+        let refused = matches!(extra.read(&mut buf), Ok(0) | Err(_));
+        drop(idle);
+        (slow_closed_after, slow_answer, refused)
+    })
+    .await
+    .unwrap();
+    let (after, answer, refused) = outcome;
+    assert!(
+        after < Duration::from_secs(3),
+        "the slow client was cut off after {after:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:?}"
+    );
+    assert!(refused, "a connection beyond --max-connections is closed");
+    // The server is still healthy for everyone else.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(status, 200);
+}
