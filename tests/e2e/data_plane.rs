@@ -761,3 +761,128 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
     let (status, _, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
     assert_eq!(status, 200);
 }
+
+/// Hostile and malformed input: every case gets a 4xx in the error shape with
+/// a message naming what was wrong, and the server stays ready afterwards.
+#[tokio::test]
+async fn hostile_input_gets_clear_4xx_and_the_server_stays_healthy() {
+    let s = cancer().await;
+    let row = holdout()[0].0.clone();
+    let with_input = |edit: &dyn Fn(&mut Value)| {
+        let mut r = row.clone();
+        edit(&mut r["inputs"][0]);
+        serde_json::to_vec(&r).unwrap()
+    };
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut invalid_utf8 = serde_json::to_vec(&row).unwrap();
+    invalid_utf8.splice(2..2, [0xff, 0xfe]);
+    let long_name = "m".repeat(10_000);
+    let infer = "/v2/models/cancer/infer";
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            infer.into(),
+            format!("{{\"parameters\": {{\"deep\": {nested}}}, \"inputs\": []}}").into_bytes(),
+            "recursion limit",
+        ),
+        (infer.into(), invalid_utf8, "not a valid inference request"),
+        (
+            infer.into(),
+            with_input(&|i| i["shape"] = json!([-5, 30])),
+            "shape",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["shape"] = json!([1_000_000_000_000_000u64, 30])),
+            "elements",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["shape"] = json!([u64::MAX, 30])),
+            "expected i64",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["shape"] = json!([i64::MAX, i64::MAX, 30])),
+            "shape",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["data"][0] = json!(1e300)),
+            "FP32",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["data"][0] = json!("NaN")),
+            "FP32",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["name"] = json!("in\u{0}put")),
+            "unknown input",
+        ),
+        (
+            infer.into(),
+            with_input(&|i| i["datatype"] = json!("FP1024")),
+            "datatype",
+        ),
+        (
+            "/v2/models/..%2F..%2Fetc/infer".into(),
+            serde_json::to_vec(&row).unwrap(),
+            "not served",
+        ),
+        (
+            "/v2/models/can%00cer/infer".into(),
+            serde_json::to_vec(&row).unwrap(),
+            "not served",
+        ),
+        (
+            format!("/v2/models/{long_name}/infer"),
+            serde_json::to_vec(&row).unwrap(),
+            "not served",
+        ),
+    ];
+    for (path, body, needle) in cases {
+        let r = s.http.post(s.at(&path)).body(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let msg = v["error"].as_str().unwrap_or_default().to_string();
+        let short: String = path.chars().take(60).collect();
+        eprintln!("{short}: {status} {msg}");
+        assert!((400..500).contains(&status), "{short}: {status} {msg}");
+        assert!(
+            msg.contains(needle),
+            "{short}: expected {needle:?} in {msg:?}"
+        );
+    }
+
+    // Binary extension: a header length past the end of the body, and a
+    // binary tensor whose byte size does not match its shape.
+    let header = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30],
+        "parameters": {"binary_data_size": 120}}]});
+    let (body, len) = binary_body(&header, &[vec![0u8; 120]]);
+    for (header_len, tail, needle) in [
+        (body.len() + 10, 0usize, "Inference-Header-Content-Length"),
+        (len, 4, "binary"),
+    ] {
+        let r = s
+            .http
+            .post(s.at(infer))
+            .header("Inference-Header-Content-Length", header_len.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(body[..body.len() - tail].to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let msg = v["error"].as_str().unwrap_or_default().to_string();
+        eprintln!("binary {header_len}/{tail}: {status} {msg}");
+        assert!((400..500).contains(&status), "{status} {msg}");
+        assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+    }
+
+    let r = s.http.get(s.at("/v2/health/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, _, _) = s.infer(infer, &batch(2)).await;
+    assert_eq!(status, 200);
+}
