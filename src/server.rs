@@ -41,7 +41,7 @@ pub struct ServeOptions {
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.data_dir)
+    create_private_dir(&opts.data_dir)
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
     let onnx = Arc::new(OnnxRuntime::load(opts.ort_library.as_deref())?);
     tracing::info!("ONNX Runtime loaded from {}", onnx.library.display());
@@ -192,6 +192,17 @@ async fn serve_connections(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Creates the data dir (and missing parents) readable by its owner only
+/// (0700): it holds the admin token and every artifact. An existing
+/// directory keeps the permissions its owner gave it.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 async fn shutdown_signal() {

@@ -273,6 +273,16 @@ async fn unsafe_names_and_bad_labels_are_refused() {
 #[tokio::test]
 async fn control_api_needs_the_admin_token() {
     let s = Server::start().await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.dir), 0o700, "the data dir is private");
+        assert_eq!(
+            mode(&s.dir.join("admin-token")),
+            0o600,
+            "the token file is private"
+        );
+    }
     let r = s.http.get(s.at("/api/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
