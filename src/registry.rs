@@ -208,6 +208,22 @@ pub enum RegistryError {
     Io(String),
 }
 
+/// A client-supplied name as error messages show it: control characters
+/// escaped, and at most 40 characters (then `…`), so a hostile name cannot
+/// flood a message or a log line.
+pub fn shown_name(name: &str) -> String {
+    let mut shown: String = name
+        .chars()
+        .take(40)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if name.chars().nth(40).is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
 /// Checks a model or version name: 1–128 characters from `A-Z a-z 0-9 . _ -`,
 /// starting with a letter or digit (so never `.`, `..` or a path).
 pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
@@ -223,12 +239,7 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
     if ok {
         Ok(())
     } else {
-        let shown: String = name
-            .chars()
-            .take(40)
-            .collect::<String>()
-            .escape_debug()
-            .to_string();
+        let shown = shown_name(name);
         Err(RegistryError::Invalid(format!(
             "{kind} name \"{shown}\" is not allowed: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )))

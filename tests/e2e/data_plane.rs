@@ -833,7 +833,7 @@ async fn hostile_input_gets_clear_4xx_and_the_server_stays_healthy() {
         (
             "/v2/models/can%00cer/infer".into(),
             serde_json::to_vec(&row).unwrap(),
-            "not served",
+            "model \"can\\0cer\" is not served",
         ),
         (
             format!("/v2/models/{long_name}/infer"),
@@ -853,6 +853,7 @@ async fn hostile_input_gets_clear_4xx_and_the_server_stays_healthy() {
             msg.contains(needle),
             "{short}: expected {needle:?} in {msg:?}"
         );
+        assert!(msg.len() < 400, "{short}: the message stays short: {msg:?}");
     }
 
     // Binary extension: a header length past the end of the body, and a
