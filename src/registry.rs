@@ -224,6 +224,10 @@ pub fn shown_name(name: &str) -> String {
     shown
 }
 
+/// The names [`check_name`] accepts, as a regular expression (for the
+/// OpenAPI document).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$";
+
 /// Checks a model or version name: 1–128 characters from `A-Z a-z 0-9 . _ -`,
 /// starting with a letter or digit (so never `.`, `..` or a path).
 pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {

@@ -10,5 +10,6 @@ mod remote;
 mod restart;
 mod rollouts;
 mod routing;
+mod schemathesis;
 mod strategies;
 mod triton;

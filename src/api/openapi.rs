@@ -24,6 +24,74 @@ impl Modify for AdminTokenScheme {
     }
 }
 
+/// Documents what every operation can answer besides its own results, so
+/// the document matches the server (checked with schemathesis, see
+/// RELIABILITY.md): 401 where the admin token is needed, 400 where a path
+/// name or a body is parsed, 404 where a model is named; and the names'
+/// pattern on `{model}` and `{version}`.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Schema};
+        let error = |what: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(what)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                let mut names_model = false;
+                let mut parses = op.request_body.is_some();
+                for param in op.parameters.iter_mut().flatten() {
+                    if !matches!(param.parameter_in, ParameterIn::Path) {
+                        continue;
+                    }
+                    parses = true;
+                    if param.name == "model" || param.name == "version" {
+                        names_model = true;
+                        if let Some(RefOr::T(Schema::Object(schema))) = param.schema.as_mut() {
+                            schema.pattern = Some(crate::registry::NAME_PATTERN.to_string());
+                        }
+                    }
+                }
+                let responses = &mut op.responses.responses;
+                if op.security.is_some() {
+                    responses
+                        .entry("401".into())
+                        .or_insert_with(|| error("The admin token is missing or wrong."));
+                }
+                if parses {
+                    responses
+                        .entry("400".into())
+                        .or_insert_with(|| error("The request is invalid; the error says why."));
+                }
+                if names_model {
+                    responses
+                        .entry("404".into())
+                        .or_insert_with(|| error("No such model, version or rollout."));
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry", description = "Serve machine-learning models and ship new versions of them into production safely."),
@@ -39,7 +107,7 @@ impl Modify for AdminTokenScheme {
         rollouts::rollout_events, rollouts::report, v2::feedback,
     ),
     components(schemas(error::ErrorBody)),
-    modifiers(&AdminTokenScheme),
+    modifiers(&AdminTokenScheme, &CommonErrors),
 )]
 pub struct ApiDoc;
 

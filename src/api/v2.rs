@@ -26,8 +26,20 @@ pub const REQUEST_ID_HEADER: &str = "x-ferry-request-id";
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
 
 /// The data plane. With an inference token configured, everything but the
-/// health checks needs it (or the admin token).
+/// health checks needs it (or the admin token). Repository load/unload
+/// change state, so they need the admin token, checked before the body is
+/// read.
 pub fn router(state: AppState) -> Router<AppState> {
+    let repository = Router::new()
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::auth::require_admin,
+        ));
     let health = Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready));
@@ -50,11 +62,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route("/v2/models/{model}/feedback", post(feedback))
         .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(repository_load))
-        .route(
-            "/v2/repository/models/{model}/unload",
-            post(repository_unload),
-        )
+        .merge(repository)
         .route_layer(axum::middleware::from_fn_with_state(
             state,
             super::auth::require_inference,
@@ -428,10 +436,8 @@ fn version_param(s: &AppState, model: &str, req: &RepositoryRequest) -> Result<S
 pub async fn repository_load(
     State(s): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
     ApiJson(req): ApiJson<RepositoryRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    s.token.check(&headers)?;
     let version = version_param(&s, &model, &req)?;
     s.controller
         .load(&model, &version, "repository API")
@@ -448,10 +454,8 @@ pub async fn repository_load(
 pub async fn repository_unload(
     State(s): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
     ApiJson(req): ApiJson<RepositoryRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    s.token.check(&headers)?;
     let version = version_param(&s, &model, &req)?;
     s.controller
         .unload(&model, &version, "repository API")

@@ -9,6 +9,44 @@ use serde_json::Value;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+/// A Python venv under the target dir (`test-python-NAME`) with
+/// `requirements` installed from the package index, made once and reused
+/// while the requirements stay the same. Returns its `bin/` directory.
+pub fn python_with(name: &str, requirements: &[&str]) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let venv = target.join(format!("test-python-{name}"));
+    let bin = venv.join("bin");
+    let stamp = venv.join(".ferry-requirements");
+    let wanted = requirements.join("\n");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return bin;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    assert!(
+        ok.is_ok_and(|s| s.success()),
+        "this test needs Python 3 with venv (python3 -m venv) to install {requirements:?}"
+    );
+    let ok = Command::new(bin.join("python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(requirements)
+        .status()
+        .expect("pip runs");
+    assert!(ok.success(), "pip install {requirements:?} failed");
+    std::fs::write(&stamp, wanted).unwrap();
+    bin
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -2,54 +2,17 @@
 //! with its defaults (binary tensors), against Ferry. The test provisions its
 //! own Python environment (a venv under the target dir) from the package index.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
-use super::harness::{Server, example, repo};
+use super::harness::{Server, example, python_with, repo};
 
 const REQUIREMENTS: &[&str] = &["tritonclient[http]==2.73.0", "numpy==2.4.6"];
 
-/// A venv with the Triton client, made once and reused.
-fn python_with_tritonclient() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let venv = target.join("test-python");
-    let python = venv.join("bin/python");
-    let stamp = venv.join(".ferry-requirements");
-    let wanted = REQUIREMENTS.join("\n");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status();
-    assert!(
-        ok.is_ok_and(|s| s.success()),
-        "this test needs Python 3 with venv (python3 -m venv) to install tritonclient"
-    );
-    let ok = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(REQUIREMENTS)
-        .status()
-        .expect("pip runs");
-    assert!(ok.success(), "pip install {REQUIREMENTS:?} failed");
-    std::fs::write(&stamp, wanted).unwrap();
-    python
-}
-
 #[tokio::test]
 async fn official_triton_http_client_works_unchanged() {
-    let python = tokio::task::spawn_blocking(python_with_tritonclient)
+    let python = tokio::task::spawn_blocking(|| python_with("tritonclient", REQUIREMENTS))
         .await
         .unwrap();
     let s = Server::start().await;
@@ -59,7 +22,7 @@ async fn official_triton_http_client_works_unchanged() {
     let accuracy = expected["cancer-v1"]["holdout_accuracy"].to_string();
     let host = s.url.trim_start_matches("http://").to_string();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
+        Command::new(python.join("python"))
             .arg(repo().join("tests/python/triton_client.py"))
             .arg(host)
             .arg(example("cancer-holdout.jsonl"))
