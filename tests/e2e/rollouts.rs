@@ -5,6 +5,7 @@
 //! start, delayed labels, and notify webhooks.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -160,10 +161,41 @@ analysis:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share() {
+    a_remote_candidate_that_turns_bad_is_aborted(Upstream::set_failing, &[]).await;
+}
+
+/// A candidate that hangs: its requests end at the version's timeout, count
+/// as errors, and the canary is aborted like a failing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_candidate_times_out_and_is_aborted() {
+    fn hang(upstream: &Upstream, on: bool) {
+        let ms = if on { 60_000 } else { 0 };
+        upstream.behaviour.delay_ms.store(ms, Ordering::Relaxed);
+    }
+    let seen = a_remote_candidate_that_turns_bad_is_aborted(hang, &["--timeout", "300ms"]).await;
+    assert!(
+        seen.failures.iter().all(|f| f.starts_with("504")),
+        "hung requests end as 504 at the timeout: {:?}",
+        seen.failures
+    );
+}
+
+/// A canary of a remote candidate at 20 % that turns bad (`fault(.., true)`)
+/// after warming up: aborted after two failed windows, clients see errors
+/// only in its share, stable serves everything after; `retry` starts again.
+async fn a_remote_candidate_that_turns_bad_is_aborted(
+    fault: fn(&Upstream, bool),
+    settings: &[&str],
+) -> super::harness::Seen {
     let upstream = Upstream::start().await;
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.ferry_json(&["model", "add", "cancer", "broken", "--url", &upstream.url]);
+    if !settings.is_empty() {
+        let mut args = vec!["model", "set", "cancer", "broken"];
+        args.extend_from_slice(settings);
+        s.ferry_ok(&args);
+    }
     let load = Traffic::start(&s, 150, 3);
     s.ferry_ok(&[
         "deploy",
@@ -182,8 +214,8 @@ async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share
         "--max-error-rate",
         "0.01",
     ]);
-    // It loaded and warmed up fine; now it starts failing every request.
-    upstream.set_failing(true);
+    // It loaded and warmed up fine; now it turns bad for every request.
+    fault(&upstream, true);
     let started = Instant::now();
     assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
     let took = started.elapsed();
@@ -216,10 +248,11 @@ async fn a_failing_candidate_is_aborted_and_clients_see_errors_only_in_its_share
         (200, "1")
     );
     // retry starts the same spec again.
-    upstream.set_failing(false);
+    fault(&upstream, false);
     let out = s.ferry_ok(&["retry", "cancer"]);
     assert!(out.starts_with("r-2"), "{out}");
     s.ferry_ok(&["abort", "cancer"]);
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
