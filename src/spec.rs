@@ -862,4 +862,28 @@ notify:
             .unwrap_err();
         assert!(err.contains("is not allowed"));
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Arbitrary text, and a valid spec with bytes replaced, never
+            /// panic the parser: the answer is a spec or a reason.
+            #[test]
+            fn spec_parsing_never_panics(text in "\\PC{0,300}", at in 0usize..400, junk in "\\PC{0,6}") {
+                let _ = RolloutSpec::from_yaml(&text);
+                let valid = "model: cancer\nversion: \"2\"\nstrategy:\n  canary:\n    steps:\n      - weight: 20\n        pause: 30s\n      - weight: 100\nanalysis:\n  interval: 10s\n  checks:\n    - metric: error_rate\n      max: 0.01\n";
+                let mut chars: Vec<char> = valid.chars().collect();
+                let at = at.min(chars.len());
+                chars.splice(at..at, junk.chars());
+                let mutated: String = chars.into_iter().collect();
+                if let Err(e) = RolloutSpec::from_yaml(&mutated) {
+                    prop_assert!(!e.is_empty());
+                }
+            }
+        }
+    }
 }

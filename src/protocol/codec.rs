@@ -576,4 +576,92 @@ mod tests {
             response.outputs
         );
     }
+
+    /// Property tests in the spirit of fuzzing, run on every `cargo test`:
+    /// hostile bodies never panic the decoders, and whatever decodes is
+    /// consistent (every tensor holds exactly the elements its shape says).
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        const DATATYPES: &[&str] = &[
+            "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+            "FP16", "FP32", "FP64", "BYTES", "FP1024", "",
+        ];
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                "[a-zA-Z0-9 ]{0,8}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop::collection::vec(inner, 0..6).prop_map(Value::Array)
+            })
+        }
+
+        fn tensor_json() -> impl Strategy<Value = Value> {
+            (
+                prop::sample::select(DATATYPES),
+                prop::collection::vec(prop_oneof![-3i64..8, any::<i64>()], 0..4),
+                prop::collection::vec(json_value(), 0..12),
+                prop::option::of(0u64..64),
+            )
+                .prop_map(|(datatype, shape, data, binary_size)| {
+                    let mut t =
+                        json!({"name": "x", "datatype": datatype, "shape": shape, "data": data});
+                    if let Some(n) = binary_size {
+                        t["parameters"] = json!({"binary_data_size": n});
+                        t.as_object_mut().unwrap().remove("data");
+                    }
+                    t
+                })
+        }
+
+        fn check_consistent(req: &InferRequest) {
+            for t in &req.inputs {
+                let n = crate::protocol::tensor::element_count(&t.shape).unwrap();
+                assert_eq!(
+                    t.data.len() as u64,
+                    n,
+                    "tensor {} shape {:?}",
+                    t.name,
+                    t.shape
+                );
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512), header in prop::option::of(0usize..600)) {
+                let header = header.map(|h| h.to_string());
+                if let Ok(req) = decode_request(&body, header.as_deref()) {
+                    check_consistent(&req);
+                }
+                let _ = decode_response_json(&body, header.as_deref());
+            }
+
+            #[test]
+            fn hostile_tensors_are_refused_or_consistent(inputs in prop::collection::vec(tensor_json(), 0..3), tail in prop::collection::vec(any::<u8>(), 0..96), lie in -8i64..8) {
+                let header = serde_json::to_vec(&json!({"inputs": inputs})).unwrap();
+                let mut body = header.clone();
+                body.extend_from_slice(&tail);
+                let len = (header.len() as i64 + lie).max(0).to_string();
+                if let Ok(req) = decode_request(&body, Some(&len)) {
+                    check_consistent(&req);
+                }
+                if let Ok(req) = decode_request(&header, None) {
+                    check_consistent(&req);
+                }
+            }
+        }
+    }
 }
