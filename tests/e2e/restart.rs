@@ -215,3 +215,107 @@ fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("given in ORT_DYLIB_PATH"));
 }
+
+/// SIGKILL at random moments while versions are being registered and canary
+/// rollouts move through their steps. After every restart: a registration
+/// the CLI saw succeed is there; every registered version loads (its blob is
+/// whole and matches its digest); each has exactly one `version_registered`
+/// event (none lost, none duplicated); an interrupted rollout resumes and
+/// succeeds; the stable version answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_leaves_a_consistent_state() {
+    use super::harness::{FERRY, ended, example};
+    const KILLS: usize = 10;
+    let files = ["cancer-v2.onnx", "cancer-v1.onnx", "cancer-bad.onnx"];
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let mut rng = fastrand::Rng::with_seed(20261126);
+    let mut registered: Vec<String> = vec!["1".into()];
+    for round in 0..KILLS {
+        let version = format!("v{}", round + 2);
+        let file = example(files[round % files.len()]);
+        let cli = |args: &[&str]| {
+            std::process::Command::new(FERRY)
+                .args(["--server", &s.url, "--token", &s.token()])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut add = cli(&[
+            "model",
+            "add",
+            "cancer",
+            &version,
+            "--file",
+            file.to_str().unwrap(),
+        ]);
+        let last = registered.last().unwrap().clone();
+        let mut deploy = cli(&[
+            "deploy",
+            "cancer",
+            &last,
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,100",
+            "--step-pause",
+            "1s",
+        ]);
+        let wait = Duration::from_millis(rng.u64(0..1500));
+        tokio::time::sleep(wait).await;
+        s.kill9();
+        let added = add.wait().unwrap().success();
+        let _ = deploy.wait();
+
+        s = Server::start_in(&dir, &[]).await;
+        let show = s.ferry_json(&["model", "show", "cancer"]);
+        let present: Vec<String> = show["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap().to_string())
+            .collect();
+        if added {
+            assert!(
+                present.contains(&version),
+                "round {round}: {version} was acknowledged but is gone: {present:?}"
+            );
+        }
+        let events = s
+            .admin_get("/api/v1/models/cancer/events?limit=10000")
+            .await;
+        for v in &present {
+            s.load("cancer", v).await;
+            let registrations = events
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "version_registered" && e["data"]["version"] == v.as_str())
+                .count();
+            assert_eq!(
+                registrations, 1,
+                "round {round}: version {v} has {registrations} registration events"
+            );
+        }
+        let st = super::harness::status(&s).await;
+        if st["phase"] != "idle" {
+            let last = ended(&s, Duration::from_secs(20)).await;
+            assert_eq!(
+                last["phase"], "succeeded",
+                "round {round}: the interrupted rollout resumes: {last}"
+            );
+        }
+        let (status, _, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+        assert_eq!(status, 200, "round {round}: the stable version answers");
+        registered = present;
+        eprintln!(
+            "round {round}: killed after {wait:?}, registered {}, rollout {}",
+            registered.len(),
+            st["phase"]
+        );
+    }
+}
