@@ -225,7 +225,11 @@ fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_leaves_a_consistent_state() {
     use super::harness::{FERRY, ended, example};
-    const KILLS: usize = 10;
+    // FERRY_CRASH_KILLS=200 for a long run; 10 in every `cargo test`.
+    let kills: usize = std::env::var("FERRY_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let files = ["cancer-v2.onnx", "cancer-v1.onnx", "cancer-bad.onnx"];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
@@ -233,7 +237,7 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
     s.add("cancer", "1", "cancer-v1.onnx");
     let mut rng = fastrand::Rng::with_seed(20261126);
     let mut registered: Vec<String> = vec!["1".into()];
-    for round in 0..KILLS {
+    for round in 0..kills {
         let version = format!("v{}", round + 2);
         let file = example(files[round % files.len()]);
         let cli = |args: &[&str]| {
