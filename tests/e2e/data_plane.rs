@@ -765,6 +765,20 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
     assert_eq!(status, 200);
 }
 
+/// Asserts an answer is a 4xx in the error shape whose short message
+/// contains `needle`; `what` names the case in failures.
+async fn assert_clear_4xx(r: reqwest::Response, what: &str, needle: &str) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    let msg = v["error"].as_str().unwrap_or_default().to_string();
+    assert!((400..500).contains(&status), "{what}: {status} {msg}");
+    assert!(
+        msg.contains(needle),
+        "{what}: expected {needle:?} in {msg:?}"
+    );
+    assert!(msg.len() < 400, "{what}: the message stays short: {msg:?}");
+}
+
 /// Hostile and malformed input: every case gets a 4xx in the error shape with
 /// a message naming what was wrong, and the server stays ready afterwards.
 #[tokio::test]
@@ -846,17 +860,8 @@ async fn hostile_input_gets_clear_4xx_and_the_server_stays_healthy() {
     ];
     for (path, body, needle) in cases {
         let r = s.http.post(s.at(&path)).body(body).send().await.unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        let msg = v["error"].as_str().unwrap_or_default().to_string();
         let short: String = path.chars().take(60).collect();
-        eprintln!("{short}: {status} {msg}");
-        assert!((400..500).contains(&status), "{short}: {status} {msg}");
-        assert!(
-            msg.contains(needle),
-            "{short}: expected {needle:?} in {msg:?}"
-        );
-        assert!(msg.len() < 400, "{short}: the message stays short: {msg:?}");
+        assert_clear_4xx(r, &short, needle).await;
     }
 
     // Binary extension: a header length past the end of the body, and a
@@ -877,12 +882,7 @@ async fn hostile_input_gets_clear_4xx_and_the_server_stays_healthy() {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        let msg = v["error"].as_str().unwrap_or_default().to_string();
-        eprintln!("binary {header_len}/{tail}: {status} {msg}");
-        assert!((400..500).contains(&status), "{status} {msg}");
-        assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+        assert_clear_4xx(r, &format!("binary {header_len}/{tail}"), needle).await;
     }
 
     let r = s.http.get(s.at("/v2/health/ready")).send().await.unwrap();

@@ -139,12 +139,16 @@ impl Server {
     }
 
     /// Runs the CLI against this server (with its token).
+    /// The `ferry` CLI pointed at this server with its admin token.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(FERRY);
+        c.args(["--server", &self.url, "--token", &self.token()])
+            .args(args);
+        c
+    }
+
     pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(FERRY)
-            .args(["--server", &self.url, "--token", &self.token()])
-            .args(args)
-            .output()
-            .expect("the CLI runs")
+        self.cli(args).output().expect("the CLI runs")
     }
 
     /// Runs the CLI and requires success; returns stdout.

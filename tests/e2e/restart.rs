@@ -224,7 +224,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
 /// succeeds; the stable version answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_leaves_a_consistent_state() {
-    use super::harness::{FERRY, ended, example};
+    use super::harness::{ended, example};
     // FERRY_CRASH_KILLS=200 for a long run; 10 in every `cargo test`.
     let kills: usize = std::env::var("FERRY_CRASH_KILLS")
         .ok()
@@ -241,9 +241,7 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
         let version = format!("v{}", round + 2);
         let file = example(files[round % files.len()]);
         let cli = |args: &[&str]| {
-            std::process::Command::new(FERRY)
-                .args(["--server", &s.url, "--token", &s.token()])
-                .args(args)
+            s.cli(args)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
