@@ -90,20 +90,7 @@ analysis:
     // Let the candidate take traffic for a while, then promote.
     tokio::time::sleep(Duration::from_secs(6)).await;
     s.ferry_ok(&["promote", "cancer"]);
-    let watched = std::process::Command::new(super::harness::FERRY)
-        .args([
-            "--server",
-            &s.url,
-            "--token",
-            &s.token(),
-            "status",
-            "cancer",
-            "--watch",
-            "--timeout",
-            "60s",
-        ])
-        .output()
-        .unwrap();
+    let watched = s.ferry(&["status", "cancer", "--watch", "--timeout", "60s"]);
     assert!(
         watched.status.success(),
         "status --watch: {}",
@@ -432,18 +419,7 @@ async fn a_basic_rollout_whose_candidate_cannot_start_fails_and_stable_keeps_ser
         (200, "1")
     );
     // A watcher learns how it ended from the exit code.
-    let out = std::process::Command::new(super::harness::FERRY)
-        .args([
-            "--server",
-            &s.url,
-            "--token",
-            &s.token(),
-            "status",
-            "cancer",
-            "--watch",
-        ])
-        .output()
-        .unwrap();
+    let out = s.ferry(&["status", "cancer", "--watch"]);
     assert_eq!(out.status.code(), Some(1));
 }
 
