@@ -273,16 +273,6 @@ async fn unsafe_names_and_bad_labels_are_refused() {
 #[tokio::test]
 async fn control_api_needs_the_admin_token() {
     let s = Server::start().await;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&s.dir), 0o700, "the data dir is private");
-        assert_eq!(
-            mode(&s.dir.join("admin-token")),
-            0o600,
-            "the token file is private"
-        );
-    }
     let r = s.http.get(s.at("/api/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
@@ -313,13 +303,15 @@ async fn control_api_needs_the_admin_token() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no token found"));
 
-    // The token file is private to its owner.
+    // The data dir and the token file are private to their owner.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(s.dir.join("admin-token"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.dir), 0o700, "the data dir is private");
+    assert_eq!(
+        mode(&s.dir.join("admin-token")),
+        0o600,
+        "the token file is private"
+    );
 }
 
 #[tokio::test]
