@@ -159,6 +159,7 @@ async fn serve_connections(
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let (mut refused, mut last_refusal_log) = (0u64, None::<std::time::Instant>);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -174,11 +175,16 @@ async fn serve_connections(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "connection refused: already {} open (--max-connections)",
-                opts.max_connections
-            );
             drop(stream);
+            // One line per second at most, so a flood cannot flood the log.
+            refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    "refused {refused} connection(s): already {} open (--max-connections)",
+                    opts.max_connections
+                );
+                (refused, last_refusal_log) = (0, Some(std::time::Instant::now()));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
