@@ -37,6 +37,9 @@ pub struct Cli {
     /// The admin token (default: FERRY_TOKEN, then ./ferry-data/admin-token).
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Trust this PEM CA certificate (or bundle) for an https:// --server.
+    #[arg(long, global = true, env = "FERRY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -147,6 +150,13 @@ pub struct ServeArgs {
     /// missing) on the data plane; health checks stay open.
     #[arg(long)]
     pub inference_token_file: Option<PathBuf>,
+    /// Serve HTTPS (both the data plane and the control API) with this PEM
+    /// certificate chain; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Write a sample of requests and answers to this JSON Lines file.
     #[arg(long)]
     pub prediction_log: Option<PathBuf>,
@@ -161,7 +171,7 @@ pub struct ServeArgs {
 /// Runs the command line; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let output = cli.output;
-    let client = || client::Client::new(&cli.server, cli.token.clone());
+    let client = || client::Client::new(&cli.server, cli.token.clone(), cli.ca_cert.as_deref());
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Serve(args) => {
@@ -177,6 +187,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 inference_token_file: args.inference_token_file,
                 header_read_timeout: args.header_read_timeout.0,
                 max_connections: args.max_connections,
+                tls: args
+                    .tls_cert
+                    .zip(args.tls_key)
+                    .map(|(cert, key)| server::TlsFiles { cert, key }),
                 remember_requests: args.remember_requests,
                 prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
                     path,
@@ -230,7 +244,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report { model, rollout: r } => {
             ok(rollout::report(&client()?, &model, r.as_deref(), output).await)
         }
-        Command::Traffic(args) => ok(traffic::run(&client()?, &cli.server, args, output).await),
+        Command::Traffic(args) => ok(traffic::run(&client()?, args, output).await),
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -38,6 +38,15 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Connections open at once; more are closed at once.
     pub max_connections: usize,
+    /// Serve HTTPS with this certificate chain and key (both planes).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -112,6 +121,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         },
         ids: Arc::new(RequestIds::default()),
     };
+    let tls = match &opts.tls {
+        Some(files) => Some(tls_acceptor(files)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| {
@@ -127,7 +140,24 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         token_path.display()
     );
     // Printed on stdout so scripts (and the tests) can find an ephemeral port.
-    println!("ferry listening on http://{addr}");
+    let scheme = match &opts.tls {
+        Some(files) => {
+            tracing::info!(
+                "serving HTTPS with the certificate {}",
+                files.cert.display()
+            );
+            "https"
+        }
+        None => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "listening on {addr} without TLS: requests and tokens cross the network in plain text (use --tls-cert/--tls-key, or a TLS terminator in front)"
+                );
+            }
+            "http"
+        }
+    };
+    println!("ferry listening on {scheme}://{addr}");
     let starting = controller.clone();
     tokio::spawn(async move {
         match starting.start().await {
@@ -136,7 +166,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         starting.run_rollouts().await;
     });
-    serve_connections(listener, api::router(state, opts.limits), &opts).await;
+    serve_connections(listener, tls, api::router(state, opts.limits), &opts).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -144,17 +174,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 /// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
 /// idle connections and waits for in-flight requests to finish. A client
 /// that does not finish sending its request headers within
-/// `header_read_timeout` is disconnected (slow-loris), and connections beyond
-/// `max_connections` are closed at once.
+/// `header_read_timeout` is disconnected (slow-loris; with TLS the handshake
+/// gets the same bound), and connections beyond `max_connections` are closed
+/// at once.
 async fn serve_connections(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     opts: &ServeOptions,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioTimer;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout);
+    let handshake_timeout = opts.header_read_timeout;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
     let shutdown = shutdown_signal();
@@ -188,16 +221,114 @@ async fn serve_connections(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let (http, app, watcher, tls) =
+            (http.clone(), app.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            match tls {
+                None => serve_one(&http, watcher, app, stream).await,
+                Some(tls) => {
+                    let handshake = async {
+                        if !starts_with_tls(&stream).await? {
+                            answer_plain_http_on_tls_port(stream).await;
+                            return Ok(None);
+                        }
+                        tls.accept(stream).await.map(Some)
+                    };
+                    match tokio::time::timeout(handshake_timeout, handshake).await {
+                        Ok(Ok(Some(stream))) => serve_one(&http, watcher, app, stream).await,
+                        Ok(Ok(None)) => {}
+                        // A client that cannot or will not speak TLS: nothing to answer.
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => {
+                            tracing::debug!("TLS handshake not finished in {handshake_timeout:?}")
+                        }
+                    }
+                }
+            }
             drop(slot);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it
+/// closes, or until a graceful shutdown has let its requests finish.
+async fn serve_one<S>(
+    http: &hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    app: axum::Router,
+    stream: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = watcher.watch(connection).await;
+}
+
+/// Whether a new connection opens with a TLS handshake record (0x16), read
+/// without consuming it.
+async fn starts_with_tls(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    Ok(n == 1 && first[0] == 0x16)
+}
+
+/// A plain-HTTP request on the HTTPS port gets a readable answer instead of
+/// TLS noise, then the connection is closed.
+async fn answer_plain_http_on_tls_port(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":"this port serves HTTPS: use https:// (plain HTTP was sent)"}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads `--tls-cert` (PEM certificate chain, leaf first) and `--tls-key`
+/// (PEM private key: PKCS#8, PKCS#1 or SEC1) into an acceptor for HTTP/1.1.
+fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "cannot read the certificate chain --tls-cert {} (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+                files.cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "--tls-cert {} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+            files.cert.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
+        format!(
+            "cannot read the private key --tls-key {} (expected one PEM private key: PKCS#8, PKCS#1 or SEC1)",
+            files.key.display()
+        )
+    })?;
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS set-up")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .with_context(|| {
+        format!(
+            "--tls-key {} does not fit --tls-cert {} (or is a kind of key TLS cannot use)",
+            files.key.display(),
+            files.cert.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Creates the data dir (and missing parents) readable by its owner only

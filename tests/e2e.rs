@@ -12,4 +12,5 @@ mod rollouts;
 mod routing;
 mod schemathesis;
 mod strategies;
+mod tls;
 mod triton;

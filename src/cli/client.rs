@@ -14,21 +14,55 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+    /// A client of `server` (`http://` or `https://`). An HTTPS server's
+    /// certificate must come from the system's CAs or from `ca_cert` (PEM).
+    pub fn new(
+        server: &str,
+        token: Option<String>,
+        ca_cert: Option<&Path>,
+    ) -> anyhow::Result<Client> {
         let base = server.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            anyhow::bail!("--server {server:?} must start with http://");
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            anyhow::bail!("--server {server:?} must start with http:// or https://");
         }
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!(
+                    "--ca-cert {} is not a PEM certificate bundle",
+                    path.display()
+                )
+            })?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "--ca-cert {} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+                path.display()
+            );
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
+            .build()
+            .context("cannot set up the HTTP client (TLS roots)")?;
         let token = token.or_else(|| {
             std::fs::read_to_string(Path::new("ferry-data").join("admin-token"))
                 .ok()
                 .map(|t| t.trim().to_string())
         });
-        Ok(Client {
-            base,
-            token,
-            http: reqwest::Client::new(),
-        })
+        Ok(Client { base, token, http })
+    }
+
+    /// The server's base URL, without a trailing slash.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The HTTP client itself (TLS roots set up), for load generators.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -61,8 +95,9 @@ impl Client {
         let resp = rb.send().await.map_err(|e| {
             if e.is_connect() {
                 anyhow!(
-                    "cannot reach Ferry at {}: is `ferry serve` running? (choose the server with --server or FERRY_SERVER)",
-                    self.base
+                    "cannot reach Ferry at {}: is `ferry serve` running? (choose the server with --server or FERRY_SERVER; for https, trust its certificate with --ca-cert)\n  cause: {}",
+                    self.base,
+                    error_chain(&e)
                 )
             } else {
                 anyhow!("request to {} failed: {e}", self.base)
@@ -84,4 +119,16 @@ impl Client {
         }
         anyhow::bail!("{message} (HTTP {})", status.as_u16())
     }
+}
+
+/// An error with its causes, `a: b: c` (reqwest hides the TLS reason in them).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -231,8 +231,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let token = std::fs::read_to_string(dir.join("admin-token"))?
         .trim()
         .to_string();
-    let client = Client::new(&server.url, Some(token.clone()))?;
-    let http = reqwest::Client::new();
+    let client = Client::new(&server.url, Some(token.clone()), None)?;
+    let http = client.http().clone();
     let ready = Instant::now();
     while http
         .get(format!("{}/v2/health/ready", server.url))
@@ -275,6 +275,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Load {
+        http: http.clone(),
         url: format!("{}/v2/models/cancer/infer", server.url),
         bodies: Arc::new(bodies),
         rps: if args.fast { 150.0 } else { 100.0 },
@@ -475,6 +476,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
                 .trim()
                 .to_string(),
         ),
+        None,
     )?;
     let bytes = std::fs::read(examples.join("cancer-v2.onnx"))?;
     let form = reqwest::multipart::Form::new().text("spec", "{}").part(

@@ -47,6 +47,7 @@ pub struct TrafficArgs {
 /// What a load generator sends.
 #[derive(Clone)]
 pub struct Load {
+    pub http: reqwest::Client,
     pub url: String,
     pub bodies: Arc<Vec<Value>>,
     pub rps: f64,
@@ -90,7 +91,7 @@ impl Load {
         stop: Arc<AtomicBool>,
         stats: Arc<Mutex<Stats>>,
     ) {
-        let http = reqwest::Client::new();
+        let http = &self.http;
         let slots = Arc::new(tokio::sync::Semaphore::new(256));
         let period = Duration::from_secs_f64(1.0 / self.rps.max(0.1));
         let mut ticker = tokio::time::interval(period);
@@ -243,12 +244,7 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
 }
 
 /// `ferry traffic`.
-pub async fn run(
-    client: &Client,
-    server: &str,
-    args: TrafficArgs,
-    output: Output,
-) -> anyhow::Result<()> {
+pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::Result<()> {
     crate::registry::check_name("model", &args.model)?;
     anyhow::ensure!(
         args.rps > 0.0 && args.rps <= 100_000.0,
@@ -259,11 +255,8 @@ pub async fn run(
         None => vec![zeros_for(client, &args.model).await?],
     };
     let load = Load {
-        url: format!(
-            "{}/v2/models/{}/infer",
-            server.trim_end_matches('/'),
-            args.model
-        ),
+        http: client.http().clone(),
+        url: format!("{}/v2/models/{}/infer", client.base(), args.model),
         bodies: Arc::new(bodies),
         rps: args.rps,
         users: args.users.map(|n| (n, args.user_header.clone())),

@@ -59,6 +59,12 @@ pub fn test_data(name: &str) -> PathBuf {
     repo().join("tests/data").join(name)
 }
 
+/// The CA that signed the test server certificate `tls/server.pem`.
+pub fn test_ca() -> reqwest::Certificate {
+    let pem = std::fs::read(test_data("tls/ca.pem")).expect("the test CA");
+    reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")
+}
+
 /// A running `ferry serve` with its own data dir.
 pub struct Server {
     child: Option<Child>,
@@ -100,12 +106,16 @@ impl Server {
         let url = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("ferry prints its address within 30 s");
+        let mut http = reqwest::Client::builder();
+        if url.starts_with("https://") {
+            http = http.add_root_certificate(test_ca());
+        }
         let server = Server {
             child: Some(child),
             url,
             dir: dir.to_path_buf(),
             _tmp: None,
-            http: reqwest::Client::new(),
+            http: http.build().expect("an HTTP client"),
         };
         server.wait_ready().await;
         server
@@ -138,12 +148,14 @@ impl Server {
             .to_string()
     }
 
-    /// Runs the CLI against this server (with its token).
     /// The `ferry` CLI pointed at this server with its admin token.
     pub fn cli(&self, args: &[&str]) -> Command {
         let mut c = Command::new(FERRY);
-        c.args(["--server", &self.url, "--token", &self.token()])
-            .args(args);
+        c.args(["--server", &self.url, "--token", &self.token()]);
+        if self.url.starts_with("https://") {
+            c.arg("--ca-cert").arg(test_data("tls/ca.pem"));
+        }
+        c.args(args);
         c
     }
 
