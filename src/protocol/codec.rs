@@ -440,6 +440,23 @@ mod tests {
         );
     }
 
+    /// Found by the `v2_request` fuzz target: serde_json's default float
+    /// parser is not correctly rounded, so an FP64 input could change by an
+    /// ulp on decoding, and again when forwarded as JSON.
+    #[test]
+    fn fp64_values_decode_exactly_and_survive_forwarding() {
+        let text = "23.219999954431332";
+        let req = decode(&format!(
+            r#"{{"inputs":[{{"name":"x","datatype":"FP64","shape":[1],"data":[{text}]}}]}}"#
+        ))
+        .unwrap();
+        let exact: f64 = text.parse().unwrap();
+        assert_eq!(req.inputs[0].data, TensorData::Fp64(vec![exact]));
+        let forwarded = encode_request_json(None, &req.inputs);
+        let again = decode_request(&forwarded, None).unwrap();
+        assert_eq!(again.inputs, req.inputs);
+    }
+
     #[test]
     fn element_count_mismatch_names_the_tensor() {
         let err =
