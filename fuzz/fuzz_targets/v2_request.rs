@@ -21,7 +21,13 @@ fuzz_target!(|data: &[u8]| {
     };
     for t in &request.inputs {
         let n = element_count(&t.shape).expect("a decoded shape has a count");
-        assert_eq!(t.data.len() as u64, n, "tensor {} shape {:?}", t.name, t.shape);
+        assert_eq!(
+            t.data.len() as u64,
+            n,
+            "tensor {} shape {:?}",
+            t.name,
+            t.shape
+        );
     }
     // JSON has no NaN or infinity: only finite tensors can be forwarded as JSON.
     if request.inputs.iter().all(|t| finite(&t.data)) {

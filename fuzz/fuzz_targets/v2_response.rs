@@ -17,7 +17,13 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(outputs) = decode_response_json(body, header.as_deref()) {
         for t in &outputs {
             let n = element_count(&t.shape).expect("a decoded shape has a count");
-            assert_eq!(t.data.len() as u64, n, "tensor {} shape {:?}", t.name, t.shape);
+            assert_eq!(
+                t.data.len() as u64,
+                n,
+                "tensor {} shape {:?}",
+                t.name,
+                t.shape
+            );
         }
     }
 });
