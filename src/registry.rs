@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{OnnxRuntime, RemoteClient, RemoteTarget, Signature};
-use crate::store::{Inserted, NewEvent, Store, StoreError};
+use crate::store::{DiskProblem, Inserted, NewEvent, Store, StoreError};
 use crate::units::{HumanDuration, now_rfc3339};
 pub use blobs::Blobs;
 
@@ -206,6 +206,12 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("storage failed: {0}")]
     Io(String),
+    /// The disk refused a write (full, read-only); `what` names the write.
+    #[error("{what}: {}", problem.advice())]
+    Disk {
+        problem: crate::store::DiskProblem,
+        what: String,
+    },
 }
 
 /// A client-supplied name as error messages show it: control characters
@@ -357,9 +363,17 @@ impl Registry {
                 let signature =
                     tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
                         let signature = validate_onnx(&onnx, &bytes)?;
-                        blobs
-                            .put(&digest, &bytes)
-                            .map_err(|e| RegistryError::Io(e.to_string()))?;
+                        blobs.put(&digest, &bytes).map_err(|e| {
+                            let what = format!(
+                                "cannot store the artifact ({} bytes) in {}: {e}",
+                                bytes.len(),
+                                blobs.dir().display()
+                            );
+                            match DiskProblem::of_io(&e) {
+                                Some(problem) => RegistryError::Disk { problem, what },
+                                None => RegistryError::Io(what),
+                            }
+                        })?;
                         Ok(signature)
                     })
                     .await

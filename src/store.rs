@@ -29,6 +29,55 @@ pub enum StoreError {
     TooNew { found: i64, known: i64 },
 }
 
+impl StoreError {
+    /// Whether the database could not be written because of the disk.
+    pub fn disk_problem(&self) -> Option<DiskProblem> {
+        match self {
+            StoreError::Database(rusqlite::Error::SqliteFailure(f, _)) => match f.code {
+                rusqlite::ErrorCode::DiskFull => Some(DiskProblem::Full),
+                rusqlite::ErrorCode::ReadOnly => Some(DiskProblem::ReadOnly),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// The disk refusing a write: the data dir is full, or cannot be written.
+/// The operator can fix both, so the answer says how (not a bare 500).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskProblem {
+    Full,
+    ReadOnly,
+}
+
+impl DiskProblem {
+    pub fn of_io(e: &std::io::Error) -> Option<DiskProblem> {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+                Some(DiskProblem::Full)
+            }
+            ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied => {
+                Some(DiskProblem::ReadOnly)
+            }
+            _ => None,
+        }
+    }
+
+    /// What the operator should do.
+    pub fn advice(self) -> &'static str {
+        match self {
+            DiskProblem::Full => {
+                "the data dir's disk is full: free space (or move --data-dir to a larger disk), then try again"
+            }
+            DiskProblem::ReadOnly => {
+                "the data dir cannot be written (read-only file system or permissions): make it writable for Ferry's user, then try again"
+            }
+        }
+    }
+}
+
 /// An event to record: what happened, in words a person can read, plus data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {

@@ -5,6 +5,7 @@ mod dashboard;
 mod data_plane;
 mod docs;
 mod external;
+mod faults;
 mod registry;
 mod remote;
 mod restart;

@@ -49,6 +49,22 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A write the disk refused: 507 when it is full, 503 when it cannot be
+    /// written. The change was not made (blob writes and transactions are
+    /// all-or-nothing), and the answer and the log say what to do.
+    pub fn disk(problem: crate::store::DiskProblem, what: &str) -> ApiError {
+        use crate::store::DiskProblem;
+        let message = format!("{what}; {}; nothing was changed", problem.advice());
+        tracing::error!("{message}");
+        let status = match problem {
+            DiskProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
+            DiskProblem::ReadOnly => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, message)
+    }
+}
+
 /// The error body, for the OpenAPI document.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -117,7 +133,13 @@ impl From<RegistryError> for ApiError {
             RegistryError::Artifact(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             RegistryError::NotFound(m) => ApiError::not_found(m),
-            RegistryError::Store(e) => ApiError::internal("the store failed", e),
+            RegistryError::Store(e) => match e.disk_problem() {
+                Some(problem) => {
+                    ApiError::disk(problem, &format!("cannot write the database ({e})"))
+                }
+                None => ApiError::internal("the store failed", e),
+            },
+            RegistryError::Disk { problem, what } => ApiError::disk(problem, &what),
             RegistryError::Io(e) => ApiError::internal("storing the artifact failed", e),
         }
     }

@@ -27,8 +27,9 @@ impl Modify for AdminTokenScheme {
 /// Documents what every operation can answer besides its own results, so
 /// the document matches the server (checked with schemathesis, see
 /// RELIABILITY.md): 401 where the admin token is needed, 400 where a path
-/// name or a body is parsed, 404 where a model is named; and the names'
-/// pattern on `{model}` and `{version}`.
+/// name or a body is parsed, 404 where a model is named, 503/507 where state
+/// changes and the disk may refuse; and the names' pattern on `{model}` and
+/// `{version}`.
 struct CommonErrors;
 
 impl Modify for CommonErrors {
@@ -50,13 +51,14 @@ impl Modify for CommonErrors {
         };
         for item in openapi.paths.paths.values_mut() {
             let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                (&mut item.get, false),
+                (&mut item.put, true),
+                (&mut item.post, true),
+                (&mut item.delete, true),
+                (&mut item.patch, true),
             ];
-            for op in operations.into_iter().flatten() {
+            for (op, changes_state) in operations {
+                let Some(op) = op else { continue };
                 let mut names_model = false;
                 let mut parses = op.request_body.is_some();
                 for param in op.parameters.iter_mut().flatten() {
@@ -86,6 +88,14 @@ impl Modify for CommonErrors {
                     responses
                         .entry("404".into())
                         .or_insert_with(|| error("No such model, version or rollout."));
+                }
+                if changes_state {
+                    responses.entry("503".into()).or_insert_with(|| {
+                        error("The data dir cannot be written (read-only); nothing was changed.")
+                    });
+                    responses.entry("507".into()).or_insert_with(|| {
+                        error("The data dir's disk is full; nothing was changed.")
+                    });
                 }
             }
         }

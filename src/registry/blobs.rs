@@ -24,6 +24,11 @@ impl Blobs {
         Ok(Blobs { dir })
     }
 
+    /// Where the blobs live.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(digest)
     }

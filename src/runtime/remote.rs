@@ -106,12 +106,20 @@ pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
 }
 
 fn unavailable(target: &RemoteTarget, e: reqwest::Error) -> RuntimeError {
+    // reqwest's own text ("error sending request for url ...") hides the
+    // cause a reader needs: refused, reset, closed early.
+    let mut cause = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(inner) = source {
+        cause = inner.to_string();
+        source = inner.source();
+    }
     let why = if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
-        "connection failed".to_string()
+        format!("connection failed ({cause})")
     } else {
-        e.to_string()
+        format!("request failed ({cause})")
     };
     RuntimeError::Unavailable(format!("remote {} {why}", target.display()))
 }

@@ -85,7 +85,21 @@ impl Server {
 
     /// Starts on `dir` (kept by the caller) with extra `serve` arguments.
     pub async fn start_in(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(FERRY)
+        Server::start_under(&[], dir, extra).await
+    }
+
+    /// Starts `ferry serve` under a command that then runs it (`nsenter
+    /// ... --`), for tests that put the server in another mount namespace.
+    pub async fn start_under(prefix: &[&str], dir: &Path, extra: &[&str]) -> Server {
+        let mut command = match prefix {
+            [] => Command::new(FERRY),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(FERRY);
+                c
+            }
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)

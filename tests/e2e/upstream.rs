@@ -67,9 +67,9 @@ async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl
 }
 
 impl Upstream {
-    pub async fn start() -> Upstream {
-        let behaviour = Arc::new(Behaviour::default());
-        let app = Router::new()
+    /// The fake's routes, answering as `behaviour` says.
+    pub fn app(behaviour: Arc<Behaviour>) -> Router {
+        Router::new()
             .route(
                 "/v2/models/cancer",
                 get(|| async { axum::Json(signature()) }),
@@ -79,7 +79,12 @@ impl Upstream {
                 get(|| async { axum::Json(json!({"ready": true})) }),
             )
             .route("/v2/models/cancer/infer", post(infer))
-            .with_state(behaviour.clone());
+            .with_state(behaviour)
+    }
+
+    pub async fn start() -> Upstream {
+        let behaviour = Arc::new(Behaviour::default());
+        let app = Upstream::app(behaviour.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
