@@ -6,6 +6,7 @@ mod data_plane;
 mod docs;
 mod external;
 mod faults;
+mod load;
 mod registry;
 mod remote;
 mod restart;
