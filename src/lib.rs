@@ -29,6 +29,7 @@
 //! | [`dashboard`] | the static page at `/ui/`, embedded in the binary |
 //! | [`server`] | `ferry serve`: wiring everything together |
 //! | [`units`] | durations with units (`500ms`, `2s`) and timestamps |
+//! | [`crashpoint`] | named points where crash tests abort the process (debug builds) |
 //!
 //! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
 
@@ -36,6 +37,7 @@ pub mod analysis;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod crashpoint;
 pub mod dashboard;
 pub mod gateway;
 pub mod metrics;

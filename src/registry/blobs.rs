@@ -48,7 +48,9 @@ impl Blobs {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
+            crate::crashpoint::reach("blobs.before_rename");
             fs::rename(&tmp, &path)?;
+            crate::crashpoint::reach("blobs.before_dir_sync");
             fs::File::open(&self.dir)?.sync_all()
         };
         let result = write();

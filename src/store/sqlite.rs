@@ -195,7 +195,9 @@ impl SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let out = f(&tx)?;
+        crate::crashpoint::reach("store.before_commit");
         tx.commit()?;
+        crate::crashpoint::reach("store.after_commit");
         Ok(out)
     }
 }

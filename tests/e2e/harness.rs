@@ -91,6 +91,14 @@ impl Server {
     /// Starts `ferry serve` under a command that then runs it (`nsenter
     /// ... --`), for tests that put the server in another mount namespace.
     pub async fn start_under(prefix: &[&str], dir: &Path, extra: &[&str]) -> Server {
+        let server = Server::spawn(prefix, &[], dir, extra);
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts `ferry serve` with extra environment variables and returns once
+    /// it listens, without waiting for it to be ready (it may crash first).
+    pub fn spawn(prefix: &[&str], env: &[(&str, &str)], dir: &Path, extra: &[&str]) -> Server {
         let mut command = match prefix {
             [] => Command::new(FERRY),
             [program, args @ ..] => {
@@ -104,6 +112,7 @@ impl Server {
             .arg(dir)
             .args(extra)
             .env("FERRY_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -124,15 +133,21 @@ impl Server {
         if url.starts_with("https://") {
             http = http.add_root_certificate(test_ca());
         }
-        let server = Server {
+        Server {
             child: Some(child),
             url,
             dir: dir.to_path_buf(),
             _tmp: None,
             http: http.build().expect("an HTTP client"),
-        };
-        server.wait_ready().await;
-        server
+        }
+    }
+
+    /// Whether the server process has exited (crashed, or was told to stop).
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().expect("try_wait").is_some(),
+            None => true,
+        }
     }
 
     pub async fn wait_ready(&self) {
