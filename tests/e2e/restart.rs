@@ -218,12 +218,9 @@ fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("given in ORT_DYLIB_PATH"));
 }
 
-/// SIGKILL at random moments while versions are being registered and canary
-/// rollouts move through their steps. After every restart: a registration
-/// the CLI saw succeed is there; every registered version loads (its blob is
-/// whole and matches its digest); each has exactly one `version_registered`
-/// event (none lost, none duplicated); an interrupted rollout resumes and
-/// succeeds; the stable version answers.
+/// SIGKILL at random moments while versions are being registered and
+/// rollouts (canary, rolling, blue-green, basic, multi in turn) move through
+/// their steps. After every restart, [`check_consistent`] holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_leaves_a_consistent_state() {
     use super::harness::example;
@@ -258,17 +255,8 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
             file.to_str().unwrap(),
         ]);
         let last = registered.last().unwrap().clone();
-        let mut deploy = cli(&[
-            "deploy",
-            "cancer",
-            &last,
-            "--strategy",
-            "canary",
-            "--steps",
-            "50,100",
-            "--step-pause",
-            "1s",
-        ]);
+        let strategy = STRATEGIES[round % STRATEGIES.len()];
+        let mut deploy = cli(&deploy_args(&last, strategy, "1s"));
         let wait = Duration::from_millis(rng.u64(0..1500));
         tokio::time::sleep(wait).await;
         s.kill9();
@@ -280,11 +268,36 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
             check_consistent(&s, &format!("round {round}"), &version, added).await;
         registered = present;
         eprintln!(
-            "round {round}: killed after {wait:?}, registered {}, rollout {}",
+            "round {round}: killed after {wait:?} (a {strategy} rollout running), registered {}, rollout {}",
             registered.len(),
             phase
         );
     }
+}
+
+/// The strategies the crash tests drive from the CLI. Shadow is left out:
+/// it needs traffic to compare, and these tests send none (its kill -9
+/// resumption is tested in `strategies.rs`).
+const STRATEGIES: [&str; 5] = ["canary", "rolling", "blue-green", "basic", "multi"];
+
+/// `ferry deploy cancer VERSION` with `strategy`, its pauses `pause` long.
+fn deploy_args<'a>(version: &'a str, strategy: &'a str, pause: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["deploy", "cancer", version, "--strategy", strategy];
+    args.extend(match strategy {
+        "canary" => vec!["--steps", "50,100", "--step-pause", pause],
+        "rolling" => vec![
+            "--replicas",
+            "2",
+            "--batch-size",
+            "1",
+            "--batch-pause",
+            pause,
+        ],
+        "blue-green" => vec!["--auto-promote-after", pause, "--scale-down-delay", "1s"],
+        "multi" => vec!["--keep", "1", "--timeout", "1s"],
+        _ => vec![],
+    });
+    args
 }
 
 /// What must hold after any crash and restart: a registration the client saw
@@ -342,7 +355,10 @@ async fn check_consistent(
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "{when}: temporary files left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "{when}: temporary files left: {leftovers:?}"
+    );
     (present, st["phase"].clone())
 }
 
@@ -378,8 +394,17 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
         std::fs::write(&path, bytes).unwrap();
         path
     };
+    // FERRY_CRASH_STRATEGIES=all crashes every strategy at every point (about
+    // 5 minutes); every `cargo test` does the canary (about 30 s).
+    let strategies: &[&str] = match std::env::var("FERRY_CRASH_STRATEGIES").as_deref() {
+        Ok("all") => &STRATEGIES,
+        _ => &["canary"],
+    };
     let (mut round, mut crashes) = (0, Vec::new());
-    for point in points {
+    for (strategy, point) in strategies
+        .iter()
+        .flat_map(|st| points.iter().map(move |p| (*st, *p)))
+    {
         for n in 1.. {
             round += 1;
             let version = format!("c{round}");
@@ -399,19 +424,7 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
                 .unwrap()
                 .status
                 .success();
-            let _ = s
-                .cli(&[
-                    "deploy",
-                    "cancer",
-                    &version,
-                    "--strategy",
-                    "canary",
-                    "--steps",
-                    "50,100",
-                    "--step-pause",
-                    "200ms",
-                ])
-                .output();
+            let _ = s.cli(&deploy_args(&version, strategy, "200ms")).output();
             let _ = s
                 .cli(&["status", "cancer", "--watch", "--timeout", "10s"])
                 .output();
@@ -419,12 +432,12 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
             let crashed = s.exited();
             s.kill9();
             let s = Server::start_in(&dir, &[]).await;
-            let when = format!("crash at {crash_at}");
+            let when = format!("{strategy}, crash at {crash_at}");
             check_consistent(&s, &when, &version, added).await;
             if !crashed {
                 break; // this point is reached fewer than n times per round
             }
-            crashes.push(crash_at);
+            crashes.push(format!("{strategy}/{crash_at}"));
         }
     }
     eprintln!(
@@ -434,7 +447,7 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
     );
     for point in points {
         assert!(
-            crashes.iter().any(|c| c.starts_with(point)),
+            crashes.iter().any(|c| c.contains(point)),
             "{point} was never reached"
         );
     }
