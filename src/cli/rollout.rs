@@ -43,30 +43,40 @@ pub struct DeployArgs {
     /// Rolling: pool size.
     #[arg(long)]
     pub replicas: Option<u32>,
+    /// Rolling: replicas moved to the new version per batch.
     #[arg(long)]
     pub batch_size: Option<u32>,
+    /// Rolling: wait between batches (analysis runs meanwhile), e.g. 10s.
     #[arg(long)]
     pub batch_pause: Option<HumanDuration>,
+    /// Rolling: replicas that may be out of service at once.
     #[arg(long)]
     pub max_unavailable: Option<u32>,
     /// Blue-green: labelled JSON Lines run against green before promotion.
     #[arg(long)]
     pub qa_dataset: Option<PathBuf>,
+    /// Blue-green: the output the QA run scores (class probabilities or labels).
     #[arg(long, default_value = "probabilities")]
     pub qa_output: String,
+    /// Blue-green: accuracy on the QA data green needs (0-1).
     #[arg(long)]
     pub min_accuracy: Option<f64>,
+    /// Blue-green: switch without waiting for `ferry promote`, after this long staged.
     #[arg(long)]
     pub auto_promote_after: Option<HumanDuration>,
+    /// Blue-green: how long blue stays loaded after the switch (instant switch-back).
     #[arg(long)]
     pub scale_down_delay: Option<HumanDuration>,
     /// Shadow: percent of production requests mirrored.
     #[arg(long)]
     pub mirror_percent: Option<f64>,
+    /// Shadow: the output compared between shadow and stable.
     #[arg(long)]
     pub compare_output: Option<String>,
+    /// Shadow: comparisons needed before a verdict.
     #[arg(long)]
     pub min_comparisons: Option<u64>,
+    /// Shadow: share of agreeing answers needed to pass (0-1).
     #[arg(long)]
     pub min_agreement: Option<f64>,
     /// Shadow: promote, manual or canary.
@@ -75,6 +85,7 @@ pub struct DeployArgs {
     /// Analysis: window length.
     #[arg(long)]
     pub interval: Option<HumanDuration>,
+    /// Analysis: requests a window needs before it counts.
     #[arg(long)]
     pub min_requests: Option<u64>,
     /// Analysis check: error_rate max.
@@ -83,6 +94,7 @@ pub struct DeployArgs {
     /// Analysis check: latency_p99_ms max_vs_stable.
     #[arg(long)]
     pub max_p99_vs_stable: Option<f64>,
+    /// Allow a candidate whose inputs or outputs differ from stable's.
     #[arg(long)]
     pub allow_signature_change: bool,
 }
