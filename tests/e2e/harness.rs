@@ -91,14 +91,28 @@ impl Server {
     /// Starts `ferry serve` under a command that then runs it (`nsenter
     /// ... --`), for tests that put the server in another mount namespace.
     pub async fn start_under(prefix: &[&str], dir: &Path, extra: &[&str]) -> Server {
-        let server = Server::spawn(prefix, &[], dir, extra);
+        let server = Server::spawn(prefix, &[], dir, extra, Stdio::inherit());
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts on `dir` with every log line (`FERRY_LOG=trace`) written to `log`.
+    pub async fn start_logging_to(log: &Path, dir: &Path, extra: &[&str]) -> Server {
+        let file = std::fs::File::create(log).expect("the log file");
+        let server = Server::spawn(&[], &[("FERRY_LOG", "trace")], dir, extra, file.into());
         server.wait_ready().await;
         server
     }
 
     /// Starts `ferry serve` with extra environment variables and returns once
     /// it listens, without waiting for it to be ready (it may crash first).
-    pub fn spawn(prefix: &[&str], env: &[(&str, &str)], dir: &Path, extra: &[&str]) -> Server {
+    pub fn spawn(
+        prefix: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Server {
         let mut command = match prefix {
             [] => Command::new(FERRY),
             [program, args @ ..] => {
@@ -114,7 +128,7 @@ impl Server {
             .env("FERRY_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("ferry starts");
         let stdout = child.stdout.take().expect("stdout piped");

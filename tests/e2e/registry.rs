@@ -343,10 +343,12 @@ async fn openapi_document_lists_the_api() {
 }
 
 #[tokio::test]
-async fn an_inference_token_guards_the_data_plane_but_not_health() {
+async fn an_inference_token_guards_the_data_plane_but_not_health_and_no_token_is_logged() {
     let tmp = tempfile::tempdir().unwrap();
     let token_file = tmp.path().join("inference-token");
-    let s = Server::start_in(
+    let log = tmp.path().join("server.log");
+    let s = Server::start_logging_to(
+        &log,
         &tmp.path().join("data"),
         &["--inference-token-file", token_file.to_str().unwrap()],
     )
@@ -418,4 +420,13 @@ async fn an_inference_token_guards_the_data_plane_but_not_health() {
             .status(),
         401
     );
+    // Neither token ever reaches the log, even at trace level.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("the data plane needs the inference token"),
+        "the log was captured: {logged}"
+    );
+    for (name, secret) in [("inference", token.as_str()), ("admin", s.token().as_str())] {
+        assert!(!logged.contains(secret), "the {name} token is in the log");
+    }
 }

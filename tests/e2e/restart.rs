@@ -409,7 +409,13 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
             round += 1;
             let version = format!("c{round}");
             let crash_at = format!("{point}:{n}");
-            let mut s = Server::spawn(&[], &[("FERRY_CRASH_AT", &crash_at)], &dir, &[]);
+            let mut s = Server::spawn(
+                &[],
+                &[("FERRY_CRASH_AT", &crash_at)],
+                &dir,
+                &[],
+                std::process::Stdio::inherit(),
+            );
             let file = unique_model(round);
             let added = s
                 .cli(&[
