@@ -1,5 +1,10 @@
 """Runs Ferry's benchmarks (called by bench/run.sh; standard library only).
 
+Method: each figure is measured --repeat times (3) and reported as the median
+with the runs kept for the spread; the servers under test run on --sut-cpus and
+the load generator on --load-cpus (taskset; by default the first and second
+half of the machine's CPUs).
+
 Suite "routing" (Ferry alone): the same model with the gateway's routing
 features switched on one at a time — a 90/10 weighted split, a sticky split,
 a failover chain, a 100 % shadow mirror — against the plain stable route, at
@@ -21,8 +26,8 @@ import json
 import os
 import pathlib
 import platform
-import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,9 +76,34 @@ def rss_kib(pid):
     return total
 
 
+def pinned(cpus, cmd):
+    """`cmd` run on the given CPUs (taskset), or as is when not pinning."""
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+def repeated(args, once):
+    """Runs a measurement `args.repeat` times. Returns the first run's shape
+    with every number replaced by the median over the runs, plus `runs` (each
+    run's figures) so the spread can be reported."""
+    runs = [once() for _ in range(args.repeat)]
+
+    def merge(values):
+        if isinstance(values[0], dict):
+            return {k: merge([v[k] for v in values if k in v]) for k in values[0] if k != "runs"}
+        if isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            m = statistics.median(values)
+            return round(m, 3) if isinstance(m, float) else m
+        return values[0]
+
+    out = merge(runs)
+    if args.repeat > 1:
+        out["runs"] = runs
+    return out
+
+
 def oha(args, url, body, extra):
     cmd = [
-        args.oha, "--no-tui", "--output-format", "json", "-m", "POST", "-D", str(body),
+        *pinned(args.load_cpus, [args.oha]), "--no-tui", "--output-format", "json", "-m", "POST", "-D", str(body),
         "-T", "application/json", *extra, url,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -104,10 +134,10 @@ def measure(args, name, url, body, pid):
     dur = "3s" if args.quick else "10s"
     oha(args, url, body, ["-c", "16", "-z", "2s"])  # warm-up
     for c in (16, 64):
-        result["saturation"][f"c{c}"] = oha(args, url, body, ["-c", str(c), "-z", dur])
+        result["saturation"][f"c{c}"] = repeated(args, lambda: oha(args, url, body, ["-c", str(c), "-z", dur]))
         log(f"   c={c}: {result['saturation'][f'c{c}']}")
     for rate in args.rates:
-        r = oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur])
+        r = repeated(args, lambda: oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur]))
         result["fixed_rate"][f"{rate}rps"] = r
         log(f"   {rate} req/s: {r}")
     result["rss_mib"] = round(rss_kib(pid) / 1024, 1)
@@ -116,9 +146,10 @@ def measure(args, name, url, body, pid):
 
 def start(cmd, cwd=None, env=None, read_stdout=False):
     # Only Ferry's one line of stdout is read; anything else goes nowhere, so
-    # a chatty server never blocks on a full pipe.
+    # a chatty server never blocks on a full pipe. Systems under test run on
+    # their own CPUs (--sut-cpus), apart from the load generator's.
     return subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE if read_stdout else subprocess.DEVNULL,
+        pinned(ARGS.sut_cpus, cmd), cwd=cwd, env=env, stdout=subprocess.PIPE if read_stdout else subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, text=True, start_new_session=True,
     )
 
@@ -134,6 +165,7 @@ def stop(proc):
 
 
 def cpu_seconds(pid):
+    """User + system CPU time of a process (all its threads), seconds."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -174,10 +206,15 @@ def run_routing(args, tmp, body):
         for name, policy, extra in setups:
             api(url, token, "PUT", "/api/v1/models/cancer/route", policy)
             oha(args, f"{url}/v2/models/cancer/infer", body, ["-c", "8", "-z", "1s", *extra])  # warm-up
-            before = cpu_seconds(proc.pid)
-            r = oha(args, f"{url}/v2/models/cancer/infer", body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur, *extra])
-            cpu = cpu_seconds(proc.pid) - before
-            r["cpu_us_per_request"] = round(cpu / max(r["ok"] + r["failed"], 1) * 1e6, 1)
+
+            def once():
+                before = cpu_seconds(proc.pid)
+                r = oha(args, f"{url}/v2/models/cancer/infer", body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur, *extra])
+                cpu = cpu_seconds(proc.pid) - before
+                r["cpu_us_per_request"] = round(cpu / max(r["ok"] + r["failed"], 1) * 1e6, 1)
+                return r
+
+            r = repeated(args, once)
             out[name] = r
             log(f"   {name}: {r}")
         metrics = api(url, token, "GET", "/api/v1/models/cancer/metrics?window=15m")
@@ -192,30 +229,51 @@ def run_routing(args, tmp, body):
 
 
 def run_batching(args, tmp, body):
-    """Ferry's cancer-v1 with and without adaptive batching (16 requests, 2 ms)."""
+    """cancer-v1 with and without adaptive batching (16 requests within 2 ms)
+    in Ferry, then the same pipeline with and without MLServer's adaptive
+    batching (max_batch_size 16, max_batch_time 2 ms)."""
     data = tmp / "ferry-batching"
     proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    out = {}
     try:
         url = proc.stdout.readline().strip().removeprefix("ferry listening on ")
         wait_http(f"{url}/v2/health/ready")
         token = (data / "admin-token").read_text().strip()
         ferry = [args.ferry, "--server", url, "--token", token]
         subprocess.run([*ferry, "model", "add", "cancer", "1", "--file", str(ROOT / "examples/models/cancer-v1.onnx")], check=True, capture_output=True)
-        out = {}
-        dur = "3s" if args.quick else "10s"
         for name, flags in [("off", ["--batch-max", "1"]), ("16 within 2ms", ["--batch-max", "16", "--batch-delay", "2ms"])]:
             subprocess.run([*ferry, "model", "set", "cancer", "1", *flags], check=True, capture_output=True)
-            target = f"{url}/v2/models/cancer/infer"
-            oha(args, target, body, ["-c", "16", "-z", "1s"])
-            before = cpu_seconds(proc.pid)
-            sat = oha(args, target, body, ["-c", "64", "-z", dur])
-            sat["cpu_us_per_request"] = round((cpu_seconds(proc.pid) - before) / max(sat["ok"], 1) * 1e6, 1)
-            fixed = oha(args, target, body, ["-c", "8", "-q", "1000", "--latency-correction", "-z", dur])
-            out[name] = {"saturation_c64": sat, "fixed_1000rps": fixed}
-            log(f"   batching {name}: {out[name]}")
-        return out
+            out[f"ferry, batching {name}"] = batching_figures(args, f"{url}/v2/models/cancer/infer", body, proc.pid)
+            log(f"   ferry, batching {name}: {out[f'ferry, batching {name}']}")
     finally:
         stop(proc)
+    if not args.no_mlserver:
+        for name, settings in [("off", {}), ("16 within 2ms", {"max_batch_size": 16, "max_batch_time": 0.002})]:
+            proc = start_mlserver(tmp, settings)
+            try:
+                out[f"mlserver, batching {name}"] = batching_figures(args, MLSERVER_INFER, body, proc.pid)
+                log(f"   mlserver, batching {name}: {out[f'mlserver, batching {name}']}")
+            finally:
+                stop(proc)
+    return out
+
+
+def batching_figures(args, target, body, pid):
+    """Saturation at 64 connections (with CPU per request) and latency at
+    1,000 requests/s: the load that adaptive batching is for."""
+    dur = "3s" if args.quick else "10s"
+    oha(args, target, body, ["-c", "16", "-z", "1s"])
+
+    def saturation():
+        before = cpu_seconds(pid)
+        sat = oha(args, target, body, ["-c", "64", "-z", dur])
+        sat["cpu_us_per_request"] = round((cpu_seconds(pid) - before) / max(sat["ok"], 1) * 1e6, 1)
+        return sat
+
+    return {
+        "saturation_c64": repeated(args, saturation),
+        "fixed_1000rps": repeated(args, lambda: oha(args, target, body, ["-c", "8", "-q", "1000", "--latency-correction", "-z", dur])),
+    }
 
 
 def run_ferry(args, tmp, body):
@@ -236,7 +294,12 @@ def run_ferry(args, tmp, body):
         stop(proc)
 
 
-def run_mlserver(args, tmp, body):
+MLSERVER_INFER = "http://127.0.0.1:18901/v2/models/cancer/infer"
+
+
+def start_mlserver(tmp, model_settings):
+    """MLServer with the scikit-learn runtime serving the same pipeline as
+    cancer-v1, with extra model settings (e.g. adaptive batching); ready."""
     python = MLSERVER_VENV / "bin" / "python"
     if not python.exists():
         log(f"installing MLServer into {MLSERVER_VENV} (once)")
@@ -244,6 +307,8 @@ def run_mlserver(args, tmp, body):
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *MLSERVER_PACKAGES], check=True)
     models = tmp / "mlserver"
     subprocess.run([str(python), str(ROOT / "bench/mlserver_model.py"), str(models)], check=True)
+    settings_file = models / "cancer" / "model-settings.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), **model_settings}))
     # parallel_workers 0: MLServer 1.7.1's worker processes die at start-up on
     # this machine ("There is no current event loop in thread 'MainThread'"),
     # so inference runs in the server process, as MLServer allows.
@@ -251,9 +316,14 @@ def run_mlserver(args, tmp, body):
         {"http_port": 18901, "grpc_port": 18902, "metrics_port": 18903, "parallel_workers": 0}
     ))
     proc = start([str(MLSERVER_VENV / "bin" / "mlserver"), "start", "."], cwd=models)
+    wait_http("http://127.0.0.1:18901/v2/models/cancer/ready", timeout=120)
+    return proc
+
+
+def run_mlserver(args, tmp, body):
+    proc = start_mlserver(tmp, {})
     try:
-        wait_http("http://127.0.0.1:18901/v2/models/cancer/ready", timeout=120)
-        return measure(args, "mlserver", "http://127.0.0.1:18901/v2/models/cancer/infer", body, proc.pid)
+        return measure(args, "mlserver", MLSERVER_INFER, body, proc.pid)
     finally:
         stop(proc)
 
@@ -277,7 +347,14 @@ def main():
     ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale"], default="all")
     ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (median and spread reported)")
+    half = (os.cpu_count() or 1) // 2
+    default_sut, default_load = (f"0-{half - 1}", f"{half}-{os.cpu_count() - 1}") if half else ("", "")
+    ap.add_argument("--sut-cpus", default=default_sut, help="CPUs for the servers under test (taskset list; '' to not pin)")
+    ap.add_argument("--load-cpus", default=default_load, help="CPUs for the load generator")
     args = ap.parse_args()
+    global ARGS
+    ARGS = args
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as t:
         tmp = pathlib.Path(t)

@@ -104,20 +104,24 @@ def run(bench, args, tmp, body):
     def measure(name, url, pids):
         bench.wait_http(url.rsplit("/v2", 1)[0] + "/v2/models/cancer/ready", timeout=30) if "ferry" not in name else None
         bench.oha(args, url, body, ["-c", "8", "-z", "1s"])  # warm-up (keep-alive connections)
-        for f in (log_a, log_b):
-            open(f, "w").close()
-        before = sum(bench.cpu_seconds(p) for p in pids)
-        fixed = bench.oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur])
-        cpu = sum(bench.cpu_seconds(p) for p in pids) - before
-        a, b = count_lines(log_a), count_lines(log_b)
-        sat = bench.oha(args, url, body, ["-c", "64", "-z", dur])
-        r = {
-            "fixed_rate": fixed,
-            "cpu_us_per_request": round(cpu / max(fixed["ok"], 1) * 1e6, 1),
-            "saturation_c64_rps": sat["rps"],
-            "upstream_a": a,
-            "upstream_b": b,
-        }
+
+        def once():
+            for f in (log_a, log_b):
+                open(f, "w").close()
+            before = sum(bench.cpu_seconds(p) for p in pids)
+            fixed = bench.oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur])
+            cpu = sum(bench.cpu_seconds(p) for p in pids) - before
+            a, b = count_lines(log_a), count_lines(log_b)
+            sat = bench.oha(args, url, body, ["-c", "64", "-z", dur])
+            return {
+                "fixed_rate": fixed,
+                "cpu_us_per_request": round(cpu / max(fixed["ok"], 1) * 1e6, 1),
+                "saturation_c64_rps": sat["rps"],
+                "upstream_a": a,
+                "upstream_b": b,
+            }
+
+        r = bench.repeated(args, once)
         results[name] = r
         bench.log(f"   {name}: {r}")
         return r
