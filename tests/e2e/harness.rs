@@ -522,19 +522,37 @@ pub async fn status(s: &Server) -> Value {
     s.admin_get("/api/v1/models/cancer/status").await
 }
 
-/// Waits until the `cancer` model's last rollout has ended; returns it
-/// (`rollout`, `strategy`, `phase`, `message`).
-pub async fn ended(s: &Server, within: Duration) -> Value {
+/// Polls the `cancer` model's status until `done` holds; returns it. A
+/// timeout shows the last status (an aborted rollout says why).
+pub async fn status_until(
+    s: &Server,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let st = status(s).await;
-        if st["phase"] == "idle" && st["last_rollout"].is_object() {
-            return st["last_rollout"].clone();
+        if done(&st) {
+            return st;
         }
         assert!(
             Instant::now() < deadline,
-            "the rollout did not end within {within:?}: {st}"
+            "not {what} within {within:?}: {st}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the `cancer` model's last rollout has ended; returns it
+/// (`rollout`, `strategy`, `phase`, `message`).
+pub async fn ended(s: &Server, within: Duration) -> Value {
+    let done = |st: &Value| st["phase"] == "idle" && st["last_rollout"].is_object();
+    status_until(s, within, "ended", done).await["last_rollout"].clone()
+}
+
+/// Waits until the `cancer` model's rollout waits for `ferry promote`.
+pub async fn waiting_for_promote(s: &Server, within: Duration) -> Value {
+    let done = |st: &Value| st["waiting_for"] == "promote";
+    status_until(s, within, "waiting for promote", done).await
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, Traffic, eventually, holdout, status};
+use super::harness::{Server, Traffic, eventually, holdout, status, waiting_for_promote};
 use super::upstream::Upstream;
 
 /// The phase the `cancer` model's last rollout ended in.
@@ -61,12 +61,7 @@ analysis:
         out.contains("r-1 started: canary of cancer version 2"),
         "{out}"
     );
-    eventually(
-        Duration::from_secs(10),
-        "the canary waits for promote",
-        async || status(&s).await["waiting_for"] == "promote",
-    )
-    .await;
+    waiting_for_promote(&s, Duration::from_secs(10)).await;
     let st = status(&s).await;
     assert_eq!(st["traffic"], json!({"1": 80.0, "2": 20.0}));
     assert_eq!(

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, Traffic, batch, ended, eventually, example, holdout, status};
+use super::harness::{
+    Server, Traffic, batch, ended, eventually, example, holdout, status, waiting_for_promote,
+};
 use super::upstream::Upstream;
 
 /// How each version answered `n` requests over the hold-out rows.
@@ -161,12 +163,7 @@ async fn blue_green_stages_green_gates_on_qa_switches_without_errors_and_rolls_b
 
     // cancer-v2 passes it and waits in staging for a person.
     s.ferry_ok(&["apply", "-f", &bg_spec(tmp.path(), "2", "")]);
-    eventually(
-        Duration::from_secs(20),
-        "green waits for promote",
-        async || status(&s).await["waiting_for"] == "promote",
-    )
-    .await;
+    waiting_for_promote(&s, Duration::from_secs(20)).await;
     let st = status(&s).await;
     // scikit-learn's own hold-out accuracy for cancer-v2 (examples/models/models.json).
     assert!(
