@@ -26,4 +26,6 @@ done
 export PATH="$PATH:/usr/sbin"
 
 cargo build --release --quiet
-exec python3 bench/bench.py --oha "$TOOLS/bin/oha" --ferry target/release/ferry "$@"
+python3 bench/bench.py --oha "$TOOLS/bin/oha" --ferry target/release/ferry "$@"
+# The tables of BENCHMARKS.md (medians and ranges) from every result present.
+python3 bench/summary.py

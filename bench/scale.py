@@ -65,8 +65,8 @@ def run(bench, args, tmp, body):
         out["mib_per_loaded_version"] = round((rss_all - rss_one) / max(n - 1, 1), 3)
         many = bench.repeated(args, lambda: bench.oha(args, target, body, ["-c", "64", "-z", dur]))
         many_fixed = bench.repeated(args, lambda: bench.oha(args, target, body, ["-c", "8", "-q", "1000", "--latency-correction", "-z", dur]))
-        out["one_model"] = {"rps_c64": one["rps"], "fixed_1000rps": one_fixed}
-        out["with_all_models"] = {"rps_c64": many["rps"], "fixed_1000rps": many_fixed}
+        out["one_model"] = {"rps_c64": one["rps"], "saturation_c64": one, "fixed_1000rps": one_fixed}
+        out["with_all_models"] = {"rps_c64": many["rps"], "saturation_c64": many, "fixed_1000rps": many_fixed}
         out["throughput_ratio"] = round(many["rps"] / one["rps"], 3)
         # Metric windows: a few requests to every model creates its series.
         before = rss_mib(proc.pid)
