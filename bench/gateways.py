@@ -82,6 +82,21 @@ def start_nginx(bench, tmp, name, servers):
     return proc
 
 
+def complete_bodies(path):
+    """Requests in an upstream's log whose whole body arrived: a body was
+    announced (Content-Length) and the request read was longer than it (the
+    request line and headers plus every byte of the body)."""
+    n = 0
+    try:
+        for line in open(path):
+            fields = line.split()
+            if len(fields) == 2 and fields[0].isdigit() and int(fields[0]) > 0 and int(fields[1]) > int(fields[0]):
+                n += 1
+    except FileNotFoundError:
+        pass
+    return n
+
+
 def count_lines(path):
     try:
         return sum(1 for _ in open(path))
@@ -112,6 +127,7 @@ def run(bench, args, tmp, body):
             fixed = bench.oha(args, url, body, ["-c", "8", "-q", str(rate), "--latency-correction", "-z", dur])
             cpu = sum(bench.cpu_seconds(p) for p in pids) - before
             a, b = count_lines(log_a), count_lines(log_b)
+            complete = complete_bodies(log_a) + complete_bodies(log_b)
             sat = bench.oha(args, url, body, ["-c", "64", "-z", dur])
             return {
                 "fixed_rate": fixed,
@@ -119,6 +135,7 @@ def run(bench, args, tmp, body):
                 "saturation_c64_rps": sat["rps"],
                 "upstream_a": a,
                 "upstream_b": b,
+                "complete_bodies": complete,
             }
 
         r = bench.repeated(args, once)
@@ -218,7 +235,8 @@ backend pool
             measure(f"ferry stable only{label}", f"{url}/v2/models/cancer/infer", [ferry.pid])
             bench.stop(ferry)
 
-        # Mirrored bodies: every line of b's log during the mirror runs has the full length.
+        # Every request the upstreams saw, mirrored copies included, should
+        # have arrived whole (complete_bodies == upstream_a + upstream_b).
         results["body_length"] = body_len
         return results
     finally:

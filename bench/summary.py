@@ -72,6 +72,8 @@ def gateways(d):
         fr = {**r["fixed_rate"], "runs": [x["fixed_rate"] for x in r.get("runs", [])]}
         a, b = r["upstream_a"], r["upstream_b"]
         split = f"{a:,.0f} / {b:,.0f} ({100 * b / max(a + b, 1):.1f} %)"
+        if "complete_bodies" in r:
+            split += f", {r['complete_bodies']:,.0f} with the whole body"
         print(f"| {name} | {fig(r, 'cpu_us_per_request', ' µs')} | {vs} | {fig(fr, 'p50_ms')} / {fig(fr, 'p99_ms')} ms | "
               f"{fig(r, 'saturation_c64_rps', digits=0)} | {split} |")
 
