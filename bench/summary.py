@@ -72,8 +72,9 @@ def gateways(d):
         fr = {**r["fixed_rate"], "runs": [x["fixed_rate"] for x in r.get("runs", [])]}
         a, b = r["upstream_a"], r["upstream_b"]
         split = f"{a:,.0f} / {b:,.0f} ({100 * b / max(a + b, 1):.1f} %)"
-        if "complete_bodies" in r:
-            split += f", {r['complete_bodies']:,.0f} with the whole body"
+        if "body_lengths" in r:
+            lengths = {k: v for side in r["body_lengths"].values() for k, v in side.items()}
+            split += ", bodies " + ", ".join(f"{k} B ×{v:,}" for k, v in sorted(lengths.items()))
         print(f"| {name} | {fig(r, 'cpu_us_per_request', ' µs')} | {vs} | {fig(fr, 'p50_ms')} / {fig(fr, 'p99_ms')} ms | "
               f"{fig(r, 'saturation_c64_rps', digits=0)} | {split} |")
 
