@@ -58,8 +58,10 @@ class Toggle(http.server.BaseHTTPRequestHandler):
 
 
 def run(bench, args, tmp, body):
-    tmp = pathlib.Path(tmp) / "control"
-    tmp.mkdir(exist_ok=True)
+    """One run of every figure, on a fresh server and data dir."""
+    tmp = pathlib.Path(tmp) / f"control-{time.time_ns()}"
+    tmp.mkdir()
+    Toggle.failing, Toggle.first_failure = False, None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Toggle)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     toggle_url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -101,8 +101,10 @@ def scale(d):
 
 def control(d):
     print(f"Run of {d['machine']['date']}\n")
-    for k, v in d["figures"].items():
-        print(f"| {k} | {v} |")
+    f = d["figures"]
+    for k, v in f.items():
+        if k != "runs":
+            print(f"| {k} | {fig(f, k) if isinstance(v, (int, float)) else v} |")
 
 
 SUITES = {"serving": serving, "routing": routing, "gateways": gateways, "batching": batching, "scale": scale, "control": control}

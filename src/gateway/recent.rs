@@ -1,8 +1,10 @@
 //! What answered each recent request: request id → model, version and
 //! predicted class, for delayed labels (`POST /v2/models/{m}/feedback`).
-//! Bounded: the oldest ids are forgotten first.
+//! Bounded: the oldest ids are forgotten first. An entry costs one
+//! allocation (its id, shared by the index and the queue); model and version
+//! names are shared by every entry that names them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::metrics::Role;
@@ -18,8 +20,21 @@ pub struct Answered {
 }
 
 struct Inner {
-    by_id: HashMap<String, Answered>,
-    order: VecDeque<String>,
+    by_id: HashMap<Arc<str>, Answered>,
+    order: VecDeque<Arc<str>>,
+    /// Model and version names, one copy each (as many as were ever served).
+    names: HashSet<Arc<str>>,
+}
+
+impl Inner {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
 }
 
 /// A bounded memory of recent answers.
@@ -35,6 +50,7 @@ impl RecentPredictions {
             inner: Mutex::new(Inner {
                 by_id: HashMap::new(),
                 order: VecDeque::new(),
+                names: HashSet::new(),
             }),
         }
     }
@@ -45,13 +61,17 @@ impl RecentPredictions {
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let answered = Answered {
-            model: model.into(),
-            version: version.into(),
+            model: inner.name(model),
+            version: inner.name(version),
             role,
             class,
         };
-        if inner.by_id.insert(id.to_string(), answered).is_none() {
-            inner.order.push_back(id.to_string());
+        if let Some(known) = inner.by_id.get_mut(id) {
+            *known = answered;
+        } else {
+            let id: Arc<str> = id.into();
+            inner.by_id.insert(id.clone(), answered);
+            inner.order.push_back(id);
         }
         while inner.order.len() > self.capacity {
             if let Some(old) = inner.order.pop_front() {
