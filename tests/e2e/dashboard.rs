@@ -77,15 +77,7 @@ async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
         "strategy": {"canary": {"steps": [{"weight": 10}, {"pause": {}}, {"weight": 50}, {"pause": {}}, {"weight": 100}], "sticky": {"header": "x-user-id"}}},
         "analysis": {"interval": "5s", "min_requests": 5, "checks": [{"metric": "error_rate", "max": 0.05}]}
     });
-    let r = s
-        .http
-        .post(s.at("/api/v1/models/cancer/rollouts"))
-        .bearer_auth(s.token())
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    s.start_rollout(&spec).await;
     let shots = target().join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let script = repo().join("tests/browser/dashboard.mjs");

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::harness::{Server, Traffic, batch, eventually, example, series_value};
+use super::harness::{
+    Server, batch, eventually, example, fails_over_without_errors, remote_then_local,
+};
 use super::upstream::Upstream;
 
 /// A tmpfs of `size` mounted on `dir` in a mount namespace of its own.
@@ -302,44 +304,14 @@ impl ResettingRemote {
 async fn a_remote_that_resets_connections_is_failed_over_and_recovers() {
     let remote = ResettingRemote::start().await;
     let s = Server::start().await;
-    s.ferry_json(&["model", "add", "cancer", "remote", "--url", &remote.url]);
-    s.add("cancer", "local", "cancer-v1.onnx");
-    let chain = json!({"stable": "remote", "failover": ["local"], "timeout": "1s",
-                       "breaker": {"consecutive_failures": 3, "probe_every": "200ms"}});
-    assert_eq!(s.set_route("cancer", chain.clone()).await.0, 200);
+    let chain = remote_then_local(&s, &remote.url).await;
 
     // Under load, the remote starts resetting every connection: users see
     // no error, the chain's next version answers.
-    let traffic = Traffic::start(&s, 0, 8);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    remote.set_resetting(true);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let seen = traffic.finish().await;
-    assert!(
-        seen.failures.is_empty(),
-        "clients saw errors: {:?}",
-        seen.failures
-    );
-    assert!(
-        seen.versions.get("remote").copied().unwrap_or(0) > 0,
-        "{:?}",
-        seen.versions
-    );
-    assert!(
-        seen.versions.get("local").copied().unwrap_or(0) > 0,
-        "{:?}",
-        seen.versions
-    );
+    fails_over_without_errors(&s, async || remote.set_resetting(true)).await;
     assert!(
         remote.resets.load(Ordering::SeqCst) > 0,
         "no connection was reset"
-    );
-    let prom = s.prometheus().await;
-    assert!(
-        series_value(
-            &prom,
-            r#"ferry_failovers_total{model="cancer",from_version="remote",to_version="local"}"#
-        ) >= 1.0
     );
 
     // Without a chain, users get an answer that names the remote and the

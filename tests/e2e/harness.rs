@@ -290,6 +290,19 @@ impl Server {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a rollout from a spec (JSON) through the control API; it must
+    /// be accepted (201).
+    pub async fn start_rollout(&self, spec: &Value) {
+        let model = spec["model"].as_str().expect("the spec names its model");
+        let (status, body) = self
+            .admin_post(
+                &format!("/api/v1/models/{model}/rollouts"),
+                Some(spec.clone()),
+            )
+            .await;
+        assert_eq!(status, 201, "the rollout was refused: {body}");
+    }
+
     /// PUTs a model's routing policy; returns status and answer.
     pub async fn set_route(&self, model: &str, policy: Value) -> (u16, Value) {
         let r = self
@@ -520,6 +533,57 @@ impl Traffic {
 /// The `cancer` model's status.
 pub async fn status(s: &Server) -> Value {
     s.admin_get("/api/v1/models/cancer/status").await
+}
+
+/// Registers `remote` (the V2 server at `url`) and the in-process `local`
+/// (cancer-v1) as versions of `cancer`, and routes to `remote` with `local`
+/// as its failover (breaker: 3 consecutive failures). Returns the policy.
+pub async fn remote_then_local(s: &Server, url: &str) -> Value {
+    s.ferry_json(&["model", "add", "cancer", "remote", "--url", url]);
+    s.add("cancer", "local", "cancer-v1.onnx");
+    let policy = serde_json::json!({"stable": "remote", "failover": ["local"], "timeout": "1s",
+                                    "breaker": {"consecutive_failures": 3, "probe_every": "200ms"}});
+    assert_eq!(s.set_route("cancer", policy.clone()).await.0, 200);
+    policy
+}
+
+/// Under load on the chain of [`remote_then_local`], applies `fault` to the
+/// remote once it has answered, and checks what users saw until the failover
+/// is counted: no error, answers from both versions.
+pub async fn fails_over_without_errors(s: &Server, fault: impl AsyncFnOnce()) {
+    let counter = |outcome: &str, version: &str| {
+        format!(r#"ferry_requests_total{{model="cancer",version="{version}",outcome="{outcome}"}}"#)
+    };
+    let failovers =
+        r#"ferry_failovers_total{model="cancer",from_version="remote",to_version="local"}"#;
+    let traffic = Traffic::start(s, 0, 8);
+    eventually(Duration::from_secs(10), "the remote answers", async || {
+        series_value(&s.prometheus().await, &counter("ok", "remote")) > 0.0
+    })
+    .await;
+    fault().await;
+    eventually(
+        Duration::from_secs(10),
+        "a failover is counted",
+        async || series_value(&s.prometheus().await, failovers) >= 1.0,
+    )
+    .await;
+    let seen = traffic.finish().await;
+    assert!(
+        seen.failures.is_empty(),
+        "clients saw errors: {:?}",
+        seen.failures
+    );
+    assert!(
+        seen.versions.get("remote").copied().unwrap_or(0) > 0,
+        "{:?}",
+        seen.versions
+    );
+    assert!(
+        seen.versions.get("local").copied().unwrap_or(0) > 0,
+        "{:?}",
+        seen.versions
+    );
 }
 
 /// Polls the `cancer` model's status until `done` holds; returns it. A

@@ -62,22 +62,10 @@ impl Ledger {
     }
 }
 
-async fn start_rollout(s: &Server, spec: Value) {
-    let r = s
-        .http
-        .post(s.at("/api/v1/models/cancer/rollouts"))
-        .bearer_auth(s.token())
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
-
 /// Runs `spec` to its end, then a second of steady state; returns the
 /// phase the rollout ended in.
 async fn rollout(s: &Server, spec: Value) -> String {
-    start_rollout(s, spec).await;
+    s.start_rollout(&spec).await;
     let phase = ended(s, Duration::from_secs(60)).await["phase"]
         .as_str()
         .unwrap()
@@ -184,7 +172,7 @@ async fn every_strategy_under_fixed_rate_load_fails_no_request() {
     let bad = json!({"canary": {"steps": [{"weight": 20}, {"pause": "60s"}, {"weight": 100}]}});
     let mut bad = spec("remote", bad);
     bad["analysis"]["failure_limit"] = json!(2);
-    start_rollout(&s, bad).await;
+    s.start_rollout(&bad).await;
     upstream.set_failing(true);
     assert_eq!(ended(&s, Duration::from_secs(60)).await["phase"], "aborted");
     let exposed = ledger.close("canary of a failing remote at 20 %: aborted");

@@ -250,15 +250,7 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
         "strategy": {"blue_green": {"auto_promote_after": "1s", "scale_down_delay": "1m", "post_promotion": "30s"}},
         "analysis": {"interval": "5s", "min_requests": 5, "failure_limit": 1, "checks": [{"metric": "error_rate", "max": 0.01}]}
     });
-    let r = s
-        .http
-        .post(s.at("/api/v1/models/cancer/rollouts"))
-        .bearer_auth(s.token())
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    s.start_rollout(&spec).await;
     let traffic = Traffic::start(&s, 0, 4);
     eventually(
         Duration::from_secs(15),
@@ -294,18 +286,6 @@ fn shadow_spec(version: &str, then: &str) -> Value {
     json!({"model": "cancer", "version": version, "strategy": {"shadow": shadow}, "analysis": {"interval": "5s", "min_requests": 5}})
 }
 
-async fn apply_json(s: &Server, spec: &Value) {
-    let r = s
-        .http
-        .post(s.at("/api/v1/models/cancer/rollouts"))
-        .bearer_auth(s.token())
-        .json(spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agreement() {
     let s = Server::start().await;
@@ -314,7 +294,7 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     s.add("cancer", "bad", "cancer-bad.onnx");
     // cancer-bad agrees with v1 on about 61% of rows.
     let traffic = Traffic::start(&s, 0, 4);
-    apply_json(&s, &shadow_spec("bad", "promote")).await;
+    s.start_rollout(&shadow_spec("bad", "promote")).await;
     let last = ended(&s, Duration::from_secs(40)).await;
     assert_eq!(last["phase"], "aborted", "{last}");
     let msg = last["message"].as_str().unwrap();
@@ -332,7 +312,7 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     );
 
     // v2 agrees with v1 on about 91%: mirrored first, then real users.
-    apply_json(&s, &shadow_spec("2", "canary")).await;
+    s.start_rollout(&shadow_spec("2", "canary")).await;
     eventually(
         Duration::from_secs(30),
         "disagreement examples",
@@ -438,7 +418,7 @@ async fn kill_9_in_the_middle_of_rolling_blue_green_and_shadow_resumes_where_it_
     // Shadow, killed while mirroring: the comparisons counted so far are kept.
     let mut spec = shadow_spec("2", "promote");
     spec["strategy"]["shadow"]["min_comparisons"] = json!(100_000);
-    apply_json(&s, &spec).await;
+    s.start_rollout(&spec).await;
     let traffic = Traffic::start(&s, 0, 4);
     eventually(Duration::from_secs(30), "some comparisons", async || {
         status(&s).await["shadow"]["comparisons"]
