@@ -156,12 +156,24 @@ impl Server {
         }
     }
 
-    /// Whether the server process has exited (crashed, or was told to stop).
-    pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => c.try_wait().expect("try_wait").is_some(),
-            None => true,
+    /// Whether the server has died: it no longer answers its liveness check,
+    /// and then its process exits (within 10 s, or the test fails).
+    pub async fn has_died(&mut self) -> bool {
+        let live = self.http.get(self.at("/v2/health/live")).send().await;
+        if live.is_ok_and(|r| r.status() == 200) {
+            return false;
         }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(c) = &mut self.child
+            && c.try_wait().expect("try_wait").is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server stopped answering but did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     pub async fn wait_ready(&self) {
@@ -533,6 +545,18 @@ impl Traffic {
 /// The `cancer` model's status.
 pub async fn status(s: &Server) -> Value {
     s.admin_get("/api/v1/models/cancer/status").await
+}
+
+/// A knob of a long run: the environment variable `name` parsed, or
+/// `default` when it is not set. A value that does not parse stops the test
+/// with the reason, rather than quietly running the short version.
+pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number this test can use")),
+        Err(_) => default,
+    }
 }
 
 /// Registers `remote` (the V2 server at `url`) and the in-process `local`

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ferry::cli::traffic::{Load, Stats};
 use serde_json::{Value, json};
 
-use super::harness::{Server, ended, holdout, status};
+use super::harness::{Server, ended, holdout, knob, status};
 use super::upstream::Upstream;
 
 /// One phase's share of the load.
@@ -82,10 +82,7 @@ fn spec(version: &str, strategy: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_strategy_under_fixed_rate_load_fails_no_request() {
-    let rps: f64 = std::env::var("FERRY_LOAD_RPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300.0);
+    let rps: f64 = knob("FERRY_LOAD_RPS", 300.0);
     let upstream = Upstream::start().await;
     let s = Server::start().await;
     for (v, file) in [

@@ -225,10 +225,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_start_up_error() {
 async fn kill_9_at_random_moments_leaves_a_consistent_state() {
     use super::harness::example;
     // FERRY_CRASH_KILLS=200 for a long run; 10 in every `cargo test`.
-    let kills: usize = std::env::var("FERRY_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let kills: usize = super::harness::knob("FERRY_CRASH_KILLS", 10);
     let files = ["cancer-v2.onnx", "cancer-v1.onnx", "cancer-bad.onnx"];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
@@ -246,14 +243,7 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
                 .spawn()
                 .unwrap()
         };
-        let mut add = cli(&[
-            "model",
-            "add",
-            "cancer",
-            &version,
-            "--file",
-            file.to_str().unwrap(),
-        ]);
+        let mut add = cli(&add_args(&version, &file));
         let last = registered.last().unwrap().clone();
         let strategy = STRATEGIES[round % STRATEGIES.len()];
         let mut deploy = cli(&deploy_args(&last, strategy, "1s"));
@@ -279,6 +269,12 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
 /// it needs traffic to compare, and these tests send none (its kill -9
 /// resumption is tested in `strategies.rs`).
 const STRATEGIES: [&str; 5] = ["canary", "rolling", "blue-green", "basic", "multi"];
+
+/// `ferry model add cancer VERSION --file FILE`.
+fn add_args<'a>(version: &'a str, file: &'a std::path::Path) -> [&'a str; 6] {
+    let file = file.to_str().expect("a UTF-8 path");
+    ["model", "add", "cancer", version, "--file", file]
+}
 
 /// `ferry deploy cancer VERSION` with `strategy`, its pauses `pause` long.
 fn deploy_args<'a>(version: &'a str, strategy: &'a str, pause: &'a str) -> Vec<&'a str> {
@@ -418,14 +414,7 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
             );
             let file = unique_model(round);
             let added = s
-                .cli(&[
-                    "model",
-                    "add",
-                    "cancer",
-                    &version,
-                    "--file",
-                    file.to_str().unwrap(),
-                ])
+                .cli(&add_args(&version, &file))
                 .output()
                 .unwrap()
                 .status
@@ -434,8 +423,7 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
             let _ = s
                 .cli(&["status", "cancer", "--watch", "--timeout", "10s"])
                 .output();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let crashed = s.exited();
+            let crashed = s.has_died().await;
             s.kill9();
             let s = Server::start_in(&dir, &[]).await;
             let when = format!("{strategy}, crash at {crash_at}");
