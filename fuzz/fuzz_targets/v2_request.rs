@@ -8,27 +8,18 @@
 #![no_main]
 
 use ferry::protocol::codec::{decode_request, encode_request_json};
-use ferry::protocol::tensor::{TensorData, element_count};
+use ferry::protocol::tensor::TensorData;
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common.rs"]
+mod common;
+
 fuzz_target!(|data: &[u8]| {
-    let (body, header) = match data {
-        [b'B', hi, lo, body @ ..] => (body, Some(u16::from_be_bytes([*hi, *lo]).to_string())),
-        _ => (data, None),
-    };
+    let (body, header) = common::body_and_header(data);
     let Ok(request) = decode_request(body, header.as_deref()) else {
         return;
     };
-    for t in &request.inputs {
-        let n = element_count(&t.shape).expect("a decoded shape has a count");
-        assert_eq!(
-            t.data.len() as u64,
-            n,
-            "tensor {} shape {:?}",
-            t.name,
-            t.shape
-        );
-    }
+    common::assert_counts_match_shapes(&request.inputs);
     // JSON has no NaN or infinity: only finite tensors can be forwarded as JSON.
     if request.inputs.iter().all(|t| finite(&t.data)) {
         let json = encode_request_json(request.id.as_deref(), &request.inputs);
