@@ -17,8 +17,16 @@ async fn the_api_matches_its_openapi_document_under_schemathesis() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     let (url, token) = (s.url.clone(), s.token());
+    // schemathesis keeps a cache in its working directory: the server's
+    // temporary directory, not the checkout.
+    let scratch = s
+        .dir
+        .parent()
+        .expect("the data dir has a parent")
+        .to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin.join("schemathesis"))
+            .current_dir(scratch)
             .arg("run")
             .arg(format!("{url}/api/v1/openapi.json"))
             .args(["--header", &format!("Authorization: Bearer {token}")])
