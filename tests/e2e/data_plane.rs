@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::harness::{Server, batch, holdout, test_data};
+use super::harness::{Server, batch, binary_body, holdout, test_data};
 
 async fn cancer() -> Server {
     let s = Server::start().await;
@@ -112,14 +112,6 @@ async fn json_inference_matches_the_trained_model() {
 }
 
 /// Builds a binary-extension body: JSON header then raw tensors.
-fn binary_body(header: &Value, tensors: &[Vec<u8>]) -> (Vec<u8>, usize) {
-    let mut body = serde_json::to_vec(header).unwrap();
-    let len = body.len();
-    for t in tensors {
-        body.extend_from_slice(t);
-    }
-    (body, len)
-}
 
 /// Splits a binary response into its JSON header and the raw tail.
 async fn split_binary(r: reqwest::Response) -> (Value, Vec<u8>) {
@@ -179,15 +171,9 @@ async fn binary_tensor_extension_in_and_out() {
     header.as_object_mut().unwrap().remove("outputs");
     header["parameters"] = json!({"binary_data_output": true});
     let raw = vec![0u8; 2 * 30 * 4];
-    let (body, len) = binary_body(&header, &[raw]);
     let r = s
-        .http
-        .post(s.at("/v2/models/cancer/infer"))
-        .header("inference-header-content-length", len)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .post_binary("/v2/models/cancer/infer", &header, &[raw])
+        .await;
     let (head, tail) = split_binary(r).await;
     assert_eq!(tail.len(), 16 + 16);
     assert!(
@@ -325,15 +311,10 @@ async fn every_datatype_round_trips_in_json_and_binary() {
         .map(|(dt, _, _)| json!({"name": format!("out_{dt}"), "parameters": {"binary_data": true}}))
         .collect();
     let raws: Vec<Vec<u8>> = cases.iter().map(|c| c.2.clone()).collect();
-    let (body, len) = binary_body(&json!({"inputs": inputs, "outputs": outputs}), &raws);
+    let header = json!({"inputs": inputs, "outputs": outputs});
     let r = s
-        .http
-        .post(s.at("/v2/models/types/infer"))
-        .header("inference-header-content-length", len)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .post_binary("/v2/models/types/infer", &header, &raws)
+        .await;
     assert_eq!(r.status(), 200);
     let (_, tail) = split_binary(r).await;
     assert_eq!(tail, raws.concat());

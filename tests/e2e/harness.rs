@@ -302,6 +302,24 @@ impl Server {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POSTs a request in the binary tensor extension: the JSON `header`,
+    /// then the tensors' raw bytes, with `Inference-Header-Content-Length`.
+    pub async fn post_binary(
+        &self,
+        path: &str,
+        header: &Value,
+        tensors: &[Vec<u8>],
+    ) -> reqwest::Response {
+        let (body, len) = binary_body(header, tensors);
+        self.http
+            .post(self.at(path))
+            .header("inference-header-content-length", len)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// Starts a rollout from a spec (JSON) through the control API; it must
     /// be accepted (201).
     pub async fn start_rollout(&self, spec: &Value) {
@@ -608,6 +626,17 @@ pub async fn fails_over_without_errors(s: &Server, fault: impl AsyncFnOnce()) {
         "{:?}",
         seen.versions
     );
+}
+
+/// A binary-extension body: the JSON `header`, then the tensors' bytes; and
+/// the header's length.
+pub fn binary_body(header: &Value, tensors: &[Vec<u8>]) -> (Vec<u8>, usize) {
+    let mut body = serde_json::to_vec(header).unwrap();
+    let len = body.len();
+    for t in tensors {
+        body.extend_from_slice(t);
+    }
+    (body, len)
 }
 
 /// Polls the `cancer` model's status until `done` holds; returns it. A

@@ -82,17 +82,9 @@ async fn remote_requests_pass_through_untouched_and_answer_as_ferrys() {
     // Binary in, binary out, through the pass-through path.
     let header = json!({"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "parameters": {"binary_data_size": 120}}],
                         "parameters": {"binary_data_output": true}});
-    let mut body = serde_json::to_vec(&header).unwrap();
-    let len = body.len();
-    body.extend(vec![0u8; 120]);
     let r = s
-        .http
-        .post(s.at("/v2/models/cancer/infer"))
-        .header("inference-header-content-length", len)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .post_binary("/v2/models/cancer/infer", &header, &[vec![0u8; 120]])
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-ferry-version"], "far");
     let id = r.headers()["x-ferry-request-id"]
