@@ -111,8 +111,6 @@ async fn json_inference_matches_the_trained_model() {
     assert_eq!(headers["x-ferry-request-id"], id);
 }
 
-/// Builds a binary-extension body: JSON header then raw tensors.
-
 /// Splits a binary response into its JSON header and the raw tail.
 async fn split_binary(r: reqwest::Response) -> (Value, Vec<u8>) {
     let len: usize = r.headers()["inference-header-content-length"]
