@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod control;
+pub mod dispatch;
 pub mod error;
 pub mod openapi;
 pub mod rollouts;
@@ -56,6 +57,16 @@ pub struct AppState {
     pub ids: Arc<RequestIds>,
 }
 
+impl AppState {
+    /// Whether a request may use the data plane: no inference token is
+    /// configured, or it carries that token or the admin token.
+    pub fn may_infer(&self, headers: &axum::http::HeaderMap) -> bool {
+        self.inference_token
+            .as_ref()
+            .is_none_or(|t| t.matches(headers) || self.token.matches(headers))
+    }
+}
+
 /// Generates request ids: a random per-process prefix and a counter, unique
 /// across restarts and cheap on the request path.
 pub struct RequestIds {
@@ -82,6 +93,12 @@ impl RequestIds {
             self.next.fetch_add(1, Ordering::Relaxed)
         )
     }
+}
+
+/// What hyper serves: inference posts straight to their handler, the rest
+/// through [`router`].
+pub fn service(state: AppState, limits: Limits) -> dispatch::Dispatch {
+    dispatch::Dispatch::new(state.clone(), limits, router(state, limits))
 }
 
 /// The whole HTTP surface on one router.

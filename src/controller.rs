@@ -31,7 +31,7 @@ pub struct Controller {
     registry: Arc<Registry>,
     routes: Arc<RouteTable>,
     onnx: Arc<OnnxRuntime>,
-    http: reqwest::Client,
+    http: crate::runtime::remote::RemoteHttp,
     metrics: Arc<Metrics>,
     telemetry: Arc<Telemetry>,
     /// How long a pool that left the routes may take to finish its requests.
@@ -71,7 +71,7 @@ pub struct ControllerParts {
     pub registry: Arc<Registry>,
     pub routes: Arc<RouteTable>,
     pub onnx: Arc<OnnxRuntime>,
-    pub http: reqwest::Client,
+    pub http: crate::runtime::remote::RemoteHttp,
     pub metrics: Arc<Metrics>,
     pub telemetry: Arc<Telemetry>,
     pub drain_timeout: Duration,

@@ -286,7 +286,7 @@ pub struct Registry {
     store: Arc<dyn Store>,
     blobs: Arc<Blobs>,
     onnx: Arc<OnnxRuntime>,
-    http: reqwest::Client,
+    http: crate::runtime::remote::RemoteHttp,
 }
 
 impl Registry {
@@ -294,7 +294,7 @@ impl Registry {
         store: Arc<dyn Store>,
         blobs: Arc<Blobs>,
         onnx: Arc<OnnxRuntime>,
-        http: reqwest::Client,
+        http: crate::runtime::remote::RemoteHttp,
     ) -> Registry {
         Registry {
             store,

@@ -66,7 +66,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if created {
         tracing::info!("admin token created in {}", token_path.display());
     }
-    let http = remote::http_client(Duration::from_secs(2));
+    let http = remote::RemoteHttp::new(Duration::from_secs(2));
     let metrics = Arc::new(Metrics::new());
     let telemetry = Arc::new(Telemetry::default());
     let routes = Arc::new(RouteTable::new());
@@ -166,7 +166,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         starting.run_rollouts().await;
     });
-    serve_connections(listener, tls, api::router(state, opts.limits), &opts).await;
+    serve_connections(listener, tls, api::service(state, opts.limits), &opts).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -180,7 +180,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    app: axum::Router,
+    app: api::dispatch::Dispatch,
     opts: &ServeOptions,
 ) {
     use hyper_util::rt::TokioTimer;
@@ -257,13 +257,12 @@ async fn serve_connections(
 async fn serve_one<S>(
     http: &hyper::server::conn::http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
-    app: axum::Router,
+    app: api::dispatch::Dispatch,
     stream: S,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), app);
     let _ = watcher.watch(connection).await;
 }
 

@@ -101,10 +101,7 @@ pub async fn require_inference(
     req: Request,
     next: Next,
 ) -> Response {
-    let Some(token) = &state.inference_token else {
-        return next.run(req).await;
-    };
-    if token.matches(req.headers()) || state.token.matches(req.headers()) {
+    if state.may_infer(req.headers()) {
         return next.run(req).await;
     }
     let mut resp = ApiError::new(

@@ -231,7 +231,11 @@ pub async fn infer_version(
     run_infer(s, model, Some(version), headers, body?).await
 }
 
-async fn run_infer(
+/// Inference on the model's routed version, or on `version`: pass-through
+/// to a remote version when nothing needs the tensors, otherwise decoded,
+/// served by the gateway and encoded. The router's two inference handlers
+/// and the dispatcher's hot path ([`super::dispatch`]) all end here.
+pub async fn run_infer(
     s: AppState,
     model: String,
     version: Option<String>,

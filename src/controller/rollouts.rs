@@ -400,7 +400,7 @@ impl Controller {
                 .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
                 .collect();
             store.update_rollout(record.id, &plan.state, events)?;
-            external::notify(&self.http, &record, &plan.events);
+            external::notify(&self.http.control, &record, &plan.events);
             let ended = record.state.phase.is_active() && !plan.state.phase.is_active();
             record.state = plan.state.clone();
             obs = Observations::default();
@@ -496,7 +496,8 @@ impl Controller {
                 }
                 let checks = record.spec.checks();
                 let external =
-                    external::fetch(&self.http, &record, &checks, &candidate, &stable).await;
+                    external::fetch(&self.http.control, &record, &checks, &candidate, &stable)
+                        .await;
                 let verdict = analysis::evaluate(
                     &checks,
                     &candidate,

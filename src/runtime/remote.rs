@@ -1,10 +1,16 @@
 //! Clients of remote Open Inference Protocol servers (Triton, MLServer, KServe,
-//! another Ferry): one [`RemoteClient`] per endpoint, sharing one pooled
-//! keep-alive HTTP client.
+//! another Ferry): one [`RemoteClient`] per endpoint, sharing [`RemoteHttp`]:
+//! reqwest for the occasional metadata and readiness calls, and hyper's pooled
+//! keep-alive client directly for inference, the per-request path (reqwest's
+//! URL, proxy, redirect and retry layers cost more than the request itself
+//! on a pass-through; BENCHMARKS.md).
 
 use std::time::Duration;
 
-use reqwest::{StatusCode, Url};
+use hyper::StatusCode;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use reqwest::Url;
 use serde::Deserialize;
 
 use super::RuntimeError;
@@ -76,8 +82,20 @@ impl RemoteTarget {
 pub struct RemoteClient {
     target: RemoteTarget,
     /// Parsed once: parsing a URL on every request showed up in profiles.
-    infer_url: Url,
-    http: reqwest::Client,
+    infer_uri: hyper::Uri,
+    http: RemoteHttp,
+}
+
+type DataClient =
+    hyper_util::client::legacy::Client<HttpConnector, http_body_util::Full<bytes::Bytes>>;
+
+/// The HTTP clients every remote replica shares, each with its pool of
+/// keep-alive connections: `control` (reqwest) for metadata, readiness and
+/// the controller's webhooks and queries; `data` (hyper) for inference.
+#[derive(Clone)]
+pub struct RemoteHttp {
+    pub control: reqwest::Client,
+    data: std::sync::Arc<DataClient>,
 }
 
 #[derive(Deserialize)]
@@ -95,28 +113,49 @@ struct RemoteSpec {
     shape: Vec<i64>,
 }
 
-/// The one HTTP client every remote replica shares (pooled keep-alive).
-pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .expect("the HTTP client builds with static settings")
+impl RemoteHttp {
+    /// The clients every remote replica shares: connections are kept alive
+    /// for 90 s idle, opened with `TCP_NODELAY` within `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> RemoteHttp {
+        let idle = Duration::from_secs(90);
+        let control = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(idle)
+            .tcp_nodelay(true)
+            .build()
+            .expect("the HTTP client builds with static settings");
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let data = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        RemoteHttp {
+            control,
+            data: std::sync::Arc::new(data),
+        }
+    }
 }
 
-fn unavailable(target: &RemoteTarget, e: reqwest::Error) -> RuntimeError {
-    // reqwest's own text ("error sending request for url ...") hides the
-    // cause a reader needs: refused, reset, closed early.
+/// A failed call, named by its root cause: the clients' own texts ("error
+/// sending request for url ...", "client error (Connect)") hide what a
+/// reader needs — refused, reset, closed early.
+fn unavailable(
+    target: &RemoteTarget,
+    e: &(dyn std::error::Error + 'static),
+    timeout: bool,
+    connect: bool,
+) -> RuntimeError {
     let mut cause = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(inner) = source {
         cause = inner.to_string();
         source = inner.source();
     }
-    let why = if e.is_timeout() {
+    let why = if timeout {
         "timed out".to_string()
-    } else if e.is_connect() {
+    } else if connect {
         format!("connection failed ({cause})")
     } else {
         format!("request failed ({cause})")
@@ -124,13 +163,20 @@ fn unavailable(target: &RemoteTarget, e: reqwest::Error) -> RuntimeError {
     RuntimeError::Unavailable(format!("remote {} {why}", target.display()))
 }
 
+fn control_unavailable(target: &RemoteTarget, e: reqwest::Error) -> RuntimeError {
+    unavailable(target, &e, e.is_timeout(), e.is_connect())
+}
+
 impl RemoteClient {
-    pub fn new(target: RemoteTarget, http: reqwest::Client) -> RemoteClient {
-        let infer_url = Url::parse(&format!("{}/infer", target.model_url()))
+    pub fn new(target: RemoteTarget, http: RemoteHttp) -> RemoteClient {
+        // Url percent-encodes what a URI may not hold; its text is a URI.
+        let infer_uri = Url::parse(&format!("{}/infer", target.model_url()))
+            .ok()
+            .and_then(|url| url.as_str().parse().ok())
             .expect("a remote target is a valid http URL (checked when it was parsed)");
         RemoteClient {
             target,
-            infer_url,
+            infer_uri,
             http,
         }
     }
@@ -144,11 +190,12 @@ impl RemoteClient {
         let url = self.target.model_url();
         let ready = self
             .http
+            .control
             .get(format!("{url}/ready"))
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| unavailable(&self.target, e))?;
+            .map_err(|e| control_unavailable(&self.target, e))?;
         if !ready.status().is_success() {
             return Err(RuntimeError::Unavailable(format!(
                 "remote model {url} is not ready (GET {url}/ready answered {})",
@@ -157,11 +204,12 @@ impl RemoteClient {
         }
         let resp = self
             .http
+            .control
             .get(&url)
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| unavailable(&self.target, e))?;
+            .map_err(|e| control_unavailable(&self.target, e))?;
         if !resp.status().is_success() {
             return Err(RuntimeError::Unavailable(format!(
                 "remote model metadata GET {url} answered {}",
@@ -217,24 +265,34 @@ impl RemoteClient {
         body: bytes::Bytes,
         header_len: Option<&str>,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
-        let mut rb = self.http.post(self.infer_url.clone()).body(body);
-        rb = match header_len {
-            Some(n) => rb
-                .header("content-type", "application/octet-stream")
-                .header(protocol::HEADER_CONTENT_LENGTH, n),
-            None => rb.header("content-type", "application/json"),
+        let content_type = match header_len {
+            Some(_) => "application/octet-stream",
+            None => "application/json",
         };
-        let resp = rb.send().await.map_err(|e| unavailable(&self.target, e))?;
+        let mut request = hyper::Request::post(self.infer_uri.clone())
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(n) = header_len {
+            request = request.header(protocol::HEADER_CONTENT_LENGTH, n);
+        }
+        let request = request
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| RuntimeError::BadInput(format!("cannot forward the request: {e}")))?;
+        let resp = self
+            .http
+            .data
+            .request(request)
+            .await
+            .map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
         let status = resp.status();
         let header_len = resp
             .headers()
             .get(protocol::HEADER_CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let bytes = resp
-            .bytes()
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
             .await
-            .map_err(|e| unavailable(&self.target, e))?;
+            .map_err(|e| unavailable(&self.target, &e, false, false))?
+            .to_bytes();
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
