@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderMap;
 
 use crate::metrics::{Metrics, Outcome, Role};
-use crate::protocol::Tensor;
+use crate::protocol::{self, Tensor};
 use crate::runtime::RuntimeError;
 pub use policy::RoutePolicy;
 pub use pool::{Replica, VersionPool};
@@ -56,6 +56,17 @@ pub struct Call<'a> {
     pub inputs: Vec<Tensor>,
     /// Outputs the client asked for (empty: all).
     pub outputs: &'a [&'a str],
+    /// The client's body as received and its `Inference-Header-Content-Length`,
+    /// when a copy may be sent as it is (it asks for no particular outputs).
+    pub body: Option<(&'a bytes::Bytes, Option<&'a str>)>,
+}
+
+/// A passed-through request's answer, as the remote sent it.
+pub struct Forwarded {
+    pub answer: bytes::Bytes,
+    /// The answer's `Inference-Header-Content-Length` (binary extension).
+    pub answer_len: Option<String>,
+    shadow: Option<mirror::Mirror>,
 }
 
 /// A request's route: the model's snapshot, the version chosen and its role.
@@ -145,32 +156,53 @@ impl Gateway {
     }
 
     /// Whether a routed request can pass through untouched: its version runs
-    /// on remote endpoints and nothing needs its decoded tensors — no shadow
-    /// copy, no failover chain, no prediction log sample.
-    pub fn can_pass_through(&self, routed: &Routed) -> bool {
+    /// on remote endpoints and nothing needs its decoded tensors — no
+    /// failover chain, no prediction log sample, and no shadow unless the
+    /// shadow is remote too and the body asks for no particular outputs (its
+    /// copy is then the same bytes, and only the answers are decoded).
+    pub fn can_pass_through(&self, routed: &Routed, body: &[u8], header_len: Option<&str>) -> bool {
+        let policy = &routed.route.policy;
         let production = routed.role == Role::Stable;
+        let shadow_takes_bytes = || {
+            policy.shadow.as_ref().is_none_or(|s| {
+                routed
+                    .route
+                    .pools
+                    .get(&s.version)
+                    .is_some_and(|p| p.is_remote())
+                    && !protocol::names_outputs(body, header_len)
+            })
+        };
         routed.pool.is_remote()
-            && !(production
-                && (routed.route.policy.shadow.is_some()
-                    || !routed.route.policy.failover.is_empty()))
+            && !(production && (!policy.failover.is_empty() || !shadow_takes_bytes()))
             && self.log.as_ref().is_none_or(|l| !l.sampled())
     }
 
     /// Passes a request body to a remote version untouched (see
-    /// [`Gateway::can_pass_through`]); the remote checks the inputs. Returns
-    /// the answer's body and `Inference-Header-Content-Length`.
+    /// [`Gateway::can_pass_through`]), and a copy of it to the shadow; the
+    /// remote checks the inputs. Finish with [`Gateway::forwarded`].
     pub async fn forward(
         &self,
         routed: &Routed,
         body: bytes::Bytes,
         header_len: Option<&str>,
-    ) -> Result<(bytes::Bytes, Option<String>), GatewayError> {
+    ) -> Result<Forwarded, GatewayError> {
         let pool = &routed.pool;
         let timeout = routed
             .route
             .policy
             .timeout
             .map_or_else(|| pool.timeout(), |t| t.0);
+        let shadow = (routed.role == Role::Stable)
+            .then(|| {
+                let copy = mirror::Copy::Body {
+                    body: &body,
+                    header_len,
+                    inputs: None,
+                };
+                mirror::Mirror::start(&routed.route, copy)
+            })
+            .flatten();
         let started = Instant::now();
         let result = pool.forward(body, header_len, timeout).await;
         let outcome = match &result {
@@ -179,11 +211,17 @@ impl Gateway {
             Err(_) => Outcome::Error,
         };
         pool.record(routed.role, outcome, started.elapsed().as_secs_f64(), None);
-        Ok(result?)
+        let (answer, answer_len) = result?;
+        Ok(Forwarded {
+            answer,
+            answer_len,
+            shadow,
+        })
     }
 
-    /// Remembers what answered a passed-through request (for delayed labels).
-    pub fn remember(&self, id: &str, routed: &Routed, class: Option<i64>) {
+    /// What answered a passed-through request, once its id is known:
+    /// remembered for delayed labels, and handed to its shadow copy.
+    pub fn forwarded(&self, routed: &Routed, forwarded: Forwarded, id: &str, class: Option<i64>) {
         self.recent.remember(
             id,
             &routed.pool.model,
@@ -191,6 +229,12 @@ impl Gateway {
             routed.role,
             class,
         );
+        if let Some(shadow) = forwarded.shadow {
+            let outputs =
+                protocol::decode_response_json(&forwarded.answer, forwarded.answer_len.as_deref())
+                    .ok();
+            shadow.primary_answered(outputs.as_deref(), id);
+        }
     }
 
     /// Serves one decoded request: check the inputs against the version's
@@ -211,7 +255,17 @@ impl Gateway {
         // Production requests (those the stable version serves) are the ones
         // mirrored to a shadow and protected by the failover chain.
         let shadow = (role == Role::Stable)
-            .then(|| mirror::Mirror::start(&route, &call.inputs, call.id))
+            .then(|| {
+                let copy = match call.body {
+                    Some((body, header_len)) => mirror::Copy::Body {
+                        body,
+                        header_len,
+                        inputs: Some(&call.inputs),
+                    },
+                    None => mirror::Copy::Tensors(&call.inputs),
+                };
+                mirror::Mirror::start(&route, copy)
+            })
             .flatten();
         let chain: Vec<&Arc<VersionPool>> = if role == Role::Stable {
             std::iter::once(pool)
@@ -235,7 +289,7 @@ impl Gateway {
             .run_chain(&route, &chain, role, call.inputs, timeout)
             .await;
         if let Some(shadow) = shadow {
-            shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()));
+            shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()), call.id);
         }
         let served = result?;
         self.recent.remember(

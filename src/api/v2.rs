@@ -246,14 +246,14 @@ pub async fn run_infer(
         .get(protocol::HEADER_CONTENT_LENGTH)
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let routed = s.gateway.route(&model, version.as_deref(), &headers)?;
-    if s.gateway.can_pass_through(&routed) {
+    if s.gateway.can_pass_through(&routed, &body, header_len) {
         // A remote version with nothing to observe: the body goes as it is,
         // the answer comes back with our model name, version and id.
         let fallback_id = s.ids.next();
-        let (answer, answer_len) = s.gateway.forward(&routed, body, header_len).await?;
+        let forwarded = s.gateway.forward(&routed, body, header_len).await?;
         let rewritten = protocol::rewrite_response(
-            &answer,
-            answer_len.as_deref(),
+            &forwarded.answer,
+            forwarded.answer_len.as_deref(),
             &model,
             &routed.pool.version,
             &fallback_id,
@@ -264,13 +264,15 @@ pub async fn run_infer(
                 format!("the remote version sent an unreadable answer: {e}"),
             )
         })?;
-        s.gateway.remember(&rewritten.id, &routed, rewritten.class);
-        return Ok(respond(
+        let response = respond(
             rewritten.body,
             rewritten.json_len,
             &routed.pool.version,
             &rewritten.id,
-        ));
+        );
+        s.gateway
+            .forwarded(&routed, forwarded, &rewritten.id, rewritten.class);
+        return Ok(response);
     }
     let mut request = protocol::decode_request(&body, header_len)?;
     let inputs = std::mem::take(&mut request.inputs);
@@ -287,6 +289,7 @@ pub async fn run_infer(
                 id: &id,
                 inputs,
                 outputs: &requested,
+                body: requested.is_empty().then_some((&body, header_len)),
             },
         )
         .await?;

@@ -3,6 +3,10 @@
 //! shadow is saturated (`max_in_flight` copies running) the copy is dropped
 //! and counted, never queued. When both have answered, the outputs are
 //! compared and the result counted on the shadow's series.
+//!
+//! A shadow on remote endpoints gets the client's own bytes when they can be
+//! sent as they are ([`Copy::Body`]): nothing is re-encoded, and only the
+//! answers are decoded, for the comparison.
 
 use std::time::Instant;
 
@@ -11,18 +15,41 @@ use tokio::sync::oneshot;
 use super::compare;
 use super::routes::ModelRoute;
 use crate::metrics::{Comparison, Outcome, Role};
-use crate::protocol::Tensor;
+use crate::protocol::{self, Tensor};
+use crate::runtime::RuntimeError;
+
+/// What a production request can give its shadow copy.
+pub enum Copy<'a> {
+    /// The decoded inputs (an in-process shadow needs them).
+    Tensors(&'a [Tensor]),
+    /// The client's body as received, with its
+    /// `Inference-Header-Content-Length` (binary extension), when it asks
+    /// for no particular outputs; the decoded inputs too when there are.
+    Body {
+        body: &'a bytes::Bytes,
+        header_len: Option<&'a str>,
+        inputs: Option<&'a [Tensor]>,
+    },
+}
 
 /// A copy on its way; tell it the primary's answer with [`Mirror::primary_answered`].
 pub struct Mirror {
     output: String,
-    primary: oneshot::Sender<Option<Tensor>>,
+    primary: oneshot::Sender<(Option<Tensor>, String)>,
+}
+
+/// The request the copy sends.
+enum Request {
+    Tensors(Vec<Tensor>),
+    Body(bytes::Bytes, Option<String>),
 }
 
 impl Mirror {
     /// Decides whether to mirror this request (by the policy's percentage and
-    /// the free slots) and, if so, sends the copy at once.
-    pub fn start(route: &ModelRoute, inputs: &[Tensor], id: &str) -> Option<Mirror> {
+    /// the free slots) and, if so, sends the copy at once. `None` also when
+    /// the copy cannot be made from `copy` (a body without decoded inputs
+    /// for an in-process shadow: the caller decodes such requests).
+    pub fn start(route: &ModelRoute, copy: Copy<'_>) -> Option<Mirror> {
         let policy = route.policy.shadow.as_ref()?;
         if fastrand::f64() * 100.0 >= policy.percent {
             return None;
@@ -33,14 +60,35 @@ impl Mirror {
             pool.record_shadow(|b| b.dropped += 1);
             return None;
         };
-        let (primary, primary_answer) = oneshot::channel::<Option<Tensor>>();
-        let inputs = inputs.to_vec();
+        let request = match copy {
+            Copy::Body {
+                body, header_len, ..
+            } if pool.is_remote() => Request::Body(body.clone(), header_len.map(str::to_string)),
+            Copy::Tensors(inputs)
+            | Copy::Body {
+                inputs: Some(inputs),
+                ..
+            } => Request::Tensors(inputs.to_vec()),
+            Copy::Body { inputs: None, .. } => return None,
+        };
+        let (primary, primary_answer) = oneshot::channel::<(Option<Tensor>, String)>();
         let compare = policy.compare.clone();
-        let id = id.to_string();
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let result = pool.infer(inputs, pool.timeout()).await;
+            let result = match request {
+                Request::Tensors(inputs) => pool.infer(inputs, pool.timeout()).await,
+                Request::Body(body, header_len) => pool
+                    .forward(body, header_len.as_deref(), pool.timeout())
+                    .await
+                    .and_then(|(answer, len)| {
+                        protocol::decode_response_json(&answer, len.as_deref()).map_err(|e| {
+                            RuntimeError::Inference(format!(
+                                "the shadow version sent an unreadable answer: {e}"
+                            ))
+                        })
+                    }),
+            };
             let seconds = started.elapsed().as_secs_f64();
             let (outcome, class) = match &result {
                 Ok(out) => (
@@ -53,7 +101,7 @@ impl Mirror {
             };
             pool.record(Role::Shadow, outcome, seconds, class);
             // `None`: the primary failed, so there is nothing to compare with.
-            let primary = primary_answer.await.ok().flatten();
+            let (primary, id) = primary_answer.await.unwrap_or_default();
             let comparison = match (&result, primary) {
                 (Err(_), _) => Some(Comparison::Error),
                 (Ok(shadow), Some(p)) => Some(
@@ -85,9 +133,15 @@ impl Mirror {
         })
     }
 
-    /// Hands the primary's outputs (or `None` when it failed) to the copy.
-    pub fn primary_answered(self, outputs: Option<&[Tensor]>) {
+    /// Hands the primary's outputs (or `None` when it failed) and the
+    /// request's id to the copy.
+    pub fn primary_answered(self, outputs: Option<&[Tensor]>, id: &str) {
         let compared = outputs.and_then(|o| o.iter().find(|t| t.name == self.output).cloned());
-        let _ = self.primary.send(compared);
+        let _ = self.primary.send((compared, id.to_string()));
+    }
+
+    /// The output the comparison needs from the primary's answer.
+    pub fn compared_output(&self) -> &str {
+        &self.output
     }
 }

@@ -350,6 +350,15 @@ pub struct Rewritten {
     pub class: Option<i64>,
 }
 
+/// Whether a request body may name the outputs it wants: its JSON part
+/// holds the key `"outputs"` (or cannot be split from its binary part).
+/// Cheap and conservative, for deciding without decoding whether a body can
+/// be copied as it is; a tensor named "outputs" also says yes.
+pub fn names_outputs(body: &[u8], header_len: Option<&str>) -> bool {
+    const KEY: &[u8] = b"\"outputs\"";
+    split_body(body, header_len).map_or(true, |(json, _)| json.windows(KEY.len()).any(|w| w == KEY))
+}
+
 /// Rewrites a passed-through answer's JSON header: `model_name` and
 /// `model_version` become Ferry's, and an answer without an `id` gets
 /// `fallback_id`. Binary tensor data after the header is kept as it is.
@@ -419,6 +428,22 @@ pub fn encode_request_json(id: Option<&str>, inputs: &[Tensor]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_outputs_looks_at_the_json_part_only() {
+        assert!(!names_outputs(br#"{"inputs": []}"#, None));
+        assert!(names_outputs(
+            br#"{"inputs": [], "outputs": [{"name": "label"}]}"#,
+            None
+        ));
+        // The binary part is not JSON: the key there does not count.
+        let mut body = br#"{"inputs": []}"#.to_vec();
+        body.extend_from_slice(br#""outputs""#);
+        assert!(!names_outputs(&body, Some("14")));
+        assert!(names_outputs(&body, None));
+        // A header length that does not fit: decode to get the real error.
+        assert!(names_outputs(&body, Some("999")));
+    }
 
     fn decode(s: &str) -> Result<InferRequest, ProtocolError> {
         decode_request(s.as_bytes(), None)

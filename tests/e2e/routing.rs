@@ -574,3 +574,89 @@ async fn requests_in_flight_finish_on_a_version_that_leaves_the_route() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// Both versions remote, the shadow answering the other class: requests
+/// pass through to the stable version, the shadow gets the client's very
+/// bytes (nothing re-encoded), only the answers are decoded to compare, and
+/// disagreements keep the client's request id. A request naming its outputs
+/// is decoded instead and its copy re-encoded with every output, so the
+/// comparison still has the output it compares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_shadow_gets_the_clients_bytes_and_its_answers_are_compared() {
+    let stable = Upstream::start().await;
+    let shadow = Upstream::start().await;
+    shadow.answer_class_zero();
+    let s = Server::start().await;
+    s.ferry_json(&["model", "add", "cancer", "a", "--url", &stable.url]);
+    s.ferry_json(&["model", "add", "cancer", "b", "--url", &shadow.url]);
+    s.start_rollout(&json!({"model": "cancer", "version": "b",
+        "strategy": {"shadow": {"mirror_percent": 100, "compare": {"output": "label"},
+                                "min_comparisons": 100000, "min_agreement": 0.5, "then": "promote"}},
+        "analysis": {"interval": "5s", "min_requests": 5}}))
+        .await;
+    let disagreed = async || {
+        series_value(
+            &s.prometheus().await,
+            r#"ferry_shadow_comparisons_total{model="cancer",version="b",result="disagree"}"#,
+        )
+    };
+    let row = holdout()[0].0["inputs"][0]["data"].to_string();
+    let url = s.at("/v2/models/cancer/infer");
+    for i in 0..20 {
+        // Spaced out as no encoder would write it: a re-encoded copy differs.
+        let body = format!(
+            r#"{{ "id" : "client-{i}",   "inputs" : [ {{ "name" : "input", "datatype" : "FP32", "shape" : [ 1, 30 ], "data" : {row} }} ] }}"#
+        );
+        let r = s.http.post(&url).body(body.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ferry-version"], "a");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["id"], format!("client-{i}"), "{answer}");
+        assert_eq!(
+            answer["outputs"][0]["data"],
+            json!([1]),
+            "users get the stable answer"
+        );
+        super::harness::eventually(Duration::from_secs(5), "the copy arrives", async || {
+            shadow.last_body() == body.as_bytes()
+        })
+        .await;
+    }
+    super::harness::eventually(Duration::from_secs(5), "every copy compared", async || {
+        disagreed().await >= 20.0
+    })
+    .await;
+    let examples = super::harness::status(&s).await["shadow"]["examples"].clone();
+    let ids: Vec<&str> = examples
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert!(
+        !ids.is_empty() && ids.iter().all(|id| id.starts_with("client-")),
+        "disagreements keep the client's ids: {examples}"
+    );
+
+    // Naming an output: decoded, answered with that output only, and the
+    // copy asks for every output, so `label` is still compared.
+    let body = format!(
+        r#"{{ "inputs" : [ {{ "name" : "input", "datatype" : "FP32", "shape" : [ 1, 30 ], "data" : {row} }} ], "outputs" : [ {{ "name" : "probabilities" }} ] }}"#
+    );
+    let r = s.http.post(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["outputs"].as_array().unwrap().len(), 1, "{answer}");
+    assert_eq!(answer["outputs"][0]["name"], "probabilities");
+    super::harness::eventually(
+        Duration::from_secs(5),
+        "that copy compared too",
+        async || disagreed().await >= 21.0,
+    )
+    .await;
+    assert_ne!(
+        shadow.last_body(),
+        body.as_bytes(),
+        "re-encoded from the decoded inputs"
+    );
+}

@@ -21,6 +21,10 @@ pub struct Behaviour {
     pub failing: AtomicBool,
     /// Inference requests received.
     pub received: AtomicU64,
+    /// Answer class 0 (with probability 0.8) instead of class 1.
+    pub class_zero: AtomicBool,
+    /// The body of the last inference request, byte for byte.
+    pub last_body: std::sync::Mutex<Vec<u8>>,
 }
 
 pub struct Upstream {
@@ -39,6 +43,7 @@ fn signature() -> Value {
 }
 
 async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl IntoResponse {
+    *b.last_body.lock().unwrap() = body.to_vec();
     b.received.fetch_add(1, Ordering::Relaxed);
     let delay = b.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
@@ -52,18 +57,24 @@ async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rows = req["inputs"][0]["shape"][0].as_u64().unwrap_or(1) as usize;
-    // Always class 1 with probability 0.8.
-    let probabilities = [0.2, 0.8].repeat(rows);
-    (
-        StatusCode::OK,
-        axum::Json(json!({
-            "model_name": "cancer", "model_version": "1",
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "shape": [rows], "data": vec![1; rows]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [rows, 2], "data": probabilities}
-            ]
-        })),
-    )
+    // Class 1 with probability 0.8 (or class 0, when told so).
+    let zero = b.class_zero.load(Ordering::Relaxed);
+    let (label, probabilities) = match zero {
+        false => (1, [0.2, 0.8].repeat(rows)),
+        true => (0, [0.8, 0.2].repeat(rows)),
+    };
+    // Like real V2 servers, the answer carries the request's id.
+    let mut answer = json!({
+        "model_name": "cancer", "model_version": "1",
+        "outputs": [
+            {"name": "label", "datatype": "INT64", "shape": [rows], "data": vec![label; rows]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [rows, 2], "data": probabilities}
+        ]
+    });
+    if let Some(id) = req.get("id") {
+        answer["id"] = id.clone();
+    }
+    (StatusCode::OK, axum::Json(answer))
 }
 
 impl Upstream {
@@ -109,6 +120,14 @@ impl Upstream {
 
     pub fn set_failing(&self, failing: bool) {
         self.behaviour.failing.store(failing, Ordering::Relaxed);
+    }
+
+    pub fn answer_class_zero(&self) {
+        self.behaviour.class_zero.store(true, Ordering::Relaxed);
+    }
+
+    pub fn last_body(&self) -> Vec<u8> {
+        self.behaviour.last_body.lock().unwrap().clone()
     }
 
     pub fn received(&self) -> u64 {
