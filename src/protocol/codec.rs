@@ -361,7 +361,10 @@ pub fn names_outputs(body: &[u8], header_len: Option<&str>) -> bool {
 
 /// Rewrites a passed-through answer's JSON header: `model_name` and
 /// `model_version` become Ferry's, and an answer without an `id` gets
-/// `fallback_id`. Binary tensor data after the header is kept as it is.
+/// `fallback_id`. Binary tensor data after the header is kept as it is, and
+/// so is every other member of the header, byte for byte: only the id and
+/// the first value of a `label` output are read (this runs on every
+/// passed-through request; a whole `Value` round trip cost 6 % of it).
 pub fn rewrite_response(
     body: &[u8],
     header_len: Option<&str>,
@@ -369,31 +372,50 @@ pub fn rewrite_response(
     version: &str,
     fallback_id: &str,
 ) -> Result<Rewritten, ProtocolError> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    #[derive(Deserialize)]
+    struct OutputHead<'a> {
+        name: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        data: Option<&'a RawValue>,
+    }
     let (json, binary) = split_body(body, header_len)?;
-    let mut head: Value = serde_json::from_slice(json).map_err(json_error)?;
-    let obj = head
-        .as_object_mut()
-        .ok_or_else(|| ProtocolError::Json("the answer is not a JSON object".into()))?;
-    obj.insert("model_name".into(), Value::from(model));
-    obj.insert("model_version".into(), Value::from(version));
-    let id = match obj.get("id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => {
-            obj.insert("id".into(), Value::from(fallback_id));
-            fallback_id.to_string()
-        }
-    };
-    let class = obj
+    let members: BTreeMap<String, &RawValue> =
+        serde_json::from_slice(json).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                ProtocolError::Json("the answer is not a JSON object".into())
+            }
+            _ => json_error(e),
+        })?;
+    let id = members
+        .get("id")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| fallback_id.to_string());
+    let class = members
         .get("outputs")
-        .and_then(Value::as_array)
-        .and_then(|outs| outs.iter().find(|o| o["name"] == "label"))
-        .and_then(|o| {
-            o["data"]
-                .as_array()
-                .and_then(|d| d.first())
-                .and_then(Value::as_i64)
-        });
-    let mut out = serde_json::to_vec(&head).expect("a JSON value serialises");
+        .and_then(|raw| serde_json::from_str::<Vec<OutputHead>>(raw.get()).ok())
+        .and_then(|outs| outs.into_iter().find(|o| o.name == "label"))
+        .and_then(|o| serde_json::from_str::<Vec<&RawValue>>(o.data?.get()).ok())
+        .and_then(|data| serde_json::from_str::<i64>(data.first()?.get()).ok());
+    let mut out = Vec::with_capacity(json.len() + model.len() + version.len() + id.len() + 48);
+    let member = |out: &mut Vec<u8>, key: &str, value: &[u8]| {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        serde_json::to_writer(&mut *out, key).expect("a string serialises");
+        out.push(b':');
+        out.extend_from_slice(value);
+    };
+    let quoted = |s: &str| serde_json::to_vec(s).expect("a string serialises");
+    member(&mut out, "model_name", &quoted(model));
+    member(&mut out, "model_version", &quoted(version));
+    member(&mut out, "id", &quoted(&id));
+    for (key, value) in &members {
+        if !matches!(key.as_str(), "model_name" | "model_version" | "id") {
+            member(&mut out, key, value.get().as_bytes());
+        }
+    }
+    out.push(b'}');
     let json_len = (header_len.is_some()).then_some(out.len());
     out.extend_from_slice(binary);
     Ok(Rewritten {
@@ -583,6 +605,27 @@ mod tests {
         let r = rewrite_response(json, None, "cancer", "2", "gen-2").unwrap();
         assert_eq!((r.id.as_str(), r.class, r.json_len), ("c-1", Some(1), None));
         assert!(rewrite_response(b"[]", None, "m", "v", "x").is_err());
+    }
+
+    #[test]
+    fn a_rewritten_answer_keeps_every_other_member_as_it_was() {
+        let json = br#"{"model_name":"r","id":"","parameters":{"x":[1,2.50]},
+            "outputs":[{"name":"probabilities","data":[0.25]},{"name":"label","data":[7,3]}],
+            "extra":"\u00e9"}"#;
+        let r = rewrite_response(json, None, "can\"cer", "2", "gen-3").unwrap();
+        let text = String::from_utf8(r.body).unwrap();
+        assert!(text.contains(r#""parameters":{"x":[1,2.50]}"#), "{text}");
+        assert!(text.contains(r#""extra":"\u00e9""#), "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["model_name"], "can\"cer");
+        assert_eq!(v["id"], "gen-3", "an empty id is replaced");
+        assert_eq!(v["outputs"][1]["data"], serde_json::json!([7, 3]));
+        assert_eq!(v.as_object().unwrap().len(), 6);
+        assert_eq!((r.id.as_str(), r.class), ("gen-3", Some(7)));
+        let nested = br#"{"id":7,"outputs":[{"name":"label","data":[[1]]}]}"#;
+        let r = rewrite_response(nested, None, "m", "v", "gen-4").unwrap();
+        assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
+        assert!(rewrite_response(b"{", None, "m", "v", "x").is_err());
     }
 
     #[test]
