@@ -1,0 +1,163 @@
+"""Back-to-back A/B of Ferry builds, for "then make it fast" work: the same
+load on nginx (the reference, in the gateway modes) and on each build given,
+interleaved round by round so a noisy machine moves them all alike. Prints
+per target and round: CPU µs per request (the server's own accounting),
+p50 / p99 ms, and voluntary / involuntary context switches per request.
+
+    python3 bench/ab.py [--mode stable|split|shadow|local] [--rate 2000]
+                        [--seconds 5] [--rounds 3] [--perf] FERRY_BINARY...
+
+Modes: `stable`, `split` (90/10) and `shadow` (100 %, compared on label)
+put each build in front of two fixed-response nginx upstreams as
+bench/gateways.py does, beside nginx `split_clients` (or `mirror` for
+`shadow`); `local` serves cancer-v1 in-process (no nginx). `--rate 0` runs
+at saturation (64 connections). `--perf` records a profile of each target
+(`perf record -g`, into the temporary directory, printed at the end).
+Servers run on CPU 0 and oha on CPU 1, as in bench/run.sh; run that once
+first (it installs oha and builds Ferry).
+"""
+
+import argparse
+import glob
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import bench
+import gateways
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def switches(pids):
+    """Voluntary and involuntary context switches of every thread of `pids`."""
+    total = [0, 0]
+    for pid in pids:
+        for status in glob.glob(f"/proc/{pid}/task/*/status"):
+            for line in open(status):
+                if line.startswith("voluntary_ctxt"):
+                    total[0] += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt"):
+                    total[1] += int(line.split()[1])
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binaries", nargs="+")
+    ap.add_argument("--mode", choices=["stable", "split", "shadow", "local"], default="stable")
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--oha", default=str(ROOT / "bench/.tools/bin/oha"))
+    args = ap.parse_args()
+    args.sut_cpus, args.load_cpus = "0", "1"
+    bench.ARGS = args
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ferry-ab-"))
+    row = json.loads((ROOT / "examples/models/cancer-holdout.jsonl").read_text().splitlines()[0])
+    row.pop("label")
+    body = tmp / "body.json"
+    body.write_text(json.dumps(row))
+    procs, targets = [], []
+
+    def measure(url, pids):
+        before_switches = switches(pids)
+        before = sum(bench.cpu_seconds(p) for p in pids)
+        if args.rate:
+            load = ["-c", "8", "-q", str(args.rate), "--latency-correction", "-z", f"{args.seconds}s"]
+        else:
+            load = ["-c", "64", "-z", f"{args.seconds}s"]
+        r = bench.oha(args, url, body, load)
+        cpu = sum(bench.cpu_seconds(p) for p in pids) - before
+        after = switches(pids)
+        n = max(r["ok"], 1)
+        return {
+            "cpu_us": round(cpu / n * 1e6, 1), "rps": r["rps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+            "switches": (round((after[0] - before_switches[0]) / n, 2), round((after[1] - before_switches[1]) / n, 2)),
+        }
+
+    try:
+        if args.mode != "local":
+            ua, ub = gateways.free_port(), gateways.free_port()
+            ups = gateways.start_nginx(bench, tmp, "upstreams", gateways.upstream_server(ua, "a", tmp / "a.log")
+                                       + gateways.upstream_server(ub, "b", tmp / "b.log"))
+            procs.append(ups)
+            bench.wait_http(f"http://127.0.0.1:{ua}/v2/models/cancer/ready")
+            gp = gateways.free_port()
+            pools = f"""
+  upstream a {{ server 127.0.0.1:{ua}; keepalive 64; }}
+  upstream b {{ server 127.0.0.1:{ub}; keepalive 64; }}"""
+            proxy = 'proxy_http_version 1.1; proxy_set_header Connection "";'
+            if args.mode == "shadow":
+                conf = pools + f"""
+  server {{ listen 127.0.0.1:{gp};
+    location / {{ mirror /mirror; mirror_request_body on; proxy_pass http://a; {proxy} }}
+    location = /mirror {{ internal; proxy_pass http://b$request_uri; {proxy} }} }}"""
+            else:
+                split = "90% a; * b;" if args.mode == "split" else "* a;"
+                conf = pools + f"""
+  split_clients "$request_id" $pool {{ {split} }}
+  server {{ listen 127.0.0.1:{gp}; location / {{ proxy_pass http://$pool; {proxy} }} }}"""
+            nginx = gateways.start_nginx(bench, tmp, "gateway", conf)
+            procs.append(nginx)
+            time.sleep(0.5)
+            workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
+            targets.append(("nginx", f"http://127.0.0.1:{gp}/v2/models/cancer/infer", [nginx.pid, *map(int, workers)]))
+        for i, binary in enumerate(args.binaries):
+            data = tmp / f"data{i}"
+            ferry = bench.start([binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
+                                env={**os.environ, "FERRY_LOG": "error"}, read_stdout=True)
+            procs.append(ferry)
+            url = ferry.stdout.readline().strip().removeprefix("ferry listening on ")
+            bench.wait_http(f"{url}/v2/health/ready")
+            cli = [binary, "--server", url, "--token", (data / "admin-token").read_text().strip()]
+
+            def add(version, *source):
+                subprocess.run([*cli, "model", "add", "cancer", version, *source], check=True, capture_output=True)
+
+            if args.mode == "local":
+                add("1", "--file", str(ROOT / "examples/models/cancer-v1.onnx"))
+            else:
+                add("a", "--url", f"http://127.0.0.1:{ua}")
+                add("b", "--url", f"http://127.0.0.1:{ub}")
+                policy = {
+                    "stable": {"stable": "a"},
+                    "split": {"stable": "a", "candidate": {"version": "b", "weight": 10}},
+                    "shadow": {"stable": "a", "shadow": {"version": "b", "percent": 100, "compare": {"output": "label"}}},
+                }[args.mode]
+                bench.api(url, (data / "admin-token").read_text().strip(), "PUT", "/api/v1/models/cancer/route", policy)
+            targets.append((f"{i}: {binary}", f"{url}/v2/models/cancer/infer", [ferry.pid]))
+        for _, url, _ in targets:
+            bench.oha(args, url, body, ["-c", "8", "-z", "1s"])  # warm-up
+        runs = {name: [] for name, _, _ in targets}
+        for _ in range(args.rounds):
+            for name, url, pids in targets:
+                runs[name].append(measure(url, pids))
+        for name, results in runs.items():
+            cpu = statistics.median(r["cpu_us"] for r in results)
+            print(f"{name}: CPU {cpu} µs per request (median of {len(results)})", flush=True)
+            for r in results:
+                print(f"    {r}", flush=True)
+        if args.perf:
+            for name, url, pids in targets:
+                out = tmp / f"perf-{len(name)}-{pids[0]}.data"
+                rec = subprocess.Popen(["perf", "record", "-F", "4999", "-g", "-o", str(out), "-p", ",".join(map(str, pids))],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                measure(url, pids)
+                rec.send_signal(2)
+                rec.wait()
+                print(f"{name}: profile in {out} (perf report -i {out})", flush=True)
+    finally:
+        for p in procs:
+            bench.stop(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
