@@ -436,7 +436,7 @@ impl Controller {
     pub async fn run_rollouts(self: Arc<Self>) {
         let mut ticks: u64 = 0;
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(next_wake(now_ms())).await;
             if !self.is_ready() {
                 continue;
             }
@@ -803,5 +803,37 @@ impl Controller {
                 None => format!("model \"{model}\" has no rollouts yet"),
             }))
         })
+    }
+}
+
+/// How long the rollout loop sleeps: 200 ms, or less so that it wakes 60 ms
+/// after the next 5-second bucket closes — analysis judges a window then,
+/// so a breach is acted on within one interval and about 60 ms, not the
+/// up to 400 ms a fixed 200 ms tick allowed.
+fn next_wake(now_ms: u64) -> Duration {
+    let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
+    // In 1..=bucket_ms: a wake exactly at boundary + 60 ms aims at the next.
+    let until = (bucket_ms + 60 - now_ms % bucket_ms - 1) % bucket_ms + 1;
+    Duration::from_millis(until.min(200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_wake;
+    use std::time::Duration;
+
+    #[test]
+    fn the_loop_wakes_just_after_each_bucket_closes() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_wake(10_000), ms(60), "at a boundary");
+        assert_eq!(next_wake(10_030), ms(30));
+        assert_eq!(next_wake(10_059), ms(1));
+        assert_eq!(next_wake(10_060), ms(200), "then the usual tick");
+        assert_eq!(
+            next_wake(14_900),
+            ms(160),
+            "shortened to reach 15 s + 60 ms"
+        );
+        assert_eq!(next_wake(14_700), ms(200));
     }
 }
