@@ -91,17 +91,11 @@ fn infer_target(path: &str) -> Option<(String, Option<String>)> {
 
 /// The router's answers for a body that is too large or cannot be read.
 fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> ApiError {
-    if e.is::<http_body_util::LengthLimitError>() {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body is larger than the server's limit (ferry serve --max-body-bytes)",
-        )
-    } else {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {e}"),
-        )
-    }
+    let status = match e.is::<http_body_util::LengthLimitError>() {
+        true => StatusCode::PAYLOAD_TOO_LARGE,
+        false => StatusCode::BAD_REQUEST,
+    };
+    ApiError::body(status, e)
 }
 
 #[cfg(test)]

@@ -158,20 +158,24 @@ impl From<ControlError> for ApiError {
     }
 }
 
-impl From<axum::extract::rejection::BytesRejection> for ApiError {
-    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
-        let status = e.status();
+impl ApiError {
+    /// A request body the server could not read: too large for
+    /// `--max-body-bytes` (413), or cut off or malformed on the wire.
+    pub fn body(status: StatusCode, why: impl std::fmt::Display) -> ApiError {
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
                 "request body is larger than the server's limit (ferry serve --max-body-bytes)",
             )
         } else {
-            ApiError::new(
-                status,
-                format!("could not read the request body: {}", e.body_text()),
-            )
+            ApiError::new(status, format!("could not read the request body: {why}"))
         }
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        ApiError::body(e.status(), e.body_text())
     }
 }
 

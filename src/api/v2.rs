@@ -249,14 +249,13 @@ pub async fn run_infer(
     if s.gateway.can_pass_through(&routed, &body, header_len) {
         // A remote version with nothing to observe: the body goes as it is,
         // the answer comes back with our model name, version and id.
-        let fallback_id = s.ids.next();
         let forwarded = s.gateway.forward(&routed, body, header_len).await?;
         let rewritten = protocol::rewrite_response(
             &forwarded.answer,
             forwarded.answer_len.as_deref(),
             &model,
             &routed.pool.version,
-            &fallback_id,
+            || s.ids.next(),
         )
         .map_err(|e| {
             ApiError::new(

@@ -55,11 +55,8 @@ impl Mirror {
             return None;
         }
         let pool = route.pools.get(&policy.version)?.clone();
-        let Ok(permit) = route.shadow_slots.as_ref()?.clone().try_acquire_owned() else {
-            pool.metrics.dropped();
-            pool.record_shadow(|b| b.dropped += 1);
-            return None;
-        };
+        // Made before taking a slot: a copy that cannot be made is not a
+        // dropped one.
         let request = match copy {
             Copy::Body {
                 body, header_len, ..
@@ -70,6 +67,11 @@ impl Mirror {
                 ..
             } => Request::Tensors(inputs.to_vec()),
             Copy::Body { inputs: None, .. } => return None,
+        };
+        let Ok(permit) = route.shadow_slots.as_ref()?.clone().try_acquire_owned() else {
+            pool.metrics.dropped();
+            pool.record_shadow(|b| b.dropped += 1);
+            return None;
         };
         let (primary, primary_answer) = oneshot::channel::<(Option<Tensor>, String)>();
         let compare = policy.compare.clone();
@@ -138,10 +140,5 @@ impl Mirror {
     pub fn primary_answered(self, outputs: Option<&[Tensor]>, id: &str) {
         let compared = outputs.and_then(|o| o.iter().find(|t| t.name == self.output).cloned());
         let _ = self.primary.send((compared, id.to_string()));
-    }
-
-    /// The output the comparison needs from the primary's answer.
-    pub fn compared_output(&self) -> &str {
-        &self.output
     }
 }

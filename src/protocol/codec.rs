@@ -361,7 +361,8 @@ pub fn names_outputs(body: &[u8], header_len: Option<&str>) -> bool {
 
 /// Rewrites a passed-through answer's JSON header: `model_name` and
 /// `model_version` become Ferry's, and an answer without an `id` gets
-/// `fallback_id`. Binary tensor data after the header is kept as it is, and
+/// `fallback_id()` (only then made: this runs on every passed-through
+/// request). Binary tensor data after the header is kept as it is, and
 /// so is every other member of the header, byte for byte: only the id and
 /// the first value of a `label` output are read (this runs on every
 /// passed-through request; a whole `Value` round trip cost 6 % of it).
@@ -370,7 +371,7 @@ pub fn rewrite_response(
     header_len: Option<&str>,
     model: &str,
     version: &str,
-    fallback_id: &str,
+    fallback_id: impl FnOnce() -> String,
 ) -> Result<Rewritten, ProtocolError> {
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
@@ -392,7 +393,7 @@ pub fn rewrite_response(
         .get("id")
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
         .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| fallback_id.to_string());
+        .unwrap_or_else(fallback_id);
     let class = members
         .get("outputs")
         .and_then(|raw| serde_json::from_str::<Vec<OutputHead>>(raw.get()).ok())
@@ -587,8 +588,10 @@ mod tests {
         let head = br#"{"model_name":"remote-name","model_version":"9","outputs":[{"name":"label","datatype":"INT64","shape":[1],"parameters":{"binary_data_size":8}}]}"#;
         let mut body = head.to_vec();
         body.extend(1i64.to_le_bytes());
-        let r =
-            rewrite_response(&body, Some(&head.len().to_string()), "cancer", "2", "gen-1").unwrap();
+        let r = rewrite_response(&body, Some(&head.len().to_string()), "cancer", "2", || {
+            "gen-1".into()
+        })
+        .unwrap();
         let json_len = r.json_len.unwrap();
         let v: Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
         assert_eq!(
@@ -602,9 +605,9 @@ mod tests {
         assert_eq!(&r.body[json_len..], &1i64.to_le_bytes());
         assert_eq!(r.class, None, "binary data is not read");
         let json = br#"{"id":"c-1","outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[1]}]}"#;
-        let r = rewrite_response(json, None, "cancer", "2", "gen-2").unwrap();
+        let r = rewrite_response(json, None, "cancer", "2", || "gen-2".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class, r.json_len), ("c-1", Some(1), None));
-        assert!(rewrite_response(b"[]", None, "m", "v", "x").is_err());
+        assert!(rewrite_response(b"[]", None, "m", "v", || "x".into()).is_err());
     }
 
     #[test]
@@ -612,7 +615,7 @@ mod tests {
         let json = br#"{"model_name":"r","id":"","parameters":{"x":[1,2.50]},
             "outputs":[{"name":"probabilities","data":[0.25]},{"name":"label","data":[7,3]}],
             "extra":"\u00e9"}"#;
-        let r = rewrite_response(json, None, "can\"cer", "2", "gen-3").unwrap();
+        let r = rewrite_response(json, None, "can\"cer", "2", || "gen-3".into()).unwrap();
         let text = String::from_utf8(r.body).unwrap();
         assert!(text.contains(r#""parameters":{"x":[1,2.50]}"#), "{text}");
         assert!(text.contains(r#""extra":"\u00e9""#), "{text}");
@@ -623,9 +626,9 @@ mod tests {
         assert_eq!(v.as_object().unwrap().len(), 6);
         assert_eq!((r.id.as_str(), r.class), ("gen-3", Some(7)));
         let nested = br#"{"id":7,"outputs":[{"name":"label","data":[[1]]}]}"#;
-        let r = rewrite_response(nested, None, "m", "v", "gen-4").unwrap();
+        let r = rewrite_response(nested, None, "m", "v", || "gen-4".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
-        assert!(rewrite_response(b"{", None, "m", "v", "x").is_err());
+        assert!(rewrite_response(b"{", None, "m", "v", || "x".into()).is_err());
     }
 
     #[test]
