@@ -4,9 +4,11 @@
 //! errors to responses ([`error`]).
 
 pub mod auth;
+pub mod body;
 pub mod control;
 pub mod dispatch;
 pub mod error;
+pub mod head;
 pub mod openapi;
 pub mod rollouts;
 pub mod v2;
@@ -33,6 +35,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest artifact upload.
     pub max_upload_bytes: usize,
+    /// Bytes of request bodies held at once, across all connections.
+    pub max_body_memory: usize,
+    /// How slowly a body may arrive.
+    pub body: body::BodyRules,
 }
 
 impl Default for Limits {
@@ -40,6 +46,8 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 64 << 20,
             max_upload_bytes: 1 << 30,
+            max_body_memory: 1 << 30,
+            body: body::BodyRules::default(),
         }
     }
 }
@@ -54,6 +62,8 @@ pub struct AppState {
     pub token: Arc<AdminToken>,
     /// When set, the data plane needs it (or the admin token).
     pub inference_token: Option<Arc<AdminToken>>,
+    /// When set, feedback may use it instead of the admin token.
+    pub feedback_token: Option<Arc<AdminToken>>,
     pub ids: Arc<RequestIds>,
 }
 
@@ -65,21 +75,34 @@ impl AppState {
             .as_ref()
             .is_none_or(|t| t.matches(headers) || self.token.matches(headers))
     }
+
+    /// Whether a request may post delayed labels: it carries the admin
+    /// token or the feedback token. Ground truth comes from a trusted job,
+    /// never from end users.
+    pub fn may_label(&self, headers: &axum::http::HeaderMap) -> bool {
+        self.token.matches(headers)
+            || self
+                .feedback_token
+                .as_ref()
+                .is_some_and(|t| t.matches(headers))
+    }
 }
 
-/// Generates request ids: a random per-process prefix and a counter, unique
-/// across restarts and cheap on the request path.
+/// Generates request ids that cannot be guessed: 128 bits of SHA-256 over
+/// a per-process random key and a counter (a hash DRBG), so that knowing
+/// one id tells nothing of another, at the cost of one small hash per
+/// request instead of a system call.
 pub struct RequestIds {
-    prefix: String,
+    key: [u8; 32],
     next: AtomicU64,
 }
 
 impl Default for RequestIds {
     fn default() -> Self {
-        let mut bytes = [0u8; 6];
-        getrandom::fill(&mut bytes).expect("the OS provides random bytes");
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS provides random bytes");
         RequestIds {
-            prefix: hex::encode(bytes),
+            key,
             next: AtomicU64::new(1),
         }
     }
@@ -87,18 +110,20 @@ impl Default for RequestIds {
 
 impl RequestIds {
     pub fn next(&self) -> String {
-        format!(
-            "{}-{}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        use sha2::{Digest, Sha256};
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let digest = Sha256::new()
+            .chain_update(self.key)
+            .chain_update(n.to_le_bytes())
+            .finalize();
+        hex::encode(&digest[..16])
     }
 }
 
 /// What hyper serves: inference posts straight to their handler, the rest
 /// through [`router`].
-pub fn service(state: AppState, limits: Limits) -> dispatch::Dispatch {
-    dispatch::Dispatch::new(state.clone(), limits, router(state, limits))
+pub fn service(state: AppState, limits: Limits, head: head::HeadRules) -> dispatch::Dispatch {
+    dispatch::Dispatch::new(state.clone(), limits, head, router(state, limits))
 }
 
 /// The whole HTTP surface on one router.

@@ -18,6 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::api::Limits;
+use crate::api::body::BodyRules;
+use crate::api::head::HeadRules;
 use crate::gateway::predlog::PredictionLogSettings;
 use crate::server::{self, ServeOptions};
 use crate::units::HumanDuration;
@@ -147,6 +149,36 @@ pub struct ServeArgs {
     /// Connections open at once; more are closed at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Connections open at once from one peer address (0: half of
+    /// --max-connections). Behind a load balancer, raise it to fit the
+    /// balancer's connection pool.
+    #[arg(long, default_value_t = 0)]
+    pub max_connections_per_peer: usize,
+    /// A client that pauses this long while sending a body is disconnected (408).
+    #[arg(long, default_value = "10s")]
+    pub body_read_timeout: HumanDuration,
+    /// Slowest average body rate, in bytes/s, once --body-read-timeout has
+    /// passed since the body started (0: no minimum).
+    #[arg(long, default_value_t = BodyRules::default().min_rate)]
+    pub body_min_rate: u64,
+    /// Bytes of request bodies held in memory at once, across all
+    /// connections; beyond it requests get 503 with Retry-After.
+    #[arg(long, default_value_t = Limits::default().max_body_memory)]
+    pub max_body_memory: usize,
+    /// Host names accepted in the Host header besides loopback ones, for a
+    /// server on a loopback address (DNS-rebinding defence); on another
+    /// address, given names become the only ones accepted. Repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_host: Vec<String>,
+    /// Web origins (scheme://host[:port]) whose browser requests are
+    /// accepted; browser requests from other origins get 403. Repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
+    /// Feedback (delayed labels) takes this token too (read from the file,
+    /// created mode 0600 when missing): hand it to a labelling job instead
+    /// of the admin token.
+    #[arg(long)]
+    pub feedback_token_file: Option<PathBuf>,
     /// Require this token (read from the file, created mode 0600 when
     /// missing) on the data plane; health checks stay open.
     #[arg(long)]
@@ -183,11 +215,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 limits: Limits {
                     max_body_bytes: args.max_body_bytes,
                     max_upload_bytes: args.max_upload_bytes,
+                    max_body_memory: args.max_body_memory,
+                    body: BodyRules {
+                        read_timeout: args.body_read_timeout.0,
+                        min_rate: args.body_min_rate,
+                    },
                 },
                 drain_timeout: args.drain_timeout.0,
                 inference_token_file: args.inference_token_file,
                 header_read_timeout: args.header_read_timeout.0,
                 max_connections: args.max_connections,
+                max_connections_per_peer: match args.max_connections_per_peer {
+                    0 => (args.max_connections / 2).max(1),
+                    n => n,
+                },
+                head: HeadRules {
+                    loopback: false, // set from the address actually bound
+                    allow_hosts: args.allow_host,
+                    allow_origins: args.allow_origin,
+                },
+                feedback_token_file: args.feedback_token_file,
                 tls: args
                     .tls_cert
                     .zip(args.tls_key)

@@ -70,4 +70,28 @@ pub enum ProtocolError {
     /// The same input or output named twice.
     #[error("tensor \"{0}\" is given more than once")]
     Duplicate(String),
+    /// A client's request id that Ferry will not remember or echo.
+    #[error(
+        "request id is invalid: {0}; an id is 1 to {MAX_ID_BYTES} printable ASCII characters (or leave it out and Ferry makes one)"
+    )]
+    Id(String),
+}
+
+/// The longest request id a client may send (it is echoed in a header and
+/// remembered for delayed labels).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Whether a request id may be remembered and echoed: 1 to
+/// [`MAX_ID_BYTES`] printable ASCII characters (space included).
+pub fn check_id(id: &str) -> Result<(), ProtocolError> {
+    if id.is_empty() {
+        return Err(ProtocolError::Id("it is empty".into()));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(ProtocolError::Id(format!("it is {} bytes long", id.len())));
+    }
+    if let Some(c) = id.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(ProtocolError::Id(format!("it contains {c:?}")));
+    }
+    Ok(())
 }

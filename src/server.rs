@@ -2,6 +2,8 @@
 //! registry, controller, gateway and HTTP API together, and serves until
 //! SIGINT/SIGTERM (in-flight requests finish first).
 
+mod slots;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +40,12 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Connections open at once; more are closed at once.
     pub max_connections: usize,
+    /// Connections open at once from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Which `Host` names and browser origins are accepted.
+    pub head: api::head::HeadRules,
+    /// When set, feedback may use this token instead of the admin token.
+    pub feedback_token_file: Option<PathBuf>,
     /// Serve HTTPS with this certificate chain and key (both planes).
     pub tls: Option<TlsFiles>,
 }
@@ -119,6 +127,23 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             None => None,
         },
+        feedback_token: match &opts.feedback_token_file {
+            Some(path) => {
+                let (t, created) = AdminToken::from_file(path).with_context(|| {
+                    format!(
+                        "cannot read or create the feedback token {}",
+                        path.display()
+                    )
+                })?;
+                tracing::info!(
+                    "feedback also takes the token in {}{}",
+                    path.display(),
+                    if created { " (created)" } else { "" }
+                );
+                Some(Arc::new(t))
+            }
+            None => None,
+        },
         ids: Arc::new(RequestIds::default()),
     };
     let tls = match &opts.tls {
@@ -166,7 +191,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         starting.run_rollouts().await;
     });
-    serve_connections(listener, tls, api::service(state, opts.limits), &opts).await;
+    let mut head = opts.head.clone();
+    head.loopback = addr.ip().is_loopback();
+    serve_connections(listener, tls, api::service(state, opts.limits, head), &opts).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -175,8 +202,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 /// idle connections and waits for in-flight requests to finish. A client
 /// that does not finish sending its request headers within
 /// `header_read_timeout` is disconnected (slow-loris; with TLS the handshake
-/// gets the same bound), and connections beyond `max_connections` are closed
-/// at once.
+/// gets the same bound; bodies are paced by the dispatcher), and connections
+/// beyond `max_connections`, or beyond `max_connections_per_peer` from one
+/// address, are closed at once.
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -189,7 +217,7 @@ async fn serve_connections(
         .header_read_timeout(opts.header_read_timeout);
     let handshake_timeout = opts.header_read_timeout;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+    let slots = slots::Slots::new(opts.max_connections, opts.max_connections_per_peer);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let (mut refused, mut last_refusal_log) = (0u64, None::<std::time::Instant>);
@@ -198,8 +226,8 @@ async fn serve_connections(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait a moment rather than spin.
                 tracing::warn!("accept failed: {e}");
@@ -207,18 +235,28 @@ async fn serve_connections(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            // One line per second at most, so a flood cannot flood the log.
-            refused += 1;
-            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                tracing::warn!(
-                    "refused {refused} connection(s): already {} open (--max-connections)",
-                    opts.max_connections
-                );
-                (refused, last_refusal_log) = (0, Some(std::time::Instant::now()));
+        let slot = match slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                drop(stream);
+                // One line per second at most, so a flood cannot flood the log.
+                refused += 1;
+                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    match full {
+                        slots::Full::Server => tracing::warn!(
+                            "refused {refused} connection(s): already {} open (--max-connections)",
+                            opts.max_connections
+                        ),
+                        slots::Full::Peer => tracing::warn!(
+                            "refused {refused} connection(s): {} already holds {} (--max-connections-per-peer)",
+                            peer.ip(),
+                            opts.max_connections_per_peer
+                        ),
+                    }
+                    (refused, last_refusal_log) = (0, Some(std::time::Instant::now()));
+                }
+                continue;
             }
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let (http, app, watcher, tls) =

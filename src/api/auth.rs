@@ -114,6 +114,21 @@ pub async fn require_inference(
     resp
 }
 
+/// Middleware for feedback: the admin token or the feedback token.
+pub async fn require_feedback(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.may_label(req.headers()) {
+        return next.run(req).await;
+    }
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "feedback needs a token: send Authorization: Bearer <the admin token, or the token in the server's --feedback-token-file>",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
 /// Middleware: refuses requests without the admin token.
 pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match state.token.check(req.headers()) {

@@ -1,11 +1,16 @@
-//! The service hyper calls for every request. Inference posts
+//! The service hyper calls for every request. First the head is checked
+//! ([`super::head`]) and the body read under the server's limits
+//! ([`super::body`]: paced, bounded, one buffer, within the shared memory
+//! budget) — for every route, so a handler that ignores its body still
+//! leaves the connection ready for the next request. Then inference posts
 //! (`POST /v2/models/{model}[/versions/{version}]/infer`) go straight to
 //! their handler: they are the hot path, and the router's matching,
 //! middleware layers and extractors cost a measurable share of a
 //! pass-through request (BENCHMARKS.md). Everything else — and any
 //! inference request this cannot take as it is (a percent-encoded path, a
 //! missing or wrong token) — goes through the axum router, which has the
-//! same handler and gives the same answers.
+//! same handler and gives the same answers. Artifact uploads stream to the
+//! router (paced, with their own size limit) instead of being held whole.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,27 +18,32 @@ use std::pin::Pin;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Method, Request, Response, StatusCode};
+use axum::http::{HeaderValue, Method, Request, Response, header};
 use axum::response::IntoResponse;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::service::TowerToHyperService;
 
+use super::body::{BodyBudget, Paced};
+use super::head::HeadRules;
 use super::{ApiError, AppState, Limits, v2};
 
 /// Inference posts to their handler, the rest to the router.
 #[derive(Clone)]
 pub struct Dispatch {
     state: AppState,
-    max_body_bytes: usize,
+    limits: Limits,
+    budget: BodyBudget,
+    head: std::sync::Arc<HeadRules>,
     router: TowerToHyperService<Router>,
 }
 
 impl Dispatch {
-    pub fn new(state: AppState, limits: Limits, router: Router) -> Dispatch {
+    pub fn new(state: AppState, limits: Limits, head: HeadRules, router: Router) -> Dispatch {
         Dispatch {
             state,
-            max_body_bytes: limits.max_body_bytes,
+            limits,
+            budget: BodyBudget::new(limits.max_body_memory),
+            head: std::sync::Arc::new(head),
             router: TowerToHyperService::new(router),
         }
     }
@@ -47,28 +57,76 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
     type Future = Answer;
 
     fn call(&self, req: Request<Incoming>) -> Answer {
+        let path = req.uri().path();
+        let decoded = path.starts_with("/v2/models/")
+            && (path.ends_with("/infer") || path.ends_with("/feedback"));
+        if let Err(e) = self
+            .head
+            .check(req.method(), req.version(), req.headers(), decoded)
+        {
+            return Box::pin(std::future::ready(Ok(closing(e))));
+        }
         let target = (req.method() == Method::POST)
             .then(|| infer_target(req.uri().path()))
             .flatten()
             .filter(|_| self.state.may_infer(req.headers()));
-        let Some((model, version)) = target else {
-            return Box::pin(self.router.call(req));
-        };
-        let (state, limit) = (self.state.clone(), self.max_body_bytes);
+        let this = self.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let body = match Limited::new(body, limit).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => return Ok(body_error(&*e).into_response()),
+            let declared = body.size_hint().exact();
+            let body = Paced::new(body, this.limits.body);
+            if is_upload(&parts.method, parts.uri.path()) {
+                let req = Request::from_parts(parts, Body::new(body));
+                return this.router.call(req).await;
+            }
+            let held =
+                match super::body::read(body, declared, this.limits.max_body_bytes, &this.budget)
+                    .await
+                {
+                    Ok(held) => held,
+                    Err(e) => return Ok(closing(e.into())),
+                };
+            let answer = match target {
+                Some((model, version)) => {
+                    match v2::run_infer(
+                        this.state,
+                        model,
+                        version,
+                        parts.headers,
+                        held.bytes.clone(),
+                    )
+                    .await
+                    {
+                        Ok(response) => response,
+                        Err(e) => e.into_response(),
+                    }
+                }
+                None => {
+                    let req = Request::from_parts(parts, Body::from(held.bytes.clone()));
+                    this.router.call(req).await?
+                }
             };
-            Ok(
-                match v2::run_infer(state, model, version, parts.headers, body).await {
-                    Ok(response) => response,
-                    Err(e) => e.into_response(),
-                },
-            )
+            drop(held);
+            Ok(answer)
         })
     }
+}
+
+/// An answer given before the body was read: the connection cannot be
+/// reused (the rest of the body would be read as the next request).
+fn closing(e: ApiError) -> Response<Body> {
+    let mut resp = e.into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// `PUT /api/v1/models/{model}/versions/{version}`: an artifact upload.
+fn is_upload(method: &Method, path: &str) -> bool {
+    method == Method::PUT
+        && path
+            .strip_prefix("/api/v1/models/")
+            .is_some_and(|rest| rest.split('/').nth(1) == Some("versions"))
 }
 
 /// The model (and version) of an inference path, when the path is exactly
@@ -87,15 +145,6 @@ fn infer_target(path: &str) -> Option<(String, Option<String>)> {
         _ => return None,
     };
     (!target.0.is_empty()).then(|| (target.0.to_string(), target.1))
-}
-
-/// The router's answers for a body that is too large or cannot be read.
-fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> ApiError {
-    let status = match e.is::<http_body_util::LengthLimitError>() {
-        true => StatusCode::PAYLOAD_TOO_LARGE,
-        false => StatusCode::BAD_REQUEST,
-    };
-    ApiError::body(status, e)
 }
 
 #[cfg(test)]

@@ -60,14 +60,21 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/v2/models/{model}/versions/{version}/infer",
             post(infer_version),
         )
-        .route("/v2/models/{model}/feedback", post(feedback))
         .route("/v2/repository/index", post(repository_index))
         .merge(repository)
         .route_layer(axum::middleware::from_fn_with_state(
-            state,
+            state.clone(),
             super::auth::require_inference,
         ));
-    health.merge(guarded)
+    // Ground truth decides rollouts, so it comes from a trusted job: the
+    // admin token or the feedback token, never an end user's.
+    let labels = Router::new()
+        .route("/v2/models/{model}/feedback", post(feedback))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::auth::require_feedback,
+        ));
+    health.merge(guarded).merge(labels)
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -485,23 +492,34 @@ pub struct FeedbackRequest {
 pub struct FeedbackResult {
     id: String,
     model: String,
-    version: String,
-    predicted: Option<i64>,
     label: f64,
-    correct: bool,
+    /// The version that answered, what it predicted and whether the label
+    /// matched: only for the admin token (a labelling job with the feedback
+    /// token never saw the answer, and learns nothing of it here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predicted: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correct: Option<bool>,
 }
 
 /// Delayed labels: joins ground truth to the version and predicted class that
 /// answered a recent request, feeding per-version live accuracy. Adds an
-/// observation; never changes what serves.
+/// observation; never changes what serves. Needs the admin token or the
+/// feedback token (`--feedback-token-file`); one label per request id.
 #[utoipa::path(post, path = "/v2/models/{model}/feedback", tag = "v2",
-    request_body = FeedbackRequest,
-    responses((status = 200, body = FeedbackResult), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+    request_body = FeedbackRequest, security(("admin_token" = [])),
+    responses((status = 200, body = FeedbackResult), (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody)))]
 pub async fn feedback(
     State(s): State<AppState>,
     Path(model): Path<String>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<FeedbackRequest>,
 ) -> Result<Json<FeedbackResult>, ApiError> {
+    use crate::gateway::recent::NoLabel;
     let label = req
         .label
         .as_f64()
@@ -512,17 +530,25 @@ pub async fn feedback(
                 req.label
             ))
         })?;
-    let answered = s
-        .gateway
-        .recent()
-        .get(&req.id)
-        .filter(|a| &*a.model == model.as_str())
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "request id \"{}\" of model \"{model}\" is unknown or too old: Ferry remembers the most recent answers (ferry serve --remember-requests)",
-                req.id.chars().take(80).collect::<String>()
-            ))
-        })?;
+    protocol::check_id(&req.id)?;
+    let answered = s.gateway.recent().label(&req.id, &model).map_err(|why| {
+        let id = &req.id;
+        match why {
+            NoLabel::Unknown => ApiError::not_found(format!(
+                "request id \"{id}\" of model \"{model}\" is unknown or too old: Ferry remembers the most recent answers (ferry serve --remember-requests)"
+            )),
+            NoLabel::Shared => ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "request id \"{id}\" answered more than one request, so a label cannot say which it is for; give each request its own id (or let Ferry make them)"
+                ),
+            ),
+            NoLabel::Labelled => ApiError::new(
+                StatusCode::CONFLICT,
+                format!("request id \"{id}\" already has its label; a label counts once per request"),
+            ),
+        }
+    })?;
     let correct = answered.class.is_some_and(|c| c as f64 == label);
     s.telemetry
         .series(&model, &answered.version, answered.role)
@@ -530,12 +556,13 @@ pub async fn feedback(
             b.labelled += 1;
             b.correct += u64::from(correct);
         });
+    let admin = s.token.matches(&headers);
     Ok(Json(FeedbackResult {
         id: req.id,
         model,
-        version: answered.version.to_string(),
-        predicted: answered.class,
         label,
-        correct,
+        version: admin.then(|| answered.version.to_string()),
+        predicted: admin.then_some(answered.class).flatten(),
+        correct: admin.then_some(correct),
     }))
 }

@@ -1,6 +1,8 @@
 //! What answered each recent request: request id → model, version and
 //! predicted class, for delayed labels (`POST /v2/models/{m}/feedback`).
-//! Bounded: the oldest ids are forgotten first. An entry costs one
+//! Bounded: the oldest ids are forgotten first. A label counts once per
+//! id, and an id that answered more than one request (clients choose their
+//! ids) takes no label at all: it could not say which answer it is for. An entry costs one
 //! allocation (its id, shared by the index and the queue); model and version
 //! names are shared by every entry that names them.
 
@@ -19,8 +21,27 @@ pub struct Answered {
     pub class: Option<i64>,
 }
 
+/// What the memory knows of one id.
+struct Entry {
+    answered: Answered,
+    /// Set when a second request came with the same id.
+    shared: bool,
+    labelled: bool,
+}
+
+/// Why an id takes no label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoLabel {
+    /// Never seen, forgotten, or of another model.
+    Unknown,
+    /// More than one request came with this id.
+    Shared,
+    /// It already has its label.
+    Labelled,
+}
+
 struct Inner {
-    by_id: HashMap<Arc<str>, Answered>,
+    by_id: HashMap<Arc<str>, Entry>,
     order: VecDeque<Arc<str>>,
     /// Model and version names, one copy each (as many as were ever served).
     names: HashSet<Arc<str>>,
@@ -67,10 +88,15 @@ impl RecentPredictions {
             class,
         };
         if let Some(known) = inner.by_id.get_mut(id) {
-            *known = answered;
+            known.shared = true;
         } else {
             let id: Arc<str> = id.into();
-            inner.by_id.insert(id.clone(), answered);
+            let entry = Entry {
+                answered,
+                shared: false,
+                labelled: false,
+            };
+            inner.by_id.insert(id.clone(), entry);
             inner.order.push_back(id);
         }
         while inner.order.len() > self.capacity {
@@ -86,7 +112,26 @@ impl RecentPredictions {
             .unwrap_or_else(|p| p.into_inner())
             .by_id
             .get(id)
-            .cloned()
+            .map(|e| e.answered.clone())
+    }
+
+    /// What answered `id` for `model`, marked as labelled, if it may take
+    /// a label now: known, answered once, and not labelled yet.
+    pub fn label(&self, id: &str, model: &str) -> Result<Answered, NoLabel> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = inner
+            .by_id
+            .get_mut(id)
+            .filter(|e| &*e.answered.model == model)
+            .ok_or(NoLabel::Unknown)?;
+        if entry.shared {
+            return Err(NoLabel::Shared);
+        }
+        if entry.labelled {
+            return Err(NoLabel::Labelled);
+        }
+        entry.labelled = true;
+        Ok(entry.answered.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -116,5 +161,21 @@ mod tests {
         assert!(r.get("a").is_none());
         assert_eq!(r.get("b").unwrap().class, Some(1));
         assert_eq!(&*r.get("c").unwrap().version, "2");
+    }
+
+    #[test]
+    fn an_id_takes_one_label_and_a_shared_id_none() {
+        let r = RecentPredictions::new(10);
+        r.remember("a", "m", "1", Role::Stable, Some(1));
+        assert_eq!(r.label("a", "other"), Err(NoLabel::Unknown));
+        assert_eq!(r.label("a", "m").unwrap().class, Some(1));
+        assert_eq!(r.label("a", "m"), Err(NoLabel::Labelled));
+        // A second request with the same id: the first answer is kept and
+        // neither can be labelled.
+        r.remember("b", "m", "1", Role::Stable, Some(0));
+        r.remember("b", "m", "2", Role::Candidate, Some(1));
+        assert_eq!(&*r.get("b").unwrap().version, "1");
+        assert_eq!(r.label("b", "m"), Err(NoLabel::Shared));
+        assert_eq!(r.label("never", "m"), Err(NoLabel::Unknown));
     }
 }

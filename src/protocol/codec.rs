@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::ProtocolError;
 use super::tensor::{DataType, Tensor, TensorData, element_count};
+use super::{ProtocolError, check_id};
 
 /// JSON nesting deeper than this in `data` is refused (tensors of rank > 32
 /// do not exist in practice, and deep nesting is a way to exhaust the stack).
@@ -86,10 +86,10 @@ fn split_body<'a>(
     match header_len {
         None => Ok((body, &[])),
         Some(h) => {
-            let n: usize = h
-                .trim()
-                .parse()
-                .ok()
+            // Digits only: Rust's parser would also take "+110".
+            let n: usize = Some(h.trim())
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse().ok())
                 .filter(|n| *n <= body.len())
                 .ok_or_else(|| ProtocolError::HeaderLength {
                     header: h.chars().take(32).collect(),
@@ -112,6 +112,11 @@ pub fn decode_request(
 ) -> Result<InferRequest, ProtocolError> {
     let (json, binary) = split_body(body, header_len)?;
     let raw: RawRequest = serde_json::from_slice(json).map_err(json_error)?;
+    // An empty id is as good as none: Ferry makes one.
+    let id = raw.id.filter(|id| !id.is_empty());
+    if let Some(id) = &id {
+        check_id(id)?;
+    }
     let parameters = raw.parameters.unwrap_or_default();
     let binary_output = parameters
         .get("binary_data_output")
@@ -134,7 +139,7 @@ pub fn decode_request(
         });
     }
     Ok(InferRequest {
-        id: raw.id,
+        id,
         parameters,
         inputs,
         outputs,
@@ -392,7 +397,7 @@ pub fn rewrite_response(
     let id = members
         .get("id")
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
-        .filter(|id| !id.is_empty())
+        .filter(|id| check_id(id).is_ok())
         .unwrap_or_else(fallback_id);
     let class = members
         .get("outputs")
@@ -629,6 +634,12 @@ mod tests {
         let r = rewrite_response(nested, None, "m", "v", || "gen-4".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
         assert!(rewrite_response(b"{", None, "m", "v", || "x".into()).is_err());
+        // So is one a client could not have sent (too long, or not printable).
+        let long = format!(r#"{{"id":"{}","outputs":[]}}"#, "x".repeat(257));
+        let r = rewrite_response(long.as_bytes(), None, "m", "1", || "gen-4".into()).unwrap();
+        assert_eq!(r.id, "gen-4");
+        let r = rewrite_response(br#"{"id":"a\nb"}"#, None, "m", "1", || "gen-5".into()).unwrap();
+        assert_eq!(r.id, "gen-5");
     }
 
     #[test]
@@ -750,6 +761,47 @@ mod tests {
                     check_consistent(&req);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn client_ids_are_short_and_printable_and_header_lengths_are_digits() {
+        let body =
+            |id: &str| serde_json::to_vec(&serde_json::json!({"id": id, "inputs": []})).unwrap();
+        assert_eq!(
+            decode_request(&body(&"x".repeat(256)), None)
+                .unwrap()
+                .id
+                .unwrap()
+                .len(),
+            256
+        );
+        assert_eq!(
+            decode_request(&body(""), None).unwrap().id,
+            None,
+            "empty: Ferry makes one"
+        );
+        for bad in [
+            "x".repeat(257),
+            "a\u{7f}b".into(),
+            "tab\there".into(),
+            "é".into(),
+        ] {
+            assert!(
+                matches!(decode_request(&body(&bad), None), Err(ProtocolError::Id(_))),
+                "{bad:?}"
+            );
+        }
+        let json = br#"{"inputs":[]}"#;
+        assert!(decode_request(json, Some("13")).is_ok());
+        for bad in ["+13", "-0", " ", "1_3", "0x0d"] {
+            assert!(
+                matches!(
+                    decode_request(json, Some(bad)),
+                    Err(ProtocolError::HeaderLength { .. })
+                ),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -65,6 +65,12 @@ pub fn test_ca() -> reqwest::Certificate {
     reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")
 }
 
+/// The binary the servers run: this build's, or `FERRY_TEST_BINARY` (to
+/// show that a new test fails on an older build).
+pub fn ferry_binary() -> String {
+    std::env::var("FERRY_TEST_BINARY").unwrap_or_else(|_| FERRY.to_string())
+}
+
 /// A running `ferry serve` with its own data dir.
 pub struct Server {
     child: Option<Child>,
@@ -114,7 +120,7 @@ impl Server {
         stderr: Stdio,
     ) -> Server {
         let mut command = match prefix {
-            [] => Command::new(FERRY),
+            [] => Command::new(ferry_binary()),
             [program, args @ ..] => {
                 let mut c = Command::new(program);
                 c.args(args).arg(FERRY);

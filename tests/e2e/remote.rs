@@ -121,6 +121,7 @@ async fn remote_requests_pass_through_untouched_and_answer_as_ferrys() {
     let fb: serde_json::Value = s
         .http
         .post(s.at("/v2/models/cancer/feedback"))
+        .bearer_auth(s.token())
         .json(&json!({"id": "client-7", "label": label}))
         .send()
         .await

@@ -431,6 +431,7 @@ async fn delayed_labels_give_live_accuracy_per_version() {
         let r = s
             .http
             .post(s.at("/v2/models/cancer/feedback"))
+            .bearer_auth(s.token())
             .json(&json!({"id": format!("req-{i}"), "label": label}))
             .send()
             .await
@@ -453,6 +454,7 @@ async fn delayed_labels_give_live_accuracy_per_version() {
     let r = s
         .http
         .post(s.at("/v2/models/cancer/feedback"))
+        .bearer_auth(s.token())
         .json(&json!({"id": "never-seen", "label": 1}))
         .send()
         .await
