@@ -58,7 +58,9 @@ pub enum BodyError {
         elapsed: Duration,
         min_rate: u64,
     },
-    #[error("the request body is larger than the limit of {limit} bytes")]
+    #[error(
+        "the request body is larger than the limit of {limit} bytes (ferry serve --max-body-bytes)"
+    )]
     TooLarge { limit: usize },
     #[error(
         "the server already holds {budget} bytes of request bodies (--max-body-memory); retry shortly"

@@ -458,7 +458,7 @@ async fn a_connection_stays_usable_after_an_error() {
         for body in ["{broken", good.as_str(), "[]", good.as_str()] {
             write!(
                 stream,
-                "POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /v2/models/cancer/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .unwrap();
@@ -696,7 +696,14 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start_in(
         &tmp.path().join("d"),
-        &["--header-read-timeout", "500ms", "--max-connections", "3"],
+        &[
+            "--header-read-timeout",
+            "500ms",
+            "--max-connections",
+            "3",
+            "--max-connections-per-peer",
+            "3",
+        ],
     )
     .await;
     s.add("cancer", "1", "cancer-v1.onnx");
@@ -705,7 +712,7 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
         // A slow-loris client: half a request line, then nothing.
         let mut slow = std::net::TcpStream::connect(&addr).unwrap();
         slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        slow.write_all(b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: x\r\n")
+        slow.write_all(b"POST /v2/models/cancer/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .unwrap();
         let started = std::time::Instant::now();
         let mut buf = [0u8; 256];
@@ -717,7 +724,7 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
         let idle: Vec<_> = (0..3)
             .map(|_| {
                 let mut c = std::net::TcpStream::connect(&addr).unwrap();
-                c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                     .unwrap();
                 assert_eq!(read_response(&mut c).0, 200);
                 c
@@ -727,7 +734,7 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
         extra
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
-        let _ = extra.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = extra.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         // Closed (EOF or reset), not merely unanswered until the read timeout.
         let refused = match extra.read(&mut buf) {
             Ok(n) => n == 0,
