@@ -266,7 +266,7 @@ pub struct QaSpec {
     /// the spec file; the CLI sends its content).
     pub dataset: String,
     /// The dataset's content, as the CLI sends it; without it the server
-    /// reads `dataset` from its own disk.
+    /// reads `dataset` inside its `--qa-dir` (refused without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     pub output: String,
