@@ -441,3 +441,61 @@ async fn event_retention_deletes_old_events_but_keeps_an_active_rollouts_and_the
     );
     assert_eq!(history[0]["phase"], "aborted");
 }
+
+/// A tiny HTTP server that answers every request with `status` and
+/// `headers`, counting them. Returns its base URL and the count.
+async fn counting_server(
+    status: axum::http::StatusCode,
+    headers: axum::http::HeaderMap,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let (counted, headers) = (counted.clone(), headers.clone());
+        async move {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (status, headers)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, hits)
+}
+
+/// An allowed webhook host that answers with a redirect cannot send Ferry
+/// on to a host --allow-outbound does not list: redirects are not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_webhook_that_redirects_cannot_lead_ferry_off_the_allow_list() {
+    use axum::http::{HeaderMap, StatusCode, header};
+    use std::sync::atomic::Ordering;
+    let (target, target_hits) = counting_server(StatusCode::OK, HeaderMap::new()).await;
+    let mut location = HeaderMap::new();
+    location.insert(
+        header::LOCATION,
+        format!("{target}/internal").parse().unwrap(),
+    );
+    let (hook, hook_hits) = counting_server(StatusCode::TEMPORARY_REDIRECT, location).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let allowed = hook.trim_start_matches("http://").to_string();
+    let s = Server::start_in(&tmp.path().join("data"), &["--allow-outbound", &allowed]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.start_rollout(
+        &json!({"model": "cancer", "version": "2", "strategy": {"basic": {}},
+        "notify": [{"url": format!("{hook}/hook"), "events": ["succeeded"]}]}),
+    )
+    .await;
+    // Three tries (1 s and 2 s apart), each answered 307 and not followed.
+    eventually(
+        Duration::from_secs(15),
+        "three notify tries, or one followed redirect",
+        async || hook_hits.load(Ordering::SeqCst) >= 3 || target_hits.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect to a host off the list was followed"
+    );
+}
