@@ -185,3 +185,68 @@ pub fn notify(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::RoutePolicy;
+    use crate::spec::{Condition, RolloutSpec};
+
+    /// A spec stored before `--allow-outbound` was set still names its
+    /// hosts: each call is checked as it is sent, and one off the list is
+    /// not made (the window sees the check as unavailable, saying why).
+    #[tokio::test]
+    async fn checks_off_the_allow_list_are_not_called() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let off_list = format!("http://{}", listener.local_addr().unwrap());
+        let allowed = AllowList::parse("hooks.example.com").unwrap();
+        let spec =
+            RolloutSpec::from_yaml("model: m\nversion: \"2\"\nstrategy: { basic: {} }").unwrap();
+        let record = RolloutRecord {
+            id: 1,
+            model: "m".into(),
+            kind: "basic".into(),
+            spec,
+            state: crate::strategy::initial_state(&RoutePolicy::stable_only("1"), 0),
+            undoes: None,
+            report: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let checks = [
+            Check::Webhook {
+                url: format!("{off_list}/judge"),
+            },
+            Check::Prometheus {
+                address: off_list.clone(),
+                query: "up".into(),
+                condition: Condition::Max(1.0),
+            },
+        ];
+        let none = Summary::default();
+        let out = fetch(
+            &reqwest::Client::new(),
+            Some(&allowed),
+            &record,
+            &checks,
+            &none,
+            &none,
+        )
+        .await;
+        assert_eq!(out.len(), 2);
+        for e in out {
+            let External::Unavailable(reason) = e else {
+                panic!("{e:?}")
+            };
+            assert!(
+                reason.contains("--allow-outbound does not list"),
+                "{reason}"
+            );
+        }
+        assert!(
+            listener.accept().is_err(),
+            "nothing connected to the host off the list"
+        );
+    }
+}
