@@ -199,6 +199,20 @@ pub struct ServeArgs {
     /// Size at which the prediction log is rotated to FILE.1, in bytes.
     #[arg(long, default_value_t = 100 << 20)]
     pub prediction_log_max_bytes: u64,
+    /// Directory that QA datasets named by path in a spec (`qa.dataset`
+    /// without its content) are read from; without it only datasets sent
+    /// with the spec are used (as `ferry apply` and `ferry deploy` do).
+    #[arg(long, env = "FERRY_QA_DIR")]
+    pub qa_dir: Option<PathBuf>,
+    /// Hosts that notify webhooks, webhook checks and Prometheus checks may
+    /// call, as HOST[:PORT],...; specs naming others are refused (default:
+    /// any host).
+    #[arg(long, env = "FERRY_ALLOW_OUTBOUND", value_name = "HOST[:PORT],...")]
+    pub allow_outbound: Option<String>,
+    /// Delete events older than this (never an active rollout's; rollouts
+    /// themselves stay). Default: keep every event.
+    #[arg(long, env = "FERRY_EVENT_RETENTION")]
+    pub event_retention: Option<HumanDuration>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -245,6 +259,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     sample: args.prediction_log_sample,
                     max_bytes: args.prediction_log_max_bytes,
                 }),
+                reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
+                event_retention: server::event_retention(args.event_retention)?,
             })
             .await;
             ok(served)

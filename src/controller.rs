@@ -8,7 +8,9 @@
 //! its event, publish the route in one swap, and drain the pools that left.
 //! Rollouts (strategies) will drive the same sequence with their policies.
 
+mod dataset;
 mod external;
+pub mod outbound;
 pub mod rollouts;
 
 use std::collections::HashMap;
@@ -39,6 +41,18 @@ pub struct Controller {
     /// One change at a time: load/publish sequences never interleave.
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
+    reach: Reach,
+}
+
+/// What a rollout spec may reach outside the process (`ferry serve
+/// --qa-dir`, `--allow-outbound`); the defaults keep the old behaviour for
+/// outbound calls and refuse server-side QA datasets.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Server-side QA dataset paths resolve inside it; none are read without it.
+    pub qa_dir: Option<std::path::PathBuf>,
+    /// When set, notify, webhook and Prometheus URLs must name these hosts.
+    pub outbound: Option<outbound::AllowList>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +89,7 @@ pub struct ControllerParts {
     pub metrics: Arc<Metrics>,
     pub telemetry: Arc<Telemetry>,
     pub drain_timeout: Duration,
+    pub reach: Reach,
 }
 
 impl Controller {
@@ -89,6 +104,7 @@ impl Controller {
             drain_timeout: p.drain_timeout,
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
+            reach: p.reach,
         }
     }
 

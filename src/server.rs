@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, AdminToken, AppState, Limits, RequestIds};
-use crate::controller::{Controller, ControllerParts};
+use crate::controller::outbound::AllowList;
+use crate::controller::{Controller, ControllerParts, Reach};
 use crate::gateway::predlog::{PredictionLog, PredictionLogSettings};
 use crate::gateway::recent::RecentPredictions;
 use crate::gateway::{Gateway, RouteTable};
@@ -20,6 +21,7 @@ use crate::metrics::{Metrics, Telemetry};
 use crate::registry::{Blobs, Registry};
 use crate::runtime::{OnnxRuntime, remote};
 use crate::store::{SqliteStore, Store};
+use crate::units::HumanDuration;
 
 /// Validated settings of `ferry serve`.
 #[derive(Debug, Clone)]
@@ -48,6 +50,66 @@ pub struct ServeOptions {
     pub feedback_token_file: Option<PathBuf>,
     /// Serve HTTPS with this certificate chain and key (both planes).
     pub tls: Option<TlsFiles>,
+    /// What rollout specs may reach: `--qa-dir`, `--allow-outbound`.
+    pub reach: Reach,
+    /// `--event-retention`: events older than this are deleted.
+    pub event_retention: Option<Duration>,
+}
+
+/// Validates `--qa-dir` (an existing directory) and `--allow-outbound`.
+pub fn reach(qa_dir: Option<PathBuf>, allow_outbound: Option<&str>) -> anyhow::Result<Reach> {
+    let qa_dir = match qa_dir {
+        Some(dir) => {
+            let real = dir.canonicalize().with_context(|| {
+                format!(
+                    "--qa-dir {} cannot be used (it must be an existing directory)",
+                    dir.display()
+                )
+            })?;
+            anyhow::ensure!(
+                real.is_dir(),
+                "--qa-dir {} is not a directory; name the directory that holds QA datasets",
+                dir.display()
+            );
+            Some(real)
+        }
+        None => None,
+    };
+    let outbound = allow_outbound
+        .map(AllowList::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Reach { qa_dir, outbound })
+}
+
+/// Validates `--event-retention` (more than zero).
+pub fn event_retention(d: Option<HumanDuration>) -> anyhow::Result<Option<Duration>> {
+    match d {
+        Some(d) if d.0.is_zero() => anyhow::bail!(
+            "--event-retention must be more than 0 (e.g. 30d); leave it out to keep every event"
+        ),
+        d => Ok(d.map(|d| d.0)),
+    }
+}
+
+/// Deletes events older than `retention`, now and then for ever (every
+/// minute, sooner for a short retention), off the async threads.
+async fn expire_events(store: Arc<dyn Store>, retention: Duration) {
+    let every = (retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+    loop {
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let cutoff = humantime::format_rfc3339_millis(cutoff).to_string();
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.delete_events_before(&cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!("deleted {n} events older than --event-retention"),
+            Ok(Err(e)) => tracing::warn!("could not delete old events: {e}"),
+            Err(e) => tracing::warn!("could not delete old events: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// PEM files for `--tls-cert` and `--tls-key`.
@@ -78,6 +140,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let telemetry = Arc::new(Telemetry::default());
     let routes = Arc::new(RouteTable::new());
+    if let Some(retention) = opts.event_retention {
+        tokio::spawn(expire_events(store.clone(), retention));
+    }
     let registry = Arc::new(Registry::new(store, blobs, onnx.clone(), http.clone()));
     let controller = Arc::new(Controller::new(ControllerParts {
         registry,
@@ -87,6 +152,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
         drain_timeout: opts.drain_timeout,
+        reach: opts.reach.clone(),
     }));
     let prediction_log = match opts.prediction_log.clone() {
         Some(settings) => {

@@ -11,6 +11,54 @@ use serde::{Deserialize, Serialize};
 use crate::gateway::policy::{CompareMode, MatchRule};
 use crate::units::HumanDuration;
 
+/// How big a spec may be. Each list is checked, and every window, status and
+/// event a rollout produces grows with them (a spec with 100 000 checks made
+/// 15 MB events every 5 s); the bounds are far above what a real rollout needs.
+pub mod limits {
+    /// `strategy.canary.steps` (and `strategy.shadow.canary.steps`).
+    pub const STEPS: usize = 64;
+    /// `analysis.checks`, metric and external together.
+    pub const CHECKS: usize = 32;
+    /// `analysis.checks` with `kind: webhook | prometheus`: each is an
+    /// outbound call in every analysis window.
+    pub const EXTERNAL_CHECKS: usize = 4;
+    /// `notify` webhooks.
+    pub const NOTIFY: usize = 8;
+    /// `notify[i].events`.
+    pub const NOTIFY_EVENTS: usize = 16;
+    /// `match` rules of a canary cohort.
+    pub const MATCH_RULES: usize = 16;
+    /// `match[i].values`.
+    pub const MATCH_VALUES: usize = 64;
+    /// A URL, Prometheus address or query, or event kind, in bytes.
+    pub const TEXT_BYTES: usize = 4096;
+    /// A QA dataset, sent with the spec (`qa.content`) or read by the server.
+    pub const QA_DATASET_BYTES: u64 = 64 << 20;
+}
+
+/// Refuses a list longer than `max`, naming the field and the limit.
+fn at_most<T>(field: &str, list: &[T], max: usize) -> Result<(), String> {
+    if list.len() > max {
+        return Err(format!(
+            "{field} has {} entries; at most {max} are allowed",
+            list.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a text longer than [`limits::TEXT_BYTES`].
+fn short_text(field: &str, text: &str) -> Result<(), String> {
+    if text.len() > limits::TEXT_BYTES {
+        return Err(format!(
+            "{field} is {} bytes long; at most {} are allowed",
+            text.len(),
+            limits::TEXT_BYTES
+        ));
+    }
+    Ok(())
+}
+
 fn dur(s: u64) -> HumanDuration {
     HumanDuration(Duration::from_secs(s))
 }
@@ -218,7 +266,7 @@ pub struct QaSpec {
     /// the spec file; the CLI sends its content).
     pub dataset: String,
     /// The dataset's content, as the CLI sends it; without it the server
-    /// reads `dataset` from its own disk.
+    /// reads `dataset` inside its `--qa-dir` (refused without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     pub output: String,
@@ -452,6 +500,15 @@ impl CheckSpec {
 
     /// The validated check; the error names the field (`field` is its path).
     pub fn check(&self, field: &str) -> Result<Check, String> {
+        for (name, text) in [
+            ("url", &self.url),
+            ("address", &self.address),
+            ("query", &self.query),
+        ] {
+            if let Some(t) = text {
+                short_text(&format!("{field}.{name}"), t)?;
+            }
+        }
         let conditions = self.conditions();
         match (self.metric, self.kind) {
             (Some(_), Some(_)) => Err(format!("{field}: give either metric or kind, not both")),
@@ -553,6 +610,15 @@ fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
     if c.steps.is_empty() {
         return Err(format!("{field}.steps must list at least one step"));
     }
+    at_most(&format!("{field}.steps"), &c.steps, limits::STEPS)?;
+    at_most(&format!("{field}.match"), &c.matches, limits::MATCH_RULES)?;
+    for (i, m) in c.matches.iter().enumerate() {
+        at_most(
+            &format!("{field}.match[{i}].values"),
+            &m.values,
+            limits::MATCH_VALUES,
+        )?;
+    }
     for (i, s) in c.steps.iter().enumerate() {
         if let Step::Weight(w) = s {
             check_weight(&format!("{field}.steps[{i}].weight"), *w)?;
@@ -647,6 +713,17 @@ impl RolloutSpec {
             Strategy::Canary(c) => check_canary("strategy.canary", c)?,
             Strategy::BlueGreen(b) => {
                 if let Some(qa) = &b.qa {
+                    short_text("strategy.blue_green.qa.dataset", &qa.dataset)?;
+                    if let Some(content) = &qa.content
+                        && content.len() as u64 > limits::QA_DATASET_BYTES
+                    {
+                        return Err(format!(
+                            "strategy.blue_green.qa.content (the dataset sent with the spec) is {} bytes; at most {} ({} MiB) are allowed",
+                            content.len(),
+                            limits::QA_DATASET_BYTES,
+                            limits::QA_DATASET_BYTES >> 20
+                        ));
+                    }
                     match (qa.min_accuracy, qa.max_mean_abs_error) {
                         (Some(a), None) if (0.0..=1.0).contains(&a) => {}
                         (Some(a), None) => return Err(format!("strategy.blue_green.qa.min_accuracy must be between 0 and 1, not {a}")),
@@ -699,14 +776,29 @@ impl RolloutSpec {
                     a.confidence
                 ));
             }
+            at_most("analysis.checks", &a.checks, limits::CHECKS)?;
             for (i, c) in a.checks.iter().enumerate() {
                 c.check(&format!("analysis.checks[{i}]"))?;
             }
+            let external = a.checks.iter().filter(|c| c.kind.is_some()).count();
+            if external > limits::EXTERNAL_CHECKS {
+                return Err(format!(
+                    "analysis.checks has {external} external checks (kind: webhook or prometheus), each called every window; at most {} are allowed",
+                    limits::EXTERNAL_CHECKS
+                ));
+            }
         }
+        at_most("notify", &self.notify, limits::NOTIFY)?;
         for (i, n) in self.notify.iter().enumerate() {
+            short_text(&format!("notify[{i}].url"), &n.url)?;
             if !n.url.starts_with("http://") {
                 return Err(format!("notify[{i}].url must start with http://"));
             }
+            at_most(
+                &format!("notify[{i}].events"),
+                &n.events,
+                limits::NOTIFY_EVENTS,
+            )?;
         }
         Ok(())
     }
@@ -861,6 +953,160 @@ notify:
         let err = RolloutSpec::from_yaml("model: ../x\nversion: \"2\"\nstrategy: { basic: {} }")
             .unwrap_err();
         assert!(err.contains("is not allowed"));
+    }
+
+    /// A spec over each size limit is refused naming the field and the
+    /// limit; one at the limit is accepted.
+    #[test]
+    fn specs_over_a_size_limit_name_the_field_and_the_limit() {
+        let spec = |body: String| format!("model: cancer\nversion: \"2\"\n{body}\n");
+        let list = |n: usize, item: &str| vec![item; n].join(", ");
+        let metric = "{ metric: error_rate, max: 0.01 }";
+        let webhook = "{ kind: webhook, url: \"http://127.0.0.1:9/h\" }";
+        let notify = "{ url: \"http://127.0.0.1:9/n\" }";
+        let steps = |n| {
+            format!(
+                "strategy: {{ canary: {{ steps: [ {} ] }} }}",
+                list(n, "{ weight: 10 }")
+            )
+        };
+        let matches = |n| {
+            format!(
+                "strategy: {{ canary: {{ steps: [ {{ weight: 10 }} ], match: [ {} ] }} }}",
+                list(n, "{ header: x-region, values: [eu] }")
+            )
+        };
+        let values = |n| {
+            format!(
+                "strategy: {{ canary: {{ steps: [ {{ weight: 10 }} ], match: [ {{ header: x-region, values: [ {} ] }} ] }} }}",
+                list(n, "eu")
+            )
+        };
+        let checks = |n, item| {
+            format!(
+                "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {} ] }}",
+                list(n, item)
+            )
+        };
+        let notifies = |n| {
+            format!(
+                "strategy: {{ basic: {{}} }}\nnotify: [ {} ]",
+                list(n, notify)
+            )
+        };
+        let kinds = |n| {
+            format!(
+                "strategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"http://127.0.0.1:9/n\", events: [ {} ] }} ]",
+                list(n, "aborted")
+            )
+        };
+        let shadow_steps = |n| {
+            format!(
+                "strategy: {{ shadow: {{ mirror_percent: 100, compare: {{ output: p }}, min_comparisons: 5, min_agreement: 0.9, then: canary, canary: {{ steps: [ {} ] }} }} }}",
+                list(n, "{ weight: 10 }")
+            )
+        };
+        type Make<'a> = Box<dyn Fn(usize) -> String + 'a>;
+        let cases: Vec<(Make, usize, &str)> = vec![
+            (
+                Box::new(steps),
+                limits::STEPS,
+                "strategy.canary.steps has 65 entries; at most 64 are allowed",
+            ),
+            (
+                Box::new(shadow_steps),
+                limits::STEPS,
+                "strategy.shadow.canary.steps has 65 entries; at most 64",
+            ),
+            (
+                Box::new(matches),
+                limits::MATCH_RULES,
+                "strategy.canary.match has 17 entries; at most 16",
+            ),
+            (
+                Box::new(values),
+                limits::MATCH_VALUES,
+                "strategy.canary.match[0].values has 65 entries; at most 64",
+            ),
+            (
+                Box::new(|n| checks(n, metric)),
+                limits::CHECKS,
+                "analysis.checks has 33 entries; at most 32 are allowed",
+            ),
+            (
+                Box::new(|n| checks(n, webhook)),
+                limits::EXTERNAL_CHECKS,
+                "analysis.checks has 5 external checks (kind: webhook or prometheus), each called every window; at most 4",
+            ),
+            (
+                Box::new(notifies),
+                limits::NOTIFY,
+                "notify has 9 entries; at most 8 are allowed",
+            ),
+            (
+                Box::new(kinds),
+                limits::NOTIFY_EVENTS,
+                "notify[0].events has 17 entries; at most 16",
+            ),
+        ];
+        for (make, limit, needle) in cases {
+            RolloutSpec::from_yaml(&spec(make(limit)))
+                .unwrap_or_else(|e| panic!("{limit} entries must be accepted: {e}"));
+            let err = RolloutSpec::from_yaml(&spec(make(limit + 1))).unwrap_err();
+            assert!(err.contains(needle), "expected {needle:?}\n  got {err:?}");
+        }
+        let err = RolloutSpec::from_yaml(&spec(checks(100_000, metric))).unwrap_err();
+        assert_eq!(
+            err,
+            "analysis.checks has 100000 entries; at most 32 are allowed"
+        );
+        let long = format!("http://x/{}", "a".repeat(limits::TEXT_BYTES));
+        let err = RolloutSpec::from_yaml(&spec(format!(
+            "strategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{long}\" }} ]"
+        )))
+        .unwrap_err();
+        assert!(
+            err.contains("notify[0].url is 4105 bytes long; at most 4096"),
+            "{err}"
+        );
+        let err = RolloutSpec::from_yaml(&spec(format!(
+            "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ kind: prometheus, address: \"http://p\", query: \"{long}\", max: 1 }} ] }}"
+        )))
+        .unwrap_err();
+        assert!(
+            err.contains("analysis.checks[0].query is 4105 bytes long"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_qa_dataset_sent_with_the_spec_is_bounded() {
+        let qa = |content: String| RolloutSpec {
+            model: "cancer".into(),
+            version: "2".into(),
+            allow_signature_change: false,
+            strategy: Strategy::BlueGreen(BlueGreenSpec {
+                qa: Some(QaSpec {
+                    dataset: "holdout.jsonl".into(),
+                    content: Some(content),
+                    output: "probabilities".into(),
+                    min_accuracy: Some(0.9),
+                    max_mean_abs_error: None,
+                }),
+                auto_promote_after: None,
+                scale_down_delay: five_minutes(),
+                post_promotion: None,
+            }),
+            analysis: None,
+            notify: vec![],
+        };
+        let max = limits::QA_DATASET_BYTES as usize;
+        qa("x".repeat(max)).validate().unwrap();
+        let err = qa("x".repeat(max + 1)).validate().unwrap_err();
+        assert_eq!(
+            err,
+            "strategy.blue_green.qa.content (the dataset sent with the spec) is 67108865 bytes; at most 67108864 (64 MiB) are allowed"
+        );
     }
 
     mod hostile {

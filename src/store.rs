@@ -100,6 +100,66 @@ impl NewEvent {
     }
 }
 
+/// The most an event's `data` may take, serialised. An event is written in
+/// the same transaction as the change it records, so a bigger one is not
+/// refused (that would refuse the change): its data is replaced by a summary
+/// ([`NewEvent::bounded`]).
+pub const MAX_EVENT_DATA_BYTES: usize = 64 << 10;
+/// The most an event's message may take; a longer one is cut.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4 << 10;
+/// Fields of an oversized event's data kept beside the summary when each
+/// serialises to at most this many bytes.
+const KEPT_FIELD_BYTES: usize = 1 << 10;
+
+impl NewEvent {
+    /// The event as it is stored: a message over [`MAX_EVENT_MESSAGE_BYTES`]
+    /// is cut (saying so), and data over [`MAX_EVENT_DATA_BYTES`] becomes
+    /// `{"truncated": {...}}` plus its small top-level fields.
+    pub fn bounded(mut self) -> NewEvent {
+        if self.message.len() > MAX_EVENT_MESSAGE_BYTES {
+            let total = self.message.len();
+            let mut cut = MAX_EVENT_MESSAGE_BYTES;
+            while !self.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.message.truncate(cut);
+            self.message
+                .push_str(&format!("… (cut: the message was {total} bytes)"));
+        }
+        let size = serde_json::to_string(&self.data).map_or(0, |t| t.len());
+        if size > MAX_EVENT_DATA_BYTES {
+            let mut summary = serde_json::Map::new();
+            if let serde_json::Value::Object(fields) = &self.data {
+                for (k, v) in fields {
+                    if serde_json::to_string(v).is_ok_and(|t| t.len() <= KEPT_FIELD_BYTES) {
+                        summary.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            summary.insert(
+                "truncated".into(),
+                serde_json::json!({
+                    "bytes": size,
+                    "limit": MAX_EVENT_DATA_BYTES,
+                    "note": "the event's data was too big to store; fields over 1 KiB were left out",
+                }),
+            );
+            self.data = serde_json::Value::Object(summary);
+        }
+        self
+    }
+}
+
+/// Which events a listing returns, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// The `limit` most recent.
+    Latest { limit: usize },
+    /// At most `limit` events after the one numbered `after` (0: from the
+    /// first).
+    After { after: i64, limit: usize },
+}
+
 /// A recorded event (ordered by `id`, never rewritten).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Event {
@@ -224,8 +284,12 @@ pub trait Store: Send + Sync + 'static {
     fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, StoreError>;
     /// Every rollout that is progressing or paused.
     fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
-    /// A rollout's events, oldest first.
-    fn rollout_events(&self, id: i64) -> Result<Vec<Event>, StoreError>;
-    /// Events of a model, oldest first; at most the `limit` most recent.
-    fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// A page of a rollout's events, oldest first.
+    fn rollout_events(&self, id: i64, page: Page) -> Result<Vec<Event>, StoreError>;
+    /// A page of a model's events, oldest first.
+    fn events(&self, model: &str, page: Page) -> Result<Vec<Event>, StoreError>;
+    /// Deletes events recorded before `cutoff` (RFC 3339, as events' `at`),
+    /// except those of active rollouts; rollout records stay. Returns how
+    /// many were deleted.
+    fn delete_events_before(&self, cutoff: &str) -> Result<usize, StoreError>;
 }

@@ -7,6 +7,7 @@ mod docs;
 mod external;
 mod faults;
 mod hostile;
+mod hostile_specs;
 mod load;
 mod registry;
 mod remote;

@@ -319,26 +319,77 @@ pub async fn remove_version(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The default and the largest page of events.
+pub const EVENTS_PAGE: usize = 1000;
+pub const EVENTS_PAGE_MAX: usize = 10_000;
+
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct EventsQuery {
-    /// At most this many of the most recent events (default 1000).
+    /// Events after this one, oldest first (the `Link: rel="next"` header
+    /// carries it); without it, the most recent events.
+    after: Option<i64>,
+    /// At most this many events (default 1000, at most 10000).
     limit: Option<usize>,
 }
 
-/// A model's events, oldest first.
+impl EventsQuery {
+    /// The page asked for; a bad limit is refused naming the limit.
+    pub(super) fn page(
+        query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<crate::store::Page, ApiError> {
+        let q = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let limit = q.limit.unwrap_or(EVENTS_PAGE);
+        if limit == 0 || limit > EVENTS_PAGE_MAX {
+            return Err(ApiError::bad_request(format!(
+                "limit {limit} is out of range: a page holds 1 to {EVENTS_PAGE_MAX} events; follow the Link header (?after=...) for the next page"
+            )));
+        }
+        Ok(match q.after {
+            Some(after) if after < 0 => {
+                return Err(ApiError::bad_request(format!(
+                    "after {after} is not an event number (0 or more)"
+                )));
+            }
+            Some(after) => crate::store::Page::After { after, limit },
+            None => crate::store::Page::Latest { limit },
+        })
+    }
+}
+
+/// A page of events, with `Link: <path?after=N&limit=L>; rel="next"` when
+/// the page is full (more may follow); a page of the most recent events
+/// links `rel="first"` to the start of the history instead.
+pub fn events_page(path: &str, page: crate::store::Page, events: Vec<Event>) -> Response {
+    let (limit, rel, after) = match page {
+        crate::store::Page::Latest { limit } => (limit, "first", Some(0)),
+        crate::store::Page::After { limit, .. } => (limit, "next", events.last().map(|e| e.id)),
+    };
+    let link = match after {
+        Some(after) if events.len() >= limit => Some(format!(
+            "<{path}?after={after}&limit={limit}>; rel=\"{rel}\""
+        )),
+        _ => None,
+    };
+    let mut response = Json(events).into_response();
+    if let Some(link) = link.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    response
+}
+
+/// A model's events, oldest first: the most recent page, or the page after
+/// `after`.
 #[utoipa::path(get, path = "/api/v1/models/{model}/events", tag = "registry", security(("admin_token" = [])),
     params(EventsQuery),
-    responses((status = 200, body = Vec<Event>), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Vec<Event>, headers(("link" = String, description = "`<...?after=N&limit=L>; rel=\"next\"` when the page is full (`rel=\"first\"` for the most recent page)"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn events(
     State(s): State<AppState>,
     Path(model): Path<String>,
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<Event>>, ApiError> {
-    let limit = query
-        .map_err(|e| ApiError::bad_request(e.body_text()))?
-        .limit
-        .unwrap_or(1000)
-        .clamp(1, 100_000);
+) -> Result<Response, ApiError> {
+    let page = EventsQuery::page(query)?;
     crate::registry::check_name("model", &model)?;
     let store = s.controller.registry().store();
     if store.model(&model).map_err(store_err)?.is_none() {
@@ -346,7 +397,12 @@ pub async fn events(
             "model \"{model}\" is not registered"
         )));
     }
-    Ok(Json(store.events(&model, limit).map_err(store_err)?))
+    let events = store.events(&model, page).map_err(store_err)?;
+    Ok(events_page(
+        &format!("/api/v1/models/{model}/events"),
+        page,
+        events,
+    ))
 }
 
 /// The model's routing policy: which versions take which requests.

@@ -256,20 +256,29 @@ pub async fn history(
     ))
 }
 
-/// A rollout's events, oldest first.
+/// A rollout's events, oldest first: the most recent page (all of them
+/// when there are at most `limit`), or the page after `after`.
 #[utoipa::path(get, path = "/api/v1/models/{model}/rollouts/{rollout}/events", tag = "rollouts", security(("admin_token" = [])),
-    responses((status = 200, body = Vec<Event>), (status = 404, body = ErrorBody)))]
+    params(super::control::EventsQuery),
+    responses((status = 200, body = Vec<Event>, headers(("link" = String, description = "`<...?after=N&limit=L>; rel=\"next\"` when the page is full (`rel=\"first\"` for the most recent page)"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn rollout_events(
     State(s): State<AppState>,
     Path((model, rollout)): Path<(String, String)>,
-) -> Result<Json<Vec<Event>>, ApiError> {
+    query: Result<Query<super::control::EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let page = super::control::EventsQuery::page(query)?;
     let r = s.controller.rollout(&model, Some(&rollout))?;
-    Ok(Json(
-        s.controller
-            .registry()
-            .store()
-            .rollout_events(r.id)
-            .map_err(crate::registry::RegistryError::from)?,
+    let events = s
+        .controller
+        .registry()
+        .store()
+        .rollout_events(r.id, page)
+        .map_err(crate::registry::RegistryError::from)?;
+    Ok(super::control::events_page(
+        &format!("/api/v1/models/{model}/rollouts/{}/events", r.name()),
+        page,
+        events,
     ))
 }
 

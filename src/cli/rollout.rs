@@ -604,12 +604,48 @@ pub async fn status(
     }
 }
 
+/// Every event at `path`, oldest first, page by page: the server answers
+/// at most a page at a time and links the next one.
+async fn all_events(client: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut next = Some(format!("{path}?after=0&limit=1000"));
+    while let Some(page) = next.take() {
+        let resp = client.send_raw(client.request(Method::GET, &page)).await?;
+        next = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|l| l.to_str().ok())
+            .and_then(next_link);
+        let events: Vec<Value> = resp
+            .json()
+            .await
+            .with_context(|| format!("the server's answer to {page} is not a list of events"))?;
+        out.extend(events);
+    }
+    Ok(out)
+}
+
+/// The target of `<...>; rel="next"` in a Link header.
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
 /// `ferry history MODEL`.
 pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Result<()> {
     crate::registry::check_name("model", model)?;
-    let (_, events): (_, Value) = client
-        .send(client.request(Method::GET, &format!("/api/v1/models/{model}/events")))
-        .await?;
+    let events = Value::Array(all_events(client, &format!("/api/v1/models/{model}/events")).await?);
     if output == Output::Json {
         print_json(&events);
         return Ok(());

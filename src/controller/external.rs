@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::outbound::AllowList;
 use crate::analysis::{External, Outcome};
 use crate::metrics::Summary;
 use crate::spec::Check;
@@ -17,6 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Fetches every external check of the window, in order.
 pub async fn fetch(
     http: &reqwest::Client,
+    allowed: Option<&AllowList>,
     record: &RolloutRecord,
     checks: &[Check],
     candidate: &Summary,
@@ -24,6 +26,14 @@ pub async fn fetch(
 ) -> Vec<External> {
     let mut out = Vec::new();
     for check in checks {
+        // Checked again as it is sent: a spec stored before --allow-outbound
+        // was set must not reach other hosts either.
+        if let Check::Webhook { url } | Check::Prometheus { address: url, .. } = check
+            && let Some(a) = allowed.filter(|a| !a.allows(url))
+        {
+            out.push(External::Unavailable(a.refusal("analysis check", url)));
+            continue;
+        }
         match check {
             Check::Metric { .. } => {}
             Check::Webhook { url } => out.push(webhook(http, url, record, candidate, stable).await),
@@ -128,8 +138,19 @@ const DEFAULT_EVENTS: &[&str] = &["succeeded", "aborted", "failed", "rolled_back
 
 /// Posts each event to the rollout's notify webhooks that want it, in the
 /// background, with up to three tries each.
-pub fn notify(http: &reqwest::Client, record: &RolloutRecord, events: &[PlannedEvent]) {
+pub fn notify(
+    http: &reqwest::Client,
+    allowed: Option<&AllowList>,
+    record: &RolloutRecord,
+    events: &[PlannedEvent],
+) {
     for n in &record.spec.notify {
+        if let Some(a) = allowed.filter(|a| !a.allows(&n.url)) {
+            if !events.is_empty() {
+                tracing::warn!("notify not sent: {}", a.refusal("notify url", &n.url));
+            }
+            continue;
+        }
         for e in events {
             let wanted = if n.events.is_empty() {
                 DEFAULT_EVENTS.contains(&e.kind.as_str())
@@ -162,5 +183,70 @@ pub fn notify(http: &reqwest::Client, record: &RolloutRecord, events: &[PlannedE
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::RoutePolicy;
+    use crate::spec::{Condition, RolloutSpec};
+
+    /// A spec stored before `--allow-outbound` was set still names its
+    /// hosts: each call is checked as it is sent, and one off the list is
+    /// not made (the window sees the check as unavailable, saying why).
+    #[tokio::test]
+    async fn checks_off_the_allow_list_are_not_called() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let off_list = format!("http://{}", listener.local_addr().unwrap());
+        let allowed = AllowList::parse("hooks.example.com").unwrap();
+        let spec =
+            RolloutSpec::from_yaml("model: m\nversion: \"2\"\nstrategy: { basic: {} }").unwrap();
+        let record = RolloutRecord {
+            id: 1,
+            model: "m".into(),
+            kind: "basic".into(),
+            spec,
+            state: crate::strategy::initial_state(&RoutePolicy::stable_only("1"), 0),
+            undoes: None,
+            report: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let checks = [
+            Check::Webhook {
+                url: format!("{off_list}/judge"),
+            },
+            Check::Prometheus {
+                address: off_list.clone(),
+                query: "up".into(),
+                condition: Condition::Max(1.0),
+            },
+        ];
+        let none = Summary::default();
+        let out = fetch(
+            &reqwest::Client::new(),
+            Some(&allowed),
+            &record,
+            &checks,
+            &none,
+            &none,
+        )
+        .await;
+        assert_eq!(out.len(), 2);
+        for e in out {
+            let External::Unavailable(reason) = e else {
+                panic!("{e:?}")
+            };
+            assert!(
+                reason.contains("--allow-outbound does not list"),
+                "{reason}"
+            );
+        }
+        assert!(
+            listener.accept().is_err(),
+            "nothing connected to the host off the list"
+        );
     }
 }

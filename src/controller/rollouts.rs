@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{ControlError, Controller, external};
+use super::{ControlError, Controller, dataset, external};
 use crate::analysis::qa::QaResult;
 use crate::analysis::{self, CheckResult, Outcome};
 use crate::gateway::RoutePolicy;
@@ -113,6 +113,19 @@ fn live_message(r: &RolloutRecord) -> String {
     }
 }
 
+/// The spec as the `rollout_started` event records it: a QA dataset sent
+/// with it (up to 64 MiB) is left out — the rollout record keeps it.
+fn without_qa_content(spec: &RolloutSpec) -> serde_json::Value {
+    let mut spec = spec.clone();
+    if let Strategy::BlueGreen(b) = &mut spec.strategy
+        && let Some(qa) = &mut b.qa
+        && let Some(content) = qa.content.take()
+    {
+        qa.content = Some(format!("({} bytes, kept with the rollout)", content.len()));
+    }
+    serde_json::to_value(&spec).unwrap_or_default()
+}
+
 fn traffic(route: &RoutePolicy) -> BTreeMap<String, f64> {
     let mut t = BTreeMap::new();
     match &route.candidate {
@@ -136,6 +149,7 @@ impl Controller {
         who: &str,
     ) -> Result<(Applied, Status), ControlError> {
         spec.validate().map_err(ControlError::Invalid)?;
+        self.check_reach(&spec).await?;
         let model = spec.model.clone();
         {
             let _guard = self.lock.lock().await;
@@ -186,7 +200,7 @@ impl Controller {
                     "{kind} of version {} started (by {who}); stable is version {}",
                     spec.version, current.stable
                 ),
-                serde_json::json!({"spec": spec, "by": who}),
+                serde_json::json!({"spec": without_qa_content(&spec), "by": who}),
             );
             let record =
                 match store.create_rollout(&model, kind, &spec, &state, None, vec![started])? {
@@ -201,6 +215,28 @@ impl Controller {
             self.step(record, Observations::default()).await?;
         }
         Ok((Applied::Created, self.status(&model)?))
+    }
+
+    /// Refuses a spec that names what this server does not let specs reach:
+    /// a host off `--allow-outbound`, or a server-side QA dataset that is not
+    /// a regular file inside `--qa-dir` (checked off the async threads).
+    async fn check_reach(&self, spec: &RolloutSpec) -> Result<(), ControlError> {
+        if let Some(list) = &self.reach.outbound {
+            list.check_spec(spec).map_err(ControlError::Invalid)?;
+        }
+        if let Strategy::BlueGreen(b) = &spec.strategy
+            && let Some(qa) = &b.qa
+            && qa.content.is_none()
+        {
+            dataset::off_thread(
+                self.reach.qa_dir.clone(),
+                qa.dataset.clone(),
+                dataset::check,
+            )
+            .await
+            .map_err(ControlError::Invalid)?;
+        }
+        Ok(())
     }
 
     /// A person's command to the model's active rollout.
@@ -400,7 +436,12 @@ impl Controller {
                 .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
                 .collect();
             store.update_rollout(record.id, &plan.state, events)?;
-            external::notify(&self.http.control, &record, &plan.events);
+            external::notify(
+                &self.http.control,
+                self.reach.outbound.as_ref(),
+                &record,
+                &plan.events,
+            );
             let ended = record.state.phase.is_active() && !plan.state.phase.is_active();
             record.state = plan.state.clone();
             obs = Observations::default();
@@ -495,9 +536,15 @@ impl Controller {
                     });
                 }
                 let checks = record.spec.checks();
-                let external =
-                    external::fetch(&self.http.control, &record, &checks, &candidate, &stable)
-                        .await;
+                let external = external::fetch(
+                    &self.http.control,
+                    self.reach.outbound.as_ref(),
+                    &record,
+                    &checks,
+                    &candidate,
+                    &stable,
+                )
+                .await;
                 let verdict = analysis::evaluate(
                     &checks,
                     &candidate,
@@ -562,15 +609,17 @@ impl Controller {
         };
         let text = match &qa.content {
             Some(c) => c.clone(),
-            None => match std::fs::read_to_string(&qa.dataset) {
-                Ok(t) => t,
-                Err(e) => {
-                    return refused(format!(
-                        "QA dataset {} cannot be read on the server ({e}); `ferry apply` sends the file's content with the spec",
-                        qa.dataset
-                    ));
+            None => {
+                let read = dataset::off_thread(
+                    self.reach.qa_dir.clone(),
+                    qa.dataset.clone(),
+                    dataset::read,
+                );
+                match read.await {
+                    Ok(t) => t,
+                    Err(e) => return refused(format!("the QA dataset cannot be used: {e}")),
                 }
-            },
+            }
         };
         let rows = match analysis::qa::parse_dataset(&text) {
             Ok(r) => r,

@@ -118,7 +118,10 @@ impl RemoteHttp {
     /// for 90 s idle, opened with `TCP_NODELAY` within `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> RemoteHttp {
         let idle = Duration::from_secs(90);
+        // No redirects: a webhook or remote that answers 3xx gets that
+        // answer, and cannot send Ferry to a host --allow-outbound refuses.
         let control = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(idle)
             .tcp_nodelay(true)

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Event, Inserted, NewEvent, NotCreated, RolloutRecord, Store, StoreError};
+use super::{Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
 use crate::registry::{ModelRecord, ServingSettings, Source, VersionRecord};
 use crate::spec::RolloutSpec;
@@ -141,6 +141,7 @@ fn rollout_row(row: &Row) -> rusqlite::Result<RolloutRecord> {
 }
 
 fn insert_event(tx: &Connection, e: &NewEvent) -> rusqlite::Result<()> {
+    let e = e.clone().bounded();
     tx.execute(
         "INSERT INTO events (at, model, rollout, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![now_rfc3339(), e.model, e.rollout, e.kind, e.message, to_json(&e.data)],
@@ -528,23 +529,50 @@ impl Store for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(map_err)
     }
 
-    fn rollout_events(&self, id: i64) -> Result<Vec<Event>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, at, model, rollout, kind, message, data FROM events WHERE rollout = ?1 ORDER BY id",
-        )?;
-        let rows = stmt.query_map([format!("r-{id}")], event_row)?;
-        rows.collect::<Result<_, _>>().map_err(map_err)
+    fn rollout_events(&self, id: i64, page: Page) -> Result<Vec<Event>, StoreError> {
+        self.page_of("rollout", &format!("r-{id}"), page)
     }
 
-    fn events(&self, model: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+    fn events(&self, model: &str, page: Page) -> Result<Vec<Event>, StoreError> {
+        self.page_of("model", model, page)
+    }
+
+    fn delete_events_before(&self, cutoff: &str) -> Result<usize, StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "DELETE FROM events WHERE at < ?1 AND (rollout IS NULL OR rollout NOT IN
+                   (SELECT 'r-' || id FROM rollouts WHERE active = 1))",
+                [cutoff],
+            )
+        })
+    }
+}
+
+impl SqliteStore {
+    /// A page of the events whose `column` (`model` or `rollout`) is `key`.
+    fn page_of(&self, column: &str, key: &str, page: Page) -> Result<Vec<Event>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, at, model, rollout, kind, message, data FROM
-               (SELECT * FROM events WHERE model = ?1 ORDER BY id DESC LIMIT ?2)
-             ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![model, limit as i64], event_row)?;
+        let (sql, bound, limit) = match page {
+            Page::Latest { limit } => (
+                format!(
+                    "SELECT id, at, model, rollout, kind, message, data FROM
+                       (SELECT * FROM events WHERE {column} = ?1 AND id > ?2 ORDER BY id DESC LIMIT ?3)
+                     ORDER BY id"
+                ),
+                0,
+                limit,
+            ),
+            Page::After { after, limit } => (
+                format!(
+                    "SELECT id, at, model, rollout, kind, message, data FROM events
+                     WHERE {column} = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                ),
+                after,
+                limit,
+            ),
+        };
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![key, bound, limit as i64], event_row)?;
         rows.collect::<Result<_, _>>().map_err(map_err)
     }
 }
@@ -599,7 +627,7 @@ mod tests {
         );
         assert_eq!(store.versions("m").unwrap().len(), 2);
         let kinds: Vec<String> = store
-            .events("m", 100)
+            .events("m", Page::Latest { limit: 100 })
             .unwrap()
             .into_iter()
             .map(|e| e.kind)
@@ -608,7 +636,153 @@ mod tests {
             kinds,
             ["version_registered", "stable_set", "version_registered"]
         );
-        assert_eq!(store.events("m", 1).unwrap()[0].kind, "version_registered");
+        assert_eq!(
+            store.events("m", Page::Latest { limit: 1 }).unwrap()[0].kind,
+            "version_registered"
+        );
+    }
+
+    fn note(store: &SqliteStore, model: &str, n: usize) {
+        for i in 0..n {
+            store
+                .set_loaded(
+                    model,
+                    "2",
+                    i % 2 == 0,
+                    NewEvent::new(model, "note", format!("{i}"), serde_json::json!({"i": i})),
+                )
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn event_pages_join_to_the_whole_history_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.insert_version(&record("m", "1")).unwrap();
+        store.insert_version(&record("m", "2")).unwrap();
+        store.insert_version(&record("other", "1")).unwrap();
+        note(&store, "m", 250);
+        note(&store, "other", 5);
+        let all = store.events("m", Page::Latest { limit: 10_000 }).unwrap();
+        assert_eq!(all.len(), 253);
+        let (mut joined, mut after) = (Vec::new(), 0);
+        loop {
+            let page = store
+                .events("m", Page::After { after, limit: 100 })
+                .unwrap();
+            assert!(page.len() <= 100);
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            joined.extend(page);
+        }
+        assert_eq!(joined, all, "the pages, joined, are every event in order");
+        let latest = store.events("m", Page::Latest { limit: 3 }).unwrap();
+        assert_eq!(latest, all[250..], "the most recent, oldest first");
+    }
+
+    #[test]
+    fn retention_deletes_old_events_but_not_an_active_rollouts_nor_rollouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.insert_version(&record("m", "1")).unwrap();
+        store.insert_version(&record("m", "2")).unwrap();
+        store.insert_version(&record("n", "1")).unwrap();
+        store.insert_version(&record("n", "2")).unwrap();
+        let spec =
+            RolloutSpec::from_yaml("model: m\nversion: \"2\"\nstrategy: { basic: {} }").unwrap();
+        let route = RoutePolicy::stable_only("1");
+        let state = crate::strategy::initial_state(&route, 0);
+        let ev = |m: &str| {
+            vec![NewEvent::new(
+                m,
+                "rollout_started",
+                "s".into(),
+                serde_json::json!({}),
+            )]
+        };
+        let ended = store
+            .create_rollout("n", "basic", &spec, &state, None, ev("n"))
+            .unwrap()
+            .unwrap();
+        let mut done = state.clone();
+        done.phase = Phase::Succeeded;
+        store.update_rollout(ended.id, &done, ev("n")).unwrap();
+        let active = store
+            .create_rollout("m", "basic", &spec, &state, None, ev("m"))
+            .unwrap()
+            .unwrap();
+        // Every event so far is "old"; one more is recorded "now".
+        store
+            .lock()
+            .execute("UPDATE events SET at = '2020-01-01T00:00:00.000Z'", [])
+            .unwrap();
+        note(&store, "m", 1);
+        let deleted = store
+            .delete_events_before("2021-01-01T00:00:00.000Z")
+            .unwrap();
+        let left: Vec<(Option<String>, String)> = ["m", "n"]
+            .iter()
+            .flat_map(|m| store.events(m, Page::Latest { limit: 100 }).unwrap())
+            .map(|e| (e.rollout, e.kind))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                (Some(active.name()), "rollout_started".to_string()),
+                (None, "note".to_string())
+            ],
+            "the active rollout's event and the recent one stay"
+        );
+        assert_eq!(
+            deleted, 8,
+            "both models' registration events (3 each) and the ended rollout's 2"
+        );
+        assert!(
+            store.rollout(ended.id).unwrap().is_some(),
+            "rollout records stay"
+        );
+        assert_eq!(store.rollouts("m", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_oversized_event_is_stored_as_a_bounded_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.insert_version(&record("m", "1")).unwrap();
+        store.insert_version(&record("m", "2")).unwrap();
+        let huge = "x".repeat(15 << 20);
+        let event = NewEvent::new(
+            "m",
+            "analysis",
+            "y".repeat(100_000),
+            serde_json::json!({"checks": huge, "by": "ci"}),
+        );
+        store.set_loaded("m", "2", true, event).unwrap();
+        let stored = store
+            .events("m", Page::Latest { limit: 1 })
+            .unwrap()
+            .remove(0);
+        let size = serde_json::to_string(&stored.data).unwrap().len();
+        assert!(size < 1024, "{size} bytes");
+        assert_eq!(stored.data["by"], "ci", "small fields are kept");
+        assert_eq!(
+            stored.data["truncated"]["limit"],
+            super::super::MAX_EVENT_DATA_BYTES
+        );
+        assert_eq!(
+            stored.data["truncated"]["bytes"],
+            (15 << 20) + r#"{"checks":"","by":"ci"}"#.len()
+        );
+        assert!(stored.message.len() < 4200, "{}", stored.message.len());
+        assert!(
+            stored
+                .message
+                .ends_with("(cut: the message was 100000 bytes)")
+        );
+        // A small event is stored as it is.
+        let small = NewEvent::new("m", "k", "fine".into(), serde_json::json!({"a": [1, 2]}));
+        assert_eq!(small.clone().bounded(), small);
     }
 
     #[test]
