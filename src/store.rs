@@ -6,6 +6,8 @@
 //! gateway or the registry. Every method is one transaction: an event is never
 //! written without the change it records, nor the change without its event.
 
+#[cfg(test)]
+pub mod contract;
 pub mod sqlite;
 
 use crate::gateway::RoutePolicy;

@@ -580,66 +580,25 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{ServingSettings, Source};
-    use crate::runtime::Signature;
 
-    fn record(model: &str, version: &str) -> VersionRecord {
-        VersionRecord {
-            model: model.into(),
-            version: version.into(),
-            source: Source::Onnx {
-                digest: "ab".repeat(32),
-                size: 10,
-            },
-            signature: Signature {
-                inputs: vec![],
-                outputs: vec![],
-            },
-            labels: Default::default(),
-            settings: ServingSettings::default(),
-            created_at: now_rfc3339(),
-            loaded: false,
-        }
-    }
+    use crate::store::contract::record;
 
-    #[test]
-    fn first_version_becomes_stable_and_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SqliteStore::open(dir.path()).unwrap();
-            assert_eq!(
-                store.insert_version(&record("m", "1")).unwrap(),
-                Inserted::Created { stable: true }
-            );
-            assert_eq!(
-                store.insert_version(&record("m", "2")).unwrap(),
-                Inserted::Created { stable: false }
-            );
-            assert!(matches!(
-                store.insert_version(&record("m", "2")).unwrap(),
-                Inserted::Exists(_)
-            ));
+    /// The Store contract, on SQLite.
+    mod contract {
+        use std::sync::Arc;
+
+        use crate::store::contract::Database;
+        use crate::store::{SqliteStore, Store};
+
+        struct Sqlite(tempfile::TempDir);
+
+        impl Database for Sqlite {
+            fn open(&self) -> Arc<dyn Store> {
+                Arc::new(SqliteStore::open(self.0.path()).expect("the store opens"))
+            }
         }
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.model("m").unwrap().unwrap().stable.as_deref(),
-            Some("1")
-        );
-        assert_eq!(store.versions("m").unwrap().len(), 2);
-        let kinds: Vec<String> = store
-            .events("m", Page::Latest { limit: 100 })
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
-        assert_eq!(
-            kinds,
-            ["version_registered", "stable_set", "version_registered"]
-        );
-        assert_eq!(
-            store.events("m", Page::Latest { limit: 1 }).unwrap()[0].kind,
-            "version_registered"
-        );
+
+        crate::store_contract!(Box::new(Sqlite(tempfile::tempdir().unwrap())));
     }
 
     fn note(store: &SqliteStore, model: &str, n: usize) {
@@ -653,32 +612,6 @@ mod tests {
                 )
                 .unwrap();
         }
-    }
-
-    #[test]
-    fn event_pages_join_to_the_whole_history_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store.insert_version(&record("m", "1")).unwrap();
-        store.insert_version(&record("m", "2")).unwrap();
-        store.insert_version(&record("other", "1")).unwrap();
-        note(&store, "m", 250);
-        note(&store, "other", 5);
-        let all = store.events("m", Page::Latest { limit: 10_000 }).unwrap();
-        assert_eq!(all.len(), 253);
-        let (mut joined, mut after) = (Vec::new(), 0);
-        loop {
-            let page = store
-                .events("m", Page::After { after, limit: 100 })
-                .unwrap();
-            assert!(page.len() <= 100);
-            let Some(last) = page.last() else { break };
-            after = last.id;
-            joined.extend(page);
-        }
-        assert_eq!(joined, all, "the pages, joined, are every event in order");
-        let latest = store.events("m", Page::Latest { limit: 3 }).unwrap();
-        assert_eq!(latest, all[250..], "the most recent, oldest first");
     }
 
     #[test]

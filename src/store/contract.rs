@@ -1,0 +1,511 @@
+//! The [`Store`] contract: what every implementation must do, written
+//! against the trait only, so that the embedded SQLite store and any other
+//! (PostgreSQL next) pass the same suite unchanged. An implementation runs
+//! it with [`store_contract!`], given a way to make an empty [`Database`].
+//!
+//! Covered: migrations from an empty database and reopening it; every
+//! method's effect and its event, written in the same transaction; the
+//! first version becoming stable; at most one active rollout per model; a
+//! rollback marking what it undoes; event pages and retention; concurrent
+//! writers (registrations and rollout creation from many threads).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{Inserted, NewEvent, NotCreated, Page, Store};
+use crate::gateway::RoutePolicy;
+use crate::registry::{ServingSettings, Source, VersionRecord};
+use crate::runtime::Signature;
+use crate::spec::RolloutSpec;
+use crate::strategy::{Phase, RolloutState, initial_state};
+
+/// One database an implementation can open any number of times (opening
+/// it again is a restart: everything committed is there).
+pub trait Database {
+    fn open(&self) -> Arc<dyn Store>;
+}
+
+/// One `#[test]` per check of the contract, for an implementation whose
+/// empty databases `$new` makes (an expression of type `Box<dyn Database>`).
+#[macro_export]
+macro_rules! store_contract {
+    ($new:expr) => {
+        $crate::store_contract!(@tests $new;
+            an_empty_database_is_migrated_and_empty,
+            the_first_version_is_stable_and_versions_round_trip,
+            each_change_is_stored_with_its_event,
+            everything_committed_survives_reopening,
+            a_model_has_at_most_one_active_rollout,
+            a_rollback_marks_the_rollout_it_undoes,
+            event_pages_join_to_the_whole_history,
+            retention_keeps_active_rollouts_events,
+            concurrent_registrations_make_exactly_one_stable,
+            concurrent_rollouts_of_one_model_make_exactly_one,
+        );
+    };
+    (@tests $new:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let db: Box<dyn $crate::store::contract::Database> = $new;
+                $crate::store::contract::$check(&*db);
+            }
+        )*
+    };
+}
+
+/// A version record with every field set, for store tests.
+pub fn record(model: &str, version: &str) -> VersionRecord {
+    let mut labels = BTreeMap::new();
+    labels.insert("git".to_string(), format!("sha-{version}"));
+    VersionRecord {
+        model: model.into(),
+        version: version.into(),
+        source: Source::Onnx {
+            digest: format!("{:0>64}", version),
+            size: 100 + version.len() as u64,
+        },
+        signature: Signature {
+            inputs: vec![],
+            outputs: vec![],
+        },
+        labels,
+        settings: ServingSettings::default(),
+        created_at: crate::units::now_rfc3339(),
+        loaded: false,
+    }
+}
+
+fn event(model: &str, kind: &str) -> NewEvent {
+    NewEvent::new(
+        model,
+        kind,
+        format!("{kind} happened"),
+        serde_json::json!({"k": kind}),
+    )
+}
+
+fn kinds(store: &dyn Store, model: &str) -> Vec<String> {
+    store
+        .events(model, Page::Latest { limit: 10_000 })
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+fn spec(model: &str, version: &str) -> RolloutSpec {
+    RolloutSpec::from_yaml(&format!(
+        "model: {model}\nversion: \"{version}\"\nstrategy: {{ basic: {{}} }}"
+    ))
+    .unwrap()
+}
+
+fn started(model: &str) -> RolloutState {
+    let mut state = initial_state(&RoutePolicy::stable_only("1"), 1_000);
+    state.message = format!("rolling {model}");
+    state
+}
+
+pub fn an_empty_database_is_migrated_and_empty(db: &dyn Database) {
+    let store = db.open();
+    assert!(store.models().unwrap().is_empty());
+    assert!(store.model("m").unwrap().is_none());
+    assert!(store.versions("m").unwrap().is_empty());
+    assert!(store.version("m", "1").unwrap().is_none());
+    assert!(store.route("m").unwrap().is_none());
+    assert!(store.active_rollouts().unwrap().is_empty());
+    assert!(store.rollouts("m", 10).unwrap().is_empty());
+    assert!(store.rollout(1).unwrap().is_none());
+    assert!(kinds(&*store, "m").is_empty());
+    // Opening a migrated database again migrates nothing and loses nothing.
+    drop(store);
+    assert!(db.open().models().unwrap().is_empty());
+}
+
+pub fn the_first_version_is_stable_and_versions_round_trip(db: &dyn Database) {
+    let store = db.open();
+    let one = record("m", "1");
+    assert_eq!(
+        store.insert_version(&one).unwrap(),
+        Inserted::Created { stable: true }
+    );
+    assert_eq!(
+        store.insert_version(&record("m", "2")).unwrap(),
+        Inserted::Created { stable: false }
+    );
+    // The same name again: nothing changes, the stored record comes back.
+    let mut other = record("m", "1");
+    other.labels.clear();
+    assert_eq!(
+        store.insert_version(&other).unwrap(),
+        Inserted::Exists(Box::new(one.clone()))
+    );
+    assert_eq!(store.version("m", "1").unwrap(), Some(one));
+    let model = store.model("m").unwrap().unwrap();
+    assert_eq!(model.stable.as_deref(), Some("1"));
+    let versions: Vec<String> = store
+        .versions("m")
+        .unwrap()
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(versions, ["1", "2"], "in the order they were registered");
+    assert_eq!(
+        kinds(&*store, "m"),
+        ["version_registered", "stable_set", "version_registered"]
+    );
+}
+
+pub fn each_change_is_stored_with_its_event(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    let settings = ServingSettings {
+        replicas: 3,
+        ..ServingSettings::default()
+    };
+    store
+        .update_settings("m", "2", &settings, event("m", "settings_changed"))
+        .unwrap();
+    assert_eq!(store.version("m", "2").unwrap().unwrap().settings, settings);
+    store
+        .set_loaded("m", "2", true, event("m", "version_loaded"))
+        .unwrap();
+    assert!(store.version("m", "2").unwrap().unwrap().loaded);
+    let route = RoutePolicy::stable_only("2");
+    store
+        .set_route("m", &route, event("m", "route_changed"))
+        .unwrap();
+    assert_eq!(store.route("m").unwrap(), Some(route));
+    assert_eq!(
+        store.model("m").unwrap().unwrap().stable.as_deref(),
+        Some("2"),
+        "the route's stable version is the model's"
+    );
+    store
+        .remove_version("m", "1", event("m", "version_removed"))
+        .unwrap();
+    assert!(store.version("m", "1").unwrap().is_none());
+    let r = store
+        .create_rollout(
+            "m",
+            "basic",
+            &spec("m", "2"),
+            &started("m"),
+            None,
+            vec![event("m", "rollout_started")],
+        )
+        .unwrap()
+        .unwrap();
+    let mut done = r.state.clone();
+    done.phase = Phase::Succeeded;
+    store
+        .update_rollout(
+            r.id,
+            &done,
+            vec![event("m", "succeeded"), event("m", "note")],
+        )
+        .unwrap();
+    assert_eq!(store.rollout(r.id).unwrap().unwrap().state, done);
+    store
+        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}))
+        .unwrap();
+    assert_eq!(
+        store.rollout(r.id).unwrap().unwrap().report,
+        Some(serde_json::json!({"versions": 2}))
+    );
+    let all = store.events("m", Page::Latest { limit: 100 }).unwrap();
+    let tail: Vec<(&str, Option<&str>)> = all[3..]
+        .iter()
+        .map(|e| (e.kind.as_str(), e.rollout.as_deref()))
+        .collect();
+    let name = r.name();
+    assert_eq!(
+        tail,
+        [
+            ("settings_changed", None),
+            ("version_loaded", None),
+            ("route_changed", None),
+            ("version_removed", None),
+            ("rollout_started", Some(name.as_str())),
+            ("succeeded", Some(name.as_str())),
+            ("note", Some(name.as_str())),
+        ],
+        "every change with its event, in order; a rollout's events name it"
+    );
+    assert_eq!(all.last().unwrap().data, serde_json::json!({"k": "note"}));
+    let theirs = store
+        .rollout_events(r.id, Page::Latest { limit: 100 })
+        .unwrap();
+    assert_eq!(theirs.len(), 3);
+}
+
+pub fn everything_committed_survives_reopening(db: &dyn Database) {
+    let (route, id) = {
+        let store = db.open();
+        store.insert_version(&record("m", "1")).unwrap();
+        store.insert_version(&record("m", "2")).unwrap();
+        let route = RoutePolicy::stable_only("1");
+        store
+            .set_route("m", &route, event("m", "route_changed"))
+            .unwrap();
+        let r = store
+            .create_rollout(
+                "m",
+                "basic",
+                &spec("m", "2"),
+                &started("m"),
+                None,
+                vec![event("m", "rollout_started")],
+            )
+            .unwrap()
+            .unwrap();
+        (route, r.id)
+    };
+    let store = db.open();
+    assert_eq!(store.versions("m").unwrap().len(), 2);
+    assert_eq!(store.route("m").unwrap(), Some(route));
+    let active = store.active_rollouts().unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(
+        (
+            active[0].id,
+            active[0].spec.clone(),
+            active[0].state.clone()
+        ),
+        (id, spec("m", "2"), started("m"))
+    );
+    assert_eq!(kinds(&*store, "m").len(), 5);
+}
+
+pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("n", "1")).unwrap();
+    let first = store
+        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
+        .unwrap()
+        .unwrap();
+    match store
+        .create_rollout(
+            "m",
+            "canary",
+            &spec("m", "3"),
+            &started("m"),
+            None,
+            vec![event("m", "rollout_started")],
+        )
+        .unwrap()
+    {
+        Err(NotCreated::Active(active)) => assert_eq!(active.id, first.id),
+        Ok(r) => panic!("a second active rollout {r:?}"),
+    }
+    assert!(
+        !kinds(&*store, "m").contains(&"rollout_started".to_string()),
+        "a refused rollout records nothing"
+    );
+    // Another model is independent; an ended rollout frees the model.
+    assert!(
+        store
+            .create_rollout("n", "basic", &spec("n", "2"), &started("n"), None, vec![])
+            .unwrap()
+            .is_ok()
+    );
+    let mut aborted = first.state.clone();
+    aborted.phase = Phase::Aborted;
+    store.update_rollout(first.id, &aborted, vec![]).unwrap();
+    assert_eq!(store.active_rollouts().unwrap().len(), 1);
+    let again = store
+        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
+        .unwrap()
+        .unwrap();
+    let newest_first: Vec<i64> = store
+        .rollouts("m", 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(newest_first, [again.id, first.id]);
+    assert_eq!(store.rollouts("m", 1).unwrap().len(), 1);
+}
+
+pub fn a_rollback_marks_the_rollout_it_undoes(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    let r = store
+        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
+        .unwrap()
+        .unwrap();
+    let mut done = r.state.clone();
+    done.phase = Phase::Succeeded;
+    store.update_rollout(r.id, &done, vec![]).unwrap();
+    let back = store
+        .create_rollout(
+            "m",
+            "rollback",
+            &spec("m", "1"),
+            &started("m"),
+            Some(r.id),
+            vec![event("m", "rollback_started")],
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.undoes, Some(r.id));
+    assert_eq!(back.kind, "rollback");
+    let undone = store.rollout(r.id).unwrap().unwrap();
+    assert_eq!(undone.state.phase, Phase::RolledBack);
+    assert!(
+        undone.state.message.contains(&back.name()),
+        "{}",
+        undone.state.message
+    );
+}
+
+pub fn event_pages_join_to_the_whole_history(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    store.insert_version(&record("other", "1")).unwrap();
+    for i in 0..120 {
+        store
+            .set_loaded("m", "2", i % 2 == 0, event("m", "note"))
+            .unwrap();
+    }
+    let all = store.events("m", Page::Latest { limit: 10_000 }).unwrap();
+    assert_eq!(all.len(), 123);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    let (mut joined, mut after) = (Vec::new(), 0);
+    loop {
+        let page = store.events("m", Page::After { after, limit: 50 }).unwrap();
+        assert!(page.len() <= 50);
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        joined.extend(page);
+    }
+    assert_eq!(joined, all);
+    assert_eq!(
+        store.events("m", Page::Latest { limit: 3 }).unwrap(),
+        all[120..]
+    );
+}
+
+pub fn retention_keeps_active_rollouts_events(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("n", "1")).unwrap();
+    let ended = store
+        .create_rollout(
+            "n",
+            "basic",
+            &spec("n", "2"),
+            &started("n"),
+            None,
+            vec![event("n", "rollout_started")],
+        )
+        .unwrap()
+        .unwrap();
+    let mut done = ended.state.clone();
+    done.phase = Phase::Succeeded;
+    store
+        .update_rollout(ended.id, &done, vec![event("n", "succeeded")])
+        .unwrap();
+    let active = store
+        .create_rollout(
+            "m",
+            "basic",
+            &spec("m", "2"),
+            &started("m"),
+            None,
+            vec![event("m", "rollout_started")],
+        )
+        .unwrap()
+        .unwrap();
+    // Every event so far is older than a cutoff in the future.
+    let deleted = store
+        .delete_events_before("9999-01-01T00:00:00.000Z")
+        .unwrap();
+    assert_eq!(
+        deleted,
+        2 + 2 + 2,
+        "registrations (2 per model) and the ended rollout's"
+    );
+    let left: Vec<_> = ["m", "n"]
+        .iter()
+        .flat_map(|m| store.events(m, Page::Latest { limit: 100 }).unwrap())
+        .map(|e| (e.rollout, e.kind))
+        .collect();
+    assert_eq!(left, [(Some(active.name()), "rollout_started".to_string())]);
+    assert!(
+        store.rollout(ended.id).unwrap().is_some(),
+        "rollout records stay"
+    );
+    assert_eq!(
+        store
+            .delete_events_before("2000-01-01T00:00:00.000Z")
+            .unwrap(),
+        0
+    );
+}
+
+pub fn concurrent_registrations_make_exactly_one_stable(db: &dyn Database) {
+    let store = db.open();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|i| {
+                        store
+                            .insert_version(&record("m", &format!("{t}-{i}")))
+                            .unwrap()
+                    })
+                    .filter(|r| *r == Inserted::Created { stable: true })
+                    .count()
+            })
+        })
+        .collect();
+    let stable: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(stable, 1, "exactly one registration became stable");
+    assert_eq!(store.versions("m").unwrap().len(), 40);
+    let k = kinds(&*store, "m");
+    assert_eq!(k.iter().filter(|k| *k == "version_registered").count(), 40);
+    assert_eq!(k.iter().filter(|k| *k == "stable_set").count(), 1);
+}
+
+pub fn concurrent_rollouts_of_one_model_make_exactly_one(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store
+                    .create_rollout(
+                        "m",
+                        "basic",
+                        &spec("m", "2"),
+                        &started("m"),
+                        None,
+                        vec![event("m", "rollout_started")],
+                    )
+                    .unwrap()
+                    .is_ok()
+            })
+        })
+        .collect();
+    let created = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(created, 1);
+    assert_eq!(store.active_rollouts().unwrap().len(), 1);
+    assert_eq!(
+        kinds(&*store, "m")
+            .iter()
+            .filter(|k| *k == "rollout_started")
+            .count(),
+        1
+    );
+}
