@@ -58,7 +58,7 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Register, list, inspect, configure and remove model versions.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -222,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Serve(args) => {
+            let args = *args;
             let served = server::serve(ServeOptions {
                 data_dir: args.data_dir,
                 listen: args.listen,
