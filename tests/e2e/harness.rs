@@ -595,20 +595,33 @@ pub async fn remote_then_local(s: &Server, url: &str) -> Value {
     policy
 }
 
+/// Requests to `cancer` that `version` answered, as the server counts them.
+pub async fn answered_by(s: &Server, version: &str) -> f64 {
+    let series =
+        format!(r#"ferry_requests_total{{model="cancer",version="{version}",outcome="ok"}}"#);
+    series_value(&s.prometheus().await, &series)
+}
+
+/// Waits until `version` has answered `more` requests beyond what it had
+/// answered when this was called (the load is flowing to it).
+pub async fn wait_answered(s: &Server, version: &str, more: f64) {
+    let from = answered_by(s, version).await;
+    eventually(
+        Duration::from_secs(30),
+        &format!("version {version} answers {more} more requests"),
+        async || answered_by(s, version).await >= from + more,
+    )
+    .await;
+}
+
 /// Under load on the chain of [`remote_then_local`], applies `fault` to the
 /// remote once it has answered, and checks what users saw until the failover
 /// is counted: no error, answers from both versions.
 pub async fn fails_over_without_errors(s: &Server, fault: impl AsyncFnOnce()) {
-    let counter = |outcome: &str, version: &str| {
-        format!(r#"ferry_requests_total{{model="cancer",version="{version}",outcome="{outcome}"}}"#)
-    };
     let failovers =
         r#"ferry_failovers_total{model="cancer",from_version="remote",to_version="local"}"#;
     let traffic = Traffic::start(s, 0, 8);
-    eventually(Duration::from_secs(10), "the remote answers", async || {
-        series_value(&s.prometheus().await, &counter("ok", "remote")) > 0.0
-    })
-    .await;
+    wait_answered(s, "remote", 1.0).await;
     fault().await;
     eventually(
         Duration::from_secs(10),

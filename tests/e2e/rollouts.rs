@@ -82,8 +82,8 @@ analysis:
     s.add("cancer", "3", "cancer-bad.onnx");
     let out = s.ferry(&["deploy", "cancer", "3", "--strategy", "basic"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already has an active rollout, r-1"));
-    // Let the candidate take traffic for a while, then promote.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Let the candidate take traffic (its share at 20 %), then promote.
+    super::harness::wait_answered(&s, "2", 30.0).await;
     s.ferry_ok(&["promote", "cancer"]);
     let watched = s.ferry(&["status", "cancer", "--watch", "--timeout", "60s"]);
     assert!(
@@ -356,15 +356,16 @@ async fn multi_fails_over_when_the_primary_dies_and_rollback_is_instant() {
     );
 
     let load = Traffic::start(&s, 200, 4);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    super::harness::wait_answered(&s, "2", 20.0).await;
     tokio::task::spawn_blocking(move || primary.kill9())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Version 1 (the failover) answers in its place.
+    super::harness::wait_answered(&s, "1", 50.0).await;
     let t = Instant::now();
     s.ferry_ok(&["rollback", "cancer"]);
     let rollback_took = t.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    super::harness::wait_answered(&s, "1", 20.0).await;
     let seen = load.finish().await;
     assert!(
         seen.failures.is_empty(),

@@ -477,12 +477,13 @@ async fn switching_all_traffic_under_load_fails_no_request() {
     let s = two_versions().await;
     let traffic = Traffic::start(&s, 0, 8);
     for i in 0..8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let stable = if i % 2 == 0 { "2" } else { "1" };
-        let (status, body) = s.set_route("cancer", json!({"stable": stable})).await;
+        let (now, next) = if i % 2 == 0 { ("1", "2") } else { ("2", "1") };
+        // The switch happens while the current version is answering.
+        super::harness::wait_answered(&s, now, 20.0).await;
+        let (status, body) = s.set_route("cancer", json!({"stable": next})).await;
         assert_eq!(status, 200, "{body}");
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    super::harness::wait_answered(&s, "1", 20.0).await;
     let Seen {
         versions: seen,
         failures,
@@ -551,7 +552,9 @@ async fn requests_in_flight_finish_on_a_version_that_leaves_the_route() {
             )
         }));
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // One has been answered by the slow version: the other five are queued
+    // on its one replica (≥ 20 ms each) when the route changes.
+    super::harness::wait_answered(&s, "slow", 1.0).await;
     assert_eq!(s.set_route("cancer", json!({"stable": "1"})).await.0, 200);
     let (_, headers, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
     assert_eq!(

@@ -182,10 +182,10 @@ async fn blue_green_stages_green_gates_on_qa_switches_without_errors_and_rolls_b
         "staging does"
     );
     let traffic = Traffic::start(&s, 0, 4);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    super::harness::wait_answered(&s, "1", 20.0).await;
     s.ferry_ok(&["promote", "cancer"]);
     let last = ended(&s, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    super::harness::wait_answered(&s, "2", 20.0).await;
     let seen = traffic.finish().await;
     let (ok, failed) = (seen.answered(), seen.failures.len());
     assert_eq!(last["phase"], "succeeded");
