@@ -22,7 +22,7 @@ use crate::registry::{
     Added, NewVersion, Registry, RegistryError, SettingsPatch, Source, VersionRecord,
 };
 use crate::runtime::{
-    Batching, Engine, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
+    Batching, Engine, LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
 };
 use crate::store::NewEvent;
 
@@ -36,6 +36,8 @@ pub struct Controller {
     telemetry: Arc<Telemetry>,
     /// How long a pool that left the routes may take to finish its requests.
     drain_timeout: Duration,
+    /// What a replica's warm-up may take (input bytes, time).
+    limits: LoadLimits,
     /// One change at a time: load/publish sequences never interleave.
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
@@ -75,6 +77,7 @@ pub struct ControllerParts {
     pub metrics: Arc<Metrics>,
     pub telemetry: Arc<Telemetry>,
     pub drain_timeout: Duration,
+    pub limits: LoadLimits,
 }
 
 impl Controller {
@@ -87,6 +90,7 @@ impl Controller {
             metrics: p.metrics,
             telemetry: p.telemetry,
             drain_timeout: p.drain_timeout,
+            limits: p.limits,
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
         }
@@ -421,7 +425,11 @@ impl Controller {
             version: record.version.clone(),
             reason,
         };
-        let warmup = record.signature.warmup_inputs();
+        let warmup = record
+            .signature
+            .warmup_inputs(self.limits.max_input_bytes)
+            .map_err(start_err)?;
+        let load_timeout = self.limits.timeout;
         let mut replicas = Vec::new();
         match &record.source {
             Source::Onnx { digest, .. } => {
@@ -444,7 +452,7 @@ impl Controller {
                     let worker =
                         tokio::task::spawn_blocking(move || -> Result<Worker, RuntimeError> {
                             let mut session = onnx.session(&bytes, threads)?;
-                            session.run(warmup)?;
+                            session.run_within(warmup, load_timeout)?;
                             Worker::spawn(&name, session, queue, batching).map_err(|e| {
                                 RuntimeError::Unavailable(format!(
                                     "cannot start a worker thread: {e}"

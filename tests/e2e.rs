@@ -6,6 +6,7 @@ mod data_plane;
 mod docs;
 mod external;
 mod faults;
+mod hostile;
 mod load;
 mod registry;
 mod remote;
