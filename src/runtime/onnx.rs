@@ -225,7 +225,9 @@ impl OnnxSession {
         }
     }
 
-    fn run_with(
+    /// Runs the model under `options`, whose terminate flag another thread
+    /// may set to stop the run.
+    pub fn run_with(
         &mut self,
         inputs: Vec<Tensor>,
         options: Option<&RunOptions>,

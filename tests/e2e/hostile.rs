@@ -190,3 +190,48 @@ async fn sigterm_stops_the_server_within_the_drain_timeout_while_a_warm_up_spins
     let _ = registering.kill();
     let _ = registering.wait();
 }
+
+async fn infer_loop(s: &Server, n: i64) -> (u16, serde_json::Value) {
+    let r = s
+        .http
+        .post(s.at("/v2/models/loop/infer"))
+        .json(&json!({"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [n]}]}))
+        .send()
+        .await
+        .expect("request sent");
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_request_whose_run_outlives_the_timeout_is_stopped_and_frees_its_replica() {
+    let s = Server::start().await;
+    let model = hostile("input-loop.onnx");
+    s.ferry_ok(&[
+        "model",
+        "add",
+        "loop",
+        "1",
+        "--file",
+        &model,
+        "--timeout",
+        "300ms",
+    ]);
+    // Its warm-up (n = 0) was instant; this request would spin for hours.
+    let (status, body) = infer_loop(&s, 1 << 50).await;
+    assert_eq!(status, 504, "{body}");
+    // The run was stopped: the one replica answers the next request in time,
+    // and the server goes idle.
+    let (status, body) = infer_loop(&s, 3).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], json!([3.0]));
+    let pid = s.pid();
+    let before = cpu_seconds(pid);
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5 * window.elapsed().as_secs_f64(),
+        "the server used {used:.2} CPU seconds in {:?} after the timeout",
+        window.elapsed()
+    );
+}

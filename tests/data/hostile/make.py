@@ -7,6 +7,8 @@ model may declare, not through its size:
   external-data-subdir.onnx  the same "in" nested/secret.bin
   huge-input.onnx            input declared FP32 [100000, 100000] (40 GB of zeros)
   long-loop.onnx             a Loop that runs for 2^63-1 iterations
+  input-loop.onnx            a Loop that runs as many times as the input "n" says
+                             (0 for the warm-up's zeros: it loads, then a request spins)
 
 Run: python3 -m venv /tmp/onnxvenv && /tmp/onnxvenv/bin/pip install onnx numpy
      /tmp/onnxvenv/bin/python tests/data/hostile/make.py
@@ -97,8 +99,46 @@ def long_loop():
     save(model, "long-loop.onnx")
 
 
+def input_loop():
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["n", "axes"], ["trips"]),
+            helper.make_node("Loop", ["trips", "cond", "start"], ["y"], body=body),
+        ],
+        "input-loop",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[
+            numpy_helper.from_array(np.array([0], np.int64), "axes"),
+            numpy_helper.from_array(np.array(True), "cond"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "start"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    onnx.checker.check_model(model)
+    save(model, "input-loop.onnx")
+
+
 if __name__ == "__main__":
     external_initializer("external-data", "secret.bin")
     external_initializer("external-data-subdir", "nested/secret.bin")
     huge_input()
     long_loop()
+    input_loop()
