@@ -235,3 +235,60 @@ async fn a_request_whose_run_outlives_the_timeout_is_stopped_and_frees_its_repli
         window.elapsed()
     );
 }
+
+/// A remote V2 server whose model declares a [100000, 100000] FP32 input;
+/// counts the inference requests it gets (it should get none).
+async fn hostile_remote() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use axum::routing::{get, post};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let inferences = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = inferences.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v2/models/huge",
+            get(|| async {
+                axum::Json(json!({
+                    "name": "huge", "versions": ["1"], "platform": "hostile",
+                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [100000, 100000]}],
+                    "outputs": [{"name": "y", "datatype": "FP32", "shape": [100000, 100000]}]
+                }))
+            }),
+        )
+        .route(
+            "/v2/models/huge/ready",
+            get(|| async { axum::Json(json!({"ready": true})) }),
+        )
+        .route(
+            "/v2/models/huge/infer",
+            post(move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async { axum::http::StatusCode::INTERNAL_SERVER_ERROR }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, inferences)
+}
+
+// Multi-threaded: the fake remote answers while the CLI blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_declaring_a_40_gb_input_is_refused_before_any_warm_up() {
+    let s = Server::start().await;
+    let (url, inferences) = hostile_remote().await;
+    let out = s.ferry(&["model", "add", "huge", "1", "--url", &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the hostile remote was registered");
+    assert!(
+        err.contains("input \"x\" is declared FP32 [100000, 100000]")
+            && err.contains("40000000000 bytes")
+            && err.contains("--max-body-bytes"),
+        "{err}"
+    );
+    assert_eq!(
+        inferences.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no warm-up was sent"
+    );
+    serves_another_model(&s).await;
+}
