@@ -292,3 +292,89 @@ async fn a_remote_declaring_a_40_gb_input_is_refused_before_any_warm_up() {
     );
     serves_another_model(&s).await;
 }
+
+/// Swaps a stored version's artifact for `file` behind the server's back,
+/// as a data dir written before these checks existed would hold it: the
+/// blob under its digest, the version's source and signature to match.
+fn plant(dir: &std::path::Path, model: &str, file: &str, signature: serde_json::Value) {
+    let bytes = std::fs::read(hostile(file)).unwrap();
+    let digest = ferry::registry::blobs::digest(&bytes);
+    std::fs::write(dir.join("blobs/sha256").join(&digest), &bytes).unwrap();
+    let db = rusqlite::Connection::open(dir.join("ferry.db")).unwrap();
+    let source = json!({"kind": "onnx", "digest": digest, "size": bytes.len()});
+    let changed = db
+        .execute(
+            "UPDATE versions SET source = ?1, signature = ?2 WHERE model = ?3",
+            rusqlite::params![source.to_string(), signature.to_string(), model],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+}
+
+#[tokio::test]
+async fn stored_hostile_models_are_refused_at_start_up_and_the_others_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, cwd) = (tmp.path().join("data"), tmp.path().join("cwd"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::write(cwd.join("secret.bin"), [7u8; 16]).unwrap();
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("leak", "1", "cancer-v1.onnx");
+    s.add("huge", "1", "cancer-v1.onnx");
+    s.add("fine", "1", "cancer-v2.onnx");
+    s.kill9();
+    let uint8 = |shape: serde_json::Value| {
+        json!({"inputs": [{"name": "x", "datatype": "UINT8", "shape": shape}],
+                                                 "outputs": [{"name": "y", "datatype": "UINT8", "shape": shape}]})
+    };
+    plant(&dir, "leak", "external-data.onnx", uint8(json!([16])));
+    plant(
+        &dir,
+        "huge",
+        "huge-input.onnx",
+        uint8(json!([100000, 100000])),
+    );
+
+    let s = Server::start_under(&["env", "-C", cwd.to_str().unwrap()], &dir, &[]).await;
+    let index = s.index().await;
+    let state = |model: &str| {
+        index
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == model)
+            .unwrap_or_else(|| panic!("{model} in {index}"))["state"]
+            .clone()
+    };
+    assert_eq!(state("leak"), "UNAVAILABLE");
+    assert_eq!(state("huge"), "UNAVAILABLE");
+    // Loading one explicitly says why.
+    let reason = async |model: &str| {
+        let (status, body) = s
+            .admin_post(&format!("/v2/repository/models/{model}/load"), None)
+            .await;
+        assert_eq!(status, 503, "{body}");
+        body["error"].as_str().unwrap().to_string()
+    };
+    let leak = reason("leak").await;
+    assert!(
+        leak.contains("initializer \"w\" keeps its data in an external file (\"secret.bin\")"),
+        "{leak}"
+    );
+    let huge = reason("huge").await;
+    assert!(
+        huge.contains("[100000, 100000]") && huge.contains("--max-body-bytes"),
+        "{huge}"
+    );
+    let r = s
+        .http
+        .post(s.at("/v2/models/leak/infer"))
+        .json(&json!({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [16], "data": vec![0u8; 16]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the secret is not served");
+    let (status, _, _) = s
+        .infer("/v2/models/fine/infer", &super::harness::batch(1))
+        .await;
+    assert_eq!(status, 200);
+}
