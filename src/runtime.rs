@@ -2,7 +2,8 @@
 //! own worker threads, and clients of remote Open Inference Protocol servers.
 //!
 //! Layout: [`library`] finds and loads `libonnxruntime`; [`signature`] is a
-//! model's input/output contract; [`onnx`] builds sessions and runs them;
+//! model's input/output contract; [`inspect`] refuses models that read data
+//! from outside their file; [`onnx`] builds sessions and runs them;
 //! [`worker`] gives each session a thread and a bounded queue; [`remote`]
 //! speaks V2 to another server. [`Engine`] is what the gateway calls: it does
 //! not know about versions, routes or rollouts.
