@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// How long a version leaving the routes may take to finish its requests.
     #[arg(long, default_value = "30s")]
     pub drain_timeout: HumanDuration,
+    /// How long a version's warm-up inference may run when it is registered
+    /// or loaded; a model still running then is stopped and refused.
+    #[arg(long, default_value = "60s")]
+    pub load_timeout: HumanDuration,
     /// Recent request ids remembered for delayed labels (feedback).
     #[arg(long, default_value_t = 100_000)]
     pub remember_requests: usize,
@@ -237,6 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                 },
                 drain_timeout: args.drain_timeout.0,
+                load_timeout: args.load_timeout.0,
                 inference_token_file: args.inference_token_file,
                 header_read_timeout: args.header_read_timeout.0,
                 max_connections: args.max_connections,

@@ -24,7 +24,7 @@ use crate::registry::{
     Added, NewVersion, Registry, RegistryError, SettingsPatch, Source, VersionRecord,
 };
 use crate::runtime::{
-    Batching, Engine, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
+    Batching, Engine, LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
 };
 use crate::store::NewEvent;
 
@@ -38,6 +38,8 @@ pub struct Controller {
     telemetry: Arc<Telemetry>,
     /// How long a pool that left the routes may take to finish its requests.
     drain_timeout: Duration,
+    /// What a replica's warm-up may take (input bytes, time).
+    limits: LoadLimits,
     /// One change at a time: load/publish sequences never interleave.
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
@@ -90,6 +92,7 @@ pub struct ControllerParts {
     pub telemetry: Arc<Telemetry>,
     pub drain_timeout: Duration,
     pub reach: Reach,
+    pub limits: LoadLimits,
 }
 
 impl Controller {
@@ -102,6 +105,7 @@ impl Controller {
             metrics: p.metrics,
             telemetry: p.telemetry,
             drain_timeout: p.drain_timeout,
+            limits: p.limits,
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             reach: p.reach,
@@ -437,7 +441,11 @@ impl Controller {
             version: record.version.clone(),
             reason,
         };
-        let warmup = record.signature.warmup_inputs();
+        let warmup = record
+            .signature
+            .warmup_inputs(self.limits.max_input_bytes)
+            .map_err(start_err)?;
+        let load_timeout = self.limits.timeout;
         let mut replicas = Vec::new();
         match &record.source {
             Source::Onnx { digest, .. } => {
@@ -460,7 +468,7 @@ impl Controller {
                     let worker =
                         tokio::task::spawn_blocking(move || -> Result<Worker, RuntimeError> {
                             let mut session = onnx.session(&bytes, threads)?;
-                            session.run(warmup)?;
+                            session.run_within(warmup, load_timeout)?;
                             Worker::spawn(&name, session, queue, batching).map_err(|e| {
                                 RuntimeError::Unavailable(format!(
                                     "cannot start a worker thread: {e}"

@@ -31,7 +31,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ferry::cli::run(cli)) {
+    let result = runtime.block_on(ferry::cli::run(cli));
+    // Dropping the runtime would wait for every blocking task, and one may
+    // be stuck in ONNX Runtime (a warm-up being stopped): `serve` has already
+    // waited its drain timeout, so give them a moment and exit regardless.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

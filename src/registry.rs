@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{OnnxRuntime, RemoteClient, RemoteTarget, Signature};
+use crate::runtime::{
+    LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
+};
 use crate::store::{DiskProblem, Inserted, NewEvent, Store, StoreError};
 use crate::units::{HumanDuration, now_rfc3339};
 pub use blobs::Blobs;
@@ -287,6 +289,8 @@ pub struct Registry {
     blobs: Arc<Blobs>,
     onnx: Arc<OnnxRuntime>,
     http: crate::runtime::remote::RemoteHttp,
+    /// What a warm-up at registration may take (input bytes, time).
+    limits: LoadLimits,
 }
 
 impl Registry {
@@ -295,12 +299,14 @@ impl Registry {
         blobs: Arc<Blobs>,
         onnx: Arc<OnnxRuntime>,
         http: crate::runtime::remote::RemoteHttp,
+        limits: LoadLimits,
     ) -> Registry {
         Registry {
             store,
             blobs,
             onnx,
             http,
+            limits,
         }
     }
 
@@ -360,9 +366,10 @@ impl Registry {
                 }
                 let onnx = self.onnx.clone();
                 let blobs = self.blobs.clone();
+                let limits = self.limits;
                 let signature =
                     tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
-                        let signature = validate_onnx(&onnx, &bytes)?;
+                        let signature = validate_onnx(&onnx, &bytes, limits)?;
                         blobs.put(&digest, &bytes).map_err(|e| {
                             let what = format!(
                                 "cannot store the artifact ({} bytes) in {}: {e}",
@@ -455,7 +462,10 @@ impl Registry {
                     "remote endpoint {shown} has a different signature from the first endpoint; all endpoints of a version must serve the same model"
                 )));
             }
-            tokio::time::timeout(timeout, client.infer(&sig.warmup_inputs()))
+            let warmup = sig
+                .warmup_inputs(self.limits.max_input_bytes)
+                .map_err(|e| RegistryError::Artifact(format!("remote endpoint {shown}: {e}")))?;
+            tokio::time::timeout(timeout, client.infer(&warmup))
                 .await
                 .map_err(|_| {
                     RegistryError::Artifact(format!(
@@ -556,17 +566,28 @@ fn same_or_conflict(existing: VersionRecord, source: &Source) -> Result<Added, R
     )))
 }
 
-/// Loads an ONNX model and runs a warm-up inference; returns its signature.
-pub fn validate_onnx(onnx: &OnnxRuntime, bytes: &[u8]) -> Result<Signature, RegistryError> {
+/// Loads an ONNX model and runs a warm-up inference within `limits`;
+/// returns its signature.
+pub fn validate_onnx(
+    onnx: &OnnxRuntime,
+    bytes: &[u8],
+    limits: LoadLimits,
+) -> Result<Signature, RegistryError> {
     let mut session = onnx
         .session(bytes, 1)
         .map_err(|e| RegistryError::Artifact(e.to_string()))?;
     let signature = session.signature().clone();
-    session.run(signature.warmup_inputs()).map_err(|e| {
-        RegistryError::Artifact(format!(
-            "the model loads but its warm-up inference failed: {e}"
-        ))
-    })?;
+    let warmup = signature
+        .warmup_inputs(limits.max_input_bytes)
+        .map_err(RegistryError::Artifact)?;
+    session
+        .run_within(warmup, limits.timeout)
+        .map_err(|e| match e {
+            RuntimeError::Deadline(_) => RegistryError::Artifact(e.to_string()),
+            e => RegistryError::Artifact(format!(
+                "the model loads but its warm-up inference failed: {e}"
+            )),
+        })?;
     Ok(signature)
 }
 

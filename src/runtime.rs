@@ -2,12 +2,14 @@
 //! own worker threads, and clients of remote Open Inference Protocol servers.
 //!
 //! Layout: [`library`] finds and loads `libonnxruntime`; [`signature`] is a
-//! model's input/output contract; [`onnx`] builds sessions and runs them;
+//! model's input/output contract; [`inspect`] refuses models that read data
+//! from outside their file; [`onnx`] builds sessions and runs them;
 //! [`worker`] gives each session a thread and a bounded queue; [`remote`]
 //! speaks V2 to another server. [`Engine`] is what the gateway calls: it does
 //! not know about versions, routes or rollouts.
 
 pub mod batch;
+pub mod inspect;
 pub mod library;
 pub mod onnx;
 pub mod remote;
@@ -38,6 +40,10 @@ pub enum RuntimeError {
     /// The artifact is not a model ONNX Runtime can load.
     #[error("not a loadable ONNX model: {0}")]
     InvalidModel(String),
+    /// The model is one Ferry will not load: it reads data from outside its
+    /// file, or declares inputs no request could carry.
+    #[error("{0}")]
+    Refused(String),
     /// The model loads but its inputs or outputs are not something Ferry can serve.
     #[error("{0}")]
     UnsupportedSignature(String),
@@ -56,6 +62,13 @@ pub enum RuntimeError {
     /// No answer within the version's timeout.
     #[error("no answer within the timeout of {0:?}")]
     Timeout(Duration),
+    /// A run (a warm-up) did not finish within its deadline and was stopped.
+    #[error(
+        "the warm-up inference did not finish within the load timeout of {}; ONNX Runtime was told to stop it \
+         and the model was not loaded (a model whose run takes longer needs a longer `ferry serve --load-timeout`)",
+        crate::units::HumanDuration(*.0)
+    )]
+    Deadline(Duration),
     /// The replica cannot take requests (stopped, or a remote that does not answer).
     #[error("{0}")]
     Unavailable(String),
@@ -66,6 +79,27 @@ impl RuntimeError {
     /// failures of the serving side, false when the input itself is wrong.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, RuntimeError::BadInput(_))
+    }
+}
+
+/// Bounds on loading a model, whoever declared it (an ONNX file or a
+/// remote server's metadata): `ferry serve --max-body-bytes` and
+/// `--load-timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadLimits {
+    /// Most bytes a warm-up's inputs may take: the request body limit, since
+    /// a model whose smallest request is larger could never be served.
+    pub max_input_bytes: u64,
+    /// How long a warm-up inference may run before it is stopped.
+    pub timeout: Duration,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        LoadLimits {
+            max_input_bytes: 64 << 20,
+            timeout: Duration::from_secs(60),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `ferry serve`: opens the data dir, loads ONNX Runtime, wires the store,
 //! registry, controller, gateway and HTTP API together, and serves until
-//! SIGINT/SIGTERM (in-flight requests finish first).
+//! SIGINT/SIGTERM (in-flight requests finish first, within the drain timeout).
 
 mod slots;
 
@@ -19,7 +19,7 @@ use crate::gateway::recent::RecentPredictions;
 use crate::gateway::{Gateway, RouteTable};
 use crate::metrics::{Metrics, Telemetry};
 use crate::registry::{Blobs, Registry};
-use crate::runtime::{OnnxRuntime, remote};
+use crate::runtime::{LoadLimits, OnnxRuntime, remote};
 use crate::store::{SqliteStore, Store};
 use crate::units::HumanDuration;
 
@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// How long a version leaving the routes may take to finish its requests.
     pub drain_timeout: Duration,
+    /// How long a version's warm-up inference may run (registration and
+    /// every load) before it is stopped and the version refused.
+    pub load_timeout: Duration,
     /// Request ids remembered for delayed labels.
     pub remember_requests: usize,
     /// The optional sampled prediction log.
@@ -143,7 +146,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(retention) = opts.event_retention {
         tokio::spawn(expire_events(store.clone(), retention));
     }
-    let registry = Arc::new(Registry::new(store, blobs, onnx.clone(), http.clone()));
+    let load_limits = LoadLimits {
+        max_input_bytes: opts.limits.max_body_bytes as u64,
+        timeout: opts.load_timeout,
+    };
+    let registry = Arc::new(Registry::new(
+        store,
+        blobs,
+        onnx.clone(),
+        http.clone(),
+        load_limits,
+    ));
     let controller = Arc::new(Controller::new(ControllerParts {
         registry,
         routes: routes.clone(),
@@ -153,6 +166,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         drain_timeout: opts.drain_timeout,
         reach: opts.reach.clone(),
+        limits: load_limits,
     }));
     let prediction_log = match opts.prediction_log.clone() {
         Some(settings) => {
@@ -353,7 +367,17 @@ async fn serve_connections(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // In-flight requests finish within the drain timeout, whatever they
+    // wait on (a warm-up that does not end included); the rest are cut off.
+    if tokio::time::timeout(opts.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running after the drain timeout of {:?}; stopping without them",
+            opts.drain_timeout
+        );
+    }
 }
 
 /// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it

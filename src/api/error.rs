@@ -108,7 +108,9 @@ impl From<RuntimeError> for ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m)
             },
-            RuntimeError::InvalidModel(_) | RuntimeError::UnsupportedSignature(_) => {
+            RuntimeError::InvalidModel(_)
+            | RuntimeError::UnsupportedSignature(_)
+            | RuntimeError::Refused(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
             RuntimeError::Upstream(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),

@@ -1,16 +1,23 @@
 //! ONNX Runtime sessions: load the library once per process, build one session
 //! per replica (graph optimisation on, threads set deliberately), read the
 //! model's signature, and run it on typed tensors.
+//!
+//! Only self-contained models get a session ([`super::inspect`]): nothing
+//! is ever read from a path the model names. A run can be given a deadline
+//! ([`OnnxSession::run_within`]), after which ONNX Runtime is told to stop.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::time::Duration;
 
 use ort::environment::Environment;
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use super::signature::{Signature, TensorSpec};
-use super::{RuntimeError, library};
+use super::{RuntimeError, inspect, library};
 use crate::protocol::tensor::each_variant;
 use crate::protocol::{DataType, Tensor, TensorData};
 
@@ -39,11 +46,24 @@ impl OnnxRuntime {
     }
 
     /// Builds a session for one replica. `threads` is the intra-op thread
-    /// count: replicas × threads should not exceed the cores.
+    /// count: replicas × threads should not exceed the cores. A model that
+    /// is not self-contained (external data) is refused before ONNX Runtime
+    /// sees it, here and so at registration and at every load.
     pub fn session(&self, model: &[u8], threads: usize) -> Result<OnnxSession, RuntimeError> {
+        inspect::check_self_contained(model)
+            .map_err(|why| RuntimeError::Refused(why.to_string()))?;
         let invalid = |e: String| RuntimeError::InvalidModel(e);
         let session = Session::builder(&self.env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
+            // Belt and braces: were external data ever let through, it would
+            // be looked for in a directory that does not exist, never in the
+            // working directory.
+            .and_then(|b| {
+                Ok(b.with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    NO_EXTERNAL_DATA_DIR,
+                )?)
+            })
             .and_then(|b| Ok(b.with_intra_threads(threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
@@ -65,6 +85,9 @@ impl OnnxRuntime {
         Ok(OnnxSession { session, signature })
     }
 }
+
+/// Where ONNX Runtime is told external data lives: nowhere.
+const NO_EXTERNAL_DATA_DIR: &str = "/nonexistent/ferry-models-are-self-contained";
 
 fn datatype(t: TensorElementType) -> Option<DataType> {
     Some(match t {
@@ -167,6 +190,48 @@ impl OnnxSession {
 
     /// Runs the model; inputs must already match the signature.
     pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        self.run_with(inputs, None)
+    }
+
+    /// Runs the model, telling ONNX Runtime to stop if the run has not
+    /// finished within `limit` (a watchdog thread; for warm-ups, not the
+    /// request path). A run stopped that way is [`RuntimeError::Deadline`].
+    pub fn run_within(
+        &mut self,
+        inputs: Vec<Tensor>,
+        limit: Duration,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let options =
+            Arc::new(RunOptions::new().map_err(|e| RuntimeError::Inference(e.to_string()))?);
+        let (finished, done) = channel::<()>();
+        let watchdog = {
+            let options = options.clone();
+            std::thread::Builder::new()
+                .name("ferry-deadline".into())
+                .spawn(move || match done.recv_timeout(limit) {
+                    Err(RecvTimeoutError::Timeout) => options.terminate().is_ok(),
+                    _ => false,
+                })
+                .map_err(|e| {
+                    RuntimeError::Unavailable(format!("cannot start a watchdog thread: {e}"))
+                })?
+        };
+        let result = self.run_with(inputs, Some(&options));
+        drop(finished);
+        let terminated = watchdog.join().unwrap_or(false);
+        match result {
+            Err(_) if terminated => Err(RuntimeError::Deadline(limit)),
+            other => other,
+        }
+    }
+
+    /// Runs the model under `options`, whose terminate flag another thread
+    /// may set to stop the run.
+    pub fn run_with(
+        &mut self,
+        inputs: Vec<Tensor>,
+        options: Option<&RunOptions>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
             let name = t.name.clone();
@@ -174,10 +239,11 @@ impl OnnxSession {
                 to_ort(t).map_err(|e| RuntimeError::BadInput(format!("input \"{name}\": {e}")))?;
             values.push((name, v));
         }
-        let outputs = self
-            .session
-            .run(values)
-            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let outputs = match options {
+            Some(options) => self.session.run_with_options(values, options),
+            None => self.session.run(values),
+        }
+        .map_err(|e| RuntimeError::Inference(e.to_string()))?;
         self.signature
             .outputs
             .iter()

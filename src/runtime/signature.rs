@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::tensor::element_count;
 use crate::protocol::{DataType, Tensor, TensorData};
 
 /// One input or output of a model.
@@ -132,23 +133,58 @@ impl Signature {
 
     /// A one-row input of zeros (any-size dimensions set to 1): the warm-up
     /// inference every version must pass before it takes traffic.
-    pub fn warmup_inputs(&self) -> Vec<Tensor> {
-        self.inputs
+    ///
+    /// The shapes are the model's (or a remote server's) declarations, so
+    /// the bytes they take are checked against `max_bytes` before anything
+    /// is allocated: a request must carry every input in one body of at most
+    /// `--max-body-bytes`, so a model whose smallest request is larger can
+    /// never be served, and its warm-up must not take the server's memory.
+    pub fn warmup_inputs(&self, max_bytes: u64) -> Result<Vec<Tensor>, String> {
+        let shapes: Vec<Vec<i64>> = self
+            .inputs
             .iter()
             .map(|s| {
-                let shape: Vec<i64> = s
-                    .shape
+                s.shape
                     .iter()
                     .map(|d| if *d < 0 { 1 } else { *d })
-                    .collect();
-                let n = shape.iter().product::<i64>().max(0) as usize;
+                    .collect()
+            })
+            .collect();
+        let mut total: u64 = 0;
+        for (s, shape) in self.inputs.iter().zip(&shapes) {
+            let bytes = element_count(shape)
+                .ok()
+                .and_then(|n| n.checked_mul(s.datatype.byte_size() as u64));
+            total = bytes.and_then(|b| total.checked_add(b)).unwrap_or(u64::MAX);
+            if total > max_bytes {
+                let bytes = bytes.map_or("more than 2^64".to_string(), |b| b.to_string());
+                let others = if self.inputs.len() > 1 {
+                    " (with the inputs before it)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "input \"{}\" is declared {} {:?}: the smallest request would carry {bytes} bytes of it{others}, \
+                     more than the limit of {max_bytes} bytes on a request body (--max-body-bytes), so the model \
+                     could never be served; declare the batch dimension as dynamic (-1) or the input smaller",
+                    s.name, s.datatype, s.shape
+                ));
+            }
+        }
+        // Every size is known to fit under `max_bytes` from here on.
+        Ok(self
+            .inputs
+            .iter()
+            .zip(shapes)
+            .map(|(s, shape)| {
+                let n = element_count(&shape).unwrap_or(0) as usize;
                 Tensor {
                     name: s.name.clone(),
                     shape,
                     data: TensorData::zeros(s.datatype, n),
                 }
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -234,8 +270,69 @@ mod tests {
 
     #[test]
     fn warmup_is_one_row_of_zeros() {
-        let w = sig().warmup_inputs();
+        let w = sig().warmup_inputs(64 << 20).unwrap();
         assert_eq!(w[0].shape, vec![1, 3]);
         assert_eq!(w[0].data, TensorData::Fp32(vec![0.0; 3]));
+    }
+
+    fn declaring(inputs: &[(&str, DataType, Vec<i64>)]) -> Signature {
+        Signature {
+            inputs: inputs
+                .iter()
+                .map(|(name, datatype, shape)| TensorSpec {
+                    name: name.to_string(),
+                    datatype: *datatype,
+                    shape: shape.clone(),
+                })
+                .collect(),
+            outputs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_declared_input_larger_than_a_request_can_carry_is_refused_before_allocating() {
+        let huge = declaring(&[("x", DataType::Fp32, vec![100_000, 100_000])]);
+        let err = huge.warmup_inputs(64 << 20).unwrap_err();
+        assert!(
+            err.starts_with("input \"x\" is declared FP32 [100000, 100000]: the smallest request would carry 40000000000 bytes")
+                && err.contains("limit of 67108864 bytes")
+                && err.contains("--max-body-bytes"),
+            "{err}"
+        );
+        // Exactly at the cap is fine; one byte over is not.
+        let at = declaring(&[("x", DataType::Uint8, vec![-1, 1024])]);
+        assert_eq!(at.warmup_inputs(1024).unwrap()[0].data.len(), 1024);
+        assert!(at.warmup_inputs(1023).is_err());
+        // Inputs add up.
+        let two = declaring(&[
+            ("a", DataType::Fp64, vec![64]),
+            ("b", DataType::Fp64, vec![64]),
+        ]);
+        assert!(two.warmup_inputs(1024).is_ok());
+        let err = two.warmup_inputs(1023).unwrap_err();
+        assert!(
+            err.contains("input \"b\"") && err.contains("with the inputs before it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shapes_whose_size_overflows_are_refused_not_wrapped() {
+        for shape in [
+            vec![i64::MAX, i64::MAX],
+            vec![1 << 62, 4],
+            vec![1 << 31, 1 << 31, 1 << 2],
+        ] {
+            let s = declaring(&[("x", DataType::Fp64, shape.clone())]);
+            let err = s.warmup_inputs(u64::MAX - 1).unwrap_err();
+            assert!(err.contains("more than 2^64 bytes"), "{shape:?}: {err}");
+        }
+        // Two inputs whose sum overflows.
+        let s = declaring(&[
+            ("a", DataType::Uint8, vec![i64::MAX]),
+            ("b", DataType::Uint8, vec![i64::MAX]),
+            ("c", DataType::Uint8, vec![i64::MAX]),
+        ]);
+        assert!(s.warmup_inputs(u64::MAX - 1).is_err());
     }
 }

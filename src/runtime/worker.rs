@@ -12,6 +12,12 @@
 //! With adaptive batching on, the worker waits up to the batch delay after a
 //! request for others to arrive and runs them as one batch ([`batch`]).
 //!
+//! A caller that stops waiting (its timeout passed) stops the run it is
+//! waiting for, when the worker thread runs it alone: ONNX Runtime's
+//! terminate flag ([`Cancel`]), so a run that would spin for hours frees
+//! the replica. Inline runs and batches are not stopped that way (an
+//! inline run is one the async thread is inside; a batch serves others).
+//!
 //! Dropping every handle to a worker closes its queue: the thread finishes the
 //! jobs already queued (the drain), then drops the session and exits.
 
@@ -25,6 +31,8 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
+use ort::session::RunOptions;
+
 use super::onnx::OnnxSession;
 use super::{RuntimeError, batch};
 use crate::protocol::Tensor;
@@ -32,6 +40,8 @@ use crate::protocol::Tensor;
 type Reply = oneshot::Sender<Result<Vec<Tensor>, RuntimeError>>;
 
 struct Job {
+    /// Which job this is, for [`Cancel`] (from 1).
+    id: u64,
     inputs: Vec<Tensor>,
     reply: Reply,
 }
@@ -65,6 +75,8 @@ pub struct Worker {
 struct Shared {
     session: Mutex<OnnxSession>,
     pace: Pace,
+    cancel: Cancel,
+    next_id: AtomicU64,
 }
 
 impl Shared {
@@ -73,18 +85,87 @@ impl Shared {
         &self,
         session: &mut OnnxSession,
         inputs: Vec<Tensor>,
+        options: Option<&RunOptions>,
     ) -> Result<Vec<Tensor>, RuntimeError> {
         let started = Instant::now();
-        let result = guarded(session, inputs);
+        let result = guarded(session, inputs, options);
         self.pace.ran(started.elapsed());
         result
     }
 }
 
 /// One session run; a panic in the engine becomes an error for this request.
-fn guarded(session: &mut OnnxSession, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)))
+fn guarded(
+    session: &mut OnnxSession,
+    inputs: Vec<Tensor>,
+    options: Option<&RunOptions>,
+) -> Result<Vec<Tensor>, RuntimeError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| session.run_with(inputs, options)))
         .unwrap_or_else(|_| Err(RuntimeError::Inference("the engine panicked".into())))
+}
+
+/// Stops the worker thread's run of a job whose caller has gone. One
+/// `RunOptions` per replica, made once (no per-run cost); its terminate
+/// flag is set only while the thread runs exactly that job, under a lock
+/// the thread also takes to move to its next job (and clear the flag), so
+/// a stop can never reach another request.
+struct Cancel {
+    options: RunOptions,
+    /// The job running alone on the thread (0: none) and whether its stop
+    /// was asked for.
+    running: Mutex<(u64, bool)>,
+}
+
+impl Cancel {
+    fn new() -> Result<Cancel, RuntimeError> {
+        Ok(Cancel {
+            options: RunOptions::new().map_err(|e| RuntimeError::Inference(e.to_string()))?,
+            running: Mutex::new((0, false)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The thread starts running job `id` alone.
+    fn start(&self, id: u64) {
+        *self.lock() = (id, false);
+    }
+
+    /// The thread is done with its job; a stop that came late is cleared.
+    fn finish(&self) {
+        let mut running = self.lock();
+        if running.1 {
+            let _ = self.options.unterminate();
+        }
+        *running = (0, false);
+    }
+
+    /// The caller of job `id` stopped waiting: stop its run if it is the
+    /// one running.
+    fn stop(&self, id: u64) {
+        let mut running = self.lock();
+        if running.0 == id && !running.1 {
+            running.1 = self.options.terminate().is_ok();
+        }
+    }
+}
+
+/// Stops the job's run when the caller's future is dropped before the
+/// answer came (the version's timeout).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.cancel.stop(self.id);
+        }
+    }
 }
 
 /// Whether a request may run inline: how long recent runs took, and how
@@ -136,10 +217,18 @@ impl Pace {
     }
 }
 
-/// Runs jobs one by one.
+/// Runs jobs one by one; each can be stopped by its caller ([`Cancel`]).
 fn run_each(shared: &Shared, session: &mut OnnxSession, jobs: Vec<Job>) {
     for job in jobs {
-        let _ = job.reply.send(shared.run(session, job.inputs));
+        shared.cancel.start(job.id);
+        // After `start`: a caller that leaves from here on stops the run.
+        if job.reply.is_closed() {
+            shared.cancel.finish();
+            continue;
+        }
+        let result = shared.run(session, job.inputs, Some(&shared.cancel.options));
+        shared.cancel.finish();
+        let _ = job.reply.send(result);
     }
 }
 
@@ -153,7 +242,7 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, jobs: Vec<Job>) {
     let Some((merged, rows)) = batch::merge(&inputs) else {
         return run_each(shared, session, jobs);
     };
-    match guarded(session, merged)
+    match guarded(session, merged, None)
         .ok()
         .and_then(|out| batch::split(out, &rows))
     {
@@ -178,9 +267,12 @@ impl Worker {
     ) -> std::io::Result<Worker> {
         let depth = depth.max(1);
         let (queue, jobs) = sync_channel::<Job>(depth);
+        let cancel = Cancel::new().map_err(|e| std::io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
             session: Mutex::new(session),
             pace: Pace::new(batching.is_none()),
+            cancel,
+            next_id: AtomicU64::new(1),
         });
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -230,11 +322,12 @@ impl Worker {
         if self.shared.pace.may_run_inline()
             && let Ok(mut session) = self.shared.session.try_lock()
         {
-            return self.shared.run(&mut session, inputs);
+            return self.shared.run(&mut session, inputs, None);
         }
         let (reply, answer) = oneshot::channel();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.pace.sent();
-        match self.queue.try_send(Job { inputs, reply }) {
+        match self.queue.try_send(Job { id, inputs, reply }) {
             Ok(()) => {}
             Err(e) => {
                 self.shared.pace.taken();
@@ -246,8 +339,14 @@ impl Worker {
                 });
             }
         }
+        let mut waiting = Waiting {
+            shared: &self.shared,
+            id,
+            answered: false,
+        };
+        let answer = answer.await;
+        waiting.answered = true;
         answer
-            .await
             .map_err(|_| RuntimeError::Unavailable("the replica stopped before answering".into()))?
     }
 }
