@@ -131,6 +131,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     Router::new()
         .merge(v2::router(state.clone()))
         .merge(control::router(state.clone(), limits))
+        .merge(rollouts::router(state.clone()))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics))
         .route("/ui/", get(crate::dashboard::index))
         .route("/ui", get(crate::dashboard::redirect))

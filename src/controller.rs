@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::gateway::{ModelRoute, Replica, RoutePolicy, RouteTable, VersionPool};
 use crate::metrics::{Metrics, Role, Telemetry};
-use crate::registry::{
-    Added, NewVersion, Registry, RegistryError, SettingsPatch, Source, VersionRecord,
-};
+use crate::records::{SettingsPatch, Source, VersionRecord};
+use crate::registry::{Added, NewVersion, Registry, RegistryError};
 use crate::runtime::{
     Batching, Engine, LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
 };

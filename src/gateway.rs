@@ -125,7 +125,7 @@ impl Gateway {
         headers: &HeaderMap,
     ) -> Result<Routed, GatewayError> {
         let route = self.routes.model(model).ok_or_else(|| {
-            let model = crate::registry::shown_name(model);
+            let model = crate::records::shown_name(model);
             GatewayError::NotFound(format!(
                 "model \"{model}\" is not served here; GET /v2/repository/index lists the models and their state"
             ))

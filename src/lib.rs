@@ -16,6 +16,7 @@
 //! |---|---|
 //! | [`protocol`] | Open Inference Protocol types, the JSON and binary tensor codec, error body |
 //! | [`runtime`] | ONNX Runtime sessions on worker threads, remote V2 clients, model signatures |
+//! | [`records`] | the plain data every layer shares: models, versions, settings, sources, name rules |
 //! | [`registry`] | models, versions, labels, serving settings, content-addressed artifacts, validation |
 //! | [`gateway`] | per-request choice of version and replica, from the route table |
 //! | [`metrics`] | per-version counters and latency histograms; Prometheus export |
@@ -42,6 +43,7 @@ pub mod dashboard;
 pub mod gateway;
 pub mod metrics;
 pub mod protocol;
+pub mod records;
 pub mod registry;
 pub mod runtime;
 pub mod server;

@@ -24,7 +24,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-pub use window::{Series, Summary, unix_now};
+use crate::units::now_secs;
+pub use window::{Series, Summary};
 
 /// What a version does for a request; telemetry is kept per role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
@@ -431,7 +432,7 @@ impl Telemetry {
             .get(model)
             .and_then(|m| m.get(version))
             .and_then(|roles| roles[role.index()].clone());
-        series.map_or_else(Summary::default, |s| s.complete_summary(unix_now(), window))
+        series.map_or_else(Summary::default, |s| s.complete_summary(now_secs(), window))
     }
 
     /// Keeps a disagreement as an example (the most recent few per version).
@@ -456,7 +457,7 @@ impl Telemetry {
 
     /// Summaries of every series of a model over the last `window`.
     pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
-        let now = unix_now();
+        let now = now_secs();
         let all = self.series.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         if let Some(versions) = all.get(model) {
@@ -479,7 +480,7 @@ impl Telemetry {
     /// Drops the series of versions that no longer serve and have seen no
     /// traffic for the whole retention (15 minutes).
     pub fn forget_idle(&self, model: &str, serving: &[&str]) {
-        let now = unix_now();
+        let now = now_secs();
         let retention = (window::RING as u64) * window::BUCKET_SECS;
         let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
         if let Some(versions) = all.get_mut(model) {
@@ -537,11 +538,11 @@ mod tests {
     fn telemetry_series_are_per_role_and_summarised() {
         let t = Telemetry::default();
         t.series("m", "1", Role::Stable)
-            .record(unix_now(), |b| b.requests += 3);
+            .record(now_secs(), |b| b.requests += 3);
         t.series("m", "1", Role::Stable)
-            .record(unix_now(), |b| b.requests += 2);
+            .record(now_secs(), |b| b.requests += 2);
         t.series("m", "2", Role::Candidate)
-            .record(unix_now(), |b| b.requests += 1);
+            .record(now_secs(), |b| b.requests += 1);
         let s = t.summaries("m", Duration::from_secs(30));
         assert_eq!(s.len(), 2);
         assert_eq!(

@@ -4,15 +4,18 @@
 //! This module knows nothing about routing or models: it turns bytes into typed
 //! tensors and back, and says precisely what is wrong with malformed input.
 //! Layout: [`tensor`] (datatypes and typed tensor data), [`codec`] (decoding
-//! requests, encoding responses, both for JSON and the binary extension).
+//! requests, encoding responses, both for JSON and the binary extension),
+//! [`signature`] (a model's inputs and outputs: what its clients must send).
 
 pub mod codec;
+pub mod signature;
 pub mod tensor;
 
 pub use codec::{
     InferRequest, InferResponse, RequestedOutput, Rewritten, decode_request, decode_response_json,
     encode_request_json, encode_response, names_outputs, rewrite_response,
 };
+pub use signature::{Signature, TensorSpec};
 pub use tensor::{DataType, Tensor, TensorData};
 
 /// Header that announces the binary tensor data extension: the length of the

@@ -11,160 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use crate::records::{
+    ModelRecord, NameError, ServingSettings, SettingsPatch, Source, VersionRecord, check_name,
+};
 use crate::runtime::{
     LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
 };
-use crate::store::{DiskProblem, Inserted, NewEvent, Store, StoreError};
-use crate::units::{HumanDuration, now_rfc3339};
+use crate::store::{DiskProblem, Event, Inserted, NewEvent, Page, Store, StoreError};
+use crate::units::now_rfc3339;
 pub use blobs::Blobs;
-
-/// A model: the name clients call.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-pub struct ModelRecord {
-    pub name: String,
-    /// The version serving production traffic (the first one registered,
-    /// until a rollout changes it).
-    pub stable: Option<String>,
-    pub created_at: String,
-}
-
-/// Where a version's answers come from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Source {
-    /// An ONNX file stored as `blobs/sha256/<digest>`.
-    Onnx { digest: String, size: u64 },
-    /// Endpoints of a remote V2 server; each one is a replica.
-    Remote { endpoints: Vec<String> },
-}
-
-/// How a version runs whenever it serves. For remote versions the replicas
-/// are the endpoints, and `replicas`/`threads` do not apply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ServingSettings {
-    /// ONNX Runtime sessions, each on its own worker thread.
-    pub replicas: u32,
-    /// Intra-op threads per session; replicas × threads should not exceed the cores.
-    pub threads: u32,
-    /// Requests that may wait per replica before new ones get 503 + Retry-After.
-    pub queue: u32,
-    /// Longest wait for an answer before the request fails.
-    #[schema(value_type = String, example = "2s")]
-    pub timeout: HumanDuration,
-    /// Adaptive batching: up to this many concurrent requests merged into
-    /// one run (1: off).
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub batch_max: u32,
-    /// Adaptive batching: how long the first request of a batch waits for
-    /// others (default 2ms when batching is on).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "2ms")]
-    pub batch_delay: Option<HumanDuration>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn is_one(v: &u32) -> bool {
-    *v == 1
-}
-
-impl Default for ServingSettings {
-    fn default() -> Self {
-        ServingSettings {
-            replicas: 1,
-            threads: 1,
-            queue: 128,
-            timeout: HumanDuration(Duration::from_secs(2)),
-            batch_max: 1,
-            batch_delay: None,
-        }
-    }
-}
-
-/// A change to some serving settings; absent fields stay as they are.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SettingsPatch {
-    pub replicas: Option<u32>,
-    pub threads: Option<u32>,
-    pub queue: Option<u32>,
-    #[schema(value_type = Option<String>, example = "2s")]
-    pub timeout: Option<HumanDuration>,
-    pub batch_max: Option<u32>,
-    #[schema(value_type = Option<String>, example = "2ms")]
-    pub batch_delay: Option<HumanDuration>,
-}
-
-impl ServingSettings {
-    /// The batching window, when batching is on.
-    pub fn batching(&self) -> Option<(usize, Duration)> {
-        (self.batch_max > 1).then(|| {
-            (
-                self.batch_max as usize,
-                self.batch_delay.map_or(Duration::from_millis(2), |d| d.0),
-            )
-        })
-    }
-
-    pub fn apply(&self, patch: &SettingsPatch) -> ServingSettings {
-        ServingSettings {
-            replicas: patch.replicas.unwrap_or(self.replicas),
-            threads: patch.threads.unwrap_or(self.threads),
-            queue: patch.queue.unwrap_or(self.queue),
-            timeout: patch.timeout.unwrap_or(self.timeout),
-            batch_max: patch.batch_max.unwrap_or(self.batch_max),
-            batch_delay: patch.batch_delay.or(self.batch_delay),
-        }
-    }
-
-    /// Checks the ranges; the error names the setting and the allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        let check = |name: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("{name} must be between {lo} and {hi}, not {v}"))
-            }
-        };
-        check("replicas", self.replicas.into(), 1, 64)?;
-        check("threads", self.threads.into(), 1, 256)?;
-        check("queue", self.queue.into(), 1, 1_000_000)?;
-        check("batch_max", self.batch_max.into(), 1, 1024)?;
-        if let Some(d) = self.batch_delay
-            && d.0 > Duration::from_millis(100)
-        {
-            return Err(format!("batch_delay must be at most 100ms, not {d}"));
-        }
-        let t = self.timeout.0;
-        if t < Duration::from_millis(1) || t > Duration::from_secs(600) {
-            return Err(format!(
-                "timeout must be between 1ms and 10m, not {}",
-                self.timeout
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// A registered version of a model (immutable but for its serving settings).
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-pub struct VersionRecord {
-    pub model: String,
-    pub version: String,
-    pub source: Source,
-    pub signature: Signature,
-    pub labels: BTreeMap<String, String>,
-    pub settings: ServingSettings,
-    pub created_at: String,
-    /// Loaded beside the stable version through the repository API, so it can
-    /// be called with `/versions/{v}`.
-    pub loaded: bool,
-}
 
 /// What a new version is made from.
 pub enum Artifact {
@@ -216,48 +71,6 @@ pub enum RegistryError {
     },
 }
 
-/// A client-supplied name as error messages show it: control characters
-/// escaped, and at most 40 characters (then `…`), so a hostile name cannot
-/// flood a message or a log line.
-pub fn shown_name(name: &str) -> String {
-    let mut shown: String = name
-        .chars()
-        .take(40)
-        .collect::<String>()
-        .escape_debug()
-        .to_string();
-    if name.chars().nth(40).is_some() {
-        shown.push('…');
-    }
-    shown
-}
-
-/// The names [`check_name`] accepts, as a regular expression (for the
-/// OpenAPI document).
-pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$";
-
-/// Checks a model or version name: 1–128 characters from `A-Z a-z 0-9 . _ -`,
-/// starting with a letter or digit (so never `.`, `..` or a path).
-pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        let shown = shown_name(name);
-        Err(RegistryError::Invalid(format!(
-            "{kind} name \"{shown}\" is not allowed: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )))
-    }
-}
-
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> {
     if labels.len() > 64 {
         return Err(RegistryError::Invalid(
@@ -281,6 +94,12 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> 
         }
     }
     Ok(())
+}
+
+impl From<NameError> for RegistryError {
+    fn from(e: NameError) -> RegistryError {
+        RegistryError::Invalid(e.to_string())
+    }
 }
 
 /// The registry service: validates and records versions.
@@ -312,6 +131,26 @@ impl Registry {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Every model, by name.
+    pub fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
+        Ok(self.store.models()?)
+    }
+
+    /// A model, if it is registered.
+    pub fn model(&self, model: &str) -> Result<Option<ModelRecord>, RegistryError> {
+        Ok(self.store.model(model)?)
+    }
+
+    /// A model's versions, in the order they were registered.
+    pub fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, RegistryError> {
+        Ok(self.store.versions(model)?)
+    }
+
+    /// A page of a model's events, oldest first.
+    pub fn events(&self, model: &str, page: Page) -> Result<Vec<Event>, RegistryError> {
+        Ok(self.store.events(model, page)?)
     }
 
     /// The bytes of a stored ONNX artifact, verified against its digest.
@@ -594,50 +433,6 @@ pub fn validate_onnx(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_a_safe_character_set() {
-        for ok in ["cancer", "v1", "2024-06-01", "a.b_c-d"] {
-            assert!(check_name("model", ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../etc",
-            "a/b",
-            "a\0b",
-            "-x",
-            &"x".repeat(129),
-            "é",
-        ] {
-            assert!(check_name("model", bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn settings_are_range_checked_and_patched() {
-        let s = ServingSettings::default();
-        assert!(s.validate().is_ok());
-        let patched = s.apply(&SettingsPatch {
-            replicas: Some(0),
-            ..Default::default()
-        });
-        assert_eq!(
-            patched.validate().unwrap_err(),
-            "replicas must be between 1 and 64, not 0"
-        );
-        let patched = s.apply(&SettingsPatch {
-            timeout: Some(HumanDuration(Duration::from_secs(3600))),
-            ..Default::default()
-        });
-        assert!(
-            patched
-                .validate()
-                .unwrap_err()
-                .starts_with("timeout must be")
-        );
-    }
 
     #[test]
     fn labels_are_checked() {

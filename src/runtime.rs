@@ -13,15 +13,14 @@ pub mod inspect;
 pub mod library;
 pub mod onnx;
 pub mod remote;
-pub mod signature;
 pub mod worker;
 
 use std::time::Duration;
 
 use crate::protocol::Tensor;
+pub use crate::protocol::{Signature, TensorSpec};
 pub use onnx::OnnxRuntime;
 pub use remote::{RemoteClient, RemoteTarget};
-pub use signature::{Signature, TensorSpec};
 pub use worker::{Batching, Worker};
 
 /// What can go wrong turning an artifact into answers.

@@ -671,8 +671,8 @@ impl RolloutSpec {
 
     /// Checks every field; the error names the field and what is wrong.
     pub fn validate(&self) -> Result<(), String> {
-        crate::registry::check_name("model", &self.model).map_err(|e| e.to_string())?;
-        crate::registry::check_name("version", &self.version).map_err(|e| e.to_string())?;
+        crate::records::check_name("model", &self.model).map_err(|e| e.to_string())?;
+        crate::records::check_name("version", &self.version).map_err(|e| e.to_string())?;
         match &self.strategy {
             Strategy::Basic(_) => {}
             Strategy::Multi(m) => {

@@ -11,7 +11,7 @@ pub mod contract;
 pub mod sqlite;
 
 use crate::gateway::RoutePolicy;
-use crate::registry::{ModelRecord, ServingSettings, VersionRecord};
+use crate::records::{ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::RolloutState;
 

@@ -48,9 +48,23 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// The wall clock in Unix milliseconds: the one place Ferry reads it (pure
+/// logic, strategies and analysis, is given the time instead).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall clock in Unix seconds (metric buckets).
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
 /// Now, as the RFC 3339 timestamp Ferry stores and shows (UTC, milliseconds).
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(now_ms());
+    humantime::format_rfc3339_millis(now).to_string()
 }
 
 #[cfg(test)]

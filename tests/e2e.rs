@@ -9,6 +9,7 @@ mod faults;
 mod hostile_clients;
 mod hostile_models;
 mod hostile_specs;
+mod layers;
 mod load;
 mod registry;
 mod remote;

@@ -16,9 +16,8 @@ use super::error::{ApiJson, ErrorBody};
 use super::{ApiError, AppState, Limits, auth};
 use crate::gateway::RoutePolicy;
 use crate::metrics::SeriesSummary;
-use crate::registry::{
-    Artifact, NewVersion, RegistryError, ServingSettings, SettingsPatch, VersionRecord,
-};
+use crate::records::{ServingSettings, SettingsPatch, VersionRecord};
+use crate::registry::{Artifact, NewVersion};
 use crate::store::Event;
 use crate::units::HumanDuration;
 
@@ -40,9 +39,7 @@ pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
             get(show_route).put(set_route),
         )
         .route("/api/v1/models/{model}/metrics", get(model_metrics))
-        .merge(super::rollouts::router())
         .route_layer(middleware::from_fn_with_state(state, auth::require_admin))
-        .route("/api/v1/openapi.json", get(super::openapi::document))
 }
 
 /// A version as the control API shows it: the record plus whether it serves.
@@ -97,18 +94,14 @@ fn view(s: &AppState, stable: Option<&str>, record: VersionRecord) -> VersionVie
     }
 }
 
-fn store_err(e: crate::store::StoreError) -> ApiError {
-    RegistryError::from(e).into()
-}
-
 /// All models.
 #[utoipa::path(get, path = "/api/v1/models", tag = "registry", security(("admin_token" = [])),
     responses((status = 200, body = Vec<ModelSummary>), (status = 401, body = ErrorBody)))]
 pub async fn list_models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>, ApiError> {
-    let store = s.controller.registry().store();
+    let registry = s.controller.registry();
     let mut out = Vec::new();
-    for m in store.models().map_err(store_err)? {
-        let versions = store.versions(&m.name).map_err(store_err)?;
+    for m in registry.models()? {
+        let versions = registry.versions(&m.name)?;
         out.push(ModelSummary {
             serving: m
                 .stable
@@ -130,16 +123,15 @@ pub async fn show_model(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelView>, ApiError> {
-    crate::registry::check_name("model", &model)?;
-    let store = s.controller.registry().store();
-    let m = store.model(&model).map_err(store_err)?.ok_or_else(|| {
+    crate::records::check_name("model", &model)?;
+    let registry = s.controller.registry();
+    let m = registry.model(&model)?.ok_or_else(|| {
         ApiError::not_found(format!(
             "model \"{model}\" is not registered; add it with `ferry model add {model} VERSION --file MODEL.onnx`"
         ))
     })?;
-    let versions = store
-        .versions(&model)
-        .map_err(store_err)?
+    let versions = registry
+        .versions(&model)?
         .into_iter()
         .map(|v| view(&s, m.stable.as_deref(), v))
         .collect();
@@ -390,14 +382,14 @@ pub async fn events(
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let page = EventsQuery::page(query)?;
-    crate::registry::check_name("model", &model)?;
-    let store = s.controller.registry().store();
-    if store.model(&model).map_err(store_err)?.is_none() {
+    crate::records::check_name("model", &model)?;
+    let registry = s.controller.registry();
+    if registry.model(&model)?.is_none() {
         return Err(ApiError::not_found(format!(
             "model \"{model}\" is not registered"
         )));
     }
-    let events = store.events(&model, page).map_err(store_err)?;
+    let events = registry.events(&model, page)?;
     Ok(events_page(
         &format!("/api/v1/models/{model}/events"),
         page,
@@ -412,7 +404,7 @@ pub async fn show_route(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<RoutePolicy>, ApiError> {
-    crate::registry::check_name("model", &model)?;
+    crate::records::check_name("model", &model)?;
     Ok(Json(s.controller.route(&model)?))
 }
 
@@ -429,7 +421,7 @@ pub async fn set_route(
     Path(model): Path<String>,
     ApiJson(policy): ApiJson<RoutePolicy>,
 ) -> Result<Json<RoutePolicy>, ApiError> {
-    crate::registry::check_name("model", &model)?;
+    crate::records::check_name("model", &model)?;
     Ok(Json(
         s.controller
             .set_route(&model, policy, "control API")
@@ -474,7 +466,7 @@ pub async fn model_metrics(
             "window must be between 1s and 15m, not {window}"
         )));
     }
-    crate::registry::check_name("model", &model)?;
+    crate::records::check_name("model", &model)?;
     s.controller.route(&model)?;
     Ok(Json(ModelMetrics {
         model: model.clone(),

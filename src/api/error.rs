@@ -89,6 +89,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::records::NameError> for ApiError {
+    fn from(e: crate::records::NameError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
 impl From<ProtocolError> for ApiError {
     fn from(e: ProtocolError) -> Self {
         ApiError::bad_request(e.to_string())

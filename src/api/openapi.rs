@@ -69,7 +69,7 @@ impl Modify for CommonErrors {
                     if param.name == "model" || param.name == "version" {
                         names_model = true;
                         if let Some(RefOr::T(Schema::Object(schema))) = param.schema.as_mut() {
-                            schema.pattern = Some(crate::registry::NAME_PATTERN.to_string());
+                            schema.pattern = Some(crate::records::NAME_PATTERN.to_string());
                         }
                     }
                 }

@@ -17,7 +17,8 @@ use crate::spec::RolloutSpec;
 use crate::store::Event;
 use crate::strategy::{Command, Phase};
 
-pub fn router() -> Router<AppState> {
+/// The rollout commands and views; all need the admin token.
+pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/api/v1/status", get(all_status))
         .route("/api/v1/models/{model}/rollouts", post(apply).get(history))
@@ -33,6 +34,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/models/{model}/abort", post(abort))
         .route("/api/v1/models/{model}/retry", post(retry))
         .route("/api/v1/models/{model}/rollback", post(rollback))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            super::auth::require_admin,
+        ))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -78,12 +83,7 @@ pub async fn apply(
 #[utoipa::path(get, path = "/api/v1/status", tag = "rollouts", security(("admin_token" = [])),
     responses((status = 200, body = Vec<Status>)))]
 pub async fn all_status(State(s): State<AppState>) -> Result<Json<Vec<Status>>, ApiError> {
-    let models = s
-        .controller
-        .registry()
-        .store()
-        .models()
-        .map_err(crate::registry::RegistryError::from)?;
+    let models = s.controller.registry().models()?;
     let mut out = Vec::new();
     for m in models {
         out.push(s.controller.status(&m.name)?);
@@ -99,7 +99,7 @@ pub async fn status(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<Status>, ApiError> {
-    crate::registry::check_name("model", &model)?;
+    crate::records::check_name("model", &model)?;
     Ok(Json(s.controller.status(&model)?))
 }
 
@@ -198,7 +198,7 @@ pub async fn rollback(
     ApiJson(req): ApiJson<RollbackRequest>,
 ) -> Result<Json<Status>, ApiError> {
     if let Some(v) = &req.to {
-        crate::registry::check_name("version", v)?;
+        crate::records::check_name("version", v)?;
     }
     Ok(Json(
         s.controller
@@ -230,14 +230,9 @@ pub async fn history(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<Vec<RolloutSummary>>, ApiError> {
-    crate::registry::check_name("model", &model)?;
+    crate::records::check_name("model", &model)?;
     s.controller.route(&model)?;
-    let rollouts = s
-        .controller
-        .registry()
-        .store()
-        .rollouts(&model, 200)
-        .map_err(crate::registry::RegistryError::from)?;
+    let rollouts = s.controller.rollouts(&model, 200)?;
     Ok(Json(
         rollouts
             .into_iter()
@@ -269,12 +264,7 @@ pub async fn rollout_events(
 ) -> Result<Response, ApiError> {
     let page = super::control::EventsQuery::page(query)?;
     let r = s.controller.rollout(&model, Some(&rollout))?;
-    let events = s
-        .controller
-        .registry()
-        .store()
-        .rollout_events(r.id, page)
-        .map_err(crate::registry::RegistryError::from)?;
+    let events = s.controller.rollout_events(&r, page)?;
     Ok(super::control::events_page(
         &format!("/api/v1/models/{model}/rollouts/{}/events", r.name()),
         page,

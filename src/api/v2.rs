@@ -16,7 +16,7 @@ use super::error::ApiJson;
 use super::{ApiError, AppState};
 use crate::gateway::Call;
 use crate::protocol::{self, InferResponse, Tensor};
-use crate::registry::{Source, VersionRecord};
+use crate::records::{Source, VersionRecord};
 use crate::runtime::TensorSpec;
 
 pub const VERSION_HEADER: &str = "x-ferry-version";
@@ -139,7 +139,7 @@ fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
 /// The stable version of a model, as the registry knows it.
 fn stable_record(s: &AppState, model: &str) -> Result<VersionRecord, ApiError> {
     let registry = s.controller.registry();
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     let stable = registry
         .stable(model)?
         .ok_or_else(|| ApiError::not_found(format!("model \"{model}\" is not registered")))?;
@@ -391,16 +391,10 @@ pub async fn repository_index(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<IndexRequest>,
 ) -> Result<Json<Vec<IndexEntry>>, ApiError> {
-    let store = s.controller.registry().store();
+    let registry = s.controller.registry();
     let mut out = Vec::new();
-    for m in store
-        .models()
-        .map_err(crate::registry::RegistryError::from)?
-    {
-        for v in store
-            .versions(&m.name)
-            .map_err(crate::registry::RegistryError::from)?
-        {
+    for m in registry.models()? {
+        for v in registry.versions(&m.name)? {
             let serving = s.controller.serves(&m.name, &v.version);
             if req.ready && !serving {
                 continue;
@@ -552,7 +546,7 @@ pub async fn feedback(
     let correct = answered.class.is_some_and(|c| c as f64 == label);
     s.telemetry
         .series(&model, &answered.version, answered.role)
-        .record(crate::metrics::unix_now(), |b| {
+        .record(crate::units::now_secs(), |b| {
             b.labelled += 1;
             b.correct += u64::from(correct);
         });

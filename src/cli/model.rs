@@ -109,9 +109,9 @@ fn print_json(v: &Value) {
 /// Checks names before they go into a URL path (where `..` would be
 /// normalised away), with the server's own rule and message.
 fn check_names(model: &str, version: Option<&str>) -> anyhow::Result<()> {
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     if let Some(v) = version {
-        crate::registry::check_name("version", v)?;
+        crate::records::check_name("version", v)?;
     }
     Ok(())
 }

@@ -316,7 +316,7 @@ pub async fn command(
     body: Value,
     output: Output,
 ) -> anyhow::Result<()> {
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     let path = format!("/api/v1/models/{model}/{action}");
     let (_, v): (_, Value) = client
         .send(client.request(Method::POST, &path).json(&body))
@@ -539,7 +539,7 @@ pub async fn status(
         );
         return Ok(ExitCode::SUCCESS);
     };
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     let path = format!("/api/v1/models/{model}/status");
     let started = Instant::now();
     let mut watched: Option<String> = None;
@@ -644,7 +644,7 @@ fn next_link(link: &str) -> Option<String> {
 
 /// `ferry history MODEL`.
 pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Result<()> {
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     let events = Value::Array(all_events(client, &format!("/api/v1/models/{model}/events")).await?);
     if output == Output::Json {
         print_json(&events);
@@ -708,7 +708,7 @@ pub async fn report(
     rollout: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
-    crate::registry::check_name("model", model)?;
+    crate::records::check_name("model", model)?;
     let mut rb = client.request(Method::GET, &format!("/api/v1/models/{model}/report"));
     if let Some(r) = rollout {
         rb = rb.query(&[("rollout", r)]);

@@ -245,7 +245,7 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
 
 /// `ferry traffic`.
 pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::Result<()> {
-    crate::registry::check_name("model", &args.model)?;
+    crate::records::check_name("model", &args.model)?;
     anyhow::ensure!(
         args.rps > 0.0 && args.rps <= 100_000.0,
         "--rps must be between 0 and 100000"

@@ -18,13 +18,7 @@ use crate::registry::RegistryError;
 use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
 use crate::store::{NewEvent, NotCreated, RolloutRecord};
 use crate::strategy::{self, Command, Observations, Phase, Waiting};
-
-/// Milliseconds since the Unix epoch (the clock strategies are given).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::units::now_ms;
 
 /// Whether `apply` created a rollout or found the same one running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -707,6 +701,20 @@ impl Controller {
     }
 
     /// The model's status.
+    /// A model's rollouts, newest first; at most `limit`.
+    pub fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, ControlError> {
+        Ok(self.registry.store().rollouts(model, limit)?)
+    }
+
+    /// A page of a rollout's events, oldest first.
+    pub fn rollout_events(
+        &self,
+        rollout: &RolloutRecord,
+        page: crate::store::Page,
+    ) -> Result<Vec<crate::store::Event>, ControlError> {
+        Ok(self.registry.store().rollout_events(rollout.id, page)?)
+    }
+
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
         let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;

@@ -7,10 +7,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::breaker::Breaker;
-use crate::metrics::{Outcome, Role, Series, Telemetry, VersionMetrics, unix_now};
+use crate::metrics::{Outcome, Role, Series, Telemetry, VersionMetrics};
 use crate::protocol::Tensor;
-use crate::registry::ServingSettings;
+use crate::records::ServingSettings;
 use crate::runtime::{Engine, RuntimeError, Signature};
+use crate::units::now_secs;
 
 /// One running instance of a version.
 pub struct Replica {
@@ -99,7 +100,7 @@ impl VersionPool {
     /// role's time window (with the predicted class when there is one).
     pub fn record(&self, role: Role, outcome: Outcome, seconds: f64, class: Option<i64>) {
         self.metrics.record(outcome, seconds);
-        self.series(role).record(unix_now(), |b| {
+        self.series(role).record(now_secs(), |b| {
             match outcome {
                 Outcome::Ok => {
                     b.requests += 1;
@@ -135,7 +136,7 @@ impl VersionPool {
 
     /// Records a shadow comparison or a dropped copy on this (shadow) version.
     pub fn record_shadow(&self, f: impl FnOnce(&mut crate::metrics::window::Bucket)) {
-        self.series(Role::Shadow).record(unix_now(), f);
+        self.series(Role::Shadow).record(now_secs(), f);
     }
 
     fn pick(&self) -> Option<&Replica> {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -82,13 +82,6 @@ pub struct Summary {
     /// The merged latency sketch (for rank tests).
     #[serde(skip)]
     pub latency: Sketch,
-}
-
-/// Seconds since the Unix epoch, from the wall clock.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// One series of buckets (a model, version and role).

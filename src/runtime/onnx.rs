@@ -16,10 +16,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::signature::{Signature, TensorSpec};
 use super::{RuntimeError, inspect, library};
 use crate::protocol::tensor::each_variant;
 use crate::protocol::{DataType, Tensor, TensorData};
+use crate::protocol::{Signature, TensorSpec};
 
 /// The loaded ONNX Runtime library and its process-wide environment.
 pub struct OnnxRuntime {

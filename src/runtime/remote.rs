@@ -14,8 +14,8 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use super::RuntimeError;
-use super::signature::{Signature, TensorSpec};
 use crate::protocol::{self, DataType, Tensor};
+use crate::protocol::{Signature, TensorSpec};
 
 /// Where a remote version lives: a server and the model (and version) on it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::{Inserted, NewEvent, NotCreated, Page, Store};
 use crate::gateway::RoutePolicy;
-use crate::registry::{ServingSettings, Source, VersionRecord};
+use crate::records::{ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutState, initial_state};

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
-use crate::registry::{ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::records::{ModelRecord, ServingSettings, Source, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutState};
 use crate::units::now_rfc3339;

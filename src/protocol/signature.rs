@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::tensor::element_count;
-use crate::protocol::{DataType, Tensor, TensorData};
+use super::tensor::element_count;
+use super::{DataType, Tensor, TensorData};
 
 /// One input or output of a model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
