@@ -425,6 +425,7 @@ impl Controller {
     ) -> Result<RolloutRecord, ControlError> {
         let store = self.registry.store().clone();
         let name = record.name();
+        self.publish_phase(&record);
         for _ in 0..32 {
             let plan = strategy::plan(&record.spec, &record.state, &obs, now_ms());
             if plan.state == record.state && plan.events.is_empty() {
@@ -436,6 +437,8 @@ impl Controller {
                 .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
                 .collect();
             store.update_rollout(record.id, &plan.state, events)?;
+            self.metrics
+                .set_rollout_phase(&record.model, &record.kind, plan.state.phase.as_str());
             external::notify(
                 &self.http.control,
                 self.reach.outbound.as_ref(),
@@ -460,6 +463,13 @@ impl Controller {
             }
         }
         Ok(record)
+    }
+
+    /// Sets `ferry_rollout_phase` to the phase of the model's latest
+    /// rollout (this one).
+    pub(super) fn publish_phase(&self, record: &RolloutRecord) {
+        self.metrics
+            .set_rollout_phase(&record.model, &record.kind, record.state.phase.as_str());
     }
 
     fn store_report(&self, record: &RolloutRecord) {
