@@ -230,6 +230,36 @@ pub fn shown_name(name: &str) -> String {
     shown
 }
 
+/// The name in `names` that `wanted` was most likely meant to be: within
+/// two edits (one for names of up to four characters), the nearest first.
+pub fn closest<'a>(wanted: &str, names: &'a [String]) -> Option<&'a str> {
+    let limit = if wanted.chars().count() <= 4 { 1 } else { 2 };
+    names
+        .iter()
+        .map(|n| (edit_distance(&wanted.to_lowercase(), &n.to_lowercase()), n))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n.as_str())
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), by chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// The names [`check_name`] accepts, as a regular expression (for the
 /// OpenAPI document).
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$";
@@ -318,6 +348,24 @@ impl Registry {
         Ok(self.store.model(model)?.and_then(|m| m.stable))
     }
 
+    /// The error for a model that is not registered: how to add it, and the
+    /// registered name it was probably meant to be (a typo).
+    pub fn unknown_model(&self, model: &str) -> RegistryError {
+        let names: Vec<String> = self
+            .store
+            .models()
+            .map(|m| m.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        let shown = shown_name(model);
+        let hint = match closest(model, &names) {
+            Some(near) => format!("did you mean \"{near}\"? Otherwise add it"),
+            None => "add it".to_string(),
+        };
+        RegistryError::NotFound(format!(
+            "model \"{shown}\" is not registered; {hint} with `ferry model add {shown} VERSION --file MODEL.onnx`"
+        ))
+    }
+
     pub fn version(&self, model: &str, version: &str) -> Result<VersionRecord, RegistryError> {
         check_name("model", model)?;
         check_name("version", version)?;
@@ -330,16 +378,13 @@ impl Registry {
             .into_iter()
             .map(|v| v.version)
             .collect();
-        Err(RegistryError::NotFound(if known.is_empty() {
-            format!(
-                "model \"{model}\" is not registered; add it with `ferry model add {model} VERSION --file MODEL.onnx`"
-            )
-        } else {
-            format!(
-                "version \"{version}\" of model \"{model}\" is not registered; registered versions: {}",
-                known.join(", ")
-            )
-        }))
+        if known.is_empty() {
+            return Err(self.unknown_model(model));
+        }
+        Err(RegistryError::NotFound(format!(
+            "version \"{version}\" of model \"{model}\" is not registered; registered versions: {}",
+            known.join(", ")
+        )))
     }
 
     /// Registers a version after loading it and running a warm-up inference.
@@ -573,6 +618,16 @@ pub fn validate_onnx(onnx: &OnnxRuntime, bytes: &[u8]) -> Result<Signature, Regi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_typo_suggests_the_registered_name() {
+        let names = vec!["cancer".to_string(), "fraud".to_string()];
+        assert_eq!(closest("canser", &names), Some("cancer"));
+        assert_eq!(closest("Cancer", &names), Some("cancer"));
+        assert_eq!(closest("frud", &names), Some("fraud"));
+        assert_eq!(closest("churn", &names), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn names_are_a_safe_character_set() {

@@ -1,0 +1,232 @@
+//! The CLI as a newcomer meets it: what `deploy`, `traffic`, `rollback` and
+//! `abort` print and how they exit, a closed pipe, and `--help`.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::harness::{Server, example, ferry_binary};
+use super::upstream::Upstream;
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A basic rollout ends before `deploy` gets its answer: deploy says how it
+/// ended, and exits 1 when it failed (it printed "- started: -" and 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_of_an_instant_strategy_reports_the_outcome_and_fails_with_the_rollout() {
+    let upstream = Upstream::start().await;
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let out = s.ferry(&["deploy", "cancer", "2", "--strategy", "basic"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("r-1 (basic of cancer version 2): succeeded"),
+        "{said}"
+    );
+    assert!(!said.contains("- started"), "{said}");
+
+    s.ferry_json(&["model", "add", "cancer", "gone", "--url", &upstream.url]);
+    upstream.set_failing(true); // its warm-up fails
+    let out = s.ferry(&["deploy", "cancer", "gone", "--strategy", "basic"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("r-2 (basic of cancer version gone): failed"),
+        "{said}"
+    );
+    assert!(said.contains("the stable version is 2"), "{said}");
+}
+
+/// `ferry model show cancer | head -1`: the reader is gone before the CLI
+/// writes; it stops quietly instead of panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_the_cli_quietly() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    for args in [
+        &["model", "show", "cancer"][..],
+        &["history", "cancer"],
+        &["status", "cancer"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // as `head` does once it has its lines
+        let out = s.cli(args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+/// Traffic to a model that does not exist: the server's reason, and exit 1
+/// (it exited 0 with "errors 404: 11").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_that_never_succeeds_says_why_and_fails() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let data = example("cancer-holdout.jsonl");
+    let out = s.ferry(&[
+        "traffic",
+        "canser",
+        "--rps",
+        "20",
+        "--duration",
+        "1s",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("model \"canser\" is not served here"),
+        "{said}"
+    );
+    assert!(said.contains("none of the"), "{said}");
+    // Some succeeded: exit 0.
+    let out = s.ferry(&[
+        "traffic",
+        "cancer",
+        "--rps",
+        "20",
+        "--duration",
+        "1s",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// `deploy` of a misspelt model gets the hint `model show` gives, and the
+/// name it was probably meant to be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_model_suggests_the_registered_name_and_how_to_add_it() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    for args in [
+        &["deploy", "canser", "2", "--strategy", "basic"][..],
+        &["model", "show", "canser"],
+    ] {
+        let out = s.ferry(args);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains("did you mean \"cancer\"?"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            said.contains("add it with `ferry model add canser VERSION --file MODEL.onnx`"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
+/// `ferry rollback` and `ferry abort` name the rollout once (they printed
+/// "r-2: last rollout r-2: …").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_and_abort_name_the_rollout_once() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.ferry_ok(&["deploy", "cancer", "2", "--strategy", "basic"]);
+    let said = s.ferry_ok(&["rollback", "cancer"]);
+    assert_eq!(said.matches("r-2").count(), 1, "{said}");
+    assert!(said.contains("version 1"), "{said}");
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,100",
+        "--step-pause",
+        "10m",
+    ]);
+    let said = s.ferry_ok(&["abort", "cancer"]);
+    assert_eq!(said.matches("r-3").count(), 1, "{said}");
+    assert!(said.contains("aborted"), "{said}");
+}
+
+/// `--help` shows which variables are read, never an empty `NAME=` for an
+/// unset one.
+#[test]
+fn help_names_environment_variables_without_empty_values() {
+    for args in [&["--help"][..], &["serve", "--help"], &["deploy", "--help"]] {
+        let out = Command::new(ferry_binary())
+            .args(args)
+            .env_remove("FERRY_SERVER")
+            .env_remove("FERRY_CA_CERT")
+            .env_remove("FERRY_QA_DIR")
+            .env_remove("FERRY_ALLOW_OUTBOUND")
+            .env_remove("FERRY_EVENT_RETENTION")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("[env: FERRY_"), "{args:?}: {help}");
+        assert!(!help.contains("=]"), "{args:?}: {help}");
+    }
+}
+
+/// The first start prints a link that signs the dashboard in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_prints_a_signed_in_dashboard_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let run = |dir: &std::path::Path| {
+        let mut child = Command::new(ferry_binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+            let listening = line.starts_with("ferry listening on ");
+            lines.push(line);
+            if listening {
+                // The link, when there is one, comes right after.
+                if let Ok(next) = rx.recv_timeout(Duration::from_secs(2)) {
+                    lines.push(next);
+                }
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        lines
+    };
+    let first = run(&dir);
+    let token = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    let url = first[0].trim_start_matches("ferry listening on ");
+    let link = format!("{url}/ui/#token={}", token.trim());
+    assert!(
+        first.iter().any(|l| l.contains(&link)),
+        "no {link} in {first:?}"
+    );
+    let again = run(&dir);
+    assert!(
+        !again.iter().any(|l| l.contains("#token=")),
+        "the token is printed only when created: {again:?}"
+    );
+}
