@@ -132,6 +132,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     blobs.clean_temporaries();
     let (token, created) = AdminToken::load_or_create(&opts.data_dir)
         .context("cannot read or create the admin token")?;
+    let dashboard_path = created.then(|| token.dashboard_path());
     let token_path = opts.data_dir.join("admin-token");
     if created {
         tracing::info!("admin token created in {}", token_path.display());
@@ -249,6 +250,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
     println!("ferry listening on {scheme}://{addr}");
+    if let Some(path) = dashboard_path {
+        // Once, when the token is new: a link that signs the dashboard in.
+        let host = if addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        println!(
+            "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}"
+        );
+    }
     let starting = controller.clone();
     tokio::spawn(async move {
         match starting.start().await {
