@@ -164,7 +164,20 @@ fn the_contract_is_documented_in_the_repository() {
         "the README links the reference"
     );
     let reference = std::fs::read_to_string(repo().join("docs/reference.md")).unwrap();
+    // Every family has a series once a version has served, failed over,
+    // batched and been rolled out.
     let metrics = ferry::metrics::Metrics::new();
+    metrics
+        .for_version("m", "1")
+        .record(ferry::metrics::Outcome::Ok, 0.001);
+    metrics.failover("m", "1", "2");
+    let _ = metrics.batch_sizes("m", "1");
+    metrics.set_routing(
+        "m",
+        &[("1".into(), ferry::metrics::Role::Stable)],
+        &[("1".into(), 100.0)],
+    );
+    metrics.set_rollout_phase("m", "canary", "progressing");
     let text = metrics.encode(ferry::metrics::Exposition::Text);
     let names: Vec<&str> = text
         .lines()
