@@ -146,7 +146,13 @@ async fn prometheus(http: &reqwest::Client, address: &str, query: &str) -> Exter
 /// What went wrong with a request, down to the root cause: reqwest's own
 /// message ("error sending request for url …") says only where it failed.
 fn cause(e: &reqwest::Error) -> String {
-    let mut text = match e.url() {
+    // The URL without its query: the check's message names the query once.
+    let url = e.url().map(|u| {
+        let mut u = u.clone();
+        u.set_query(None);
+        u
+    });
+    let mut text = match url {
         Some(url) if e.is_timeout() => format!("no answer from {url} within {TIMEOUT:?}"),
         Some(url) if e.is_connect() => format!("cannot connect to {url}"),
         Some(url) => format!("request to {url} failed"),
