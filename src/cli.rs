@@ -238,16 +238,44 @@ pub struct ServeArgs {
 
 /// Writes command output to stdout. A reader that has gone (EPIPE) ends the
 /// process quietly with status 0; another write error ends it with a
-/// message and status 1.
+/// message and status 1. Either way the process ends without unwinding, so
+/// child processes registered with [`stop_on_early_exit`] are stopped first.
 pub fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: cannot write the output: {e}");
-        std::process::exit(1);
+        drop(stdout);
+        let code = if e.kind() == std::io::ErrorKind::BrokenPipe {
+            0
+        } else {
+            eprintln!("error: cannot write the output: {e}");
+            1
+        };
+        stop_children();
+        std::process::exit(code);
+    }
+}
+
+type Children = std::sync::Mutex<Vec<std::sync::Weak<std::sync::Mutex<std::process::Child>>>>;
+
+/// Child processes a command runs (`ferry demo`'s servers), stopped when
+/// output ends the command early.
+static CHILDREN: Children = std::sync::Mutex::new(Vec::new());
+
+/// Stops `child` if output ends the command early (its owner stops it
+/// otherwise).
+pub fn stop_on_early_exit(child: &std::sync::Arc<std::sync::Mutex<std::process::Child>>) {
+    let mut children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+    children.retain(|c| c.strong_count() > 0);
+    children.push(std::sync::Arc::downgrade(child));
+}
+
+fn stop_children() {
+    let children = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|p| p.into_inner()));
+    for child in children.iter().filter_map(std::sync::Weak::upgrade) {
+        let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

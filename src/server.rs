@@ -231,7 +231,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         opts.data_dir.display(),
         token_path.display()
     );
-    // Printed on stdout so scripts (and the tests) can find an ephemeral port.
     let scheme = match &opts.tls {
         Some(files) => {
             tracing::info!(
@@ -249,7 +248,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "http"
         }
     };
-    println!("ferry listening on {scheme}://{addr}");
+    // On stdout so scripts (and the tests) can find an ephemeral port. One
+    // write, errors ignored: a reader that took its line and left (as
+    // `ferry demo` does) must not stop the server.
+    let mut started = format!("ferry listening on {scheme}://{addr}\n");
     if let Some(path) = dashboard_path {
         // Once, when the token is new: a link that signs the dashboard in.
         let host = if addr.ip().is_unspecified() {
@@ -257,9 +259,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         } else {
             addr
         };
-        println!(
-            "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}"
-        );
+        started.push_str(&format!(
+            "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}\n"
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(started.as_bytes())
+            .and_then(|()| stdout.flush());
     }
     let starting = controller.clone();
     tokio::spawn(async move {

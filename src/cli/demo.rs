@@ -34,7 +34,9 @@ pub struct DemoArgs {
 
 /// A `ferry serve` child process on a temporary data dir.
 struct DemoServer {
-    child: Child,
+    /// Shared with [`super::stop_on_early_exit`]: a closed output pipe ends
+    /// the demo without running `Drop`.
+    child: Arc<Mutex<Child>>,
     url: String,
     dir: PathBuf,
 }
@@ -61,6 +63,8 @@ impl DemoServer {
             .strip_prefix("ferry listening on ")
             .with_context(|| format!("ferry serve did not start: {line:?}"))?
             .to_string();
+        let child = Arc::new(Mutex::new(child));
+        super::stop_on_early_exit(&child);
         Ok(DemoServer {
             child,
             url,
@@ -71,8 +75,9 @@ impl DemoServer {
 
 impl Drop for DemoServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -230,3 +230,40 @@ async fn the_first_start_prints_a_signed_in_dashboard_link() {
         "the token is printed only when created: {again:?}"
     );
 }
+
+/// `ferry demo | head -3`: the demo stops quietly once its reader has gone,
+/// and takes its server with it (ending without unwinding left it running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_stops_the_demo_and_its_server() {
+    use std::io::BufRead;
+    let mut demo = Command::new(ferry_binary())
+        .args(["demo", "--fast"])
+        .current_dir(super::harness::repo())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let _title = lines.next().unwrap().unwrap();
+    let server = lines.next().unwrap().unwrap();
+    let url = server
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no server URL in {server:?}"))
+        .to_string();
+    drop(lines); // as `head` does
+    // Its stderr stays open as long as a server it started runs.
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || demo.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("the demo and its servers end within 60 s of losing their reader")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(status.status.success(), "{:?} {stderr}", status.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let http = reqwest::Client::new();
+    let live = http.get(format!("{url}/v2/health/live")).send().await;
+    assert!(live.is_err(), "the demo's server at {url} is still running");
+}
