@@ -4,6 +4,7 @@
 
 mod slots;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -252,8 +253,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // write, errors ignored: a reader that took its line and left (as
     // `ferry demo` does) must not stop the server.
     let mut started = format!("ferry listening on {scheme}://{addr}\n");
-    if let Some(path) = dashboard_path {
-        // Once, when the token is new: a link that signs the dashboard in.
+    // Once, when the token is new, and only to a person at a terminal (not
+    // to a log a service manager keeps): a link that signs the dashboard in.
+    if let Some(path) = dashboard_path.filter(|_| std::io::stdout().is_terminal()) {
         let host = if addr.ip().is_unspecified() {
             std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
         } else {

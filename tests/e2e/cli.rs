@@ -175,60 +175,102 @@ fn help_names_environment_variables_without_empty_values() {
     }
 }
 
-/// The first start prints a link that signs the dashboard in.
+/// The first start, in a terminal, prints a link that signs the dashboard
+/// in; a later start, or one whose output goes to a pipe or a log, does not
+/// show the token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_first_start_prints_a_signed_in_dashboard_link() {
+async fn the_first_start_in_a_terminal_prints_a_signed_in_dashboard_link() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    let run = |dir: &std::path::Path| {
-        let mut child = Command::new(ferry_binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let mut lines = Vec::new();
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
-            let listening = line.starts_with("ferry listening on ");
-            lines.push(line);
-            if listening {
-                // The link, when there is one, comes right after.
-                if let Ok(next) = rx.recv_timeout(Duration::from_secs(2)) {
-                    lines.push(next);
-                }
-                break;
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        lines
-    };
-    let first = run(&dir);
-    let token = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    let shown = tmp.path().join("shown");
+    let piped = tmp.path().join("piped");
+    let first = serve_until_listening(&shown, true);
+    let token = std::fs::read_to_string(shown.join("admin-token")).unwrap();
     let url = first[0].trim_start_matches("ferry listening on ");
     let link = format!("{url}/ui/#token={}", token.trim());
     assert!(
         first.iter().any(|l| l.contains(&link)),
         "no {link} in {first:?}"
     );
-    let again = run(&dir);
+    let again = serve_until_listening(&shown, true);
     assert!(
         !again.iter().any(|l| l.contains("#token=")),
-        "the token is printed only when created: {again:?}"
+        "the token is shown only when created: {again:?}"
     );
+    let to_a_pipe = serve_until_listening(&piped, false);
+    assert!(piped.join("admin-token").exists());
+    assert!(
+        !to_a_pipe.iter().any(|l| l.contains("#token=")),
+        "the token went to a pipe: {to_a_pipe:?}"
+    );
+}
+
+/// Starts `ferry serve` on `dir` — in a pseudo-terminal (util-linux
+/// `script`) when `terminal` — and returns its stdout up to the line after
+/// "ferry listening on …", then stops it.
+fn serve_until_listening(dir: &std::path::Path, terminal: bool) -> Vec<String> {
+    use std::io::BufRead;
+    let serve = format!(
+        "{} serve --listen 127.0.0.1:0 --data-dir {}",
+        ferry_binary(),
+        dir.display()
+    );
+    let mut command = if terminal {
+        let mut c = Command::new("script");
+        c.args(["-qefc", &serve, "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("exec {serve}")]);
+        c
+    };
+    let mut child = command
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("util-linux script (for a pseudo-terminal) and sh");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.trim_end_matches('\r').to_string());
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        let listening = line.starts_with("ferry listening on ");
+        if listening || !lines.is_empty() {
+            lines.push(line);
+        }
+        if listening {
+            // The link, when there is one, is in the same write.
+            if let Ok(next) = rx.recv_timeout(Duration::from_millis(500)) {
+                lines.push(next.trim_end_matches('\r').to_string());
+            }
+            break;
+        }
+    }
+    assert!(!lines.is_empty(), "ferry serve did not start");
+    // Killing `script` hangs up the terminal, which ends the server; `sh`
+    // has become the server itself. Either way it stops listening.
+    let _ = child.kill();
+    let _ = child.wait();
+    let addr = lines[0]
+        .trim_start_matches("ferry listening on http://")
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server at {addr} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lines
 }
 
 /// `ferry demo | head -3`: the demo stops quietly once its reader has gone,
