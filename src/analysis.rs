@@ -253,9 +253,11 @@ fn evaluate_metric(
 fn evaluate_external(check: &Check, result: Option<&External>) -> CheckResult {
     let (name, condition) = match check {
         Check::Prometheus {
-            query, condition, ..
+            query,
+            condition,
+            address,
         } => (
-            format!("prometheus {query} {}", condition.describe()),
+            format!("prometheus {query:?} at {address} {}", condition.describe()),
             Some(*condition),
         ),
         Check::Webhook { url } => (format!("webhook {url}"), None),
@@ -274,12 +276,12 @@ fn evaluate_external(check: &Check, result: Option<&External>) -> CheckResult {
         (Some(External::Value(v)), Some(Condition::Max(b))) if *v > b => out(
             Outcome::Fail,
             Some(*v),
-            format!("value {} > {}", fmt(*v), fmt(b)),
+            format!("{name}: value {} > {}", fmt(*v), fmt(b)),
         ),
         (Some(External::Value(v)), Some(Condition::Min(b))) if *v < b => out(
             Outcome::Fail,
             Some(*v),
-            format!("value {} < {}", fmt(*v), fmt(b)),
+            format!("{name}: value {} < {}", fmt(*v), fmt(b)),
         ),
         (Some(External::Value(v)), _) => out(
             Outcome::Pass,
@@ -505,6 +507,11 @@ mod tests {
         );
         assert_eq!(v.outcome, Outcome::Fail);
         assert!(v.reason.contains("value 7.00 > 5.00"));
+        assert!(
+            v.reason.contains(r#"prometheus "q" at http://p"#),
+            "the failing check is named: {}",
+            v.reason
+        );
         let v = evaluate(
             &checks,
             &c,

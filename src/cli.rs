@@ -3,6 +3,21 @@
 //!
 //! Layout: [`client`] (HTTP to the server, token lookup, error display),
 //! [`model`] (the registry commands), [`table`] (aligned human output).
+//! Command output goes through [`outln!`]: a closed pipe (`ferry … | head`)
+//! ends the command quietly, as it does for other Unix tools.
+
+/// `println!` for command output. When the reader has gone (`ferry model
+/// show cancer | head -3`), the command stops quietly with status 0, as
+/// ripgrep does, instead of panicking.
+macro_rules! outln {
+    () => { $crate::cli::write_out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` for command output, with [`outln!`]'s handling of a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!($($arg)*)) };
+}
 
 pub mod client;
 pub mod demo;
@@ -33,6 +48,7 @@ pub struct Cli {
         long,
         global = true,
         env = "FERRY_SERVER",
+        hide_env_values = true,
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
@@ -40,7 +56,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Trust this PEM CA certificate (or bundle) for an https:// --server.
-    #[arg(long, global = true, env = "FERRY_CA_CERT")]
+    #[arg(long, global = true, env = "FERRY_CA_CERT", hide_env_values = true)]
     pub ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Human)]
@@ -206,17 +222,65 @@ pub struct ServeArgs {
     /// Directory that QA datasets named by path in a spec (`qa.dataset`
     /// without its content) are read from; without it only datasets sent
     /// with the spec are used (as `ferry apply` and `ferry deploy` do).
-    #[arg(long, env = "FERRY_QA_DIR")]
+    #[arg(long, env = "FERRY_QA_DIR", hide_env_values = true)]
     pub qa_dir: Option<PathBuf>,
     /// Hosts that notify webhooks, webhook checks and Prometheus checks may
     /// call, as HOST[:PORT],...; specs naming others are refused (default:
     /// any host).
-    #[arg(long, env = "FERRY_ALLOW_OUTBOUND", value_name = "HOST[:PORT],...")]
+    #[arg(
+        long,
+        env = "FERRY_ALLOW_OUTBOUND",
+        hide_env_values = true,
+        value_name = "HOST[:PORT],..."
+    )]
     pub allow_outbound: Option<String>,
     /// Delete events older than this (never an active rollout's; rollouts
     /// themselves stay). Default: keep every event.
-    #[arg(long, env = "FERRY_EVENT_RETENTION")]
+    #[arg(long, env = "FERRY_EVENT_RETENTION", hide_env_values = true)]
     pub event_retention: Option<HumanDuration>,
+}
+
+/// Writes command output to stdout. A reader that has gone (EPIPE) ends the
+/// process quietly with status 0; another write error ends it with a
+/// message and status 1. Either way the process ends without unwinding, so
+/// child processes registered with [`stop_on_early_exit`] are stopped first.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        drop(stdout);
+        let code = if e.kind() == std::io::ErrorKind::BrokenPipe {
+            0
+        } else {
+            eprintln!("error: cannot write the output: {e}");
+            1
+        };
+        stop_children();
+        std::process::exit(code);
+    }
+}
+
+type Children = std::sync::Mutex<Vec<std::sync::Weak<std::sync::Mutex<std::process::Child>>>>;
+
+/// Child processes a command runs (`ferry demo`'s servers), stopped when
+/// output ends the command early.
+static CHILDREN: Children = std::sync::Mutex::new(Vec::new());
+
+/// Stops `child` if output ends the command early (its owner stops it
+/// otherwise).
+pub fn stop_on_early_exit(child: &std::sync::Arc<std::sync::Mutex<std::process::Child>>) {
+    let mut children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+    children.retain(|c| c.strong_count() > 0);
+    children.push(std::sync::Arc::downgrade(child));
+}
+
+fn stop_children() {
+    let children = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|p| p.into_inner()));
+    for child in children.iter().filter_map(std::sync::Weak::upgrade) {
+        let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// Runs the command line; returns the process exit code.
@@ -274,9 +338,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model(cmd) => ok(model::run(&client()?, cmd, output).await),
         Command::Deploy(args) => {
             let spec = rollout::deploy_spec(&args)?;
-            ok(rollout::send_spec(&client()?, &spec, output).await)
+            rollout::send_spec(&client()?, &spec, output).await
         }
-        Command::Apply { file } => ok(rollout::apply(&client()?, &file, output).await),
+        Command::Apply { file } => rollout::apply(&client()?, &file, output).await,
         Command::Status {
             model,
             watch,
@@ -314,7 +378,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report { model, rollout: r } => {
             ok(rollout::report(&client()?, &model, r.as_deref(), output).await)
         }
-        Command::Traffic(args) => ok(traffic::run(&client()?, args, output).await),
+        Command::Traffic(args) => traffic::run(&client()?, args, output).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -130,6 +130,9 @@ impl Controller {
             if let Err(e) = self.apply(&model.name, None).await {
                 tracing::error!(model = %model.name, "not serving: {e}");
             }
+            if let Some(latest) = self.registry.store().rollouts(&model.name, 1)?.first() {
+                self.publish_phase(latest);
+            }
         }
         if let Err(e) = self.resume_rollouts().await {
             tracing::error!("resuming rollouts: {e}");
@@ -153,9 +156,10 @@ impl Controller {
         if let Some(p) = self.registry.store().route(model)? {
             return Ok(p);
         }
-        let stable = self.registry.stable(model)?.ok_or_else(|| {
-            RegistryError::NotFound(format!("model \"{model}\" is not registered"))
-        })?;
+        let stable = self
+            .registry
+            .stable(model)?
+            .ok_or_else(|| self.registry.unknown_model(model))?;
         Ok(RoutePolicy::stable_only(&stable))
     }
 

@@ -1,7 +1,9 @@
 //! The dashboard: one static page (HTML, CSS and JavaScript, no build step,
 //! no CDN) embedded in the binary and served at `/ui/`. It reads the control
-//! API with the admin token the person enters (kept for the browser session)
-//! and polls every second. Served with a Content-Security-Policy that runs
+//! API with the admin token the person enters, or finds in the address's
+//! fragment (`/ui/#token=…`, which browsers never send; the page then takes
+//! it out of the address), kept for the browser session, and polls every
+//! second. Served with a Content-Security-Policy that runs
 //! only the page's own script (by its hash), talks only to this server, and
 //! may not be framed (`X-Frame-Options: DENY` for older browsers).
 

@@ -331,7 +331,10 @@ impl Gateway {
         for (i, pool) in chain.iter().enumerate() {
             let is_last = i + 1 == chain.len();
             if breakers && !is_last && !pool.breaker.allow(Instant::now()) {
-                continue; // circuit open: skip to the next version
+                // Circuit open: skip to the next version. The request fails
+                // over all the same, and is counted so.
+                previous = Some(&pool.version);
+                continue;
             }
             let attempt_inputs = if is_last {
                 inputs.take().expect("inputs are kept for the last attempt")

@@ -5,8 +5,9 @@
 //!   with mergeable latency [`sketch`]es) for analysis, the dashboard and
 //!   `/api/v1/models/{model}/metrics`;
 //! - [`Metrics`]: Prometheus series at `/metrics`, keyed by `model` and
-//!   `version` only (so they survive a version changing role), with roles and
-//!   traffic weights as separate info series.
+//!   `version` only (so they survive a version changing role), with roles,
+//!   traffic weights and rollout phases as separate info series; written as
+//!   OpenMetrics or as Prometheus' classic text format ([`Exposition`]).
 
 pub mod sketch;
 pub mod window;
@@ -101,6 +102,13 @@ struct RoleLabels {
     role: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    model: String,
+    strategy: String,
+    phase: String,
+}
+
 fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
@@ -144,8 +152,11 @@ pub struct Metrics {
     roles: Family<RoleLabels, Gauge>,
     batch_sizes: Family<VersionLabels, Histogram, fn() -> Histogram>,
     weights: Family<VersionLabels, Gauge<f64, AtomicU64>>,
+    phases: Family<PhaseLabels, Gauge>,
     /// The role and weight series set for each model, to clear on change.
     published: Mutex<HashMap<String, PublishedRouting>>,
+    /// The phase series set for each model, to clear on change.
+    published_phases: Mutex<HashMap<String, PhaseLabels>>,
 }
 
 /// Handles for one version, taken once when its pool starts, so the request
@@ -211,6 +222,7 @@ impl Metrics {
                 batch_histogram as fn() -> Histogram,
             );
         let weights = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
+        let phases = Family::<PhaseLabels, Gauge>::default();
         registry.register(
             "ferry_requests",
             "Inference requests by model, version and outcome (ok, error, rejected)",
@@ -223,7 +235,7 @@ impl Metrics {
         );
         registry.register(
             "ferry_failovers",
-            "Requests retried on the next version of a failover chain",
+            "Requests passed to the next version of a failover chain: after the version failed them, or past its open circuit breaker",
             failovers.clone(),
         );
         registry.register(
@@ -251,6 +263,11 @@ impl Metrics {
             "The configured share of production traffic per version",
             weights.clone(),
         );
+        registry.register(
+            "ferry_rollout_phase",
+            "The phase of each model's latest rollout (1 for the current phase)",
+            phases.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -261,7 +278,9 @@ impl Metrics {
             roles,
             batch_sizes,
             weights,
+            phases,
             published: Mutex::new(HashMap::new()),
+            published_phases: Mutex::new(HashMap::new()),
         }
     }
 
@@ -357,14 +376,115 @@ impl Metrics {
         published.insert(model.to_string(), (role_labels, weight_labels));
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// Sets the phase series of a model's latest rollout, replacing the
+    /// model's previous one.
+    pub fn set_rollout_phase(&self, model: &str, strategy: &str, phase: &str) {
+        let labels = PhaseLabels {
+            model: model.to_string(),
+            strategy: strategy.to_string(),
+            phase: phase.to_string(),
+        };
+        let mut published = self
+            .published_phases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = published.remove(model)
+            && old != labels
+        {
+            self.phases.remove(&old);
+        }
+        self.phases.get_or_create(&labels).set(1);
+        published.insert(model.to_string(), labels);
+    }
+
+    /// Every series, in the format asked for.
+    pub fn encode(&self, format: Exposition) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Text => classic_text(&out),
+        }
     }
+}
+
+/// The formats `/metrics` is written in: OpenMetrics for scrapers that ask
+/// for it in `Accept` (Prometheus does), and Prometheus' classic text format
+/// (0.0.4) for the others, so that each parser reads the types it expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    OpenMetrics,
+    Text,
+}
+
+impl Exposition {
+    /// The format an `Accept` header prefers: OpenMetrics when it is listed
+    /// with a weight at least that of plain text (and above 0).
+    pub fn negotiate(accept: Option<&str>) -> Exposition {
+        let (mut open_metrics, mut text) = (0.0f64, 0.0f64);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f64>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= text {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Text
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Exposition::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites OpenMetrics as the classic text format: a counter family is
+/// named with its `_total` samples' name, OpenMetrics-only types become
+/// `untyped`, and `# UNIT` and `# EOF` are left out.
+fn classic_text(open_metrics: &str) -> String {
+    let mut out = String::with_capacity(open_metrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in open_metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), kind),
+                "counter" | "gauge" | "histogram" | "summary" => (name.to_string(), kind),
+                _ => (name.to_string(), "untyped"),
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# ") {
+            continue; // # UNIT, # EOF
+        }
+        // A sample, without an exemplar (` # {...}`) if it has one.
+        let sample = line.split_once(" # ").map_or(line, |(s, _)| s);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
 }
 
 /// A version's series, one slot per [`Role`].
@@ -511,7 +631,8 @@ mod tests {
             &[("1".into(), Role::Stable), ("2".into(), Role::Candidate)],
             &[("1".into(), 90.0), ("2".into(), 10.0)],
         );
-        let text = m.encode();
+        m.set_rollout_phase("cancer", "canary", "progressing");
+        let text = m.encode(Exposition::OpenMetrics);
         for line in [
             r#"ferry_requests_total{model="cancer",version="1",outcome="ok"} 1"#,
             r#"ferry_requests_total{model="cancer",version="1",outcome="rejected"} 1"#,
@@ -520,6 +641,7 @@ mod tests {
             r#"ferry_version_role{model="cancer",version="2",role="candidate"} 1"#,
             r#"ferry_traffic_weight_percent{model="cancer",version="2"} 10.0"#,
             r#"ferry_shadow_comparisons_total{model="cancer",version="1",result="agree"} 0"#,
+            r#"ferry_rollout_phase{model="cancer",strategy="canary",phase="progressing"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
@@ -529,9 +651,65 @@ mod tests {
             &[("2".into(), Role::Stable)],
             &[("2".into(), 100.0)],
         );
-        let text = m.encode();
+        m.set_rollout_phase("cancer", "canary", "succeeded");
+        let text = m.encode(Exposition::OpenMetrics);
         assert!(!text.contains(r#"version="1",role="stable""#));
+        assert!(!text.contains(r#"phase="progressing""#), "{text}");
+        assert!(text.contains(
+            r#"ferry_rollout_phase{model="cancer",strategy="canary",phase="succeeded"} 1"#
+        ));
         assert!(text.contains(r#"ferry_version_role{model="cancer",version="2",role="stable"} 1"#));
+    }
+
+    /// The classic format names each counter family after its samples
+    /// (`ferry_requests_total`), so Prometheus' text parser types them, and
+    /// has no OpenMetrics-only lines.
+    #[test]
+    fn the_classic_text_format_types_counters_by_their_sample_names() {
+        let m = Metrics::new();
+        m.for_version("cancer", "1").record(Outcome::Ok, 0.0002);
+        let open = m.encode(Exposition::OpenMetrics);
+        assert!(open.contains("# TYPE ferry_requests counter") && open.ends_with("# EOF\n"));
+        let text = m.encode(Exposition::Text);
+        assert!(
+            text.contains("# TYPE ferry_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP ferry_requests_total Inference requests"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE ferry_request_duration_seconds histogram"));
+        assert!(
+            text.contains(r#"ferry_requests_total{model="cancer",version="1",outcome="ok"} 1"#)
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_format_follows_accept() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(
+            Exposition::negotiate(Some(prometheus)),
+            Exposition::OpenMetrics
+        );
+        assert_eq!(Exposition::negotiate(None), Exposition::Text);
+        assert_eq!(Exposition::negotiate(Some("*/*")), Exposition::Text);
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain;version=0.0.4")),
+            Exposition::Text
+        );
+        assert_eq!(
+            Exposition::negotiate(Some("application/openmetrics-text;q=0, text/plain")),
+            Exposition::Text
+        );
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain;q=0.5, application/openmetrics-text;q=0.9")),
+            Exposition::OpenMetrics
+        );
     }
 
     #[test]

@@ -211,9 +211,49 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), NameError> {
     }
 }
 
+/// The name in `names` that `wanted` was most likely meant to be: within
+/// two edits (one for names of up to four characters), the nearest first.
+pub fn closest<'a>(wanted: &str, names: &'a [String]) -> Option<&'a str> {
+    let limit = if wanted.chars().count() <= 4 { 1 } else { 2 };
+    names
+        .iter()
+        .map(|n| (edit_distance(&wanted.to_lowercase(), &n.to_lowercase()), n))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n.as_str())
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), by chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_typo_suggests_the_registered_name() {
+        let names = vec!["cancer".to_string(), "fraud".to_string()];
+        assert_eq!(closest("canser", &names), Some("cancer"));
+        assert_eq!(closest("Cancer", &names), Some("cancer"));
+        assert_eq!(closest("frud", &names), Some("fraud"));
+        assert_eq!(closest("churn", &names), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn names_are_a_safe_character_set() {

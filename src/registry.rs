@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::records::{
     ModelRecord, NameError, ServingSettings, SettingsPatch, Source, VersionRecord, check_name,
+    closest, shown_name,
 };
 use crate::runtime::{
     LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
@@ -163,6 +164,24 @@ impl Registry {
         Ok(self.store.model(model)?.and_then(|m| m.stable))
     }
 
+    /// The error for a model that is not registered: how to add it, and the
+    /// registered name it was probably meant to be (a typo).
+    pub fn unknown_model(&self, model: &str) -> RegistryError {
+        let names: Vec<String> = self
+            .store
+            .models()
+            .map(|m| m.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        let shown = shown_name(model);
+        let hint = match closest(model, &names) {
+            Some(near) => format!("did you mean \"{near}\"? Otherwise add it"),
+            None => "add it".to_string(),
+        };
+        RegistryError::NotFound(format!(
+            "model \"{shown}\" is not registered; {hint} with `ferry model add {shown} VERSION --file MODEL.onnx`"
+        ))
+    }
+
     pub fn version(&self, model: &str, version: &str) -> Result<VersionRecord, RegistryError> {
         check_name("model", model)?;
         check_name("version", version)?;
@@ -175,16 +194,13 @@ impl Registry {
             .into_iter()
             .map(|v| v.version)
             .collect();
-        Err(RegistryError::NotFound(if known.is_empty() {
-            format!(
-                "model \"{model}\" is not registered; add it with `ferry model add {model} VERSION --file MODEL.onnx`"
-            )
-        } else {
-            format!(
-                "version \"{version}\" of model \"{model}\" is not registered; registered versions: {}",
-                known.join(", ")
-            )
-        }))
+        if known.is_empty() {
+            return Err(self.unknown_model(model));
+        }
+        Err(RegistryError::NotFound(format!(
+            "version \"{version}\" of model \"{model}\" is not registered; registered versions: {}",
+            known.join(", ")
+        )))
     }
 
     /// Registers a version after loading it and running a warm-up inference.

@@ -4,6 +4,7 @@
 
 mod slots;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,6 +136,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     blobs.clean_temporaries();
     let (token, created) = AdminToken::load_or_create(&opts.data_dir)
         .context("cannot read or create the admin token")?;
+    let dashboard_path = created.then(|| token.dashboard_path());
     let token_path = opts.data_dir.join("admin-token");
     if created {
         tracing::info!("admin token created in {}", token_path.display());
@@ -244,7 +246,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         opts.data_dir.display(),
         token_path.display()
     );
-    // Printed on stdout so scripts (and the tests) can find an ephemeral port.
     let scheme = match &opts.tls {
         Some(files) => {
             tracing::info!(
@@ -262,7 +263,29 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "http"
         }
     };
-    println!("ferry listening on {scheme}://{addr}");
+    // On stdout so scripts (and the tests) can find an ephemeral port. One
+    // write, errors ignored: a reader that took its line and left (as
+    // `ferry demo` does) must not stop the server.
+    let mut started = format!("ferry listening on {scheme}://{addr}\n");
+    // Once, when the token is new, and only to a person at a terminal (not
+    // to a log a service manager keeps): a link that signs the dashboard in.
+    if let Some(path) = dashboard_path.filter(|_| std::io::stdout().is_terminal()) {
+        let host = if addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        started.push_str(&format!(
+            "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}\n"
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(started.as_bytes())
+            .and_then(|()| stdout.flush());
+    }
     let starting = controller.clone();
     tokio::spawn(async move {
         match starting.start().await {

@@ -73,8 +73,12 @@ pub struct Difference {
     pub metric: String,
     /// Candidate minus stable (for latency: the p50 difference in ms).
     pub difference: Option<f64>,
-    /// Two-sided p-value.
+    /// Two-sided p-value of a test of that same quantity: two proportions
+    /// for rates, Mood's median test for the p50.
     pub p_value: Option<f64>,
+    /// The p-value is below 1 − confidence and the difference is not zero: a
+    /// tie (the same value, or for latency the same 2 % sketch bucket) is
+    /// never significant.
     pub significant: bool,
 }
 
@@ -120,7 +124,7 @@ pub fn compare(
             metric: metric.into(),
             difference,
             p_value: p,
-            significant: p.is_some_and(|p| p < alpha),
+            significant: p.is_some_and(|p| p < alpha) && difference.is_some_and(|d| d != 0.0),
         });
     };
     diff(
@@ -138,17 +142,13 @@ pub fn compare(
     );
     let cand: Vec<(f64, u32)> = candidate.latency.buckets().collect();
     let stab: Vec<(f64, u32)> = stable.latency.buckets().collect();
-    let latency_p = (!cand.is_empty() && !stab.is_empty()).then(|| {
-        let greater = stats::mann_whitney_greater(&cand, &stab);
-        (2.0 * greater.min(1.0 - greater)).min(1.0)
-    });
     diff(
         "latency_p50_ms",
         candidate
             .latency_p50_ms
             .zip(stable.latency_p50_ms)
             .map(|(c, s)| c - s),
-        latency_p,
+        stats::medians_differ(&cand, &stab),
     );
     diff(
         "accuracy",
@@ -185,6 +185,55 @@ mod tests {
         );
         assert!((z_for(0.95) - 1.96).abs() < 0.001);
         assert_eq!(wilson(0, 0, 1.96), None);
+    }
+
+    fn latency(samples: &[(f64, u32)]) -> Summary {
+        let mut sketch = crate::metrics::sketch::Sketch::default();
+        for (ms, n) in samples {
+            for _ in 0..*n {
+                sketch.add(ms / 1000.0);
+            }
+        }
+        Summary {
+            requests: sketch.count(),
+            latency_p50_ms: sketch.quantile(0.5).map(|s| s * 1000.0),
+            latency: sketch,
+            ..Summary::default()
+        }
+    }
+
+    fn p50(r: &Report) -> &Difference {
+        r.differences
+            .iter()
+            .find(|d| d.metric == "latency_p50_ms")
+            .unwrap()
+    }
+
+    /// The same p50 with a heavier upper half: the printed difference is
+    /// zero, so it is not called significant (it was, on a rank test of the
+    /// whole distribution).
+    #[test]
+    fn a_zero_latency_difference_is_never_significant() {
+        let stable = latency(&[(1.0, 600), (2.0, 400)]);
+        let candidate = latency(&[(1.0, 510), (2.0, 490)]);
+        let r = compare("1", &stable, "2", &candidate, 0.95, 60);
+        let d = p50(&r);
+        assert_eq!(d.difference, Some(0.0), "{d:?}");
+        assert!(!d.significant, "{d:?}");
+    }
+
+    /// The p-value is of the p50 difference itself: a slower median is
+    /// significant, a slower tail under the same median is not.
+    #[test]
+    fn the_latency_test_is_of_the_median() {
+        let stable = latency(&[(1.0, 300), (2.0, 300), (4.0, 300)]);
+        let slower = latency(&[(1.0, 100), (4.0, 400), (8.0, 400)]);
+        let r = compare("1", &stable, "2", &slower, 0.95, 60);
+        let d = p50(&r);
+        assert!(d.difference.unwrap() > 1.0 && d.significant, "{d:?}");
+        let tail = latency(&[(1.0, 300), (2.0, 300), (40.0, 300)]);
+        let r = compare("1", &stable, "2", &tail, 0.95, 60);
+        assert!(!p50(&r).significant, "{:?}", p50(&r));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The significance tests analysis uses: a one-sided two-proportion z-test
-//! for rates, and a one-sided Mann-Whitney U test for latency samples given
-//! as histogram buckets. Pure arithmetic.
+//! for rates, a one-sided Mann-Whitney U test for latency samples given as
+//! histogram buckets, and Mood's median test for the A/B report's p50
+//! difference. Pure arithmetic.
 
 /// The standard normal CDF (Abramowitz & Stegun 7.1.26 erf, |error| < 1.5e-7).
 pub fn normal_cdf(z: f64) -> f64 {
@@ -112,6 +113,37 @@ pub fn mann_whitney_greater(candidate: &[(f64, u32)], stable: &[(f64, u32)]) -> 
     1.0 - normal_cdf(z)
 }
 
+/// Two-sided p-value of "the two medians differ" (Mood's median test):
+/// whether the share of each arm above the pooled median differs, by the
+/// pooled two-proportion z-test. Samples come as (value, count) ascending;
+/// samples equal to the pooled median count as not above it, so ties never
+/// split. `None` when an arm is empty.
+pub fn medians_differ(a: &[(f64, u32)], b: &[(f64, u32)]) -> Option<f64> {
+    let total = |s: &[(f64, u32)]| s.iter().map(|(_, c)| u64::from(*c)).sum::<u64>();
+    let (n_a, n_b) = (total(a), total(b));
+    if n_a == 0 || n_b == 0 {
+        return None;
+    }
+    let mut pooled: Vec<(f64, u32)> = a.iter().chain(b).copied().collect();
+    pooled.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let middle = (n_a + n_b - 1) / 2; // the lower median's rank, from 0
+    let mut seen = 0u64;
+    let median = pooled
+        .iter()
+        .find(|(_, c)| {
+            seen += u64::from(*c);
+            seen > middle
+        })
+        .map(|(v, _)| *v)?;
+    let above = |s: &[(f64, u32)]| {
+        s.iter()
+            .filter(|(v, _)| *v > median)
+            .map(|(_, c)| u64::from(*c))
+            .sum::<u64>()
+    };
+    proportions_differ(above(a), n_a, above(b), n_b)
+}
+
 /// Population stability index between two class distributions; counts are
 /// smoothed by half a count so an empty class does not make it infinite.
 pub fn population_stability_index(candidate: &[(i64, u64)], stable: &[(i64, u64)]) -> Option<f64> {
@@ -180,6 +212,21 @@ mod tests {
         assert!(mann_whitney_greater(&slow, &fast) < 0.001);
         assert!(mann_whitney_greater(&fast, &slow) > 0.999);
         assert!((mann_whitney_greater(&fast, &fast) - 0.5).abs() < 0.05);
+    }
+
+    #[test]
+    fn the_median_test_sees_a_shifted_median_but_not_a_shifted_tail() {
+        let base: Vec<(f64, u32)> = (1..=20).map(|i| (f64::from(i), 5)).collect();
+        let shifted: Vec<(f64, u32)> = (6..=25).map(|i| (f64::from(i), 5)).collect();
+        assert!(medians_differ(&shifted, &base).unwrap() < 0.01);
+        assert!(medians_differ(&base, &base).unwrap() > 0.99);
+        // Same lower half, a slower upper half: the median does not move.
+        let slow_tail: Vec<(f64, u32)> = (1..=10)
+            .map(|i| (f64::from(i), 5))
+            .chain((31..=40).map(|i| (f64::from(i), 5)))
+            .collect();
+        assert!(medians_differ(&slow_tail, &base).unwrap() > 0.5);
+        assert_eq!(medians_differ(&base, &[]), None);
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl AdminToken {
         Ok((AdminToken(token), true))
     }
 
+    /// The dashboard's path with this token in its fragment
+    /// (`/ui/#token=…`): the browser keeps the fragment to itself, and the
+    /// page moves the token into session storage and out of the address.
+    pub fn dashboard_path(&self) -> String {
+        format!("/ui/#token={}", self.0)
+    }
+
     /// Whether the request carries this token (constant-time comparison).
     pub fn matches(&self, headers: &HeaderMap) -> bool {
         headers

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiJson, ErrorBody};
 use super::{ApiError, AppState, Limits, auth};
 use crate::gateway::RoutePolicy;
-use crate::metrics::SeriesSummary;
+use crate::metrics::{Role, SeriesSummary};
 use crate::records::{ServingSettings, SettingsPatch, VersionRecord};
 use crate::registry::{Artifact, NewVersion};
 use crate::store::Event;
@@ -49,8 +49,9 @@ pub struct VersionView {
     pub record: VersionRecord,
     /// Loaded, warm and in the published routes.
     pub serving: bool,
-    /// `stable` for the version that serves production traffic, `loaded` for
-    /// one loaded beside it, null otherwise.
+    /// The version's part in the model's routes: `stable`, `candidate`,
+    /// `staging`, `shadow` or `fallback`; `loaded` for one loaded beside
+    /// them (`/versions/{v}` only); null otherwise.
     pub role: Option<&'static str>,
 }
 
@@ -74,19 +75,24 @@ pub struct ModelView {
 
 /// The view of a record, looking up whether it is the stable version.
 fn view_of(s: &AppState, record: VersionRecord) -> Result<VersionView, ApiError> {
-    let stable = s.controller.registry().stable(&record.model)?;
-    Ok(view(s, stable.as_deref(), record))
+    let route = s.controller.route(&record.model).ok();
+    Ok(view(s, route.as_ref(), record))
 }
 
-fn view(s: &AppState, stable: Option<&str>, record: VersionRecord) -> VersionView {
+fn view(s: &AppState, route: Option<&RoutePolicy>, record: VersionRecord) -> VersionView {
     let serving = s.controller.serves(&record.model, &record.version);
-    let role = if stable == Some(record.version.as_str()) {
-        Some("stable")
-    } else if record.loaded {
-        Some("loaded")
-    } else {
-        None
+    let v = record.version.as_str();
+    let role = match route {
+        Some(r) if r.stable == v => Some(Role::Stable),
+        Some(r) if r.candidate.as_ref().is_some_and(|c| c.version == v) => Some(Role::Candidate),
+        Some(r) if r.staging.as_deref() == Some(v) => Some(Role::Staging),
+        Some(r) if r.shadow.as_ref().is_some_and(|sh| sh.version == v) => Some(Role::Shadow),
+        Some(r) if r.failover.iter().any(|f| f == v) => Some(Role::Fallback),
+        _ => None,
     };
+    let role = role
+        .map(Role::as_str)
+        .or_else(|| record.loaded.then_some("loaded"));
     VersionView {
         record,
         serving,
@@ -125,15 +131,14 @@ pub async fn show_model(
 ) -> Result<Json<ModelView>, ApiError> {
     crate::records::check_name("model", &model)?;
     let registry = s.controller.registry();
-    let m = registry.model(&model)?.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "model \"{model}\" is not registered; add it with `ferry model add {model} VERSION --file MODEL.onnx`"
-        ))
-    })?;
+    let m = registry
+        .model(&model)?
+        .ok_or_else(|| registry.unknown_model(&model))?;
+    let route = s.controller.route(&model).ok();
     let versions = registry
         .versions(&model)?
         .into_iter()
-        .map(|v| view(&s, m.stable.as_deref(), v))
+        .map(|v| view(&s, route.as_ref(), v))
         .collect();
     Ok(Json(ModelView {
         name: m.name,

@@ -122,7 +122,7 @@ impl Client {
 }
 
 /// An error with its causes, `a: b: c` (reqwest hides the TLS reason in them).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -34,7 +34,9 @@ pub struct DemoArgs {
 
 /// A `ferry serve` child process on a temporary data dir.
 struct DemoServer {
-    child: Child,
+    /// Shared with [`super::stop_on_early_exit`]: a closed output pipe ends
+    /// the demo without running `Drop`.
+    child: Arc<Mutex<Child>>,
     url: String,
     dir: PathBuf,
 }
@@ -61,6 +63,8 @@ impl DemoServer {
             .strip_prefix("ferry listening on ")
             .with_context(|| format!("ferry serve did not start: {line:?}"))?
             .to_string();
+        let child = Arc::new(Mutex::new(child));
+        super::stop_on_early_exit(&child);
         Ok(DemoServer {
             child,
             url,
@@ -71,8 +75,9 @@ impl DemoServer {
 
 impl Drop for DemoServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -108,11 +113,11 @@ impl Story {
 
     fn title(&mut self, name: &str, why: &str) {
         self.phase += 1;
-        println!("\n\x1b[1m[{}/{PHASES}] {name}\x1b[0m\n  {why}", self.phase);
+        outln!("\n\x1b[1m[{}/{PHASES}] {name}\x1b[0m\n  {why}", self.phase);
     }
 
     fn command(&self, cmd: &str) {
-        println!("  \x1b[2m$ {cmd}\x1b[0m");
+        outln!("  \x1b[2m$ {cmd}\x1b[0m");
     }
 
     async fn api(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
@@ -164,7 +169,7 @@ impl Story {
                 .unwrap_or_default();
             let line = format!("{message}  [{traffic}]");
             if line != last && st["phase"] != "idle" {
-                println!("  · {line}");
+                outln!("  · {line}");
                 last = line;
             }
             if st["phase"] == "idle" && st["last_rollout"].is_object() {
@@ -184,11 +189,12 @@ impl Story {
     /// Checks how a phase ended against the story.
     fn expect(&mut self, what: &str, got: (String, String), want: &str) {
         if got.0 == want {
-            println!("  \x1b[32m✓\x1b[0m {what}: {} — {}", got.0, got.1);
+            outln!("  \x1b[32m✓\x1b[0m {what}: {} — {}", got.0, got.1);
         } else {
-            println!(
+            outln!(
                 "  \x1b[31m✗\x1b[0m {what}: expected {want}, got {} — {}",
-                got.0, got.1
+                got.0,
+                got.1
             );
             self.failures
                 .push(format!("{what}: expected {want}, got {}", got.0));
@@ -197,9 +203,9 @@ impl Story {
 
     fn check(&mut self, what: &str, ok: bool, detail: String) {
         if ok {
-            println!("  \x1b[32m✓\x1b[0m {what}: {detail}");
+            outln!("  \x1b[32m✓\x1b[0m {what}: {detail}");
         } else {
-            println!("  \x1b[31m✗\x1b[0m {what}: {detail}");
+            outln!("  \x1b[31m✗\x1b[0m {what}: {detail}");
             self.failures.push(format!("{what}: {detail}"));
         }
     }
@@ -248,16 +254,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!(
+    outln!(
         "\x1b[1mFerry demo\x1b[0m — six ways to ship a model, on the bundled breast-cancer classifiers"
     );
-    println!(
+    outln!(
         "  server     {}   (data in {})",
         server.url,
         server.dir.display()
     );
-    println!("  dashboard  {}/ui/   (admin token: {token})", server.url);
-    println!(
+    outln!(
+        "  dashboard  {}/ui/#token={token}   (the link signs you in)",
+        server.url
+    );
+    outln!(
         "  CLI        export FERRY_SERVER={} FERRY_TOKEN={token}",
         server.url
     );
@@ -290,7 +299,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         let (load, stop, stats) = (load.clone(), stop.clone(), story.stats.clone());
         tokio::spawn(async move { load.run(None, stop, stats).await })
     };
-    println!(
+    outln!(
         "\n  traffic    {} requests/s from the hold-out set, 500 users (x-user-id), 3 regions (x-region)",
         load.rps
     );
@@ -298,7 +307,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     stop.store(true, Ordering::Relaxed);
     let _ = traffic.await;
     let s = story.snapshot();
-    println!(
+    outln!(
         "\n\x1b[1mDone in {:.0} s\x1b[0m: {} requests answered, {} failed (those a failing candidate was allowed to expose), p50 {} ms, p99 {} ms",
         started.elapsed().as_secs_f64(),
         s.ok,
@@ -310,13 +319,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         story.failures.push(e.to_string());
     }
     if !story.failures.is_empty() {
-        println!("\x1b[31mThe story did not go as told:\x1b[0m");
+        outln!("\x1b[31mThe story did not go as told:\x1b[0m");
         for f in &story.failures {
-            println!("  - {f}");
+            outln!("  - {f}");
         }
     }
     if args.keep {
-        println!(
+        outln!(
             "\nThe server keeps running at {} — Ctrl-C stops it.",
             server.url
         );
@@ -385,7 +394,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
     let report = story
         .api(Method::GET, "/api/v1/models/cancer/report", None)
         .await?;
-    println!(
+    outln!(
         "  A/B report: stable {} answered {} requests (error rate {}), candidate {} answered {} (error rate {}); p50 {} vs {} ms",
         report["stable"]["version"],
         report["stable"]["requests"],
@@ -506,7 +515,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
     story.expect("multi", end, "succeeded");
     tokio::time::sleep(Duration::from_secs(if story.fast { 1 } else { 3 })).await;
     let before = story.snapshot();
-    println!("  · stopping the server behind version 6 …");
+    outln!("  · stopping the server behind version 6 …");
     drop(remote);
     let _ = std::fs::remove_dir_all(&remote_dir);
     tokio::time::sleep(Duration::from_secs(if story.fast { 2 } else { 5 })).await;
@@ -532,7 +541,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         st["stable"] == "5",
         format!("stable is version {}", st["stable"]),
     );
-    println!(
+    outln!(
         "\n  See it all: ferry history cancer   ·   ferry status cancer   ·   {}/ui/",
         story.url
     );

@@ -100,7 +100,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn print_json(v: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).expect("JSON values serialise")
     );
@@ -173,10 +173,10 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
                 format!("the stable version of {model} is unchanged; roll it out with a deployment")
             };
             match v["result"].as_str() {
-                Some("unchanged") => println!(
+                Some("unchanged") => outln!(
                     "{model} {version} was already registered with this artifact ({what}); nothing changed"
                 ),
-                _ => println!("registered {model} {version} ({what}); {serving}"),
+                _ => outln!("registered {model} {version} ({what}); {serving}"),
             }
         }
         ModelCommand::Set {
@@ -197,7 +197,7 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
             if output == Output::Json {
                 print_json(&v);
             } else {
-                println!("{model} {version}: {}", settings_text(&v["settings"]));
+                outln!("{model} {version}: {}", settings_text(&v["settings"]));
             }
         }
         ModelCommand::List => {
@@ -226,11 +226,11 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
                 })
                 .collect();
             if rows.is_empty() {
-                println!(
+                outln!(
                     "no models yet; register one with `ferry model add MODEL VERSION --file MODEL.onnx`"
                 );
             } else {
-                println!(
+                outln!(
                     "{}",
                     table::render(&["MODEL", "STABLE", "VERSIONS", "SERVING"], &rows)
                 );
@@ -254,7 +254,7 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
             if output == Output::Json {
                 print_json(&json!({"removed": {"model": model, "version": version}}));
             } else {
-                println!("removed {model} {version}");
+                outln!("removed {model} {version}");
             }
         }
     }
@@ -314,7 +314,7 @@ fn settings_text(s: &Value) -> String {
 }
 
 fn show_model(v: &Value) {
-    println!(
+    outln!(
         "model {}  stable {}  created {}",
         str_of(&v["name"]),
         str_of(&v["stable"]),
@@ -351,8 +351,8 @@ fn show_model(v: &Value) {
             ]
         })
         .collect();
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{}",
         table::render(
             &[
@@ -373,7 +373,7 @@ fn show_model(v: &Value) {
             .filter(|y| &y["signature"] == sig)
             .map(|y| str_of(&y["version"]))
             .collect();
-        println!("\nsignature of version {}:", same.join(", "));
+        outln!("\nsignature of version {}:", same.join(", "));
         let mut rows = Vec::new();
         for (role, key) in [("input", "inputs"), ("output", "outputs")] {
             for t in sig[key].as_array().map(Vec::as_slice).unwrap_or_default() {
@@ -389,7 +389,7 @@ fn show_model(v: &Value) {
             .lines()
             .skip(1)
         {
-            println!("  {line}");
+            outln!("  {line}");
         }
     }
 }

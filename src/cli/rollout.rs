@@ -49,7 +49,9 @@ pub struct DeployArgs {
     /// Rolling: wait between batches (analysis runs meanwhile), e.g. 10s.
     #[arg(long)]
     pub batch_pause: Option<HumanDuration>,
-    /// Rolling: replicas that may be out of service at once.
+    /// Rolling: kept for compatibility (must be below --replicas): new
+    /// replicas are warm before they join, so Ferry never has fewer than
+    /// --replicas ready, whatever this says.
     #[arg(long)]
     pub max_unavailable: Option<u32>,
     /// Blue-green: labelled JSON Lines run against green before promotion.
@@ -236,7 +238,7 @@ pub fn deploy_spec(a: &DeployArgs) -> anyhow::Result<RolloutSpec> {
 }
 
 fn print_json(v: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).expect("JSON values serialise")
     );
@@ -250,22 +252,55 @@ fn str_of(v: &Value) -> String {
     }
 }
 
-/// Sends a spec; prints the result.
-pub async fn send_spec(client: &Client, spec: &RolloutSpec, output: Output) -> anyhow::Result<()> {
+/// Sends a spec; prints what happened. An instant strategy (basic, multi)
+/// may have ended before the answer: then its outcome is printed and a
+/// rollout that did not succeed exits 1, as `status --watch` does.
+pub async fn send_spec(
+    client: &Client,
+    spec: &RolloutSpec,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
     let path = format!("/api/v1/models/{}/rollouts", spec.model);
     let (_, v): (_, Value) = client
         .send(client.request(Method::POST, &path).json(spec))
         .await?;
+    let ended = v["rollout"].is_null();
+    let outcome = if ended {
+        v["last_rollout"]["phase"].as_str().unwrap_or("idle")
+    } else {
+        "started"
+    };
+    let code = match outcome {
+        "started" | "succeeded" => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    };
     if output == Output::Json {
         print_json(&v);
     } else if v["result"] == "unchanged" {
-        println!(
+        outln!(
             "{} is already rolling out this spec ({}); nothing changed",
             spec.model,
             str_of(&v["rollout"])
         );
+    } else if ended {
+        let last = &v["last_rollout"];
+        outln!(
+            "{} ({} of {} version {}): {}",
+            str_of(&last["rollout"]),
+            str_of(&last["strategy"]),
+            spec.model,
+            spec.version,
+            str_of(&last["message"])
+        );
+        if outcome != "succeeded" {
+            outln!(
+                "see why with `ferry history {}`; the stable version is {}",
+                spec.model,
+                str_of(&v["stable"])
+            );
+        }
     } else {
-        println!(
+        outln!(
             "{} started: {} of {} version {} (stable {})\n{}\nwatch it with `ferry status {} --watch`",
             str_of(&v["rollout"]),
             str_of(&v["strategy"]),
@@ -276,7 +311,7 @@ pub async fn send_spec(client: &Client, spec: &RolloutSpec, output: Output) -> a
             spec.model
         );
     }
-    Ok(())
+    Ok(code)
 }
 
 /// Puts the QA dataset's content into the spec (its path is relative to
@@ -298,7 +333,7 @@ fn embed_qa_dataset(spec: &mut RolloutSpec, base: &std::path::Path) -> anyhow::R
 }
 
 /// `ferry apply -f FILE`.
-pub async fn apply(client: &Client, file: &PathBuf, output: Output) -> anyhow::Result<()> {
+pub async fn apply(client: &Client, file: &PathBuf, output: Output) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut spec =
@@ -324,15 +359,15 @@ pub async fn command(
     if output == Output::Json {
         print_json(&v);
     } else {
-        let who = v["rollout"]
-            .as_str()
-            .map(str::to_string)
-            .or_else(|| v["last_rollout"]["rollout"].as_str().map(str::to_string));
-        println!(
-            "{}: {}",
-            who.unwrap_or_else(|| model.to_string()),
-            str_of(&v["message"])
-        );
+        match (v["rollout"].as_str(), v["last_rollout"].as_object()) {
+            (Some(r), _) => outln!("{r}: {}", str_of(&v["message"])),
+            // Ended at once (abort, an instant rollback): the last rollout
+            // says how, its id once.
+            (None, Some(last)) => {
+                outln!("{}: {}", str_of(&last["rollout"]), str_of(&last["message"]))
+            }
+            (None, None) => outln!("{model}: {}", str_of(&v["message"])),
+        }
     }
     Ok(())
 }
@@ -522,7 +557,7 @@ pub async fn status(
                 ]
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             table::render(
                 &[
@@ -558,7 +593,7 @@ pub async fn status(
                 print_json(&v);
             } else {
                 let events = events_of(client, model, shown.as_deref()).await;
-                println!("{}", render_status(&v, &events));
+                outln!("{}", render_status(&v, &events));
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -568,9 +603,9 @@ pub async fn status(
             let drawn = render_status(&v, &events);
             if drawn != last_drawn {
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                    print!("\x1b[2J\x1b[H");
+                    out!("\x1b[2J\x1b[H");
                 }
-                println!("{drawn}\n");
+                outln!("{drawn}\n");
                 last_drawn = drawn;
             }
         }
@@ -583,7 +618,7 @@ pub async fn status(
             if output == Output::Json {
                 print_json(&v);
             } else {
-                println!("{}: {}", str_of(&v["last_rollout"]["rollout"]), phase);
+                outln!("{}: {}", str_of(&v["last_rollout"]["rollout"]), phase);
             }
             return Ok(match phase.as_str() {
                 "succeeded" => ExitCode::SUCCESS,
@@ -670,7 +705,7 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
         })
         .collect();
     if !rows.is_empty() {
-        println!(
+        outln!(
             "{}\n",
             table::render(
                 &[
@@ -694,7 +729,7 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         table::render(&["AT", "ROLLOUT", "KIND", "MESSAGE"], &rows)
     );
@@ -767,7 +802,7 @@ pub async fn report(
             })
             .unwrap_or_default()
     };
-    println!(
+    outln!(
         "{} ({}, {}) — A/B report over {} s at {}% confidence\n",
         str_of(&v["rollout"]),
         str_of(&v["strategy"]),
@@ -816,12 +851,12 @@ pub async fn report(
     ];
     let header_s = format!("STABLE {}", str_of(&s["version"]));
     let header_c = format!("CANDIDATE {}", str_of(&c["version"]));
-    println!(
+    outln!(
         "{}",
         table::render(&["", &header_s, &header_c, "DIFFERENCE"], &rows)
     );
     if let Some(psi) = v["prediction_shift"].as_f64() {
-        println!("\nprediction shift (PSI of predicted classes): {psi:.4}");
+        outln!("\nprediction shift (PSI of predicted classes): {psi:.4}");
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +65,9 @@ pub struct Stats {
     pub ok: u64,
     /// Failures by HTTP status (or `connect` / `timeout`).
     pub errors: BTreeMap<String, u64>,
+    /// Why, per kind of failure: the first answer's `error` (or the
+    /// connection error with its causes).
+    pub reasons: BTreeMap<String, String>,
     /// Answers per version (x-ferry-version).
     pub versions: BTreeMap<String, u64>,
     #[serde(skip)]
@@ -125,29 +129,60 @@ impl Load {
                 let t = Instant::now();
                 let r = rb.timeout(Duration::from_secs(10)).send().await;
                 let secs = t.elapsed().as_secs_f64();
-                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                s.requests += 1;
-                s.latency.add(secs);
-                match r {
+                let failure = match r {
                     Ok(r) if r.status().is_success() => {
-                        s.ok += 1;
                         let v = r
                             .headers()
                             .get("x-ferry-version")
                             .and_then(|v| v.to_str().ok())
-                            .unwrap_or("?");
-                        *s.versions.entry(v.to_string()).or_default() += 1;
+                            .unwrap_or("?")
+                            .to_string();
+                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                        s.ok += 1;
+                        *s.versions.entry(v).or_default() += 1;
+                        None
                     }
-                    Ok(r) => *s.errors.entry(r.status().as_u16().to_string()).or_default() += 1,
+                    Ok(r) => {
+                        let kind = r.status().as_u16().to_string();
+                        let known = stats
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .reasons
+                            .contains_key(&kind);
+                        let why = if known {
+                            String::new()
+                        } else {
+                            server_error(r).await
+                        };
+                        Some((kind, why))
+                    }
                     Err(e) => {
                         let kind = if e.is_timeout() { "timeout" } else { "connect" };
-                        *s.errors.entry(kind.into()).or_default() += 1;
+                        Some((kind.to_string(), super::client::error_chain(&e)))
+                    }
+                };
+                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                s.requests += 1;
+                s.latency.add(secs);
+                if let Some((kind, why)) = failure {
+                    *s.errors.entry(kind.clone()).or_default() += 1;
+                    if !why.is_empty() {
+                        s.reasons.entry(kind).or_insert(why);
                     }
                 }
             });
         }
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// The `error` of a failed answer (its first 300 bytes otherwise).
+async fn server_error(r: reqwest::Response) -> String {
+    let body = r.bytes().await.unwrap_or_default();
+    serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
 }
 
 /// Reads V2 request bodies (dropping `label`) from JSON Lines.
@@ -204,11 +239,11 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
         v["seconds"] = json!(seconds);
         v["requests_per_second"] = json!(rate);
         v["latency_ms"] = json!({"p50": stats.ms(0.5), "p95": stats.ms(0.95), "p99": stats.ms(0.99), "max": stats.ms(1.0)});
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
     let ms = |q| stats.ms(q).map_or("-".into(), |m| format!("{m:.2} ms"));
-    println!(
+    outln!(
         "{} requests in {seconds:.1} s ({rate:.1}/s): {} ok, {} failed{}",
         stats.requests,
         stats.ok,
@@ -219,7 +254,7 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
             String::new()
         }
     );
-    println!(
+    outln!(
         "latency  p50 {}  p95 {}  p99 {}  max {}",
         ms(0.5),
         ms(0.95),
@@ -237,14 +272,17 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
             ]
         })
         .collect();
-    println!("{}", table::render(&["VERSION", "ANSWERS", "SHARE"], &rows));
+    outln!("{}", table::render(&["VERSION", "ANSWERS", "SHARE"], &rows));
     for (k, n) in &stats.errors {
-        println!("errors {k}: {n}");
+        match stats.reasons.get(k) {
+            Some(why) => outln!("errors {k}: {n} ({why})"),
+            None => outln!("errors {k}: {n}"),
+        }
     }
 }
 
-/// `ferry traffic`.
-pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::Result<()> {
+/// `ferry traffic`. Exits 1 when requests were sent and none succeeded.
+pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::Result<ExitCode> {
     crate::records::check_name("model", &args.model)?;
     anyhow::ensure!(
         args.rps > 0.0 && args.rps <= 100_000.0,
@@ -297,5 +335,18 @@ pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::
     }
     let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report(&s, started.elapsed().as_secs_f64(), output);
-    Ok(())
+    if s.requests > 0 && s.ok == 0 {
+        let why: Vec<String> = s.reasons.iter().map(|(k, w)| format!("{k}: {w}")).collect();
+        eprintln!(
+            "error: none of the {} requests succeeded{}",
+            s.requests,
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            }
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -65,7 +65,7 @@ async fn webhook(
             .json(&context)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| cause(&e))?;
         if !r.status().is_success() {
             return Err(format!("answered {}", r.status()));
         }
@@ -75,7 +75,7 @@ async fn webhook(
     }
     .await;
     match answer {
-        Err(e) => External::Unavailable(format!("webhook {url}: {e}")),
+        Err(e) => External::Unavailable(format!("webhook check {url}: {e}")),
         Ok(v) => {
             let reason = v["reason"].as_str().unwrap_or("").to_string();
             match v["result"].as_str() {
@@ -92,7 +92,7 @@ async fn webhook(
                     format!("webhook inconclusive {reason}").trim().into(),
                 ),
                 _ => External::Unavailable(format!(
-                    "webhook {url} answered {v}; expected {{\"result\": \"pass\" | \"fail\" | \"inconclusive\"}}"
+                    "webhook check {url} answered {v}; expected {{\"result\": \"pass\" | \"fail\" | \"inconclusive\"}}"
                 )),
             }
         }
@@ -101,6 +101,7 @@ async fn webhook(
 
 async fn prometheus(http: &reqwest::Client, address: &str, query: &str) -> External {
     let url = format!("{}/api/v1/query", address.trim_end_matches('/'));
+    let check = format!("prometheus check {query:?} at {address}");
     let answer = async {
         let r = http
             .get(&url)
@@ -108,16 +109,25 @@ async fn prometheus(http: &reqwest::Client, address: &str, query: &str) -> Exter
             .timeout(TIMEOUT)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
-        r.json::<Value>().await.map_err(|e| e.to_string())
+            .map_err(|e| cause(&e))?;
+        let status = r.status();
+        r.json::<Value>().await.map_err(|e| {
+            format!(
+                "{url} answered {status} with something other than Prometheus' JSON: {}",
+                cause(&e)
+            )
+        })
     }
     .await;
     let v = match answer {
         Ok(v) => v,
-        Err(e) => return External::Unavailable(format!("prometheus {address}: {e}")),
+        Err(e) => return External::Unavailable(format!("{check}: {e}")),
     };
     if v["status"] != "success" {
-        return External::Unavailable(format!("prometheus query {query:?} failed: {}", v["error"]));
+        return External::Unavailable(format!(
+            "{check}: the query failed: {}",
+            v["error"].as_str().unwrap_or("no reason given")
+        ));
     }
     let data = &v["data"];
     let value = match data["resultType"].as_str() {
@@ -128,9 +138,39 @@ async fn prometheus(http: &reqwest::Client, address: &str, query: &str) -> Exter
     match value.and_then(|s| s.parse::<f64>().ok()) {
         Some(x) if x.is_finite() => External::Value(x),
         _ => External::Unavailable(format!(
-            "prometheus query {query:?} returned no single number"
+            "{check}: the query returned no single number (it must yield one scalar or one series): {data}"
         )),
     }
+}
+
+/// What went wrong with a request, down to the root cause: reqwest's own
+/// message ("error sending request for url …") says only where it failed.
+fn cause(e: &reqwest::Error) -> String {
+    // The URL without its query: the check's message names the query once.
+    let url = e.url().map(|u| {
+        let mut u = u.clone();
+        u.set_query(None);
+        u
+    });
+    let mut text = match url {
+        Some(url) if e.is_timeout() => format!("no answer from {url} within {TIMEOUT:?}"),
+        Some(url) if e.is_connect() => format!("cannot connect to {url}"),
+        Some(url) => format!("request to {url} failed"),
+        None => "request failed".to_string(),
+    };
+    let mut source = std::error::Error::source(e);
+    let mut last = String::new();
+    while let Some(inner) = source {
+        let message = inner.to_string();
+        // hyper and the OS often repeat the same cause at two levels.
+        if message != last {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        last = message;
+        source = inner.source();
+    }
+    text
 }
 
 /// The event kinds sent when `notify` names none.
@@ -178,7 +218,9 @@ pub fn notify(
                             r.status(),
                             attempt + 1
                         ),
-                        Err(e) => tracing::warn!("notify {url}: {e} (try {})", attempt + 1),
+                        Err(e) => {
+                            tracing::warn!("notify {url}: {} (try {})", cause(&e), attempt + 1)
+                        }
                     }
                 }
             });
@@ -191,6 +233,23 @@ mod tests {
     use super::*;
     use crate::gateway::RoutePolicy;
     use crate::spec::{Condition, RolloutSpec};
+
+    /// An unreachable Prometheus is named (query and address) with the root
+    /// cause, not only reqwest's "error sending request for url".
+    #[tokio::test]
+    async fn an_unreachable_check_says_which_and_why() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let query = "sum(rate(checkout_failures[1m]))";
+        let External::Unavailable(why) = prometheus(&reqwest::Client::new(), &closed, query).await
+        else {
+            panic!("a closed port answered")
+        };
+        assert!(why.contains(query) && why.contains(&closed), "{why}");
+        assert!(why.to_lowercase().contains("connection refused"), "{why}");
+    }
 
     /// A spec stored before `--allow-outbound` was set still names its
     /// hosts: each call is checked as it is sent, and one off the list is

@@ -17,7 +17,7 @@ use crate::metrics::Role;
 use crate::registry::RegistryError;
 use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
 use crate::store::{NewEvent, NotCreated, RolloutRecord};
-use crate::strategy::{self, Command, Observations, Phase, Waiting};
+use crate::strategy::{self, Command, Observations, Phase, RolloutState, Waiting};
 use crate::units::now_ms;
 
 /// Whether `apply` created a rollout or found the same one running.
@@ -96,15 +96,14 @@ pub struct Status {
     pub staging: Option<String>,
 }
 
-/// The rollout's message as of now: a pause's countdown is computed from its
-/// stored start rather than persisted every second.
-fn live_message(r: &RolloutRecord) -> String {
-    let plan = strategy::plan(&r.spec, &r.state, &Observations::default(), now_ms());
-    if plan.events.is_empty() && !plan.publish && plan.state.step == r.state.step {
-        plan.state.message
-    } else {
-        r.state.message.clone()
-    }
+/// The rollout's message as of `now`: a pause's countdown is computed from
+/// its stored start rather than persisted every second. When a wait is over
+/// but the controller has not yet taken the step, the plan says what comes
+/// next — never the countdown stored at the last change.
+fn live_message(spec: &RolloutSpec, state: &RolloutState, now: u64) -> String {
+    strategy::plan(spec, state, &Observations::default(), now)
+        .state
+        .message
 }
 
 /// The spec as the `rollout_started` event records it: a QA dataset sent
@@ -419,6 +418,7 @@ impl Controller {
     ) -> Result<RolloutRecord, ControlError> {
         let store = self.registry.store().clone();
         let name = record.name();
+        self.publish_phase(&record);
         for _ in 0..32 {
             let plan = strategy::plan(&record.spec, &record.state, &obs, now_ms());
             if plan.state == record.state && plan.events.is_empty() {
@@ -430,6 +430,8 @@ impl Controller {
                 .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
                 .collect();
             store.update_rollout(record.id, &plan.state, events)?;
+            self.metrics
+                .set_rollout_phase(&record.model, &record.kind, plan.state.phase.as_str());
             external::notify(
                 &self.http.control,
                 self.reach.outbound.as_ref(),
@@ -454,6 +456,13 @@ impl Controller {
             }
         }
         Ok(record)
+    }
+
+    /// Sets `ferry_rollout_phase` to the phase of the model's latest
+    /// rollout (this one).
+    pub(super) fn publish_phase(&self, record: &RolloutRecord) {
+        self.metrics
+            .set_rollout_phase(&record.model, &record.kind, record.state.phase.as_str());
     }
 
     fn store_report(&self, record: &RolloutRecord) {
@@ -781,7 +790,7 @@ impl Controller {
             step: Some(r.state.step),
             traffic: traffic(&r.state.route),
             observed,
-            message: live_message(&r),
+            message: live_message(&r.spec, &r.state, now_ms()),
             analysis: r.state.analysis.last.as_ref().map(|v| AnalysisView {
                 verdict: v.outcome,
                 window: crate::units::HumanDuration(interval).to_string(),
@@ -876,8 +885,46 @@ fn next_wake(now_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::next_wake;
+    use super::{live_message, next_wake};
+    use crate::gateway::RoutePolicy;
+    use crate::spec::RolloutSpec;
+    use crate::strategy::{self, Observations};
     use std::time::Duration;
+
+    /// A rolling batch's countdown only goes down: once the pause is over
+    /// and before the controller takes the next batch, the status does not
+    /// fall back to the countdown stored at the batch's last change (it
+    /// went "1s left", then "4s left").
+    #[test]
+    fn the_rolling_countdown_never_goes_back_up() {
+        let spec = RolloutSpec::from_yaml(
+            "model: m\nversion: \"2\"\nstrategy: { rolling: { replicas: 2, batch_size: 1, batch_pause: 5s } }",
+        )
+        .unwrap();
+        let mut state = strategy::initial_state(&RoutePolicy::stable_only("1"), 0);
+        // As the controller does: plan again at once after each change.
+        for _ in 0..4 {
+            state = strategy::plan(&spec, &state, &Observations::default(), 0).state;
+        }
+        assert!(state.message.contains("5s left"), "{}", state.message);
+        // Stored one second in (an analysis window persisted it).
+        let stored = strategy::plan(&spec, &state, &Observations::default(), 1_000).state;
+        assert!(stored.message.contains("4s left"), "{}", stored.message);
+        let mut last_left = u64::MAX;
+        for now in (1_000..=5_600).step_by(100) {
+            let message = live_message(&spec, &stored, now);
+            if let Some(left) = message
+                .split_whitespace()
+                .find_map(|w| w.strip_suffix('s').and_then(|n| n.parse::<u64>().ok()))
+                .filter(|_| message.contains(" left"))
+            {
+                assert!(left <= last_left, "at {now} ms: {message}");
+                last_left = left;
+            } else {
+                last_left = 0;
+            }
+        }
+    }
 
     #[test]
     fn the_loop_wakes_just_after_each_bucket_closes() {

@@ -156,6 +156,10 @@ pub fn plan(
     }
     // The batch's replicas are up (the route was published) and the analysis
     // has not failed since it started: next batch.
+    p.state.message = format!(
+        "step {}/{total}: batch {step} ({k_target}/{n}) settled",
+        step + 1
+    );
     p.state.step += 1;
     p.state.step_started_ms = now_ms;
     p.requeue_ms = Some(0);

@@ -27,15 +27,34 @@ try {
   if (!/refused/.test(refused) || !/admin token/.test(refused)) fail("unauthenticated abort: " + refused);
   console.log("unauthenticated action refused: " + refused);
 
-  // With the token: the models, the canary at 10 %.
-  await page.getByLabel("Admin token").fill(token);
-  await page.getByRole("button", { name: "Use token" }).click();
+  // With the token from the link `ferry serve` prints: the models, the
+  // canary at 10 %; the token leaves the address bar.
+  await page.goto(url + "/ui/#model=cancer&token=" + token);
   await page.locator('.model[data-model="cancer"]').waitFor();
+  const address = await page.evaluate(() => location.href);
+  if (address.includes(token)) fail("the token stays in the address: " + address);
+  if (!address.endsWith("#model=cancer")) fail("the model left the address: " + address);
+  console.log("signed in from the link; address now " + address.replace(url, ""));
   await page.locator('[data-traffic="2"]', { hasText: "2: 10%" }).waitFor({ timeout: 15000 });
   await page.locator('#steps li[aria-current="step"]').waitFor();
   const current = await page.locator('#steps li[aria-current="step"]').textContent();
   if (!/pause until promoted/.test(current)) fail("current step: " + current);
   console.log("canary at 10%, current step: " + current);
+
+  // The candidate's role is shown; ids do not wrap; the past rollout's row
+  // says what the header says; configured and observed are apart.
+  await page.locator('#versions tr[data-version="2"] td', { hasText: "candidate" }).waitFor({ timeout: 5000 });
+  const look = await page.evaluate(() => ({
+    wrap: getComputedStyle(document.querySelector("#history td.id")).whiteSpace,
+    header: document.getElementById("message").textContent,
+    row: document.querySelector('#history tr[data-rollout="r-1"] td.message').textContent,
+    configured: document.getElementById("traffic-configured").textContent,
+  }));
+  if (look.wrap !== "nowrap") fail("rollout ids wrap: " + look.wrap);
+  if (look.header !== look.row) fail(`past rollouts lag the header: ${look.row} vs ${look.header}`);
+  if (/observed/.test(look.configured)) fail("configured and observed run together: " + look.configured);
+  await page.locator("#traffic-observed", { hasText: "observed" }).waitFor({ timeout: 15000 });
+  console.log("versions, history and split read right");
 
   // Promote from the page: the split moves to 50 %.
   await page.getByRole("button", { name: /^Promote/ }).click();

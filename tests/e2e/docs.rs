@@ -127,3 +127,120 @@ fn every_ferry_command_in_the_docs_parses() {
         "found only {commands} ferry commands in the docs"
     );
 }
+
+/// The README's spec, which the tour applies with `ferry apply -f
+/// examples/rollout.yaml`, is shipped and valid.
+#[test]
+fn the_tours_rollout_yaml_is_shipped_and_is_the_readmes_spec() {
+    let path = repo().join("examples/rollout.yaml");
+    let shipped =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let spec = ferry::spec::RolloutSpec::from_yaml(&shipped)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    spec.validate()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(readme.contains("ferry apply -f examples/rollout.yaml"));
+    let in_readme = blocks(&readme, "yaml")
+        .into_iter()
+        .map(|(_, b)| b)
+        .find(|b| b.contains("strategy:"))
+        .expect("the README shows a spec");
+    let readme_spec = ferry::spec::RolloutSpec::from_yaml(&in_readme).unwrap();
+    assert_eq!(
+        spec, readme_spec,
+        "examples/rollout.yaml differs from the README's spec"
+    );
+}
+
+/// The repository documents its own contract: no reference to a document it
+/// does not ship, and every metric `/metrics` exports is in docs/reference.md.
+#[test]
+fn the_contract_is_documented_in_the_repository() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(!readme.contains("DESIGN.md"), "the README cites DESIGN.md");
+    assert!(
+        readme.contains("(docs/reference.md)"),
+        "the README links the reference"
+    );
+    let reference = std::fs::read_to_string(repo().join("docs/reference.md")).unwrap();
+    // Every family has a series once a version has served, failed over,
+    // batched and been rolled out.
+    let metrics = ferry::metrics::Metrics::new();
+    metrics
+        .for_version("m", "1")
+        .record(ferry::metrics::Outcome::Ok, 0.001);
+    metrics.failover("m", "1", "2");
+    let _ = metrics.batch_sizes("m", "1");
+    metrics.set_routing(
+        "m",
+        &[("1".into(), ferry::metrics::Role::Stable)],
+        &[("1".into(), 100.0)],
+    );
+    metrics.set_rollout_phase("m", "canary", "progressing");
+    let text = metrics.encode(ferry::metrics::Exposition::Text);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(names.len() >= 9, "{names:?}");
+    for name in names {
+        assert!(
+            reference.contains(&format!("`{name}")),
+            "docs/reference.md does not document {name}"
+        );
+    }
+    for field in [
+        "min_requests",
+        "failure_limit",
+        "max_inconclusive",
+        "confidence",
+        "interval",
+        "allow_signature_change",
+        "notify",
+        "sticky",
+        "match",
+        "scale_down_delay",
+        "auto_promote_after",
+        "mirror_percent",
+        "min_comparisons",
+        "min_agreement",
+        "max_in_flight",
+        "batch_size",
+        "batch_pause",
+        "max_unavailable",
+        "keep",
+    ] {
+        assert!(
+            reference.contains(&format!("`{field}`")),
+            "docs/reference.md does not list the spec field {field}"
+        );
+    }
+}
+
+/// `deploy --help` and docs/strategies.md say the same of `max_unavailable`
+/// (the help said "replicas that may be out of service at once"; the docs
+/// say Ferry never goes below `replicas` ready).
+#[test]
+fn deploy_help_and_the_strategy_docs_agree_on_max_unavailable() {
+    let strategies = std::fs::read_to_string(repo().join("docs/strategies.md")).unwrap();
+    let row = strategies
+        .lines()
+        .find(|l| l.starts_with("| `max_unavailable`"))
+        .expect("docs/strategies.md lists max_unavailable");
+    assert!(row.contains("compatibility"), "{row}");
+    let out = std::process::Command::new(super::harness::ferry_binary())
+        .args(["deploy", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let (_, flag) = help
+        .split_once("--max-unavailable")
+        .expect("deploy --help lists --max-unavailable");
+    let flag = flag.split("\n      --").next().unwrap_or("");
+    assert!(
+        flag.contains("compatibility") && flag.contains("never"),
+        "deploy --help: --max-unavailable{flag}"
+    );
+}

@@ -86,15 +86,27 @@ fn free_port() -> u16 {
 }
 
 async fn start_prometheus(ferry: &Server) -> Prometheus {
+    let target = ferry.url.trim_start_matches("http://");
+    start_prometheus_with(&[format!(
+        "  - job_name: ferry\n    static_configs: [ {{ targets: ['{target}'] }} ]\n"
+    )])
+    .await
+}
+
+/// A Prometheus with these scrape jobs (YAML list items), once every job's
+/// target is up.
+async fn start_prometheus_with(jobs: &[String]) -> Prometheus {
     let bin = tokio::task::spawn_blocking(prometheus_binary)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let target = ferry.url.trim_start_matches("http://");
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
-        format!("global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: ferry\n    static_configs: [ {{ targets: ['{target}'] }} ]\n"),
+        format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n{}",
+            jobs.concat()
+        ),
     )
     .unwrap();
     let port = free_port();
@@ -115,7 +127,8 @@ async fn start_prometheus(ferry: &Server) -> Prometheus {
         _dir: dir,
     };
     let http = reqwest::Client::new();
-    let query = format!("{}/api/v1/query?query=up", p.url);
+    let query = format!("{}/api/v1/query?query=sum(up)", p.url);
+    let want = jobs.len().to_string();
     eventually(
         Duration::from_secs(30),
         "prometheus scrapes ferry",
@@ -123,7 +136,7 @@ async fn start_prometheus(ferry: &Server) -> Prometheus {
             Ok(r) => r
                 .json::<Value>()
                 .await
-                .is_ok_and(|v| v["data"]["result"][0]["value"][1] == "1"),
+                .is_ok_and(|v| v["data"]["result"][0]["value"][1] == want.as_str()),
             Err(_) => false,
         },
     )
@@ -223,4 +236,148 @@ async fn a_webhook_check_can_fail_a_window() {
         message.contains("checkout conversions dropped"),
         "{message}"
     );
+}
+
+/// An HTTP proxy for Prometheus' `proxy_url` that asks for Prometheus'
+/// classic text format, as scrapers without OpenMetrics do. Returns its URL
+/// and the content types Ferry answered with.
+async fn classic_text_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::http::{Uri, header};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answered = seen.clone();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let (http, answered) = (http.clone(), answered.clone());
+        async move {
+            let r = http
+                .get(uri.to_string())
+                .header(header::ACCEPT, "text/plain;version=0.0.4;q=1,*/*;q=0.1")
+                .send()
+                .await
+                .unwrap();
+            let kind = r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_string();
+            answered.lock().unwrap().push(kind.clone());
+            ([(header::CONTENT_TYPE, kind)], r.bytes().await.unwrap())
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// What Prometheus knows of a metric from the target of `job`: its type.
+async fn metric_type(p: &Prometheus, job: &str, metric: &str) -> Option<String> {
+    let v: Value = reqwest::get(format!(
+        "{}/api/v1/targets/metadata?match_target={{job=\"{job}\"}}&metric={metric}",
+        p.url
+    ))
+    .await
+    .ok()?
+    .json()
+    .await
+    .ok()?;
+    v["data"][0]["type"].as_str().map(str::to_string)
+}
+
+async fn query(p: &Prometheus, q: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/api/v1/query", p.url))
+        .query(&[("query", q)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A real Prometheus scrapes `/metrics` both ways — as OpenMetrics (its
+/// default `Accept`) and, through a proxy that asks for it, as the classic
+/// text format — and reads typed counters and `ferry_rollout_phase` from
+/// each. Before, the OpenMetrics body came labelled as classic text, so the
+/// text parser typed `ferry_requests_total` as unknown, and there was no
+/// phase series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_reads_typed_series_and_the_rollout_phase_in_both_formats() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let (one, _) = super::harness::holdout().remove(0);
+    assert_eq!(s.infer("/v2/models/cancer/infer", &one).await.0, 200);
+    s.start_rollout(&json!({"model": "cancer", "version": "2",
+        "strategy": {"canary": {"steps": [{"weight": 10}, {"pause": {}}, {"weight": 100}]}}}))
+        .await;
+    let (proxy, answered) = classic_text_proxy().await;
+    let target = s.url.trim_start_matches("http://");
+    let prometheus = start_prometheus_with(&[
+        format!("  - job_name: openmetrics\n    static_configs: [ {{ targets: ['{target}'] }} ]\n"),
+        format!("  - job_name: classic\n    proxy_url: '{proxy}'\n    static_configs: [ {{ targets: ['{target}'] }} ]\n"),
+    ])
+    .await;
+    for job in ["openmetrics", "classic"] {
+        let q = format!(
+            r#"ferry_rollout_phase{{job="{job}",model="cancer",strategy="canary",phase="paused"}}"#
+        );
+        let mut last = Value::Null;
+        eventually(
+            Duration::from_secs(20),
+            "the phase is scraped",
+            async || {
+                last = query(&prometheus, &q).await;
+                last["data"]["result"][0]["value"][1] == "1"
+            },
+        )
+        .await;
+        let q = format!(
+            r#"ferry_requests_total{{job="{job}",model="cancer",version="1",outcome="ok"}}"#
+        );
+        assert_eq!(
+            query(&prometheus, &q).await["data"]["result"][0]["value"][1],
+            "1",
+            "{job}"
+        );
+    }
+    // Each parser typed the counters.
+    assert_eq!(
+        metric_type(&prometheus, "openmetrics", "ferry_requests")
+            .await
+            .as_deref(),
+        Some("counter")
+    );
+    assert_eq!(
+        metric_type(&prometheus, "classic", "ferry_requests_total")
+            .await
+            .as_deref(),
+        Some("counter")
+    );
+    let kinds = answered.lock().unwrap().clone();
+    assert!(
+        kinds
+            .iter()
+            .all(|k| k.starts_with("text/plain; version=0.0.4")),
+        "{kinds:?}"
+    );
+    let direct = s
+        .http
+        .get(s.at("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        direct.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text; version=1.0.0"),
+        "{:?}",
+        direct.headers()
+    );
+    assert!(direct.text().await.unwrap().ends_with("# EOF\n"));
 }

@@ -65,8 +65,8 @@ pub fn test_ca() -> reqwest::Certificate {
     reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")
 }
 
-/// The binary the servers run: this build's, or `FERRY_TEST_BINARY` (to
-/// show that a new test fails on an older build).
+/// The binary the servers and the CLI run: this build's, or
+/// `FERRY_TEST_BINARY` (to show that a new test fails on an older build).
 pub fn ferry_binary() -> String {
     std::env::var("FERRY_TEST_BINARY").unwrap_or_else(|_| FERRY.to_string())
 }
@@ -209,9 +209,10 @@ impl Server {
             .to_string()
     }
 
-    /// The `ferry` CLI pointed at this server with its admin token.
+    /// The `ferry` CLI pointed at this server with its admin token (the
+    /// same binary as the server: `FERRY_TEST_BINARY` when set).
     pub fn cli(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(FERRY);
+        let mut c = Command::new(ferry_binary());
         c.args(["--server", &self.url, "--token", &self.token()]);
         if self.url.starts_with("https://") {
             c.arg("--ca-cert").arg(test_data("tls/ca.pem"));

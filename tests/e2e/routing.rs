@@ -663,3 +663,31 @@ async fn a_remote_shadow_gets_the_clients_bytes_and_its_answers_are_compared() {
         "re-encoded from the decoded inputs"
     );
 }
+
+/// Every request the fallback answers because the primary failed is a
+/// failover, whether the primary failed it or its open breaker skipped it:
+/// the counter matched only the tries (12 of 801).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_an_open_breaker_count_as_failovers() {
+    let upstream = Upstream::start().await;
+    let s = Server::start().await;
+    remote_then_local(&s, &upstream.url).await;
+    upstream.set_failing(true);
+    let (one, _) = holdout().remove(0);
+    for _ in 0..60 {
+        let (status, headers, _) = s.infer("/v2/models/cancer/infer", &one).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-ferry-version"], "local");
+    }
+    let prom = s.prometheus().await;
+    let failovers = series_value(
+        &prom,
+        r#"ferry_failovers_total{model="cancer",from_version="remote",to_version="local"}"#,
+    );
+    let tried = series_value(
+        &prom,
+        r#"ferry_requests_total{model="cancer",version="remote",outcome="error"}"#,
+    );
+    assert!(tried < 60.0, "the breaker opened: {tried} tries");
+    assert_eq!(failovers, 60.0, "{prom}");
+}
