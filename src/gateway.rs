@@ -188,11 +188,7 @@ impl Gateway {
         header_len: Option<&str>,
     ) -> Result<Forwarded, GatewayError> {
         let pool = &routed.pool;
-        let timeout = routed
-            .route
-            .policy
-            .timeout
-            .map_or_else(|| pool.timeout(), |t| t.0);
+        let timeout = timeout(&routed.route, pool);
         let shadow = (routed.role == Role::Stable)
             .then(|| {
                 let copy = mirror::Copy::Body {
@@ -205,12 +201,12 @@ impl Gateway {
             .flatten();
         let started = Instant::now();
         let result = pool.forward(body, header_len, timeout).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_)) => Outcome::Rejected,
-            Err(_) => Outcome::Error,
-        };
-        pool.record(routed.role, outcome, started.elapsed().as_secs_f64(), None);
+        pool.record(
+            routed.role,
+            outcome(&result),
+            started.elapsed().as_secs_f64(),
+            None,
+        );
         let (answer, answer_len) = result?;
         Ok(Forwarded {
             answer,
@@ -251,7 +247,7 @@ impl Gateway {
             pool.record(role, Outcome::Rejected, 0.0, None);
             return Err(RuntimeError::BadInput(why).into());
         }
-        let timeout = route.policy.timeout.map_or_else(|| pool.timeout(), |t| t.0);
+        let timeout = timeout(&route, pool);
         // Production requests (those the stable version serves) are the ones
         // mirrored to a shadow and protected by the failover chain.
         let shadow = (role == Role::Stable)
@@ -354,10 +350,10 @@ impl Gateway {
                 pool.breaker
                     .record(result.is_ok(), Instant::now(), &route.policy.breaker);
             }
+            let class = result.as_ref().ok().and_then(|o| compare::answer_class(o));
+            pool.record(attempt_role, outcome(&result), seconds, class);
             match result {
                 Ok(outputs) => {
-                    let class = compare::answer_class(&outputs);
-                    pool.record(attempt_role, Outcome::Ok, seconds, class);
                     return Ok(Served {
                         version: pool.version.clone(),
                         role: attempt_role,
@@ -366,13 +362,6 @@ impl Gateway {
                     });
                 }
                 Err(e) => {
-                    let outcome = match e {
-                        RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_) => {
-                            Outcome::Rejected
-                        }
-                        _ => Outcome::Error,
-                    };
-                    pool.record(attempt_role, outcome, seconds, None);
                     if !e.is_retryable() {
                         return Err(e.into());
                     }
@@ -387,4 +376,20 @@ impl Gateway {
             })
             .into())
     }
+}
+
+/// How a request's answer counts: a full queue or a bad input is the
+/// request refused (`rejected`), any other failure an `error`.
+fn outcome<T>(result: &Result<T, RuntimeError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(RuntimeError::QueueFull { .. } | RuntimeError::BadInput(_)) => Outcome::Rejected,
+        Err(_) => Outcome::Error,
+    }
+}
+
+/// How long a request may wait for its answer: the route's timeout (a
+/// multi-service chain sets one for every version), else the version's own.
+fn timeout(route: &ModelRoute, pool: &VersionPool) -> Duration {
+    route.policy.timeout.map_or_else(|| pool.timeout(), |t| t.0)
 }
