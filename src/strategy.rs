@@ -33,6 +33,15 @@ pub enum Phase {
     RolledBack,
 }
 
+impl Waiting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::Promote => "promote",
+            Waiting::Resume => "resume",
+        }
+    }
+}
+
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -97,6 +106,20 @@ pub struct RolloutState {
     /// Why a rolling update is taking its batches back (after a failed batch).
     #[serde(default)]
     pub rolling_back: Option<String>,
+    /// When a pause that waits for `resume` began (Unix ms): its timers
+    /// stand still until then, and resume moves them on by the time paused.
+    #[serde(default)]
+    pub paused_at_ms: Option<u64>,
+    /// Set when this rollout is a rollback (`ferry rollback`).
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+/// What a rollback undoes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The rollout it undoes (`r-3`), when there is one.
+    pub undoes: Option<String>,
 }
 
 /// Shadow comparisons accumulated window by window.
@@ -213,6 +236,36 @@ impl Plan {
         self.state.waiting_for = Some(waiting);
         self.event(kind, message);
     }
+
+    /// Pauses until `resume`, stopping the current step's clock.
+    fn pause_for_resume(&mut self, now_ms: u64, message: String) {
+        self.pause(Waiting::Resume, "paused", message);
+        self.state.paused_at_ms = Some(now_ms);
+    }
+
+    /// Ends a `resume` wait: the current step's timers move on by the time
+    /// paused, so it continues with the time that was left.
+    fn unfreeze(&mut self, now_ms: u64) {
+        if let Some(at) = self.state.paused_at_ms.take() {
+            self.state.step_started_ms += now_ms.saturating_sub(at);
+        }
+    }
+
+    /// With analysis configured, the step that ends a rollout is never taken
+    /// on inconclusive windows alone: it waits until the latest window
+    /// passed. `Some(why)` while it waits. A candidate that takes no traffic
+    /// gets no windows, so nothing is waited for then.
+    fn last_step_waits(&self, spec: &RolloutSpec) -> Option<String> {
+        spec.analysis.as_ref()?;
+        if !analysing(spec, &self.state) {
+            return None;
+        }
+        match &self.state.analysis.last {
+            Some(v) if v.outcome == Outcome::Pass => None,
+            Some(v) => Some(format!("latest window {}", v.reason)),
+            None => Some("no window judged yet".into()),
+        }
+    }
 }
 
 /// The state of a rollout that has not taken a step yet.
@@ -232,6 +285,8 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
         shadow: ShadowProgress::default(),
         qa: None,
         rolling_back: None,
+        paused_at_ms: None,
+        rollback: None,
     }
 }
 
@@ -340,7 +395,7 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                 return p;
             }
             Command::Pause => {
-                p.pause(Waiting::Resume, "paused", format!("paused by {who}"));
+                p.pause_for_resume(now_ms, format!("paused by {who}"));
                 return p;
             }
             Command::Resume => {
@@ -348,10 +403,15 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                     p.state.phase = Phase::Progressing;
                     p.state.waiting_for = None;
                     p.state.analysis.consecutive_inconclusive = 0;
+                    p.unfreeze(now_ms);
                     p.event("resumed", format!("resumed by {who}"));
                 }
             }
-            Command::Promote { .. } => {}
+            Command::Promote { .. } => {
+                // A person looked: inconclusive windows count afresh.
+                p.state.analysis.consecutive_inconclusive = 0;
+                p.unfreeze(now_ms);
+            }
         }
     }
     if let Some(w) = &obs.shadow_window {
@@ -385,11 +445,14 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
             ),
             Outcome::Inconclusive => (
                 "analysis_inconclusive",
-                format!(
-                    " ({} of {} before pausing)",
-                    a.consecutive_inconclusive + 1,
-                    limits.max_inconclusive
-                ),
+                match p.state.waiting_for {
+                    Some(w) => format!(" (not counted: already waiting for {})", w.as_str()),
+                    None => format!(
+                        " ({} of {} before pausing)",
+                        a.consecutive_inconclusive + 1,
+                        limits.max_inconclusive
+                    ),
+                },
             ),
         };
         p.events.push(PlannedEvent {
@@ -414,25 +477,32 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                         p.state.step_started_ms = now_ms;
                     }
                 } else if n >= limits.failure_limit {
+                    // Inconclusive windows neither break nor extend the run:
+                    // only a passing window resets it.
+                    let windows = match n {
+                        1 => "1 failed window".to_string(),
+                        n => format!("{n} failed windows with no passing window between them"),
+                    };
                     let requests = verdict.candidate_requests;
                     p.end_restored(
                         Phase::Aborted,
                         "aborted",
                         format!(
-                            "aborted: {} in {n} consecutive windows ({requests} candidate requests); all traffic back on version {}",
+                            "aborted: {} in {windows} ({requests} candidate requests); all traffic back on version {}",
                             verdict.reason, state.before.stable
                         ),
                     );
                     return p;
                 }
             }
-            Outcome::Inconclusive => {
+            // A rollout already waiting for a person is not paused again,
+            // so its inconclusive windows are not counted towards that.
+            Outcome::Inconclusive if p.state.waiting_for.is_none() => {
                 a.consecutive_inconclusive += 1;
                 let n = a.consecutive_inconclusive;
-                if n >= limits.max_inconclusive && p.state.phase == Phase::Progressing {
-                    p.pause(
-                        Waiting::Resume,
-                        "paused",
+                if n >= limits.max_inconclusive {
+                    p.pause_for_resume(
+                        now_ms,
                         format!(
                             "paused: {n} consecutive inconclusive analysis windows ({}); `ferry resume` to continue",
                             verdict.reason
@@ -441,6 +511,7 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                     return p;
                 }
             }
+            Outcome::Inconclusive => {}
         }
     }
     let promote = match &obs.command {
@@ -470,13 +541,24 @@ fn succeed(p: &mut Plan, spec: &RolloutSpec) {
     p.state.phase = Phase::Succeeded;
     p.state.waiting_for = None;
     p.requeue_ms = None;
-    p.event(
-        "succeeded",
-        format!(
-            "succeeded: version {} is the stable version of {}",
-            spec.version, spec.model
+    match &p.state.rollback {
+        // A rollback's end is what `rolled_back` hooks wait for.
+        Some(r) => {
+            let undone = r.undoes.as_ref().map_or(String::new(), |u| format!(" {u}"));
+            let message = format!(
+                "rolled back{undone}: version {} is the stable version of {} again",
+                spec.version, spec.model
+            );
+            p.event("rolled_back", message);
+        }
+        None => p.event(
+            "succeeded",
+            format!(
+                "succeeded: version {} is the stable version of {}",
+                spec.version, spec.model
+            ),
         ),
-    );
+    }
 }
 
 #[cfg(test)]

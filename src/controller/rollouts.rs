@@ -379,7 +379,10 @@ impl Controller {
                 ),
                 serde_json::json!({"to": target, "undoes": undone.as_ref().map(|u| u.name()), "by": who}),
             );
-            let state = strategy::initial_state(&current, now_ms());
+            let mut state = strategy::initial_state(&current, now_ms());
+            state.rollback = Some(strategy::Rollback {
+                undoes: undone.as_ref().map(|u| u.name()),
+            });
             let record = match store.create_rollout(
                 model,
                 "rollback",

@@ -228,12 +228,6 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
         "blue-green",
         "--auto-promote-after",
         "1s",
-        "--interval",
-        "5s",
-        "--min-requests",
-        "5",
-        "--max-error-rate",
-        "0.01",
     ]);
     eventually(
         Duration::from_secs(15),
