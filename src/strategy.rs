@@ -113,6 +113,64 @@ pub struct RolloutState {
     /// Set when this rollout is a rollback (`ferry rollback`).
     #[serde(default)]
     pub rollback: Option<Rollback>,
+    /// The previous stable version's figures from just before production
+    /// switched away from it: what "stable" means in later windows.
+    #[serde(default)]
+    pub baseline: Option<Baseline>,
+}
+
+/// A baseline window of the version that was stable when the rollout
+/// began, taken by the controller at the switch (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub version: String,
+    /// When it was taken (Unix ms).
+    pub taken_at_ms: u64,
+    pub summary: crate::metrics::Summary,
+    /// The summary's latency sketch (the summary's own is not serialized).
+    pub latency: crate::metrics::sketch::Sketch,
+}
+
+impl Baseline {
+    pub fn new(version: &str, now_ms: u64, summary: crate::metrics::Summary) -> Baseline {
+        Baseline {
+            version: version.to_string(),
+            taken_at_ms: now_ms,
+            latency: summary.latency.clone(),
+            summary,
+        }
+    }
+
+    /// The figures to compare with, sketch included.
+    pub fn figures(&self) -> crate::metrics::Summary {
+        let mut s = self.summary.clone();
+        s.latency = self.latency.clone();
+        s
+    }
+}
+
+/// Whether production no longer reaches the version that was stable when
+/// the rollout began (blue-green after its switch, rolling's last batch, a
+/// canary at 100 % of everyone): it has no live figures to compare with.
+pub fn switched_away(state: &RolloutState) -> bool {
+    let route = &state.route;
+    route.stable != state.before.stable
+        || route
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.weight >= 100.0 && c.matches.is_empty())
+}
+
+/// Whether the pass from `old` to `new` switches production away from the
+/// stable version while the rollout goes on: the controller then keeps a
+/// baseline of its figures from just before the switch.
+pub fn takes_baseline(old: &RolloutState, new: &RolloutState) -> bool {
+    new.phase.is_active() && switched_away(new) && !switched_away(old) && new.baseline.is_none()
+}
+
+/// The baseline that stands for stable now, if production switched away.
+pub fn baseline_in_use(state: &RolloutState) -> Option<&Baseline> {
+    state.baseline.as_ref().filter(|_| switched_away(state))
 }
 
 /// What a rollback undoes.
@@ -287,6 +345,7 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
         rolling_back: None,
         paused_at_ms: None,
         rollback: None,
+        baseline: None,
     }
 }
 

@@ -429,7 +429,16 @@ impl Controller {
         let store = self.registry.store().clone();
         let name = record.name();
         for _ in 0..32 {
-            let plan = strategy::plan(&record.spec, &record.state, &obs, now_ms());
+            let now = now_ms();
+            let mut plan = strategy::plan(&record.spec, &record.state, &obs, now);
+            if strategy::takes_baseline(&record.state, &plan.state) {
+                let baseline = self.baseline(&record);
+                plan.state.baseline = Some(strategy::Baseline::new(
+                    &record.state.before.stable,
+                    now,
+                    baseline,
+                ));
+            }
             if plan.state == record.state && plan.events.is_empty() {
                 return Ok(record);
             }
@@ -463,6 +472,22 @@ impl Controller {
             }
         }
         Ok(record)
+    }
+
+    /// The stable version's production figures just before a switch: the
+    /// last analysis interval, at least 30 s.
+    fn baseline(&self, record: &RolloutRecord) -> crate::metrics::Summary {
+        let interval = record
+            .spec
+            .analysis
+            .as_ref()
+            .map_or(Duration::from_secs(10), |a| a.interval.0);
+        self.telemetry.summary(
+            &record.model,
+            &record.state.before.stable,
+            Role::Stable,
+            interval.max(Duration::from_secs(30)),
+        )
     }
 
     fn store_report(&self, record: &RolloutRecord) {
@@ -523,13 +548,18 @@ impl Controller {
                     self.telemetry
                         .summary(&record.model, &record.spec.version, role, interval);
                 // The stable arm is the version that served production when
-                // the rollout began.
-                let stable = self.telemetry.summary(
-                    &record.model,
-                    &record.state.before.stable,
-                    Role::Stable,
-                    interval,
-                );
+                // the rollout began; once production switched away from it,
+                // its baseline from just before the switch.
+                let baseline = strategy::baseline_in_use(&record.state);
+                let stable = match baseline {
+                    Some(b) => b.figures(),
+                    None => self.telemetry.summary(
+                        &record.model,
+                        &record.state.before.stable,
+                        Role::Stable,
+                        interval,
+                    ),
+                };
                 if role == Role::Shadow {
                     obs.shadow_window = Some(strategy::ShadowProgress {
                         agree: candidate.agree,
@@ -558,6 +588,17 @@ impl Controller {
                         confidence: spec.confidence,
                     },
                 );
+                let mut verdict = verdict;
+                if let Some(b) = baseline
+                    && checks.iter().any(|c| {
+                        matches!(c, crate::spec::Check::Metric { condition, .. } if condition.against_stable())
+                    })
+                {
+                    verdict.reason = format!(
+                        "{} (stable: version {}'s baseline from before the switch)",
+                        verdict.reason, b.version
+                    );
+                }
                 obs.verdict = Some(verdict);
             }
         }

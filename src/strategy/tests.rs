@@ -607,6 +607,36 @@ fn blue_green_stages_checks_qa_promotes_and_keeps_blue_warm() {
     assert_eq!(d.state.phase, Phase::Succeeded);
 }
 
+/// After the switch blue takes no traffic: the pass that switches asks for
+/// a baseline of blue's figures, and later windows compare with it.
+#[test]
+fn a_blue_green_switch_takes_a_baseline_that_stands_for_stable_afterwards() {
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    d.idle();
+    d.tick(qa(true));
+    assert!(!switched_away(&d.state));
+    d.now = 30_000;
+    let mut p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    while !p.publish {
+        p = plan(&d.spec, &p.state, &Observations::default(), d.now);
+    }
+    assert_eq!(p.state.route.stable, "2", "the switch");
+    assert!(takes_baseline(&d.state, &p.state));
+    p.state.baseline = Some(Baseline::new("1", d.now, Default::default()));
+    d.state = p.state;
+    assert_eq!(
+        baseline_in_use(&d.state).map(|b| b.version.as_str()),
+        Some("1")
+    );
+    d.now = 35_000;
+    let p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    assert!(!takes_baseline(&d.state, &p.state), "taken once");
+    // A canary's weights below 100 % leave stable with live figures.
+    let mut c = Driver::new(spec(CANARY));
+    c.idle();
+    assert!(!switched_away(&c.state));
+}
+
 #[test]
 fn blue_green_qa_failure_and_post_promotion_failure_go_back_to_blue() {
     let mut d = Driver::new(spec(BLUE_GREEN));

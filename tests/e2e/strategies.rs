@@ -269,6 +269,40 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
     );
 }
 
+/// After the switch blue takes no traffic; a post-promotion check "vs
+/// stable" compares green with blue's baseline from before the switch, so a
+/// slow green is switched back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_promotion_check_vs_stable_compares_with_blue_before_the_switch() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "slow", "cancer-slow.onnx");
+    let traffic = Traffic::start(&s, 0, 4);
+    let spec = json!({
+        "model": "cancer", "version": "slow",
+        "strategy": {"blue_green": {"auto_promote_after": "6s", "scale_down_delay": "1m", "post_promotion": "30s"}},
+        // Two failed windows: the first after the switch may still hold some
+        // of blue's own traffic; the second holds none.
+        "analysis": {"interval": "5s", "min_requests": 5, "failure_limit": 2,
+                     "checks": [{"metric": "latency_p99_ms", "max_vs_stable": 1.5}]}
+    });
+    s.start_rollout(&spec).await;
+    let last = ended(&s, Duration::from_secs(60)).await;
+    traffic.finish().await;
+    assert_eq!(last["phase"], "aborted", "{last}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.contains("candidate latency_p99_ms")
+            && message.contains("stable: version 1's baseline from before the switch")
+            && message.contains("all traffic back on version 1"),
+        "{message}"
+    );
+    assert_eq!(
+        s.admin_get("/api/v1/models/cancer/route").await["stable"],
+        "1"
+    );
+}
+
 fn shadow_spec(version: &str, then: &str) -> Value {
     let mut shadow = json!({
         "mirror_percent": 100, "compare": {"output": "label"},
