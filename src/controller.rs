@@ -42,6 +42,8 @@ pub struct Controller {
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     reach: Reach,
+    /// Shadow counters as last fed to each mirroring rollout (by id).
+    shadow_seen: std::sync::Mutex<std::collections::HashMap<i64, rollouts::ShadowReading>>,
 }
 
 /// What a rollout spec may reach outside the process (`ferry serve
@@ -105,6 +107,7 @@ impl Controller {
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             reach: p.reach,
+            shadow_seen: Default::default(),
         }
     }
 

@@ -180,7 +180,8 @@ pub struct Rollback {
     pub undoes: Option<String>,
 }
 
-/// Shadow comparisons accumulated window by window.
+/// Shadow comparisons accumulated since mirroring began, with the latest
+/// disagreements among them (so the counts always cover the examples).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShadowProgress {
     pub agree: u64,
@@ -189,9 +190,26 @@ pub struct ShadowProgress {
     pub errors: u64,
     /// Copies dropped because the shadow was saturated.
     pub dropped: u64,
+    /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
+    #[serde(default)]
+    pub examples: Vec<crate::metrics::Disagreement>,
 }
 
+/// Disagreements a shadow rollout keeps as examples.
+pub const SHADOW_EXAMPLES: usize = 5;
+
 impl ShadowProgress {
+    /// Adds the comparisons counted since the last observation.
+    fn add(&mut self, w: &ShadowProgress) {
+        self.agree += w.agree;
+        self.disagree += w.disagree;
+        self.errors += w.errors;
+        self.dropped += w.dropped;
+        self.examples.extend(w.examples.iter().cloned());
+        let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
+        self.examples.drain(..extra);
+    }
+
     pub fn compared(&self) -> u64 {
         self.agree + self.disagree
     }
@@ -219,7 +237,7 @@ pub struct Observations {
     pub command: Option<(Command, String)>,
     /// Publishing the last route failed (a version could not start).
     pub route_failed: Option<String>,
-    /// Shadow comparisons of the window that just closed.
+    /// Shadow comparisons counted since the last observation.
     pub shadow_window: Option<ShadowProgress>,
     /// The QA gate's result, when it just ran.
     pub qa: Option<crate::analysis::qa::QaResult>,
@@ -393,7 +411,10 @@ pub fn analysing(spec: &RolloutSpec, state: &RolloutState) -> bool {
             .as_ref()
             .is_some_and(|s| s.version == spec.version)
         || route.staging.as_deref() == Some(spec.version.as_str())
-        || (route.stable == spec.version && matches!(spec.strategy, Strategy::BlueGreen(_)));
+        // After blue-green's switch and during rolling's last batch the
+        // candidate serves production as the stable version.
+        || (route.stable == spec.version
+            && matches!(spec.strategy, Strategy::BlueGreen(_) | Strategy::Rolling(_)));
     // A shadow counts comparisons every window, with or without checks.
     let counts = matches!(spec.strategy, Strategy::Shadow(_));
     state.phase.is_active() && takes_traffic && (spec.analysis.is_some() || counts)
@@ -474,16 +495,12 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
         }
     }
     if let Some(w) = &obs.shadow_window {
-        let sp = &mut p.state.shadow;
-        sp.agree += w.agree;
-        sp.disagree += w.disagree;
-        sp.errors += w.errors;
-        sp.dropped += w.dropped;
+        p.state.shadow.add(w);
     }
     if let Some(qa) = &obs.qa {
         p.state.qa = Some(qa.clone());
     }
-    if obs.verdict.is_some() || obs.shadow_window.is_some() {
+    if obs.verdict.is_some() {
         p.state.analysis.last_at_ms = now_ms;
     }
     if let Some(verdict) = obs.verdict.as_ref().filter(|_| spec.analysis.is_some()) {

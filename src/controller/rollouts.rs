@@ -26,6 +26,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A mirroring rollout's shadow counters as last fed to it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShadowReading {
+    /// Agreed, disagreed, failed, dropped (the Prometheus counters).
+    counts: [u64; 4],
+    /// The last disagreement example number taken.
+    example: u64,
+    fed_at_ms: u64,
+}
+
 /// Whether `apply` created a rollout or found the same one running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -58,6 +68,22 @@ pub struct ShadowView {
     pub dropped: u64,
     /// The latest disagreements (request id and both outputs).
     pub examples: Vec<crate::metrics::Disagreement>,
+}
+
+impl ShadowView {
+    /// A shadow rollout's comparisons and examples, as stored with it (so
+    /// the counts always cover the examples).
+    fn of(r: &RolloutRecord) -> Option<ShadowView> {
+        let s = &r.state.shadow;
+        matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
+            comparisons: s.compared(),
+            agreement: s.agreement(),
+            disagree: s.disagree,
+            errors: s.errors,
+            dropped: s.dropped,
+            examples: s.examples.clone(),
+        })
+    }
 }
 
 /// The last rollout when none is active, so a watcher can tell how it ended.
@@ -560,14 +586,6 @@ impl Controller {
                         interval,
                     ),
                 };
-                if role == Role::Shadow {
-                    obs.shadow_window = Some(strategy::ShadowProgress {
-                        agree: candidate.agree,
-                        disagree: candidate.disagree,
-                        errors: candidate.errors,
-                        dropped: candidate.dropped,
-                    });
-                }
                 let checks = record.spec.checks();
                 let external = external::fetch(
                     &self.http.control,
@@ -605,6 +623,7 @@ impl Controller {
         if let Some(qa) = self.qa_due(&record) {
             obs.qa = Some(qa.await);
         }
+        obs.shadow_window = self.shadow_counted(&record, now);
         let _guard = self.lock.lock().await;
         // Re-read under the lock: a command may have changed it meanwhile.
         let Some(current) = self.registry.store().rollout(record.id)? else {
@@ -625,6 +644,71 @@ impl Controller {
         }
         self.step(current, obs).await?;
         Ok(())
+    }
+
+    /// The shadow comparisons counted since they were last fed to a
+    /// mirroring rollout, with the disagreements among them: read live from
+    /// the counters each tick, so the decision is taken as soon as
+    /// `min_comparisons` is reached, not at the next analysis window. Fed at
+    /// most once a second otherwise (each feed is a store write).
+    fn shadow_counted(&self, record: &RolloutRecord, now: u64) -> Option<strategy::ShadowProgress> {
+        let Strategy::Shadow(sh) = &record.spec.strategy else {
+            return None;
+        };
+        let (model, version) = (&record.model, &record.spec.version);
+        let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mirroring = record.state.phase.is_active()
+            && record.state.step == 0
+            && record
+                .state
+                .route
+                .shadow
+                .as_ref()
+                .is_some_and(|s| &s.version == version);
+        if !mirroring {
+            seen.remove(&record.id);
+            return None;
+        }
+        // Examples first, then counts: the gateway counts a disagreement
+        // before keeping it as an example, so the counts cover the examples.
+        let last = seen.get(&record.id).map_or(u64::MAX, |r| r.example);
+        let (examples, example) = self.telemetry.disagreements_since(model, version, last);
+        let counts = self.metrics.for_version(model, version).shadow_counts();
+        let Some(reading) = seen.get(&record.id) else {
+            // The first look (or the first since a restart): counting starts now.
+            seen.insert(
+                record.id,
+                ShadowReading {
+                    counts,
+                    example,
+                    fed_at_ms: now,
+                },
+            );
+            return None;
+        };
+        let [agree, disagree, errors, dropped] =
+            std::array::from_fn(|i| counts[i].saturating_sub(reading.counts[i]));
+        let delta = strategy::ShadowProgress {
+            agree,
+            disagree,
+            errors,
+            dropped,
+            examples,
+        };
+        let reached = record.state.shadow.compared() + delta.compared() >= sh.min_comparisons;
+        let due = now >= reading.fed_at_ms + 1_000;
+        if delta == strategy::ShadowProgress::default() || !(reached || due) {
+            return None;
+        }
+        seen.insert(
+            record.id,
+            ShadowReading {
+                counts,
+                example,
+                fed_at_ms: now,
+            },
+        );
+        Some(delta)
     }
 
     /// The QA gate to run now, if the rollout waits for one.
@@ -789,13 +873,14 @@ impl Controller {
                 }),
                 analysis: None,
                 updated_at: last.as_ref().map(|l| l.updated_at.clone()),
-                last_rollout: last.map(|l| LastRollout {
+                last_rollout: last.clone().map(|l| LastRollout {
                     rollout: l.name(),
                     strategy: l.kind,
                     phase: l.state.phase,
                     message: l.state.message,
                 }),
-                shadow: None,
+                // A shadow's evidence stays on view after its decision.
+                shadow: last.as_ref().and_then(ShadowView::of),
                 qa: None,
                 staging: route.staging.clone(),
             });
@@ -830,14 +915,7 @@ impl Controller {
             }),
             updated_at: Some(r.updated_at.clone()),
             last_rollout: None,
-            shadow: matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
-                comparisons: r.state.shadow.compared(),
-                agreement: r.state.shadow.agreement(),
-                disagree: r.state.shadow.disagree,
-                errors: r.state.shadow.errors,
-                dropped: r.state.shadow.dropped,
-                examples: self.telemetry.disagreements(model, &r.spec.version),
-            }),
+            shadow: ShadowView::of(&r),
             qa: r.state.qa.clone(),
             staging: r.state.route.staging.clone(),
         })

@@ -53,6 +53,31 @@ fn tally(p: &Plan) -> String {
     )
 }
 
+/// The evidence behind a decision, for its event: the numbers, the
+/// thresholds and the example disagreements.
+fn evidence(sh: &ShadowSpec, p: &Plan) -> serde_json::Value {
+    let s = &p.state.shadow;
+    serde_json::json!({
+        "comparisons": s.compared(),
+        "agree": s.agree,
+        "disagree": s.disagree,
+        "agreement": s.agreement(),
+        "errors": s.errors,
+        "dropped": s.dropped,
+        "min_comparisons": sh.min_comparisons,
+        "min_agreement": sh.min_agreement,
+        "examples": s.examples,
+    })
+}
+
+/// Attaches the evidence to the event just planned.
+fn with_evidence(sh: &ShadowSpec, p: &mut Plan) {
+    let data = evidence(sh, p);
+    if let Some(e) = p.events.last_mut() {
+        e.data = data;
+    }
+}
+
 /// Acts on `then` once the shadow has proved itself (or a person promoted).
 fn decide(
     spec: &RolloutSpec,
@@ -77,6 +102,7 @@ fn decide(
                         spec.model
                     ),
                 );
+                with_evidence(sh, p);
             }
         }
         (ShadowThen::Canary, _) => {
@@ -94,6 +120,7 @@ fn decide(
                     total(sh)
                 ),
             );
+            with_evidence(sh, p);
         }
         _ => {
             let route = p.all_to(&spec.version);
@@ -110,6 +137,7 @@ fn decide(
                     spec.version
                 ),
             );
+            with_evidence(sh, p);
         }
     }
 }
@@ -175,6 +203,7 @@ pub fn plan(
                 p.state.before.stable
             ),
         );
+        with_evidence(sh, p);
         return;
     }
     let analysis_ok = spec.analysis.is_none()

@@ -470,12 +470,20 @@ fn cohort_canaries_say_so_in_their_messages() {
 }
 
 fn window(agree: u64, disagree: u64) -> Observations {
+    let examples = (0..disagree.min(3))
+        .map(|i| crate::metrics::Disagreement {
+            id: format!("req-{agree}-{i}"),
+            primary: serde_json::json!({"data": [0]}),
+            shadow: serde_json::json!({"data": [1]}),
+        })
+        .collect();
     Observations {
         shadow_window: Some(ShadowProgress {
             agree,
             disagree,
             errors: 0,
             dropped: 0,
+            examples,
         }),
         ..Default::default()
     }
@@ -515,6 +523,34 @@ fn a_shadow_that_disagrees_is_aborted_with_the_numbers() {
         "{}",
         d.state.message
     );
+}
+
+/// The decision keeps its evidence: the abort event carries the numbers
+/// and the latest example disagreements, which the counts cover.
+#[test]
+fn a_shadow_decision_event_carries_the_numbers_and_the_examples() {
+    let mut d = Driver::new(spec(SHADOW));
+    d.idle();
+    d.tick(window(30, 2));
+    assert_eq!(d.state.shadow.examples.len(), 2);
+    d.tick(window(31, 37));
+    let s = &d.state.shadow;
+    assert_eq!(s.examples.len(), SHADOW_EXAMPLES, "the latest few");
+    assert_eq!(s.examples.last().unwrap().id, "req-31-2");
+    let p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    assert!(p.events.is_empty(), "already decided");
+    assert_eq!(d.state.phase, Phase::Aborted);
+    let mut d2 = Driver::new(spec(SHADOW));
+    d2.idle();
+    d2.tick(window(30, 2));
+    let p = d2.tick(window(31, 37));
+    let aborted = p.events.iter().find(|e| e.kind == "aborted").unwrap();
+    assert_eq!(aborted.data["comparisons"], 100);
+    assert_eq!(aborted.data["disagree"], 39);
+    assert_eq!(aborted.data["min_comparisons"], 100);
+    let examples = aborted.data["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), SHADOW_EXAMPLES);
+    assert!(examples.len() as u64 <= aborted.data["disagree"].as_u64().unwrap());
 }
 
 #[test]
@@ -746,4 +782,36 @@ fn a_rolling_batch_that_fails_rolls_back_batch_by_batch() {
         "{}",
         d.state.message
     );
+}
+
+/// With analysis, rolling's last batch is done only after a passing window
+/// (its windows compare with stable's baseline from before the batch).
+#[test]
+fn rolling_s_last_batch_waits_for_a_passing_window() {
+    let mut d = Driver::new(spec(&format!(
+        "{ROLLING}analysis: {{ interval: 10s, max_inconclusive: 2 }}\n"
+    )));
+    d.idle();
+    for t in [10_000, 20_000, 30_000, 40_000] {
+        d.now = t;
+        d.idle();
+    }
+    assert_eq!(split_of(&d), (None, Some(4), 100.0));
+    assert!(
+        analysing(&d.spec, &d.state),
+        "windows go on during the last batch"
+    );
+    assert_eq!(d.state.phase, Phase::Progressing, "no window passed");
+    assert!(
+        d.state
+            .message
+            .contains("waiting for a passing analysis window"),
+        "{}",
+        d.state.message
+    );
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Pass)),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Succeeded);
 }

@@ -218,7 +218,7 @@ async fn a_remote_candidate_that_turns_bad_is_aborted(
     let msg = st["last_rollout"]["message"].as_str().unwrap();
     assert!(
         msg.starts_with("aborted: candidate error_rate")
-            && msg.contains("in 2 consecutive windows"),
+            && msg.contains("in 2 failed windows with no passing window between them"),
         "{msg}"
     );
     assert_eq!(st["traffic"], json!({"1": 100.0}));

@@ -370,6 +370,68 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     );
 }
 
+/// A shadow's evidence survives its decision: the counts cover the example
+/// disagreements at every moment, the verdict is taken once
+/// `min_comparisons` is reached, and the `aborted` event keeps the numbers
+/// and the examples (as does the status afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_decision_keeps_its_evidence_and_comes_at_min_comparisons() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "bad", "cancer-bad.onnx");
+    let mut spec = shadow_spec("bad", "promote");
+    spec["strategy"]["shadow"]["min_comparisons"] = json!(600);
+    let traffic = Traffic::start(&s, 100, 2);
+    s.start_rollout(&spec).await;
+    let mut looked = 0;
+    loop {
+        let st = status(&s).await;
+        if st["phase"] != "progressing" {
+            break;
+        }
+        let shadow = &st["shadow"];
+        let examples = shadow["examples"].as_array().map_or(0, Vec::len) as u64;
+        assert!(
+            shadow["disagree"].as_u64().unwrap() >= examples,
+            "the counts do not cover the examples: {shadow}"
+        );
+        looked += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    traffic.finish().await;
+    assert!(
+        looked > 5,
+        "looked at the status while mirroring {looked} times"
+    );
+    let events = s
+        .admin_get("/api/v1/models/cancer/rollouts/r-1/events")
+        .await;
+    let aborted = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "aborted")
+        .unwrap_or_else(|| panic!("an aborted event: {events}"));
+    let data = &aborted["data"];
+    let compared = data["comparisons"].as_u64().unwrap_or(0);
+    assert!(
+        (600..700).contains(&compared),
+        "decided on {compared} comparisons when 600 were asked for: {aborted}"
+    );
+    let examples = data["examples"].as_array().map_or(0, Vec::len) as u64;
+    assert!(
+        examples > 0 && examples <= data["disagree"].as_u64().unwrap(),
+        "{aborted}"
+    );
+    let st = status(&s).await;
+    assert_eq!(st["shadow"]["comparisons"].as_u64(), Some(compared), "{st}");
+    assert_eq!(
+        st["shadow"]["examples"].as_array().map_or(0, Vec::len) as u64,
+        examples,
+        "{st}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_rolling_blue_green_and_shadow_resumes_where_it_was() {
     let tmp = tempfile::tempdir().unwrap();
