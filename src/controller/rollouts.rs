@@ -1,6 +1,7 @@
 //! Rollouts: creating them, stepping them through their strategy's plan,
-//! commands from people, the background loop (timers and analysis windows),
-//! and the status view. Every pass persists the new state with its events
+//! commands from people, the background loop (timers, analysis windows with
+//! the stable baseline after a switch, live shadow counts), and the status
+//! view. Every pass persists the new state with its events
 //! *before* the route it wants is applied; a restart picks up from the store.
 
 use std::collections::BTreeMap;

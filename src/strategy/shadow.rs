@@ -1,9 +1,10 @@
 //! shadow: the candidate receives copies of `mirror_percent` of production
-//! requests; users only get stable's answers. Comparisons accumulate window by
-//! window; with at least `min_comparisons` pairs agreeing at ≥
-//! `min_agreement` (and analysis passing, when configured), `then` decides:
-//! `promote`, `manual` (wait for a person) or `canary` (real users next).
-//! Too little agreement with enough pairs aborts, with the numbers.
+//! requests; users only get stable's answers. Comparisons (and the latest
+//! disagreements among them) accumulate as the controller counts them; with
+//! at least `min_comparisons` pairs agreeing at ≥ `min_agreement` (and
+//! analysis passing, when configured), `then` decides: `promote`, `manual`
+//! (wait for a person) or `canary` (real users next). Too little agreement
+//! with enough pairs aborts. Every decision's event carries the evidence.
 //!
 //! Steps: 0 mirroring, 1 decided, then the canary's steps (offset 2).
 
