@@ -2,7 +2,9 @@
 //! a canary promoted through its steps, candidates aborted automatically on
 //! errors and on latency, a restart in the middle of a pause, multi-version
 //! failover and instant rollback, a basic rollout whose candidate cannot
-//! start, delayed labels, and notify webhooks.
+//! start, delayed labels, notify webhooks (rollback's `rolled_back`
+//! included), a manual pause that stops a timed pause's clock, and a last
+//! step that inconclusive windows alone never take.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -636,6 +638,42 @@ async fn a_manual_pause_stops_the_clock_of_a_timed_pause() {
         st["traffic"]["2"] == json!(50.0)
     })
     .await;
+}
+
+/// A canary whose only check can never be judged (Prometheus at an address
+/// nothing listens on) does not take its last step when its pause runs out:
+/// it waits for a passing window, then pauses for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconclusive_windows_alone_never_take_the_last_step() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let traffic = Traffic::start(&s, 100, 2);
+    s.start_rollout(&json!({
+        "model": "cancer", "version": "2",
+        "strategy": {"canary": {"steps": [{"weight": 30}, {"pause": "6s"}, {"weight": 100}]}},
+        "analysis": {"interval": "5s", "min_requests": 5, "max_inconclusive": 3,
+                     "checks": [{"kind": "prometheus", "address": nobody, "query": "up", "max": 1}]}
+    }))
+    .await;
+    let st =
+        super::harness::status_until(&s, Duration::from_secs(40), "paused for a person", |st| {
+            st["waiting_for"] == "resume" || st["phase"] == "idle"
+        })
+        .await;
+    traffic.finish().await;
+    assert_eq!(st["phase"], "paused", "{st}");
+    assert_eq!(st["traffic"]["2"], json!(30.0), "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 consecutive inconclusive analysis windows"),
+        "{st}"
+    );
 }
 
 #[tokio::test]
