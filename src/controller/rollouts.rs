@@ -547,6 +547,10 @@ impl Controller {
                     continue;
                 }
             };
+            self.shadow_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, _| active.iter().any(|r| r.id == *id));
             for record in active {
                 if let Err(e) = self.tick(record).await {
                     tracing::warn!("rollout step failed: {e}");
