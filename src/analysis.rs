@@ -118,6 +118,7 @@ fn latency_quantile(m: Metric) -> Option<f64> {
 fn evaluate_metric(
     metric: Metric,
     condition: Condition,
+    min_difference_ms: Option<f64>,
     candidate: &Summary,
     stable: &Summary,
     alpha: f64,
@@ -208,7 +209,22 @@ fn evaluate_metric(
             ),
         );
     }
-    // Beyond the bound: is it significant?
+    // Beyond the bound: does the difference matter at all?
+    let worse_by = if upper { cv - sv } else { sv - cv };
+    if let Some(floor) = min_difference_ms.filter(|floor| worse_by < *floor) {
+        return result(
+            Outcome::Pass,
+            None,
+            format!(
+                "candidate {} {} {word} {bound_text}, but only {} ms {} (min_difference_ms {floor})",
+                metric.as_str(),
+                fmt(cv),
+                fmt(worse_by.max(0.0)),
+                if upper { "slower" } else { "faster" }
+            ),
+        );
+    }
+    // Is it significant?
     let p = if let Some((x_c, n_c)) = counts(metric, candidate) {
         let (x_s, n_s) = counts(metric, stable).unwrap_or((0, 0));
         Some(if upper {
@@ -307,9 +323,18 @@ pub fn evaluate(
     let mut ext = external.iter();
     for check in checks {
         results.push(match check {
-            Check::Metric { metric, condition } => {
-                evaluate_metric(*metric, *condition, candidate, stable, alpha)
-            }
+            Check::Metric {
+                metric,
+                condition,
+                min_difference_ms,
+            } => evaluate_metric(
+                *metric,
+                *condition,
+                *min_difference_ms,
+                candidate,
+                stable,
+                alpha,
+            ),
             other => evaluate_external(other, ext.next()),
         });
     }
@@ -389,10 +414,12 @@ mod tests {
             Check::Metric {
                 metric: Metric::ErrorRate,
                 condition: Condition::Max(0.01),
+                min_difference_ms: None,
             },
             Check::Metric {
                 metric: Metric::LatencyP99Ms,
                 condition: Condition::MaxVsStable(1.5),
+                min_difference_ms: Some(1.0),
             },
         ]
     }
@@ -463,6 +490,48 @@ mod tests {
         );
     }
 
+    /// The tour's canary: 0.29 ms against 0.12 ms is 2.4 times stable and
+    /// significant on thousands of samples, but a fraction of a millisecond
+    /// nobody would roll back for.
+    #[test]
+    fn a_latency_difference_under_min_difference_ms_cannot_fail() {
+        let spec = |extra: &str| {
+            crate::spec::RolloutSpec::from_yaml(&format!(
+                "model: m\nversion: \"2\"\nstrategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ metric: latency_p99_ms, max_vs_stable: 1.5{extra} }} ] }}"
+            ))
+            .unwrap()
+            .checks()
+        };
+        let (candidate, stable) = (summary(4000, 0, 0.25), summary(4000, 0, 0.1));
+        let v = evaluate(&spec(""), &candidate, &stable, &[], SETTINGS);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+        assert!(
+            v.checks[0]
+                .reason
+                .contains("ms slower (min_difference_ms 1)"),
+            "{}",
+            v.checks[0].reason
+        );
+        // Set to 0, the same numbers fail: the floor is what saved them.
+        let v = evaluate(
+            &spec(", min_difference_ms: 0"),
+            &candidate,
+            &stable,
+            &[],
+            SETTINGS,
+        );
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+        // A difference above the floor still fails with significance.
+        let v = evaluate(
+            &spec(", min_difference_ms: 5"),
+            &summary(4000, 0, 45.0),
+            &summary(4000, 0, 1.0),
+            &[],
+            SETTINGS,
+        );
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    }
+
     #[test]
     fn a_small_excess_on_few_samples_is_not_significant() {
         // Error rate 3 of 60 vs 1 of 60, against max_vs_stable 1.0: beyond
@@ -470,6 +539,7 @@ mod tests {
         let checks = [Check::Metric {
             metric: Metric::ErrorRate,
             condition: Condition::MaxVsStable(1.0),
+            min_difference_ms: None,
         }];
         let v = evaluate(
             &checks,

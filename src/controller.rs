@@ -43,6 +43,8 @@ pub struct Controller {
     lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     reach: Reach,
+    /// Shadow counters as last fed to each mirroring rollout (by id).
+    shadow_seen: std::sync::Mutex<std::collections::HashMap<i64, rollouts::ShadowReading>>,
 }
 
 /// What a rollout spec may reach outside the process (`ferry serve
@@ -108,6 +110,7 @@ impl Controller {
             lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             reach: p.reach,
+            shadow_seen: Default::default(),
         }
     }
 

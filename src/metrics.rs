@@ -198,6 +198,16 @@ impl VersionMetrics {
     pub fn dropped(&self) {
         self.dropped.inc();
     }
+
+    /// The shadow counters so far: agreed, disagreed, failed, dropped.
+    pub fn shadow_counts(&self) -> [u64; 4] {
+        [
+            self.agree.get(),
+            self.disagree.get(),
+            self.compare_error.get(),
+            self.dropped.get(),
+        ]
+    }
 }
 
 impl Default for Metrics {
@@ -491,7 +501,7 @@ fn classic_text(open_metrics: &str) -> String {
 type RoleSeries = [Option<Arc<Series>>; 6];
 
 /// A shadow answer that disagreed with production's, kept as an example.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Disagreement {
     pub id: String,
     #[schema(value_type = Object)]
@@ -507,7 +517,16 @@ const EXAMPLES: usize = 5;
 #[derive(Default)]
 pub struct Telemetry {
     series: RwLock<HashMap<String, HashMap<String, RoleSeries>>>,
-    examples: Mutex<HashMap<(String, String), std::collections::VecDeque<Disagreement>>>,
+    /// The latest disagreements per (model, version), each numbered so a
+    /// reader can take only those newer than what it has seen.
+    examples: Mutex<HashMap<(String, String), Examples>>,
+}
+
+/// Numbered disagreements: the latest few and the last number given.
+#[derive(Default)]
+struct Examples {
+    latest: std::collections::VecDeque<(u64, Disagreement)>,
+    last: u64,
 }
 
 /// One series' summary, as the metrics API lists it.
@@ -561,17 +580,32 @@ impl Telemetry {
         let list = all
             .entry((model.to_string(), version.to_string()))
             .or_default();
-        list.push_back(example);
-        while list.len() > EXAMPLES {
-            list.pop_front();
+        list.last += 1;
+        list.latest.push_back((list.last, example));
+        while list.latest.len() > EXAMPLES {
+            list.latest.pop_front();
         }
     }
 
     /// The latest disagreements of a shadow version.
     pub fn disagreements(&self, model: &str, version: &str) -> Vec<Disagreement> {
+        self.disagreements_since(model, version, 0).0
+    }
+
+    /// The disagreements numbered after `seen` (of the latest few), and the
+    /// last number given so far.
+    pub fn disagreements_since(
+        &self,
+        model: &str,
+        version: &str,
+        seen: u64,
+    ) -> (Vec<Disagreement>, u64) {
         let all = self.examples.lock().unwrap_or_else(|p| p.into_inner());
         all.get(&(model.to_string(), version.to_string()))
-            .map(|l| l.iter().cloned().collect())
+            .map(|l| {
+                let newer = l.latest.iter().filter(|(n, _)| *n > seen);
+                (newer.map(|(_, d)| d.clone()).collect(), l.last)
+            })
             .unwrap_or_default()
     }
 

@@ -372,6 +372,10 @@ pub struct CheckSpec {
     pub max_delta_vs_stable: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_delta_vs_stable: Option<f64>,
+    /// Latency checks against stable: a difference smaller than this many
+    /// milliseconds never fails, however significant (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_difference_ms: Option<f64>,
     /// Prometheus server (`kind: prometheus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -411,6 +415,13 @@ impl Metric {
     }
 
     /// Whether larger values are worse (for the direction of a condition).
+    pub fn is_latency(self) -> bool {
+        matches!(
+            self,
+            Metric::LatencyP50Ms | Metric::LatencyP95Ms | Metric::LatencyP99Ms
+        )
+    }
+
     pub fn higher_is_worse(self) -> bool {
         matches!(
             self,
@@ -466,12 +477,26 @@ impl Condition {
     }
 }
 
+impl Condition {
+    /// Whether the condition compares with the stable version's value.
+    pub fn against_stable(&self) -> bool {
+        !matches!(self, Condition::Max(_) | Condition::Min(_))
+    }
+}
+
+/// What `min_difference_ms` is when a latency check against stable leaves
+/// it out: differences under a millisecond are noise to a person.
+pub const DEFAULT_MIN_DIFFERENCE_MS: f64 = 1.0;
+
 /// A validated check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Check {
     Metric {
         metric: Metric,
         condition: Condition,
+        /// For latency against stable: the smallest difference (ms) that
+        /// can fail the check. `None` for every other check.
+        min_difference_ms: Option<f64>,
     },
     Prometheus {
         address: String,
@@ -538,9 +563,25 @@ impl CheckSpec {
                 {
                     return Err(format!("{field}: a ratio to stable must be greater than 0"));
                 }
+                let floored = metric.is_latency() && condition.against_stable();
+                let min_difference_ms = match self.min_difference_ms {
+                    Some(_) if !floored => {
+                        return Err(format!(
+                            "{field}.min_difference_ms applies only to latency checks against stable (latency_p50_ms, latency_p95_ms or latency_p99_ms with max_vs_stable, min_vs_stable, max_delta_vs_stable or min_delta_vs_stable)"
+                        ));
+                    }
+                    Some(ms) if !(ms.is_finite() && ms >= 0.0) => {
+                        return Err(format!(
+                            "{field}.min_difference_ms must be 0 or more milliseconds, not {ms}"
+                        ));
+                    }
+                    Some(ms) => Some(ms),
+                    None => floored.then_some(DEFAULT_MIN_DIFFERENCE_MS),
+                };
                 Ok(Check::Metric {
                     metric,
                     condition: *condition,
+                    min_difference_ms,
                 })
             }
             (None, Some(ExternalKind::Webhook)) => {
@@ -862,7 +903,8 @@ notify:
             spec.checks()[1],
             Check::Metric {
                 metric: Metric::LatencyP99Ms,
-                condition: Condition::MaxVsStable(1.5)
+                condition: Condition::MaxVsStable(1.5),
+                min_difference_ms: Some(DEFAULT_MIN_DIFFERENCE_MS),
             }
         );
         // JSON is accepted too, and round-trips.
@@ -941,6 +983,18 @@ notify:
                 "notify[0].url",
             ),
             ("strategy: { basic: {} }\nextra: 1", "unknown field `extra`"),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max_vs_stable: 2, min_difference_ms: 1 } ] }",
+                "analysis.checks[0].min_difference_ms applies only to latency checks against stable",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: latency_p99_ms, max: 20, min_difference_ms: 1 } ] }",
+                "analysis.checks[0].min_difference_ms applies only",
+            ),
+            (
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5, min_difference_ms: -1 } ] }",
+                "analysis.checks[0].min_difference_ms must be 0 or more milliseconds, not -1",
+            ),
         ];
         for (body, needle) in cases {
             let text = format!("model: cancer\nversion: \"2\"\n{body}\n");

@@ -33,6 +33,15 @@ pub enum Phase {
     RolledBack,
 }
 
+impl Waiting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::Promote => "promote",
+            Waiting::Resume => "resume",
+        }
+    }
+}
+
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -97,9 +106,82 @@ pub struct RolloutState {
     /// Why a rolling update is taking its batches back (after a failed batch).
     #[serde(default)]
     pub rolling_back: Option<String>,
+    /// When a pause that waits for `resume` began (Unix ms): its timers
+    /// stand still until then, and resume moves them on by the time paused.
+    #[serde(default)]
+    pub paused_at_ms: Option<u64>,
+    /// Set when this rollout is a rollback (`ferry rollback`).
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+    /// The previous stable version's figures from just before production
+    /// switched away from it: what "stable" means in later windows.
+    #[serde(default)]
+    pub baseline: Option<Baseline>,
 }
 
-/// Shadow comparisons accumulated window by window.
+/// A baseline window of the version that was stable when the rollout
+/// began, taken by the controller at the switch (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub version: String,
+    /// When it was taken (Unix ms).
+    pub taken_at_ms: u64,
+    pub summary: crate::metrics::Summary,
+    /// The summary's latency sketch (the summary's own is not serialized).
+    pub latency: crate::metrics::sketch::Sketch,
+}
+
+impl Baseline {
+    pub fn new(version: &str, now_ms: u64, summary: crate::metrics::Summary) -> Baseline {
+        Baseline {
+            version: version.to_string(),
+            taken_at_ms: now_ms,
+            latency: summary.latency.clone(),
+            summary,
+        }
+    }
+
+    /// The figures to compare with, sketch included.
+    pub fn figures(&self) -> crate::metrics::Summary {
+        let mut s = self.summary.clone();
+        s.latency = self.latency.clone();
+        s
+    }
+}
+
+/// Whether production no longer reaches the version that was stable when
+/// the rollout began (blue-green after its switch, rolling's last batch, a
+/// canary at 100 % of everyone): it has no live figures to compare with.
+pub fn switched_away(state: &RolloutState) -> bool {
+    let route = &state.route;
+    route.stable != state.before.stable
+        || route
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.weight >= 100.0 && c.matches.is_empty())
+}
+
+/// Whether the pass from `old` to `new` switches production away from the
+/// stable version while the rollout goes on: the controller then keeps a
+/// baseline of its figures from just before the switch.
+pub fn takes_baseline(old: &RolloutState, new: &RolloutState) -> bool {
+    new.phase.is_active() && switched_away(new) && !switched_away(old) && new.baseline.is_none()
+}
+
+/// The baseline that stands for stable now, if production switched away.
+pub fn baseline_in_use(state: &RolloutState) -> Option<&Baseline> {
+    state.baseline.as_ref().filter(|_| switched_away(state))
+}
+
+/// What a rollback undoes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The rollout it undoes (`r-3`), when there is one.
+    pub undoes: Option<String>,
+}
+
+/// Shadow comparisons accumulated since mirroring began, with the latest
+/// disagreements among them (so the counts always cover the examples).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShadowProgress {
     pub agree: u64,
@@ -108,9 +190,26 @@ pub struct ShadowProgress {
     pub errors: u64,
     /// Copies dropped because the shadow was saturated.
     pub dropped: u64,
+    /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
+    #[serde(default)]
+    pub examples: Vec<crate::metrics::Disagreement>,
 }
 
+/// Disagreements a shadow rollout keeps as examples.
+pub const SHADOW_EXAMPLES: usize = 5;
+
 impl ShadowProgress {
+    /// Adds the comparisons counted since the last observation.
+    fn add(&mut self, w: &ShadowProgress) {
+        self.agree += w.agree;
+        self.disagree += w.disagree;
+        self.errors += w.errors;
+        self.dropped += w.dropped;
+        self.examples.extend(w.examples.iter().cloned());
+        let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
+        self.examples.drain(..extra);
+    }
+
     pub fn compared(&self) -> u64 {
         self.agree + self.disagree
     }
@@ -138,7 +237,7 @@ pub struct Observations {
     pub command: Option<(Command, String)>,
     /// Publishing the last route failed (a version could not start).
     pub route_failed: Option<String>,
-    /// Shadow comparisons of the window that just closed.
+    /// Shadow comparisons counted since the last observation.
     pub shadow_window: Option<ShadowProgress>,
     /// The QA gate's result, when it just ran.
     pub qa: Option<crate::analysis::qa::QaResult>,
@@ -213,6 +312,36 @@ impl Plan {
         self.state.waiting_for = Some(waiting);
         self.event(kind, message);
     }
+
+    /// Pauses until `resume`, stopping the current step's clock.
+    fn pause_for_resume(&mut self, now_ms: u64, message: String) {
+        self.pause(Waiting::Resume, "paused", message);
+        self.state.paused_at_ms = Some(now_ms);
+    }
+
+    /// Ends a `resume` wait: the current step's timers move on by the time
+    /// paused, so it continues with the time that was left.
+    fn unfreeze(&mut self, now_ms: u64) {
+        if let Some(at) = self.state.paused_at_ms.take() {
+            self.state.step_started_ms += now_ms.saturating_sub(at);
+        }
+    }
+
+    /// With analysis configured, the step that ends a rollout is never taken
+    /// on inconclusive windows alone: it waits until the latest window
+    /// passed. `Some(why)` while it waits. A candidate that takes no traffic
+    /// gets no windows, so nothing is waited for then.
+    fn last_step_waits(&self, spec: &RolloutSpec) -> Option<String> {
+        spec.analysis.as_ref()?;
+        if !analysing(spec, &self.state) {
+            return None;
+        }
+        match &self.state.analysis.last {
+            Some(v) if v.outcome == Outcome::Pass => None,
+            Some(v) => Some(format!("latest window {}", v.reason)),
+            None => Some("no window judged yet".into()),
+        }
+    }
 }
 
 /// The state of a rollout that has not taken a step yet.
@@ -232,6 +361,9 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
         shadow: ShadowProgress::default(),
         qa: None,
         rolling_back: None,
+        paused_at_ms: None,
+        rollback: None,
+        baseline: None,
     }
 }
 
@@ -279,7 +411,10 @@ pub fn analysing(spec: &RolloutSpec, state: &RolloutState) -> bool {
             .as_ref()
             .is_some_and(|s| s.version == spec.version)
         || route.staging.as_deref() == Some(spec.version.as_str())
-        || (route.stable == spec.version && matches!(spec.strategy, Strategy::BlueGreen(_)));
+        // After blue-green's switch and during rolling's last batch the
+        // candidate serves production as the stable version.
+        || (route.stable == spec.version
+            && matches!(spec.strategy, Strategy::BlueGreen(_) | Strategy::Rolling(_)));
     // A shadow counts comparisons every window, with or without checks.
     let counts = matches!(spec.strategy, Strategy::Shadow(_));
     state.phase.is_active() && takes_traffic && (spec.analysis.is_some() || counts)
@@ -340,7 +475,7 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                 return p;
             }
             Command::Pause => {
-                p.pause(Waiting::Resume, "paused", format!("paused by {who}"));
+                p.pause_for_resume(now_ms, format!("paused by {who}"));
                 return p;
             }
             Command::Resume => {
@@ -348,23 +483,24 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                     p.state.phase = Phase::Progressing;
                     p.state.waiting_for = None;
                     p.state.analysis.consecutive_inconclusive = 0;
+                    p.unfreeze(now_ms);
                     p.event("resumed", format!("resumed by {who}"));
                 }
             }
-            Command::Promote { .. } => {}
+            Command::Promote { .. } => {
+                // A person looked: inconclusive windows count afresh.
+                p.state.analysis.consecutive_inconclusive = 0;
+                p.unfreeze(now_ms);
+            }
         }
     }
     if let Some(w) = &obs.shadow_window {
-        let sp = &mut p.state.shadow;
-        sp.agree += w.agree;
-        sp.disagree += w.disagree;
-        sp.errors += w.errors;
-        sp.dropped += w.dropped;
+        p.state.shadow.add(w);
     }
     if let Some(qa) = &obs.qa {
         p.state.qa = Some(qa.clone());
     }
-    if obs.verdict.is_some() || obs.shadow_window.is_some() {
+    if obs.verdict.is_some() {
         p.state.analysis.last_at_ms = now_ms;
     }
     if let Some(verdict) = obs.verdict.as_ref().filter(|_| spec.analysis.is_some()) {
@@ -385,11 +521,14 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
             ),
             Outcome::Inconclusive => (
                 "analysis_inconclusive",
-                format!(
-                    " ({} of {} before pausing)",
-                    a.consecutive_inconclusive + 1,
-                    limits.max_inconclusive
-                ),
+                match p.state.waiting_for {
+                    Some(w) => format!(" (not counted: already waiting for {})", w.as_str()),
+                    None => format!(
+                        " ({} of {} before pausing)",
+                        a.consecutive_inconclusive + 1,
+                        limits.max_inconclusive
+                    ),
+                },
             ),
         };
         p.events.push(PlannedEvent {
@@ -414,25 +553,32 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                         p.state.step_started_ms = now_ms;
                     }
                 } else if n >= limits.failure_limit {
+                    // Inconclusive windows neither break nor extend the run:
+                    // only a passing window resets it.
+                    let windows = match n {
+                        1 => "1 failed window".to_string(),
+                        n => format!("{n} failed windows with no passing window between them"),
+                    };
                     let requests = verdict.candidate_requests;
                     p.end_restored(
                         Phase::Aborted,
                         "aborted",
                         format!(
-                            "aborted: {} in {n} consecutive windows ({requests} candidate requests); all traffic back on version {}",
+                            "aborted: {} in {windows} ({requests} candidate requests); all traffic back on version {}",
                             verdict.reason, state.before.stable
                         ),
                     );
                     return p;
                 }
             }
-            Outcome::Inconclusive => {
+            // A rollout already waiting for a person is not paused again,
+            // so its inconclusive windows are not counted towards that.
+            Outcome::Inconclusive if p.state.waiting_for.is_none() => {
                 a.consecutive_inconclusive += 1;
                 let n = a.consecutive_inconclusive;
-                if n >= limits.max_inconclusive && p.state.phase == Phase::Progressing {
-                    p.pause(
-                        Waiting::Resume,
-                        "paused",
+                if n >= limits.max_inconclusive {
+                    p.pause_for_resume(
+                        now_ms,
                         format!(
                             "paused: {n} consecutive inconclusive analysis windows ({}); `ferry resume` to continue",
                             verdict.reason
@@ -441,6 +587,7 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
                     return p;
                 }
             }
+            Outcome::Inconclusive => {}
         }
     }
     let promote = match &obs.command {
@@ -470,13 +617,24 @@ fn succeed(p: &mut Plan, spec: &RolloutSpec) {
     p.state.phase = Phase::Succeeded;
     p.state.waiting_for = None;
     p.requeue_ms = None;
-    p.event(
-        "succeeded",
-        format!(
-            "succeeded: version {} is the stable version of {}",
-            spec.version, spec.model
+    match &p.state.rollback {
+        // A rollback's end is what `rolled_back` hooks wait for.
+        Some(r) => {
+            let undone = r.undoes.as_ref().map_or(String::new(), |u| format!(" {u}"));
+            let message = format!(
+                "rolled back{undone}: version {} is the stable version of {} again",
+                spec.version, spec.model
+            );
+            p.event("rolled_back", message);
+        }
+        None => p.event(
+            "succeeded",
+            format!(
+                "succeeded: version {} is the stable version of {}",
+                spec.version, spec.model
+            ),
         ),
-    );
+    }
 }
 
 #[cfg(test)]

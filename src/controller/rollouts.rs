@@ -1,6 +1,7 @@
 //! Rollouts: creating them, stepping them through their strategy's plan,
-//! commands from people, the background loop (timers and analysis windows),
-//! and the status view. Every pass persists the new state with its events
+//! commands from people, the background loop (timers, analysis windows with
+//! the stable baseline after a switch, live shadow counts), and the status
+//! view. Every pass persists the new state with its events
 //! *before* the route it wants is applied; a restart picks up from the store.
 
 use std::collections::BTreeMap;
@@ -19,6 +20,16 @@ use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
 use crate::store::{NewEvent, NotCreated, RolloutRecord};
 use crate::strategy::{self, Command, Observations, Phase, RolloutState, Waiting};
 use crate::units::now_ms;
+
+/// A mirroring rollout's shadow counters as last fed to it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShadowReading {
+    /// Agreed, disagreed, failed, dropped (the Prometheus counters).
+    counts: [u64; 4],
+    /// The last disagreement example number taken.
+    example: u64,
+    fed_at_ms: u64,
+}
 
 /// Whether `apply` created a rollout or found the same one running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -52,6 +63,22 @@ pub struct ShadowView {
     pub dropped: u64,
     /// The latest disagreements (request id and both outputs).
     pub examples: Vec<crate::metrics::Disagreement>,
+}
+
+impl ShadowView {
+    /// A shadow rollout's comparisons and examples, as stored with it (so
+    /// the counts always cover the examples).
+    fn of(r: &RolloutRecord) -> Option<ShadowView> {
+        let s = &r.state.shadow;
+        matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
+            comparisons: s.compared(),
+            agreement: s.agreement(),
+            disagree: s.disagree,
+            errors: s.errors,
+            dropped: s.dropped,
+            examples: s.examples.clone(),
+        })
+    }
 }
 
 /// The last rollout when none is active, so a watcher can tell how it ended.
@@ -372,7 +399,10 @@ impl Controller {
                 ),
                 serde_json::json!({"to": target, "undoes": undone.as_ref().map(|u| u.name()), "by": who}),
             );
-            let state = strategy::initial_state(&current, now_ms());
+            let mut state = strategy::initial_state(&current, now_ms());
+            state.rollback = Some(strategy::Rollback {
+                undoes: undone.as_ref().map(|u| u.name()),
+            });
             let record = match store.create_rollout(
                 model,
                 "rollback",
@@ -420,7 +450,16 @@ impl Controller {
         let name = record.name();
         self.publish_phase(&record);
         for _ in 0..32 {
-            let plan = strategy::plan(&record.spec, &record.state, &obs, now_ms());
+            let now = now_ms();
+            let mut plan = strategy::plan(&record.spec, &record.state, &obs, now);
+            if strategy::takes_baseline(&record.state, &plan.state) {
+                let baseline = self.baseline(&record);
+                plan.state.baseline = Some(strategy::Baseline::new(
+                    &record.state.before.stable,
+                    now,
+                    baseline,
+                ));
+            }
             if plan.state == record.state && plan.events.is_empty() {
                 return Ok(record);
             }
@@ -465,6 +504,22 @@ impl Controller {
             .set_rollout_phase(&record.model, &record.kind, record.state.phase.as_str());
     }
 
+    /// The stable version's production figures just before a switch: the
+    /// last analysis interval, at least 30 s.
+    fn baseline(&self, record: &RolloutRecord) -> crate::metrics::Summary {
+        let interval = record
+            .spec
+            .analysis
+            .as_ref()
+            .map_or(Duration::from_secs(10), |a| a.interval.0);
+        self.telemetry.summary(
+            &record.model,
+            &record.state.before.stable,
+            Role::Stable,
+            interval.max(Duration::from_secs(30)),
+        )
+    }
+
     fn store_report(&self, record: &RolloutRecord) {
         let report = self.report_of(record);
         if let Err(e) = self.registry.store().set_rollout_report(
@@ -495,6 +550,10 @@ impl Controller {
                     continue;
                 }
             };
+            self.shadow_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, _| active.iter().any(|r| r.id == *id));
             for record in active {
                 if let Err(e) = self.tick(record).await {
                     tracing::warn!("rollout step failed: {e}");
@@ -523,21 +582,18 @@ impl Controller {
                     self.telemetry
                         .summary(&record.model, &record.spec.version, role, interval);
                 // The stable arm is the version that served production when
-                // the rollout began.
-                let stable = self.telemetry.summary(
-                    &record.model,
-                    &record.state.before.stable,
-                    Role::Stable,
-                    interval,
-                );
-                if role == Role::Shadow {
-                    obs.shadow_window = Some(strategy::ShadowProgress {
-                        agree: candidate.agree,
-                        disagree: candidate.disagree,
-                        errors: candidate.errors,
-                        dropped: candidate.dropped,
-                    });
-                }
+                // the rollout began; once production switched away from it,
+                // its baseline from just before the switch.
+                let baseline = strategy::baseline_in_use(&record.state);
+                let stable = match baseline {
+                    Some(b) => b.figures(),
+                    None => self.telemetry.summary(
+                        &record.model,
+                        &record.state.before.stable,
+                        Role::Stable,
+                        interval,
+                    ),
+                };
                 let checks = record.spec.checks();
                 let external = external::fetch(
                     &self.http.control,
@@ -558,12 +614,24 @@ impl Controller {
                         confidence: spec.confidence,
                     },
                 );
+                let mut verdict = verdict;
+                if let Some(b) = baseline
+                    && checks.iter().any(|c| {
+                        matches!(c, crate::spec::Check::Metric { condition, .. } if condition.against_stable())
+                    })
+                {
+                    verdict.reason = format!(
+                        "{} (stable: version {}'s baseline from before the switch)",
+                        verdict.reason, b.version
+                    );
+                }
                 obs.verdict = Some(verdict);
             }
         }
         if let Some(qa) = self.qa_due(&record) {
             obs.qa = Some(qa.await);
         }
+        obs.shadow_window = self.shadow_counted(&record, now);
         let _guard = self.lock.lock().await;
         // Re-read under the lock: a command may have changed it meanwhile.
         let Some(current) = self.registry.store().rollout(record.id)? else {
@@ -584,6 +652,71 @@ impl Controller {
         }
         self.step(current, obs).await?;
         Ok(())
+    }
+
+    /// The shadow comparisons counted since they were last fed to a
+    /// mirroring rollout, with the disagreements among them: read live from
+    /// the counters each tick, so the decision is taken as soon as
+    /// `min_comparisons` is reached, not at the next analysis window. Fed at
+    /// most once a second otherwise (each feed is a store write).
+    fn shadow_counted(&self, record: &RolloutRecord, now: u64) -> Option<strategy::ShadowProgress> {
+        let Strategy::Shadow(sh) = &record.spec.strategy else {
+            return None;
+        };
+        let (model, version) = (&record.model, &record.spec.version);
+        let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mirroring = record.state.phase.is_active()
+            && record.state.step == 0
+            && record
+                .state
+                .route
+                .shadow
+                .as_ref()
+                .is_some_and(|s| &s.version == version);
+        if !mirroring {
+            seen.remove(&record.id);
+            return None;
+        }
+        // Examples first, then counts: the gateway counts a disagreement
+        // before keeping it as an example, so the counts cover the examples.
+        let last = seen.get(&record.id).map_or(u64::MAX, |r| r.example);
+        let (examples, example) = self.telemetry.disagreements_since(model, version, last);
+        let counts = self.metrics.for_version(model, version).shadow_counts();
+        let Some(reading) = seen.get(&record.id) else {
+            // The first look (or the first since a restart): counting starts now.
+            seen.insert(
+                record.id,
+                ShadowReading {
+                    counts,
+                    example,
+                    fed_at_ms: now,
+                },
+            );
+            return None;
+        };
+        let [agree, disagree, errors, dropped] =
+            std::array::from_fn(|i| counts[i].saturating_sub(reading.counts[i]));
+        let delta = strategy::ShadowProgress {
+            agree,
+            disagree,
+            errors,
+            dropped,
+            examples,
+        };
+        let reached = record.state.shadow.compared() + delta.compared() >= sh.min_comparisons;
+        let due = now >= reading.fed_at_ms + 1_000;
+        if delta == strategy::ShadowProgress::default() || !(reached || due) {
+            return None;
+        }
+        seen.insert(
+            record.id,
+            ShadowReading {
+                counts,
+                example,
+                fed_at_ms: now,
+            },
+        );
+        Some(delta)
     }
 
     /// The QA gate to run now, if the rollout waits for one.
@@ -762,13 +895,14 @@ impl Controller {
                 }),
                 analysis: None,
                 updated_at: last.as_ref().map(|l| l.updated_at.clone()),
-                last_rollout: last.map(|l| LastRollout {
+                last_rollout: last.clone().map(|l| LastRollout {
                     rollout: l.name(),
                     strategy: l.kind,
                     phase: l.state.phase,
                     message: l.state.message,
                 }),
-                shadow: None,
+                // A shadow's evidence stays on view after its decision.
+                shadow: last.as_ref().and_then(ShadowView::of),
                 qa: None,
                 staging: route.staging.clone(),
             });
@@ -803,14 +937,7 @@ impl Controller {
             }),
             updated_at: Some(r.updated_at.clone()),
             last_rollout: None,
-            shadow: matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
-                comparisons: r.state.shadow.compared(),
-                agreement: r.state.shadow.agreement(),
-                disagree: r.state.shadow.disagree,
-                errors: r.state.shadow.errors,
-                dropped: r.state.shadow.dropped,
-                examples: self.telemetry.disagreements(model, &r.spec.version),
-            }),
+            shadow: ShadowView::of(&r),
             qa: r.state.qa.clone(),
             staging: r.state.route.staging.clone(),
         })

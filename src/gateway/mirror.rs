@@ -104,17 +104,12 @@ impl Mirror {
             pool.record(Role::Shadow, outcome, seconds, class);
             // `None`: the primary failed, so there is nothing to compare with.
             let (primary, id) = primary_answer.await.unwrap_or_default();
-            let comparison = match (&result, primary) {
+            let comparison = match (&result, &primary) {
                 (Err(_), _) => Some(Comparison::Error),
                 (Ok(shadow), Some(p)) => Some(
-                    match compare::agree(std::slice::from_ref(&p), shadow, &compare) {
+                    match compare::agree(std::slice::from_ref(p), shadow, &compare) {
                         Some(true) => Comparison::Agree,
-                        Some(false) => {
-                            if let Some(s) = shadow.iter().find(|t| t.name == compare.output) {
-                                pool.record_disagreement(&id, &p, s);
-                            }
-                            Comparison::Disagree
-                        }
+                        Some(false) => Comparison::Disagree,
                         None => Comparison::Error,
                     },
                 ),
@@ -127,6 +122,14 @@ impl Mirror {
                     Comparison::Disagree => b.disagree += 1,
                     Comparison::Error => {}
                 });
+            }
+            // The example after its count: a reader that takes examples, then
+            // counts, never sees more disagreements than were counted.
+            if let (Some(Comparison::Disagree), Ok(shadow), Some(p)) =
+                (comparison, &result, &primary)
+                && let Some(s) = shadow.iter().find(|t| t.name == compare.output)
+            {
+                pool.record_disagreement(&id, p, s);
             }
         });
         Some(Mirror {

@@ -2,7 +2,7 @@
 //! quantile is within about 1 % of the true value), stored sparsely — a
 //! window of real traffic touches a few dozen buckets, not all of them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Bucket growth factor: bucket `i` holds latencies in (γ^(i-1), γ^i] µs.
 const GAMMA: f64 = 1.02;
@@ -25,7 +25,7 @@ fn value(i: u16) -> f64 {
 }
 
 /// Latency counts by log bucket.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sketch {
     /// (bucket index, count), sorted by index.
     buckets: Vec<(u16, u32)>,

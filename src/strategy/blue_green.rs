@@ -76,6 +76,22 @@ pub fn plan(
                 match b.auto_promote_after {
                     Some(d) => {
                         let end = p.state.step_started_ms + d.0.as_millis() as u64;
+                        // Without a post-promotion window, the switch is the
+                        // last step: analysis of staging traffic must pass.
+                        let waits = b
+                            .post_promotion
+                            .is_none()
+                            .then(|| p.last_step_waits(spec))
+                            .flatten();
+                        if now_ms >= end
+                            && let Some(why) = waits
+                        {
+                            p.state.message = format!(
+                                "step 3/5: green ready in staging; auto-promotion waits for a passing analysis window of staging traffic ({why})"
+                            );
+                            p.requeue_ms = Some(1_000);
+                            return;
+                        }
                         if now_ms >= end {
                             p.event("promoted", format!("auto-promoting after {d}"));
                             p.state.step = 3;
@@ -126,6 +142,13 @@ pub fn plan(
                             (end - now_ms).div_ceil(1000)
                         );
                         p.requeue_ms = Some(end - now_ms);
+                        return;
+                    }
+                    if let Some(why) = p.last_step_waits(spec) {
+                        p.state.message = format!(
+                            "step 5/5: post-promotion window over; waiting for a passing analysis window before blue (version {blue}) is let go ({why})"
+                        );
+                        p.requeue_ms = Some(1_000);
                         return;
                     }
                 }

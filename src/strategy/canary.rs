@@ -37,6 +37,23 @@ fn advance(p: &mut Plan, now_ms: u64) {
     p.state.analysis.gate_passes = 0;
 }
 
+/// Whether the candidate already takes all of its (cohort's) traffic.
+fn takes_all(route: &RoutePolicy, spec: &RolloutSpec) -> bool {
+    route.stable == spec.version
+        || route
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.version == spec.version && c.weight >= 100.0)
+}
+
+fn wait_for_a_pass(p: &mut Plan, spec: &RolloutSpec, shown: usize, total: usize, why: &str) {
+    p.state.message = format!(
+        "step {shown}/{total}: waiting for a passing analysis window before version {} takes all traffic ({why})",
+        spec.version
+    );
+    p.requeue_ms = Some(1_000);
+}
+
 /// `promote`: `Some((full, who))` when a person asked to advance.
 pub fn plan(
     spec: &RolloutSpec,
@@ -53,6 +70,8 @@ pub fn plan(
     } else {
         " of the cohort".to_string()
     };
+    // A person's promote takes the last step without a passing window.
+    let forced = promote.is_some();
     if let Some((full, who)) = promote {
         p.state.phase = Phase::Progressing;
         p.state.waiting_for = None;
@@ -81,6 +100,13 @@ pub fn plan(
             return;
         }
         if i == n {
+            if !forced
+                && !takes_all(&p.state.route, spec)
+                && let Some(why) = p.last_step_waits(spec)
+            {
+                wait_for_a_pass(p, spec, total, total, &why);
+                return;
+            }
             let route = p.all_to(&spec.version);
             p.set_route(route);
             p.goto(offset + n + 1, now_ms);
@@ -96,6 +122,14 @@ pub fn plan(
         let shown = offset + i + 1;
         match &c.steps[i] {
             Step::Weight(w) => {
+                if *w >= 100.0
+                    && !forced
+                    && !takes_all(&p.state.route, spec)
+                    && let Some(why) = p.last_step_waits(spec)
+                {
+                    wait_for_a_pass(p, spec, shown, total, &why);
+                    return;
+                }
                 let route = route_at(&p.state.before, spec, c, *w);
                 p.set_route(route);
                 p.event("step", format!("step {shown}/{total}: weight {w}%{cohort}"));

@@ -154,6 +154,18 @@ pub fn plan(
         p.requeue_ms = Some(end - now_ms);
         return;
     }
+    if step == batches(r)
+        && promote.is_none()
+        && let Some(why) = p.last_step_waits(spec)
+    {
+        p.state.message = format!(
+            "step {}/{total}: all {n} replicas run version {}; waiting for a passing analysis window before it is done ({why})",
+            step + 1,
+            spec.version
+        );
+        p.requeue_ms = Some(1_000);
+        return;
+    }
     // The batch's replicas are up (the route was published) and the analysis
     // has not failed since it started: next batch.
     p.state.message = format!(

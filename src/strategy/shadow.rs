@@ -1,9 +1,10 @@
 //! shadow: the candidate receives copies of `mirror_percent` of production
-//! requests; users only get stable's answers. Comparisons accumulate window by
-//! window; with at least `min_comparisons` pairs agreeing at ≥
-//! `min_agreement` (and analysis passing, when configured), `then` decides:
-//! `promote`, `manual` (wait for a person) or `canary` (real users next).
-//! Too little agreement with enough pairs aborts, with the numbers.
+//! requests; users only get stable's answers. Comparisons (and the latest
+//! disagreements among them) accumulate as the controller counts them; with
+//! at least `min_comparisons` pairs agreeing at ≥ `min_agreement` (and
+//! analysis passing, when configured), `then` decides: `promote`, `manual`
+//! (wait for a person) or `canary` (real users next). Too little agreement
+//! with enough pairs aborts. Every decision's event carries the evidence.
 //!
 //! Steps: 0 mirroring, 1 decided, then the canary's steps (offset 2).
 
@@ -53,6 +54,31 @@ fn tally(p: &Plan) -> String {
     )
 }
 
+/// The evidence behind a decision, for its event: the numbers, the
+/// thresholds and the example disagreements.
+fn evidence(sh: &ShadowSpec, p: &Plan) -> serde_json::Value {
+    let s = &p.state.shadow;
+    serde_json::json!({
+        "comparisons": s.compared(),
+        "agree": s.agree,
+        "disagree": s.disagree,
+        "agreement": s.agreement(),
+        "errors": s.errors,
+        "dropped": s.dropped,
+        "min_comparisons": sh.min_comparisons,
+        "min_agreement": sh.min_agreement,
+        "examples": s.examples,
+    })
+}
+
+/// Attaches the evidence to the event just planned.
+fn with_evidence(sh: &ShadowSpec, p: &mut Plan) {
+    let data = evidence(sh, p);
+    if let Some(e) = p.events.last_mut() {
+        e.data = data;
+    }
+}
+
 /// Acts on `then` once the shadow has proved itself (or a person promoted).
 fn decide(
     spec: &RolloutSpec,
@@ -77,6 +103,7 @@ fn decide(
                         spec.model
                     ),
                 );
+                with_evidence(sh, p);
             }
         }
         (ShadowThen::Canary, _) => {
@@ -94,6 +121,7 @@ fn decide(
                     total(sh)
                 ),
             );
+            with_evidence(sh, p);
         }
         _ => {
             let route = p.all_to(&spec.version);
@@ -110,6 +138,7 @@ fn decide(
                     spec.version
                 ),
             );
+            with_evidence(sh, p);
         }
     }
 }
@@ -175,6 +204,7 @@ pub fn plan(
                 p.state.before.stable
             ),
         );
+        with_evidence(sh, p);
         return;
     }
     let analysis_ok = spec.analysis.is_none()

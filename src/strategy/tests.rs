@@ -155,7 +155,7 @@ fn failed_windows_abort_after_the_failure_limit_and_restore_the_route() {
     assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
     assert_eq!(
         d.state.message,
-        "aborted: candidate error_rate 0.0410 > 0.0100 in 2 consecutive windows (412 candidate requests); all traffic back on version 1"
+        "aborted: candidate error_rate 0.0410 > 0.0100 in 2 failed windows with no passing window between them (412 candidate requests); all traffic back on version 1"
     );
     // A finished rollout ignores everything.
     let p = d.tick(Observations {
@@ -214,6 +214,179 @@ fn pause_and_abort_commands() {
     assert_eq!(d.state.phase, Phase::Aborted);
     assert!(p.publish);
     assert!(d.state.message.starts_with("aborted by ops"));
+}
+
+/// A person's pause stops a timed pause's clock; resume continues with the
+/// time that was left, also after a restart while paused.
+#[test]
+fn a_manual_pause_stops_a_timed_pause_and_resume_continues_with_the_time_left() {
+    let mut d = Driver::new(spec(
+        "strategy: { canary: { steps: [ { weight: 10 }, { pause: 30s }, { weight: 50 }, { pause: {} } ] } }\n",
+    ));
+    d.idle();
+    d.now = 10_000;
+    d.tick(Observations {
+        command: Some((Command::Pause, "ops".into())),
+        ..Default::default()
+    });
+    d.now = 50_000;
+    d.idle();
+    assert_eq!(d.weight(), Some(10.0), "paused: the timer does not run out");
+    // The process restarts while paused.
+    let stored = serde_json::to_string(&d.state).unwrap();
+    d.state = serde_json::from_str(&stored).unwrap();
+    d.now = 100_000;
+    let p = d.tick(Observations {
+        command: Some((Command::Resume, "ops".into())),
+        ..Default::default()
+    });
+    assert_eq!(d.weight(), Some(10.0), "20 s of the pause are left");
+    assert_eq!(p.requeue_ms, Some(20_000));
+    assert!(d.state.message.contains("20s left"), "{}", d.state.message);
+    d.now = 119_999;
+    d.idle();
+    assert_eq!(d.weight(), Some(10.0));
+    d.now = 120_000;
+    d.idle();
+    assert_eq!(d.weight(), Some(50.0));
+}
+
+const LAST_STEP: &str = "strategy: { canary: { steps: [ { weight: 10 }, { pause: 12s }, { weight: 100 } ] } }\nanalysis: { interval: 10s, max_inconclusive: 3 }\n";
+
+/// With analysis configured, inconclusive windows alone never take the last
+/// step: it waits for a passing window, and pauses for a person after
+/// `max_inconclusive` of them.
+#[test]
+fn the_last_step_waits_for_a_passing_window() {
+    let mut d = Driver::new(spec(LAST_STEP));
+    d.idle();
+    d.now = 5_000;
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Inconclusive)),
+        ..Default::default()
+    });
+    d.now = 12_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Progressing);
+    assert_eq!(
+        d.weight(),
+        Some(10.0),
+        "the pause ran out, but no window passed"
+    );
+    assert!(
+        d.state
+            .message
+            .contains("waiting for a passing analysis window"),
+        "{}",
+        d.state.message
+    );
+    for _ in 0..2 {
+        d.tick(Observations {
+            verdict: Some(verdict(Outcome::Inconclusive)),
+            ..Default::default()
+        });
+    }
+    assert_eq!(
+        (d.state.phase, d.state.waiting_for),
+        (Phase::Paused, Some(Waiting::Resume)),
+        "3 inconclusive windows in a row pause for a person"
+    );
+    d.tick(Observations {
+        command: Some((Command::Resume, "ops".into())),
+        ..Default::default()
+    });
+    assert_eq!(d.weight(), Some(10.0), "resume alone is no passing window");
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Pass)),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Succeeded);
+
+    // A person may take the step anyway.
+    let mut d = Driver::new(spec(LAST_STEP));
+    d.idle();
+    d.now = 12_000;
+    d.idle();
+    d.tick(Observations {
+        command: Some((Command::Promote { full: false }, "ann".into())),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Succeeded);
+}
+
+/// Failures separated by inconclusive windows still count (no window passed
+/// between them), and the message says so rather than "consecutive".
+#[test]
+fn the_abort_message_counts_what_the_failure_limit_counts() {
+    let mut d = Driver::new(spec(CANARY));
+    d.idle();
+    for outcome in [
+        Outcome::Fail,
+        Outcome::Inconclusive,
+        Outcome::Inconclusive,
+        Outcome::Fail,
+    ] {
+        d.tick(Observations {
+            verdict: Some(verdict(outcome)),
+            ..Default::default()
+        });
+    }
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert!(
+        d.state
+            .message
+            .contains("in 2 failed windows with no passing window between them"),
+        "{}",
+        d.state.message
+    );
+}
+
+/// A rollout already waiting for `promote` is not paused again by
+/// inconclusive windows, so they are not counted towards it.
+#[test]
+fn inconclusive_windows_while_waiting_for_promote_do_not_count_towards_pausing() {
+    let mut d = Driver::new(spec(
+        "strategy: { canary: { steps: [ { weight: 10 }, { pause: {} }, { weight: 100 } ] } }\nanalysis: { interval: 10s, max_inconclusive: 3 }\n",
+    ));
+    d.idle();
+    assert_eq!(d.state.waiting_for, Some(Waiting::Promote));
+    for _ in 0..5 {
+        d.tick(Observations {
+            verdict: Some(verdict(Outcome::Inconclusive)),
+            ..Default::default()
+        });
+    }
+    assert_eq!(d.state.waiting_for, Some(Waiting::Promote));
+    let windows: Vec<&String> = d
+        .events
+        .iter()
+        .filter(|e| e.starts_with("analysis_inconclusive"))
+        .collect();
+    assert_eq!(windows.len(), 5);
+    for w in windows {
+        assert!(
+            !w.contains("before pausing") && w.contains("already waiting for promote"),
+            "{w}"
+        );
+    }
+    assert_eq!(d.state.analysis.consecutive_inconclusive, 0);
+}
+
+/// A rollback's end is `rolled_back` (what notify hooks subscribe to), not
+/// `succeeded`.
+#[test]
+fn a_rollback_ends_with_a_rolled_back_event() {
+    let mut d = Driver::new(spec("strategy: { basic: {} }\n"));
+    d.state.rollback = Some(Rollback {
+        undoes: Some("r-1".into()),
+    });
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    assert_eq!(
+        d.events.last().unwrap(),
+        "rolled_back: rolled back r-1: version 2 is the stable version of cancer again"
+    );
+    assert!(!d.events.iter().any(|e| e.starts_with("succeeded")));
 }
 
 #[test]
@@ -297,12 +470,20 @@ fn cohort_canaries_say_so_in_their_messages() {
 }
 
 fn window(agree: u64, disagree: u64) -> Observations {
+    let examples = (0..disagree.min(3))
+        .map(|i| crate::metrics::Disagreement {
+            id: format!("req-{agree}-{i}"),
+            primary: serde_json::json!({"data": [0]}),
+            shadow: serde_json::json!({"data": [1]}),
+        })
+        .collect();
     Observations {
         shadow_window: Some(ShadowProgress {
             agree,
             disagree,
             errors: 0,
             dropped: 0,
+            examples,
         }),
         ..Default::default()
     }
@@ -342,6 +523,34 @@ fn a_shadow_that_disagrees_is_aborted_with_the_numbers() {
         "{}",
         d.state.message
     );
+}
+
+/// The decision keeps its evidence: the abort event carries the numbers
+/// and the latest example disagreements, which the counts cover.
+#[test]
+fn a_shadow_decision_event_carries_the_numbers_and_the_examples() {
+    let mut d = Driver::new(spec(SHADOW));
+    d.idle();
+    d.tick(window(30, 2));
+    assert_eq!(d.state.shadow.examples.len(), 2);
+    d.tick(window(31, 37));
+    let s = &d.state.shadow;
+    assert_eq!(s.examples.len(), SHADOW_EXAMPLES, "the latest few");
+    assert_eq!(s.examples.last().unwrap().id, "req-31-2");
+    let p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    assert!(p.events.is_empty(), "already decided");
+    assert_eq!(d.state.phase, Phase::Aborted);
+    let mut d2 = Driver::new(spec(SHADOW));
+    d2.idle();
+    d2.tick(window(30, 2));
+    let p = d2.tick(window(31, 37));
+    let aborted = p.events.iter().find(|e| e.kind == "aborted").unwrap();
+    assert_eq!(aborted.data["comparisons"], 100);
+    assert_eq!(aborted.data["disagree"], 39);
+    assert_eq!(aborted.data["min_comparisons"], 100);
+    let examples = aborted.data["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), SHADOW_EXAMPLES);
+    assert!(examples.len() as u64 <= aborted.data["disagree"].as_u64().unwrap());
 }
 
 #[test]
@@ -422,7 +631,46 @@ fn blue_green_stages_checks_qa_promotes_and_keeps_blue_warm() {
     assert_eq!(d.state.phase, Phase::Progressing, "post-promotion window");
     d.now = 50_000;
     d.idle();
+    assert_eq!(
+        d.state.phase,
+        Phase::Progressing,
+        "no window passed after the switch yet"
+    );
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Pass)),
+        ..Default::default()
+    });
     assert_eq!(d.state.phase, Phase::Succeeded);
+}
+
+/// After the switch blue takes no traffic: the pass that switches asks for
+/// a baseline of blue's figures, and later windows compare with it.
+#[test]
+fn a_blue_green_switch_takes_a_baseline_that_stands_for_stable_afterwards() {
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    d.idle();
+    d.tick(qa(true));
+    assert!(!switched_away(&d.state));
+    d.now = 30_000;
+    let mut p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    while !p.publish {
+        p = plan(&d.spec, &p.state, &Observations::default(), d.now);
+    }
+    assert_eq!(p.state.route.stable, "2", "the switch");
+    assert!(takes_baseline(&d.state, &p.state));
+    p.state.baseline = Some(Baseline::new("1", d.now, Default::default()));
+    d.state = p.state;
+    assert_eq!(
+        baseline_in_use(&d.state).map(|b| b.version.as_str()),
+        Some("1")
+    );
+    d.now = 35_000;
+    let p = plan(&d.spec, &d.state, &Observations::default(), d.now);
+    assert!(!takes_baseline(&d.state, &p.state), "taken once");
+    // A canary's weights below 100 % leave stable with live figures.
+    let mut c = Driver::new(spec(CANARY));
+    c.idle();
+    assert!(!switched_away(&c.state));
 }
 
 #[test]
@@ -534,4 +782,36 @@ fn a_rolling_batch_that_fails_rolls_back_batch_by_batch() {
         "{}",
         d.state.message
     );
+}
+
+/// With analysis, rolling's last batch is done only after a passing window
+/// (its windows compare with stable's baseline from before the batch).
+#[test]
+fn rolling_s_last_batch_waits_for_a_passing_window() {
+    let mut d = Driver::new(spec(&format!(
+        "{ROLLING}analysis: {{ interval: 10s, max_inconclusive: 2 }}\n"
+    )));
+    d.idle();
+    for t in [10_000, 20_000, 30_000, 40_000] {
+        d.now = t;
+        d.idle();
+    }
+    assert_eq!(split_of(&d), (None, Some(4), 100.0));
+    assert!(
+        analysing(&d.spec, &d.state),
+        "windows go on during the last batch"
+    );
+    assert_eq!(d.state.phase, Phase::Progressing, "no window passed");
+    assert!(
+        d.state
+            .message
+            .contains("waiting for a passing analysis window"),
+        "{}",
+        d.state.message
+    );
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Pass)),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Succeeded);
 }

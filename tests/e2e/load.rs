@@ -135,7 +135,10 @@ async fn every_strategy_under_fixed_rate_load_fails_no_request() {
     assert_eq!(rollout(&s, spec("4", canary)).await, "succeeded");
     ledger.close("canary: 3 -> 4 at 20 %, 50 %, analysis, 100 %");
 
-    let blue_green = json!({"blue_green": {"auto_promote_after": "1s", "scale_down_delay": "1m"}});
+    // A post-promotion window: with analysis, blue-green's last step waits for
+    // a passing window, and this load sends no staging traffic to judge
+    // before the switch.
+    let blue_green = json!({"blue_green": {"auto_promote_after": "1s", "scale_down_delay": "1m", "post_promotion": "1s"}});
     assert_eq!(rollout(&s, spec("5", blue_green)).await, "succeeded");
     ledger.close("blue-green: 4 -> 5 (staged, switched)");
     s.ferry_ok(&["rollback", "cancer"]);

@@ -2,7 +2,9 @@
 //! a canary promoted through its steps, candidates aborted automatically on
 //! errors and on latency, a restart in the middle of a pause, multi-version
 //! failover and instant rollback, a basic rollout whose candidate cannot
-//! start, delayed labels, and notify webhooks.
+//! start, delayed labels, notify webhooks (rollback's `rolled_back`
+//! included), a manual pause that stops a timed pause's clock, and a last
+//! step that inconclusive windows alone never take.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -218,7 +220,7 @@ async fn a_remote_candidate_that_turns_bad_is_aborted(
     let msg = st["last_rollout"]["message"].as_str().unwrap();
     assert!(
         msg.starts_with("aborted: candidate error_rate")
-            && msg.contains("in 2 consecutive windows"),
+            && msg.contains("in 2 failed windows with no passing window between them"),
         "{msg}"
     );
     assert_eq!(st["traffic"], json!({"1": 100.0}));
@@ -515,6 +517,164 @@ async fn notify_webhooks_hear_how_a_rollout_ended() {
     assert_eq!(got.len(), 1, "only the end states by default: {got:?}");
     assert_eq!(got[0]["rollout"], "r-1");
     assert_eq!(got[0]["model"], "cancer");
+}
+
+/// A rollback's notification is `rolled_back`, sent to every hook that
+/// subscribes to it, and never `succeeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_notifies_rolled_back_not_succeeded() {
+    use axum::routing::post;
+    type Sink = Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+    let received: Sink = Arc::default();
+    let hook = |name: &'static str, sink: Sink| {
+        post(move |axum::Json(v): axum::Json<Value>| async move {
+            sink.lock().unwrap().push((name.to_string(), v));
+            "ok"
+        })
+    };
+    let app = axum::Router::new()
+        .route("/all", hook("all", received.clone()))
+        .route("/rolled-back", hook("rolled-back", received.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        &format!(
+            "model: cancer\nversion: \"2\"\nstrategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{base}/all\" }}, {{ url: \"{base}/rolled-back\", events: [rolled_back] }} ]\n"
+        ),
+    );
+    s.ferry_ok(&["apply", "-f", &spec]);
+    assert_eq!(ended(&s, Duration::from_secs(10)).await, "succeeded");
+    s.ferry_ok(&["rollback", "cancer"]);
+    let heard = async |hook: &str| {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(h, e)| h == hook && e["kind"] == "rolled_back")
+    };
+    eventually(
+        Duration::from_secs(10),
+        "both hooks hear `rolled_back`",
+        async || heard("all").await && heard("rolled-back").await,
+    )
+    .await;
+    let got = received.lock().unwrap().clone();
+    let kinds: Vec<(String, String, String)> = got
+        .iter()
+        .map(|(h, e)| {
+            let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
+            (h.clone(), field("rollout"), field("kind"))
+        })
+        .collect();
+    let of = |hook: &str| {
+        let mut k: Vec<(String, String)> = kinds
+            .iter()
+            .filter(|(h, ..)| h == hook)
+            .map(|(_, r, k)| (r.clone(), k.clone()))
+            .collect();
+        k.sort();
+        k
+    };
+    let pair = |r: &str, k: &str| (r.to_string(), k.to_string());
+    assert_eq!(
+        of("all"),
+        vec![pair("r-1", "succeeded"), pair("r-2", "rolled_back")],
+        "{got:?}"
+    );
+    assert_eq!(
+        of("rolled-back"),
+        vec![pair("r-2", "rolled_back")],
+        "{got:?}"
+    );
+}
+
+/// `ferry pause` stops a timed pause's clock: nothing moves while paused,
+/// and resume continues with the time that was left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_pause_stops_the_clock_of_a_timed_pause() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,50,100",
+        "--step-pause",
+        "8s",
+    ]);
+    let started = Instant::now();
+    s.ferry_ok(&["pause", "cancer"]);
+    // Paused for longer than the whole 8 s pause: the weight never moves.
+    while started.elapsed() < Duration::from_secs(12) {
+        let st = status(&s).await;
+        assert_eq!(st["traffic"]["2"], json!(10.0), "moved while paused: {st}");
+        assert_eq!(st["waiting_for"], "resume", "{st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.ferry_ok(&["resume", "cancer"]);
+    let st = status(&s).await;
+    assert_eq!(st["traffic"]["2"], json!(10.0), "{st}");
+    let message = st["message"].as_str().unwrap();
+    let left: u64 = message
+        .split_once("8s, ")
+        .and_then(|(_, rest)| rest.split_once("s left"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("a countdown: {message}"));
+    assert!(
+        (5..=8).contains(&left),
+        "{left}s left after resume: {message}"
+    );
+    super::harness::status_until(&s, Duration::from_secs(15), "weight 50", |st| {
+        st["traffic"]["2"] == json!(50.0)
+    })
+    .await;
+}
+
+/// A canary whose only check can never be judged (Prometheus at an address
+/// nothing listens on) does not take its last step when its pause runs out:
+/// it waits for a passing window, then pauses for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconclusive_windows_alone_never_take_the_last_step() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let traffic = Traffic::start(&s, 100, 2);
+    s.start_rollout(&json!({
+        "model": "cancer", "version": "2",
+        "strategy": {"canary": {"steps": [{"weight": 30}, {"pause": "6s"}, {"weight": 100}]}},
+        "analysis": {"interval": "5s", "min_requests": 5, "max_inconclusive": 3,
+                     "checks": [{"kind": "prometheus", "address": nobody, "query": "up", "max": 1}]}
+    }))
+    .await;
+    let st =
+        super::harness::status_until(&s, Duration::from_secs(40), "paused for a person", |st| {
+            st["waiting_for"] == "resume" || st["phase"] == "idle"
+        })
+        .await;
+    traffic.finish().await;
+    assert_eq!(st["phase"], "paused", "{st}");
+    assert_eq!(st["traffic"]["2"], json!(30.0), "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 consecutive inconclusive analysis windows"),
+        "{st}"
+    );
 }
 
 #[tokio::test]

@@ -228,12 +228,6 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
         "blue-green",
         "--auto-promote-after",
         "1s",
-        "--interval",
-        "5s",
-        "--min-requests",
-        "5",
-        "--max-error-rate",
-        "0.01",
     ]);
     eventually(
         Duration::from_secs(15),
@@ -268,6 +262,40 @@ async fn a_post_promotion_failure_switches_back_to_blue() {
             .unwrap()
             .contains("all traffic back on version 1"),
         "{last}"
+    );
+    assert_eq!(
+        s.admin_get("/api/v1/models/cancer/route").await["stable"],
+        "1"
+    );
+}
+
+/// After the switch blue takes no traffic; a post-promotion check "vs
+/// stable" compares green with blue's baseline from before the switch, so a
+/// slow green is switched back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_promotion_check_vs_stable_compares_with_blue_before_the_switch() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "slow", "cancer-slow.onnx");
+    let traffic = Traffic::start(&s, 0, 4);
+    let spec = json!({
+        "model": "cancer", "version": "slow",
+        "strategy": {"blue_green": {"auto_promote_after": "6s", "scale_down_delay": "1m", "post_promotion": "30s"}},
+        // Two failed windows: the first after the switch may still hold some
+        // of blue's own traffic; the second holds none.
+        "analysis": {"interval": "5s", "min_requests": 5, "failure_limit": 2,
+                     "checks": [{"metric": "latency_p99_ms", "max_vs_stable": 1.5}]}
+    });
+    s.start_rollout(&spec).await;
+    let last = ended(&s, Duration::from_secs(60)).await;
+    traffic.finish().await;
+    assert_eq!(last["phase"], "aborted", "{last}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.contains("candidate latency_p99_ms")
+            && message.contains("stable: version 1's baseline from before the switch")
+            && message.contains("all traffic back on version 1"),
+        "{message}"
     );
     assert_eq!(
         s.admin_get("/api/v1/models/cancer/route").await["stable"],
@@ -339,6 +367,68 @@ async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agre
     assert_eq!(
         s.admin_get("/api/v1/models/cancer/route").await["stable"],
         "2"
+    );
+}
+
+/// A shadow's evidence survives its decision: the counts cover the example
+/// disagreements at every moment, the verdict is taken once
+/// `min_comparisons` is reached, and the `aborted` event keeps the numbers
+/// and the examples (as does the status afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_decision_keeps_its_evidence_and_comes_at_min_comparisons() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "bad", "cancer-bad.onnx");
+    let mut spec = shadow_spec("bad", "promote");
+    spec["strategy"]["shadow"]["min_comparisons"] = json!(600);
+    let traffic = Traffic::start(&s, 100, 2);
+    s.start_rollout(&spec).await;
+    let mut looked = 0;
+    loop {
+        let st = status(&s).await;
+        if st["phase"] != "progressing" {
+            break;
+        }
+        let shadow = &st["shadow"];
+        let examples = shadow["examples"].as_array().map_or(0, Vec::len) as u64;
+        assert!(
+            shadow["disagree"].as_u64().unwrap() >= examples,
+            "the counts do not cover the examples: {shadow}"
+        );
+        looked += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    traffic.finish().await;
+    assert!(
+        looked > 5,
+        "looked at the status while mirroring {looked} times"
+    );
+    let events = s
+        .admin_get("/api/v1/models/cancer/rollouts/r-1/events")
+        .await;
+    let aborted = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "aborted")
+        .unwrap_or_else(|| panic!("an aborted event: {events}"));
+    let data = &aborted["data"];
+    let compared = data["comparisons"].as_u64().unwrap_or(0);
+    assert!(
+        (600..700).contains(&compared),
+        "decided on {compared} comparisons when 600 were asked for: {aborted}"
+    );
+    let examples = data["examples"].as_array().map_or(0, Vec::len) as u64;
+    assert!(
+        examples > 0 && examples <= data["disagree"].as_u64().unwrap(),
+        "{aborted}"
+    );
+    let st = status(&s).await;
+    assert_eq!(st["shadow"]["comparisons"].as_u64(), Some(compared), "{st}");
+    assert_eq!(
+        st["shadow"]["examples"].as_array().map_or(0, Vec::len) as u64,
+        examples,
+        "{st}"
     );
 }
 
