@@ -362,8 +362,12 @@ async fn serve_connections(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (http, app, watcher, tls) =
-            (http.clone(), app.clone(), graceful.watcher(), tls.clone());
+        let (http, app, watcher, tls) = (
+            http.clone(),
+            app.for_peer(peer.ip()),
+            graceful.watcher(),
+            tls.clone(),
+        );
         tokio::spawn(async move {
             match tls {
                 None => serve_one(&http, watcher, app, stream).await,

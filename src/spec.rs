@@ -15,6 +15,9 @@ use crate::units::HumanDuration;
 /// event a rollout produces grows with them (a spec with 100 000 checks made
 /// 15 MB events every 5 s); the bounds are far above what a real rollout needs.
 pub mod limits {
+    /// Nesting of `[ ]` and `{ }` in a spec's text (the parser's cost grows
+    /// with the square of it).
+    pub const NESTING: usize = 32;
     /// `strategy.canary.steps` (and `strategy.shadow.canary.steps`).
     pub const STEPS: usize = 64;
     /// `analysis.checks`, metric and external together.
@@ -691,6 +694,16 @@ fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
 impl RolloutSpec {
     /// Parses YAML (JSON is YAML too); the error says where and what.
     pub fn from_yaml(text: &str) -> Result<RolloutSpec, String> {
+        // The YAML parser's time grows with the square of the nesting depth
+        // of flow collections (`[[[…]]]`): a 64 KB spec could hold a core
+        // for a minute. No spec nests deeper than a dozen levels.
+        let depth = flow_depth(text);
+        if depth > limits::NESTING {
+            return Err(format!(
+                "the spec nests {depth} levels of [ ] or {{ }}; at most {} are allowed",
+                limits::NESTING
+            ));
+        }
         // Single-key maps (`canary: {...}`, `- weight: 10`) select enum variants,
         // as in JSON, rather than YAML tags.
         let spec: RolloutSpec = yaml_serde::with::singleton_map_recursive::deserialize(
@@ -843,6 +856,41 @@ impl RolloutSpec {
         }
         Ok(())
     }
+}
+
+/// The deepest nesting of YAML flow collections (`[`, `{`) in `text`,
+/// outside quoted strings and comments. Conservative: a bracket inside a
+/// plain scalar counts too, which can only refuse a spec nested absurdly.
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut quote, mut escaped, mut comment) = (None::<char>, false, false);
+    let mut previous = '\n';
+    for c in text.chars() {
+        if comment {
+            comment = c != '\n';
+        } else if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if q == '"' && c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+        } else {
+            match c {
+                '"' | '\'' => quote = Some(c),
+                '#' if previous.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    deepest
 }
 
 #[cfg(test)]
@@ -1185,5 +1233,24 @@ notify:
                 }
             }
         }
+    }
+
+    #[test]
+    fn deeply_nested_specs_are_refused_before_parsing() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"version\":\"2\",\"strategy\":{{\"basic\":{{}}}},\"x\":{}{}}}",
+            "[".repeat(32_000),
+            "]".repeat(32_000)
+        );
+        let started = std::time::Instant::now();
+        let err = RolloutSpec::from_yaml(&deep).unwrap_err();
+        assert!(err.contains("at most 32 are allowed"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Brackets in quotes and comments do not count; real specs pass.
+        assert_eq!(
+            flow_depth("a: \"[[[[\" # {{{{\nb: '[[' \nc: [1, [2, {d: 3}]]"),
+            3
+        );
+        assert!(RolloutSpec::from_yaml("model: m\nversion: \"2\"\nstrategy: { canary: { steps: [ { weight: 10 }, { weight: 100 } ] } }").is_ok());
     }
 }

@@ -1,17 +1,22 @@
 //! Request bodies under the server's limits, for every route: a client that
 //! sends its body slowly is cut off (a timeout between reads, and a minimum
 //! average rate once the first timeout has passed, like nginx's
-//! `client_body_timeout` and Apache's `MinRate`); a body is held in one
-//! contiguous buffer no larger than the body limit (not as a list of tiny
-//! chunks, each pinning a read buffer); and the bytes of bodies held at once
-//! across all connections are bounded (`--max-body-memory`: beyond it the
-//! answer is 503 with `Retry-After`).
+//! `client_body_timeout` and Apache's `MinRate`, measured over each
+//! `read_timeout` window so a fast start buys no slow finish); a body is
+//! held in one contiguous buffer no larger than the body limit (not as a
+//! list of tiny chunks, each pinning a read buffer); and the bytes of bodies
+//! held at once are bounded, across all connections (`--max-body-memory`)
+//! and per peer (a quarter of it for one IPv4 address or IPv6 /64), taken as
+//! the bytes arrive, never on a declared length's word; beyond either the
+//! answer is 503 with `Retry-After`. Requests with the admin token are not
+//! counted: an operator can always abort a rollout.
 //!
 //! [`Pace`] is the pure rule; [`Paced`] applies it to hyper's body as it
 //! streams (artifact uploads stream through it to their handler); [`read`]
 //! collects a whole body under the budget.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,8 +34,8 @@ use super::ApiError;
 pub struct BodyRules {
     /// Longest wait for the next piece of a body.
     pub read_timeout: Duration,
-    /// Slowest average rate (bytes/s) accepted once `read_timeout` has
-    /// passed since the body started; 0 turns the check off.
+    /// Slowest rate (bytes/s) accepted, averaged over each `read_timeout`
+    /// window of the body; 0 turns the check off.
     pub min_rate: u64,
 }
 
@@ -51,7 +56,7 @@ pub enum BodyError {
     )]
     Stalled(Duration),
     #[error(
-        "the request body arrived too slowly: {received} bytes in {elapsed:?}, below the minimum of {min_rate} bytes/s (--body-min-rate)"
+        "the request body arrived too slowly: {received} bytes in the last {elapsed:?}, below the minimum of {min_rate} bytes/s (--body-min-rate)"
     )]
     TooSlow {
         received: u64,
@@ -63,9 +68,9 @@ pub enum BodyError {
     )]
     TooLarge { limit: usize },
     #[error(
-        "the server already holds {budget} bytes of request bodies (--max-body-memory); retry shortly"
+        "the server already holds {budget} bytes of request bodies (--max-body-memory){whose}; retry shortly"
     )]
-    Busy { budget: usize },
+    Busy { budget: usize, whose: &'static str },
     #[error("the request body could not be read: {0}")]
     Read(String),
 }
@@ -86,38 +91,40 @@ impl From<BodyError> for ApiError {
     }
 }
 
-/// The pacing rule, a pure function of what arrived and when.
+/// The pacing rule, a pure function of what arrived and when: over each
+/// window of `read_timeout`, the body must average `min_rate`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     rules: BodyRules,
-    started: Instant,
-    received: u64,
+    window_started: Instant,
+    window_bytes: u64,
 }
 
 impl Pace {
     pub fn new(rules: BodyRules, started: Instant) -> Pace {
         Pace {
             rules,
-            started,
-            received: 0,
+            window_started: started,
+            window_bytes: 0,
         }
     }
 
     /// `n` more bytes arrived at `now`: is the body still fast enough?
     pub fn arrived(&mut self, n: usize, now: Instant) -> Result<(), BodyError> {
-        self.received += n as u64;
-        let elapsed = now.saturating_duration_since(self.started);
+        self.window_bytes += n as u64;
+        let elapsed = now.saturating_duration_since(self.window_started);
         if self.rules.min_rate == 0 || elapsed <= self.rules.read_timeout {
             return Ok(());
         }
-        let rate = self.received as f64 / elapsed.as_secs_f64();
+        let rate = self.window_bytes as f64 / elapsed.as_secs_f64();
         if rate < self.rules.min_rate as f64 {
             return Err(BodyError::TooSlow {
-                received: self.received,
+                received: self.window_bytes,
                 elapsed,
                 min_rate: self.rules.min_rate,
             });
         }
+        (self.window_started, self.window_bytes) = (now, 0);
         Ok(())
     }
 }
@@ -196,11 +203,35 @@ where
     }
 }
 
-/// The bytes of request bodies held in memory at once, across connections.
+/// The bytes of request bodies held in memory at once: in all, and per
+/// peer (a quarter of the whole for one address; IPv6 by /64).
 #[derive(Clone)]
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    by_peer: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+/// Bytes of the budget one body holds; given back when dropped.
+#[derive(Default)]
+struct Share {
+    permit: Option<OwnedSemaphorePermit>,
+    peer: Option<(IpAddr, BodyBudget)>,
+    bytes: usize,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let Some((peer, budget)) = &self.peer {
+            let mut held = budget.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = held.get_mut(peer) {
+                *n = n.saturating_sub(self.bytes);
+                if *n == 0 {
+                    held.remove(peer);
+                }
+            }
+        }
+    }
 }
 
 impl BodyBudget {
@@ -209,24 +240,42 @@ impl BodyBudget {
         BodyBudget {
             bytes: Arc::new(Semaphore::new(total)),
             total,
+            by_peer: Default::default(),
         }
     }
 
-    /// Takes `n` more bytes of the budget for one body, or says it is spent.
-    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> Result<(), BodyError> {
+    /// The most one peer may hold.
+    fn per_peer(&self) -> usize {
+        (self.total / 4).max(1)
+    }
+
+    /// Takes `n` more bytes of the budget for one body (from `peer`), or
+    /// says it is spent.
+    fn take(&self, share: &mut Share, peer: Option<IpAddr>, n: usize) -> Result<(), BodyError> {
         if n == 0 {
             return Ok(());
         }
-        let busy = BodyError::Busy { budget: self.total };
-        let n = u32::try_from(n).map_err(|_| busy.clone())?;
-        let more = self
-            .bytes
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| busy)?;
-        match held {
+        let busy = |whose| BodyError::Busy {
+            budget: self.total,
+            whose,
+        };
+        if let Some(peer) = peer {
+            let mut held = self.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = held.entry(peer).or_default();
+            if *mine + n > self.per_peer() {
+                return Err(busy(", a quarter of it for one client address"));
+            }
+            *mine += n;
+            share.peer.get_or_insert_with(|| (peer, self.clone()));
+            share.bytes += n;
+        }
+        let more = u32::try_from(n)
+            .ok()
+            .and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(|| busy(""))?;
+        match &mut share.permit {
             Some(permit) => permit.merge(more),
-            None => *held = Some(more),
+            None => share.permit = Some(more),
         }
         Ok(())
     }
@@ -237,35 +286,54 @@ impl BodyBudget {
     }
 }
 
+/// The budget a body is read under: the server's, as one peer's share, or
+/// none (a request with the admin token).
+pub struct Account<'a> {
+    pub budget: Option<&'a BodyBudget>,
+    pub peer: Option<IpAddr>,
+}
+
+/// The address a peer's share is kept under: IPv4 as it is, IPv6 by its
+/// /64 (one host usually holds a whole /64).
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// A whole request body, and its share of the budget (returned when this
 /// is dropped).
 pub struct Held {
     pub bytes: Bytes,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Share,
 }
 
 /// Reads a whole body into one buffer of at most `limit` bytes, taking its
-/// size from the budget first (the declared length at once; a chunked body
-/// as it grows, in steps of 64 KiB).
+/// size from the budget as it arrives (in steps of 64 KiB, or the declared
+/// length when smaller); a declared length over the limit is refused before
+/// anything is read.
 pub async fn read<B>(
     body: B,
     declared: Option<u64>,
     limit: usize,
-    budget: &BodyBudget,
+    account: Account<'_>,
 ) -> Result<Held, BodyError>
 where
     B: Body<Data = Bytes, Error = BodyError> + Unpin,
 {
     const STEP: usize = 64 << 10;
-    let mut held = None;
-    if let Some(n) = declared {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n > limit {
-            return Err(BodyError::TooLarge { limit });
-        }
-        budget.take(&mut held, n)?;
-    }
-    let mut reserved = declared.map_or(0, |n| n as usize);
+    let cap = match declared {
+        Some(n) if n > limit as u64 => return Err(BodyError::TooLarge { limit }),
+        Some(n) => n as usize,
+        None => limit,
+    };
+    let mut share = Share::default();
+    let mut reserved = 0;
     let mut body = body;
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
@@ -281,8 +349,10 @@ where
             return Err(BodyError::TooLarge { limit });
         }
         if len > reserved {
-            let step = (len - reserved).max(STEP).min(limit - reserved);
-            budget.take(&mut held, step)?;
+            let step = (len - reserved).max(STEP.min(cap.saturating_sub(reserved)));
+            if let Some(budget) = account.budget {
+                budget.take(&mut share, account.peer, step)?;
+            }
             reserved += step;
         }
         // The common case, a body in one piece, is kept as it arrived; a
@@ -301,7 +371,7 @@ where
     let bytes = first.unwrap_or_else(|| buf.freeze());
     Ok(Held {
         bytes,
-        _budget: held,
+        _budget: share,
     })
 }
 
@@ -314,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_is_checked_only_after_the_first_timeout() {
+    fn the_rate_is_checked_over_each_window() {
         let rules = BodyRules {
             read_timeout: ms(1000),
             min_rate: 100,
@@ -338,6 +408,15 @@ mod tests {
         for s in 1..=60 {
             assert!(pace.arrived(1000, t0 + Duration::from_secs(s)).is_ok());
         }
+        // A fast start buys no slow finish: the next window is judged alone.
+        assert!(
+            pace.arrived(1, t0 + ms(60_500)).is_ok(),
+            "within the window"
+        );
+        assert!(matches!(
+            pace.arrived(1, t0 + ms(61_100)),
+            Err(BodyError::TooSlow { received: 2, .. })
+        ));
         // 0 turns the rate check off.
         let mut pace = Pace::new(
             BodyRules {
@@ -376,10 +455,55 @@ mod tests {
         Paced::new(Pieces { parts, open: false }, BodyRules::default())
     }
 
+    fn all(budget: &BodyBudget) -> Account<'_> {
+        Account {
+            budget: Some(budget),
+            peer: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_peer_may_hold_a_quarter_and_the_admin_none_of_the_budget() {
+        // 4000 in all, 1000 for one peer; each body takes its limit (500)
+        // as its first piece arrives.
+        let budget = BodyBudget::new(4000);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let from = |peer| Account {
+            budget: Some(&budget),
+            peer: Some(peer),
+        };
+        let body = || pieces(vec![&[b' '; 60][..], &[b' '; 60][..]]);
+        let first = read(body(), None, 500, from(a)).await.unwrap();
+        let second = read(body(), None, 500, from(a)).await.unwrap();
+        assert!(matches!(
+            read(body(), None, 500, from(a)).await.err(),
+            Some(BodyError::Busy { whose, .. }) if whose.contains("one client address")
+        ));
+        let other = read(body(), None, 500, from(b)).await.unwrap();
+        let admin = Account {
+            budget: None,
+            peer: Some(a),
+        };
+        assert!(read(body(), None, 500, admin).await.is_ok(), "not counted");
+        assert_eq!(budget.available(), 2500);
+        drop((first, second, other));
+        assert_eq!(budget.available(), 4000);
+        assert!(read(body(), None, 500, from(a)).await.is_ok(), "given back");
+        // IPv6 peers are kept by /64.
+        assert_eq!(
+            peer_key("2001:db8::1".parse().unwrap()),
+            peer_key("2001:db8::ffff:2".parse().unwrap())
+        );
+        assert_ne!(
+            peer_key("2001:db8:0:1::1".parse().unwrap()),
+            peer_key("2001:db8::1".parse().unwrap())
+        );
+    }
+
     #[tokio::test]
     async fn pieces_are_joined_into_one_buffer_within_the_budget() {
         let budget = BodyBudget::new(1000);
-        let held = read(pieces(vec![b"ab", b"c", b"de"]), None, 100, &budget)
+        let held = read(pieces(vec![b"ab", b"c", b"de"]), None, 100, all(&budget))
             .await
             .unwrap();
         assert_eq!(&held.bytes[..], b"abcde");
@@ -387,7 +511,7 @@ mod tests {
         drop(held);
         assert_eq!(budget.available(), 1000, "and gives it back");
         // One piece is kept as it is.
-        let one = read(pieces(vec![b"xyz"]), Some(3), 100, &budget)
+        let one = read(pieces(vec![b"xyz"]), Some(3), 100, all(&budget))
             .await
             .unwrap();
         assert_eq!((&one.bytes[..], budget.available()), (&b"xyz"[..], 997));
@@ -397,25 +521,28 @@ mod tests {
     async fn too_large_or_over_budget_bodies_are_refused() {
         let budget = BodyBudget::new(10);
         assert_eq!(
-            read(pieces(vec![b"abcdef"]), Some(6), 5, &budget)
+            read(pieces(vec![b"abcdef"]), Some(6), 5, all(&budget))
                 .await
                 .err(),
             Some(BodyError::TooLarge { limit: 5 })
         );
         assert_eq!(
-            read(pieces(vec![b"abc", b"def"]), None, 5, &budget)
+            read(pieces(vec![b"abc", b"def"]), None, 5, all(&budget))
                 .await
                 .err(),
             Some(BodyError::TooLarge { limit: 5 })
         );
-        let _a = read(pieces(vec![b"12345678"]), Some(8), 100, &budget)
+        let _a = read(pieces(vec![b"12345678"]), Some(8), 100, all(&budget))
             .await
             .unwrap();
         assert_eq!(
-            read(pieces(vec![b"123"]), Some(3), 100, &budget)
+            read(pieces(vec![b"123"]), Some(3), 100, all(&budget))
                 .await
                 .err(),
-            Some(BodyError::Busy { budget: 10 })
+            Some(BodyError::Busy {
+                budget: 10,
+                whose: ""
+            })
         );
     }
 
@@ -430,7 +557,7 @@ mod tests {
             min_rate: 0,
         };
         let budget = BodyBudget::new(100);
-        let err = read(Paced::new(body, rules), None, 100, &budget)
+        let err = read(Paced::new(body, rules), None, 100, all(&budget))
             .await
             .err();
         assert_eq!(err, Some(BodyError::Stalled(ms(200))));

@@ -23,13 +23,15 @@ use axum::response::IntoResponse;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::service::TowerToHyperService;
 
-use super::body::{BodyBudget, Paced};
+use super::body::{Account, BodyBudget, Paced};
 use super::head::HeadRules;
 use super::{ApiError, AppState, Limits, v2};
 
 /// Inference posts to their handler, the rest to the router.
 #[derive(Clone)]
 pub struct Dispatch {
+    /// The client's address (its share of the body budget), once known.
+    peer: Option<std::net::IpAddr>,
     state: AppState,
     limits: Limits,
     budget: BodyBudget,
@@ -40,11 +42,22 @@ pub struct Dispatch {
 impl Dispatch {
     pub fn new(state: AppState, limits: Limits, head: HeadRules, router: Router) -> Dispatch {
         Dispatch {
+            peer: None,
             state,
             limits,
             budget: BodyBudget::new(limits.max_body_memory),
             head: std::sync::Arc::new(head),
             router: TowerToHyperService::new(router),
+        }
+    }
+}
+
+impl Dispatch {
+    /// The service for one connection from `peer`.
+    pub fn for_peer(&self, peer: std::net::IpAddr) -> Dispatch {
+        Dispatch {
+            peer: Some(super::body::peer_key(peer)),
+            ..self.clone()
         }
     }
 }
@@ -79,13 +92,18 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
                 let req = Request::from_parts(parts, Body::new(body));
                 return this.router.call(req).await;
             }
-            let held =
-                match super::body::read(body, declared, this.limits.max_body_bytes, &this.budget)
-                    .await
-                {
-                    Ok(held) => held,
-                    Err(e) => return Ok(closing(e.into())),
-                };
+            // The admin's requests are not counted: an operator can always
+            // abort a rollout, whatever clients hold.
+            let account = Account {
+                budget: (!this.state.token.matches(&parts.headers)).then_some(&this.budget),
+                peer: this.peer,
+            };
+            let held = match super::body::read(body, declared, this.limits.max_body_bytes, account)
+                .await
+            {
+                Ok(held) => held,
+                Err(e) => return Ok(closing(e.into())),
+            };
             let answer = match target {
                 Some((model, version)) => {
                     match v2::run_infer(

@@ -61,9 +61,16 @@ pub async fn apply(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::bad_request("the spec is not UTF-8 text"))?;
-    let spec = RolloutSpec::from_yaml(text).map_err(ApiError::bad_request)?;
+    // Parsing a big spec (a QA dataset may ride along) takes a while: off
+    // the I/O threads, so the data plane never waits on it.
+    let spec = tokio::task::spawn_blocking(move || {
+        let text =
+            std::str::from_utf8(&body).map_err(|_| "the spec is not UTF-8 text".to_string())?;
+        RolloutSpec::from_yaml(text)
+    })
+    .await
+    .map_err(|e| ApiError::internal("parsing the spec failed", e))?
+    .map_err(ApiError::bad_request)?;
     if spec.model != model {
         return Err(ApiError::bad_request(format!(
             "the spec is for model \"{}\" but was sent to /api/v1/models/{model}/rollouts",

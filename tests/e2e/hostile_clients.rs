@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::harness::{Server, batch};
+use super::harness::{Server, batch, eventually};
 
 fn addr(s: &Server) -> std::net::SocketAddr {
     s.url
@@ -256,30 +256,73 @@ async fn bodies_sent_a_byte_at_a_time_cost_their_size_not_a_buffer_per_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bytes_of_bodies_held_at_once_are_bounded() {
+async fn the_bytes_of_bodies_held_at_once_are_bounded_in_all_and_per_peer() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start_in(&tmp.path().join("data"), &["--max-body-memory", "100000"]).await;
+    // 400 KB in all, 100 KB for one address.
+    let s = Server::start_in(&tmp.path().join("data"), &["--max-body-memory", "400000"]).await;
     s.add("cancer", "1", "cancer-v1.onnx");
-    // Two clients announce 60 KB bodies and send half: the first fits the
-    // 100 KB budget, the second does not and is told to come back.
-    let mut first = TcpStream::connect(addr(&s)).await.unwrap();
-    first
-        .write_all(infer_head("127.0.0.1", 60_000).as_bytes())
+    // A client that announces 60 KB and sends half holds 60 KB.
+    let half = async |from: &str| {
+        let mut c = connect_from(&s, from).await;
+        c.write_all(infer_head("127.0.0.1", 60_000).as_bytes())
+            .await
+            .unwrap();
+        c.write_all(&[b' '; 30_000]).await.unwrap();
+        c
+    };
+    let refused = async |c: &mut TcpStream| {
+        let (code, head, body) = tokio::time::timeout(Duration::from_secs(10), answer(c))
+            .await
+            .expect("answered at once")
+            .expect("an answer");
+        assert_eq!(code, 503, "{body}");
+        assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+        body
+    };
+    let mut held = vec![half("127.0.0.3").await];
+    // A second from the same address is over its quarter...
+    let mut same = half("127.0.0.3").await;
+    assert!(
+        refused(&mut same)
+            .await
+            .contains("a quarter of it for one client address")
+    );
+    // ...while other addresses fill the rest: 6 × 60 KB fit, the 7th not.
+    for i in 4..9 {
+        held.push(half(&format!("127.0.0.{i}")).await);
+    }
+    let mut over = half("127.0.0.9").await;
+    let body = refused(&mut over).await;
+    assert!(
+        body.contains("--max-body-memory") && !body.contains("quarter"),
+        "{body}"
+    );
+    // The admin is not counted: an operator can still act.
+    let token = s.token();
+    let mut admin = connect_from(&s, "127.0.0.9").await;
+    admin
+        .write_all(
+            format!(
+                "POST /api/v1/models/cancer/pause HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+            )
+            .as_bytes(),
+        )
         .await
         .unwrap();
-    first.write_all(&[b' '; 30_000]).await.unwrap();
-    let mut second = TcpStream::connect(addr(&s)).await.unwrap();
-    second
-        .write_all(infer_head("127.0.0.1", 60_000).as_bytes())
-        .await
-        .unwrap();
-    let (code, head, body) = answer(&mut second).await.expect("an answer");
-    assert_eq!(code, 503, "{body}");
-    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
-    assert!(body.contains("--max-body-memory"), "{body}");
-    // Small requests still fit beside the held body.
-    assert_eq!(s.infer("/v2/models/cancer/infer", &batch(1)).await.0, 200);
-    drop(first);
+    let (code, _, body) = answer(&mut admin).await.expect("answered");
+    assert_ne!(code, 503, "{body}");
+    drop(held);
+    // Given back once the clients are gone.
+    eventually(
+        Duration::from_secs(10),
+        "the budget is free again",
+        async || {
+            let mut c = half("127.0.0.3").await;
+            c.write_all(&[b' '; 30_000]).await.unwrap();
+            answer(&mut c).await.is_some_and(|(code, _, _)| code == 400)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

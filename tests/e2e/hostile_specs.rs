@@ -19,10 +19,12 @@ async fn apply(s: &Server, spec: &Value) -> (u16, Value) {
         .post(s.at(&format!("/api/v1/models/{model}/rollouts")))
         .bearer_auth(s.token())
         .json(spec)
-        .timeout(Duration::from_secs(10))
+        // Generous for a loaded machine (one case sends 64 MiB); a server
+        // frozen on a FIFO never answers.
+        .timeout(Duration::from_secs(60))
         .send()
         .await
-        .expect("the apply is answered within 10 s");
+        .expect("the apply is answered within 60 s");
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 

@@ -401,7 +401,10 @@ async fn a_basic_rollout_whose_candidate_cannot_start_fails_and_stable_keeps_ser
     s.ferry_json(&["model", "add", "cancer", "2", "--url", &upstream.url]);
     upstream.shut_down();
     upstream.set_failing(true);
-    s.ferry_ok(&["deploy", "cancer", "2", "--strategy", "basic"]);
+    // Basic is instant: deploy reports the failure and exits non-zero.
+    let out = s.ferry(&["deploy", "cancer", "2", "--strategy", "basic"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("failed"));
     assert_eq!(ended(&s, Duration::from_secs(15)).await, "failed");
     let st = status(&s).await;
     let msg = st["last_rollout"]["message"].as_str().unwrap();
