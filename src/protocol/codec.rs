@@ -2,6 +2,7 @@
 //! binary tensor data extension (a JSON header, then raw little-endian tensors).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::tensor::{DataType, Tensor, TensorData, element_count};
@@ -41,25 +42,28 @@ pub struct InferResponse {
     pub outputs: Vec<Tensor>,
 }
 
-/// A tensor as it appears in JSON, before its data is typed.
+/// A tensor as it appears in JSON, before its data is typed. The data stays
+/// raw text until its datatype is known, then is read straight into typed
+/// elements: a JSON tree of it would take about 20 times the body's size.
 #[derive(Deserialize)]
-struct RawTensor {
+struct RawTensor<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    #[serde(default)]
-    data: Option<Value>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct RawRequest {
+struct RawRequest<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    inputs: Vec<RawTensor>,
+    #[serde(borrow)]
+    inputs: Vec<RawTensor<'a>>,
     #[serde(default)]
     outputs: Option<Vec<RawOutput>>,
 }
@@ -72,9 +76,9 @@ struct RawOutput {
 }
 
 #[derive(Deserialize)]
-struct RawResponse {
-    #[serde(default)]
-    outputs: Vec<RawTensor>,
+struct RawResponse<'a> {
+    #[serde(default, borrow)]
+    outputs: Vec<RawTensor<'a>>,
 }
 
 /// Splits a body into its JSON part and binary part, using the value of
@@ -157,7 +161,7 @@ pub fn decode_response_json(
     decode_tensors(raw.outputs, binary)
 }
 
-fn decode_tensors(raw: Vec<RawTensor>, binary: &[u8]) -> Result<Vec<Tensor>, ProtocolError> {
+fn decode_tensors(raw: Vec<RawTensor<'_>>, binary: &[u8]) -> Result<Vec<Tensor>, ProtocolError> {
     let mut rest = binary;
     let mut out: Vec<Tensor> = Vec::with_capacity(raw.len());
     for t in raw {
@@ -222,22 +226,24 @@ fn decode_tensors(raw: Vec<RawTensor>, binary: &[u8]) -> Result<Vec<Tensor>, Pro
                     datatype: datatype.as_str(),
                 })?
             }
-            (None, Some(value)) => {
-                let mut flat = Vec::new();
-                flatten(value, &mut flat, 0).map_err(|why| ProtocolError::Shape {
-                    tensor: t.name.clone(),
-                    shape: t.shape.clone(),
-                    why,
+            (None, Some(raw)) => {
+                let (data, got) = json_data(raw, datatype, expected).map_err(|e| match e {
+                    DataError::Depth(why) | DataError::Json(why) => ProtocolError::Shape {
+                        tensor: t.name.clone(),
+                        shape: t.shape.clone(),
+                        why,
+                    },
+                    DataError::Element(e) => ProtocolError::Element {
+                        tensor: t.name.clone(),
+                        index: e.index,
+                        value: e.value,
+                        datatype: datatype.as_str(),
+                    },
                 })?;
-                if flat.len() as u64 != expected {
-                    return Err(count_error(flat.len() as u64));
+                if got != expected {
+                    return Err(count_error(got));
                 }
-                TensorData::from_json(datatype, &flat).map_err(|e| ProtocolError::Element {
-                    tensor: t.name.clone(),
-                    index: e.index,
-                    value: e.value,
-                    datatype: datatype.as_str(),
-                })?
+                data
             }
             (None, None) => return Err(ProtocolError::MissingData { tensor: t.name }),
         };
@@ -256,22 +262,122 @@ fn decode_tensors(raw: Vec<RawTensor>, binary: &[u8]) -> Result<Vec<Tensor>, Pro
     Ok(out)
 }
 
-/// Flattens nested JSON arrays (row-major) into their scalar elements.
-fn flatten<'v>(value: &'v Value, out: &mut Vec<&'v Value>, depth: usize) -> Result<(), String> {
-    if depth > MAX_DATA_DEPTH {
-        return Err(format!(
-            "data is nested deeper than {MAX_DATA_DEPTH} levels"
-        ));
+/// Why a tensor's JSON data could not be read.
+enum DataError {
+    Depth(String),
+    Element(super::tensor::BadElement),
+    Json(String),
+}
+
+/// Reads a tensor's JSON data — nested arrays, row-major — straight into
+/// typed elements, keeping at most `expected` of them; returns them and how
+/// many elements the data holds.
+fn json_data(
+    raw: &RawValue,
+    datatype: DataType,
+    expected: u64,
+) -> Result<(TensorData, u64), DataError> {
+    use serde::de::DeserializeSeed;
+    // Every element takes at least two bytes of text ("0,").
+    let room = expected.min(raw.get().len() as u64 / 2 + 1) as usize;
+    let mut data = TensorData::with_capacity(datatype, room);
+    let (mut count, mut failed) = (0u64, None);
+    let flat = Flat {
+        out: &mut data,
+        count: &mut count,
+        expected,
+        depth: 0,
+        failed: &mut failed,
+    };
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    match flat.deserialize(&mut de) {
+        Ok(()) => Ok((data, count)),
+        Err(e) => Err(failed.unwrap_or_else(|| DataError::Json(e.to_string()))),
     }
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                flatten(item, out, depth + 1)?;
+}
+
+/// A visitor that walks nested arrays and appends each scalar as it meets
+/// it; past `expected` elements it only counts.
+struct Flat<'s> {
+    out: &'s mut TensorData,
+    count: &'s mut u64,
+    expected: u64,
+    depth: usize,
+    failed: &'s mut Option<DataError>,
+}
+
+impl Flat<'_> {
+    fn scalar<E: serde::de::Error>(self, v: Value) -> Result<(), E> {
+        let index = *self.count;
+        *self.count += 1;
+        if index >= self.expected {
+            return Ok(());
+        }
+        self.out.push_json(index as usize, &v).map_err(|e| {
+            *self.failed = Some(DataError::Element(e));
+            E::custom("bad element")
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flat<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flat<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a number, a boolean, or an array of them")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        if self.depth >= MAX_DATA_DEPTH {
+            *self.failed = Some(DataError::Depth(format!(
+                "data is nested deeper than {MAX_DATA_DEPTH} levels"
+            )));
+            return Err(A::Error::custom("too deep"));
+        }
+        loop {
+            let inner = Flat {
+                out: &mut *self.out,
+                count: &mut *self.count,
+                expected: self.expected,
+                depth: self.depth + 1,
+                failed: &mut *self.failed,
+            };
+            if seq.next_element_seed(inner)?.is_none() {
+                return Ok(());
             }
         }
-        scalar => out.push(scalar),
     }
-    Ok(())
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.scalar(Value::Null)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let object = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        self.scalar(object)
+    }
 }
 
 #[derive(Serialize)]

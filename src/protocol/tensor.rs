@@ -244,64 +244,74 @@ impl TensorData {
     /// Reads JSON elements (already flattened) as `datatype`, refusing values
     /// that are out of range or of the wrong kind rather than rounding them.
     pub fn from_json(datatype: DataType, values: &[&Value]) -> Result<TensorData, BadElement> {
-        fn bad(index: usize, v: &Value) -> BadElement {
+        let mut out = TensorData::with_capacity(datatype, values.len());
+        for (i, v) in values.iter().enumerate() {
+            out.push_json(i, v)?;
+        }
+        Ok(out)
+    }
+
+    /// An empty tensor of `datatype` with room for `n` elements.
+    pub fn with_capacity(datatype: DataType, n: usize) -> TensorData {
+        macro_rules! empty {
+            ($variant:ident) => {
+                TensorData::$variant(Vec::with_capacity(n))
+            };
+        }
+        match datatype {
+            DataType::Bool => empty!(Bool),
+            DataType::Uint8 => empty!(Uint8),
+            DataType::Uint16 => empty!(Uint16),
+            DataType::Uint32 => empty!(Uint32),
+            DataType::Uint64 => empty!(Uint64),
+            DataType::Int8 => empty!(Int8),
+            DataType::Int16 => empty!(Int16),
+            DataType::Int32 => empty!(Int32),
+            DataType::Int64 => empty!(Int64),
+            DataType::Fp16 => empty!(Fp16),
+            DataType::Fp32 => empty!(Fp32),
+            DataType::Fp64 => empty!(Fp64),
+        }
+    }
+
+    /// Appends one JSON element (the `index`-th, for the error), refusing a
+    /// value out of range or of the wrong kind rather than rounding it.
+    pub fn push_json(&mut self, index: usize, v: &Value) -> Result<(), BadElement> {
+        let bad = || {
             let mut value = v.to_string();
             value.truncate(64);
             BadElement { index, value }
-        }
-        macro_rules! ints {
-            ($variant:ident, $t:ty, $get:ident) => {{
-                let mut out = Vec::with_capacity(values.len());
-                for (i, v) in values.iter().enumerate() {
-                    let x = v
-                        .$get()
+        };
+        macro_rules! int {
+            ($out:ident, $t:ty, $get:ident) => {
+                $out.push(
+                    v.$get()
                         .and_then(|x| <$t>::try_from(x).ok())
-                        .ok_or_else(|| bad(i, v))?;
-                    out.push(x);
-                }
-                TensorData::$variant(out)
-            }};
+                        .ok_or_else(bad)?,
+                )
+            };
         }
-        macro_rules! floats {
-            ($variant:ident, $conv:expr) => {{
-                let mut out = Vec::with_capacity(values.len());
-                for (i, v) in values.iter().enumerate() {
-                    let x = v.as_f64().ok_or_else(|| bad(i, v))?;
-                    out.push($conv(x));
+        match self {
+            TensorData::Bool(out) => out.push(v.as_bool().ok_or_else(bad)?),
+            TensorData::Uint8(out) => int!(out, u8, as_u64),
+            TensorData::Uint16(out) => int!(out, u16, as_u64),
+            TensorData::Uint32(out) => int!(out, u32, as_u64),
+            TensorData::Uint64(out) => int!(out, u64, as_u64),
+            TensorData::Int8(out) => int!(out, i8, as_i64),
+            TensorData::Int16(out) => int!(out, i16, as_i64),
+            TensorData::Int32(out) => int!(out, i32, as_i64),
+            TensorData::Int64(out) => int!(out, i64, as_i64),
+            TensorData::Fp16(out) => out.push(f16::from_f64(v.as_f64().ok_or_else(bad)?)),
+            TensorData::Fp32(out) => {
+                let x = v.as_f64().ok_or_else(bad)?;
+                if x.is_finite() && x.abs() > f32::MAX as f64 {
+                    return Err(bad());
                 }
-                TensorData::$variant(out)
-            }};
+                out.push(x as f32);
+            }
+            TensorData::Fp64(out) => out.push(v.as_f64().ok_or_else(bad)?),
         }
-        Ok(match datatype {
-            DataType::Bool => {
-                let mut out = Vec::with_capacity(values.len());
-                for (i, v) in values.iter().enumerate() {
-                    out.push(v.as_bool().ok_or_else(|| bad(i, v))?);
-                }
-                TensorData::Bool(out)
-            }
-            DataType::Uint8 => ints!(Uint8, u8, as_u64),
-            DataType::Uint16 => ints!(Uint16, u16, as_u64),
-            DataType::Uint32 => ints!(Uint32, u32, as_u64),
-            DataType::Uint64 => ints!(Uint64, u64, as_u64),
-            DataType::Int8 => ints!(Int8, i8, as_i64),
-            DataType::Int16 => ints!(Int16, i16, as_i64),
-            DataType::Int32 => ints!(Int32, i32, as_i64),
-            DataType::Int64 => ints!(Int64, i64, as_i64),
-            DataType::Fp16 => floats!(Fp16, f16::from_f64),
-            DataType::Fp32 => {
-                let mut out = Vec::with_capacity(values.len());
-                for (i, v) in values.iter().enumerate() {
-                    let x = v.as_f64().ok_or_else(|| bad(i, v))?;
-                    if x.is_finite() && x.abs() > f32::MAX as f64 {
-                        return Err(bad(i, v));
-                    }
-                    out.push(x as f32);
-                }
-                TensorData::Fp32(out)
-            }
-            DataType::Fp64 => floats!(Fp64, |x| x),
-        })
+        Ok(())
     }
 
     /// Joins tensors' elements end to end (row-major data concatenated
