@@ -73,10 +73,13 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
         let path = req.uri().path();
         let decoded = path.starts_with("/v2/models/")
             && (path.ends_with("/infer") || path.ends_with("/feedback"));
-        if let Err(e) = self
-            .head
-            .check(req.method(), req.version(), req.headers(), decoded)
-        {
+        if let Err(e) = self.head.check(
+            req.method(),
+            req.version(),
+            req.uri().authority().map(|a| a.as_str()),
+            req.headers(),
+            decoded,
+        ) {
             return Box::pin(std::future::ready(Ok(closing(e))));
         }
         let target = (req.method() == Method::POST)

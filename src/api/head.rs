@@ -41,6 +41,7 @@ impl HeadRules {
         &self,
         method: &Method,
         version: Version,
+        target_host: Option<&str>,
         headers: &HeaderMap,
         inference: bool,
     ) -> Result<(), ApiError> {
@@ -52,8 +53,12 @@ impl HeadRules {
             (None, _) => return bad("HTTP/1.1 requests need a Host header".into()),
             (Some(_), Some(_)) => return bad("a request may carry only one Host header".into()),
         };
+        // An absolute-form target (`POST http://name/…`) names the host too,
+        // and wins over the Host header (RFC 9112 §3.2.2).
         if let Some(host) = host
-            && !self.host_allowed(host)
+            .into_iter()
+            .chain(target_host)
+            .find(|h| !self.host_allowed(h))
         {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -175,7 +180,7 @@ mod tests {
 
     fn check(rules: &HeadRules, pairs: &[(&'static str, &'static str)]) -> Result<(), u16> {
         rules
-            .check(&Method::POST, Version::HTTP_11, &head(pairs), true)
+            .check(&Method::POST, Version::HTTP_11, None, &head(pairs), true)
             .map_err(|e| e.status.as_u16())
     }
 
@@ -212,8 +217,36 @@ mod tests {
         );
         // HTTP/1.0 may omit it.
         assert!(
-            lo.check(&Method::GET, Version::HTTP_10, &HeaderMap::new(), false)
-                .is_ok()
+            lo.check(
+                &Method::GET,
+                Version::HTTP_10,
+                None,
+                &HeaderMap::new(),
+                false
+            )
+            .is_ok()
+        );
+        // An absolute-form target is checked like Host.
+        let h = head(&[("host", "localhost")]);
+        assert!(
+            lo.check(
+                &Method::GET,
+                Version::HTTP_11,
+                Some("evil.example"),
+                &h,
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            lo.check(
+                &Method::GET,
+                Version::HTTP_11,
+                Some("127.0.0.1:80"),
+                &h,
+                false
+            )
+            .is_ok()
         );
         // A non-loopback listener takes any name unless told otherwise.
         let open = HeadRules::default();

@@ -27,6 +27,9 @@ pub enum NotSelfContained {
     },
     /// Messages nest deeper than [`MAX_DEPTH`], where the walk stops looking.
     TooDeep,
+    /// An ONNX Runtime format (`.ort`) file: a flatbuffer, whose tensors may
+    /// also point outside the file, and which this check does not read.
+    OrtFormat,
 }
 
 impl std::fmt::Display for NotSelfContained {
@@ -53,6 +56,11 @@ impl std::fmt::Display for NotSelfContained {
                 f,
                 "the model's graphs nest deeper than {MAX_DEPTH} protobuf levels, more than Ferry checks; \
                  flatten its subgraphs (If/Loop/Scan bodies)"
+            ),
+            NotSelfContained::OrtFormat => write!(
+                f,
+                "this is an ONNX Runtime format (.ort) file; Ferry serves ONNX files (.onnx), whose \
+                 tensors it checks stay inside the file: register the .onnx model it was converted from"
             ),
         }
     }
@@ -100,6 +108,11 @@ impl Kind {
 /// the file. `Ok` also for bytes that are not valid protobuf (see the
 /// module's doc).
 pub fn check_self_contained(model: &[u8]) -> Result<(), NotSelfContained> {
+    // ONNX Runtime also loads its own flatbuffer format, recognised by the
+    // file identifier "ORTM" after the root offset.
+    if model.get(4..8) == Some(b"ORTM") {
+        return Err(NotSelfContained::OrtFormat);
+    }
     match walk(model, Kind::Model, 0) {
         Ok(()) | Err(Stop::Malformed) => Ok(()),
         Err(Stop::Found(why)) => Err(why),
@@ -396,5 +409,20 @@ mod tests {
         assert_eq!(check_self_contained(&[0xff; 20]), Ok(()));
         // A length that runs past the end.
         assert_eq!(check_self_contained(&[7 << 3 | 2, 0x7f, 1, 2]), Ok(()));
+    }
+
+    #[test]
+    fn onnx_runtime_format_files_are_refused() {
+        let mut ort = vec![0x1c, 0, 0, 0];
+        ort.extend_from_slice(b"ORTM");
+        ort.extend_from_slice(&[0; 32]);
+        assert!(matches!(
+            check_self_contained(&ort),
+            Err(NotSelfContained::OrtFormat)
+        ));
+        assert!(
+            check_self_contained(b"\x08\x07").is_ok(),
+            "an ONNX model's first bytes"
+        );
     }
 }
