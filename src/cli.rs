@@ -58,7 +58,7 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Register, list, inspect, configure and remove model versions.
     #[command(subcommand)]
     Model(model::ModelCommand),
