@@ -3,6 +3,7 @@ pub mod upstream;
 
 mod dashboard;
 mod data_plane;
+mod demo;
 mod docs;
 mod external;
 mod faults;
