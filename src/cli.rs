@@ -2,9 +2,11 @@
 //! a client of the control API (it never reaches into server internals).
 //!
 //! Layout: [`client`] (HTTP to the server, token lookup, error display),
-//! [`model`] (the registry commands), [`table`] (aligned human output).
+//! [`config`] (`serve --config FILE`), [`model`] (the registry commands),
+//! [`table`] (aligned human output).
 
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod model;
 pub mod rollout;
@@ -117,6 +119,11 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Read `serve` options from this YAML (or JSON) file: keys are the
+    /// flags' names (`max_body_bytes: 1048576`, lists for repeatable flags);
+    /// flags and their environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where the database, artifacts and admin token live.
     #[arg(long, default_value = "./ferry-data")]
     pub data_dir: PathBuf,
@@ -213,6 +220,19 @@ pub struct ServeArgs {
     /// themselves stay). Default: keep every event.
     #[arg(long, env = "FERRY_EVENT_RETENTION")]
     pub event_retention: Option<HumanDuration>,
+}
+
+/// Reads the command line (and `serve --config FILE`); prints what is wrong
+/// and exits on a mistake.
+pub fn parse() -> Cli {
+    match config::parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::Config(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// Runs the command line; returns the process exit code.

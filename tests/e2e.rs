@@ -1,6 +1,7 @@
 pub mod harness;
 pub mod upstream;
 
+mod config;
 mod dashboard;
 mod data_plane;
 mod demo;
