@@ -26,6 +26,10 @@ pub struct ModelRecord {
     /// until a rollout changes it).
     pub stable: Option<String>,
     pub created_at: String,
+    /// Who took the model out of service (repository `unload`); it serves
+    /// nothing until a repository `load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unloaded: Option<String>,
 }
 
 /// Where a version's answers come from.
