@@ -170,7 +170,8 @@ pub struct VersionRecord {
 
 /// What a new version is made from.
 pub enum Artifact {
-    Onnx(bytes::Bytes),
+    /// An uploaded ONNX file, staged in the blob dir with its digest.
+    Onnx(blobs::Staged),
     Remote(Vec<String>),
 }
 
@@ -216,6 +217,17 @@ pub enum RegistryError {
         problem: crate::store::DiskProblem,
         what: String,
     },
+}
+
+impl RegistryError {
+    /// A failed disk write: `Disk` when the disk refused it (full,
+    /// read-only), else `Io`; `what` names the write and its error.
+    pub fn disk(e: std::io::Error, what: String) -> RegistryError {
+        match DiskProblem::of_io(&e) {
+            Some(problem) => RegistryError::Disk { problem, what },
+            None => RegistryError::Io(what),
+        }
+    }
 }
 
 /// A client-supplied name as error messages show it: control characters
@@ -312,6 +324,11 @@ impl Registry {
         &self.store
     }
 
+    /// Where uploads are staged and artifacts stored.
+    pub fn blobs(&self) -> &Arc<Blobs> {
+        &self.blobs
+    }
+
     /// The bytes of a stored ONNX artifact, verified against its digest.
     pub fn artifact(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         self.blobs.get(digest).map_err(RegistryError::Artifact)
@@ -353,11 +370,10 @@ impl Registry {
         check_labels(&new.labels)?;
         new.settings.validate().map_err(RegistryError::Invalid)?;
         let (source, signature) = match new.artifact {
-            Artifact::Onnx(bytes) => {
-                let digest = blobs::digest(&bytes);
+            Artifact::Onnx(staged) => {
                 let source = Source::Onnx {
-                    digest: digest.clone(),
-                    size: bytes.len() as u64,
+                    digest: staged.digest.clone(),
+                    size: staged.size,
                 };
                 if let Some(existing) = self.existing(&new.model, &new.version, &source)? {
                     return Ok(existing);
@@ -366,17 +382,14 @@ impl Registry {
                 let blobs = self.blobs.clone();
                 let signature =
                     tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
-                        let signature = validate_onnx(&onnx, &bytes)?;
-                        blobs.put(&digest, &bytes).map_err(|e| {
+                        let signature = validate_onnx_file(&onnx, staged.path())?;
+                        let size = staged.size;
+                        blobs.adopt(staged).map_err(|e| {
                             let what = format!(
-                                "cannot store the artifact ({} bytes) in {}: {e}",
-                                bytes.len(),
+                                "cannot store the artifact ({size} bytes) in {}: {e}",
                                 blobs.dir().display()
                             );
-                            match DiskProblem::of_io(&e) {
-                                Some(problem) => RegistryError::Disk { problem, what },
-                                None => RegistryError::Io(what),
-                            }
+                            RegistryError::disk(e, what)
                         })?;
                         Ok(signature)
                     })
@@ -562,9 +575,28 @@ fn same_or_conflict(existing: VersionRecord, source: &Source) -> Result<Added, R
 
 /// Loads an ONNX model and runs a warm-up inference; returns its signature.
 pub fn validate_onnx(onnx: &OnnxRuntime, bytes: &[u8]) -> Result<Signature, RegistryError> {
-    let mut session = onnx
+    let session = onnx
         .session(bytes, 1)
         .map_err(|e| RegistryError::Artifact(e.to_string()))?;
+    warm_up(session)
+}
+
+/// [`validate_onnx`] of a staged upload, read by ONNX Runtime from its file.
+pub fn validate_onnx_file(
+    onnx: &OnnxRuntime,
+    path: &std::path::Path,
+) -> Result<Signature, RegistryError> {
+    let session = onnx.session_from_file(path, 1).map_err(|e| {
+        // The staged file's name means nothing to the client.
+        RegistryError::Artifact(
+            e.to_string()
+                .replace(&path.display().to_string(), "the upload"),
+        )
+    })?;
+    warm_up(session)
+}
+
+fn warm_up(mut session: crate::runtime::onnx::OnnxSession) -> Result<Signature, RegistryError> {
     let signature = session.signature().clone();
     session.run(signature.warmup_inputs()).map_err(|e| {
         RegistryError::Artifact(format!(

@@ -186,10 +186,12 @@ pub struct AddVersionResult {
     pub version: VersionView,
 }
 
+/// Reads an add-version request; the multipart `artifact` part is streamed to
+/// a staged file in the blob dir while it is hashed, never held whole.
 async fn read_add_request(
     req: Request,
     state: &AppState,
-) -> Result<(AddVersionSpec, Option<axum::body::Bytes>), ApiError> {
+) -> Result<(AddVersionSpec, Option<crate::registry::blobs::Staged>), ApiError> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -205,26 +207,39 @@ async fn read_add_request(
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let mut spec = AddVersionSpec::default();
     let mut artifact = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| {
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| {
         ApiError::new(
             e.status(),
             format!("could not read the upload: {}", e.body_text()),
         )
     })? {
         let name = field.name().unwrap_or("").to_string();
-        let data = field.bytes().await.map_err(|e| {
+        let read_err = |e: axum::extract::multipart::MultipartError| {
             ApiError::new(
                 e.status(),
                 format!("could not read the upload: {}", e.body_text()),
             )
-        })?;
+        };
+        if name == "artifact" {
+            let blobs = state.controller.registry().blobs().clone();
+            let disk = |e: std::io::Error| {
+                let what = format!("cannot stage the upload in {}: {e}", blobs.dir().display());
+                ApiError::from(crate::registry::RegistryError::disk(e, what))
+            };
+            let mut upload = blobs.upload().await.map_err(disk)?;
+            while let Some(chunk) = field.chunk().await.map_err(read_err)? {
+                upload.write(&chunk).await.map_err(disk)?;
+            }
+            artifact = Some(upload.finish().await.map_err(disk)?);
+            continue;
+        }
+        let data = field.bytes().await.map_err(read_err)?;
         match name.as_str() {
             "spec" => {
                 spec = serde_json::from_slice(&data).map_err(|e| {
                     ApiError::bad_request(format!("the \"spec\" part is not valid: {e}"))
                 })?
             }
-            "artifact" => artifact = Some(data),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unexpected multipart part \"{other}\"; send \"spec\" (JSON) and \"artifact\" (the ONNX file)"

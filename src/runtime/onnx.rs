@@ -41,15 +41,32 @@ impl OnnxRuntime {
     /// Builds a session for one replica. `threads` is the intra-op thread
     /// count: replicas × threads should not exceed the cores.
     pub fn session(&self, model: &[u8], threads: usize) -> Result<OnnxSession, RuntimeError> {
+        self.session_of(ModelBytes::Memory(model), threads)
+    }
+
+    /// Builds a session from a model file (ONNX Runtime reads it itself: a
+    /// large upload is never copied into Ferry's memory to validate it).
+    pub fn session_from_file(
+        &self,
+        path: &std::path::Path,
+        threads: usize,
+    ) -> Result<OnnxSession, RuntimeError> {
+        self.session_of(ModelBytes::File(path), threads)
+    }
+
+    fn session_of(&self, model: ModelBytes, threads: usize) -> Result<OnnxSession, RuntimeError> {
         let invalid = |e: String| RuntimeError::InvalidModel(e);
-        let session = Session::builder(&self.env)
+        let mut builder = Session::builder(&self.env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
             .and_then(|b| Ok(b.with_intra_threads(threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
-            .map_err(|e| invalid(e.to_string()))?
-            .commit_from_memory(model)
             .map_err(|e| invalid(e.to_string()))?;
+        let session = match model {
+            ModelBytes::Memory(bytes) => builder.commit_from_memory(bytes),
+            ModelBytes::File(path) => builder.commit_from_file(path),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         let signature = Signature {
             inputs: session
                 .inputs()
@@ -192,4 +209,10 @@ impl OnnxSession {
             })
             .collect()
     }
+}
+
+/// Where a model's bytes are.
+enum ModelBytes<'a> {
+    Memory(&'a [u8]),
+    File(&'a std::path::Path),
 }
