@@ -550,14 +550,18 @@ impl Controller {
                     replicas.push(Replica::new(Engine::Local(worker)));
                 }
             }
-            Source::Remote { endpoints } => {
+            Source::Remote { endpoints, access } => {
                 // A route may run a version on fewer of its endpoints (a
                 // rolling update's batches); by default, all of them.
                 let n = override_replicas
                     .map_or(endpoints.len(), |n| (n as usize).min(endpoints.len()));
                 for url in endpoints.iter().take(n) {
                     let target = RemoteTarget::parse(url, &record.model).map_err(start_err)?;
-                    let client = RemoteClient::new(target, self.http.clone());
+                    let http = self
+                        .http
+                        .for_version(access, target.is_https())
+                        .map_err(|e| start_err(format!("{url}: {e}")))?;
+                    let client = RemoteClient::new(target, http);
                     tokio::time::timeout(record.settings.timeout.0, client.infer(&warmup))
                         .await
                         .map_err(|_| start_err(format!("warm-up of {url} timed out")))?

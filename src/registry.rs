@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::remote::RemoteAccess;
 use crate::runtime::{OnnxRuntime, RemoteClient, RemoteTarget, Signature};
 use crate::store::{DiskProblem, Inserted, NewEvent, Store, StoreError};
 use crate::units::{HumanDuration, now_rfc3339};
@@ -38,8 +39,13 @@ pub struct ModelRecord {
 pub enum Source {
     /// An ONNX file stored as `blobs/sha256/<digest>`.
     Onnx { digest: String, size: u64 },
-    /// Endpoints of a remote V2 server; each one is a replica.
-    Remote { endpoints: Vec<String> },
+    /// Endpoints of a remote V2 server; each one is a replica. `access`:
+    /// TLS and headers, by reference (paths, variable names), never values.
+    Remote {
+        endpoints: Vec<String>,
+        #[serde(default, skip_serializing_if = "RemoteAccess::is_empty")]
+        access: RemoteAccess,
+    },
 }
 
 /// How a version runs whenever it serves. For remote versions the replicas
@@ -172,7 +178,8 @@ pub struct VersionRecord {
 pub enum Artifact {
     /// An uploaded ONNX file, staged in the blob dir with its digest.
     Onnx(blobs::Staged),
-    Remote(Vec<String>),
+    /// Remote endpoints and how to reach them.
+    Remote(Vec<String>, RemoteAccess),
 }
 
 /// A request to register a version.
@@ -397,7 +404,8 @@ impl Registry {
                     .map_err(|e| RegistryError::Io(format!("validation task failed: {e}")))??;
                 (source, signature)
             }
-            Artifact::Remote(urls) => {
+            Artifact::Remote(urls, access) => {
+                access.validate().map_err(RegistryError::Invalid)?;
                 if urls.is_empty() {
                     return Err(RegistryError::Invalid(
                         "a remote version needs at least one --url".into(),
@@ -410,12 +418,13 @@ impl Registry {
                     .map_err(RegistryError::Invalid)?;
                 let source = Source::Remote {
                     endpoints: targets.iter().map(RemoteTarget::display).collect(),
+                    access: access.clone(),
                 };
                 if let Some(existing) = self.existing(&new.model, &new.version, &source)? {
                     return Ok(existing);
                 }
                 let signature = self
-                    .validate_remote(targets, new.settings.timeout.0)
+                    .validate_remote(targets, &access, new.settings.timeout.0)
                     .await?;
                 (source, signature)
             }
@@ -455,12 +464,17 @@ impl Registry {
     async fn validate_remote(
         &self,
         targets: Vec<RemoteTarget>,
+        access: &RemoteAccess,
         timeout: Duration,
     ) -> Result<Signature, RegistryError> {
         let mut signature: Option<Signature> = None;
         for target in targets {
             let shown = target.display();
-            let client = RemoteClient::new(target, self.http.clone());
+            let http = self
+                .http
+                .for_version(access, target.is_https())
+                .map_err(|e| RegistryError::Invalid(format!("remote endpoint {shown}: {e}")))?;
+            let client = RemoteClient::new(target, http);
             let sig = client
                 .metadata(timeout)
                 .await
@@ -565,7 +579,7 @@ fn same_or_conflict(existing: VersionRecord, source: &Source) -> Result<Added, R
     }
     let what = match &existing.source {
         Source::Onnx { digest, .. } => format!("an ONNX file with sha256 {digest}"),
-        Source::Remote { endpoints } => format!("remote endpoints {}", endpoints.join(", ")),
+        Source::Remote { endpoints, .. } => format!("remote endpoints {}", endpoints.join(", ")),
     };
     Err(RegistryError::Conflict(format!(
         "version \"{}\" of model \"{}\" is already registered with different content ({what}); versions are immutable: register the new artifact under a new version",

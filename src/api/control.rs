@@ -19,6 +19,7 @@ use crate::metrics::SeriesSummary;
 use crate::registry::{
     Artifact, NewVersion, RegistryError, ServingSettings, SettingsPatch, VersionRecord,
 };
+use crate::runtime::remote::RemoteAccess;
 use crate::store::Event;
 use crate::units::HumanDuration;
 
@@ -171,6 +172,11 @@ pub struct AddVersionSpec {
     /// one replica each. Leave empty when uploading an ONNX file.
     #[serde(default)]
     pub urls: Vec<String>,
+    /// For remote versions: TLS trust, client certificate and request
+    /// headers, by reference (paths on the server, `NAME=@env:VAR`,
+    /// `NAME=@file:PATH`); the values are never stored.
+    #[serde(default, skip_serializing_if = "RemoteAccess::is_empty")]
+    pub remote: RemoteAccess,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Serving settings; omitted fields take the defaults.
@@ -266,7 +272,7 @@ pub async fn add_version(
     let (spec, artifact) = read_add_request(req, &s).await?;
     let artifact = match (artifact, spec.urls.is_empty()) {
         (Some(bytes), true) => Artifact::Onnx(bytes),
-        (None, false) => Artifact::Remote(spec.urls),
+        (None, false) => Artifact::Remote(spec.urls, spec.remote),
         (Some(_), false) => {
             return Err(ApiError::bad_request(
                 "give either an ONNX artifact or remote urls, not both",

@@ -307,7 +307,7 @@ impl Store for SqliteStore {
             )?;
             let what = match &v.source {
                 Source::Onnx { digest, size } => format!("ONNX sha256:{} ({size} bytes)", &digest[..12]),
-                Source::Remote { endpoints } => format!("remote {}", endpoints.join(", ")),
+                Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
             };
             insert_event(
                 tx,
