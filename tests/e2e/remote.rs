@@ -226,4 +226,18 @@ async fn an_https_remote_with_mutual_tls_and_a_header_from_the_environment() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+
+    // After a restart the server reads the header again from its environment.
+    let mut s = s;
+    s.kill9();
+    let s = Server::spawn(
+        &[],
+        &[("REMOTE_TOKEN", "Bearer s3cret-t0ken")],
+        &tmp.path().join("d"),
+        &[],
+        std::process::Stdio::inherit(),
+    );
+    s.wait_ready().await;
+    let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(3)).await;
+    assert_eq!(status, 200, "{body}");
 }
