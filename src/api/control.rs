@@ -270,6 +270,11 @@ pub async fn add_version(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (spec, artifact) = read_add_request(req, &s).await?;
+    if spec.urls.is_empty() && !spec.remote.is_empty() {
+        return Err(ApiError::bad_request(
+            "\"remote\" (TLS and headers) applies to versions on remote urls; give --url, or leave out the --remote-* options",
+        ));
+    }
     let artifact = match (artifact, spec.urls.is_empty()) {
         (Some(bytes), true) => Artifact::Onnx(bytes),
         (None, false) => Artifact::Remote(spec.urls, spec.remote),
