@@ -2,7 +2,8 @@
 //! a client of the control API (it never reaches into server internals).
 //!
 //! Layout: [`client`] (HTTP to the server, token lookup, error display),
-//! [`model`] (the registry commands), [`table`] (aligned human output).
+//! [`config`] (`serve --config FILE`), [`model`] (the registry commands),
+//! [`table`] (aligned human output).
 //! Command output goes through [`outln!`]: a closed pipe (`ferry … | head`)
 //! ends the command quietly, as it does for other Unix tools.
 
@@ -20,6 +21,7 @@ macro_rules! out {
 }
 
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod model;
 pub mod rollout;
@@ -133,6 +135,11 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Read `serve` options from this YAML (or JSON) file: keys are the
+    /// flags' names (`max_body_bytes: 1048576`, lists for repeatable flags);
+    /// flags and their environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where the database, artifacts and admin token live.
     #[arg(long, default_value = "./ferry-data")]
     pub data_dir: PathBuf,
@@ -280,6 +287,19 @@ fn stop_children() {
         let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// Reads the command line (and `serve --config FILE`); prints what is wrong
+/// and exits on a mistake.
+pub fn parse() -> Cli {
+    match config::parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::Config(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
     }
 }
 

@@ -177,13 +177,8 @@ impl Controller {
         policy.validate().map_err(ControlError::Invalid)?;
         let _guard = self.lock.lock().await;
         self.route(model)?; // the model exists
-        if let Some(active) = self
-            .registry
-            .store()
-            .rollouts(model, 1)?
-            .into_iter()
-            .find(|r| r.state.phase.is_active())
-        {
+        self.in_service(model)?;
+        if let Some(active) = self.active_rollout(model)? {
             return Err(ControlError::Conflict(format!(
                 "{} is rolling out version {} of \"{model}\" and owns its route; abort it first (`ferry abort {model}`)",
                 active.name(),
@@ -195,11 +190,28 @@ impl Controller {
         Ok(policy)
     }
 
-    /// Loads a version beside the routed ones (repository `load`).
+    /// Loads a version beside the routed ones (repository `load`); a model
+    /// taken out of service comes back with its route (the stable version).
     pub async fn load(&self, model: &str, version: &str, who: &str) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
         let record = self.registry.version(model, version)?;
-        if !record.loaded {
+        let policy = self.route(model)?;
+        if self.unloaded_by(model)?.is_some() {
+            self.registry.store().set_unloaded(
+                model,
+                None,
+                NewEvent::new(
+                    model,
+                    "model_loaded",
+                    format!(
+                        "model {model} loaded: back in service, stable version {} (by {who})",
+                        policy.stable
+                    ),
+                    serde_json::json!({"version": version, "stable": policy.stable, "by": who}),
+                ),
+            )?;
+        }
+        if !record.loaded && policy.stable != version {
             self.registry.store().set_loaded(
                 model,
                 version,
@@ -216,14 +228,36 @@ impl Controller {
     }
 
     /// Unloads a version the route does not use (repository `unload`).
+    /// Unloading the stable version takes the whole model out of service, as
+    /// Triton does (not ready, inference 503) until a repository `load`;
+    /// refused while a rollout owns the model.
     pub async fn unload(&self, model: &str, version: &str, who: &str) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
         let record = self.registry.version(model, version)?;
         let policy = self.route(model)?;
         if policy.stable == version {
-            return Err(ControlError::Conflict(format!(
-                "version \"{version}\" is the stable version of model \"{model}\" and serves production traffic; it cannot be unloaded"
-            )));
+            if let Some(active) = self.active_rollout(model)? {
+                return Err(ControlError::Conflict(format!(
+                    "{} is rolling out version {} of \"{model}\" and owns it; abort it first (`ferry abort {model}`), then unload",
+                    active.name(),
+                    active.spec.version
+                )));
+            }
+            if self.unloaded_by(model)?.is_none() {
+                self.registry.store().set_unloaded(
+                    model,
+                    Some(who),
+                    NewEvent::new(
+                        model,
+                        "model_unloaded",
+                        format!(
+                            "model {model} unloaded: out of service, stable version {version} no longer answers (by {who})"
+                        ),
+                        serde_json::json!({"version": version, "by": who}),
+                    ),
+                )?;
+            }
+            return self.apply(model, None).await;
         }
         if policy.versions().contains(version) {
             return Err(ControlError::Conflict(format!(
@@ -245,6 +279,34 @@ impl Controller {
             )?;
         }
         self.apply(model, None).await
+    }
+
+    /// Who took the model out of service, if it is (repository `unload`).
+    pub fn unloaded_by(&self, model: &str) -> Result<Option<String>, ControlError> {
+        Ok(self.registry.store().model(model)?.and_then(|m| m.unloaded))
+    }
+
+    /// Refuses a change of what serves while the model is out of service.
+    fn in_service(&self, model: &str) -> Result<(), ControlError> {
+        match self.unloaded_by(model)? {
+            None => Ok(()),
+            Some(by) => Err(ControlError::Conflict(format!(
+                "model \"{model}\" is unloaded (by {by}); load it first (POST /v2/repository/models/{model}/load)"
+            ))),
+        }
+    }
+
+    /// The model's rollout in progress, if any.
+    fn active_rollout(
+        &self,
+        model: &str,
+    ) -> Result<Option<crate::store::RolloutRecord>, ControlError> {
+        Ok(self
+            .registry
+            .store()
+            .rollouts(model, 1)?
+            .into_iter()
+            .find(|r| r.state.phase.is_active()))
     }
 
     /// Changes serving settings; a serving version restarts its pool with them
@@ -332,6 +394,21 @@ impl Controller {
                 .route(model)?
                 .unwrap_or_else(|| RoutePolicy::stable_only(&stable)),
         };
+        if change.is_none()
+            && let Some(by) = store.model(model)?.and_then(|m| m.unloaded)
+        {
+            let leaving = self
+                .routes
+                .model(model)
+                .map(|r| r.pools.values().cloned().collect())
+                .unwrap_or_default();
+            self.metrics.set_routing(model, &[], &[]);
+            self.routes
+                .publish(model, Some(ModelRoute::unloaded(policy, &by)));
+            self.telemetry.forget_idle(model, &[]);
+            self.drain(leaving);
+            return Ok(());
+        }
         let mut wanted: Vec<String> = policy.versions().into_iter().map(str::to_string).collect();
         for v in store.versions(model)? {
             if v.loaded && !wanted.contains(&v.version) {
@@ -487,14 +564,18 @@ impl Controller {
                     replicas.push(Replica::new(Engine::Local(worker)));
                 }
             }
-            Source::Remote { endpoints } => {
+            Source::Remote { endpoints, access } => {
                 // A route may run a version on fewer of its endpoints (a
                 // rolling update's batches); by default, all of them.
                 let n = override_replicas
                     .map_or(endpoints.len(), |n| (n as usize).min(endpoints.len()));
                 for url in endpoints.iter().take(n) {
                     let target = RemoteTarget::parse(url, &record.model).map_err(start_err)?;
-                    let client = RemoteClient::new(target, self.http.clone());
+                    let http = self
+                        .http
+                        .for_version(access, target.is_https())
+                        .map_err(|e| start_err(format!("{url}: {e}")))?;
+                    let client = RemoteClient::new(target, http);
                     tokio::time::timeout(record.settings.timeout.0, client.infer(&warmup))
                         .await
                         .map_err(|_| start_err(format!("warm-up of {url} timed out")))?

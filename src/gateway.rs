@@ -40,6 +40,9 @@ pub enum GatewayError {
     /// No such model or version is being served.
     #[error("{0}")]
     NotFound(String),
+    /// The model was taken out of service (repository `unload`).
+    #[error("{0}")]
+    Unloaded(String),
     /// The version ran (or refused) the request.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -130,6 +133,11 @@ impl Gateway {
                 "model \"{model}\" is not served here; GET /v2/repository/index lists the models and their state"
             ))
         })?;
+        if let Some(by) = &route.unloaded {
+            return Err(GatewayError::Unloaded(format!(
+                "model \"{model}\" is unloaded (by {by}); POST /v2/repository/models/{model}/load puts it back in service"
+            )));
+        }
         let (version, role) = match version {
             Some(v) => (v.to_string(), Role::Direct),
             None => {

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 /// The system allocator by default, on purpose (BENCHMARKS.md, "The
 /// allocator"): with a worker thread per ONNX Runtime session, mimalloc's
 /// per-thread heaps cost 0.2 MiB per loaded version and 0.3 MiB per serving
@@ -10,7 +8,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = ferry::cli::Cli::parse();
+    let cli = ferry::cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")

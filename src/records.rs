@@ -19,6 +19,10 @@ pub struct ModelRecord {
     /// until a rollout changes it).
     pub stable: Option<String>,
     pub created_at: String,
+    /// Who took the model out of service (repository `unload`); it serves
+    /// nothing until a repository `load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unloaded: Option<String>,
 }
 
 /// Where a version's answers come from.
@@ -28,7 +32,13 @@ pub enum Source {
     /// An ONNX file stored as `blobs/sha256/<digest>`.
     Onnx { digest: String, size: u64 },
     /// Endpoints of a remote V2 server; each one is a replica.
-    Remote { endpoints: Vec<String> },
+    /// `access`: TLS and headers, by reference (paths, variable names),
+    /// never values.
+    Remote {
+        endpoints: Vec<String>,
+        #[serde(default, skip_serializing_if = "RemoteAccess::is_empty")]
+        access: RemoteAccess,
+    },
 }
 
 /// How a version runs whenever it serves. For remote versions the replicas
@@ -155,6 +165,74 @@ pub struct VersionRecord {
     /// Loaded beside the stable version through the repository API, so it can
     /// be called with `/versions/{v}`.
     pub loaded: bool,
+}
+
+/// How to reach a remote version beyond its URLs: its TLS trust and client
+/// certificate (paths on the server), and request headers given by
+/// reference, `NAME=@env:VAR` or `NAME=@file:PATH`, read by the server when
+/// the version starts (`runtime::remote`). Only these references are
+/// stored, logged or shown.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteAccess {
+    /// PEM CA certificate(s) to trust instead of the system's (a path on the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
+    /// PEM client certificate chain for mutual TLS (a path on the server); needs `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert` (a path on the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+    /// Request headers, `NAME=@env:VAR` or `NAME=@file:PATH`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// Where a remote header's value comes from.
+pub enum HeaderRef<'a> {
+    Env(&'a str),
+    File(&'a str),
+}
+
+impl RemoteAccess {
+    pub fn is_empty(&self) -> bool {
+        *self == RemoteAccess::default()
+    }
+
+    /// A header reference, `NAME=@env:VAR` or `NAME=@file:PATH`, split.
+    pub fn header(spec: &str) -> Result<(hyper::header::HeaderName, HeaderRef<'_>), String> {
+        let bad = || {
+            format!(
+                "remote header {spec:?} must be NAME=@env:VAR or NAME=@file:PATH (the value is read by the server, never stored)"
+            )
+        };
+        let (name, from) = spec.split_once('=').ok_or_else(bad)?;
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("remote header {spec:?}: {name:?} is not a header name"))?;
+        let from = if let Some(var) = from.strip_prefix("@env:") {
+            HeaderRef::Env(var)
+        } else if let Some(path) = from.strip_prefix("@file:") {
+            HeaderRef::File(path)
+        } else {
+            return Err(bad());
+        };
+        Ok((name, from))
+    }
+
+    /// Checks the shape (not the files or variables, read at start).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(
+                "a client certificate needs its key: give both --remote-client-cert and --remote-client-key"
+                    .into(),
+            );
+        }
+        for h in &self.headers {
+            Self::header(h)?;
+        }
+        Ok(())
+    }
 }
 
 /// A model or version name that is not allowed.

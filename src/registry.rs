@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::records::{
-    ModelRecord, NameError, ServingSettings, SettingsPatch, Source, VersionRecord, check_name,
-    closest, shown_name,
+    ModelRecord, NameError, RemoteAccess, ServingSettings, SettingsPatch, Source, VersionRecord,
+    check_name, closest, shown_name,
 };
 use crate::runtime::{
     LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
@@ -24,8 +24,10 @@ pub use blobs::Blobs;
 
 /// What a new version is made from.
 pub enum Artifact {
-    Onnx(bytes::Bytes),
-    Remote(Vec<String>),
+    /// An uploaded ONNX file, staged in the blob dir with its digest.
+    Onnx(blobs::Staged),
+    /// Remote endpoints and how to reach them.
+    Remote(Vec<String>, RemoteAccess),
 }
 
 /// A request to register a version.
@@ -70,6 +72,17 @@ pub enum RegistryError {
         problem: crate::store::DiskProblem,
         what: String,
     },
+}
+
+impl RegistryError {
+    /// A failed disk write: `Disk` when the disk refused it (full,
+    /// read-only), else `Io`; `what` names the write and its error.
+    pub fn disk(e: std::io::Error, what: String) -> RegistryError {
+        match DiskProblem::of_io(&e) {
+            Some(problem) => RegistryError::Disk { problem, what },
+            None => RegistryError::Io(what),
+        }
+    }
 }
 
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> {
@@ -154,6 +167,11 @@ impl Registry {
         Ok(self.store.events(model, page)?)
     }
 
+    /// Where uploads are staged and artifacts stored.
+    pub fn blobs(&self) -> &Arc<Blobs> {
+        &self.blobs
+    }
+
     /// The bytes of a stored ONNX artifact, verified against its digest.
     pub fn artifact(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         self.blobs.get(digest).map_err(RegistryError::Artifact)
@@ -210,11 +228,10 @@ impl Registry {
         check_labels(&new.labels)?;
         new.settings.validate().map_err(RegistryError::Invalid)?;
         let (source, signature) = match new.artifact {
-            Artifact::Onnx(bytes) => {
-                let digest = blobs::digest(&bytes);
+            Artifact::Onnx(staged) => {
                 let source = Source::Onnx {
-                    digest: digest.clone(),
-                    size: bytes.len() as u64,
+                    digest: staged.digest.clone(),
+                    size: staged.size,
                 };
                 if let Some(existing) = self.existing(&new.model, &new.version, &source)? {
                     return Ok(existing);
@@ -224,17 +241,14 @@ impl Registry {
                 let limits = self.limits;
                 let signature =
                     tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
-                        let signature = validate_onnx(&onnx, &bytes, limits)?;
-                        blobs.put(&digest, &bytes).map_err(|e| {
+                        let signature = validate_onnx_file(&onnx, staged.path(), limits)?;
+                        let size = staged.size;
+                        blobs.adopt(staged).map_err(|e| {
                             let what = format!(
-                                "cannot store the artifact ({} bytes) in {}: {e}",
-                                bytes.len(),
+                                "cannot store the artifact ({size} bytes) in {}: {e}",
                                 blobs.dir().display()
                             );
-                            match DiskProblem::of_io(&e) {
-                                Some(problem) => RegistryError::Disk { problem, what },
-                                None => RegistryError::Io(what),
-                            }
+                            RegistryError::disk(e, what)
                         })?;
                         Ok(signature)
                     })
@@ -242,7 +256,8 @@ impl Registry {
                     .map_err(|e| RegistryError::Io(format!("validation task failed: {e}")))??;
                 (source, signature)
             }
-            Artifact::Remote(urls) => {
+            Artifact::Remote(urls, access) => {
+                access.validate().map_err(RegistryError::Invalid)?;
                 if urls.is_empty() {
                     return Err(RegistryError::Invalid(
                         "a remote version needs at least one --url".into(),
@@ -255,12 +270,13 @@ impl Registry {
                     .map_err(RegistryError::Invalid)?;
                 let source = Source::Remote {
                     endpoints: targets.iter().map(RemoteTarget::display).collect(),
+                    access: access.clone(),
                 };
                 if let Some(existing) = self.existing(&new.model, &new.version, &source)? {
                     return Ok(existing);
                 }
                 let signature = self
-                    .validate_remote(targets, new.settings.timeout.0)
+                    .validate_remote(targets, &access, new.settings.timeout.0)
                     .await?;
                 (source, signature)
             }
@@ -300,12 +316,17 @@ impl Registry {
     async fn validate_remote(
         &self,
         targets: Vec<RemoteTarget>,
+        access: &RemoteAccess,
         timeout: Duration,
     ) -> Result<Signature, RegistryError> {
         let mut signature: Option<Signature> = None;
         for target in targets {
             let shown = target.display();
-            let client = RemoteClient::new(target, self.http.clone());
+            let http = self
+                .http
+                .for_version(access, target.is_https())
+                .map_err(|e| RegistryError::Invalid(format!("remote endpoint {shown}: {e}")))?;
+            let client = RemoteClient::new(target, http);
             let sig = client
                 .metadata(timeout)
                 .await
@@ -413,7 +434,7 @@ fn same_or_conflict(existing: VersionRecord, source: &Source) -> Result<Added, R
     }
     let what = match &existing.source {
         Source::Onnx { digest, .. } => format!("an ONNX file with sha256 {digest}"),
-        Source::Remote { endpoints } => format!("remote endpoints {}", endpoints.join(", ")),
+        Source::Remote { endpoints, .. } => format!("remote endpoints {}", endpoints.join(", ")),
     };
     Err(RegistryError::Conflict(format!(
         "version \"{}\" of model \"{}\" is already registered with different content ({what}); versions are immutable: register the new artifact under a new version",
@@ -428,9 +449,33 @@ pub fn validate_onnx(
     bytes: &[u8],
     limits: LoadLimits,
 ) -> Result<Signature, RegistryError> {
-    let mut session = onnx
+    let session = onnx
         .session(bytes, 1)
         .map_err(|e| RegistryError::Artifact(e.to_string()))?;
+    warm_up(session, limits)
+}
+
+/// [`validate_onnx`] of a staged upload, read by ONNX Runtime from its file.
+pub fn validate_onnx_file(
+    onnx: &OnnxRuntime,
+    path: &std::path::Path,
+    limits: LoadLimits,
+) -> Result<Signature, RegistryError> {
+    let session = onnx.session_from_file(path, 1).map_err(|e| {
+        // The staged file's name means nothing to the client.
+        RegistryError::Artifact(
+            e.to_string()
+                .replace(&path.display().to_string(), "the upload"),
+        )
+    })?;
+    warm_up(session, limits)
+}
+
+/// The warm-up every version passes: one row of zeros within `limits`.
+fn warm_up(
+    mut session: crate::runtime::onnx::OnnxSession,
+    limits: LoadLimits,
+) -> Result<Signature, RegistryError> {
     let signature = session.signature().clone();
     let warmup = signature
         .warmup_inputs(limits.max_input_bytes)

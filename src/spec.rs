@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::policy::{CompareMode, MatchRule};
+use crate::gateway::policy::{BreakerSettings, CompareMode, MatchRule};
 use crate::units::HumanDuration;
 
 /// How big a spec may be. Each list is checked, and every window, status and
@@ -60,6 +60,10 @@ fn short_text(field: &str, text: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn ten_seconds() -> HumanDuration {
+    dur(10)
 }
 
 fn dur(s: u64) -> HumanDuration {
@@ -124,35 +128,14 @@ pub struct MultiSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub timeout: Option<HumanDuration>,
+    /// The circuit breaker of each version in the chain: the same settings
+    /// as a route policy's `breaker`; omitted fields take its defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub breaker: Option<BreakerSpec>,
+    pub breaker: Option<BreakerSettings>,
 }
 
 fn one() -> u32 {
     1
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerSpec {
-    #[serde(default = "half")]
-    pub error_rate: f64,
-    #[serde(default = "ten_seconds")]
-    #[schema(value_type = String)]
-    pub window: HumanDuration,
-    #[serde(default = "one_second")]
-    #[schema(value_type = String)]
-    pub probe_every: HumanDuration,
-}
-
-fn half() -> f64 {
-    0.5
-}
-fn ten_seconds() -> HumanDuration {
-    dur(10)
-}
-fn one_second() -> HumanDuration {
-    dur(1)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -736,13 +719,8 @@ impl RolloutSpec {
                             .into(),
                     );
                 }
-                if let Some(b) = &m.breaker
-                    && !(b.error_rate > 0.0 && b.error_rate <= 1.0)
-                {
-                    return Err(format!(
-                        "strategy.multi.breaker.error_rate must be in (0, 1], not {}",
-                        b.error_rate
-                    ));
+                if let Some(b) = &m.breaker {
+                    b.validate("strategy.multi.breaker")?;
                 }
             }
             Strategy::Rolling(r) => {
@@ -972,6 +950,28 @@ notify:
         ] {
             let text = format!("model: cancer\nversion: \"2\"\n{s}\n");
             RolloutSpec::from_yaml(&text).unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_multi_breaker_is_checked_like_a_route_policys() {
+        for (s, want) in [
+            (
+                "breaker: { window: 0s }",
+                "strategy.multi.breaker.window must be at least 1s",
+            ),
+            (
+                "breaker: { error_rate: 0 }",
+                "strategy.multi.breaker.error_rate must be in (0, 1], not 0",
+            ),
+            (
+                "breaker: { min_requests: 10, bogus: 1 }",
+                "unknown field `bogus`",
+            ),
+        ] {
+            let text = format!("model: cancer\nversion: \"2\"\nstrategy: {{ multi: {{ {s} }} }}\n");
+            let err = RolloutSpec::from_yaml(&text).unwrap_err();
+            assert!(err.contains(want), "{s}: {err}");
         }
     }
 

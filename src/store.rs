@@ -247,6 +247,14 @@ pub trait Store: Send + Sync + 'static {
         loaded: bool,
         event: NewEvent,
     ) -> Result<(), StoreError>;
+    /// Takes the model out of service (`by`: who unloaded it, through the
+    /// repository API) or puts it back (`None`).
+    fn set_unloaded(
+        &self,
+        model: &str,
+        by: Option<&str>,
+        event: NewEvent,
+    ) -> Result<(), StoreError>;
     fn remove_version(&self, model: &str, version: &str, event: NewEvent)
     -> Result<(), StoreError>;
     /// The model's routing policy, when one was set (otherwise the stable

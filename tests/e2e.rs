@@ -2,8 +2,10 @@ pub mod harness;
 pub mod upstream;
 
 mod cli;
+mod config;
 mod dashboard;
 mod data_plane;
+mod demo;
 mod docs;
 mod external;
 mod faults;

@@ -16,7 +16,7 @@ use super::error::{ApiJson, ErrorBody};
 use super::{ApiError, AppState, Limits, auth};
 use crate::gateway::RoutePolicy;
 use crate::metrics::{Role, SeriesSummary};
-use crate::records::{ServingSettings, SettingsPatch, VersionRecord};
+use crate::records::{RemoteAccess, ServingSettings, SettingsPatch, VersionRecord};
 use crate::registry::{Artifact, NewVersion};
 use crate::store::Event;
 use crate::units::HumanDuration;
@@ -168,6 +168,11 @@ pub struct AddVersionSpec {
     /// one replica each. Leave empty when uploading an ONNX file.
     #[serde(default)]
     pub urls: Vec<String>,
+    /// For remote versions: TLS trust, client certificate and request
+    /// headers, by reference (paths on the server, `NAME=@env:VAR`,
+    /// `NAME=@file:PATH`); the values are never stored.
+    #[serde(default, skip_serializing_if = "RemoteAccess::is_empty")]
+    pub remote: RemoteAccess,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Serving settings; omitted fields take the defaults.
@@ -183,10 +188,12 @@ pub struct AddVersionResult {
     pub version: VersionView,
 }
 
+/// Reads an add-version request; the multipart `artifact` part is streamed to
+/// a staged file in the blob dir while it is hashed, never held whole.
 async fn read_add_request(
     req: Request,
     state: &AppState,
-) -> Result<(AddVersionSpec, Option<axum::body::Bytes>), ApiError> {
+) -> Result<(AddVersionSpec, Option<crate::registry::blobs::Staged>), ApiError> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -202,26 +209,39 @@ async fn read_add_request(
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let mut spec = AddVersionSpec::default();
     let mut artifact = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| {
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| {
         ApiError::new(
             e.status(),
             format!("could not read the upload: {}", e.body_text()),
         )
     })? {
         let name = field.name().unwrap_or("").to_string();
-        let data = field.bytes().await.map_err(|e| {
+        let read_err = |e: axum::extract::multipart::MultipartError| {
             ApiError::new(
                 e.status(),
                 format!("could not read the upload: {}", e.body_text()),
             )
-        })?;
+        };
+        if name == "artifact" {
+            let blobs = state.controller.registry().blobs().clone();
+            let disk = |e: std::io::Error| {
+                let what = format!("cannot stage the upload in {}: {e}", blobs.dir().display());
+                ApiError::from(crate::registry::RegistryError::disk(e, what))
+            };
+            let mut upload = blobs.upload().await.map_err(disk)?;
+            while let Some(chunk) = field.chunk().await.map_err(read_err)? {
+                upload.write(&chunk).await.map_err(disk)?;
+            }
+            artifact = Some(upload.finish().await.map_err(disk)?);
+            continue;
+        }
+        let data = field.bytes().await.map_err(read_err)?;
         match name.as_str() {
             "spec" => {
                 spec = serde_json::from_slice(&data).map_err(|e| {
                     ApiError::bad_request(format!("the \"spec\" part is not valid: {e}"))
                 })?
             }
-            "artifact" => artifact = Some(data),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unexpected multipart part \"{other}\"; send \"spec\" (JSON) and \"artifact\" (the ONNX file)"
@@ -246,9 +266,14 @@ pub async fn add_version(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (spec, artifact) = read_add_request(req, &s).await?;
+    if spec.urls.is_empty() && !spec.remote.is_empty() {
+        return Err(ApiError::bad_request(
+            "\"remote\" (TLS and headers) applies to versions on remote urls; give --url, or leave out the --remote-* options",
+        ));
+    }
     let artifact = match (artifact, spec.urls.is_empty()) {
         (Some(bytes), true) => Artifact::Onnx(bytes),
-        (None, false) => Artifact::Remote(spec.urls),
+        (None, false) => Artifact::Remote(spec.urls, spec.remote),
         (Some(_), false) => {
             return Err(ApiError::bad_request(
                 "give either an ONNX artifact or remote urls, not both",

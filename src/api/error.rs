@@ -129,6 +129,7 @@ impl From<GatewayError> for ApiError {
     fn from(e: GatewayError) -> Self {
         match e {
             GatewayError::NotFound(m) => ApiError::not_found(m),
+            GatewayError::Unloaded(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             GatewayError::Runtime(r) => r.into(),
         }
     }

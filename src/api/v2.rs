@@ -178,6 +178,12 @@ pub async fn version_metadata(
 fn readiness(s: &AppState, model: &str, version: &str) -> Response {
     if s.controller.serves(model, version) {
         Json(json!({"name": model, "version": version, "ready": true})).into_response()
+    } else if let Some(by) = s.controller.unloaded_by(model).ok().flatten() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model \"{model}\" is unloaded (by {by}); POST /v2/repository/models/{model}/load puts it back in service"),
+        )
+        .into_response()
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -405,6 +411,11 @@ pub async fn repository_index(
                 state: if serving { "READY" } else { "UNAVAILABLE" },
                 reason: if serving {
                     String::new()
+                } else if let Some(by) = &m.unloaded {
+                    format!(
+                        "unloaded (by {by}); POST /v2/repository/models/{}/load puts it back",
+                        m.name
+                    )
                 } else if m.stable.as_deref() == Some(v.version.as_str()) || v.loaded {
                     "should serve but could not start; see the server log".into()
                 } else {
@@ -436,7 +447,8 @@ fn version_param(s: &AppState, model: &str, req: &RepositoryRequest) -> Result<S
     }
 }
 
-/// Loads a version beside the stable one (admin token required).
+/// Loads a version beside the stable one, or puts a model taken out of
+/// service back with its stable version (admin token required).
 #[utoipa::path(post, path = "/v2/repository/models/{model}/load", tag = "v2",
     request_body(content = Option<RepositoryRequest>), security(("admin_token" = [])),
     responses((status = 200), (status = 401, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
@@ -454,7 +466,9 @@ pub async fn repository_load(
     ))
 }
 
-/// Unloads a version that is not stable (admin token required).
+/// Unloads a version; unloading the stable version (the default) takes the
+/// model out of service until `load` (admin token required; 409 while a
+/// rollout owns the model).
 #[utoipa::path(post, path = "/v2/repository/models/{model}/unload", tag = "v2",
     request_body(content = Option<RepositoryRequest>), security(("admin_token" = [])),
     responses((status = 200), (status = 401, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]

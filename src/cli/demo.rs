@@ -17,7 +17,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::client::Client;
-use super::traffic::{Load, Stats, read_bodies};
+use super::traffic::{Load, Stats, parse_bodies};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -81,18 +81,14 @@ impl Drop for DemoServer {
     }
 }
 
-/// The bundled example models, from the checkout `ferry` runs in.
-fn examples_dir() -> anyhow::Result<PathBuf> {
-    let mut candidates = vec![PathBuf::from("examples/models")];
-    if let Ok(exe) = std::env::current_exe() {
-        for up in exe.ancestors().skip(1).take(4) {
-            candidates.push(up.join("examples/models"));
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.join("cancer-v1.onnx").exists())
-        .context("the example models were not found: run `ferry demo` from a Ferry checkout (examples/models)")
+/// The example models and hold-out set (`examples/models`, ≈175 KB),
+/// embedded at build time so an installed binary runs the demo anywhere.
+mod bundled {
+    pub const V1: &[u8] = include_bytes!("../../examples/models/cancer-v1.onnx");
+    pub const V2: &[u8] = include_bytes!("../../examples/models/cancer-v2.onnx");
+    pub const SLOW: &[u8] = include_bytes!("../../examples/models/cancer-slow.onnx");
+    pub const BAD: &[u8] = include_bytes!("../../examples/models/cancer-bad.onnx");
+    pub const HOLDOUT: &str = include_str!("../../examples/models/cancer-holdout.jsonl");
 }
 
 struct Story {
@@ -128,12 +124,10 @@ impl Story {
         Ok(self.client.send::<Value>(rb).await?.1)
     }
 
-    async fn add(&self, version: &str, file: &Path) -> anyhow::Result<()> {
-        let bytes =
-            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    async fn add(&self, version: &str, model: &'static [u8]) -> anyhow::Result<()> {
         let form = reqwest::multipart::Form::new().text("spec", "{}").part(
             "artifact",
-            reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
+            reqwest::multipart::Part::bytes(model).file_name("model.onnx"),
         );
         let path = format!("/api/v1/models/cancer/versions/{version}");
         self.client
@@ -228,7 +222,6 @@ impl Story {
 
 /// `ferry demo`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
-    let examples = examples_dir()?;
     let mut nonce = [0u8; 4];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = std::env::temp_dir().join(format!("ferry-demo-{}", hex::encode(nonce)));
@@ -271,7 +264,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         server.url
     );
 
-    let bodies = read_bodies(&examples.join("cancer-holdout.jsonl"))?;
+    let bodies = parse_bodies(bundled::HOLDOUT, "the bundled cancer-holdout.jsonl")?;
     let mut story = Story {
         client,
         url: server.url.clone(),
@@ -280,7 +273,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         failures: Vec::new(),
         phase: 0,
     };
-    story.add("1", &examples.join("cancer-v1.onnx")).await?;
+    story.add("1", bundled::V1).await?;
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Load {
@@ -303,7 +296,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         "\n  traffic    {} requests/s from the hold-out set, 500 users (x-user-id), 3 regions (x-region)",
         load.rps
     );
-    let result = tell(&mut story, &examples).await;
+    let result = tell(&mut story).await;
     stop.store(true, Ordering::Relaxed);
     let _ = traffic.await;
     let s = story.snapshot();
@@ -340,14 +333,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     })
 }
 
-async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
+async fn tell(story: &mut Story) -> anyhow::Result<()> {
     let long = Duration::from_secs(120);
     // 1. basic
     story.title(
         "basic: replace in place",
         "Version 2 (gradient boosting) replaces version 1 at once: fastest, no safety net.",
     );
-    story.add("2", &examples.join("cancer-v2.onnx")).await?;
+    story.add("2", bundled::V2).await?;
     story.command("ferry model add cancer 2 --file examples/models/cancer-v2.onnx");
     story.command("ferry deploy cancer 2 --strategy basic");
     story
@@ -361,7 +354,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         "rolling: replace replicas in batches",
         "Version 3 takes over a pool of 4 replicas one at a time; traffic follows the replicas (25/50/75/100 %).",
     );
-    story.add("3", &examples.join("cancer-v1.onnx")).await?;
+    story.add("3", bundled::V1).await?;
     let pause = story.t(4, 1);
     story.command(&format!(
         "ferry deploy cancer 3 --strategy rolling --replicas 4 --batch-size 1 --batch-pause {pause}"
@@ -377,7 +370,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         "canary: a share of users, compared live with stable",
         "Version 4 (gradient boosting again) goes to 20 % then 50 % of users, sticky per user, while analysis compares error rate and latency with version 3.",
     );
-    story.add("4", &examples.join("cancer-v2.onnx")).await?;
+    story.add("4", bundled::V2).await?;
     let pause = story.t(10, 3);
     story.command(&format!(
         "ferry deploy cancer 4 --strategy canary --steps 20,50,100 --step-pause {pause} --sticky-header x-user-id --max-error-rate 0.01 --max-p99-vs-stable 3"
@@ -412,9 +405,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         "canary rolled back automatically",
         "cancer-slow gives the same answers, 40 ms slower. The latency check fails with significance and the canary aborts on its own.",
     );
-    story
-        .add("slow", &examples.join("cancer-slow.onnx"))
-        .await?;
+    story.add("slow", bundled::SLOW).await?;
     story.command("ferry deploy cancer slow --strategy canary --steps 20,100 --step-pause 1m --max-p99-vs-stable 1.5");
     story
         .deploy(json!({
@@ -431,7 +422,7 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         "shadow: compare without showing",
         "cancer-bad gets a copy of every request; users never see its answers. It agrees with production on too few of them.",
     );
-    story.add("bad", &examples.join("cancer-bad.onnx")).await?;
+    story.add("bad", bundled::BAD).await?;
     story.command("ferry deploy cancer bad --strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 200 --min-agreement 0.95 --then promote");
     let before = story.snapshot();
     story
@@ -454,8 +445,8 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         "blue-green: stage, test, switch",
         "Version 5 loads into staging (x-ferry-env: staging), the hold-out set runs against it as a QA gate, then production switches at once; version 4 stays warm for an instant rollback.",
     );
-    story.add("5", &examples.join("cancer-v2.onnx")).await?;
-    let content = std::fs::read_to_string(examples.join("cancer-holdout.jsonl"))?;
+    story.add("5", bundled::V2).await?;
+    let content = bundled::HOLDOUT;
     let auto = story.t(8, 2);
     story.command(&format!(
         "ferry deploy cancer 5 --strategy blue-green --qa-dataset examples/models/cancer-holdout.jsonl --min-accuracy 0.9 --auto-promote-after {auto} --scale-down-delay 5m"
@@ -487,10 +478,9 @@ async fn tell(story: &mut Story, examples: &Path) -> anyhow::Result<()> {
         ),
         None,
     )?;
-    let bytes = std::fs::read(examples.join("cancer-v2.onnx"))?;
     let form = reqwest::multipart::Form::new().text("spec", "{}").part(
         "artifact",
-        reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
+        reqwest::multipart::Part::bytes(bundled::V2).file_name("model.onnx"),
     );
     remote_client
         .send::<Value>(

@@ -22,9 +22,11 @@ pub enum ModelCommand {
         /// The ONNX model file.
         #[arg(long, conflicts_with = "url", required_unless_present = "url")]
         file: Option<PathBuf>,
-        /// A remote V2 endpoint: http://host:port[/v2/models/NAME[/versions/V]] (one per replica).
+        /// A remote V2 endpoint: http[s]://host:port[/v2/models/NAME[/versions/V]] (one per replica).
         #[arg(long)]
         url: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// A label, key=value (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
@@ -44,6 +46,67 @@ pub enum ModelCommand {
     Show { model: String },
     /// Remove a version that does not serve.
     Remove { model: String, version: String },
+}
+
+/// How the server reaches an https:// remote, and the headers it sends.
+/// Files are read by the server (paths on its disk); header values come
+/// from the server's environment or disk and are never stored or shown.
+#[derive(clap::Args, Debug, Default)]
+pub struct RemoteArgs {
+    /// PEM CA certificate to trust for the remote instead of the system CAs.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    remote_ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS with the remote.
+    #[arg(long, value_name = "FILE", requires_all = ["url", "remote_client_key"])]
+    remote_client_cert: Option<PathBuf>,
+    /// The PEM private key of --remote-client-cert.
+    #[arg(long, value_name = "FILE", requires = "remote_client_cert")]
+    remote_client_key: Option<PathBuf>,
+    /// A header sent to the remote, NAME=@env:VAR or NAME=@file:PATH: the
+    /// server reads the value from its environment or disk (repeatable).
+    #[arg(long, value_name = "NAME=@env:VAR", requires = "url")]
+    remote_header: Vec<String>,
+}
+
+impl RemoteArgs {
+    fn to_json(&self) -> anyhow::Result<serde_json::Value> {
+        let path = |p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+            p.as_ref()
+                .map(|p| {
+                    std::path::absolute(p)
+                        .map(|p| p.display().to_string())
+                        .with_context(|| format!("{}", p.display()))
+                })
+                .transpose()
+        };
+        let headers: Vec<String> = self
+            .remote_header
+            .iter()
+            .map(|h| {
+                // A file path is the server's; make a relative one absolute here.
+                match h.split_once("=@file:") {
+                    Some((name, p)) => std::path::absolute(p)
+                        .map(|p| format!("{name}=@file:{}", p.display()))
+                        .unwrap_or_else(|_| h.clone()),
+                    None => h.clone(),
+                }
+            })
+            .collect();
+        let mut out = serde_json::Map::new();
+        if let Some(p) = path(&self.remote_ca_cert)? {
+            out.insert("ca_cert".into(), p.into());
+        }
+        if let Some(p) = path(&self.remote_client_cert)? {
+            out.insert("client_cert".into(), p.into());
+        }
+        if let Some(p) = path(&self.remote_client_key)? {
+            out.insert("client_key".into(), p.into());
+        }
+        if !headers.is_empty() {
+            out.insert("headers".into(), headers.into());
+        }
+        Ok(out.into())
+    }
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -130,11 +193,12 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
             version,
             file,
             url,
+            remote,
             labels,
             settings,
         } => {
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let spec = json!({"labels": labels, "settings": settings.to_json(), "urls": url});
+            let spec = json!({"labels": labels, "settings": settings.to_json(), "urls": url, "remote": remote.to_json()?});
             let path = format!("/api/v1/models/{model}/versions/{version}");
             let rb = match &file {
                 Some(f) => {

@@ -189,6 +189,12 @@ async fn server_error(r: reqwest::Response) -> String {
 pub fn read_bodies(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_bodies(&text, &path.display().to_string())
+}
+
+/// Requests from JSON Lines text (`origin` names it in messages); a `label`
+/// field is dropped.
+pub fn parse_bodies(text: &str, origin: &str) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     for (i, line) in text
         .lines()
@@ -196,13 +202,13 @@ pub fn read_bodies(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let mut v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+            .with_context(|| format!("{origin} line {}: not JSON", i + 1))?;
         if let Some(o) = v.as_object_mut() {
             o.remove("label");
         }
         out.push(v);
     }
-    anyhow::ensure!(!out.is_empty(), "{} has no requests", path.display());
+    anyhow::ensure!(!out.is_empty(), "{origin} has no requests");
     Ok(out)
 }
 

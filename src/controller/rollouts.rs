@@ -175,6 +175,7 @@ impl Controller {
             let _guard = self.lock.lock().await;
             let store = self.registry.store().clone();
             let current = self.route(&model)?;
+            self.in_service(&model)?;
             if let Some(active) = store
                 .rollouts(&model, 1)?
                 .into_iter()
@@ -342,6 +343,7 @@ impl Controller {
         {
             let _guard = self.lock.lock().await;
             let store = self.registry.store().clone();
+            self.in_service(model)?;
             let history = store.rollouts(model, 50)?;
             if let Some(active) = history.iter().find(|r| r.state.phase.is_active()) {
                 return Err(ControlError::Conflict(format!(

@@ -148,6 +148,26 @@ impl Default for BreakerSettings {
     }
 }
 
+impl BreakerSettings {
+    /// Checks the settings; `field` is where they sit (`breaker`,
+    /// `strategy.multi.breaker`), for the message.
+    pub fn validate(&self, field: &str) -> Result<(), String> {
+        if !(self.error_rate > 0.0 && self.error_rate <= 1.0) {
+            return Err(format!(
+                "{field}.error_rate must be in (0, 1], not {}",
+                self.error_rate
+            ));
+        }
+        if self.window.0 < Duration::from_secs(1) {
+            return Err(format!("{field}.window must be at least 1s"));
+        }
+        if self.probe_every.0 < Duration::from_millis(1) {
+            return Err(format!("{field}.probe_every must be at least 1ms"));
+        }
+        Ok(())
+    }
+}
+
 impl CandidateSplit {
     /// The weight in hundredths of a percent (0–10,000).
     pub fn basis_points(&self) -> u32 {
@@ -282,16 +302,7 @@ impl RoutePolicy {
                 return Err(format!("replicas[{v}] must be between 1 and 64, not {n}"));
             }
         }
-        let b = &self.breaker;
-        if !(b.error_rate > 0.0 && b.error_rate <= 1.0) {
-            return Err(format!(
-                "breaker.error_rate must be in (0, 1], not {}",
-                b.error_rate
-            ));
-        }
-        if b.window.0 < Duration::from_secs(1) {
-            return Err("breaker.window must be at least 1s".into());
-        }
+        self.breaker.validate("breaker")?;
         if let Some(t) = self.timeout
             && (t.0 < Duration::from_millis(1) || t.0 > Duration::from_secs(600))
         {

@@ -19,6 +19,9 @@ pub struct ModelRoute {
     pub pools: HashMap<String, Arc<VersionPool>>,
     /// Bounds mirrored copies in flight (present when a shadow is set).
     pub shadow_slots: Option<Arc<Semaphore>>,
+    /// Out of service (repository `unload`), by whom: no pools, and
+    /// inference is refused with 503 until a repository `load`.
+    pub unloaded: Option<String>,
 }
 
 impl ModelRoute {
@@ -31,6 +34,18 @@ impl ModelRoute {
             policy,
             pools,
             shadow_slots,
+            unloaded: None,
+        }
+    }
+
+    /// A model taken out of service by `by`: it keeps its policy (what comes
+    /// back on `load`) and serves nothing.
+    pub fn unloaded(policy: RoutePolicy, by: &str) -> ModelRoute {
+        ModelRoute {
+            policy,
+            pools: HashMap::new(),
+            shadow_slots: None,
+            unloaded: Some(by.to_string()),
         }
     }
 

@@ -1,6 +1,9 @@
 //! Content-addressed artifact storage: `blobs/sha256/<digest>`, written
 //! atomically (temporary file, fsync, rename, fsync of the directory) and
-//! verified against its digest every time it is read.
+//! verified against its digest every time it is read. An upload is written
+//! to a temporary file as it arrives and hashed on the way ([`Upload`]), so
+//! its size costs disk, not memory; the [`Staged`] file is renamed into place
+//! once the registry has validated it, and removed otherwise.
 
 use std::fs;
 use std::io::Write;
@@ -60,6 +63,45 @@ impl Blobs {
         result
     }
 
+    /// Starts an upload: a temporary file in the blob dir (removed at start-up
+    /// if a crash leaves it), written and hashed chunk by chunk.
+    pub async fn upload(&self) -> std::io::Result<Upload> {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(std::io::Error::other)?;
+        let path = self.dir.join(format!(".upload.{}.tmp", hex::encode(nonce)));
+        let file = tokio::fs::File::create(&path).await?;
+        Ok(Upload {
+            staged: Staged {
+                path,
+                digest: String::new(),
+                size: 0,
+            },
+            file,
+            hasher: Sha256::new(),
+        })
+    }
+
+    /// Stages bytes already in memory (tests, small artifacts).
+    pub async fn stage_bytes(&self, bytes: &[u8]) -> std::io::Result<Staged> {
+        let mut up = self.upload().await?;
+        up.write(bytes).await?;
+        up.finish().await
+    }
+
+    /// Stores a staged upload under its digest: renamed into place (and the
+    /// directory fsynced), or dropped when an intact copy is already there.
+    pub fn adopt(&self, mut staged: Staged) -> std::io::Result<()> {
+        let path = self.path(&staged.digest);
+        if path.exists() && self.get(&staged.digest).is_ok() {
+            return Ok(()); // `staged` removes its file
+        }
+        crate::crashpoint::reach("blobs.before_rename");
+        fs::rename(&staged.path, &path)?;
+        staged.path = PathBuf::new(); // adopted: nothing to remove
+        crate::crashpoint::reach("blobs.before_dir_sync");
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
     /// Reads a blob and checks it still has its digest.
     pub fn get(&self, digest: &str) -> Result<Vec<u8>, String> {
         let path = self.path(digest);
@@ -87,6 +129,54 @@ impl Blobs {
     }
 }
 
+/// An upload being written: each chunk goes to the file and the hash.
+pub struct Upload {
+    staged: Staged,
+    file: tokio::fs::File,
+    hasher: Sha256,
+}
+
+impl Upload {
+    pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.hasher.update(chunk);
+        self.staged.size += chunk.len() as u64;
+        self.file.write_all(chunk).await
+    }
+
+    /// Flushes and fsyncs the file; the upload is then a [`Staged`] artifact.
+    pub async fn finish(mut self) -> std::io::Result<Staged> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        self.staged.digest = hex::encode(self.hasher.finalize_reset());
+        Ok(self.staged)
+    }
+}
+
+/// A complete upload in a temporary file of the blob dir, with its digest;
+/// removed when dropped unless [`Blobs::adopt`] stored it.
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Staged {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +193,30 @@ mod tests {
         // Putting again repairs it.
         blobs.put(&d, b"model").unwrap();
         assert_eq!(blobs.get(&d).unwrap(), b"model");
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_hashed_as_it_is_written_and_kept_only_when_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open(dir.path()).unwrap();
+        let mut up = blobs.upload().await.unwrap();
+        up.write(b"mo").await.unwrap();
+        up.write(b"del").await.unwrap();
+        let staged = up.finish().await.unwrap();
+        assert_eq!(
+            (staged.digest.as_str(), staged.size),
+            (digest(b"model").as_str(), 5)
+        );
+        let tmp = staged.path().to_path_buf();
+        blobs.adopt(staged).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(blobs.get(&digest(b"model")).unwrap(), b"model");
+        // A refused upload leaves nothing behind.
+        let staged = blobs.stage_bytes(b"not kept").await.unwrap();
+        let tmp = staged.path().to_path_buf();
+        assert!(tmp.exists());
+        drop(staged);
+        assert!(!tmp.exists());
+        assert_eq!(fs::read_dir(blobs.dir()).unwrap().count(), 1);
     }
 }

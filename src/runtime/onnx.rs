@@ -50,10 +50,36 @@ impl OnnxRuntime {
     /// is not self-contained (external data) is refused before ONNX Runtime
     /// sees it, here and so at registration and at every load.
     pub fn session(&self, model: &[u8], threads: usize) -> Result<OnnxSession, RuntimeError> {
-        inspect::check_self_contained(model)
-            .map_err(|why| RuntimeError::Refused(why.to_string()))?;
+        self.session_of(ModelBytes::Memory(model), threads)
+    }
+
+    /// Builds a session from a model file (ONNX Runtime reads it itself: a
+    /// large upload is never copied into Ferry's memory to validate it).
+    pub fn session_from_file(
+        &self,
+        path: &std::path::Path,
+        threads: usize,
+    ) -> Result<OnnxSession, RuntimeError> {
+        self.session_of(ModelBytes::File(path), threads)
+    }
+
+    fn session_of(&self, model: ModelBytes, threads: usize) -> Result<OnnxSession, RuntimeError> {
+        // Checked before ONNX Runtime sees the model. A file is read once for
+        // it (ONNX Runtime then reads it again to build the session).
+        let checked = match model {
+            ModelBytes::Memory(bytes) => inspect::check_self_contained(bytes),
+            ModelBytes::File(path) => match std::fs::read(path) {
+                Ok(bytes) => inspect::check_self_contained(&bytes),
+                Err(e) => {
+                    return Err(RuntimeError::InvalidModel(format!(
+                        "cannot read the model: {e}"
+                    )));
+                }
+            },
+        };
+        checked.map_err(|why| RuntimeError::Refused(why.to_string()))?;
         let invalid = |e: String| RuntimeError::InvalidModel(e);
-        let session = Session::builder(&self.env)
+        let mut builder = Session::builder(&self.env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
             // Belt and braces: were external data ever let through, it would
             // be looked for in a directory that does not exist, never in the
@@ -67,9 +93,12 @@ impl OnnxRuntime {
             .and_then(|b| Ok(b.with_intra_threads(threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
-            .map_err(|e| invalid(e.to_string()))?
-            .commit_from_memory(model)
             .map_err(|e| invalid(e.to_string()))?;
+        let session = match model {
+            ModelBytes::Memory(bytes) => builder.commit_from_memory(bytes),
+            ModelBytes::File(path) => builder.commit_from_file(path),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         let signature = Signature {
             inputs: session
                 .inputs()
@@ -258,4 +287,10 @@ impl OnnxSession {
             })
             .collect()
     }
+}
+
+/// Where a model's bytes are.
+enum ModelBytes<'a> {
+    Memory(&'a [u8]),
+    File(&'a std::path::Path),
 }

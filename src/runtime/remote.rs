@@ -4,10 +4,22 @@
 //! keep-alive client directly for inference, the per-request path (reqwest's
 //! URL, proxy, redirect and retry layers cost more than the request itself
 //! on a pass-through; BENCHMARKS.md).
+//!
+//! A version on `https://` endpoints, or with request headers, gets its own
+//! pair of clients ([`RemoteHttp::for_version`]) built from its
+//! [`RemoteAccess`]: rustls with the system CAs or a given CA, an optional
+//! client certificate (mutual TLS), and headers whose values are read from
+//! the server's environment or disk when the version starts — only the
+//! references (`@env:VAR`, `@file:PATH`) are stored or shown. Plain-HTTP
+//! versions keep the shared clients.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use hyper::StatusCode;
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reqwest::Url;
@@ -16,6 +28,7 @@ use serde::Deserialize;
 use super::RuntimeError;
 use crate::protocol::{self, DataType, Tensor};
 use crate::protocol::{Signature, TensorSpec};
+use crate::records::{HeaderRef, RemoteAccess};
 
 /// Where a remote version lives: a server and the model (and version) on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,17 +44,18 @@ impl RemoteTarget {
     /// `http://host:port/v2/models/NAME[/versions/V]`.
     pub fn parse(url: &str, default_model: &str) -> Result<RemoteTarget, String> {
         let parsed = Url::parse(url).map_err(|e| format!("URL {url:?} is not valid: {e}"))?;
-        if parsed.scheme() != "http" {
+        let scheme = parsed.scheme();
+        if scheme != "http" && scheme != "https" {
             return Err(format!(
-                "URL {url:?}: only http:// endpoints are supported (put TLS in front of Ferry, not behind it)"
+                "URL {url:?}: endpoints are http:// or https://, not {scheme}://"
             ));
         }
         let host = parsed
             .host_str()
             .ok_or_else(|| format!("URL {url:?} has no host"))?;
         let base = match parsed.port() {
-            Some(p) => format!("http://{host}:{p}"),
-            None => format!("http://{host}"),
+            Some(p) => format!("{scheme}://{host}:{p}"),
+            None => format!("{scheme}://{host}"),
         };
         let segments: Vec<&str> = parsed
             .path_segments()
@@ -72,6 +86,10 @@ impl RemoteTarget {
         }
     }
 
+    pub fn is_https(&self) -> bool {
+        self.base.starts_with("https://")
+    }
+
     /// The form users write, for display and storage.
     pub fn display(&self) -> String {
         self.model_url()
@@ -86,16 +104,104 @@ pub struct RemoteClient {
     http: RemoteHttp,
 }
 
-type DataClient =
-    hyper_util::client::legacy::Client<HttpConnector, http_body_util::Full<bytes::Bytes>>;
+type Body = http_body_util::Full<bytes::Bytes>;
 
-/// The HTTP clients every remote replica shares, each with its pool of
-/// keep-alive connections: `control` (reqwest) for metadata, readiness and
-/// the controller's webhooks and queries; `data` (hyper) for inference.
+/// hyper's pooled client: plain HTTP (the shared one), or with TLS.
+#[derive(Clone)]
+enum DataClient {
+    Plain(Arc<hyper_util::client::legacy::Client<HttpConnector, Body>>),
+    Tls(Arc<hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>>),
+}
+
+/// The HTTP clients of remote replicas, each with its pool of keep-alive
+/// connections: `control` (reqwest) for metadata, readiness and the
+/// controller's webhooks and queries; `data` (hyper) for inference; and the
+/// headers every request to the remote carries.
 #[derive(Clone)]
 pub struct RemoteHttp {
     pub control: reqwest::Client,
-    data: std::sync::Arc<DataClient>,
+    data: DataClient,
+    headers: Arc<HeaderMap>,
+    connect_timeout: Duration,
+}
+
+/// Reading what a [`RemoteAccess`] refers to, when a version starts.
+impl RemoteAccess {
+    /// Reads the header values; an error names the reference, not a value.
+    fn resolve_headers(&self) -> Result<HeaderMap, String> {
+        let mut map = HeaderMap::new();
+        for spec in &self.headers {
+            let (name, from) = Self::header(spec)?;
+            let value = match from {
+                HeaderRef::Env(var) => std::env::var(var).map_err(|_| {
+                    format!("remote header {name}: the server's environment has no variable {var}")
+                })?,
+                HeaderRef::File(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("remote header {name}: cannot read {path}: {e}"))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            };
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                format!(
+                    "remote header {name}: the value read from {spec:?} is not a valid header value"
+                )
+            })?;
+            value.set_sensitive(true);
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+
+    /// The rustls client configuration: the system CAs or `ca_cert`, and the
+    /// client certificate when given.
+    fn tls_config(&self) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_cert {
+            Some(path) => {
+                let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+                    .and_then(|i| i.collect())
+                    .map_err(|e| format!("remote CA certificate {path}: {e}"))?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "remote CA certificate {path} holds no PEM certificate"
+                    ));
+                }
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("remote CA certificate {path}: {e}"))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err("no system CA certificates were found; give the remote's CA with --remote-ca-cert".into());
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS set-up: {e}"))?
+            .with_root_certificates(roots);
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect())
+                    .map_err(|e| format!("remote client certificate {cert}: {e}"))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("remote client key {key}: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("remote client certificate {cert}: {e}"))
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -127,17 +233,68 @@ impl RemoteHttp {
             .tcp_nodelay(true)
             .build()
             .expect("the HTTP client builds with static settings");
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
         let data = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(Self::connector(connect_timeout, false));
         RemoteHttp {
             control,
-            data: std::sync::Arc::new(data),
+            data: DataClient::Plain(Arc::new(data)),
+            headers: Arc::new(HeaderMap::new()),
+            connect_timeout,
         }
+    }
+
+    /// `tls`: the connector sits under rustls, which handles `https`.
+    fn connector(connect_timeout: Duration, tls: bool) -> HttpConnector {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(!tls);
+        connector
+    }
+
+    /// The clients of one remote version: the shared ones for plain HTTP
+    /// without headers; otherwise its own, with TLS (rustls) for `https`
+    /// and the headers read now. Errors name the file or variable.
+    pub fn for_version(&self, access: &RemoteAccess, https: bool) -> Result<RemoteHttp, String> {
+        if !https && access.is_empty() {
+            return Ok(self.clone());
+        }
+        access.validate()?;
+        let headers = access.resolve_headers()?;
+        let idle = Duration::from_secs(90);
+        let mut control = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(self.connect_timeout)
+            .pool_idle_timeout(idle)
+            .tcp_nodelay(true)
+            .default_headers(headers.clone());
+        let data = if https {
+            let tls = access.tls_config()?;
+            control = control.use_preconfigured_tls(tls.clone());
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(Self::connector(self.connect_timeout, true));
+            DataClient::Tls(Arc::new(
+                hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(idle)
+                    .pool_timer(TokioTimer::new())
+                    .build(connector),
+            ))
+        } else {
+            self.data.clone()
+        };
+        Ok(RemoteHttp {
+            control: control
+                .build()
+                .map_err(|e| format!("the remote's HTTP client: {e}"))?,
+            data,
+            headers: Arc::new(headers),
+            connect_timeout: self.connect_timeout,
+        })
     }
 }
 
@@ -277,15 +434,22 @@ impl RemoteClient {
         if let Some(n) = header_len {
             request = request.header(protocol::HEADER_CONTENT_LENGTH, n);
         }
-        let request = request
+        let mut request = request
             .body(http_body_util::Full::new(body))
             .map_err(|e| RuntimeError::BadInput(format!("cannot forward the request: {e}")))?;
-        let resp = self
-            .http
-            .data
-            .request(request)
-            .await
-            .map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
+        if !self.http.headers.is_empty() {
+            request.headers_mut().extend(
+                self.http
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        let sent = match &self.http.data {
+            DataClient::Plain(c) => c.request(request).await,
+            DataClient::Tls(c) => c.request(request).await,
+        };
+        let resp = sent.map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
         let status = resp.status();
         let header_len = resp
             .headers()
@@ -331,10 +495,13 @@ mod tests {
                 .unwrap_err()
                 .contains("/v2/models/NAME")
         );
+        let t = RemoteTarget::parse("https://h:1/v2/models/other", "m").unwrap();
+        assert_eq!(t.model_url(), "https://h:1/v2/models/other");
+        assert!(t.is_https());
         assert!(
-            RemoteTarget::parse("https://h:1", "m")
+            RemoteTarget::parse("ftp://h:1", "m")
                 .unwrap_err()
-                .contains("only http://")
+                .contains("http:// or https://")
         );
         assert!(RemoteTarget::parse("not a url", "m").is_err());
     }

@@ -64,6 +64,9 @@ CREATE INDEX rollouts_by_model ON rollouts(model, id);
 CREATE INDEX rollouts_active ON rollouts(active);
 CREATE INDEX events_by_rollout ON events(rollout, id);
 "#,
+    r#"
+ALTER TABLE models ADD COLUMN unloaded TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -216,12 +219,14 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 impl Store for SqliteStore {
     fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare("SELECT name, stable, created_at FROM models ORDER BY name")?;
+        let mut stmt =
+            conn.prepare("SELECT name, stable, created_at, unloaded FROM models ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             Ok(ModelRecord {
                 name: r.get(0)?,
                 stable: r.get(1)?,
                 created_at: r.get(2)?,
+                unloaded: r.get(3)?,
             })
         })?;
         rows.collect::<Result<_, _>>().map_err(map_err)
@@ -230,13 +235,14 @@ impl Store for SqliteStore {
     fn model(&self, model: &str) -> Result<Option<ModelRecord>, StoreError> {
         let conn = self.lock();
         conn.query_row(
-            "SELECT name, stable, created_at FROM models WHERE name = ?1",
+            "SELECT name, stable, created_at, unloaded FROM models WHERE name = ?1",
             [model],
             |r| {
                 Ok(ModelRecord {
                     name: r.get(0)?,
                     stable: r.get(1)?,
                     created_at: r.get(2)?,
+                    unloaded: r.get(3)?,
                 })
             },
         )
@@ -301,7 +307,7 @@ impl Store for SqliteStore {
             )?;
             let what = match &v.source {
                 Source::Onnx { digest, size } => format!("ONNX sha256:{} ({size} bytes)", &digest[..12]),
-                Source::Remote { endpoints } => format!("remote {}", endpoints.join(", ")),
+                Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
             };
             insert_event(
                 tx,
@@ -360,6 +366,21 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE versions SET loaded = ?3 WHERE model = ?1 AND version = ?2",
                 params![model, version, loaded as i64],
+            )?;
+            insert_event(tx, &event)
+        })
+    }
+
+    fn set_unloaded(
+        &self,
+        model: &str,
+        by: Option<&str>,
+        event: NewEvent,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE models SET unloaded = ?2 WHERE name = ?1",
+                params![model, by],
             )?;
             insert_event(tx, &event)
         })

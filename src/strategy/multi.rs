@@ -5,7 +5,6 @@
 
 use super::{Plan, succeed};
 use crate::gateway::RoutePolicy;
-use crate::gateway::policy::BreakerSettings;
 use crate::spec::{MultiSpec, RolloutSpec};
 
 pub fn plan(spec: &RolloutSpec, m: &MultiSpec, p: &mut Plan, now_ms: u64) {
@@ -21,12 +20,7 @@ pub fn plan(spec: &RolloutSpec, m: &MultiSpec, p: &mut Plan, now_ms: u64) {
             route.failover = chain.clone();
             route.timeout = m.timeout.or(before.timeout);
             if let Some(b) = &m.breaker {
-                route.breaker = BreakerSettings {
-                    error_rate: b.error_rate,
-                    window: b.window,
-                    probe_every: b.probe_every,
-                    ..BreakerSettings::default()
-                };
+                route.breaker = b.clone();
             }
             p.set_route(route);
             p.goto(1, now_ms);

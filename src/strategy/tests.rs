@@ -456,6 +456,33 @@ fn multi_keeps_the_previous_versions_as_a_failover_chain() {
 }
 
 #[test]
+fn multi_takes_every_setting_of_a_route_policys_breaker() {
+    let mut d = Driver::new(spec(
+        "strategy: { multi: { keep: 1, breaker: { error_rate: 0.3, consecutive_failures: 2, window: 20s, min_requests: 40, probe_every: 3s } } }\n",
+    ));
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    let b = &d.state.route.breaker;
+    assert_eq!(b.error_rate, 0.3);
+    assert_eq!(b.consecutive_failures, 2);
+    assert_eq!(b.window.to_string(), "20s");
+    assert_eq!(b.min_requests, 40);
+    assert_eq!(b.probe_every.to_string(), "3s");
+    // What is left out takes the route policy's defaults.
+    let mut d = Driver::new(spec(
+        "strategy: { multi: { keep: 1, breaker: { consecutive_failures: 3 } } }\n",
+    ));
+    d.idle();
+    assert_eq!(
+        d.state.route.breaker,
+        crate::gateway::policy::BreakerSettings {
+            consecutive_failures: 3,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
 fn cohort_canaries_say_so_in_their_messages() {
     let mut d = Driver::new(spec(
         "strategy: { canary: { steps: [ { weight: 20 } ], match: [ { header: x-region, values: [eu-west] } ] } }\n",

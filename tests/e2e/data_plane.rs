@@ -558,8 +558,6 @@ async fn repository_load_and_unload_need_the_token_and_go_through_the_controller
     assert_eq!(show["versions"][1]["role"], "loaded");
 
     let unload = "/v2/repository/models/cancer/unload";
-    let (status, _) = s.admin_post(unload, None).await;
-    assert_eq!(status, 409, "the stable version cannot be unloaded");
     let (status, _) = s.admin_post(unload, Some(body)).await;
     assert_eq!(status, 200);
     let (status, _, _) = s
@@ -571,6 +569,116 @@ async fn repository_load_and_unload_need_the_token_and_go_through_the_controller
         kinds.ends_with(&["version_loaded".to_string(), "version_unloaded".to_string()]),
         "{kinds:?}"
     );
+}
+
+/// Triton's unload-then-load: unload without a version takes the model out
+/// of service (not ready, inference 503 "unloaded", recorded with who did
+/// it), across a restart; load brings its stable version back. Only a
+/// rollout in progress refuses it.
+#[tokio::test]
+async fn repository_unload_takes_the_model_out_of_service_and_load_brings_it_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let unload = "/v2/repository/models/cancer/unload";
+    let r = s.http.post(s.at(unload)).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the admin token is needed");
+    let (status, body) = s.admin_post(unload, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "UNAVAILABLE");
+    async fn assert_out_of_service(s: &Server) {
+        {
+            let r = s
+                .http
+                .get(s.at("/v2/models/cancer/ready"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+            let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+            assert_eq!(status, 503, "{body}");
+            let msg = body["error"].as_str().unwrap();
+            assert!(msg.contains("unloaded"), "{msg}");
+            assert!(msg.contains("/v2/repository/models/cancer/load"), "{msg}");
+            let index = s.index().await;
+            let entry = index
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["version"] == "1")
+                .unwrap()
+                .clone();
+            assert_eq!(entry["state"], "UNAVAILABLE", "{index}");
+            assert!(
+                entry["reason"].as_str().unwrap().contains("unloaded"),
+                "{index}"
+            );
+            // Health stays green: the server is fine, the model is out of service.
+            let r = s.http.get(s.at("/v2/health/ready")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert_out_of_service(&s).await;
+    let events = s.admin_get("/api/v1/models/cancer/events").await;
+    let last = events.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["kind"], "model_unloaded", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("by repository API"),
+        "{last}"
+    );
+
+    // Out of service across a restart.
+    s.kill9();
+    let s = Server::start_in(&dir, &[]).await;
+    assert_out_of_service(&s).await;
+    let (status, _) = s
+        .admin_post(
+            "/api/v1/models/cancer/rollouts",
+            Some(json!({"model": "cancer", "version": "2", "strategy": {"basic": {}}})),
+        )
+        .await;
+    assert_eq!(status, 409, "no rollout on a model out of service");
+
+    let (status, body) = s
+        .admin_post("/v2/repository/models/cancer/load", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let r = s
+        .http
+        .get(s.at("/v2/models/cancer/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, headers, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ferry-version"], "1");
+    let kinds = s.event_kinds("cancer").await;
+    assert_eq!(kinds.last().unwrap(), "model_loaded", "{kinds:?}");
+
+    // While a rollout owns the model, unload is refused, and says so.
+    let (status, body) = s
+        .admin_post(
+            "/api/v1/models/cancer/rollouts",
+            Some(json!({"model": "cancer", "version": "2",
+                        "strategy": {"canary": {"steps": [{"weight": 10}, {"pause": {}}]}}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = s.admin_post(unload, None).await;
+    assert_eq!(status, 409, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("r-") && msg.contains("ferry abort cancer"),
+        "{msg}"
+    );
+    let (status, _, _) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! The docs cannot drift from the code: every rollout spec in the README and
-//! `docs/` parses and validates, every other YAML block parses, and every
+//! `docs/` parses and validates, every `ferry serve --config` file is read
+//! by the real CLI, every other YAML block parses, and every
 //! `ferry` command line in a shell block parses with the real CLI.
 
 use clap::Parser;
@@ -48,7 +49,21 @@ fn every_yaml_example_in_the_docs_is_valid() {
     let mut specs = 0;
     for (doc, text) in documents() {
         for (line, block) in blocks(&text, "yaml") {
-            if block.contains("strategy:") {
+            if block.contains("ferry serve --config") {
+                // A config file: every key is a `serve` option with a valid value.
+                let tmp = tempfile::tempdir().unwrap();
+                let file = tmp.path().join("ferry.yaml");
+                std::fs::write(&file, &block).unwrap();
+                let argv = vec![
+                    "ferry".into(),
+                    "serve".into(),
+                    "--config".into(),
+                    file.into(),
+                ];
+                if let Err(e) = ferry::cli::config::parse_from(argv) {
+                    panic!("{doc}:{line}: {e:?}\n{block}");
+                }
+            } else if block.contains("strategy:") {
                 ferry::spec::RolloutSpec::from_yaml(&block)
                     .unwrap_or_else(|e| panic!("{doc}:{line}: {e}\n{block}"));
                 specs += 1;

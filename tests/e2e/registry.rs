@@ -430,3 +430,50 @@ async fn an_inference_token_guards_the_data_plane_but_not_health_and_no_token_is
         assert!(!logged.contains(secret), "the {name} token is in the log");
     }
 }
+
+/// A model upload goes to disk as it arrives: the server's peak memory grows
+/// by kilobytes of buffer, not by the artifact's size. (256 MB of bytes that
+/// are not ONNX: refused after they were streamed and hashed, nothing kept.)
+#[tokio::test]
+async fn a_large_upload_is_streamed_to_disk_not_held_in_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_in(&tmp.path().join("d"), &["--max-upload-bytes", "1073741824"]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let before = s.peak_rss();
+    const SIZE: usize = 256 << 20;
+    let form = reqwest::multipart::Form::new().text("spec", "{}").part(
+        "artifact",
+        reqwest::multipart::Part::bytes(vec![7u8; SIZE]).file_name("big.onnx"),
+    );
+    let r = s
+        .http
+        .put(s.at("/api/v1/models/big/versions/1"))
+        .bearer_auth(s.token())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let grew = s.peak_rss().saturating_sub(before);
+    eprintln!(
+        "peak RSS {} MiB before, grew by {} MiB for a {} MiB upload",
+        before >> 20,
+        grew >> 20,
+        SIZE >> 20
+    );
+    assert!(
+        grew < 64 << 20,
+        "a {} MiB upload raised the server's peak memory by {} MiB",
+        SIZE >> 20,
+        grew >> 20
+    );
+    // Nothing is left behind in the blob dir.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("d/blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+}

@@ -69,7 +69,7 @@ async fn unreachable_or_wrong_remotes_are_refused_at_registration() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not ready"), "{err}");
     let out = s.ferry(&["model", "add", "cancer", "1", "--url", "ftp://x"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("endpoints are http:// or https://"));
     assert_eq!(s.ferry_json(&["model", "list"]), json!([]));
 }
 
@@ -131,4 +131,113 @@ async fn remote_requests_pass_through_untouched_and_answer_as_ferrys() {
         .unwrap();
     assert_eq!(fb["correct"], true, "{fb}");
     assert_eq!(fb["version"], "far");
+}
+
+/// An https:// remote behind mutual TLS that wants a bearer token: Ferry
+/// trusts the given CA, presents its client certificate, and sends the
+/// header read from its own environment — the value is never stored or shown.
+/// (Multi-threaded: the fake upstream answers while the CLI blocks a thread.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_remote_with_mutual_tls_and_a_header_from_the_environment() {
+    use super::harness::test_data;
+    let upstream = super::upstream::Upstream::start_tls(Some(&test_data("tls/ca.pem"))).await;
+    upstream.require_header("authorization", "Bearer s3cret-t0ken");
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::spawn(
+        &[],
+        &[("REMOTE_TOKEN", "Bearer s3cret-t0ken")],
+        &tmp.path().join("d"),
+        &[],
+        std::process::Stdio::inherit(),
+    );
+    s.wait_ready().await;
+    let (ca, cert, key) = (
+        test_data("tls/ca.pem"),
+        test_data("tls/client.pem"),
+        test_data("tls/client.key"),
+    );
+    let add = |version: &str, extra: &[&str]| {
+        let mut args = vec!["model", "add", "cancer", version, "--url", &upstream.url];
+        args.extend_from_slice(extra);
+        s.ferry(&args)
+    };
+    let full = [
+        "--remote-ca-cert",
+        ca.to_str().unwrap(),
+        "--remote-client-cert",
+        cert.to_str().unwrap(),
+        "--remote-client-key",
+        key.to_str().unwrap(),
+        "--remote-header",
+        "authorization=@env:REMOTE_TOKEN",
+    ];
+    let out = add("1", &full);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, headers, body) = s.infer("/v2/models/cancer/infer", &batch(3)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-ferry-version"], "1");
+    assert!(
+        upstream.received() >= 2,
+        "warm-up and the request went over TLS"
+    );
+
+    // The reference is shown, never the value.
+    let show = String::from_utf8_lossy(&s.ferry(&["model", "show", "cancer", "-o", "json"]).stdout)
+        .to_string();
+    assert!(show.contains("authorization=@env:REMOTE_TOKEN"), "{show}");
+    let history = s
+        .admin_get("/api/v1/models/cancer/events")
+        .await
+        .to_string();
+    for text in [&show, &history] {
+        assert!(!text.contains("s3cret"), "the header value leaked: {text}");
+    }
+    let db = std::fs::read(tmp.path().join("d/ferry.db")).unwrap();
+    assert!(
+        !db.windows(6).any(|w| w == b"s3cret"),
+        "the header value is in the database"
+    );
+
+    // Without the client certificate, the remote refuses the handshake;
+    // without the CA, Ferry does not trust the remote; without the header,
+    // the remote answers 401. Each is refused at registration, and says why.
+    for (version, extra, wanted) in [
+        ("2", &full[..2], "CertificateRequired"),
+        ("3", &full[2..], "UnknownIssuer"),
+        ("4", &full[..6], "401"),
+    ] {
+        let out = add(version, extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{version}: {stderr}");
+        assert!(stderr.contains(wanted), "{version}: {stderr}");
+    }
+    // A header whose variable the server does not have is named.
+    let out = add(
+        "5",
+        &[
+            &full[..6],
+            &["--remote-header", "x-key=@env:NOT_SET_ANYWHERE"],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+
+    // After a restart the server reads the header again from its environment.
+    let mut s = s;
+    s.kill9();
+    let s = Server::spawn(
+        &[],
+        &[("REMOTE_TOKEN", "Bearer s3cret-t0ken")],
+        &tmp.path().join("d"),
+        &[],
+        std::process::Stdio::inherit(),
+    );
+    s.wait_ready().await;
+    let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(3)).await;
+    assert_eq!(status, 200, "{body}");
 }

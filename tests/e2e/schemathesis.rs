@@ -38,6 +38,12 @@ async fn the_api_matches_its_openapi_document_under_schemathesis() {
             // JSON array, harmlessly).
             .args(["--checks", "all", "--exclude-checks"])
             .arg("positive_data_acceptance,negative_data_rejection")
+            // Repository unload of the stable version takes the model out of
+            // service on purpose (as Triton does): every inference after it
+            // is a documented 503 "unloaded", which schemathesis counts as a
+            // server error. `repository_unload_takes_the_model_out_of_service_
+            // and_load_brings_it_back` (data_plane.rs) covers it, token included.
+            .args(["--exclude-path", "/v2/repository/models/{model}/unload"])
             .args(["--max-examples", "25", "--seed", "20261126"])
             .args(["--request-timeout", "10", "--no-color"])
             .env("SCHEMATHESIS_HOOKS", "")

@@ -21,12 +21,14 @@ async fn official_triton_http_client_works_unchanged() {
         serde_json::from_str(&std::fs::read_to_string(example("models.json")).unwrap()).unwrap();
     let accuracy = expected["cancer-v1"]["holdout_accuracy"].to_string();
     let host = s.url.trim_start_matches("http://").to_string();
+    let token = s.token();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python.join("python"))
             .arg(repo().join("tests/python/triton_client.py"))
             .arg(host)
             .arg(example("cancer-holdout.jsonl"))
             .arg(accuracy)
+            .arg(token)
             .output()
             .unwrap()
     })

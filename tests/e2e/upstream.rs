@@ -25,6 +25,26 @@ pub struct Behaviour {
     pub class_zero: AtomicBool,
     /// The body of the last inference request, byte for byte.
     pub last_body: std::sync::Mutex<Vec<u8>>,
+    /// Requests without this header and value get 401.
+    pub required_header: std::sync::Mutex<Option<(String, String)>>,
+}
+
+async fn check_header(
+    State(b): State<Arc<Behaviour>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let required = b.required_header.lock().unwrap().clone();
+    if let Some((name, value)) = required
+        && req.headers().get(&name).and_then(|v| v.to_str().ok()) != Some(value.as_str())
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": format!("header {name} missing or wrong")})),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 pub struct Upstream {
@@ -90,7 +110,86 @@ impl Upstream {
                 get(|| async { axum::Json(json!({"ready": true})) }),
             )
             .route("/v2/models/cancer/infer", post(infer))
+            .layer(axum::middleware::from_fn_with_state(
+                behaviour.clone(),
+                check_header,
+            ))
             .with_state(behaviour)
+    }
+
+    /// The fake over HTTPS with the test server certificate (`tls/`), at
+    /// `https://localhost:PORT`; with `client_ca`, clients must present a
+    /// certificate that CA signed (mutual TLS).
+    pub async fn start_tls(client_ca: Option<&std::path::Path>) -> Upstream {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let data = super::harness::test_data;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(data("tls/server.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(data("tls/server.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder.with_single_cert(chain, key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let behaviour = Arc::new(Behaviour::default());
+        let app = Upstream::app(behaviour.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://localhost:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap(),
+                    _ = &mut rx => return,
+                };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client without a good certificate fails here.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            url,
+            behaviour,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// From now on, requests must carry this header with this value.
+    pub fn require_header(&self, name: &str, value: &str) {
+        *self.behaviour.required_header.lock().unwrap() = Some((name.into(), value.into()));
     }
 
     pub async fn start() -> Upstream {

@@ -1,7 +1,7 @@
 """Drives Ferry with the official Triton HTTP client, unchanged and with its
 defaults (binary tensor data for inputs and outputs).
 
-    python triton_client.py HOST:PORT HOLDOUT.jsonl EXPECTED_ACCURACY
+    python triton_client.py HOST:PORT HOLDOUT.jsonl EXPECTED_ACCURACY ADMIN_TOKEN
 
 Exits non-zero (with the reason) on the first thing that is not as expected.
 """
@@ -14,6 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 url, holdout, expected_accuracy = sys.argv[1], sys.argv[2], float(sys.argv[3])
+admin = {"authorization": f"Bearer {sys.argv[4]}"}
 client = httpclient.InferenceServerClient(url=url)
 
 assert client.is_server_live(), "server live"
@@ -60,4 +61,27 @@ except InferenceServerException as e:
 
 index = client.get_model_repository_index()
 assert {"name": "cancer", "version": "1", "state": "READY", "reason": ""} in index, index
+# The repository extension's unload-then-load round trip (admin token).
+try:
+    client.unload_model("cancer")
+    raise AssertionError("unload must need the admin token")
+except InferenceServerException as e:
+    assert "token" in e.message(), e.message()
+client.unload_model("cancer", headers=admin)
+assert not client.is_model_ready("cancer"), "not ready after unload"
+try:
+    client.infer("cancer", [inp])
+    raise AssertionError("an unloaded model must not answer")
+except InferenceServerException as e:
+    assert "unloaded" in e.message(), e.message()
+index = client.get_model_repository_index()
+entry = next(e for e in index if e["name"] == "cancer" and e["version"] == "1")
+assert entry["state"] == "UNAVAILABLE", index
+client.load_model("cancer", headers=admin)
+assert client.is_model_ready("cancer"), "ready after load"
+result = client.infer("cancer", [inp])
+assert np.allclose(result.as_numpy("probabilities"), probs[:2])
+index = client.get_model_repository_index()
+assert {"name": "cancer", "version": "1", "state": "READY", "reason": ""} in index, index
+
 print(f"tritonclient OK: {len(rows)} rows, accuracy {accuracy:.4f}")

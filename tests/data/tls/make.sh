@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Makes the TLS test fixtures: a CA and a server certificate it signed, for
-# localhost and 127.0.0.1, valid for 100 years. Test-only keys: never use them
+# Makes the TLS test fixtures: a CA, a server certificate it signed for
+# localhost and 127.0.0.1, and a client certificate (mutual TLS to a remote),
+# valid for 100 years. Test-only keys: never use them
 # anywhere else. Run from this directory: ./make.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,4 +15,10 @@ openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 
     "subjectAltName=DNS:localhost,IP:127.0.0.1" \
     "basicConstraints=critical,CA:FALSE" \
     "extendedKeyUsage=serverAuth")
-rm -f server.csr ca.srl ca.key
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -subj "/CN=ferry-test-client" -keyout client.key -out client.csr
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 36500 \
+  -out client.pem -extfile <(printf '%s\n' \
+    "basicConstraints=critical,CA:FALSE" \
+    "extendedKeyUsage=clientAuth")
+rm -f server.csr client.csr ca.srl ca.key
