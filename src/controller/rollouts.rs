@@ -233,6 +233,13 @@ impl Controller {
                         )));
                     }
                 };
+            if matches!(record.spec.strategy, Strategy::Shadow(_)) {
+                // Comparisons count from here: the shadow may be compared
+                // before the rollout loop first looks.
+                let reading = self.shadow_reading(&model, &record.spec.version, now_ms());
+                let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.insert(record.id, reading);
+            }
             self.step(record, Observations::default()).await?;
         }
         Ok((Applied::Created, self.status(&model)?))
@@ -656,6 +663,17 @@ impl Controller {
         Ok(())
     }
 
+    /// The shadow counters of `version` now: where a new rollout's
+    /// comparisons start.
+    fn shadow_reading(&self, model: &str, version: &str, now: u64) -> ShadowReading {
+        let (_, example) = self.telemetry.disagreements_since(model, version, u64::MAX);
+        ShadowReading {
+            counts: self.metrics.for_version(model, version).shadow_counts(),
+            example,
+            fed_at_ms: now,
+        }
+    }
+
     /// The shadow comparisons counted since they were last fed to a
     /// mirroring rollout, with the disagreements among them: read live from
     /// the counters each tick, so the decision is taken as soon as
@@ -679,23 +697,20 @@ impl Controller {
             seen.remove(&record.id);
             return None;
         }
+        // Without a reading (the first look since a restart) everything this
+        // process counted is this rollout's: the counters started at zero,
+        // and a shadow created here took its reading when it was created.
+        let reading = seen.get(&record.id).copied().unwrap_or(ShadowReading {
+            counts: [0; 4],
+            example: 0,
+            fed_at_ms: 0,
+        });
         // Examples first, then counts: the gateway counts a disagreement
         // before keeping it as an example, so the counts cover the examples.
-        let last = seen.get(&record.id).map_or(u64::MAX, |r| r.example);
-        let (examples, example) = self.telemetry.disagreements_since(model, version, last);
+        let (examples, example) =
+            self.telemetry
+                .disagreements_since(model, version, reading.example);
         let counts = self.metrics.for_version(model, version).shadow_counts();
-        let Some(reading) = seen.get(&record.id) else {
-            // The first look (or the first since a restart): counting starts now.
-            seen.insert(
-                record.id,
-                ShadowReading {
-                    counts,
-                    example,
-                    fed_at_ms: now,
-                },
-            );
-            return None;
-        };
         let [agree, disagree, errors, dropped] =
             std::array::from_fn(|i| counts[i].saturating_sub(reading.counts[i]));
         let delta = strategy::ShadowProgress {

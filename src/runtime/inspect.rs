@@ -108,12 +108,39 @@ impl Kind {
 /// the file. `Ok` also for bytes that are not valid protobuf (see the
 /// module's doc).
 pub fn check_self_contained(model: &[u8]) -> Result<(), NotSelfContained> {
+    check(&mut Memory { buf: model, at: 0 }, model.len() as u64)
+}
+
+/// [`check_self_contained`] of a model file, read as the walk goes: the
+/// tensors' data is skipped, never loaded, so a large model costs a read
+/// buffer.
+pub fn check_file(path: &std::path::Path) -> std::io::Result<Result<(), NotSelfContained>> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut input = Reader {
+        file: std::io::BufReader::with_capacity(64 << 10, file),
+        at: 0,
+        len,
+        failed: None,
+    };
+    let verdict = check(&mut input, len);
+    match input.failed {
+        Some(e) => Err(e),
+        None => Ok(verdict),
+    }
+}
+
+fn check(input: &mut dyn Input, len: u64) -> Result<(), NotSelfContained> {
     // ONNX Runtime also loads its own flatbuffer format, recognised by the
     // file identifier "ORTM" after the root offset.
-    if model.get(4..8) == Some(b"ORTM") {
+    let head = input.take(8.min(len as usize), 8);
+    if head.as_ref().is_ok_and(|h| h.get(4..8) == Some(b"ORTM")) {
         return Err(NotSelfContained::OrtFormat);
     }
-    match walk(model, Kind::Model, 0) {
+    if input.rewind().is_err() {
+        return Ok(());
+    }
+    match walk(input, len, Kind::Model, 0) {
         Ok(()) | Err(Stop::Malformed) => Ok(()),
         Err(Stop::Found(why)) => Err(why),
     }
@@ -124,35 +151,179 @@ enum Stop {
     Malformed,
 }
 
-fn walk(mut buf: &[u8], kind: Kind, depth: usize) -> Result<(), Stop> {
+/// What the walk reads: bytes in memory, or a file read as it goes.
+trait Input {
+    fn byte(&mut self) -> Result<u8, Stop>;
+    fn skip(&mut self, n: u64) -> Result<(), Stop>;
+    /// The next `n` bytes, of which at most the first `keep` are returned
+    /// (the rest skipped): names and locations, never tensor data.
+    fn take(&mut self, n: usize, keep: usize) -> Result<Vec<u8>, Stop>;
+    /// Bytes read so far.
+    fn at(&self) -> u64;
+    fn rewind(&mut self) -> Result<(), Stop>;
+}
+
+struct Memory<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Input for Memory<'_> {
+    fn byte(&mut self) -> Result<u8, Stop> {
+        let b = *self.buf.get(self.at).ok_or(Stop::Malformed)?;
+        self.at += 1;
+        Ok(b)
+    }
+    fn skip(&mut self, n: u64) -> Result<(), Stop> {
+        let to = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.at.checked_add(n))
+            .filter(|to| *to <= self.buf.len())
+            .ok_or(Stop::Malformed)?;
+        self.at = to;
+        Ok(())
+    }
+    fn take(&mut self, n: usize, keep: usize) -> Result<Vec<u8>, Stop> {
+        let start = self.at;
+        self.skip(n as u64)?;
+        Ok(self.buf[start..start + n.min(keep)].to_vec())
+    }
+    fn at(&self) -> u64 {
+        self.at as u64
+    }
+    fn rewind(&mut self) -> Result<(), Stop> {
+        self.at = 0;
+        Ok(())
+    }
+}
+
+struct Reader {
+    file: std::io::BufReader<std::fs::File>,
+    at: u64,
+    len: u64,
+    /// A read error (not a malformed file): the caller reports it.
+    failed: Option<std::io::Error>,
+}
+
+impl Reader {
+    fn io<T>(&mut self, r: std::io::Result<T>) -> Result<T, Stop> {
+        r.map_err(|e| {
+            self.failed = Some(e);
+            Stop::Malformed
+        })
+    }
+}
+
+impl Input for Reader {
+    fn byte(&mut self) -> Result<u8, Stop> {
+        use std::io::Read;
+        if self.at >= self.len {
+            return Err(Stop::Malformed);
+        }
+        let mut b = [0u8; 1];
+        let read = self.file.read_exact(&mut b);
+        self.io(read)?;
+        self.at += 1;
+        Ok(b[0])
+    }
+    fn skip(&mut self, n: u64) -> Result<(), Stop> {
+        let to = self
+            .at
+            .checked_add(n)
+            .filter(|to| *to <= self.len)
+            .ok_or(Stop::Malformed)?;
+        let step = i64::try_from(n).map_err(|_| Stop::Malformed)?;
+        let sought = self.file.seek_relative(step);
+        self.io(sought)?;
+        self.at = to;
+        Ok(())
+    }
+    fn take(&mut self, n: usize, keep: usize) -> Result<Vec<u8>, Stop> {
+        use std::io::Read;
+        if self.at.saturating_add(n as u64) > self.len {
+            return Err(Stop::Malformed);
+        }
+        let mut out = vec![0u8; n.min(keep)];
+        let read = self.file.read_exact(&mut out);
+        self.io(read)?;
+        self.at += out.len() as u64;
+        self.skip((n - out.len()) as u64)?;
+        Ok(out)
+    }
+    fn at(&self) -> u64 {
+        self.at
+    }
+    fn rewind(&mut self) -> Result<(), Stop> {
+        use std::io::Seek;
+        let rewound = self.file.rewind();
+        self.io(rewound)?;
+        self.at = 0;
+        Ok(())
+    }
+}
+
+/// The longest name or location kept for a message.
+const KEEP: usize = 4096;
+
+fn walk(input: &mut dyn Input, end: u64, kind: Kind, depth: usize) -> Result<(), Stop> {
     if depth > MAX_DEPTH {
         return Err(Stop::Found(NotSelfContained::TooDeep));
     }
     let mut name = None;
     let mut external = false;
     let mut location = None;
-    while !buf.is_empty() {
-        let (field, value) = next_field(&mut buf)?;
-        match (kind, field, value) {
-            (Kind::Tensor, 8, Value::Bytes(b)) => name = Some(String::from_utf8_lossy(b)),
-            (Kind::Tensor, 14, Value::Varint(1)) => external = true,
-            (Kind::Tensor, 13, Value::Bytes(entry)) => {
-                external = true;
-                if let Some(value) = location_entry(entry)? {
-                    location = Some(String::from_utf8_lossy(value).into_owned());
-                }
-            }
-            (_, _, Value::Bytes(b)) => {
-                if let Some(child) = kind.child(field) {
-                    walk(b, child, depth + 1)?;
-                }
-            }
-            _ => {}
+    while input.at() < end {
+        let tag = varint(input)?;
+        let field = tag >> 3;
+        if field == 0 {
+            return Err(Stop::Malformed);
         }
+        match tag & 7 {
+            0 => {
+                let value = varint(input)?;
+                if matches!(kind, Kind::Tensor) && field == 14 && value == 1 {
+                    external = true;
+                }
+            }
+            1 => input.skip(8)?,
+            5 => input.skip(4)?,
+            3 => skip_group(input, field, 0)?,
+            2 => {
+                let len = varint(input)?;
+                let stop = input
+                    .at()
+                    .checked_add(len)
+                    .filter(|s| *s <= end)
+                    .ok_or(Stop::Malformed)?;
+                let len = usize::try_from(len).map_err(|_| Stop::Malformed)?;
+                match (kind, field) {
+                    (Kind::Tensor, 8) => {
+                        name = Some(String::from_utf8_lossy(&input.take(len, KEEP)?).into_owned())
+                    }
+                    (Kind::Tensor, 13) => {
+                        external = true;
+                        if let Some(value) = location_entry(&input.take(len, KEEP)?) {
+                            location = Some(value);
+                        }
+                    }
+                    _ => match kind.child(field) {
+                        Some(child) => walk(input, stop, child, depth + 1)?,
+                        None => input.skip(len as u64)?,
+                    },
+                }
+                if input.at() != stop {
+                    return Err(Stop::Malformed);
+                }
+            }
+            _ => return Err(Stop::Malformed),
+        }
+    }
+    if input.at() != end {
+        return Err(Stop::Malformed);
     }
     if external {
         return Err(Stop::Found(NotSelfContained::ExternalData {
-            tensor: name.unwrap_or_default().into_owned(),
+            tensor: name.unwrap_or_default(),
             location,
         }));
     }
@@ -161,91 +332,61 @@ fn walk(mut buf: &[u8], kind: Kind, depth: usize) -> Result<(), Stop> {
 
 /// The value of a `StringStringEntryProto` (key 1, value 2) whose key is
 /// `location`.
-fn location_entry(mut buf: &[u8]) -> Result<Option<&[u8]>, Stop> {
+fn location_entry(entry: &[u8]) -> Option<String> {
+    let input = &mut Memory { buf: entry, at: 0 };
     let (mut key, mut value) = (None, None);
-    while !buf.is_empty() {
-        match next_field(&mut buf)? {
-            (1, Value::Bytes(b)) => key = Some(b),
-            (2, Value::Bytes(b)) => value = Some(b),
-            _ => {}
+    while input.at < entry.len() {
+        let tag = varint(input).ok()?;
+        match tag & 7 {
+            2 => {
+                let len = usize::try_from(varint(input).ok()?).ok()?;
+                let bytes = input.take(len, KEEP).ok()?;
+                match tag >> 3 {
+                    1 => key = Some(bytes),
+                    2 => value = Some(bytes),
+                    _ => {}
+                }
+            }
+            0 => {
+                varint(input).ok()?;
+            }
+            _ => return None,
         }
     }
-    Ok(value.filter(|_| key == Some(b"location".as_slice())))
-}
-
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Other,
-}
-
-/// Reads one field (its number and value) off the front of `buf`.
-fn next_field<'a>(buf: &mut &'a [u8]) -> Result<(u64, Value<'a>), Stop> {
-    let tag = varint(buf)?;
-    let field = tag >> 3;
-    if field == 0 {
-        return Err(Stop::Malformed);
-    }
-    let value = match tag & 7 {
-        0 => Value::Varint(varint(buf)?),
-        1 => {
-            skip(buf, 8)?;
-            Value::Other
-        }
-        2 => {
-            let len = usize::try_from(varint(buf)?).map_err(|_| Stop::Malformed)?;
-            let (bytes, rest) = buf.split_at_checked(len).ok_or(Stop::Malformed)?;
-            *buf = rest;
-            Value::Bytes(bytes)
-        }
-        3 => {
-            skip_group(buf, field, 0)?;
-            Value::Other
-        }
-        5 => {
-            skip(buf, 4)?;
-            Value::Other
-        }
-        _ => return Err(Stop::Malformed),
-    };
-    Ok((field, value))
+    value
+        .filter(|_| key.as_deref() == Some(b"location".as_slice()))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
 /// Skips a (deprecated) group up to its end tag; groups cannot hold ONNX
 /// messages, but a valid file may carry one in an unknown field.
-fn skip_group(buf: &mut &[u8], field: u64, depth: usize) -> Result<(), Stop> {
+fn skip_group(input: &mut dyn Input, field: u64, depth: usize) -> Result<(), Stop> {
     if depth > MAX_DEPTH {
         return Err(Stop::Malformed);
     }
     loop {
-        let tag = varint(buf)?;
+        let tag = varint(input)?;
         match tag & 7 {
             0 => {
-                varint(buf)?;
+                varint(input)?;
             }
-            1 => skip(buf, 8)?,
+            1 => input.skip(8)?,
             2 => {
-                let len = usize::try_from(varint(buf)?).map_err(|_| Stop::Malformed)?;
-                skip(buf, len)?;
+                let len = varint(input)?;
+                input.skip(len)?;
             }
-            3 => skip_group(buf, tag >> 3, depth + 1)?,
+            3 => skip_group(input, tag >> 3, depth + 1)?,
             4 if tag >> 3 == field => return Ok(()),
-            5 => skip(buf, 4)?,
+            5 => input.skip(4)?,
             _ => return Err(Stop::Malformed),
         }
     }
 }
 
-fn skip(buf: &mut &[u8], n: usize) -> Result<(), Stop> {
-    *buf = buf.get(n..).ok_or(Stop::Malformed)?;
-    Ok(())
-}
-
-fn varint(buf: &mut &[u8]) -> Result<u64, Stop> {
+fn varint(input: &mut dyn Input) -> Result<u64, Stop> {
     let mut value = 0u64;
     for i in 0..10 {
-        let (&byte, rest) = buf.split_first().ok_or(Stop::Malformed)?;
-        *buf = rest;
+        let byte = input.byte()?;
         value |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
             return Ok(value);
@@ -424,5 +565,26 @@ mod tests {
             check_self_contained(b"\x08\x07").is_ok(),
             "an ONNX model's first bytes"
         );
+    }
+
+    #[test]
+    fn a_file_is_checked_as_it_is_read_like_bytes_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let inner = graph_with_initializer(&tensor("w", Some("secret.bin")));
+        let hidden = model(&msg(1, &node_with_attribute(6, &inner)));
+        assert_eq!(
+            check_file(&write("hidden.onnx", &hidden)).unwrap(),
+            check_self_contained(&hidden)
+        );
+        assert!(check_file(&write("hidden.onnx", &hidden)).unwrap().is_err());
+        let clean = model(&graph_with_initializer(&tensor("w", None)));
+        assert!(check_file(&write("clean.onnx", &clean)).unwrap().is_ok());
+        assert!(check_file(&write("garbage", &[0xff; 100])).unwrap().is_ok());
+        assert!(check_file(&dir.path().join("missing")).is_err());
     }
 }

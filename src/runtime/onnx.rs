@@ -64,18 +64,12 @@ impl OnnxRuntime {
     }
 
     fn session_of(&self, model: ModelBytes, threads: usize) -> Result<OnnxSession, RuntimeError> {
-        // Checked before ONNX Runtime sees the model. A file is read once for
-        // it (ONNX Runtime then reads it again to build the session).
+        // Checked before ONNX Runtime sees the model; a file as it is read,
+        // its tensors' data skipped, never loaded.
         let checked = match model {
             ModelBytes::Memory(bytes) => inspect::check_self_contained(bytes),
-            ModelBytes::File(path) => match std::fs::read(path) {
-                Ok(bytes) => inspect::check_self_contained(&bytes),
-                Err(e) => {
-                    return Err(RuntimeError::InvalidModel(format!(
-                        "cannot read the model: {e}"
-                    )));
-                }
-            },
+            ModelBytes::File(path) => inspect::check_file(path)
+                .map_err(|e| RuntimeError::InvalidModel(format!("cannot read the model: {e}")))?,
         };
         checked.map_err(|why| RuntimeError::Refused(why.to_string()))?;
         let invalid = |e: String| RuntimeError::InvalidModel(e);

@@ -630,11 +630,15 @@ async fn a_remote_shadow_gets_the_clients_bytes_and_its_answers_are_compared() {
     })
     .await;
     // The rollout stores its comparisons at most once a second.
-    super::harness::eventually(Duration::from_secs(5), "examples in the status", async || {
-        super::harness::status(&s).await["shadow"]["examples"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty())
-    })
+    super::harness::eventually(
+        Duration::from_secs(5),
+        "examples in the status",
+        async || {
+            super::harness::status(&s).await["shadow"]["examples"]
+                .as_array()
+                .is_some_and(|e| !e.is_empty())
+        },
+    )
     .await;
     let examples = super::harness::status(&s).await["shadow"]["examples"].clone();
     let ids: Vec<&str> = examples
