@@ -175,6 +175,21 @@ async fn every_strategy_under_fixed_rate_load_fails_no_request() {
     s.start_rollout(&bad).await;
     upstream.set_failing(true);
     assert_eq!(ended(&s, Duration::from_secs(60)).await["phase"], "aborted");
+    // The abort is stored before the route without the candidate is
+    // published: the phase ends once the candidate no longer serves (its
+    // last requests, sent before the switch, are answered by then).
+    super::harness::eventually(
+        Duration::from_secs(10),
+        "the candidate leaves the route",
+        async || {
+            s.http
+                .get(s.at("/v2/models/cancer/versions/remote/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() != 200)
+        },
+    )
+    .await;
     let exposed = ledger.close("canary of a failing remote at 20 %: aborted");
     let (errors, requests) = (exposed.failed(), exposed.requests);
     assert_eq!(status(&s).await["traffic"], json!({"6": 100.0}));
