@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Inserted, NewEvent, NotCreated, Page, Store};
+use super::{Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store};
 use crate::gateway::RoutePolicy;
 use crate::records::{ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
@@ -101,6 +101,32 @@ fn spec(model: &str, version: &str) -> RolloutSpec {
     .unwrap()
 }
 
+/// Creates a basic rollout of `model` to version 2, recorded with `events`.
+fn begin(
+    store: &dyn Store,
+    model: &str,
+    events: Vec<NewEvent>,
+) -> Result<RolloutRecord, NotCreated> {
+    store
+        .create_rollout(
+            model,
+            "basic",
+            &spec(model, "2"),
+            &started(model),
+            None,
+            events,
+        )
+        .unwrap()
+}
+
+/// Ends a rollout in `phase`, recorded with `events`; returns its state.
+fn end(store: &dyn Store, r: &RolloutRecord, phase: Phase, events: Vec<NewEvent>) -> RolloutState {
+    let mut state = r.state.clone();
+    state.phase = phase;
+    store.update_rollout(r.id, &state, events).unwrap();
+    state
+}
+
 fn started(model: &str) -> RolloutState {
     let mut state = initial_state(&RoutePolicy::stable_only("1"), 1_000);
     state.message = format!("rolling {model}");
@@ -187,26 +213,13 @@ pub fn each_change_is_stored_with_its_event(db: &dyn Database) {
         .remove_version("m", "1", event("m", "version_removed"))
         .unwrap();
     assert!(store.version("m", "1").unwrap().is_none());
-    let r = store
-        .create_rollout(
-            "m",
-            "basic",
-            &spec("m", "2"),
-            &started("m"),
-            None,
-            vec![event("m", "rollout_started")],
-        )
-        .unwrap()
-        .unwrap();
-    let mut done = r.state.clone();
-    done.phase = Phase::Succeeded;
-    store
-        .update_rollout(
-            r.id,
-            &done,
-            vec![event("m", "succeeded"), event("m", "note")],
-        )
-        .unwrap();
+    let r = begin(&*store, "m", vec![event("m", "rollout_started")]).unwrap();
+    let done = end(
+        &*store,
+        &r,
+        Phase::Succeeded,
+        vec![event("m", "succeeded"), event("m", "note")],
+    );
     assert_eq!(store.rollout(r.id).unwrap().unwrap().state, done);
     store
         .set_rollout_report(r.id, &serde_json::json!({"versions": 2}))
@@ -250,17 +263,7 @@ pub fn everything_committed_survives_reopening(db: &dyn Database) {
         store
             .set_route("m", &route, event("m", "route_changed"))
             .unwrap();
-        let r = store
-            .create_rollout(
-                "m",
-                "basic",
-                &spec("m", "2"),
-                &started("m"),
-                None,
-                vec![event("m", "rollout_started")],
-            )
-            .unwrap()
-            .unwrap();
+        let r = begin(&*store, "m", vec![event("m", "rollout_started")]).unwrap();
         (route, r.id)
     };
     let store = db.open();
@@ -283,10 +286,7 @@ pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
     let store = db.open();
     store.insert_version(&record("m", "1")).unwrap();
     store.insert_version(&record("n", "1")).unwrap();
-    let first = store
-        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
-        .unwrap()
-        .unwrap();
+    let first = begin(&*store, "m", vec![]).unwrap();
     match store
         .create_rollout(
             "m",
@@ -306,20 +306,10 @@ pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
         "a refused rollout records nothing"
     );
     // Another model is independent; an ended rollout frees the model.
-    assert!(
-        store
-            .create_rollout("n", "basic", &spec("n", "2"), &started("n"), None, vec![])
-            .unwrap()
-            .is_ok()
-    );
-    let mut aborted = first.state.clone();
-    aborted.phase = Phase::Aborted;
-    store.update_rollout(first.id, &aborted, vec![]).unwrap();
+    assert!(begin(&*store, "n", vec![]).is_ok());
+    end(&*store, &first, Phase::Aborted, vec![]);
     assert_eq!(store.active_rollouts().unwrap().len(), 1);
-    let again = store
-        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
-        .unwrap()
-        .unwrap();
+    let again = begin(&*store, "m", vec![]).unwrap();
     let newest_first: Vec<i64> = store
         .rollouts("m", 10)
         .unwrap()
@@ -333,13 +323,8 @@ pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
 pub fn a_rollback_marks_the_rollout_it_undoes(db: &dyn Database) {
     let store = db.open();
     store.insert_version(&record("m", "1")).unwrap();
-    let r = store
-        .create_rollout("m", "basic", &spec("m", "2"), &started("m"), None, vec![])
-        .unwrap()
-        .unwrap();
-    let mut done = r.state.clone();
-    done.phase = Phase::Succeeded;
-    store.update_rollout(r.id, &done, vec![]).unwrap();
+    let r = begin(&*store, "m", vec![]).unwrap();
+    end(&*store, &r, Phase::Succeeded, vec![]);
     let back = store
         .create_rollout(
             "m",
@@ -394,33 +379,14 @@ pub fn retention_keeps_active_rollouts_events(db: &dyn Database) {
     let store = db.open();
     store.insert_version(&record("m", "1")).unwrap();
     store.insert_version(&record("n", "1")).unwrap();
-    let ended = store
-        .create_rollout(
-            "n",
-            "basic",
-            &spec("n", "2"),
-            &started("n"),
-            None,
-            vec![event("n", "rollout_started")],
-        )
-        .unwrap()
-        .unwrap();
-    let mut done = ended.state.clone();
-    done.phase = Phase::Succeeded;
-    store
-        .update_rollout(ended.id, &done, vec![event("n", "succeeded")])
-        .unwrap();
-    let active = store
-        .create_rollout(
-            "m",
-            "basic",
-            &spec("m", "2"),
-            &started("m"),
-            None,
-            vec![event("m", "rollout_started")],
-        )
-        .unwrap()
-        .unwrap();
+    let ended = begin(&*store, "n", vec![event("n", "rollout_started")]).unwrap();
+    end(
+        &*store,
+        &ended,
+        Phase::Succeeded,
+        vec![event("n", "succeeded")],
+    );
+    let active = begin(&*store, "m", vec![event("m", "rollout_started")]).unwrap();
     // Every event so far is older than a cutoff in the future.
     let deleted = store
         .delete_events_before("9999-01-01T00:00:00.000Z")
@@ -480,17 +446,7 @@ pub fn concurrent_rollouts_of_one_model_make_exactly_one(db: &dyn Database) {
         .map(|_| {
             let store = store.clone();
             std::thread::spawn(move || {
-                store
-                    .create_rollout(
-                        "m",
-                        "basic",
-                        &spec("m", "2"),
-                        &started("m"),
-                        None,
-                        vec![event("m", "rollout_started")],
-                    )
-                    .unwrap()
-                    .is_ok()
+                begin(&*store, "m", vec![event("m", "rollout_started")]).is_ok()
             })
         })
         .collect();
