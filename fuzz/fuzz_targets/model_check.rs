@@ -20,6 +20,10 @@ fuzz_target!(|data: &[u8]| {
         match why {
             NotSelfContained::ExternalData { .. } => assert!(shown.contains("external file")),
             NotSelfContained::TooDeep => assert!(shown.contains("nest deeper")),
+            NotSelfContained::OrtFormat => {
+                assert!(shown.contains(".ort"));
+                assert_eq!(data.get(4..8), Some(b"ORTM".as_slice()));
+            }
         }
     }
     let shape: Vec<i64> = data
