@@ -264,13 +264,23 @@ impl Server {
 
     /// The server's peak resident memory so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc");
+        self.memory("VmHWM")
+    }
+
+    /// The server's resident memory now (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        self.memory("VmRSS")
+    }
+
+    /// A memory figure of /proc/PID/status, in bytes.
+    fn memory(&self, key: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc");
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{key} in /proc/PID/status"));
         kb * 1024
     }
 

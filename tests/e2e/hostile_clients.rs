@@ -217,32 +217,11 @@ async fn long_or_unprintable_request_ids_are_refused_and_not_remembered() {
     assert_eq!(s.infer("/v2/models/cancer/infer", &row).await.0, 200);
 }
 
-/// /proc/PID/status VmRSS of the server listening at `s`, in bytes.
-fn rss(s: &Server) -> u64 {
-    let port = addr(s).port();
-    // The server is the process whose command line holds its data dir.
-    let dir = s.dir.to_string_lossy().to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(" serve ") && cmdline.contains(&dir) {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let kb: u64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap();
-            return kb * 1024;
-        }
-    }
-    panic!("no server process for port {port}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_sent_a_byte_at_a_time_cost_their_size_not_a_buffer_per_byte() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
-    let before = rss(&s);
+    let before = s.rss();
     // 100 connections each announce a 3,000-byte body and send it one byte
     // per write, round-robin, so the server reads them a byte at a time.
     const CONNS: usize = 100;
@@ -261,7 +240,7 @@ async fn bodies_sent_a_byte_at_a_time_cost_their_size_not_a_buffer_per_byte() {
             c.write_all(b" ").await.unwrap();
         }
     }
-    let held = rss(&s).saturating_sub(before);
+    let held = s.rss().saturating_sub(before);
     // 300 KB of bodies in flight: 3 MB more here. Kept as pieces, each
     // one-byte read pinned a read buffer of its own: 117 MB more before.
     assert!(
@@ -526,17 +505,6 @@ async fn malformed_and_cross_origin_requests_are_refused_like_nginx_does() {
     assert_eq!(r.headers()["x-frame-options"], "DENY");
 }
 
-/// /proc/PID/status VmHWM (peak RSS) of the server, in bytes.
-fn peak_rss(s: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_json_body_costs_a_few_times_its_size_to_decode_not_twenty() {
     let s = Server::start().await;
@@ -547,7 +515,7 @@ async fn a_large_json_body_costs_a_few_times_its_size_to_decode_not_twenty() {
         r#"{{"inputs":[{{"name":"input","shape":[{rows},30],"datatype":"FP32","data":[{}]}}]}}"#,
         vec!["0"; rows * 30].join(",")
     );
-    let before = peak_rss(&s);
+    let before = s.peak_rss();
     let r = s
         .http
         .post(s.at("/v2/models/cancer/infer"))
@@ -558,7 +526,7 @@ async fn a_large_json_body_costs_a_few_times_its_size_to_decode_not_twenty() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await.unwrap();
-    let grew = peak_rss(&s).saturating_sub(before);
+    let grew = s.peak_rss().saturating_sub(before);
     // Here: 89 MB (the body, its typed tensor, the answer); a JSON tree of
     // the data took 378 MB before.
     assert!(
