@@ -243,6 +243,8 @@ impl TensorData {
 
     /// Reads JSON elements (already flattened) as `datatype`, refusing values
     /// that are out of range or of the wrong kind rather than rounding them.
+    /// (Requests are decoded element by element with [`Self::push_json`].)
+    #[cfg(test)]
     pub fn from_json(datatype: DataType, values: &[&Value]) -> Result<TensorData, BadElement> {
         let mut out = TensorData::with_capacity(datatype, values.len());
         for (i, v) in values.iter().enumerate() {
