@@ -20,12 +20,29 @@ use std::time::{Duration, Instant};
 
 use crate::gateway::{ModelRoute, Replica, RoutePolicy, RouteTable, VersionPool};
 use crate::metrics::{Metrics, Role, Telemetry};
-use crate::records::{SettingsPatch, Source, VersionRecord};
+use crate::records::{EventKind, SettingsPatch, Source, VersionRecord};
 use crate::registry::{Added, NewVersion, Registry, RegistryError};
 use crate::runtime::{
     Batching, Engine, LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
 };
 use crate::store::NewEvent;
+
+/// The pools a route needs, started and warm, not yet published.
+struct Prepared {
+    /// The versions that serve (routed, and loaded beside them).
+    wanted: Vec<String>,
+    pools: HashMap<String, Arc<VersionPool>>,
+}
+
+/// The event that records a model's new route.
+fn route_changed(model: &str, policy: &RoutePolicy, who: &str) -> NewEvent {
+    NewEvent::new(
+        model,
+        EventKind::RouteChanged,
+        format!("route: {} (by {who})", policy.describe()),
+        serde_json::json!({"route": policy, "by": who}),
+    )
+}
 
 /// The one writer of the route table.
 pub struct Controller {
@@ -202,7 +219,7 @@ impl Controller {
                 None,
                 NewEvent::new(
                     model,
-                    "model_loaded",
+                    EventKind::ModelLoaded,
                     format!(
                         "model {model} loaded: back in service, stable version {} (by {who})",
                         policy.stable
@@ -218,7 +235,7 @@ impl Controller {
                 true,
                 NewEvent::new(
                     model,
-                    "version_loaded",
+                    EventKind::VersionLoaded,
                     format!("version {version} loaded (by {who})"),
                     serde_json::json!({"version": version, "by": who}),
                 ),
@@ -249,7 +266,7 @@ impl Controller {
                     Some(who),
                     NewEvent::new(
                         model,
-                        "model_unloaded",
+                        EventKind::ModelUnloaded,
                         format!(
                             "model {model} unloaded: out of service, stable version {version} no longer answers (by {who})"
                         ),
@@ -272,7 +289,7 @@ impl Controller {
                 false,
                 NewEvent::new(
                     model,
-                    "version_unloaded",
+                    EventKind::VersionUnloaded,
                     format!("version {version} unloaded (by {who})"),
                     serde_json::json!({"version": version, "by": who}),
                 ),
@@ -409,8 +426,20 @@ impl Controller {
             self.drain(leaving);
             return Ok(());
         }
+        let prepared = self.prepare(model, &policy).await?;
+        if let Some((policy, who)) = &change {
+            store.set_route(model, policy, route_changed(model, policy, who))?;
+        }
+        self.publish(model, policy, prepared);
+        Ok(())
+    }
+
+    /// Starts (and warms) every pool `policy` needs, reusing running ones
+    /// whose settings are unchanged. Nothing is stored or published: a
+    /// version that cannot start fails here, before anything promised it.
+    async fn prepare(&self, model: &str, policy: &RoutePolicy) -> Result<Prepared, ControlError> {
         let mut wanted: Vec<String> = policy.versions().into_iter().map(str::to_string).collect();
-        for v in store.versions(model)? {
+        for v in self.registry.store().versions(model)? {
             if v.loaded && !wanted.contains(&v.version) {
                 wanted.push(v.version);
             }
@@ -433,19 +462,16 @@ impl Controller {
             };
             pools.insert(version.clone(), pool);
         }
-        if let Some((policy, who)) = &change {
-            store.set_route(
-                model,
-                policy,
-                NewEvent::new(
-                    model,
-                    "route_changed",
-                    format!("route: {} (by {who})", policy.describe()),
-                    serde_json::json!({"route": policy, "by": who}),
-                ),
-            )?;
-        }
-        let leaving: Vec<Arc<VersionPool>> = current
+        Ok(Prepared { wanted, pools })
+    }
+
+    /// Publishes `policy` with its prepared pools in one swap, and drains
+    /// the pools that left.
+    fn publish(&self, model: &str, policy: RoutePolicy, prepared: Prepared) {
+        let Prepared { wanted, pools } = prepared;
+        let leaving: Vec<Arc<VersionPool>> = self
+            .routes
+            .model(model)
             .map(|r| {
                 r.pools
                     .values()
@@ -460,7 +486,6 @@ impl Controller {
         let serving: Vec<&str> = wanted.iter().map(String::as_str).collect();
         self.telemetry.forget_idle(model, &serving);
         self.drain(leaving);
-        Ok(())
     }
 
     fn publish_metrics(&self, model: &str, policy: &RoutePolicy) {

@@ -3,6 +3,9 @@
 //! no service of the crate (only the protocol's signature and units), so the
 //! gateway, the store and the registry can all use it without a loop.
 
+pub mod event;
+pub mod variant;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -10,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Signature;
 use crate::units::HumanDuration;
+
+pub use crate::display_from_serde;
+pub use event::EventKind;
+pub use variant::variant_name;
 
 /// A model: the name clients call.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]

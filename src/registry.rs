@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::records::EventKind;
 use crate::records::{
     ModelRecord, NameError, RemoteAccess, ServingSettings, SettingsPatch, Source, VersionRecord,
     check_name, closest, shown_name,
@@ -378,7 +379,7 @@ impl Registry {
             &settings,
             NewEvent::new(
                 model,
-                "settings_changed",
+                EventKind::SettingsChanged,
                 format!(
                     "version {version} serving settings: replicas {}, threads {}, queue {}, timeout {} (by {who})",
                     settings.replicas, settings.threads, settings.queue, settings.timeout
@@ -415,7 +416,7 @@ impl Registry {
             version,
             NewEvent::new(
                 model,
-                "version_removed",
+                EventKind::VersionRemoved,
                 format!("version {version} removed (by {who})"),
                 serde_json::json!({"version": version, "by": who}),
             ),

@@ -11,9 +11,9 @@ pub mod contract;
 pub mod sqlite;
 
 use crate::gateway::RoutePolicy;
-use crate::records::{ModelRecord, ServingSettings, VersionRecord};
+use crate::records::{EventKind, ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
-use crate::strategy::RolloutState;
+use crate::strategy::{RolloutKind, RolloutState};
 
 pub use sqlite::SqliteStore;
 
@@ -85,17 +85,17 @@ impl DiskProblem {
 pub struct NewEvent {
     pub model: String,
     pub rollout: Option<String>,
-    pub kind: String,
+    pub kind: EventKind,
     pub message: String,
     pub data: serde_json::Value,
 }
 
 impl NewEvent {
-    pub fn new(model: &str, kind: &str, message: String, data: serde_json::Value) -> NewEvent {
+    pub fn new(model: &str, kind: EventKind, message: String, data: serde_json::Value) -> NewEvent {
         NewEvent {
             model: model.to_string(),
             rollout: None,
-            kind: kind.to_string(),
+            kind,
             message,
             data,
         }
@@ -170,7 +170,8 @@ pub struct Event {
     pub at: String,
     pub model: String,
     pub rollout: Option<String>,
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub kind: EventKind,
     pub message: String,
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
@@ -192,7 +193,7 @@ pub struct RolloutRecord {
     pub id: i64,
     pub model: String,
     /// The strategy's name, or `rollback`.
-    pub kind: String,
+    pub kind: RolloutKind,
     pub spec: RolloutSpec,
     pub state: RolloutState,
     /// The rollout a rollback undoes.
@@ -275,18 +276,22 @@ pub trait Store: Send + Sync + 'static {
     fn create_rollout(
         &self,
         model: &str,
-        kind: &str,
+        kind: RolloutKind,
         spec: &RolloutSpec,
         state: &RolloutState,
         undoes: Option<i64>,
         events: Vec<NewEvent>,
     ) -> Result<Result<RolloutRecord, NotCreated>, StoreError>;
-    /// Stores a rollout's new state with the events that explain it.
+    /// Stores a rollout's new state with the events that explain it. When
+    /// the pass publishes its route, `route_changed` is that change's event:
+    /// the model's routing policy (and stable version) becomes
+    /// `state.route` in the same transaction, so one publish is one write.
     fn update_rollout(
         &self,
         id: i64,
         state: &RolloutState,
         events: Vec<NewEvent>,
+        route_changed: Option<NewEvent>,
     ) -> Result<(), StoreError>;
     fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError>;
     fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StoreError>;

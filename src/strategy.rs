@@ -5,8 +5,9 @@
 //! steps with a fake clock in microseconds.
 //!
 //! What every strategy shares lives here (commands, background analysis,
-//! failure and abort); each strategy's own steps live in its file:
-//! [`basic`], [`multi`], [`canary`].
+//! failure and abort); each strategy's own steps, step type, state and
+//! special cases live in its file: [`basic`], [`multi`], [`canary`],
+//! [`rolling`], [`blue_green`], [`shadow`].
 
 pub mod basic;
 pub mod blue_green;
@@ -19,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::{Outcome, Verdict};
 use crate::gateway::RoutePolicy;
-use crate::spec::{RolloutSpec, Strategy};
+use crate::records::EventKind;
+use crate::spec::{QaSpec, RolloutSpec, ShadowSpec, Strategy};
+
+pub use shadow::{SHADOW_EXAMPLES, ShadowProgress};
 
 /// Where a rollout is (DESIGN.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -33,27 +37,7 @@ pub enum Phase {
     RolledBack,
 }
 
-impl Waiting {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Waiting::Promote => "promote",
-            Waiting::Resume => "resume",
-        }
-    }
-}
-
 impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Progressing => "progressing",
-            Phase::Paused => "paused",
-            Phase::Succeeded => "succeeded",
-            Phase::Aborted => "aborted",
-            Phase::Failed => "failed",
-            Phase::RolledBack => "rolled_back",
-        }
-    }
-
     /// `progressing` or `paused`: the model's one active rollout.
     pub fn is_active(self) -> bool {
         matches!(self, Phase::Progressing | Phase::Paused)
@@ -67,6 +51,44 @@ pub enum Waiting {
     Promote,
     Resume,
 }
+
+/// What a rollout is: its strategy, or a rollback (`ferry rollback`). Stored
+/// with the rollout and shown as `strategy` in the status and history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    Basic,
+    Multi,
+    Canary,
+    Rolling,
+    BlueGreen,
+    Shadow,
+    Rollback,
+}
+
+impl RolloutKind {
+    /// The kind of a rollout with this strategy.
+    pub fn of(strategy: &Strategy) -> RolloutKind {
+        match strategy {
+            Strategy::Basic(_) => RolloutKind::Basic,
+            Strategy::Multi(_) => RolloutKind::Multi,
+            Strategy::Canary(_) => RolloutKind::Canary,
+            Strategy::Rolling(_) => RolloutKind::Rolling,
+            Strategy::BlueGreen(_) => RolloutKind::BlueGreen,
+            Strategy::Shadow(_) => RolloutKind::Shadow,
+        }
+    }
+
+    /// The kind named `text` as stored, if this build knows it.
+    pub fn parse(text: &str) -> Option<RolloutKind> {
+        use serde::de::IntoDeserializer;
+        let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            text.into_deserializer();
+        RolloutKind::deserialize(de).ok()
+    }
+}
+
+crate::records::display_from_serde!(Phase, Waiting, RolloutKind);
 
 /// Background analysis bookkeeping.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,12 +104,16 @@ pub struct AnalysisProgress {
 }
 
 /// A rollout's durable state: everything needed to continue it after a
-/// restart, with timers as stored timestamps.
+/// restart, with timers as stored timestamps. Stored as JSON: the field
+/// names are the stored ones (each strategy's own state is flattened in, so
+/// its fields keep their top-level names), and fields added later default
+/// so older rows still read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutState {
     pub phase: Phase,
     pub waiting_for: Option<Waiting>,
-    /// Index of the current step (a strategy's own numbering).
+    /// Index of the current step (a strategy's own numbering, read through
+    /// its step type: [`blue_green::BlueGreenStep`], …).
     pub step: usize,
     /// When the current step began (Unix ms); timed pauses count from it.
     pub step_started_ms: u64,
@@ -97,15 +123,15 @@ pub struct RolloutState {
     pub route: RoutePolicy,
     pub analysis: AnalysisProgress,
     pub message: String,
-    /// Shadow comparisons counted since mirroring began.
-    #[serde(default)]
-    pub shadow: ShadowProgress,
-    /// The blue-green QA gate's result, once it ran.
-    #[serde(default)]
-    pub qa: Option<crate::analysis::qa::QaResult>,
-    /// Why a rolling update is taking its batches back (after a failed batch).
-    #[serde(default)]
-    pub rolling_back: Option<String>,
+    /// A shadow's comparisons (`shadow`).
+    #[serde(flatten)]
+    pub shadow: shadow::ShadowState,
+    /// Blue-green's QA gate (`qa`).
+    #[serde(flatten)]
+    pub blue_green: blue_green::BlueGreenState,
+    /// A rolling update taking its batches back (`rolling_back`).
+    #[serde(flatten)]
+    pub rolling: rolling::RollingState,
     /// When a pause that waits for `resume` began (Unix ms): its timers
     /// stand still until then, and resume moves them on by the time paused.
     #[serde(default)]
@@ -180,45 +206,6 @@ pub struct Rollback {
     pub undoes: Option<String>,
 }
 
-/// Shadow comparisons accumulated since mirroring began, with the latest
-/// disagreements among them (so the counts always cover the examples).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ShadowProgress {
-    pub agree: u64,
-    pub disagree: u64,
-    /// Copies the shadow failed to answer.
-    pub errors: u64,
-    /// Copies dropped because the shadow was saturated.
-    pub dropped: u64,
-    /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
-    #[serde(default)]
-    pub examples: Vec<crate::metrics::Disagreement>,
-}
-
-/// Disagreements a shadow rollout keeps as examples.
-pub const SHADOW_EXAMPLES: usize = 5;
-
-impl ShadowProgress {
-    /// Adds the comparisons counted since the last observation.
-    fn add(&mut self, w: &ShadowProgress) {
-        self.agree += w.agree;
-        self.disagree += w.disagree;
-        self.errors += w.errors;
-        self.dropped += w.dropped;
-        self.examples.extend(w.examples.iter().cloned());
-        let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
-        self.examples.drain(..extra);
-    }
-
-    pub fn compared(&self) -> u64 {
-        self.agree + self.disagree
-    }
-
-    pub fn agreement(&self) -> Option<f64> {
-        (self.compared() > 0).then(|| self.agree as f64 / self.compared() as f64)
-    }
-}
-
 /// A person's (or a pipeline's) command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -243,10 +230,21 @@ pub struct Observations {
     pub qa: Option<crate::analysis::qa::QaResult>,
 }
 
+impl Observations {
+    /// Nothing observed: a pass driven by the clock alone.
+    pub fn is_empty(&self) -> bool {
+        self.verdict.is_none()
+            && self.command.is_none()
+            && self.route_failed.is_none()
+            && self.shadow_window.is_none()
+            && self.qa.is_none()
+    }
+}
+
 /// An event to record: kind and a sentence a person can read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedEvent {
-    pub kind: String,
+    pub kind: EventKind,
     pub message: String,
     /// The numbers behind it (an analysis window's verdict), or null.
     pub data: serde_json::Value,
@@ -264,11 +262,22 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn event(&mut self, kind: &str, message: impl Into<String>) {
+    /// Whether a pass driven by the clock alone changed nothing worth
+    /// storing: no event, no route, the same phase and step — at most a
+    /// countdown's message moved, which the status computes live from the
+    /// stored start.
+    pub fn only_countdown(&self, before: &RolloutState) -> bool {
+        self.events.is_empty()
+            && !self.publish
+            && self.state.phase == before.phase
+            && self.state.step == before.step
+    }
+
+    fn event(&mut self, kind: EventKind, message: impl Into<String>) {
         let message = message.into();
         self.state.message = message.clone();
         self.events.push(PlannedEvent {
-            kind: kind.to_string(),
+            kind,
             message,
             data: serde_json::Value::Null,
         });
@@ -298,7 +307,7 @@ impl Plan {
     }
 
     /// Ends the rollout with the route restored to what it was before.
-    fn end_restored(&mut self, phase: Phase, kind: &str, message: String) {
+    fn end_restored(&mut self, phase: Phase, kind: EventKind, message: String) {
         self.state.phase = phase;
         self.state.waiting_for = None;
         let before = self.state.before.clone();
@@ -307,16 +316,24 @@ impl Plan {
         self.requeue_ms = None;
     }
 
-    fn pause(&mut self, waiting: Waiting, kind: &str, message: String) {
+    fn pause(&mut self, waiting: Waiting, message: String) {
         self.state.phase = Phase::Paused;
         self.state.waiting_for = Some(waiting);
-        self.event(kind, message);
+        self.event(EventKind::Paused, message);
     }
 
     /// Pauses until `resume`, stopping the current step's clock.
     fn pause_for_resume(&mut self, now_ms: u64, message: String) {
-        self.pause(Waiting::Resume, "paused", message);
+        self.pause(Waiting::Resume, message);
         self.state.paused_at_ms = Some(now_ms);
+    }
+
+    /// Waits for `ferry promote` (once: a rollout already waiting is left as
+    /// it is).
+    fn wait_for_promote(&mut self, message: impl FnOnce() -> String) {
+        if self.state.waiting_for != Some(Waiting::Promote) {
+            self.pause(Waiting::Promote, message());
+        }
     }
 
     /// Ends a `resume` wait: the current step's timers move on by the time
@@ -325,6 +342,15 @@ impl Plan {
         if let Some(at) = self.state.paused_at_ms.take() {
             self.state.step_started_ms += now_ms.saturating_sub(at);
         }
+    }
+
+    /// A timed wait of `length` from the current step's start: `Some(left)`
+    /// in milliseconds while it runs (and plans again when it ends).
+    fn timer(&mut self, length: std::time::Duration, now_ms: u64) -> Option<u64> {
+        let end = self.state.step_started_ms + length.as_millis() as u64;
+        let left = end.checked_sub(now_ms).filter(|l| *l > 0)?;
+        self.requeue_ms = Some(left);
+        Some(left)
     }
 
     /// With analysis configured, the step that ends a rollout is never taken
@@ -342,6 +368,17 @@ impl Plan {
             None => Some("no window judged yet".into()),
         }
     }
+
+    /// Says what the rollout waits for and looks again in a second.
+    fn waiting(&mut self, message: String) {
+        self.state.message = message;
+        self.requeue_ms = Some(1_000);
+    }
+}
+
+/// Seconds left, rounded up, as countdowns show them.
+fn secs(ms: u64) -> u64 {
+    ms.div_ceil(1000)
 }
 
 /// The state of a rollout that has not taken a step yet.
@@ -358,9 +395,9 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
             ..AnalysisProgress::default()
         },
         message: "starting".into(),
-        shadow: ShadowProgress::default(),
-        qa: None,
-        rolling_back: None,
+        shadow: Default::default(),
+        blue_green: Default::default(),
+        rolling: Default::default(),
         paused_at_ms: None,
         rollback: None,
         baseline: None,
@@ -373,8 +410,31 @@ pub fn steps(spec: &RolloutSpec) -> Vec<String> {
         Strategy::Canary(c) => canary::steps(c),
         Strategy::Multi(_) | Strategy::Basic(_) => vec!["switch".into(), "done".into()],
         Strategy::Rolling(r) => rolling::steps(r),
-        Strategy::BlueGreen(_) => blue_green::STEPS.iter().map(|s| s.to_string()).collect(),
+        Strategy::BlueGreen(_) => blue_green::steps(),
         Strategy::Shadow(sh) => shadow::steps(sh),
+    }
+}
+
+/// The QA gate to run against green now, if the rollout waits for one (the
+/// controller runs it and passes the result in).
+pub fn qa_due<'a>(spec: &'a RolloutSpec, state: &RolloutState) -> Option<&'a QaSpec> {
+    match &spec.strategy {
+        Strategy::BlueGreen(b) if state.phase.is_active() => blue_green::qa_due(b, state),
+        _ => None,
+    }
+}
+
+/// Whether the rollout is mirroring and counting comparisons now (the
+/// controller feeds it the shadow counters then).
+pub fn counts_comparisons<'a>(
+    spec: &'a RolloutSpec,
+    state: &RolloutState,
+) -> Option<&'a ShadowSpec> {
+    match &spec.strategy {
+        Strategy::Shadow(sh) if state.phase.is_active() && shadow::mirroring(spec, state) => {
+            Some(sh)
+        }
+        _ => None,
     }
 }
 
@@ -420,7 +480,15 @@ pub fn analysing(spec: &RolloutSpec, state: &RolloutState) -> bool {
     state.phase.is_active() && takes_traffic && (spec.analysis.is_some() || counts)
 }
 
-/// One planning pass.
+/// Whether the pass goes on after the shared part, or has said all it will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// One planning pass: the shared part (failure, commands, observations,
+/// analysis), then the strategy's own steps.
 pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms: u64) -> Plan {
     let mut p = Plan {
         state: state.clone(),
@@ -431,164 +499,20 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
     if !state.phase.is_active() {
         return p;
     }
-    if let (Some(why), Strategy::Rolling(_)) = (&obs.route_failed, &spec.strategy) {
-        if p.state.rolling_back.is_none() {
-            p.state.rolling_back = Some(format!("a batch could not start: {why}"));
-            // The failed route was never published: the previous batch serves.
-            let done = p.state.step.saturating_sub(1) as u32; // batches fully up
-            if let Strategy::Rolling(r) = &spec.strategy {
-                let previous = rolling::route_for(
-                    &p.state.before,
-                    spec,
-                    r.replicas,
-                    (done * r.batch_size).min(r.replicas),
-                );
-                p.state.route = previous;
-                p.state.step_started_ms = now_ms;
-            }
-            p.event("batch_failed", format!("batch failed: {why}; rolling back"));
-        }
-        return p;
-    }
     if let Some(why) = &obs.route_failed {
-        p.end_restored(
-            Phase::Failed,
-            "failed",
-            format!(
-                "failed: {why}; version {} keeps serving",
-                state.before.stable
-            ),
-        );
+        route_failed(spec, &mut p, why, now_ms);
         return p;
     }
-    if let Some((command, who)) = &obs.command {
-        match command {
-            Command::Abort => {
-                p.end_restored(
-                    Phase::Aborted,
-                    "aborted",
-                    format!(
-                        "aborted by {who}: all traffic back on version {}",
-                        state.before.stable
-                    ),
-                );
-                return p;
-            }
-            Command::Pause => {
-                p.pause_for_resume(now_ms, format!("paused by {who}"));
-                return p;
-            }
-            Command::Resume => {
-                if p.state.waiting_for == Some(Waiting::Resume) {
-                    p.state.phase = Phase::Progressing;
-                    p.state.waiting_for = None;
-                    p.state.analysis.consecutive_inconclusive = 0;
-                    p.unfreeze(now_ms);
-                    p.event("resumed", format!("resumed by {who}"));
-                }
-            }
-            Command::Promote { .. } => {
-                // A person looked: inconclusive windows count afresh.
-                p.state.analysis.consecutive_inconclusive = 0;
-                p.unfreeze(now_ms);
-            }
-        }
+    if let Some((command, who)) = &obs.command
+        && take_command(&mut p, command, who, now_ms) == Next::Stop
+    {
+        return p;
     }
-    if let Some(w) = &obs.shadow_window {
-        p.state.shadow.add(w);
-    }
-    if let Some(qa) = &obs.qa {
-        p.state.qa = Some(qa.clone());
-    }
-    if obs.verdict.is_some() {
-        p.state.analysis.last_at_ms = now_ms;
-    }
-    if let Some(verdict) = obs.verdict.as_ref().filter(|_| spec.analysis.is_some()) {
-        let a = &mut p.state.analysis;
-        a.last = Some(verdict.clone());
-        a.last_at_ms = now_ms;
-        let limits = spec.analysis.clone().unwrap_or_default();
-        // Every window is recorded with its numbers, so history can say why.
-        let (kind, count) = match verdict.outcome {
-            Outcome::Pass => ("analysis_passed", String::new()),
-            Outcome::Fail => (
-                "analysis_failed",
-                format!(
-                    " ({} of {} allowed)",
-                    a.consecutive_failures + 1,
-                    limits.failure_limit
-                ),
-            ),
-            Outcome::Inconclusive => (
-                "analysis_inconclusive",
-                match p.state.waiting_for {
-                    Some(w) => format!(" (not counted: already waiting for {})", w.as_str()),
-                    None => format!(
-                        " ({} of {} before pausing)",
-                        a.consecutive_inconclusive + 1,
-                        limits.max_inconclusive
-                    ),
-                },
-            ),
-        };
-        p.events.push(PlannedEvent {
-            kind: kind.into(),
-            message: format!("analysis window{count}: {}", verdict.reason),
-            data: serde_json::to_value(verdict).unwrap_or_default(),
-        });
-        let a = &mut p.state.analysis;
-        match verdict.outcome {
-            Outcome::Pass => {
-                a.consecutive_failures = 0;
-                a.consecutive_inconclusive = 0;
-                a.gate_passes += 1;
-            }
-            Outcome::Fail => {
-                a.consecutive_failures += 1;
-                a.consecutive_inconclusive = 0;
-                let n = a.consecutive_failures;
-                if let Strategy::Rolling(_) = &spec.strategy {
-                    if p.state.rolling_back.is_none() {
-                        p.state.rolling_back = Some(format!("analysis failed: {}", verdict.reason));
-                        p.state.step_started_ms = now_ms;
-                    }
-                } else if n >= limits.failure_limit {
-                    // Inconclusive windows neither break nor extend the run:
-                    // only a passing window resets it.
-                    let windows = match n {
-                        1 => "1 failed window".to_string(),
-                        n => format!("{n} failed windows with no passing window between them"),
-                    };
-                    let requests = verdict.candidate_requests;
-                    p.end_restored(
-                        Phase::Aborted,
-                        "aborted",
-                        format!(
-                            "aborted: {} in {windows} ({requests} candidate requests); all traffic back on version {}",
-                            verdict.reason, state.before.stable
-                        ),
-                    );
-                    return p;
-                }
-            }
-            // A rollout already waiting for a person is not paused again,
-            // so its inconclusive windows are not counted towards that.
-            Outcome::Inconclusive if p.state.waiting_for.is_none() => {
-                a.consecutive_inconclusive += 1;
-                let n = a.consecutive_inconclusive;
-                if n >= limits.max_inconclusive {
-                    p.pause_for_resume(
-                        now_ms,
-                        format!(
-                            "paused: {n} consecutive inconclusive analysis windows ({}); `ferry resume` to continue",
-                            verdict.reason
-                        ),
-                    );
-                    return p;
-                }
-            }
-            Outcome::Inconclusive => {}
-        }
+    take_observations(spec, &mut p, obs, now_ms);
+    if let Some(verdict) = obs.verdict.as_ref().filter(|_| spec.analysis.is_some())
+        && judge(spec, &mut p, verdict, now_ms) == Next::Stop
+    {
+        return p;
     }
     let promote = match &obs.command {
         Some((Command::Promote { full }, who)) => Some((*full, who.clone())),
@@ -611,6 +535,166 @@ pub fn plan(spec: &RolloutSpec, state: &RolloutState, obs: &Observations, now_ms
     p
 }
 
+/// A route that could not be published (a version could not start): the
+/// rollout fails with the route from before, unless the strategy takes its
+/// own way back (rolling's batches).
+fn route_failed(spec: &RolloutSpec, p: &mut Plan, why: &str, now_ms: u64) {
+    if let Strategy::Rolling(r) = &spec.strategy {
+        rolling::batch_failed(spec, r, p, why, now_ms);
+        return;
+    }
+    let message = format!(
+        "failed: {why}; version {} keeps serving",
+        p.state.before.stable
+    );
+    p.end_restored(Phase::Failed, EventKind::Failed, message);
+}
+
+/// A person's command: abort and pause end the pass; resume and promote
+/// restart the clocks and go on.
+fn take_command(p: &mut Plan, command: &Command, who: &str, now_ms: u64) -> Next {
+    match command {
+        Command::Abort => {
+            let message = format!(
+                "aborted by {who}: all traffic back on version {}",
+                p.state.before.stable
+            );
+            p.end_restored(Phase::Aborted, EventKind::Aborted, message);
+            Next::Stop
+        }
+        Command::Pause => {
+            p.pause_for_resume(now_ms, format!("paused by {who}"));
+            Next::Stop
+        }
+        Command::Resume => {
+            if p.state.waiting_for == Some(Waiting::Resume) {
+                p.state.phase = Phase::Progressing;
+                p.state.waiting_for = None;
+                p.state.analysis.consecutive_inconclusive = 0;
+                p.unfreeze(now_ms);
+                p.event(EventKind::Resumed, format!("resumed by {who}"));
+            }
+            Next::Continue
+        }
+        Command::Promote { .. } => {
+            // A person looked: inconclusive windows count afresh.
+            p.state.analysis.consecutive_inconclusive = 0;
+            p.unfreeze(now_ms);
+            Next::Continue
+        }
+    }
+}
+
+/// Keeps what the controller measured: shadow comparisons, the QA gate's
+/// result, when the latest window closed.
+fn take_observations(spec: &RolloutSpec, p: &mut Plan, obs: &Observations, now_ms: u64) {
+    if let Some(w) = &obs.shadow_window {
+        p.state.shadow.add(w);
+    }
+    if let (Some(qa), Strategy::BlueGreen(_)) = (&obs.qa, &spec.strategy) {
+        p.state.blue_green.qa = Some(qa.clone());
+    }
+    if obs.verdict.is_some() {
+        p.state.analysis.last_at_ms = now_ms;
+    }
+}
+
+/// Records an analysis window with its numbers (so history can say why) and
+/// acts on it: too many failed windows abort (rolling takes its batches
+/// back), too many inconclusive ones pause for a person.
+fn judge(spec: &RolloutSpec, p: &mut Plan, verdict: &Verdict, now_ms: u64) -> Next {
+    let limits = spec.analysis.clone().unwrap_or_default();
+    record_window(p, verdict, &limits);
+    let a = &mut p.state.analysis;
+    a.last = Some(verdict.clone());
+    match verdict.outcome {
+        Outcome::Pass => {
+            a.consecutive_failures = 0;
+            a.consecutive_inconclusive = 0;
+            a.gate_passes += 1;
+            Next::Continue
+        }
+        Outcome::Fail => {
+            a.consecutive_failures += 1;
+            a.consecutive_inconclusive = 0;
+            let n = a.consecutive_failures;
+            if let Strategy::Rolling(_) = &spec.strategy {
+                rolling::window_failed(p, verdict, now_ms);
+                Next::Continue
+            } else if n >= limits.failure_limit {
+                abort_on_failures(p, verdict, n);
+                Next::Stop
+            } else {
+                Next::Continue
+            }
+        }
+        // A rollout already waiting for a person is not paused again,
+        // so its inconclusive windows are not counted towards that.
+        Outcome::Inconclusive if p.state.waiting_for.is_none() => {
+            a.consecutive_inconclusive += 1;
+            let n = a.consecutive_inconclusive;
+            if n < limits.max_inconclusive {
+                return Next::Continue;
+            }
+            let message = format!(
+                "paused: {n} consecutive inconclusive analysis windows ({}); `ferry resume` to continue",
+                verdict.reason
+            );
+            p.pause_for_resume(now_ms, message);
+            Next::Stop
+        }
+        Outcome::Inconclusive => Next::Continue,
+    }
+}
+
+/// The window's event: its outcome, where it stands against the limits,
+/// and the verdict as data.
+fn record_window(p: &mut Plan, verdict: &Verdict, limits: &crate::spec::AnalysisSpec) {
+    let a = &p.state.analysis;
+    let (kind, count) = match verdict.outcome {
+        Outcome::Pass => (EventKind::AnalysisPassed, String::new()),
+        Outcome::Fail => (
+            EventKind::AnalysisFailed,
+            format!(
+                " ({} of {} allowed)",
+                a.consecutive_failures + 1,
+                limits.failure_limit
+            ),
+        ),
+        Outcome::Inconclusive => (
+            EventKind::AnalysisInconclusive,
+            match p.state.waiting_for {
+                Some(w) => format!(" (not counted: already waiting for {w})"),
+                None => format!(
+                    " ({} of {} before pausing)",
+                    a.consecutive_inconclusive + 1,
+                    limits.max_inconclusive
+                ),
+            },
+        ),
+    };
+    p.events.push(PlannedEvent {
+        kind,
+        message: format!("analysis window{count}: {}", verdict.reason),
+        data: serde_json::to_value(verdict).unwrap_or_default(),
+    });
+}
+
+/// Aborts after `n` failed windows in a row. Inconclusive windows neither
+/// break nor extend the run: only a passing window resets it.
+fn abort_on_failures(p: &mut Plan, verdict: &Verdict, n: u32) {
+    let windows = match n {
+        1 => "1 failed window".to_string(),
+        n => format!("{n} failed windows with no passing window between them"),
+    };
+    let requests = verdict.candidate_requests;
+    let message = format!(
+        "aborted: {} in {windows} ({requests} candidate requests); all traffic back on version {}",
+        verdict.reason, p.state.before.stable
+    );
+    p.end_restored(Phase::Aborted, EventKind::Aborted, message);
+}
+
 /// Marks the end of a successful rollout: `route` (already published by the
 /// previous pass) is how the model now serves.
 fn succeed(p: &mut Plan, spec: &RolloutSpec) {
@@ -625,10 +709,10 @@ fn succeed(p: &mut Plan, spec: &RolloutSpec) {
                 "rolled back{undone}: version {} is the stable version of {} again",
                 spec.version, spec.model
             );
-            p.event("rolled_back", message);
+            p.event(EventKind::RolledBack, message);
         }
         None => p.event(
-            "succeeded",
+            EventKind::Succeeded,
             format!(
                 "succeeded: version {} is the stable version of {}",
                 spec.version, spec.model

@@ -245,7 +245,7 @@ pub async fn history(
             .into_iter()
             .map(|r| RolloutSummary {
                 rollout: r.name(),
-                strategy: r.kind.clone(),
+                strategy: r.kind.to_string(),
                 version: r.spec.version.clone(),
                 from: r.state.before.stable.clone(),
                 phase: r.state.phase,
@@ -306,7 +306,7 @@ pub async fn report(
     let r = s.controller.rollout(&model, query.rollout.as_deref())?;
     Ok(Json(ReportView {
         rollout: r.name(),
-        strategy: r.kind.clone(),
+        strategy: r.kind.to_string(),
         phase: r.state.phase,
         report: s.controller.report_of(&r),
     }))

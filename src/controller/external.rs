@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::outbound::AllowList;
 use crate::analysis::{External, Outcome};
 use crate::metrics::Summary;
+use crate::records::EventKind;
 use crate::spec::Check;
 use crate::store::RolloutRecord;
 use crate::strategy::PlannedEvent;
@@ -174,7 +175,12 @@ fn cause(e: &reqwest::Error) -> String {
 }
 
 /// The event kinds sent when `notify` names none.
-const DEFAULT_EVENTS: &[&str] = &["succeeded", "aborted", "failed", "rolled_back"];
+const DEFAULT_EVENTS: &[EventKind] = &[
+    EventKind::Succeeded,
+    EventKind::Aborted,
+    EventKind::Failed,
+    EventKind::RolledBack,
+];
 
 /// Posts each event to the rollout's notify webhooks that want it, in the
 /// background, with up to three tries each.
@@ -193,9 +199,9 @@ pub fn notify(
         }
         for e in events {
             let wanted = if n.events.is_empty() {
-                DEFAULT_EVENTS.contains(&e.kind.as_str())
+                DEFAULT_EVENTS.contains(&e.kind)
             } else {
-                n.events.contains(&e.kind)
+                n.events.iter().any(|k| k == e.kind.as_str())
             };
             if !wanted {
                 continue;
@@ -265,7 +271,7 @@ mod tests {
         let record = RolloutRecord {
             id: 1,
             model: "m".into(),
-            kind: "basic".into(),
+            kind: crate::strategy::RolloutKind::Basic,
             spec,
             state: crate::strategy::initial_state(&RoutePolicy::stable_only("1"), 0),
             undoes: None,

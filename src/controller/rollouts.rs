@@ -8,17 +8,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ControlError, Controller, dataset, external};
 use crate::analysis::qa::QaResult;
 use crate::analysis::{self, CheckResult, Outcome};
 use crate::gateway::RoutePolicy;
 use crate::metrics::Role;
+use crate::records::EventKind;
 use crate::registry::RegistryError;
 use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
 use crate::store::{NewEvent, NotCreated, RolloutRecord};
-use crate::strategy::{self, Command, Observations, Phase, RolloutState, Waiting};
+use crate::strategy::{self, Command, Observations, Phase, RolloutKind, RolloutState, Waiting};
 use crate::units::now_ms;
 
 /// A mirroring rollout's shadow counters as last fed to it.
@@ -69,7 +70,7 @@ impl ShadowView {
     /// A shadow rollout's comparisons and examples, as stored with it (so
     /// the counts always cover the examples).
     fn of(r: &RolloutRecord) -> Option<ShadowView> {
-        let s = &r.state.shadow;
+        let s = &r.state.shadow.compared;
         matches!(r.spec.strategy, Strategy::Shadow(_)).then(|| ShadowView {
             comparisons: s.compared(),
             agreement: s.agreement(),
@@ -81,11 +82,31 @@ impl ShadowView {
     }
 }
 
+/// A model's phase in the status: its active rollout's, or `idle` when none
+/// is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelPhase {
+    Idle,
+    #[serde(untagged)]
+    Rollout(Phase),
+}
+
+impl std::fmt::Display for ModelPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelPhase::Rollout(phase) => phase.fmt(f),
+            idle => f.write_str(crate::records::variant_name(idle).unwrap_or("idle")),
+        }
+    }
+}
+
 /// The last rollout when none is active, so a watcher can tell how it ended.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LastRollout {
     pub rollout: String,
-    pub strategy: String,
+    #[schema(value_type = String)]
+    pub strategy: RolloutKind,
     pub phase: Phase,
     pub message: String,
 }
@@ -97,9 +118,11 @@ pub struct Status {
     pub stable: Option<String>,
     pub candidate: Option<String>,
     pub rollout: Option<String>,
-    pub strategy: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub strategy: Option<RolloutKind>,
     /// `idle` when no rollout is active, else the rollout's phase.
-    pub phase: String,
+    #[schema(value_type = String)]
+    pub phase: ModelPhase,
     pub waiting_for: Option<Waiting>,
     pub steps: Vec<String>,
     pub step: Option<usize>,
@@ -190,7 +213,7 @@ impl Controller {
                     active.name(),
                     active.kind,
                     active.spec.version,
-                    active.state.phase.as_str()
+                    active.state.phase
                 )));
             }
             let candidate = self.registry.version(&model, &spec.version)?;
@@ -213,10 +236,10 @@ impl Controller {
                 }
             }
             let state = strategy::initial_state(&current, now_ms());
-            let kind = spec.strategy.name();
+            let kind = RolloutKind::of(&spec.strategy);
             let started = NewEvent::new(
                 &model,
-                "rollout_started",
+                EventKind::RolloutStarted,
                 format!(
                     "{kind} of version {} started (by {who}); stable is version {}",
                     spec.version, current.stable
@@ -282,14 +305,8 @@ impl Controller {
                     return Err(ControlError::Conflict(format!(
                         "{} is not waiting for resume (it is {}{}); resume only ends a pause",
                         active.name(),
-                        phase.as_str(),
-                        w.map_or(String::new(), |w| format!(
-                            ", waiting for {}",
-                            serde_json::to_value(w)
-                                .unwrap_or_default()
-                                .as_str()
-                                .unwrap_or("")
-                        ))
+                        phase,
+                        w.map_or(String::new(), |w| format!(", waiting for {w}"))
                     )));
                 }
                 (Command::Promote { .. }, Some(Waiting::Resume), _) => {
@@ -323,7 +340,7 @@ impl Controller {
             .store()
             .rollouts(model, 20)?
             .into_iter()
-            .find(|r| r.kind != "rollback")
+            .find(|r| r.kind != RolloutKind::Rollback)
             .ok_or_else(|| {
                 ControlError::Conflict(format!("model \"{model}\" has no rollout to retry"))
             })?;
@@ -331,7 +348,7 @@ impl Controller {
             return Err(ControlError::Conflict(format!(
                 "the last rollout of \"{model}\", {}, is {}; only an aborted or failed rollout can be retried",
                 last.name(),
-                last.state.phase.as_str()
+                last.state.phase
             )));
         }
         let by = format!("{who} (retry of {})", last.name());
@@ -394,7 +411,7 @@ impl Controller {
             let warm = self.serves(model, &target);
             let event = NewEvent::new(
                 model,
-                "rollback_started",
+                EventKind::RollbackStarted,
                 format!(
                     "rollback to version {target} (by {who}){}{}",
                     undone
@@ -414,7 +431,7 @@ impl Controller {
             });
             let record = match store.create_rollout(
                 model,
-                "rollback",
+                RolloutKind::Rollback,
                 &spec,
                 &state,
                 undone.as_ref().map(|u| u.id),
@@ -447,9 +464,11 @@ impl Controller {
             })
     }
 
-    /// Plans and applies until the rollout waits: persist the new state and
-    /// its events first, then publish the route it wants; a route that
-    /// cannot be applied is fed back as an observation.
+    /// Plans and applies until the rollout waits: start what the new route
+    /// needs, persist the new state with its events (and the model's route,
+    /// when it changes) in one transaction, then publish the route; a route
+    /// that cannot start is stored only as the rollout's wish and fed back
+    /// as an observation.
     pub(super) async fn step(
         &self,
         mut record: RolloutRecord,
@@ -458,7 +477,7 @@ impl Controller {
         let store = self.registry.store().clone();
         let name = record.name();
         self.publish_phase(&record);
-        for _ in 0..32 {
+        for pass in 0..32 {
             let now = now_ms();
             let mut plan = strategy::plan(&record.spec, &record.state, &obs, now);
             if strategy::takes_baseline(&record.state, &plan.state) {
@@ -469,17 +488,37 @@ impl Controller {
                     baseline,
                 ));
             }
-            if plan.state == record.state && plan.events.is_empty() {
+            let unchanged = plan.state == record.state && plan.events.is_empty();
+            // A look driven by the clock alone that only moved a countdown:
+            // nothing to persist (the status computes it live).
+            let countdown = pass == 0 && obs.is_empty() && plan.only_countdown(&record.state);
+            if unchanged || countdown {
                 return Ok(record);
             }
+            let prepared = match plan.publish {
+                true => Some(self.prepare(&record.model, &plan.state.route).await),
+                false => None,
+            };
+            let route_changed = matches!(prepared, Some(Ok(_)))
+                .then(|| super::route_changed(&record.model, &plan.state.route, &name));
             let events: Vec<NewEvent> = plan
                 .events
                 .iter()
-                .map(|e| NewEvent::new(&record.model, &e.kind, e.message.clone(), e.data.clone()))
+                .map(|e| {
+                    NewEvent::new(
+                        &record.model,
+                        e.kind.clone(),
+                        e.message.clone(),
+                        e.data.clone(),
+                    )
+                })
                 .collect();
-            store.update_rollout(record.id, &plan.state, events)?;
-            self.metrics
-                .set_rollout_phase(&record.model, &record.kind, plan.state.phase.as_str());
+            store.update_rollout(record.id, &plan.state, events, route_changed)?;
+            self.metrics.set_rollout_phase(
+                &record.model,
+                &record.kind.to_string(),
+                &plan.state.phase.to_string(),
+            );
             external::notify(
                 &self.http.control,
                 self.reach.outbound.as_ref(),
@@ -489,12 +528,13 @@ impl Controller {
             let ended = record.state.phase.is_active() && !plan.state.phase.is_active();
             record.state = plan.state.clone();
             obs = Observations::default();
-            if plan.publish {
-                let route = plan.state.route.clone();
-                if let Err(e) = self.apply(&record.model, Some((route, &name))).await {
+            match prepared {
+                Some(Ok(pools)) => self.publish(&record.model, plan.state.route, pools),
+                Some(Err(e)) => {
                     obs.route_failed = Some(e.to_string());
                     continue;
                 }
+                None => {}
             }
             if ended {
                 self.store_report(&record);
@@ -509,8 +549,11 @@ impl Controller {
     /// Sets `ferry_rollout_phase` to the phase of the model's latest
     /// rollout (this one).
     pub(super) fn publish_phase(&self, record: &RolloutRecord) {
-        self.metrics
-            .set_rollout_phase(&record.model, &record.kind, record.state.phase.as_str());
+        self.metrics.set_rollout_phase(
+            &record.model,
+            &record.kind.to_string(),
+            &record.state.phase.to_string(),
+        );
     }
 
     /// The stable version's production figures just before a switch: the
@@ -637,8 +680,8 @@ impl Controller {
                 obs.verdict = Some(verdict);
             }
         }
-        if let Some(qa) = self.qa_due(&record) {
-            obs.qa = Some(qa.await);
+        if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {
+            obs.qa = self.run_qa(&record.model, &record.spec.version, qa).await;
         }
         obs.shadow_window = self.shadow_counted(&record, now);
         let _guard = self.lock.lock().await;
@@ -648,16 +691,6 @@ impl Controller {
         };
         if !current.state.phase.is_active() {
             return Ok(());
-        }
-        if obs.verdict.is_none() && obs.qa.is_none() && obs.shadow_window.is_none() {
-            let plan = strategy::plan(&current.spec, &current.state, &obs, now_ms());
-            // A countdown only changes the message: nothing to persist (the
-            // status computes it live).
-            let same_step =
-                plan.state.phase == current.state.phase && plan.state.step == current.state.step;
-            if plan.events.is_empty() && !plan.publish && same_step {
-                return Ok(());
-            }
         }
         self.step(current, obs).await?;
         Ok(())
@@ -680,23 +713,12 @@ impl Controller {
     /// `min_comparisons` is reached, not at the next analysis window. Fed at
     /// most once a second otherwise (each feed is a store write).
     fn shadow_counted(&self, record: &RolloutRecord, now: u64) -> Option<strategy::ShadowProgress> {
-        let Strategy::Shadow(sh) = &record.spec.strategy else {
-            return None;
-        };
         let (model, version) = (&record.model, &record.spec.version);
         let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let mirroring = record.state.phase.is_active()
-            && record.state.step == 0
-            && record
-                .state
-                .route
-                .shadow
-                .as_ref()
-                .is_some_and(|s| &s.version == version);
-        if !mirroring {
+        let Some(sh) = strategy::counts_comparisons(&record.spec, &record.state) else {
             seen.remove(&record.id);
             return None;
-        }
+        };
         // Without a reading (the first look since a restart) everything this
         // process counted is this rollout's: the counters started at zero,
         // and a shadow created here took its reading when it was created.
@@ -720,7 +742,8 @@ impl Controller {
             dropped,
             examples,
         };
-        let reached = record.state.shadow.compared() + delta.compared() >= sh.min_comparisons;
+        let reached =
+            record.state.shadow.compared.compared() + delta.compared() >= sh.min_comparisons;
         let due = now >= reading.fed_at_ms + 1_000;
         if delta == strategy::ShadowProgress::default() || !(reached || due) {
             return None;
@@ -736,22 +759,25 @@ impl Controller {
         Some(delta)
     }
 
-    /// The QA gate to run now, if the rollout waits for one.
-    fn qa_due(&self, record: &RolloutRecord) -> Option<impl Future<Output = QaResult> + '_> {
-        let Strategy::BlueGreen(b) = &record.spec.strategy else {
+    /// Runs the labelled dataset against green's replicas (directly, not as
+    /// staging traffic) and judges the answers. None while green is not
+    /// published yet: the rollout stores the QA step before the route that
+    /// stages green is published, and this loop reads the store without the
+    /// controller's lock, so it may see the step first; the gate then runs
+    /// at a later tick, against a loaded and warm green.
+    async fn run_qa(&self, model: &str, version: &str, qa: &QaSpec) -> Option<QaResult> {
+        let Some(pool) = self
+            .routes
+            .model(model)
+            .and_then(|r| r.pools.get(version).cloned())
+        else {
+            tracing::debug!(
+                model,
+                version,
+                "the QA gate waits for green to be published"
+            );
             return None;
         };
-        let qa = b.qa.clone()?;
-        if record.state.step != 1 || record.state.qa.is_some() || !record.state.phase.is_active() {
-            return None;
-        }
-        let (model, version) = (record.model.clone(), record.spec.version.clone());
-        Some(async move { self.run_qa(&model, &version, &qa).await })
-    }
-
-    /// Runs the labelled dataset against green's replicas (directly, not as
-    /// staging traffic) and judges the answers.
-    async fn run_qa(&self, model: &str, version: &str, qa: &QaSpec) -> QaResult {
         let refused = |reason: String| QaResult {
             rows: 0,
             failures: 0,
@@ -770,20 +796,13 @@ impl Controller {
                 );
                 match read.await {
                     Ok(t) => t,
-                    Err(e) => return refused(format!("the QA dataset cannot be used: {e}")),
+                    Err(e) => return Some(refused(format!("the QA dataset cannot be used: {e}"))),
                 }
             }
         };
         let rows = match analysis::qa::parse_dataset(&text) {
             Ok(r) => r,
-            Err(e) => return refused(e),
-        };
-        let Some(pool) = self
-            .routes
-            .model(model)
-            .and_then(|r| r.pools.get(version).cloned())
-        else {
-            return refused(format!("green (version {version}) is not loaded"));
+            Err(e) => return Some(refused(e)),
         };
         let mut answers = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -797,7 +816,7 @@ impl Controller {
             answers.push(answer);
         }
         let labels: Vec<f64> = rows.iter().map(|r| r.label).collect();
-        analysis::qa::judge(qa, &labels, &answers)
+        Some(analysis::qa::judge(qa, &labels, &answers))
     }
 
     /// Unloads versions a route kept warm once their time is up (blue after
@@ -901,7 +920,7 @@ impl Controller {
                 candidate: None,
                 rollout: None,
                 strategy: None,
-                phase: "idle".into(),
+                phase: ModelPhase::Idle,
                 waiting_for: None,
                 steps: vec![],
                 step: None,
@@ -934,8 +953,8 @@ impl Controller {
             stable: Some(r.state.before.stable.clone()),
             candidate: Some(r.spec.version.clone()),
             rollout: Some(r.name()),
-            strategy: Some(r.kind.clone()),
-            phase: r.state.phase.as_str().into(),
+            strategy: Some(r.kind),
+            phase: ModelPhase::Rollout(r.state.phase),
             waiting_for: r.state.waiting_for,
             steps: strategy::steps(&r.spec),
             step: Some(r.state.step),
@@ -955,7 +974,7 @@ impl Controller {
             updated_at: Some(r.updated_at.clone()),
             last_rollout: None,
             shadow: ShadowView::of(&r),
-            qa: r.state.qa.clone(),
+            qa: r.state.blue_green.qa.clone(),
             staging: r.state.route.staging.clone(),
         })
     }

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use super::{Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store};
 use crate::gateway::RoutePolicy;
-use crate::records::{ServingSettings, Source, VersionRecord};
+use crate::records::{EventKind, ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
 use crate::spec::RolloutSpec;
-use crate::strategy::{Phase, RolloutState, initial_state};
+use crate::strategy::{Phase, RolloutKind, RolloutState, initial_state};
 
 /// One database an implementation can open any number of times (opening
 /// it again is a restart: everything committed is there).
@@ -34,6 +34,8 @@ macro_rules! store_contract {
             an_empty_database_is_migrated_and_empty,
             the_first_version_is_stable_and_versions_round_trip,
             each_change_is_stored_with_its_event,
+            a_rollout_pass_that_publishes_stores_the_route_with_it,
+            an_event_kind_this_build_does_not_know_reads_as_stored,
             everything_committed_survives_reopening,
             a_model_has_at_most_one_active_rollout,
             a_rollback_marks_the_rollout_it_undoes,
@@ -79,7 +81,7 @@ pub fn record(model: &str, version: &str) -> VersionRecord {
 fn event(model: &str, kind: &str) -> NewEvent {
     NewEvent::new(
         model,
-        kind,
+        EventKind::parse(kind),
         format!("{kind} happened"),
         serde_json::json!({"k": kind}),
     )
@@ -90,7 +92,7 @@ fn kinds(store: &dyn Store, model: &str) -> Vec<String> {
         .events(model, Page::Latest { limit: 10_000 })
         .unwrap()
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect()
 }
 
@@ -110,7 +112,7 @@ fn begin(
     store
         .create_rollout(
             model,
-            "basic",
+            RolloutKind::Basic,
             &spec(model, "2"),
             &started(model),
             None,
@@ -123,7 +125,7 @@ fn begin(
 fn end(store: &dyn Store, r: &RolloutRecord, phase: Phase, events: Vec<NewEvent>) -> RolloutState {
     let mut state = r.state.clone();
     state.phase = phase;
-    store.update_rollout(r.id, &state, events).unwrap();
+    store.update_rollout(r.id, &state, events, None).unwrap();
     state
 }
 
@@ -254,6 +256,84 @@ pub fn each_change_is_stored_with_its_event(db: &dyn Database) {
     assert_eq!(theirs.len(), 3);
 }
 
+/// A rollout pass that publishes its route stores it as the model's (its
+/// stable version too) in the pass's own transaction, with the route's
+/// event after the rollout's and not named by it; a pass that does not
+/// publish leaves the model's route alone.
+pub fn a_rollout_pass_that_publishes_stores_the_route_with_it(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    let r = begin(&*store, "m", vec![event("m", "rollout_started")]).unwrap();
+    let mut state = r.state.clone();
+    state.step = 1;
+    state.route = RoutePolicy::stable_only("2");
+    store
+        .update_rollout(r.id, &state, vec![event("m", "step")], None)
+        .unwrap();
+    assert_eq!(
+        store.route("m").unwrap(),
+        None,
+        "not published: not the model's"
+    );
+    assert_eq!(
+        store.model("m").unwrap().unwrap().stable.as_deref(),
+        Some("1")
+    );
+    store
+        .update_rollout(
+            r.id,
+            &state,
+            vec![event("m", "succeeded")],
+            Some(event("m", "route_changed")),
+        )
+        .unwrap();
+    assert_eq!(store.route("m").unwrap(), Some(state.route.clone()));
+    assert_eq!(
+        store.model("m").unwrap().unwrap().stable.as_deref(),
+        Some("2")
+    );
+    assert_eq!(store.rollout(r.id).unwrap().unwrap().state, state);
+    let all = store.events("m", Page::Latest { limit: 100 }).unwrap();
+    let name = r.name();
+    let tail: Vec<(&str, Option<&str>)> = all[all.len() - 4..]
+        .iter()
+        .map(|e| (e.kind.as_str(), e.rollout.as_deref()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("rollout_started", Some(name.as_str())),
+            ("step", Some(name.as_str())),
+            ("succeeded", Some(name.as_str())),
+            ("route_changed", None),
+        ]
+    );
+}
+
+/// An event kind written by a newer build reads back as it was stored:
+/// history never fails on it.
+pub fn an_event_kind_this_build_does_not_know_reads_as_stored(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    store
+        .set_loaded("m", "2", true, event("m", "warmed_in_another_region"))
+        .unwrap();
+    let last = store
+        .events("m", Page::Latest { limit: 1 })
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        last.kind,
+        EventKind::Other("warmed_in_another_region".into())
+    );
+    assert_eq!(
+        serde_json::to_value(&last).unwrap()["kind"],
+        "warmed_in_another_region"
+    );
+}
+
 pub fn everything_committed_survives_reopening(db: &dyn Database) {
     let (route, id) = {
         let store = db.open();
@@ -290,7 +370,7 @@ pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
     match store
         .create_rollout(
             "m",
-            "canary",
+            RolloutKind::Canary,
             &spec("m", "3"),
             &started("m"),
             None,
@@ -328,7 +408,7 @@ pub fn a_rollback_marks_the_rollout_it_undoes(db: &dyn Database) {
     let back = store
         .create_rollout(
             "m",
-            "rollback",
+            RolloutKind::Rollback,
             &spec("m", "1"),
             &started("m"),
             Some(r.id),
@@ -337,7 +417,7 @@ pub fn a_rollback_marks_the_rollout_it_undoes(db: &dyn Database) {
         .unwrap()
         .unwrap();
     assert_eq!(back.undoes, Some(r.id));
-    assert_eq!(back.kind, "rollback");
+    assert_eq!(back.kind, RolloutKind::Rollback);
     let undone = store.rollout(r.id).unwrap().unwrap();
     assert_eq!(undone.state.phase, Phase::RolledBack);
     assert!(
@@ -399,7 +479,7 @@ pub fn retention_keeps_active_rollouts_events(db: &dyn Database) {
     let left: Vec<_> = ["m", "n"]
         .iter()
         .flat_map(|m| store.events(m, Page::Latest { limit: 100 }).unwrap())
-        .map(|e| (e.rollout, e.kind))
+        .map(|e| (e.rollout, e.kind.to_string()))
         .collect();
     assert_eq!(left, [(Some(active.name()), "rollout_started".to_string())]);
     assert!(

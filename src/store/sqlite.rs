@@ -9,9 +9,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
-use crate::records::{ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::records::{EventKind, ModelRecord, ServingSettings, Source, VersionRecord};
 use crate::spec::RolloutSpec;
-use crate::strategy::{Phase, RolloutState};
+use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
@@ -116,7 +116,7 @@ fn event_row(r: &Row) -> rusqlite::Result<Event> {
         at: r.get(1)?,
         model: r.get(2)?,
         rollout: r.get(3)?,
-        kind: r.get(4)?,
+        kind: EventKind::parse(&r.get::<_, String>(4)?),
         message: r.get(5)?,
         data: json_col(r, 6, "event data")?,
     })
@@ -127,10 +127,16 @@ const ROLLOUT_COLUMNS: &str =
 
 fn rollout_row(row: &Row) -> rusqlite::Result<RolloutRecord> {
     let report: Option<String> = row.get(6)?;
+    let kind: String = row.get(2)?;
     Ok(RolloutRecord {
         id: row.get(0)?,
         model: row.get(1)?,
-        kind: row.get(2)?,
+        kind: RolloutKind::parse(&kind).ok_or_else(|| {
+            corrupt(
+                "rollout kind",
+                format!("\"{kind}\" is not a strategy this Ferry knows; upgrade Ferry"),
+            )
+        })?,
         spec: json_col::<RolloutSpec>(row, 3, "rollout spec")?,
         state: json_col::<RolloutState>(row, 4, "rollout state")?,
         undoes: row.get(5)?,
@@ -147,7 +153,16 @@ fn insert_event(tx: &Connection, e: &NewEvent) -> rusqlite::Result<()> {
     let e = e.clone().bounded();
     tx.execute(
         "INSERT INTO events (at, model, rollout, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![now_rfc3339(), e.model, e.rollout, e.kind, e.message, to_json(&e.data)],
+        params![now_rfc3339(), e.model, e.rollout, e.kind.as_str(), e.message, to_json(&e.data)],
+    )?;
+    Ok(())
+}
+
+/// Replaces a model's routing policy; its stable version becomes the policy's.
+fn write_route(tx: &Connection, model: &str, policy: &RoutePolicy) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE models SET route = ?2, stable = ?3 WHERE name = ?1",
+        params![model, to_json(policy), policy.stable],
     )?;
     Ok(())
 }
@@ -313,7 +328,7 @@ impl Store for SqliteStore {
                 tx,
                 &NewEvent::new(
                     &v.model,
-                    "version_registered",
+                    EventKind::VersionRegistered,
                     format!("version {} registered: {what}", v.version),
                     serde_json::json!({"version": v.version, "source": v.source, "labels": v.labels}),
                 ),
@@ -324,7 +339,7 @@ impl Store for SqliteStore {
                     tx,
                     &NewEvent::new(
                         &v.model,
-                        "stable_set",
+                        EventKind::StableSet,
                         format!(
                             "version {} is the stable version: it is the model's first version",
                             v.version
@@ -426,10 +441,7 @@ impl Store for SqliteStore {
         event: NewEvent,
     ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            tx.execute(
-                "UPDATE models SET route = ?2, stable = ?3 WHERE name = ?1",
-                params![model, to_json(policy), policy.stable],
-            )?;
+            write_route(tx, model, policy)?;
             insert_event(tx, &event)
         })
     }
@@ -437,7 +449,7 @@ impl Store for SqliteStore {
     fn create_rollout(
         &self,
         model: &str,
-        kind: &str,
+        kind: RolloutKind,
         spec: &RolloutSpec,
         state: &RolloutState,
         undoes: Option<i64>,
@@ -458,7 +470,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "INSERT INTO rollouts (model, kind, spec, state, active, undoes, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![model, kind, to_json(spec), to_json(state), state.phase.is_active() as i64, undoes, now],
+                params![model, kind.to_string(), to_json(spec), to_json(state), state.phase.is_active() as i64, undoes, now],
             )?;
             let id = tx.last_insert_rowid();
             if let Some(undone) = undoes {
@@ -492,6 +504,7 @@ impl Store for SqliteStore {
         id: i64,
         state: &RolloutState,
         events: Vec<NewEvent>,
+        route_changed: Option<NewEvent>,
     ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
             tx.execute(
@@ -506,6 +519,14 @@ impl Store for SqliteStore {
             for mut e in events {
                 e.rollout = Some(format!("r-{id}"));
                 insert_event(tx, &e)?;
+            }
+            if let Some(event) = route_changed {
+                let model: String =
+                    tx.query_row("SELECT model FROM rollouts WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })?;
+                write_route(tx, &model, &state.route)?;
+                insert_event(tx, &event)?;
             }
             Ok(())
         })
@@ -629,7 +650,12 @@ mod tests {
                     model,
                     "2",
                     i % 2 == 0,
-                    NewEvent::new(model, "note", format!("{i}"), serde_json::json!({"i": i})),
+                    NewEvent::new(
+                        model,
+                        "note".into(),
+                        format!("{i}"),
+                        serde_json::json!({"i": i}),
+                    ),
                 )
                 .unwrap();
         }
@@ -650,20 +676,22 @@ mod tests {
         let ev = |m: &str| {
             vec![NewEvent::new(
                 m,
-                "rollout_started",
+                EventKind::RolloutStarted,
                 "s".into(),
                 serde_json::json!({}),
             )]
         };
         let ended = store
-            .create_rollout("n", "basic", &spec, &state, None, ev("n"))
+            .create_rollout("n", RolloutKind::Basic, &spec, &state, None, ev("n"))
             .unwrap()
             .unwrap();
         let mut done = state.clone();
         done.phase = Phase::Succeeded;
-        store.update_rollout(ended.id, &done, ev("n")).unwrap();
+        store
+            .update_rollout(ended.id, &done, ev("n"), None)
+            .unwrap();
         let active = store
-            .create_rollout("m", "basic", &spec, &state, None, ev("m"))
+            .create_rollout("m", RolloutKind::Basic, &spec, &state, None, ev("m"))
             .unwrap()
             .unwrap();
         // Every event so far is "old"; one more is recorded "now".
@@ -678,7 +706,7 @@ mod tests {
         let left: Vec<(Option<String>, String)> = ["m", "n"]
             .iter()
             .flat_map(|m| store.events(m, Page::Latest { limit: 100 }).unwrap())
-            .map(|e| (e.rollout, e.kind))
+            .map(|e| (e.rollout, e.kind.to_string()))
             .collect();
         assert_eq!(
             left,
@@ -708,7 +736,7 @@ mod tests {
         let huge = "x".repeat(15 << 20);
         let event = NewEvent::new(
             "m",
-            "analysis",
+            "analysis".into(),
             "y".repeat(100_000),
             serde_json::json!({"checks": huge, "by": "ci"}),
         );
@@ -735,7 +763,12 @@ mod tests {
                 .ends_with("(cut: the message was 100000 bytes)")
         );
         // A small event is stored as it is.
-        let small = NewEvent::new("m", "k", "fine".into(), serde_json::json!({"a": [1, 2]}));
+        let small = NewEvent::new(
+            "m",
+            "k".into(),
+            "fine".into(),
+            serde_json::json!({"a": [1, 2]}),
+        );
         assert_eq!(small.clone().bounded(), small);
     }
 

@@ -3,6 +3,7 @@
 //! No analysis, no automatic rollback, nothing kept warm.
 
 use super::{Plan, succeed};
+use crate::records::EventKind;
 use crate::spec::RolloutSpec;
 
 pub fn plan(spec: &RolloutSpec, p: &mut Plan, now_ms: u64) {
@@ -12,7 +13,7 @@ pub fn plan(spec: &RolloutSpec, p: &mut Plan, now_ms: u64) {
             p.set_route(route);
             p.goto(1, now_ms);
             p.event(
-                "step",
+                EventKind::Step,
                 format!(
                     "step 1/2: switching all traffic from version {} to version {}",
                     p.state.before.stable, spec.version

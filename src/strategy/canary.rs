@@ -6,9 +6,10 @@
 //! A shadow rollout with `then: canary` continues here: `offset` is the
 //! number of steps before the canary's (they keep their numbering).
 
-use super::{Phase, Plan, Waiting, succeed};
+use super::{Phase, Plan, secs, succeed};
 use crate::gateway::RoutePolicy;
 use crate::gateway::policy::CandidateSplit;
+use crate::records::EventKind;
 use crate::spec::{CanarySpec, Pause, RolloutSpec, Step};
 
 /// The steps as the status lists them, plus the final promotion.
@@ -47,11 +48,58 @@ fn takes_all(route: &RoutePolicy, spec: &RolloutSpec) -> bool {
 }
 
 fn wait_for_a_pass(p: &mut Plan, spec: &RolloutSpec, shown: usize, total: usize, why: &str) {
-    p.state.message = format!(
+    p.waiting(format!(
         "step {shown}/{total}: waiting for a passing analysis window before version {} takes all traffic ({why})",
         spec.version
-    );
-    p.requeue_ms = Some(1_000);
+    ));
+}
+
+/// Where a canary is, read from the stored step index.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CanaryStep<'a> {
+    /// One of the spec's steps (its index among them).
+    Listed(usize, &'a Step),
+    /// The final promotion: the candidate takes all traffic.
+    Promote,
+    /// Promoted; the next pass ends the rollout.
+    Done,
+}
+
+impl<'a> CanaryStep<'a> {
+    /// The step at index `i` of the canary's own numbering.
+    pub fn at(c: &'a CanarySpec, i: usize) -> CanaryStep<'a> {
+        match c.steps.get(i) {
+            Some(step) => CanaryStep::Listed(i, step),
+            None if i == c.steps.len() => CanaryStep::Promote,
+            None => CanaryStep::Done,
+        }
+    }
+}
+
+/// How the canary's steps are numbered in messages: `offset` steps come
+/// before them (a shadow's), and the promotion is the last.
+struct Numbering {
+    offset: usize,
+    total: usize,
+}
+
+impl Numbering {
+    fn new(c: &CanarySpec, offset: usize) -> Numbering {
+        Numbering {
+            offset,
+            total: offset + c.steps.len() + 1,
+        }
+    }
+
+    /// The canary's own index of the rollout's current step.
+    fn own(&self, p: &Plan) -> usize {
+        p.state.step.saturating_sub(self.offset)
+    }
+
+    /// `step 3/7` for the canary's step `i`.
+    fn shown(&self, i: usize) -> String {
+        format!("step {}/{}", self.offset + i + 1, self.total)
+    }
 }
 
 /// `promote`: `Some((full, who))` when a person asked to advance.
@@ -63,124 +111,146 @@ pub fn plan(
     offset: usize,
     now_ms: u64,
 ) {
-    let n = c.steps.len();
-    let total = offset + n + 1;
-    let cohort = if c.matches.is_empty() {
-        String::new()
-    } else {
-        " of the cohort".to_string()
-    };
+    let at = Numbering::new(c, offset);
     // A person's promote takes the last step without a passing window.
     let forced = promote.is_some();
     if let Some((full, who)) = promote {
-        p.state.phase = Phase::Progressing;
-        p.state.waiting_for = None;
-        let i = p.state.step.saturating_sub(offset);
-        if full {
-            p.state.step = offset + n;
-            p.event("promoted", format!("promoted to the end by {who}"));
-        } else if i < n {
-            if matches!(c.steps[i], Step::Pause(_) | Step::Analysis(_)) {
-                advance(p, now_ms);
-            }
-            p.event(
-                "promoted",
-                format!(
-                    "promoted past step {}/{total} ({}) by {who}",
-                    offset + i + 1,
-                    c.steps[i].describe()
-                ),
-            );
-        }
+        promoted(c, p, &at, full, &who, now_ms);
     }
     loop {
-        let i = p.state.step.saturating_sub(offset);
-        if i > n {
-            succeed(p, spec);
+        let i = at.own(p);
+        let done = match CanaryStep::at(c, i) {
+            CanaryStep::Done => {
+                succeed(p, spec);
+                true
+            }
+            CanaryStep::Promote => {
+                promote_all(spec, p, &at, forced, now_ms);
+                true
+            }
+            CanaryStep::Listed(i, step) => take(spec, c, p, &at, i, step, forced, now_ms),
+        };
+        if done {
             return;
         }
-        if i == n {
-            if !forced
+    }
+}
+
+/// A person's promote: to the end (`full`), or past a pause or gate.
+fn promoted(c: &CanarySpec, p: &mut Plan, at: &Numbering, full: bool, who: &str, now_ms: u64) {
+    p.state.phase = Phase::Progressing;
+    p.state.waiting_for = None;
+    let i = at.own(p);
+    if full {
+        p.state.step = at.offset + c.steps.len();
+        p.event(EventKind::Promoted, format!("promoted to the end by {who}"));
+    } else if let CanaryStep::Listed(i, step) = CanaryStep::at(c, i) {
+        if matches!(step, Step::Pause(_) | Step::Analysis(_)) {
+            advance(p, now_ms);
+        }
+        p.event(
+            EventKind::Promoted,
+            format!(
+                "promoted past {} ({}) by {who}",
+                at.shown(i),
+                step.describe()
+            ),
+        );
+    }
+}
+
+/// The last step: the candidate takes all traffic (after a passing window,
+/// unless a person promoted).
+fn promote_all(spec: &RolloutSpec, p: &mut Plan, at: &Numbering, forced: bool, now_ms: u64) {
+    let total = at.total;
+    if !forced
+        && !takes_all(&p.state.route, spec)
+        && let Some(why) = p.last_step_waits(spec)
+    {
+        wait_for_a_pass(p, spec, total, total, &why);
+        return;
+    }
+    let route = p.all_to(&spec.version);
+    p.set_route(route);
+    p.goto(total, now_ms);
+    p.event(
+        EventKind::Step,
+        format!(
+            "step {total}/{total}: promoting: version {} takes all traffic",
+            spec.version
+        ),
+    );
+}
+
+/// Takes listed step `i`; true when the pass ends here, false to go on to
+/// the next step at once.
+#[allow(clippy::too_many_arguments)]
+fn take(
+    spec: &RolloutSpec,
+    c: &CanarySpec,
+    p: &mut Plan,
+    at: &Numbering,
+    i: usize,
+    step: &Step,
+    forced: bool,
+    now_ms: u64,
+) -> bool {
+    let shown = at.shown(i);
+    match step {
+        Step::Weight(w) => {
+            if *w >= 100.0
+                && !forced
                 && !takes_all(&p.state.route, spec)
                 && let Some(why) = p.last_step_waits(spec)
             {
-                wait_for_a_pass(p, spec, total, total, &why);
-                return;
+                wait_for_a_pass(p, spec, at.offset + i + 1, at.total, &why);
+                return true;
             }
-            let route = p.all_to(&spec.version);
+            let cohort = if c.matches.is_empty() {
+                ""
+            } else {
+                " of the cohort"
+            };
+            let route = route_at(&p.state.before, spec, c, *w);
             p.set_route(route);
-            p.goto(offset + n + 1, now_ms);
-            p.event(
-                "step",
-                format!(
-                    "step {total}/{total}: promoting: version {} takes all traffic",
-                    spec.version
-                ),
-            );
-            return;
+            p.event(EventKind::Step, format!("{shown}: weight {w}%{cohort}"));
+            advance(p, now_ms);
+            // Publish this weight before taking further steps.
+            p.requeue_ms = Some(0);
+            true
         }
-        let shown = offset + i + 1;
-        match &c.steps[i] {
-            Step::Weight(w) => {
-                if *w >= 100.0
-                    && !forced
-                    && !takes_all(&p.state.route, spec)
-                    && let Some(why) = p.last_step_waits(spec)
-                {
-                    wait_for_a_pass(p, spec, shown, total, &why);
-                    return;
-                }
-                let route = route_at(&p.state.before, spec, c, *w);
-                p.set_route(route);
-                p.event("step", format!("step {shown}/{total}: weight {w}%{cohort}"));
+        Step::Pause(Pause::For(d)) => match p.timer(d.0, now_ms) {
+            None => {
                 advance(p, now_ms);
-                p.requeue_ms = Some(0);
-                // Publish this weight before taking further steps.
-                return;
+                false
             }
-            Step::Pause(Pause::For(d)) => {
-                let end = p.state.step_started_ms + d.0.as_millis() as u64;
-                if now_ms >= end {
-                    advance(p, now_ms);
-                    continue;
-                }
-                let left = (end - now_ms).div_ceil(1000);
-                p.state.message = format!("step {shown}/{total}: pause {d}, {left}s left");
-                p.requeue_ms = Some(end - now_ms);
-                return;
+            Some(left) => {
+                p.state.message = format!("{shown}: pause {d}, {}s left", secs(left));
+                true
             }
-            Step::Pause(Pause::UntilPromoted(_)) => {
-                if p.state.waiting_for != Some(Waiting::Promote) {
-                    p.pause(
-                        Waiting::Promote,
-                        "paused",
-                        format!(
-                            "step {shown}/{total}: waiting for `ferry promote {}`",
-                            spec.model
-                        ),
-                    );
-                }
-                return;
-            }
-            Step::Analysis(gate) => {
-                if p.state.analysis.gate_passes >= gate.passes {
-                    p.event(
-                        "step",
-                        format!(
-                            "step {shown}/{total}: analysis gate passed ({} passing windows)",
-                            gate.passes
-                        ),
-                    );
-                    advance(p, now_ms);
-                    continue;
-                }
-                p.state.message = format!(
-                    "step {shown}/{total}: analysis gate, {} passing windows of {}",
-                    p.state.analysis.gate_passes, gate.passes
+        },
+        Step::Pause(Pause::UntilPromoted(_)) => {
+            p.wait_for_promote(|| format!("{shown}: waiting for `ferry promote {}`", spec.model));
+            true
+        }
+        Step::Analysis(gate) => {
+            let passes = p.state.analysis.gate_passes;
+            if passes >= gate.passes {
+                p.event(
+                    EventKind::Step,
+                    format!(
+                        "{shown}: analysis gate passed ({} passing windows)",
+                        gate.passes
+                    ),
                 );
-                p.requeue_ms = Some(1_000);
-                return;
+                advance(p, now_ms);
+                return false;
             }
+            p.waiting(format!(
+                "{shown}: analysis gate, {passes} passing windows of {}",
+                gate.passes
+            ));
+            true
         }
     }
 }

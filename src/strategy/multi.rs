@@ -5,6 +5,7 @@
 
 use super::{Plan, succeed};
 use crate::gateway::RoutePolicy;
+use crate::records::EventKind;
 use crate::spec::{MultiSpec, RolloutSpec};
 
 pub fn plan(spec: &RolloutSpec, m: &MultiSpec, p: &mut Plan, now_ms: u64) {
@@ -25,7 +26,7 @@ pub fn plan(spec: &RolloutSpec, m: &MultiSpec, p: &mut Plan, now_ms: u64) {
             p.set_route(route);
             p.goto(1, now_ms);
             p.event(
-                "step",
+                EventKind::Step,
                 format!(
                     "step 1/2: version {} is primary; failover chain: {}",
                     spec.version,

@@ -11,9 +11,13 @@
 //! `replicas` are never ready: `max_unavailable` is always met, and the
 //! surge is the batch being started.
 
-use super::{Phase, Plan, succeed};
+use serde::{Deserialize, Serialize};
+
+use super::{Phase, Plan, secs, succeed};
+use crate::analysis::Verdict;
 use crate::gateway::RoutePolicy;
 use crate::gateway::policy::CandidateSplit;
+use crate::records::EventKind;
 use crate::spec::{RollingRollback, RollingSpec, RolloutSpec};
 
 fn batches(r: &RollingSpec) -> usize {
@@ -69,6 +73,60 @@ fn on_candidate(route: &RoutePolicy, spec: &RolloutSpec) -> u32 {
         .unwrap_or(0)
 }
 
+/// A rolling update's own state, stored flattened into the rollout's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RollingState {
+    /// Why the update is taking its batches back (after a failed batch).
+    #[serde(default)]
+    pub rolling_back: Option<String>,
+}
+
+/// Where a rolling update is, read from the stored step index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollingStep {
+    /// Step 0: the stable version scales up to the pool size.
+    ScaleUp,
+    /// Batch `b` (from 1): `b × batch_size` replicas run the candidate.
+    Batch(u32),
+    /// Every batch settled.
+    Done,
+}
+
+impl RollingStep {
+    pub fn at(r: &RollingSpec, i: usize) -> RollingStep {
+        match i {
+            0 => RollingStep::ScaleUp,
+            b if b <= batches(r) => RollingStep::Batch(b as u32),
+            _ => RollingStep::Done,
+        }
+    }
+}
+
+/// A batch's route could not be published: the previous batch serves (the
+/// failed route never did), and the update takes its batches back.
+pub fn batch_failed(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_ms: u64) {
+    if p.state.rolling.rolling_back.is_some() {
+        return;
+    }
+    p.state.rolling.rolling_back = Some(format!("a batch could not start: {why}"));
+    let done = p.state.step.saturating_sub(1) as u32; // batches fully up
+    let k = (done * r.batch_size).min(r.replicas);
+    p.state.route = route_for(&p.state.before, spec, r.replicas, k);
+    p.state.step_started_ms = now_ms;
+    p.event(
+        EventKind::BatchFailed,
+        format!("batch failed: {why}; rolling back"),
+    );
+}
+
+/// A failed analysis window: the update takes its batches back.
+pub fn window_failed(p: &mut Plan, verdict: &Verdict, now_ms: u64) {
+    if p.state.rolling.rolling_back.is_none() {
+        p.state.rolling.rolling_back = Some(format!("analysis failed: {}", verdict.reason));
+        p.state.step_started_ms = now_ms;
+    }
+}
+
 pub fn plan(
     spec: &RolloutSpec,
     r: &RollingSpec,
@@ -76,106 +134,111 @@ pub fn plan(
     promote: Option<(bool, String)>,
     now_ms: u64,
 ) {
-    let n = r.replicas;
-    let total = batches(r) + 2;
-    if let Some(why) = p.state.rolling_back.clone() {
-        let k = on_candidate(&p.state.route, spec);
-        let pause_over = now_ms >= p.state.step_started_ms + r.batch_pause.0.as_millis() as u64;
-        if k == 0 || r.rollback == RollingRollback::All || (k <= r.batch_size && pause_over) {
-            let restored = route_for(&p.state.before, spec, n, 0);
-            p.set_route(restored);
-            p.state.phase = Phase::Aborted;
-            p.state.waiting_for = None;
-            p.requeue_ms = None;
-            p.event(
-                "aborted",
-                format!(
-                    "aborted: {why}; all {n} replicas back on version {}",
-                    p.state.before.stable
-                ),
-            );
-        } else if pause_over {
-            let k = k - r.batch_size.min(k);
-            p.set_route(route_for(&p.state.before, spec, n, k));
-            p.state.step_started_ms = now_ms;
-            p.requeue_ms = Some(0);
-            p.event(
-                "step",
-                format!(
-                    "rolling back: {k} of {n} replicas left on version {}",
-                    spec.version
-                ),
-            );
-        } else {
-            p.requeue_ms = Some(200);
-        }
+    if let Some(why) = p.state.rolling.rolling_back.clone() {
+        roll_back(spec, r, p, &why, now_ms);
         return;
     }
-    let step = p.state.step;
-    if step == 0 {
-        p.set_route(route_for(&p.state.before, spec, n, 0));
-        p.goto(1, now_ms);
+    match RollingStep::at(r, p.state.step) {
+        RollingStep::ScaleUp => scale_up(spec, r, p, now_ms),
+        RollingStep::Batch(b) => batch(spec, r, p, b, promote.is_some(), now_ms),
+        RollingStep::Done => succeed(p, spec),
+    }
+}
+
+/// Takes one batch back per `batch_pause` (or all at once), then ends the
+/// update aborted with every replica on the stable version.
+fn roll_back(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_ms: u64) {
+    let n = r.replicas;
+    let k = on_candidate(&p.state.route, spec);
+    let pause_over = now_ms >= p.state.step_started_ms + r.batch_pause.0.as_millis() as u64;
+    if k == 0 || r.rollback == RollingRollback::All || (k <= r.batch_size && pause_over) {
+        let restored = route_for(&p.state.before, spec, n, 0);
+        p.set_route(restored);
+        p.state.phase = Phase::Aborted;
+        p.state.waiting_for = None;
+        p.requeue_ms = None;
         p.event(
-            "step",
+            EventKind::Aborted,
             format!(
-                "step 1/{total}: version {} runs {n} replicas (the pool for this update)",
+                "aborted: {why}; all {n} replicas back on version {}",
                 p.state.before.stable
             ),
         );
-        return;
-    }
-    if step > batches(r) {
-        succeed(p, spec);
-        return;
-    }
-    let k_target = (step as u32 * r.batch_size).min(n);
-    if on_candidate(&p.state.route, spec) < k_target {
-        p.set_route(route_for(&p.state.before, spec, n, k_target));
+    } else if pause_over {
+        let k = k - r.batch_size.min(k);
+        p.set_route(route_for(&p.state.before, spec, n, k));
         p.state.step_started_ms = now_ms;
         p.requeue_ms = Some(0);
         p.event(
-            "step",
+            EventKind::Step,
             format!(
-                "step {}/{total}: batch {step}: {k_target} of {n} replicas run version {} (about {:.0}% of traffic)",
-                step + 1,
+                "rolling back: {k} of {n} replicas left on version {}",
+                spec.version
+            ),
+        );
+    } else {
+        p.requeue_ms = Some(200);
+    }
+}
+
+fn scale_up(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, now_ms: u64) {
+    let n = r.replicas;
+    p.set_route(route_for(&p.state.before, spec, n, 0));
+    p.goto(1, now_ms);
+    p.event(
+        EventKind::Step,
+        format!(
+            "step 1/{}: version {} runs {n} replicas (the pool for this update)",
+            batches(r) + 2,
+            p.state.before.stable
+        ),
+    );
+}
+
+/// Batch `b`: start its replicas, let it settle for `batch_pause`, and (the
+/// last batch) wait for a passing window; then the next batch.
+fn batch(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, b: u32, promoted: bool, now_ms: u64) {
+    let n = r.replicas;
+    let shown = format!("step {}/{}", b + 1, batches(r) + 2);
+    let k = (b * r.batch_size).min(n);
+    if on_candidate(&p.state.route, spec) < k {
+        p.set_route(route_for(&p.state.before, spec, n, k));
+        p.state.step_started_ms = now_ms;
+        p.requeue_ms = Some(0);
+        p.event(
+            EventKind::Step,
+            format!(
+                "{shown}: batch {b}: {k} of {n} replicas run version {} (about {:.0}% of traffic)",
                 spec.version,
-                f64::from(k_target) * 100.0 / f64::from(n)
+                f64::from(k) * 100.0 / f64::from(n)
             ),
         );
         return;
     }
-    let end = p.state.step_started_ms + r.batch_pause.0.as_millis() as u64;
-    if now_ms < end && promote.is_none() {
+    if !promoted && let Some(left) = p.timer(r.batch_pause.0, now_ms) {
         p.state.message = format!(
-            "step {}/{total}: batch {step} ({k_target}/{n}) settling, {}s left",
-            step + 1,
-            (end - now_ms).div_ceil(1000)
+            "{shown}: batch {b} ({k}/{n}) settling, {}s left",
+            secs(left)
         );
-        p.requeue_ms = Some(end - now_ms);
         return;
     }
-    if step == batches(r)
-        && promote.is_none()
+    if b as usize == batches(r)
+        && !promoted
         && let Some(why) = p.last_step_waits(spec)
     {
-        p.state.message = format!(
-            "step {}/{total}: all {n} replicas run version {}; waiting for a passing analysis window before it is done ({why})",
-            step + 1,
+        p.waiting(format!(
+            "{shown}: all {n} replicas run version {}; waiting for a passing analysis window before it is done ({why})",
             spec.version
-        );
-        p.requeue_ms = Some(1_000);
+        ));
         return;
     }
     // The batch's replicas are up (the route was published) and the analysis
     // has not failed since it started: next batch.
-    p.state.message = format!(
-        "step {}/{total}: batch {step} ({k_target}/{n}) settled",
-        step + 1
-    );
+    p.state.message = format!("{shown}: batch {b} ({k}/{n}) settled");
     p.state.step += 1;
     p.state.step_started_ms = now_ms;
     p.requeue_ms = Some(0);
-    if p.state.step > batches(r) {
+    if RollingStep::at(r, p.state.step) == RollingStep::Done {
         succeed(p, spec);
     }
 }

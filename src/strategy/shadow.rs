@@ -6,13 +6,112 @@
 //! (wait for a person) or `canary` (real users next). Too little agreement
 //! with enough pairs aborts. Every decision's event carries the evidence.
 //!
-//! Steps: 0 mirroring, 1 decided, then the canary's steps (offset 2).
+//! Steps ([`ShadowStep`]): mirroring, decided, then the canary's steps.
 
-use super::{Phase, Plan, Waiting, canary, succeed};
+use serde::{Deserialize, Serialize};
+
+use super::{Phase, Plan, RolloutState, Waiting, canary, succeed};
 use crate::analysis::Outcome;
 use crate::gateway::RoutePolicy;
 use crate::gateway::policy::{Compare, ShadowPolicy};
+use crate::records::EventKind;
 use crate::spec::{RolloutSpec, ShadowSpec, ShadowThen};
+
+/// Where a shadow rollout is, read from the stored step index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowStep {
+    /// Copies go to the candidate; comparisons accumulate.
+    Mirroring,
+    /// Decided to promote (the next pass ends the rollout).
+    Decided,
+    /// `then: canary`: the canary's own step index.
+    Canary(usize),
+}
+
+/// Steps before a `then: canary`'s own (they keep their numbering).
+const CANARY_OFFSET: usize = 2;
+
+impl ShadowStep {
+    pub fn at(i: usize) -> ShadowStep {
+        match i {
+            0 => ShadowStep::Mirroring,
+            1 => ShadowStep::Decided,
+            i => ShadowStep::Canary(i - CANARY_OFFSET),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        match self {
+            ShadowStep::Mirroring => 0,
+            ShadowStep::Decided => 1,
+            ShadowStep::Canary(i) => i + CANARY_OFFSET,
+        }
+    }
+}
+
+/// A shadow's own state, stored flattened into the rollout's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowState {
+    /// Comparisons counted since mirroring began.
+    #[serde(rename = "shadow", default)]
+    pub compared: ShadowProgress,
+}
+
+impl ShadowState {
+    /// Adds the comparisons counted since the last observation.
+    pub(super) fn add(&mut self, w: &ShadowProgress) {
+        self.compared.add(w);
+    }
+}
+
+/// Shadow comparisons accumulated since mirroring began, with the latest
+/// disagreements among them (so the counts always cover the examples).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowProgress {
+    pub agree: u64,
+    pub disagree: u64,
+    /// Copies the shadow failed to answer.
+    pub errors: u64,
+    /// Copies dropped because the shadow was saturated.
+    pub dropped: u64,
+    /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
+    #[serde(default)]
+    pub examples: Vec<crate::metrics::Disagreement>,
+}
+
+/// Disagreements a shadow rollout keeps as examples.
+pub const SHADOW_EXAMPLES: usize = 5;
+
+impl ShadowProgress {
+    fn add(&mut self, w: &ShadowProgress) {
+        self.agree += w.agree;
+        self.disagree += w.disagree;
+        self.errors += w.errors;
+        self.dropped += w.dropped;
+        self.examples.extend(w.examples.iter().cloned());
+        let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
+        self.examples.drain(..extra);
+    }
+
+    pub fn compared(&self) -> u64 {
+        self.agree + self.disagree
+    }
+
+    pub fn agreement(&self) -> Option<f64> {
+        (self.compared() > 0).then(|| self.agree as f64 / self.compared() as f64)
+    }
+}
+
+/// Whether the rollout mirrors to its candidate now (and so counts
+/// comparisons).
+pub fn mirroring(spec: &RolloutSpec, state: &RolloutState) -> bool {
+    ShadowStep::at(state.step) == ShadowStep::Mirroring
+        && state
+            .route
+            .shadow
+            .as_ref()
+            .is_some_and(|s| s.version == spec.version)
+}
 
 pub fn steps(sh: &ShadowSpec) -> Vec<String> {
     let mut v = vec!["mirroring".to_string(), "decided".to_string()];
@@ -26,7 +125,7 @@ fn total(sh: &ShadowSpec) -> usize {
     steps(sh).len()
 }
 
-fn mirroring(before: &RoutePolicy, spec: &RolloutSpec, sh: &ShadowSpec) -> RoutePolicy {
+fn mirror_route(before: &RoutePolicy, spec: &RolloutSpec, sh: &ShadowSpec) -> RoutePolicy {
     let mut r = before.clone();
     r.shadow = Some(ShadowPolicy {
         version: spec.version.clone(),
@@ -43,7 +142,7 @@ fn mirroring(before: &RoutePolicy, spec: &RolloutSpec, sh: &ShadowSpec) -> Route
 
 /// The comparisons so far, in words.
 fn tally(p: &Plan) -> String {
-    let s = &p.state.shadow;
+    let s = &p.state.shadow.compared;
     format!(
         "{} comparisons, agreement {}, {} disagreed, {} shadow errors, {} copies dropped",
         s.compared(),
@@ -57,7 +156,7 @@ fn tally(p: &Plan) -> String {
 /// The evidence behind a decision, for its event: the numbers, the
 /// thresholds and the example disagreements.
 fn evidence(sh: &ShadowSpec, p: &Plan) -> serde_json::Value {
-    let s = &p.state.shadow;
+    let s = &p.state.shadow.compared;
     serde_json::json!({
         "comparisons": s.compared(),
         "agree": s.agree,
@@ -96,7 +195,6 @@ fn decide(
             if p.state.waiting_for != Some(Waiting::Promote) {
                 p.pause(
                     Waiting::Promote,
-                    "paused",
                     format!(
                         "step 1/{}: {why}; waiting for `ferry promote {}`",
                         total(sh),
@@ -111,11 +209,9 @@ fn decide(
             p.set_route(before);
             p.state.phase = Phase::Progressing;
             p.state.waiting_for = None;
-            p.state.step = 2;
-            p.state.step_started_ms = now_ms;
-            p.requeue_ms = Some(0);
+            p.goto(ShadowStep::Canary(0).index(), now_ms);
             p.event(
-                "step",
+                EventKind::Step,
                 format!(
                     "step 2/{}: {why}; continuing as a canary with real users",
                     total(sh)
@@ -128,10 +224,10 @@ fn decide(
             p.set_route(route);
             p.state.phase = Phase::Progressing;
             p.state.waiting_for = None;
-            p.state.step = 1;
+            p.state.step = ShadowStep::Decided.index();
             p.requeue_ms = Some(0);
             p.event(
-                "step",
+                EventKind::Step,
                 format!(
                     "step 2/{}: {why}; production switched to version {}",
                     total(sh),
@@ -150,23 +246,33 @@ pub fn plan(
     promote: Option<(bool, String)>,
     now_ms: u64,
 ) {
-    if p.state.step >= 2 {
-        let c = sh
-            .canary
-            .as_ref()
-            .expect("then: canary has a canary block (validated)");
-        canary::plan(spec, c, p, promote, 2, now_ms);
-        return;
+    match ShadowStep::at(p.state.step) {
+        ShadowStep::Canary(_) => {
+            let c = sh
+                .canary
+                .as_ref()
+                .expect("then: canary has a canary block (validated)");
+            canary::plan(spec, c, p, promote, CANARY_OFFSET, now_ms);
+        }
+        ShadowStep::Decided => succeed(p, spec),
+        ShadowStep::Mirroring => mirror(spec, sh, p, promote, now_ms),
     }
-    if p.state.step == 1 {
-        succeed(p, spec);
-        return;
-    }
-    let wanted = mirroring(&p.state.before, spec, sh);
+}
+
+/// Mirrors, counts, and decides once the comparisons say enough (or a
+/// person promoted).
+fn mirror(
+    spec: &RolloutSpec,
+    sh: &ShadowSpec,
+    p: &mut Plan,
+    promote: Option<(bool, String)>,
+    now_ms: u64,
+) {
+    let wanted = mirror_route(&p.state.before, spec, sh);
     if p.state.route.shadow.is_none() {
         p.set_route(wanted);
         p.event(
-            "step",
+            EventKind::Step,
             format!(
                 "step 1/{}: mirroring {}% of production to version {}; users only get version {}'s answers",
                 total(sh),
@@ -181,22 +287,21 @@ pub fn plan(
         decide(spec, sh, p, Some(who), now_ms);
         return;
     }
-    let compared = p.state.shadow.compared();
+    let compared = p.state.shadow.compared.compared();
     if compared < sh.min_comparisons {
-        p.state.message = format!(
+        p.waiting(format!(
             "step 1/{}: mirroring: {} (need {})",
             total(sh),
             tally(p),
             sh.min_comparisons
-        );
-        p.requeue_ms = Some(1_000);
+        ));
         return;
     }
-    let agreement = p.state.shadow.agreement().unwrap_or(0.0);
+    let agreement = p.state.shadow.compared.agreement().unwrap_or(0.0);
     if agreement < sh.min_agreement {
         p.end_restored(
             Phase::Aborted,
-            "aborted",
+            EventKind::Aborted,
             format!(
                 "aborted: shadow agreement {agreement:.4} < {} ({}); version {} keeps serving",
                 sh.min_agreement,
@@ -214,11 +319,10 @@ pub fn plan(
             .as_ref()
             .is_some_and(|v| v.outcome == Outcome::Pass);
     if !analysis_ok {
-        p.state.message = format!(
+        p.waiting(format!(
             "step 1/{}: agreement {agreement:.4} is enough; waiting for a passing analysis window",
             total(sh)
-        );
-        p.requeue_ms = Some(1_000);
+        ));
         return;
     }
     decide(spec, sh, p, None, now_ms);

@@ -559,9 +559,9 @@ fn a_shadow_decision_event_carries_the_numbers_and_the_examples() {
     let mut d = Driver::new(spec(SHADOW));
     d.idle();
     d.tick(window(30, 2));
-    assert_eq!(d.state.shadow.examples.len(), 2);
+    assert_eq!(d.state.shadow.compared.examples.len(), 2);
     d.tick(window(31, 37));
-    let s = &d.state.shadow;
+    let s = &d.state.shadow.compared;
     assert_eq!(s.examples.len(), SHADOW_EXAMPLES, "the latest few");
     assert_eq!(s.examples.last().unwrap().id, "req-31-2");
     let p = plan(&d.spec, &d.state, &Observations::default(), d.now);
@@ -571,7 +571,11 @@ fn a_shadow_decision_event_carries_the_numbers_and_the_examples() {
     d2.idle();
     d2.tick(window(30, 2));
     let p = d2.tick(window(31, 37));
-    let aborted = p.events.iter().find(|e| e.kind == "aborted").unwrap();
+    let aborted = p
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::Aborted)
+        .unwrap();
     assert_eq!(aborted.data["comparisons"], 100);
     assert_eq!(aborted.data["disagree"], 39);
     assert_eq!(aborted.data["min_comparisons"], 100);
@@ -791,7 +795,7 @@ fn a_rolling_batch_that_fails_rolls_back_batch_by_batch() {
         route_failed: Some("replica 3 would not warm up".into()),
         ..Default::default()
     });
-    assert!(d.state.rolling_back.is_some());
+    assert!(d.state.rolling.rolling_back.is_some());
     assert_eq!(
         split_of(&d).1,
         Some(2),
@@ -841,4 +845,110 @@ fn rolling_s_last_batch_waits_for_a_passing_window() {
         ..Default::default()
     });
     assert_eq!(d.state.phase, Phase::Succeeded);
+}
+
+/// A rollout's state as the store holds it, written by the build before
+/// each strategy owned its state: the per-strategy fields (`shadow`, `qa`,
+/// `rolling_back`) stay top-level, read back, and are written back under
+/// the same names; a row from before they existed still reads.
+#[test]
+fn stored_state_json_of_the_previous_build_still_reads() {
+    let stored = r#"{"phase":"paused","waiting_for":"resume","step":1,"step_started_ms":1000,
+        "before":{"stable":"1"},"route":{"stable":"1","staging":"2"},
+        "analysis":{"consecutive_failures":1,"consecutive_inconclusive":0,"gate_passes":2,
+            "last":{"outcome":"fail","candidate_requests":412,"stable_requests":4000,"checks":[],"reason":"bad"},
+            "last_at_ms":900},
+        "message":"paused by ops",
+        "shadow":{"agree":40,"disagree":2,"errors":1,"dropped":0,
+            "examples":[{"id":"r-9","primary":[1],"shadow":[0]}]},
+        "qa":{"rows":10,"failures":0,"accuracy":0.9,"mean_abs_error":null,"passed":true,"reason":"accuracy 0.9000 >= 0.8"},
+        "rolling_back":"analysis failed: bad",
+        "paused_at_ms":1500,"rollback":{"undoes":"r-3"},"baseline":null}"#;
+    let state: RolloutState = serde_json::from_str(stored).unwrap();
+    assert_eq!((state.phase, state.step), (Phase::Paused, 1));
+    assert_eq!(state.waiting_for, Some(Waiting::Resume));
+    assert_eq!(state.route.staging.as_deref(), Some("2"));
+    assert_eq!(state.shadow.compared.agree, 40);
+    assert_eq!(state.shadow.compared.examples[0].id, "r-9");
+    assert_eq!(state.blue_green.qa.as_ref().unwrap().accuracy, Some(0.9));
+    assert_eq!(
+        state.rolling.rolling_back.as_deref(),
+        Some("analysis failed: bad")
+    );
+    assert_eq!(state.paused_at_ms, Some(1500));
+    let written = serde_json::to_value(&state).unwrap();
+    let original: serde_json::Value = serde_json::from_str(stored).unwrap();
+    for field in [
+        "shadow",
+        "qa",
+        "rolling_back",
+        "analysis",
+        "paused_at_ms",
+        "rollback",
+    ] {
+        assert_eq!(written[field], original[field], "{field}");
+    }
+    assert_eq!(
+        serde_json::from_value::<RolloutState>(written).unwrap(),
+        state
+    );
+
+    let older = r#"{"phase":"progressing","waiting_for":null,"step":0,"step_started_ms":0,
+        "before":{"stable":"1"},"route":{"stable":"1"},
+        "analysis":{"consecutive_failures":0,"consecutive_inconclusive":0,"gate_passes":0,"last":null,"last_at_ms":0},
+        "message":"starting"}"#;
+    let state: RolloutState = serde_json::from_str(older).unwrap();
+    assert_eq!(state, initial_state(&RoutePolicy::stable_only("1"), 0));
+}
+
+#[test]
+fn only_a_countdown_is_not_worth_storing() {
+    let mut d = Driver::new(spec(CANARY));
+    d.idle();
+    d.now = 1_000;
+    let before = d.state.clone();
+    let p = plan(&d.spec, &before, &Observations::default(), 5_000);
+    assert_ne!(p.state.message, before.message, "the countdown moved");
+    assert!(p.only_countdown(&before));
+    let p = plan(&d.spec, &before, &Observations::default(), 30_000);
+    assert!(!p.only_countdown(&before), "the pause is over: a new step");
+    assert!(Observations::default().is_empty());
+    assert!(
+        !Observations {
+            verdict: Some(verdict(Outcome::Pass)),
+            ..Default::default()
+        }
+        .is_empty()
+    );
+}
+
+#[test]
+fn the_controller_asks_the_strategy_what_to_measure() {
+    let mut d = Driver::new(spec(BLUE_GREEN));
+    assert!(
+        qa_due(&d.spec, &d.state).is_none(),
+        "green is not staged yet"
+    );
+    d.idle();
+    assert_eq!(
+        qa_due(&d.spec, &d.state).map(|q| q.dataset.as_str()),
+        Some("holdout.jsonl")
+    );
+    d.tick(Observations {
+        qa: Some(crate::analysis::qa::QaResult {
+            rows: 1,
+            failures: 0,
+            accuracy: Some(1.0),
+            mean_abs_error: None,
+            passed: true,
+            reason: "fine".into(),
+        }),
+        ..Default::default()
+    });
+    assert!(qa_due(&d.spec, &d.state).is_none(), "the gate ran");
+
+    let mut d = Driver::new(spec(SHADOW));
+    assert!(counts_comparisons(&d.spec, &d.state).is_none());
+    d.idle();
+    assert!(counts_comparisons(&d.spec, &d.state).is_some(), "mirroring");
 }
