@@ -115,6 +115,129 @@ fn latency_quantile(m: Metric) -> Option<f64> {
     }
 }
 
+/// One metric check being judged: its name and the two values, which every
+/// result carries.
+struct Judged {
+    check: String,
+    metric: &'static str,
+    candidate: Option<f64>,
+    stable: Option<f64>,
+}
+
+impl Judged {
+    fn result(&self, outcome: Outcome, p_value: Option<f64>, reason: String) -> CheckResult {
+        CheckResult {
+            check: self.check.clone(),
+            outcome,
+            candidate: self.candidate,
+            stable: self.stable,
+            p_value,
+            reason,
+        }
+    }
+
+    /// Against an absolute bound: the observed value decides.
+    fn absolute(&self, cv: f64, bound: f64, upper: bool) -> CheckResult {
+        let (worse, word) = if upper {
+            (cv > bound, ">")
+        } else {
+            (cv < bound, "<")
+        };
+        let metric = self.metric;
+        if worse {
+            self.result(
+                Outcome::Fail,
+                None,
+                format!("candidate {metric} {} {word} {}", fmt(cv), fmt(bound)),
+            )
+        } else {
+            self.result(
+                Outcome::Pass,
+                None,
+                format!("candidate {metric} {} within {}", fmt(cv), fmt(bound)),
+            )
+        }
+    }
+}
+
+/// A bound relative to stable's value: `k × stable + d`, an upper or a
+/// lower one.
+struct Relative {
+    k: f64,
+    d: f64,
+    upper: bool,
+    value: f64,
+    /// How the bound reads, e.g. `1.5 x stable 12.000`.
+    text: String,
+}
+
+impl Relative {
+    /// The bound of a relative condition (None for an absolute one).
+    fn of(condition: Condition, sv: f64) -> Option<Relative> {
+        let (k, d, upper) = match condition {
+            Condition::MaxVsStable(k) => (k, 0.0, true),
+            Condition::MinVsStable(k) => (k, 0.0, false),
+            Condition::MaxDeltaVsStable(d) => (1.0, d, true),
+            Condition::MinDeltaVsStable(d) => (1.0, d, false),
+            Condition::Max(_) | Condition::Min(_) => return None,
+        };
+        let text = match condition {
+            Condition::MaxVsStable(k) | Condition::MinVsStable(k) => {
+                format!("{k} x stable {}", fmt(sv))
+            }
+            _ => format!("stable {} {d:+}", fmt(sv)),
+        };
+        Some(Relative {
+            k,
+            d,
+            upper,
+            value: k * sv + d,
+            text,
+        })
+    }
+
+    fn beyond(&self, cv: f64) -> bool {
+        if self.upper {
+            cv > self.value
+        } else {
+            cv < self.value
+        }
+    }
+
+    fn word(&self) -> &'static str {
+        if self.upper { ">" } else { "<" }
+    }
+}
+
+/// The p-value of the candidate being beyond the bound by chance: a
+/// two-proportion test for rates, Mann-Whitney for latencies, None for a
+/// metric without a test (the observed value decides).
+fn significance(
+    metric: Metric,
+    candidate: &Summary,
+    stable: &Summary,
+    b: &Relative,
+) -> Option<f64> {
+    if let Some((x_c, n_c)) = counts(metric, candidate) {
+        let (x_s, n_s) = counts(metric, stable).unwrap_or((0, 0));
+        Some(if b.upper {
+            stats::proportion_exceeds(x_c, n_c, x_s, n_s, b.k, b.d)
+        } else {
+            stats::proportion_falls_short(x_c, n_c, x_s, n_s, b.k, b.d)
+        })
+    } else if latency_quantile(metric).is_some() {
+        let cand: Vec<(f64, u32)> = candidate.latency.buckets().collect();
+        let stab: Vec<(f64, u32)> = stable.latency.buckets().collect();
+        Some(if b.upper {
+            stats::mann_whitney_greater(&cand, &stab)
+        } else {
+            stats::mann_whitney_greater(&stab, &cand)
+        })
+    } else {
+        None
+    }
+}
+
 fn evaluate_metric(
     metric: Metric,
     condition: Condition,
@@ -123,142 +246,58 @@ fn evaluate_metric(
     stable: &Summary,
     alpha: f64,
 ) -> CheckResult {
-    let name = format!("{} {}", metric.as_str(), condition.describe());
-    let c = metric_value(metric, candidate, Some(stable));
-    let s = metric_value(metric, stable, Some(stable));
-    let result = |outcome, p_value, reason: String| CheckResult {
-        check: name.clone(),
-        outcome,
-        candidate: c,
-        stable: s,
-        p_value,
-        reason,
+    let judged = Judged {
+        check: format!("{} {}", metric.as_str(), condition.describe()),
+        metric: metric.as_str(),
+        candidate: metric_value(metric, candidate, Some(stable)),
+        stable: metric_value(metric, stable, Some(stable)),
     };
-    let Some(cv) = c else {
-        return result(
-            Outcome::Inconclusive,
-            None,
-            format!("no candidate {} in this window", metric.as_str()),
-        );
-    };
-    let absolute = |bound: f64, worse: bool, word: &str| {
-        if worse {
-            result(
-                Outcome::Fail,
-                None,
-                format!(
-                    "candidate {} {} {word} {}",
-                    metric.as_str(),
-                    fmt(cv),
-                    fmt(bound)
-                ),
-            )
-        } else {
-            result(
-                Outcome::Pass,
-                None,
-                format!(
-                    "candidate {} {} within {}",
-                    metric.as_str(),
-                    fmt(cv),
-                    fmt(bound)
-                ),
-            )
-        }
+    let name = metric.as_str();
+    let Some(cv) = judged.candidate else {
+        let reason = format!("no candidate {name} in this window");
+        return judged.result(Outcome::Inconclusive, None, reason);
     };
     match condition {
-        Condition::Max(b) => return absolute(b, cv > b, ">"),
-        Condition::Min(b) => return absolute(b, cv < b, "<"),
+        Condition::Max(b) => return judged.absolute(cv, b, true),
+        Condition::Min(b) => return judged.absolute(cv, b, false),
         _ => {}
     }
-    let Some(sv) = s else {
-        return result(
-            Outcome::Inconclusive,
-            None,
-            format!(
-                "no stable {} in this window to compare with",
-                metric.as_str()
-            ),
-        );
+    let Some(sv) = judged.stable else {
+        let reason = format!("no stable {name} in this window to compare with");
+        return judged.result(Outcome::Inconclusive, None, reason);
     };
-    // The bound as a value, and whether exceeding or falling short is worse.
-    let (k, d, upper) = match condition {
-        Condition::MaxVsStable(k) => (k, 0.0, true),
-        Condition::MinVsStable(k) => (k, 0.0, false),
-        Condition::MaxDeltaVsStable(d) => (1.0, d, true),
-        Condition::MinDeltaVsStable(d) => (1.0, d, false),
-        Condition::Max(_) | Condition::Min(_) => unreachable!("absolute conditions returned above"),
-    };
-    let bound = k * sv + d;
-    let beyond = if upper { cv > bound } else { cv < bound };
-    let bound_text = match condition {
-        Condition::MaxVsStable(k) | Condition::MinVsStable(k) => {
-            format!("{k} x stable {}", fmt(sv))
-        }
-        _ => format!("stable {} {d:+}", fmt(sv)),
-    };
-    let word = if upper { ">" } else { "<" };
-    if !beyond {
-        return result(
-            Outcome::Pass,
-            None,
-            format!(
-                "candidate {} {} within {bound_text}",
-                metric.as_str(),
-                fmt(cv)
-            ),
-        );
+    let b = Relative::of(condition, sv).expect("absolute conditions returned above");
+    let (word, bound) = (b.word(), &b.text);
+    if !b.beyond(cv) {
+        let reason = format!("candidate {name} {} within {bound}", fmt(cv));
+        return judged.result(Outcome::Pass, None, reason);
     }
     // Beyond the bound: does the difference matter at all?
-    let worse_by = if upper { cv - sv } else { sv - cv };
+    let worse_by = if b.upper { cv - sv } else { sv - cv };
     if let Some(floor) = min_difference_ms.filter(|floor| worse_by < *floor) {
-        return result(
-            Outcome::Pass,
-            None,
-            format!(
-                "candidate {} {} {word} {bound_text}, but only {} ms {} (min_difference_ms {floor})",
-                metric.as_str(),
-                fmt(cv),
-                fmt(worse_by.max(0.0)),
-                if upper { "slower" } else { "faster" }
-            ),
+        let reason = format!(
+            "candidate {name} {} {word} {bound}, but only {} ms {} (min_difference_ms {floor})",
+            fmt(cv),
+            fmt(worse_by.max(0.0)),
+            if b.upper { "slower" } else { "faster" }
         );
+        return judged.result(Outcome::Pass, None, reason);
     }
     // Is it significant?
-    let p = if let Some((x_c, n_c)) = counts(metric, candidate) {
-        let (x_s, n_s) = counts(metric, stable).unwrap_or((0, 0));
-        Some(if upper {
-            stats::proportion_exceeds(x_c, n_c, x_s, n_s, k, d)
-        } else {
-            stats::proportion_falls_short(x_c, n_c, x_s, n_s, k, d)
-        })
-    } else if latency_quantile(metric).is_some() {
-        let cand: Vec<(f64, u32)> = candidate.latency.buckets().collect();
-        let stab: Vec<(f64, u32)> = stable.latency.buckets().collect();
-        Some(if upper {
-            stats::mann_whitney_greater(&cand, &stab)
-        } else {
-            stats::mann_whitney_greater(&stab, &cand)
-        })
-    } else {
-        None // no test for this metric: the observed value decides
-    };
-    match p {
-        Some(p) if p >= alpha => result(
+    match significance(metric, candidate, stable, &b) {
+        Some(p) if p >= alpha => judged.result(
             Outcome::Pass,
             Some(p),
             format!(
-                "candidate {} {} {word} {bound_text}, but not significantly (p={p:.3})",
-                metric.as_str(),
+                "candidate {name} {} {word} {bound}, but not significantly (p={p:.3})",
                 fmt(cv)
             ),
         ),
-        _ => result(
+        p => judged.result(
             Outcome::Fail,
             p,
             format!(
-                "candidate {} {} {word} {bound_text}{}",
-                metric.as_str(),
+                "candidate {name} {} {word} {bound}{}",
                 fmt(cv),
                 p.map_or(String::new(), |p| format!(", p={p:.3}"))
             ),

@@ -3,10 +3,11 @@
 //! effect. On start-up it loads and warms everything the persisted state says
 //! should serve before the server reports ready.
 //!
-//! Every change goes through one sequence, [`Controller::apply`]: start (and
-//! warm) the pools the model's routing policy needs, persist the policy with
-//! its event, publish the route in one swap, and drain the pools that left.
-//! Rollouts (strategies) will drive the same sequence with their policies.
+//! Every change goes through one sequence: start (and warm) the pools the
+//! model's routing policy needs (`prepare`), persist the policy with its
+//! event, publish the route in one swap and drain the pools that left
+//! (`publish`). [`Controller::apply`] stores the policy on its own; a
+//! rollout pass stores it in the same transaction as its new state.
 
 mod dataset;
 mod external;

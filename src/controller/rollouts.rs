@@ -614,71 +614,14 @@ impl Controller {
         }
     }
 
+    /// One look at an active rollout: what was measured since the last
+    /// (an analysis window when one is due, the QA gate, shadow counts),
+    /// then a step with it under the lock.
     async fn tick(&self, record: RolloutRecord) -> Result<(), ControlError> {
         let now = now_ms();
         let mut obs = Observations::default();
-        if strategy::analysing(&record.spec, &record.state) {
-            let spec = record.spec.analysis.clone().unwrap_or_default();
-            let interval = spec.interval.0;
-            // Windows are whole 5 s buckets: judge one just after a bucket
-            // closes, so a breach is seen at most one interval (plus this
-            // slack) after it began, and consecutive windows never overlap.
-            let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
-            let since_boundary = now % bucket_ms;
-            let due = now + bucket_ms / 2
-                >= record.state.analysis.last_at_ms + interval.as_millis() as u64
-                && (50..400).contains(&since_boundary);
-            if due {
-                let role = strategy::candidate_role(&record.spec, &record.state);
-                let candidate =
-                    self.telemetry
-                        .summary(&record.model, &record.spec.version, role, interval);
-                // The stable arm is the version that served production when
-                // the rollout began; once production switched away from it,
-                // its baseline from just before the switch.
-                let baseline = strategy::baseline_in_use(&record.state);
-                let stable = match baseline {
-                    Some(b) => b.figures(),
-                    None => self.telemetry.summary(
-                        &record.model,
-                        &record.state.before.stable,
-                        Role::Stable,
-                        interval,
-                    ),
-                };
-                let checks = record.spec.checks();
-                let external = external::fetch(
-                    &self.http.control,
-                    self.reach.outbound.as_ref(),
-                    &record,
-                    &checks,
-                    &candidate,
-                    &stable,
-                )
-                .await;
-                let verdict = analysis::evaluate(
-                    &checks,
-                    &candidate,
-                    &stable,
-                    &external,
-                    analysis::Settings {
-                        min_requests: spec.min_requests,
-                        confidence: spec.confidence,
-                    },
-                );
-                let mut verdict = verdict;
-                if let Some(b) = baseline
-                    && checks.iter().any(|c| {
-                        matches!(c, crate::spec::Check::Metric { condition, .. } if condition.against_stable())
-                    })
-                {
-                    verdict.reason = format!(
-                        "{} (stable: version {}'s baseline from before the switch)",
-                        verdict.reason, b.version
-                    );
-                }
-                obs.verdict = Some(verdict);
-            }
+        if window_due(&record, now) {
+            obs.verdict = Some(self.judge_window(&record).await);
         }
         if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {
             obs.qa = self.run_qa(&record.model, &record.spec.version, qa).await;
@@ -694,6 +637,56 @@ impl Controller {
         }
         self.step(current, obs).await?;
         Ok(())
+    }
+
+    /// Judges the analysis window that just closed: the candidate's figures
+    /// against the stable arm — the version that served production when
+    /// the rollout began, or once production switched away from it, its
+    /// baseline from just before the switch.
+    async fn judge_window(&self, record: &RolloutRecord) -> analysis::Verdict {
+        let spec = record.spec.analysis.clone().unwrap_or_default();
+        let interval = spec.interval.0;
+        let role = strategy::candidate_role(&record.spec, &record.state);
+        let candidate = self
+            .telemetry
+            .summary(&record.model, &record.spec.version, role, interval);
+        let baseline = strategy::baseline_in_use(&record.state);
+        let stable = match baseline {
+            Some(b) => b.figures(),
+            None => self.telemetry.summary(
+                &record.model,
+                &record.state.before.stable,
+                Role::Stable,
+                interval,
+            ),
+        };
+        let checks = record.spec.checks();
+        let external = external::fetch(
+            &self.http.control,
+            self.reach.outbound.as_ref(),
+            record,
+            &checks,
+            &candidate,
+            &stable,
+        )
+        .await;
+        let settings = analysis::Settings {
+            min_requests: spec.min_requests,
+            confidence: spec.confidence,
+        };
+        let mut verdict = analysis::evaluate(&checks, &candidate, &stable, &external, settings);
+        let against_stable = checks.iter().any(|c| {
+            matches!(c, crate::spec::Check::Metric { condition, .. } if condition.against_stable())
+        });
+        if let Some(b) = baseline
+            && against_stable
+        {
+            verdict.reason = format!(
+                "{} (stable: version {}'s baseline from before the switch)",
+                verdict.reason, b.version
+            );
+        }
+        verdict
     }
 
     /// The shadow counters of `version` now: where a new rollout's
@@ -1033,6 +1026,21 @@ impl Controller {
             }))
         })
     }
+}
+
+/// Whether an analysis window is due now. Windows are whole 5 s buckets:
+/// one is judged just after a bucket closes, so a breach is seen at most one
+/// interval (plus this slack) after it began, and consecutive windows never
+/// overlap.
+fn window_due(record: &RolloutRecord, now: u64) -> bool {
+    if !strategy::analysing(&record.spec, &record.state) {
+        return false;
+    }
+    let interval = record.spec.analysis.clone().unwrap_or_default().interval.0;
+    let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
+    let since_boundary = now % bucket_ms;
+    now + bucket_ms / 2 >= record.state.analysis.last_at_ms + interval.as_millis() as u64
+        && (50..400).contains(&since_boundary)
 }
 
 /// How long the rollout loop sleeps: 200 ms, or less so that it wakes 60 ms
