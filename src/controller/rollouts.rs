@@ -1097,6 +1097,26 @@ mod tests {
         }
     }
 
+    /// The status's phase reads and prints as it always did: `idle`, or
+    /// the rollout's phase.
+    #[test]
+    fn the_model_phase_is_idle_or_the_rollouts() {
+        use super::ModelPhase;
+        use crate::strategy::Phase;
+        for (phase, text) in [
+            (ModelPhase::Idle, "idle"),
+            (ModelPhase::Rollout(Phase::RolledBack), "rolled_back"),
+            (ModelPhase::Rollout(Phase::Progressing), "progressing"),
+        ] {
+            assert_eq!(phase.to_string(), text);
+            assert_eq!(serde_json::to_value(phase).unwrap(), text);
+            assert_eq!(
+                serde_json::from_value::<ModelPhase>(text.into()).unwrap(),
+                phase
+            );
+        }
+    }
+
     #[test]
     fn the_loop_wakes_just_after_each_bucket_closes() {
         let ms = Duration::from_millis;

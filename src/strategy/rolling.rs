@@ -166,9 +166,7 @@ fn roll_back(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_m
         );
     } else if pause_over {
         let k = k - r.batch_size.min(k);
-        p.set_route(route_for(&p.state.before, spec, n, k));
-        p.state.step_started_ms = now_ms;
-        p.requeue_ms = Some(0);
+        put_on_candidate(spec, r, p, k, now_ms);
         p.event(
             EventKind::Step,
             format!(
@@ -179,6 +177,14 @@ fn roll_back(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_m
     } else {
         p.requeue_ms = Some(200);
     }
+}
+
+/// Runs `k` of the pool's replicas on the candidate (the rest stable),
+/// restarting the batch's clock, and plans again at once.
+fn put_on_candidate(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, k: u32, now_ms: u64) {
+    p.set_route(route_for(&p.state.before, spec, r.replicas, k));
+    p.state.step_started_ms = now_ms;
+    p.requeue_ms = Some(0);
 }
 
 fn scale_up(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, now_ms: u64) {
@@ -202,9 +208,7 @@ fn batch(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, b: u32, promoted: bo
     let shown = format!("step {}/{}", b + 1, batches(r) + 2);
     let k = (b * r.batch_size).min(n);
     if on_candidate(&p.state.route, spec) < k {
-        p.set_route(route_for(&p.state.before, spec, n, k));
-        p.state.step_started_ms = now_ms;
-        p.requeue_ms = Some(0);
+        put_on_candidate(spec, r, p, k, now_ms);
         p.event(
             EventKind::Step,
             format!(
