@@ -76,18 +76,22 @@ impl<'a> CanaryStep<'a> {
     }
 }
 
-/// How the canary's steps are numbered in messages: `offset` steps come
-/// before them (a shadow's), and the promotion is the last.
-struct Numbering {
+/// One pass through the canary's steps: how they are numbered in messages
+/// (`offset` steps come before them, a shadow's; the promotion is the
+/// last), and whether a person's promote forces the last step.
+struct Walk {
     offset: usize,
     total: usize,
+    /// A person's promote takes the last step without a passing window.
+    forced: bool,
 }
 
-impl Numbering {
-    fn new(c: &CanarySpec, offset: usize) -> Numbering {
-        Numbering {
+impl Walk {
+    fn new(c: &CanarySpec, offset: usize, forced: bool) -> Walk {
+        Walk {
             offset,
             total: offset + c.steps.len() + 1,
+            forced,
         }
     }
 
@@ -111,9 +115,7 @@ pub fn plan(
     offset: usize,
     now_ms: u64,
 ) {
-    let at = Numbering::new(c, offset);
-    // A person's promote takes the last step without a passing window.
-    let forced = promote.is_some();
+    let at = Walk::new(c, offset, promote.is_some());
     if let Some((full, who)) = promote {
         promoted(c, p, &at, full, &who, now_ms);
     }
@@ -125,10 +127,10 @@ pub fn plan(
                 true
             }
             CanaryStep::Promote => {
-                promote_all(spec, p, &at, forced, now_ms);
+                promote_all(spec, p, &at, now_ms);
                 true
             }
-            CanaryStep::Listed(i, step) => take(spec, c, p, &at, i, step, forced, now_ms),
+            CanaryStep::Listed(i, _) => take(spec, c, p, &at, i, now_ms),
         };
         if done {
             return;
@@ -137,7 +139,7 @@ pub fn plan(
 }
 
 /// A person's promote: to the end (`full`), or past a pause or gate.
-fn promoted(c: &CanarySpec, p: &mut Plan, at: &Numbering, full: bool, who: &str, now_ms: u64) {
+fn promoted(c: &CanarySpec, p: &mut Plan, at: &Walk, full: bool, who: &str, now_ms: u64) {
     p.state.phase = Phase::Progressing;
     p.state.waiting_for = None;
     let i = at.own(p);
@@ -161,9 +163,9 @@ fn promoted(c: &CanarySpec, p: &mut Plan, at: &Numbering, full: bool, who: &str,
 
 /// The last step: the candidate takes all traffic (after a passing window,
 /// unless a person promoted).
-fn promote_all(spec: &RolloutSpec, p: &mut Plan, at: &Numbering, forced: bool, now_ms: u64) {
+fn promote_all(spec: &RolloutSpec, p: &mut Plan, at: &Walk, now_ms: u64) {
     let total = at.total;
-    if !forced
+    if !at.forced
         && !takes_all(&p.state.route, spec)
         && let Some(why) = p.last_step_waits(spec)
     {
@@ -184,22 +186,19 @@ fn promote_all(spec: &RolloutSpec, p: &mut Plan, at: &Numbering, forced: bool, n
 
 /// Takes listed step `i`; true when the pass ends here, false to go on to
 /// the next step at once.
-#[allow(clippy::too_many_arguments)]
 fn take(
     spec: &RolloutSpec,
     c: &CanarySpec,
     p: &mut Plan,
-    at: &Numbering,
+    at: &Walk,
     i: usize,
-    step: &Step,
-    forced: bool,
     now_ms: u64,
 ) -> bool {
     let shown = at.shown(i);
-    match step {
+    match &c.steps[i] {
         Step::Weight(w) => {
             if *w >= 100.0
-                && !forced
+                && !at.forced
                 && !takes_all(&p.state.route, spec)
                 && let Some(why) = p.last_step_waits(spec)
             {
