@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::Output;
 use super::client::Client;
-use super::table;
+use super::table::{self, cell};
+use super::{Output, print_json};
 use crate::analysis::report::{Rate, Report};
 use crate::api::rollouts::{ApplyResult, RolloutSummary};
 use crate::controller::rollouts::{AnalysisView, Applied, ShadowView, Status};
@@ -276,23 +276,6 @@ fn analysis_of(a: &DeployArgs) -> Option<AnalysisSpec> {
     })
 }
 
-fn print_json(v: &Value) {
-    outln!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialise")
-    );
-}
-
-/// A field as the human output shows it: its JSON form, a string bare, an
-/// absent value as `-` (names such as phases print as the wire spells them).
-fn shown<T: Serialize>(field: &T) -> String {
-    match serde_json::to_value(field).unwrap_or_default() {
-        Value::String(s) => s,
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// Sends a spec; prints what happened. An instant strategy (basic, multi)
 /// may have ended before the answer: then its outcome is printed and a
 /// rollout that did not succeed exits 1, as `status --watch` does.
@@ -311,7 +294,7 @@ pub async fn send_spec(
     let ended = st.rollout.is_none();
     let outcome = match last {
         _ if !ended => "started".to_string(),
-        Some(l) => shown(&l.phase),
+        Some(l) => cell(&l.phase),
         None => "idle".to_string(),
     };
     let code = match outcome.as_str() {
@@ -324,27 +307,27 @@ pub async fn send_spec(
     } else if answer.result == Applied::Unchanged {
         outln!(
             "{model} is already rolling out this spec ({}); nothing changed",
-            shown(&st.rollout)
+            cell(&st.rollout)
         );
     } else if ended {
         outln!(
             "{} ({} of {model} version {version}): {}",
-            shown(&last.map(|l| &l.rollout)),
-            shown(&last.map(|l| &l.strategy)),
-            shown(&last.map(|l| &l.message))
+            cell(&last.map(|l| &l.rollout)),
+            cell(&last.map(|l| &l.strategy)),
+            cell(&last.map(|l| &l.message))
         );
         if outcome != "succeeded" {
             outln!(
                 "see why with `ferry history {model}`; the stable version is {}",
-                shown(&st.stable)
+                cell(&st.stable)
             );
         }
     } else {
         outln!(
             "{} started: {} of {model} version {version} (stable {})\n{}\nwatch it with `ferry status {model} --watch`",
-            shown(&st.rollout),
-            shown(&st.strategy),
-            shown(&st.stable),
+            cell(&st.rollout),
+            cell(&st.strategy),
+            cell(&st.stable),
             st.message,
         );
     }
@@ -428,14 +411,14 @@ fn render_status(s: &Status, events: &[Event]) -> String {
     let mut out = vec![format!(
         "{}  stable {}  candidate {}  {}{}",
         s.model,
-        shown(&s.stable),
-        shown(&s.candidate),
-        shown(&s.phase),
+        cell(&s.stable),
+        cell(&s.candidate),
+        cell(&s.phase),
         s.waiting_for
-            .map_or(String::new(), |w| format!(" (waiting for {})", shown(&w))),
+            .map_or(String::new(), |w| format!(" (waiting for {})", cell(&w))),
     )];
     if let Some(r) = &s.rollout {
-        out.push(format!("rollout {r} ({})", shown(&s.strategy)));
+        out.push(format!("rollout {r} ({})", cell(&s.strategy)));
     }
     let current = s.step.unwrap_or(0);
     for (i, step) in s.steps.iter().enumerate() {
@@ -444,7 +427,7 @@ fn render_status(s: &Status, events: &[Event]) -> String {
             std::cmp::Ordering::Equal => "  >>>  ",
             std::cmp::Ordering::Greater => "       ",
         };
-        out.push(format!("{mark}{}. {}", i + 1, shown(step)));
+        out.push(format!("{mark}{}. {}", i + 1, cell(step)));
     }
     out.push(format!("traffic   {}", bar(&s.traffic, 40)));
     if !s.observed.is_empty() {
@@ -500,7 +483,7 @@ fn four(x: Option<f64>) -> String {
 fn analysis_lines(a: &AnalysisView) -> Vec<String> {
     let mut out = vec![format!(
         "analysis  {} over {}: {} ({} candidate / {} stable requests)",
-        shown(&a.verdict),
+        cell(&a.verdict),
         a.window,
         a.reason,
         a.candidate_requests,
@@ -512,7 +495,7 @@ fn analysis_lines(a: &AnalysisView) -> Vec<String> {
         .map(|c| {
             vec![
                 c.check.clone(),
-                shown(&c.outcome),
+                cell(&c.outcome),
                 four(c.candidate),
                 four(c.stable),
                 four(c.p_value),
@@ -552,10 +535,10 @@ async fn status_of_all(client: &Client, output: Output) -> anyhow::Result<ExitCo
             let traffic: Vec<String> = s.traffic.iter().map(|(k, v)| format!("{k}:{v}%")).collect();
             vec![
                 s.model.clone(),
-                shown(&s.stable),
-                shown(&s.candidate),
-                shown(&s.rollout),
-                shown(&s.phase),
+                cell(&s.stable),
+                cell(&s.candidate),
+                cell(&s.rollout),
+                cell(&s.phase),
                 traffic.join(" "),
                 s.message.clone(),
             ]
@@ -618,7 +601,7 @@ pub async fn status(
                 last_drawn = drawn;
             }
         }
-        if !matches!(shown(&st.phase).as_str(), "progressing" | "paused") {
+        if !matches!(cell(&st.phase).as_str(), "progressing" | "paused") {
             return Ok(watch_ended(&v, &st, output));
         }
         if let Some(t) = timeout
@@ -638,11 +621,11 @@ pub async fn status(
 /// says how it ended, and the exit code with it.
 fn watch_ended(v: &Value, st: &Status, output: Output) -> ExitCode {
     let last = st.last_rollout.as_ref();
-    let phase = last.map_or("idle".to_string(), |l| shown(&l.phase));
+    let phase = last.map_or("idle".to_string(), |l| cell(&l.phase));
     if output == Output::Json {
         print_json(v);
     } else {
-        outln!("{}: {}", shown(&last.map(|l| &l.rollout)), phase);
+        outln!("{}: {}", cell(&last.map(|l| &l.rollout)), phase);
     }
     match phase.as_str() {
         "succeeded" | "idle" => ExitCode::SUCCESS,
@@ -705,9 +688,9 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
         .map(|r| {
             vec![
                 r.rollout.clone(),
-                shown(&r.strategy),
+                cell(&r.strategy),
                 format!("{} -> {}", r.from, r.version),
-                shown(&r.phase),
+                cell(&r.phase),
                 r.created_at.clone(),
                 r.message.clone(),
             ]
@@ -724,8 +707,8 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
         .map(|e| {
             vec![
                 e.at.clone(),
-                shown(&e.rollout),
-                shown(&e.kind),
+                cell(&e.rollout),
+                cell(&e.kind),
                 e.message.clone(),
             ]
         })
@@ -769,7 +752,7 @@ pub async fn report(
         "{} ({}, {}) — A/B report over {} s at {}% confidence\n",
         heading.rollout,
         heading.strategy,
-        shown(&heading.phase),
+        cell(&heading.phase),
         report.seconds,
         report.confidence * 100.0
     );
