@@ -978,6 +978,82 @@ mod tests {
         }
     }
 
+    /// The status as people read it, from a status document as the server
+    /// writes it (the lines the CLI has always printed, pinned).
+    #[test]
+    fn a_status_renders_its_steps_shares_shadow_and_analysis() {
+        let status: Status = serde_json::from_value(serde_json::json!({
+            "model": "cancer", "stable": "1", "candidate": "2", "rollout": "r-2",
+            "strategy": "shadow", "phase": "paused", "waiting_for": "resume",
+            "steps": ["mirroring", "decided"], "step": 1,
+            "traffic": {"1": 100.0}, "observed": {"1": 97.5, "2": 2.5},
+            "message": "paused", "analysis": {
+                "verdict": "inconclusive", "window": "10s", "reason": "too few requests",
+                "candidate_requests": 3, "stable_requests": 120, "consecutive_failures": 0,
+                "consecutive_inconclusive": 2, "checks": [{"check": "error_rate max 0.01",
+                    "outcome": "inconclusive", "candidate": 0.0, "stable": null, "p_value": null,
+                    "reason": "3 requests < 50"}]},
+            "updated_at": null, "last_rollout": null,
+            "shadow": {"comparisons": 10, "agreement": 0.9, "disagree": 1, "errors": 0, "dropped": 2,
+                "examples": [{"id": "a1", "primary": {"data": [0]}, "shadow": {"data": [1.5]}}]},
+            "staging": "2"
+        }))
+        .unwrap();
+        let events: Vec<Event> = serde_json::from_value(serde_json::json!([
+            {"at": "2026-12-01T10:00:00Z", "model": "cancer", "rollout": "r-2", "kind": "paused",
+             "message": "paused by you", "data": {}}
+        ]))
+        .unwrap();
+        assert_eq!(
+            render_status(&status, &events),
+            "cancer  stable 1  candidate 2  paused (waiting for resume)
+rollout r-2 (shadow)
+  done 1. mirroring
+  >>>  2. decided
+traffic   [########################################]  # 1 100%
+observed  [#######################################=]  # 1 97.5%  = 2 2.5%
+message   paused
+staging   version 2 (requests with x-ferry-env: staging)
+shadow    10 comparisons, agreement 0.9000, 1 disagreed, 0 errors, 2 dropped
+  disagreed on a1: production [0] vs shadow [1.5]
+analysis  inconclusive over 10s: too few requests (3 candidate / 120 stable requests)
+  CHECK                RESULT        CANDIDATE  STABLE  P
+  error_rate max 0.01  inconclusive  0.0000     -       -
+recent events
+  2026-12-01T10:00:00Z  paused by you"
+        );
+    }
+
+    /// The A/B table as people read it; classes listed by their text, as
+    /// the report always listed them (10 before 2).
+    #[test]
+    fn a_report_renders_rates_latencies_differences_and_classes() {
+        let arm = |version: &str, errors: u64| {
+            serde_json::json!({"version": version, "requests": 200,
+                "error_rate": {"value": errors as f64 / 200.0, "low": 0.0, "high": 0.05, "count": errors, "of": 200},
+                "latency_p50_ms": 4.5, "latency_p95_ms": null, "latency_p99_ms": 9.25, "accuracy": null,
+                "classes": {"2": 5, "10": 7}})
+        };
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "confidence": 0.95, "seconds": 60, "stable": arm("1", 0), "candidate": arm("2", 4),
+            "differences": [{"metric": "error_rate", "difference": 0.02, "p_value": 0.0441, "significant": true}],
+            "prediction_shift": null
+        }))
+        .unwrap();
+        let rows = report_rows(&report);
+        assert_eq!(
+            table::render(&["", "STABLE 1", "CANDIDATE 2", "DIFFERENCE"], &rows),
+            "             STABLE 1                         CANDIDATE 2                      DIFFERENCE
+requests     200                              200
+error rate   0.0000 [0.0000, 0.0500] (0/200)  0.0200 [0.0000, 0.0500] (4/200)  +0.0200 (p=0.044) significant
+latency p50  4.50 ms                          4.50 ms
+latency p95  -                                -
+latency p99  9.25 ms                          9.25 ms
+accuracy     -                                -
+classes      10:7 2:5                         10:7 2:5"
+        );
+    }
+
     #[test]
     fn a_qa_dataset_is_read_relative_to_the_spec_and_sent_with_it() {
         let dir = tempfile::tempdir().unwrap();
