@@ -619,13 +619,7 @@ impl CheckSpec {
     }
 
     fn webhook_check(&self, field: &str) -> Result<Check, String> {
-        let url = self
-            .url
-            .clone()
-            .ok_or_else(|| format!("{field}: a webhook check needs url"))?;
-        if !url.starts_with("http://") {
-            return Err(format!("{field}.url must start with http://"));
-        }
+        let url = address(field, "webhook", "url", &self.url)?;
         if !self.conditions().is_empty() || self.address.is_some() || self.query.is_some() {
             return Err(format!(
                 "{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"
@@ -635,17 +629,11 @@ impl CheckSpec {
     }
 
     fn prometheus_check(&self, field: &str) -> Result<Check, String> {
-        let address = self
-            .address
-            .clone()
-            .ok_or_else(|| format!("{field}: a prometheus check needs address"))?;
+        let address = address(field, "prometheus", "address", &self.address)?;
         let query = self
             .query
             .clone()
             .ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
-        if !address.starts_with("http://") {
-            return Err(format!("{field}.address must start with http://"));
-        }
         let condition = match self.conditions().as_slice() {
             [c @ (Condition::Max(_) | Condition::Min(_))] => *c,
             _ => {
@@ -660,6 +648,18 @@ impl CheckSpec {
             condition,
         })
     }
+}
+
+/// The `http://` address an external check of `kind` calls, from its field
+/// `name`.
+fn address(field: &str, kind: &str, name: &str, value: &Option<String>) -> Result<String, String> {
+    let address = value
+        .clone()
+        .ok_or_else(|| format!("{field}: a {kind} check needs {name}"))?;
+    if !address.starts_with("http://") {
+        return Err(format!("{field}.{name} must start with http://"));
+    }
+    Ok(address)
 }
 
 /// A webhook told about rollout events.
