@@ -247,6 +247,14 @@ pub struct ServeArgs {
     pub event_retention: Option<HumanDuration>,
 }
 
+/// Prints a JSON answer (`-o json`) as the server sent it, indented.
+pub fn print_json(v: &serde_json::Value) {
+    outln!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
+}
+
 /// Writes command output to stdout. A reader that has gone (EPIPE) ends the
 /// process quietly with status 0; another write error ends it with a
 /// message and status 1. Either way the process ends without unwinding, so
@@ -309,52 +317,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = || client::Client::new(&cli.server, cli.token.clone(), cli.ca_cert.as_deref());
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
-        Command::Serve(args) => {
-            let args = *args;
-            let served = server::serve(ServeOptions {
-                data_dir: args.data_dir,
-                listen: args.listen,
-                ort_library: args.ort_library,
-                limits: Limits {
-                    max_body_bytes: args.max_body_bytes,
-                    max_upload_bytes: args.max_upload_bytes,
-                    max_body_memory: args.max_body_memory,
-                    body: BodyRules {
-                        read_timeout: args.body_read_timeout.0,
-                        min_rate: args.body_min_rate,
-                    },
-                },
-                drain_timeout: args.drain_timeout.0,
-                load_timeout: args.load_timeout.0,
-                inference_token_file: args.inference_token_file,
-                header_read_timeout: args.header_read_timeout.0,
-                max_connections: args.max_connections,
-                max_connections_per_peer: match args.max_connections_per_peer {
-                    0 => (args.max_connections / 2).max(1),
-                    n => n,
-                },
-                head: HeadRules {
-                    loopback: false, // set from the address actually bound
-                    allow_hosts: args.allow_host,
-                    allow_origins: args.allow_origin,
-                },
-                feedback_token_file: args.feedback_token_file,
-                tls: args
-                    .tls_cert
-                    .zip(args.tls_key)
-                    .map(|(cert, key)| server::TlsFiles { cert, key }),
-                remember_requests: args.remember_requests,
-                prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
-                    path,
-                    sample: args.prediction_log_sample,
-                    max_bytes: args.prediction_log_max_bytes,
-                }),
-                reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
-                event_retention: server::event_retention(args.event_retention)?,
-            })
-            .await;
-            ok(served)
-        }
+        Command::Serve(args) => ok(server::serve(serve_options(*args)?).await),
         Command::Model(cmd) => ok(model::run(&client()?, cmd, output).await),
         Command::Deploy(args) => {
             let spec = rollout::deploy_spec(&args)?;
@@ -401,4 +364,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Traffic(args) => traffic::run(&client()?, args, output).await,
         Command::Demo(args) => demo::run(args).await,
     }
+}
+
+/// What `ferry serve`'s flags (and config file) ask of the server.
+fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
+    Ok(ServeOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        ort_library: args.ort_library,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_upload_bytes: args.max_upload_bytes,
+            max_body_memory: args.max_body_memory,
+            body: BodyRules {
+                read_timeout: args.body_read_timeout.0,
+                min_rate: args.body_min_rate,
+            },
+        },
+        drain_timeout: args.drain_timeout.0,
+        load_timeout: args.load_timeout.0,
+        inference_token_file: args.inference_token_file,
+        header_read_timeout: args.header_read_timeout.0,
+        max_connections: args.max_connections,
+        max_connections_per_peer: match args.max_connections_per_peer {
+            0 => (args.max_connections / 2).max(1),
+            n => n,
+        },
+        head: HeadRules {
+            loopback: false, // set from the address actually bound
+            allow_hosts: args.allow_host,
+            allow_origins: args.allow_origin,
+        },
+        feedback_token_file: args.feedback_token_file,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| server::TlsFiles { cert, key }),
+        remember_requests: args.remember_requests,
+        prediction_log: args.prediction_log.map(|path| PredictionLogSettings {
+            path,
+            sample: args.prediction_log_sample,
+            max_bytes: args.prediction_log_max_bytes,
+        }),
+        reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
+        event_retention: server::event_retention(args.event_retention)?,
+    })
 }

@@ -160,7 +160,7 @@ impl ServingSettings {
 }
 
 /// A registered version of a model (immutable but for its serving settings).
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionRecord {
     pub model: String,
     pub version: String,

@@ -118,11 +118,11 @@ impl Strategy {
 #[serde(deny_unknown_fields)]
 pub struct BasicSpec {}
 
+/// Multi-service; a field left out takes [`MultiSpec::default`]'s value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MultiSpec {
     /// Previous versions kept loaded as the failover chain.
-    #[serde(default = "one")]
     pub keep: u32,
     /// Per-request timeout before failing over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,10 +134,21 @@ pub struct MultiSpec {
     pub breaker: Option<BreakerSettings>,
 }
 
+impl Default for MultiSpec {
+    fn default() -> Self {
+        MultiSpec {
+            keep: 1,
+            timeout: None,
+            breaker: None,
+        }
+    }
+}
+
 fn one() -> u32 {
     1
 }
 
+/// Rolling; every field but `replicas` has a default ([`RollingSpec::new`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollingSpec {
@@ -153,6 +164,21 @@ pub struct RollingSpec {
     pub batch_pause: HumanDuration,
     #[serde(default)]
     pub rollback: RollingRollback,
+}
+
+impl RollingSpec {
+    /// A pool of `replicas` with every other field at its default: what a
+    /// spec naming only `replicas` parses to.
+    pub fn new(replicas: u32) -> RollingSpec {
+        RollingSpec {
+            replicas,
+            batch_size: one(),
+            max_unavailable: 0,
+            max_surge: one(),
+            batch_pause: ten_seconds(),
+            rollback: RollingRollback::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -225,24 +251,31 @@ impl Step {
     }
 }
 
+/// Blue-green; a field left out takes [`BlueGreenSpec::default`]'s value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct BlueGreenSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub qa: Option<QaSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub auto_promote_after: Option<HumanDuration>,
-    #[serde(default = "five_minutes")]
     #[schema(value_type = String)]
     pub scale_down_delay: HumanDuration,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub post_promotion: Option<HumanDuration>,
 }
 
-fn five_minutes() -> HumanDuration {
-    dur(300)
+impl Default for BlueGreenSpec {
+    fn default() -> Self {
+        BlueGreenSpec {
+            qa: None,
+            auto_promote_after: None,
+            scale_down_delay: dur(300),
+            post_promotion: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -255,11 +288,23 @@ pub struct QaSpec {
     /// reads `dataset` inside its `--qa-dir` (refused without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The output judged (default `probabilities`, a classifier's scores).
+    #[serde(default = "probabilities")]
     pub output: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_mean_abs_error: Option<f64>,
+}
+
+impl QaSpec {
+    /// The output a QA dataset is judged on when the spec names none: a
+    /// classifier's scores.
+    pub const DEFAULT_OUTPUT: &str = "probabilities";
+}
+
+fn probabilities() -> String {
+    QaSpec::DEFAULT_OUTPUT.into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -284,7 +329,20 @@ pub struct CompareSpec {
     pub tolerance: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+impl CompareSpec {
+    /// Compares `output` with the default mode and tolerance.
+    pub fn of(output: String) -> CompareSpec {
+        CompareSpec {
+            output,
+            mode: CompareMode::default(),
+            tolerance: 0.0,
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ShadowThen {
     Promote,
@@ -292,36 +350,18 @@ pub enum ShadowThen {
     Canary,
 }
 
-/// How analysis runs (DESIGN.md §3).
+/// How analysis runs (DESIGN.md §3); a field left out takes
+/// [`AnalysisSpec::default`]'s value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AnalysisSpec {
-    #[serde(default = "ten_seconds")]
     #[schema(value_type = String)]
     pub interval: HumanDuration,
-    #[serde(default = "fifty")]
     pub min_requests: u64,
-    #[serde(default = "two")]
     pub failure_limit: u32,
-    #[serde(default = "six")]
     pub max_inconclusive: u32,
-    #[serde(default = "ninety_five")]
     pub confidence: f64,
-    #[serde(default)]
     pub checks: Vec<CheckSpec>,
-}
-
-fn fifty() -> u64 {
-    50
-}
-fn two() -> u32 {
-    2
-}
-fn six() -> u32 {
-    6
-}
-fn ninety_five() -> f64 {
-    0.95
 }
 
 impl Default for AnalysisSpec {
@@ -520,99 +560,106 @@ impl CheckSpec {
                 short_text(&format!("{field}.{name}"), t)?;
             }
         }
-        let conditions = self.conditions();
         match (self.metric, self.kind) {
             (Some(_), Some(_)) => Err(format!("{field}: give either metric or kind, not both")),
             (None, None) => Err(format!(
                 "{field}: give a metric (error_rate, latency_p99_ms, accuracy, …) or kind: webhook | prometheus"
             )),
-            (Some(metric), None) => {
-                let [condition] = conditions.as_slice() else {
-                    return Err(format!(
-                        "{field}: give exactly one of max, min, max_vs_stable, min_vs_stable, max_delta_vs_stable, min_delta_vs_stable (found {})",
-                        conditions.len()
-                    ));
-                };
-                if self.address.is_some() || self.query.is_some() || self.url.is_some() {
-                    return Err(format!(
-                        "{field}: address, query and url belong to external checks (kind)"
-                    ));
-                }
-                let x = condition.bound();
-                if !x.is_finite() {
-                    return Err(format!("{field}: the bound must be a number"));
-                }
-                if matches!(
-                    condition,
-                    Condition::MaxVsStable(_) | Condition::MinVsStable(_)
-                ) && x <= 0.0
-                {
-                    return Err(format!("{field}: a ratio to stable must be greater than 0"));
-                }
-                let floored = metric.is_latency() && condition.against_stable();
-                let min_difference_ms = match self.min_difference_ms {
-                    Some(_) if !floored => {
-                        return Err(format!(
-                            "{field}.min_difference_ms applies only to latency checks against stable (latency_p50_ms, latency_p95_ms or latency_p99_ms with max_vs_stable, min_vs_stable, max_delta_vs_stable or min_delta_vs_stable)"
-                        ));
-                    }
-                    Some(ms) if !(ms.is_finite() && ms >= 0.0) => {
-                        return Err(format!(
-                            "{field}.min_difference_ms must be 0 or more milliseconds, not {ms}"
-                        ));
-                    }
-                    Some(ms) => Some(ms),
-                    None => floored.then_some(DEFAULT_MIN_DIFFERENCE_MS),
-                };
-                Ok(Check::Metric {
-                    metric,
-                    condition: *condition,
-                    min_difference_ms,
-                })
-            }
-            (None, Some(ExternalKind::Webhook)) => {
-                let url = self
-                    .url
-                    .clone()
-                    .ok_or_else(|| format!("{field}: a webhook check needs url"))?;
-                if !url.starts_with("http://") {
-                    return Err(format!("{field}.url must start with http://"));
-                }
-                if !conditions.is_empty() || self.address.is_some() || self.query.is_some() {
-                    return Err(format!(
-                        "{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"
-                    ));
-                }
-                Ok(Check::Webhook { url })
-            }
-            (None, Some(ExternalKind::Prometheus)) => {
-                let address = self
-                    .address
-                    .clone()
-                    .ok_or_else(|| format!("{field}: a prometheus check needs address"))?;
-                let query = self
-                    .query
-                    .clone()
-                    .ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
-                if !address.starts_with("http://") {
-                    return Err(format!("{field}.address must start with http://"));
-                }
-                let condition = match conditions.as_slice() {
-                    [c @ (Condition::Max(_) | Condition::Min(_))] => *c,
-                    _ => {
-                        return Err(format!(
-                            "{field}: a prometheus check needs exactly one of max or min"
-                        ));
-                    }
-                };
-                Ok(Check::Prometheus {
-                    address,
-                    query,
-                    condition,
-                })
-            }
+            (Some(metric), None) => self.metric_check(field, metric),
+            (None, Some(ExternalKind::Webhook)) => self.webhook_check(field),
+            (None, Some(ExternalKind::Prometheus)) => self.prometheus_check(field),
         }
     }
+
+    fn metric_check(&self, field: &str, metric: Metric) -> Result<Check, String> {
+        let conditions = self.conditions();
+        let [condition] = conditions.as_slice() else {
+            return Err(format!(
+                "{field}: give exactly one of max, min, max_vs_stable, min_vs_stable, max_delta_vs_stable, min_delta_vs_stable (found {})",
+                conditions.len()
+            ));
+        };
+        if self.address.is_some() || self.query.is_some() || self.url.is_some() {
+            return Err(format!(
+                "{field}: address, query and url belong to external checks (kind)"
+            ));
+        }
+        let x = condition.bound();
+        if !x.is_finite() {
+            return Err(format!("{field}: the bound must be a number"));
+        }
+        if matches!(
+            condition,
+            Condition::MaxVsStable(_) | Condition::MinVsStable(_)
+        ) && x <= 0.0
+        {
+            return Err(format!("{field}: a ratio to stable must be greater than 0"));
+        }
+        let floored = metric.is_latency() && condition.against_stable();
+        Ok(Check::Metric {
+            metric,
+            condition: *condition,
+            min_difference_ms: self.min_difference_ms(field, floored)?,
+        })
+    }
+
+    /// A latency check against stable's `min_difference_ms` (its default
+    /// when left out); refused on any other check.
+    fn min_difference_ms(&self, field: &str, floored: bool) -> Result<Option<f64>, String> {
+        match self.min_difference_ms {
+            Some(_) if !floored => Err(format!(
+                "{field}.min_difference_ms applies only to latency checks against stable (latency_p50_ms, latency_p95_ms or latency_p99_ms with max_vs_stable, min_vs_stable, max_delta_vs_stable or min_delta_vs_stable)"
+            )),
+            Some(ms) if !(ms.is_finite() && ms >= 0.0) => Err(format!(
+                "{field}.min_difference_ms must be 0 or more milliseconds, not {ms}"
+            )),
+            Some(ms) => Ok(Some(ms)),
+            None => Ok(floored.then_some(DEFAULT_MIN_DIFFERENCE_MS)),
+        }
+    }
+
+    fn webhook_check(&self, field: &str) -> Result<Check, String> {
+        let url = address(field, "webhook", "url", &self.url)?;
+        if !self.conditions().is_empty() || self.address.is_some() || self.query.is_some() {
+            return Err(format!(
+                "{field}: a webhook check takes only url (its answer says pass, fail or inconclusive)"
+            ));
+        }
+        Ok(Check::Webhook { url })
+    }
+
+    fn prometheus_check(&self, field: &str) -> Result<Check, String> {
+        let address = address(field, "prometheus", "address", &self.address)?;
+        let query = self
+            .query
+            .clone()
+            .ok_or_else(|| format!("{field}: a prometheus check needs query"))?;
+        let condition = match self.conditions().as_slice() {
+            [c @ (Condition::Max(_) | Condition::Min(_))] => *c,
+            _ => {
+                return Err(format!(
+                    "{field}: a prometheus check needs exactly one of max or min"
+                ));
+            }
+        };
+        Ok(Check::Prometheus {
+            address,
+            query,
+            condition,
+        })
+    }
+}
+
+/// The `http://` address an external check of `kind` calls, from its field
+/// `name`.
+fn address(field: &str, kind: &str, name: &str, value: &Option<String>) -> Result<String, String> {
+    let address = value
+        .clone()
+        .ok_or_else(|| format!("{field}: a {kind} check needs {name}"))?;
+    if !address.starts_with("http://") {
+        return Err(format!("{field}.{name} must start with http://"));
+    }
+    Ok(address)
 }
 
 /// A webhook told about rollout events.
@@ -675,8 +722,18 @@ fn check_canary(field: &str, c: &CanarySpec) -> Result<(), String> {
 }
 
 impl RolloutSpec {
-    /// Parses YAML (JSON is YAML too); the error says where and what.
+    /// Parses YAML (JSON is YAML too) and [`validate`](Self::validate)s it:
+    /// what the control API does with a spec it receives. The error says
+    /// where and what.
     pub fn from_yaml(text: &str) -> Result<RolloutSpec, String> {
+        let spec = RolloutSpec::parse(text)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses YAML (JSON is YAML too) into a spec without validating it: for
+    /// a client that sends the spec on to the server, which validates it.
+    pub fn parse(text: &str) -> Result<RolloutSpec, String> {
         // The YAML parser's time grows with the square of the nesting depth
         // of flow collections (`[[[…]]]`): a 64 KB spec could hold a core
         // for a minute. No spec nests deeper than a dozen levels.
@@ -689,12 +746,10 @@ impl RolloutSpec {
         }
         // Single-key maps (`canary: {...}`, `- weight: 10`) select enum variants,
         // as in JSON, rather than YAML tags.
-        let spec: RolloutSpec = yaml_serde::with::singleton_map_recursive::deserialize(
-            yaml_serde::Deserializer::from_str(text),
-        )
-        .map_err(|e| format!("the spec is not valid: {e}"))?;
-        spec.validate()?;
-        Ok(spec)
+        yaml_serde::with::singleton_map_recursive::deserialize(yaml_serde::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|e| format!("the spec is not valid: {e}"))
     }
 
     /// The validated analysis checks.
@@ -712,128 +767,151 @@ impl RolloutSpec {
         crate::records::check_name("version", &self.version).map_err(|e| e.to_string())?;
         match &self.strategy {
             Strategy::Basic(_) => {}
-            Strategy::Multi(m) => {
-                if m.keep == 0 {
-                    return Err(
-                        "strategy.multi.keep must be at least 1 (the versions kept for failover)"
-                            .into(),
-                    );
-                }
-                if let Some(b) = &m.breaker {
-                    b.validate("strategy.multi.breaker")?;
-                }
-            }
-            Strategy::Rolling(r) => {
-                if r.replicas == 0 || r.replicas > 64 {
-                    return Err(format!(
-                        "strategy.rolling.replicas must be between 1 and 64, not {}",
-                        r.replicas
-                    ));
-                }
-                if r.batch_size == 0 || r.batch_size > r.replicas {
-                    return Err(format!(
-                        "strategy.rolling.batch_size must be between 1 and replicas ({}), not {}",
-                        r.replicas, r.batch_size
-                    ));
-                }
-                if r.max_unavailable >= r.replicas {
-                    return Err(
-                        "strategy.rolling.max_unavailable must be less than replicas".into(),
-                    );
-                }
-            }
+            Strategy::Multi(m) => check_multi(m)?,
+            Strategy::Rolling(r) => check_rolling(r)?,
             Strategy::Canary(c) => check_canary("strategy.canary", c)?,
             Strategy::BlueGreen(b) => {
                 if let Some(qa) = &b.qa {
-                    short_text("strategy.blue_green.qa.dataset", &qa.dataset)?;
-                    if let Some(content) = &qa.content
-                        && content.len() as u64 > limits::QA_DATASET_BYTES
-                    {
-                        return Err(format!(
-                            "strategy.blue_green.qa.content (the dataset sent with the spec) is {} bytes; at most {} ({} MiB) are allowed",
-                            content.len(),
-                            limits::QA_DATASET_BYTES,
-                            limits::QA_DATASET_BYTES >> 20
-                        ));
-                    }
-                    match (qa.min_accuracy, qa.max_mean_abs_error) {
-                        (Some(a), None) if (0.0..=1.0).contains(&a) => {}
-                        (Some(a), None) => return Err(format!("strategy.blue_green.qa.min_accuracy must be between 0 and 1, not {a}")),
-                        (None, Some(e)) if e >= 0.0 => {}
-                        (None, Some(e)) => return Err(format!("strategy.blue_green.qa.max_mean_abs_error must be 0 or more, not {e}")),
-                        _ => return Err("strategy.blue_green.qa: give exactly one of min_accuracy or max_mean_abs_error".into()),
-                    }
+                    check_qa("strategy.blue_green.qa", qa)?;
                 }
             }
-            Strategy::Shadow(s) => {
-                check_weight("strategy.shadow.mirror_percent", s.mirror_percent)?;
-                if !(0.0..=1.0).contains(&s.min_agreement) {
-                    return Err(format!(
-                        "strategy.shadow.min_agreement must be between 0 and 1, not {}",
-                        s.min_agreement
-                    ));
-                }
-                if s.min_comparisons == 0 {
-                    return Err("strategy.shadow.min_comparisons must be at least 1".into());
-                }
-                match (s.then, &s.canary) {
-                    (ShadowThen::Canary, None) => {
-                        return Err("strategy.shadow.then is canary: give the canary block (strategy.shadow.canary.steps)".into());
-                    }
-                    (ShadowThen::Canary, Some(c)) => check_canary("strategy.shadow.canary", c)?,
-                    (_, Some(_)) => {
-                        return Err("strategy.shadow.canary is only used with then: canary".into());
-                    }
-                    _ => {}
-                }
-            }
+            Strategy::Shadow(s) => check_shadow(s)?,
         }
         if let Some(a) = &self.analysis {
-            if a.interval.0 < Duration::from_secs(crate::metrics::window::BUCKET_SECS) {
-                return Err(format!(
-                    "analysis.interval must be at least {}s (the metrics' bucket width), not {}",
-                    crate::metrics::window::BUCKET_SECS,
-                    a.interval
-                ));
-            }
-            if a.min_requests == 0 {
-                return Err("analysis.min_requests must be at least 1".into());
-            }
-            if a.failure_limit == 0 {
-                return Err("analysis.failure_limit must be at least 1".into());
-            }
-            if !(a.confidence > 0.5 && a.confidence < 1.0) {
-                return Err(format!(
-                    "analysis.confidence must be between 0.5 and 1 (e.g. 0.95), not {}",
-                    a.confidence
-                ));
-            }
-            at_most("analysis.checks", &a.checks, limits::CHECKS)?;
-            for (i, c) in a.checks.iter().enumerate() {
-                c.check(&format!("analysis.checks[{i}]"))?;
-            }
-            let external = a.checks.iter().filter(|c| c.kind.is_some()).count();
-            if external > limits::EXTERNAL_CHECKS {
-                return Err(format!(
-                    "analysis.checks has {external} external checks (kind: webhook or prometheus), each called every window; at most {} are allowed",
-                    limits::EXTERNAL_CHECKS
-                ));
-            }
+            check_analysis(a)?;
         }
-        at_most("notify", &self.notify, limits::NOTIFY)?;
-        for (i, n) in self.notify.iter().enumerate() {
-            short_text(&format!("notify[{i}].url"), &n.url)?;
-            if !n.url.starts_with("http://") {
-                return Err(format!("notify[{i}].url must start with http://"));
-            }
-            at_most(
-                &format!("notify[{i}].events"),
-                &n.events,
-                limits::NOTIFY_EVENTS,
-            )?;
-        }
-        Ok(())
+        check_notify(&self.notify)
     }
+}
+
+fn check_multi(m: &MultiSpec) -> Result<(), String> {
+    if m.keep == 0 {
+        return Err(
+            "strategy.multi.keep must be at least 1 (the versions kept for failover)".into(),
+        );
+    }
+    match &m.breaker {
+        Some(b) => b.validate("strategy.multi.breaker"),
+        None => Ok(()),
+    }
+}
+
+fn check_rolling(r: &RollingSpec) -> Result<(), String> {
+    if r.replicas == 0 || r.replicas > 64 {
+        return Err(format!(
+            "strategy.rolling.replicas must be between 1 and 64, not {}",
+            r.replicas
+        ));
+    }
+    if r.batch_size == 0 || r.batch_size > r.replicas {
+        return Err(format!(
+            "strategy.rolling.batch_size must be between 1 and replicas ({}), not {}",
+            r.replicas, r.batch_size
+        ));
+    }
+    if r.max_unavailable >= r.replicas {
+        return Err("strategy.rolling.max_unavailable must be less than replicas".into());
+    }
+    Ok(())
+}
+
+fn check_qa(field: &str, qa: &QaSpec) -> Result<(), String> {
+    short_text(&format!("{field}.dataset"), &qa.dataset)?;
+    if let Some(content) = &qa.content
+        && content.len() as u64 > limits::QA_DATASET_BYTES
+    {
+        return Err(format!(
+            "{field}.content (the dataset sent with the spec) is {} bytes; at most {} ({} MiB) are allowed",
+            content.len(),
+            limits::QA_DATASET_BYTES,
+            limits::QA_DATASET_BYTES >> 20
+        ));
+    }
+    match (qa.min_accuracy, qa.max_mean_abs_error) {
+        (Some(a), None) if (0.0..=1.0).contains(&a) => Ok(()),
+        (Some(a), None) => Err(format!(
+            "{field}.min_accuracy must be between 0 and 1, not {a}"
+        )),
+        (None, Some(e)) if e >= 0.0 => Ok(()),
+        (None, Some(e)) => Err(format!(
+            "{field}.max_mean_abs_error must be 0 or more, not {e}"
+        )),
+        _ => Err(format!(
+            "{field}: give exactly one of min_accuracy or max_mean_abs_error"
+        )),
+    }
+}
+
+fn check_shadow(s: &ShadowSpec) -> Result<(), String> {
+    check_weight("strategy.shadow.mirror_percent", s.mirror_percent)?;
+    if !(0.0..=1.0).contains(&s.min_agreement) {
+        return Err(format!(
+            "strategy.shadow.min_agreement must be between 0 and 1, not {}",
+            s.min_agreement
+        ));
+    }
+    if s.min_comparisons == 0 {
+        return Err("strategy.shadow.min_comparisons must be at least 1".into());
+    }
+    match (s.then, &s.canary) {
+        (ShadowThen::Canary, None) => Err(
+            "strategy.shadow.then is canary: give the canary block (strategy.shadow.canary.steps)"
+                .into(),
+        ),
+        (ShadowThen::Canary, Some(c)) => check_canary("strategy.shadow.canary", c),
+        (_, Some(_)) => Err("strategy.shadow.canary is only used with then: canary".into()),
+        _ => Ok(()),
+    }
+}
+
+fn check_analysis(a: &AnalysisSpec) -> Result<(), String> {
+    if a.interval.0 < Duration::from_secs(crate::metrics::window::BUCKET_SECS) {
+        return Err(format!(
+            "analysis.interval must be at least {}s (the metrics' bucket width), not {}",
+            crate::metrics::window::BUCKET_SECS,
+            a.interval
+        ));
+    }
+    if a.min_requests == 0 {
+        return Err("analysis.min_requests must be at least 1".into());
+    }
+    if a.failure_limit == 0 {
+        return Err("analysis.failure_limit must be at least 1".into());
+    }
+    if !(a.confidence > 0.5 && a.confidence < 1.0) {
+        return Err(format!(
+            "analysis.confidence must be between 0.5 and 1 (e.g. 0.95), not {}",
+            a.confidence
+        ));
+    }
+    at_most("analysis.checks", &a.checks, limits::CHECKS)?;
+    for (i, c) in a.checks.iter().enumerate() {
+        c.check(&format!("analysis.checks[{i}]"))?;
+    }
+    let external = a.checks.iter().filter(|c| c.kind.is_some()).count();
+    if external > limits::EXTERNAL_CHECKS {
+        return Err(format!(
+            "analysis.checks has {external} external checks (kind: webhook or prometheus), each called every window; at most {} are allowed",
+            limits::EXTERNAL_CHECKS
+        ));
+    }
+    Ok(())
+}
+
+fn check_notify(notify: &[NotifySpec]) -> Result<(), String> {
+    at_most("notify", notify, limits::NOTIFY)?;
+    for (i, n) in notify.iter().enumerate() {
+        short_text(&format!("notify[{i}].url"), &n.url)?;
+        if !n.url.starts_with("http://") {
+            return Err(format!("notify[{i}].url must start with http://"));
+        }
+        at_most(
+            &format!("notify[{i}].events"),
+            &n.events,
+            limits::NOTIFY_EVENTS,
+        )?;
+    }
+    Ok(())
 }
 
 /// The deepest nesting of YAML flow collections (`[`, `{`) in `text`,
@@ -1062,123 +1140,166 @@ notify:
     #[test]
     fn specs_over_a_size_limit_name_the_field_and_the_limit() {
         let spec = |body: String| format!("model: cancer\nversion: \"2\"\n{body}\n");
-        let list = |n: usize, item: &str| vec![item; n].join(", ");
         let metric = "{ metric: error_rate, max: 0.01 }";
-        let webhook = "{ kind: webhook, url: \"http://127.0.0.1:9/h\" }";
-        let notify = "{ url: \"http://127.0.0.1:9/n\" }";
-        let steps = |n| {
-            format!(
-                "strategy: {{ canary: {{ steps: [ {} ] }} }}",
-                list(n, "{ weight: 10 }")
-            )
-        };
-        let matches = |n| {
-            format!(
-                "strategy: {{ canary: {{ steps: [ {{ weight: 10 }} ], match: [ {} ] }} }}",
-                list(n, "{ header: x-region, values: [eu] }")
-            )
-        };
-        let values = |n| {
-            format!(
-                "strategy: {{ canary: {{ steps: [ {{ weight: 10 }} ], match: [ {{ header: x-region, values: [ {} ] }} ] }} }}",
-                list(n, "eu")
-            )
-        };
-        let checks = |n, item| {
-            format!(
-                "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {} ] }}",
-                list(n, item)
-            )
-        };
-        let notifies = |n| {
-            format!(
-                "strategy: {{ basic: {{}} }}\nnotify: [ {} ]",
-                list(n, notify)
-            )
-        };
-        let kinds = |n| {
-            format!(
-                "strategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"http://127.0.0.1:9/n\", events: [ {} ] }} ]",
-                list(n, "aborted")
-            )
-        };
-        let shadow_steps = |n| {
-            format!(
-                "strategy: {{ shadow: {{ mirror_percent: 100, compare: {{ output: p }}, min_comparisons: 5, min_agreement: 0.9, then: canary, canary: {{ steps: [ {} ] }} }} }}",
-                list(n, "{ weight: 10 }")
-            )
-        };
-        type Make<'a> = Box<dyn Fn(usize) -> String + 'a>;
-        let cases: Vec<(Make, usize, &str)> = vec![
+        let shadow = "shadow: { mirror_percent: 100, compare: { output: p }, min_comparisons: 5, min_agreement: 0.9, then: canary, canary";
+        // (the spec with LIST where `limit` or `limit + 1` items go, the item, the limit, the refusal)
+        let cases = [
             (
-                Box::new(steps),
+                "strategy: { canary: { steps: [ LIST ] } }".to_string(),
+                "{ weight: 10 }",
                 limits::STEPS,
                 "strategy.canary.steps has 65 entries; at most 64 are allowed",
             ),
             (
-                Box::new(shadow_steps),
+                format!("strategy: {{ {shadow}: {{ steps: [ LIST ] }} }} }}"),
+                "{ weight: 10 }",
                 limits::STEPS,
                 "strategy.shadow.canary.steps has 65 entries; at most 64",
             ),
             (
-                Box::new(matches),
+                "strategy: { canary: { steps: [ { weight: 10 } ], match: [ LIST ] } }".into(),
+                "{ header: x-region, values: [eu] }",
                 limits::MATCH_RULES,
                 "strategy.canary.match has 17 entries; at most 16",
             ),
             (
-                Box::new(values),
+                "strategy: { canary: { steps: [ { weight: 10 } ], match: [ { header: x-region, values: [ LIST ] } ] } }".into(),
+                "eu",
                 limits::MATCH_VALUES,
                 "strategy.canary.match[0].values has 65 entries; at most 64",
             ),
             (
-                Box::new(|n| checks(n, metric)),
+                "strategy: { basic: {} }\nanalysis: { checks: [ LIST ] }".into(),
+                metric,
                 limits::CHECKS,
                 "analysis.checks has 33 entries; at most 32 are allowed",
             ),
             (
-                Box::new(|n| checks(n, webhook)),
+                "strategy: { basic: {} }\nanalysis: { checks: [ LIST ] }".into(),
+                "{ kind: webhook, url: \"http://127.0.0.1:9/h\" }",
                 limits::EXTERNAL_CHECKS,
                 "analysis.checks has 5 external checks (kind: webhook or prometheus), each called every window; at most 4",
             ),
             (
-                Box::new(notifies),
+                "strategy: { basic: {} }\nnotify: [ LIST ]".into(),
+                "{ url: \"http://127.0.0.1:9/n\" }",
                 limits::NOTIFY,
                 "notify has 9 entries; at most 8 are allowed",
             ),
             (
-                Box::new(kinds),
+                "strategy: { basic: {} }\nnotify: [ { url: \"http://127.0.0.1:9/n\", events: [ LIST ] } ]".into(),
+                "aborted",
                 limits::NOTIFY_EVENTS,
                 "notify[0].events has 17 entries; at most 16",
             ),
         ];
-        for (make, limit, needle) in cases {
-            RolloutSpec::from_yaml(&spec(make(limit)))
+        let with = |template: &str, n: usize, item: &str| {
+            spec(template.replace("LIST", &vec![item; n].join(", ")))
+        };
+        for (template, item, limit, needle) in &cases {
+            RolloutSpec::from_yaml(&with(template, *limit, item))
                 .unwrap_or_else(|e| panic!("{limit} entries must be accepted: {e}"));
-            let err = RolloutSpec::from_yaml(&spec(make(limit + 1))).unwrap_err();
+            let err = RolloutSpec::from_yaml(&with(template, limit + 1, item)).unwrap_err();
             assert!(err.contains(needle), "expected {needle:?}\n  got {err:?}");
         }
-        let err = RolloutSpec::from_yaml(&spec(checks(100_000, metric))).unwrap_err();
+        let err = RolloutSpec::from_yaml(&with(&cases[4].0, 100_000, metric)).unwrap_err();
         assert_eq!(
             err,
             "analysis.checks has 100000 entries; at most 32 are allowed"
         );
         let long = format!("http://x/{}", "a".repeat(limits::TEXT_BYTES));
-        let err = RolloutSpec::from_yaml(&spec(format!(
-            "strategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{long}\" }} ]"
-        )))
-        .unwrap_err();
-        assert!(
-            err.contains("notify[0].url is 4105 bytes long; at most 4096"),
-            "{err}"
+        for (body, needle) in [
+            (
+                format!("strategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{long}\" }} ]"),
+                "notify[0].url is 4105 bytes long; at most 4096",
+            ),
+            (
+                format!(
+                    "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ kind: prometheus, address: \"http://p\", query: \"{long}\", max: 1 }} ] }}"
+                ),
+                "analysis.checks[0].query is 4105 bytes long",
+            ),
+        ] {
+            let err = RolloutSpec::from_yaml(&spec(body)).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    /// What the control API makes of a spec that leaves fields out: the
+    /// defaults docs/reference.md documents, written out here in full.
+    #[test]
+    fn fields_left_out_take_the_documented_defaults() {
+        let spec = |strategy: &str, analysis: &str| {
+            RolloutSpec::from_yaml(&format!(
+                "{{\"model\": \"cancer\", \"version\": \"2\", \"strategy\": {strategy}{analysis}}}"
+            ))
+            .unwrap_or_else(|e| panic!("{strategy}: {e}"))
+        };
+        let secs = |s| HumanDuration(Duration::from_secs(s));
+        let multi = spec(r#"{"multi": {}}"#, "");
+        assert_eq!(
+            multi.strategy,
+            Strategy::Multi(MultiSpec {
+                keep: 1,
+                timeout: None,
+                breaker: None
+            })
         );
-        let err = RolloutSpec::from_yaml(&spec(format!(
-            "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ kind: prometheus, address: \"http://p\", query: \"{long}\", max: 1 }} ] }}"
-        )))
-        .unwrap_err();
-        assert!(
-            err.contains("analysis.checks[0].query is 4105 bytes long"),
-            "{err}"
+        assert_eq!(
+            spec(r#"{"rolling": {"replicas": 4}}"#, "").strategy,
+            Strategy::Rolling(RollingSpec {
+                replicas: 4,
+                batch_size: 1,
+                max_unavailable: 0,
+                max_surge: 1,
+                batch_pause: secs(10),
+                rollback: RollingRollback::Batch,
+            })
         );
+        assert_eq!(
+            spec(
+                r#"{"blue_green": {"qa": {"dataset": "d.jsonl", "min_accuracy": 0.9}}}"#,
+                ""
+            )
+            .strategy,
+            Strategy::BlueGreen(BlueGreenSpec {
+                qa: Some(QaSpec {
+                    dataset: "d.jsonl".into(),
+                    content: None,
+                    output: "probabilities".into(),
+                    min_accuracy: Some(0.9),
+                    max_mean_abs_error: None,
+                }),
+                auto_promote_after: None,
+                scale_down_delay: secs(300),
+                post_promotion: None,
+            })
+        );
+        let Strategy::Shadow(shadow) = spec(
+            r#"{"shadow": {"mirror_percent": 100, "compare": {"output": "label"}, "min_comparisons": 5, "min_agreement": 0.9, "then": "promote"}}"#,
+            "",
+        )
+        .strategy
+        else {
+            panic!("shadow")
+        };
+        assert_eq!(
+            (shadow.compare.mode, shadow.compare.tolerance),
+            (CompareMode::Class, 0.0)
+        );
+        assert_eq!(
+            spec(r#"{"basic": {}}"#, r#", "analysis": {}"#).analysis,
+            Some(AnalysisSpec {
+                interval: secs(10),
+                min_requests: 50,
+                failure_limit: 2,
+                max_inconclusive: 6,
+                confidence: 0.95,
+                checks: vec![],
+            })
+        );
+        assert!(!multi.allow_signature_change);
+        assert_eq!((multi.analysis, multi.notify), (None, vec![]));
     }
 
     #[test]
@@ -1196,7 +1317,7 @@ notify:
                     max_mean_abs_error: None,
                 }),
                 auto_promote_after: None,
-                scale_down_delay: five_minutes(),
+                scale_down_delay: BlueGreenSpec::default().scale_down_delay,
                 post_promotion: None,
             }),
             analysis: None,

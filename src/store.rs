@@ -163,7 +163,7 @@ pub enum Page {
 }
 
 /// A recorded event (ordered by `id`, never rewritten).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Event {
     #[serde(skip)]
     pub id: i64,

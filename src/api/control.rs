@@ -43,7 +43,7 @@ pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
 }
 
 /// A version as the control API shows it: the record plus whether it serves.
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionView {
     #[serde(flatten)]
     pub record: VersionRecord,
@@ -52,10 +52,10 @@ pub struct VersionView {
     /// The version's part in the model's routes: `stable`, `candidate`,
     /// `staging`, `shadow` or `fallback`; `loaded` for one loaded beside
     /// them (`/versions/{v}` only); null otherwise.
-    pub role: Option<&'static str>,
+    pub role: Option<String>,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelSummary {
     pub name: String,
     pub stable: Option<String>,
@@ -65,7 +65,7 @@ pub struct ModelSummary {
     pub created_at: String,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelView {
     pub name: String,
     pub stable: Option<String>,
@@ -92,7 +92,8 @@ fn view(s: &AppState, route: Option<&RoutePolicy>, record: VersionRecord) -> Ver
     };
     let role = role
         .map(Role::as_str)
-        .or_else(|| record.loaded.then_some("loaded"));
+        .or_else(|| record.loaded.then_some("loaded"))
+        .map(str::to_string);
     VersionView {
         record,
         serving,
@@ -161,7 +162,7 @@ pub async fn show_version(
 
 /// How to register a version: the JSON body (remote versions), or the `spec`
 /// part of a multipart upload whose `artifact` part is the ONNX file.
-#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddVersionSpec {
     /// Remote V2 endpoints (`http://host:port[/v2/models/NAME[/versions/V]]`),
@@ -180,10 +181,10 @@ pub struct AddVersionSpec {
     pub settings: SettingsPatch,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AddVersionResult {
     /// `created`, or `unchanged` when the same artifact was already registered.
-    pub result: &'static str,
+    pub result: String,
     #[serde(flatten)]
     pub version: VersionView,
 }
@@ -305,7 +306,8 @@ pub async fn add_version(
             "created"
         } else {
             "unchanged"
-        },
+        }
+        .into(),
         version: view_of(&s, added.record)?,
     };
     Ok((status, Json(body)).into_response())

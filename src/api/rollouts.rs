@@ -40,7 +40,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         ))
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     /// `created`, or `unchanged` when the same spec is already rolling out.
     pub result: Applied,
@@ -215,7 +215,7 @@ pub async fn rollback(
 }
 
 /// One rollout in the history.
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutSummary {
     pub rollout: String,
     pub strategy: String,

@@ -91,6 +91,23 @@ impl Client {
         Ok((status, value))
     }
 
+    /// Sends a request; returns the answer as the server wrote it (what
+    /// `-o json` prints) and decoded into the crate's own type `T` (what
+    /// people are shown).
+    pub async fn send_typed<T: DeserializeOwned>(
+        &self,
+        rb: RequestBuilder,
+    ) -> anyhow::Result<(serde_json::Value, T)> {
+        let (_, value): (_, serde_json::Value) = self.send(rb).await?;
+        let typed: T = serde::Deserialize::deserialize(&value).with_context(|| {
+            format!(
+                "the server's answer is not the expected {}: {value}",
+                std::any::type_name::<T>()
+            )
+        })?;
+        Ok((value, typed))
+    }
+
     pub async fn send_raw(&self, rb: RequestBuilder) -> anyhow::Result<Response> {
         let resp = rb.send().await.map_err(|e| {
             if e.is_connect() {

@@ -232,21 +232,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         .to_string();
     let client = Client::new(&server.url, Some(token.clone()), None)?;
     let http = client.http().clone();
-    let ready = Instant::now();
-    while http
-        .get(format!("{}/v2/health/ready", server.url))
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .ok()
-        != Some(true)
-    {
-        anyhow::ensure!(
-            ready.elapsed() < Duration::from_secs(30),
-            "the demo server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_ready(&http, &server.url).await?;
     outln!(
         "\x1b[1mFerry demo\x1b[0m — six ways to ship a model, on the bundled breast-cancer classifiers"
     );
@@ -299,24 +285,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let result = tell(&mut story).await;
     stop.store(true, Ordering::Relaxed);
     let _ = traffic.await;
-    let s = story.snapshot();
-    outln!(
-        "\n\x1b[1mDone in {:.0} s\x1b[0m: {} requests answered, {} failed (those a failing candidate was allowed to expose), p50 {} ms, p99 {} ms",
-        started.elapsed().as_secs_f64(),
-        s.ok,
-        s.failed(),
-        s.ms(0.5).unwrap_or(0.0),
-        s.ms(0.99).unwrap_or(0.0)
-    );
     if let Err(e) = result {
         story.failures.push(e.to_string());
     }
-    if !story.failures.is_empty() {
-        outln!("\x1b[31mThe story did not go as told:\x1b[0m");
-        for f in &story.failures {
-            outln!("  - {f}");
-        }
-    }
+    print_outcome(&story, started.elapsed());
     if args.keep {
         outln!(
             "\nThe server keeps running at {} — Ctrl-C stops it.",
@@ -331,6 +303,45 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+/// Waits (at most 30 s) until the demo's server says it is ready.
+async fn wait_until_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let ready = Instant::now();
+    while http
+        .get(format!("{url}/v2/health/ready"))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .ok()
+        != Some(true)
+    {
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(30),
+            "the demo server did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The closing lines: what the traffic saw, and what did not go as told.
+fn print_outcome(story: &Story, took: Duration) {
+    let s = story.snapshot();
+    outln!(
+        "\n\x1b[1mDone in {:.0} s\x1b[0m: {} requests answered, {} failed (those a failing candidate was allowed to expose), p50 {} ms, p99 {} ms",
+        took.as_secs_f64(),
+        s.ok,
+        s.failed(),
+        s.ms(0.5).unwrap_or(0.0),
+        s.ms(0.99).unwrap_or(0.0)
+    );
+    if !story.failures.is_empty() {
+        outln!("\x1b[31mThe story did not go as told:\x1b[0m");
+        for f in &story.failures {
+            outln!("  - {f}");
+        }
+    }
 }
 
 async fn tell(story: &mut Story) -> anyhow::Result<()> {

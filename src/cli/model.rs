@@ -1,16 +1,18 @@
 //! `ferry model ...`: the registry commands.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::Output;
 use super::client::Client;
-use super::table;
+use super::table::{self, cell};
+use super::{Output, print_json};
+use crate::api::control::{AddVersionResult, AddVersionSpec, ModelSummary, ModelView, VersionView};
+use crate::protocol::signature::Signature;
+use crate::records::{RemoteAccess, ServingSettings, SettingsPatch, Source};
 use crate::units::HumanDuration;
 
 #[derive(Subcommand, Debug)]
@@ -69,7 +71,9 @@ pub struct RemoteArgs {
 }
 
 impl RemoteArgs {
-    fn to_json(&self) -> anyhow::Result<serde_json::Value> {
+    /// The references the server reads; a relative path is made absolute
+    /// here, since the path is the server's.
+    fn access(&self) -> anyhow::Result<RemoteAccess> {
         let path = |p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
             p.as_ref()
                 .map(|p| {
@@ -79,33 +83,22 @@ impl RemoteArgs {
                 })
                 .transpose()
         };
-        let headers: Vec<String> = self
+        let headers = self
             .remote_header
             .iter()
-            .map(|h| {
-                // A file path is the server's; make a relative one absolute here.
-                match h.split_once("=@file:") {
-                    Some((name, p)) => std::path::absolute(p)
-                        .map(|p| format!("{name}=@file:{}", p.display()))
-                        .unwrap_or_else(|_| h.clone()),
-                    None => h.clone(),
-                }
+            .map(|h| match h.split_once("=@file:") {
+                Some((name, p)) => std::path::absolute(p)
+                    .map(|p| format!("{name}=@file:{}", p.display()))
+                    .unwrap_or_else(|_| h.clone()),
+                None => h.clone(),
             })
             .collect();
-        let mut out = serde_json::Map::new();
-        if let Some(p) = path(&self.remote_ca_cert)? {
-            out.insert("ca_cert".into(), p.into());
-        }
-        if let Some(p) = path(&self.remote_client_cert)? {
-            out.insert("client_cert".into(), p.into());
-        }
-        if let Some(p) = path(&self.remote_client_key)? {
-            out.insert("client_key".into(), p.into());
-        }
-        if !headers.is_empty() {
-            out.insert("headers".into(), headers.into());
-        }
-        Ok(out.into())
+        Ok(RemoteAccess {
+            ca_cert: path(&self.remote_ca_cert)?,
+            client_cert: path(&self.remote_client_cert)?,
+            client_key: path(&self.remote_client_key)?,
+            headers,
+        })
     }
 }
 
@@ -132,27 +125,15 @@ pub struct SettingsArgs {
 }
 
 impl SettingsArgs {
-    fn to_json(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        if let Some(v) = self.replicas {
-            m.insert("replicas".into(), json!(v));
+    fn patch(&self) -> SettingsPatch {
+        SettingsPatch {
+            replicas: self.replicas,
+            threads: self.threads,
+            queue: self.queue,
+            timeout: self.timeout,
+            batch_max: self.batch_max,
+            batch_delay: self.batch_delay,
         }
-        if let Some(v) = self.threads {
-            m.insert("threads".into(), json!(v));
-        }
-        if let Some(v) = self.queue {
-            m.insert("queue".into(), json!(v));
-        }
-        if let Some(v) = self.timeout {
-            m.insert("timeout".into(), json!(v.to_string()));
-        }
-        if let Some(v) = self.batch_max {
-            m.insert("batch_max".into(), json!(v));
-        }
-        if let Some(v) = self.batch_delay {
-            m.insert("batch_delay".into(), json!(v.to_string()));
-        }
-        Value::Object(m)
     }
 }
 
@@ -160,13 +141,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("label {s:?} must be key=value"))
-}
-
-fn print_json(v: &Value) {
-    outln!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialise")
-    );
 }
 
 /// Checks names before they go into a URL path (where `..` would be
@@ -197,220 +171,218 @@ pub async fn run(client: &Client, cmd: ModelCommand, output: Output) -> anyhow::
             labels,
             settings,
         } => {
-            let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let spec = json!({"labels": labels, "settings": settings.to_json(), "urls": url, "remote": remote.to_json()?});
-            let path = format!("/api/v1/models/{model}/versions/{version}");
-            let rb = match &file {
-                Some(f) => {
-                    let bytes =
-                        std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-                    let name = f
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let form = reqwest::multipart::Form::new()
-                        .text("spec", spec.to_string())
-                        .part(
-                            "artifact",
-                            reqwest::multipart::Part::bytes(bytes).file_name(name),
-                        );
-                    client.request(Method::PUT, &path).multipart(form)
-                }
-                None => client.request(Method::PUT, &path).json(&spec),
+            let spec = AddVersionSpec {
+                urls: url,
+                remote: remote.access()?,
+                labels: labels.into_iter().collect(),
+                settings: settings.patch(),
             };
-            let (_, v): (_, Value) = client.send(rb).await?;
-            if output == Output::Json {
-                print_json(&v);
-                return Ok(());
-            }
-            let what = source_text(&v["source"]);
-            let serving = if v["role"] == "stable" {
-                format!(
-                    "it is the stable version of {model} and {}",
-                    if v["serving"] == true {
-                        "serves now"
-                    } else {
-                        "could not start (see the server log)"
-                    }
-                )
-            } else {
-                format!("the stable version of {model} is unchanged; roll it out with a deployment")
-            };
-            match v["result"].as_str() {
-                Some("unchanged") => outln!(
-                    "{model} {version} was already registered with this artifact ({what}); nothing changed"
-                ),
-                _ => outln!("registered {model} {version} ({what}); {serving}"),
-            }
+            add(client, &model, &version, file.as_deref(), &spec, output).await
         }
         ModelCommand::Set {
             model,
             version,
             settings,
-        } => {
-            let body = settings.to_json();
-            if body.as_object().is_some_and(|m| m.is_empty()) {
-                anyhow::bail!(
-                    "nothing to change: give --replicas, --threads, --queue, --timeout, --batch-max or --batch-delay"
-                );
-            }
-            let path = format!("/api/v1/models/{model}/versions/{version}");
-            let (_, v): (_, Value) = client
-                .send(client.request(Method::PATCH, &path).json(&body))
-                .await?;
-            if output == Output::Json {
-                print_json(&v);
-            } else {
-                outln!("{model} {version}: {}", settings_text(&v["settings"]));
-            }
-        }
-        ModelCommand::List => {
-            let (_, v): (_, Value) = client
-                .send(client.request(Method::GET, "/api/v1/models"))
-                .await?;
-            if output == Output::Json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .map(|m| {
-                    vec![
-                        str_of(&m["name"]),
-                        str_of(&m["stable"]),
-                        m["versions"]
-                            .as_array()
-                            .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
-                            .unwrap_or_default(),
-                        yes_no(&m["serving"]),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                outln!(
-                    "no models yet; register one with `ferry model add MODEL VERSION --file MODEL.onnx`"
-                );
-            } else {
-                outln!(
-                    "{}",
-                    table::render(&["MODEL", "STABLE", "VERSIONS", "SERVING"], &rows)
-                );
-            }
-        }
+        } => set(client, &model, &version, &settings.patch(), output).await,
+        ModelCommand::List => list(client, output).await,
         ModelCommand::Show { model } => {
-            let (_, v): (_, Value) = client
-                .send(client.request(Method::GET, &format!("/api/v1/models/{model}")))
+            let path = format!("/api/v1/models/{model}");
+            let (v, shown): (_, ModelView) = client
+                .send_typed(client.request(Method::GET, &path))
                 .await?;
-            if output == Output::Json {
-                print_json(&v);
-                return Ok(());
+            match output {
+                Output::Json => print_json(&v),
+                Output::Human => show_model(&shown),
             }
-            show_model(&v);
+            Ok(())
         }
         ModelCommand::Remove { model, version } => {
             let path = format!("/api/v1/models/{model}/versions/{version}");
             client
                 .send_raw(client.request(Method::DELETE, &path))
                 .await?;
-            if output == Output::Json {
-                print_json(&json!({"removed": {"model": model, "version": version}}));
-            } else {
-                outln!("removed {model} {version}");
+            match output {
+                Output::Json => {
+                    print_json(&json!({"removed": {"model": model, "version": version}}))
+                }
+                Output::Human => outln!("removed {model} {version}"),
             }
+            Ok(())
         }
+    }
+}
+
+/// `ferry model add`: an upload (multipart, the spec beside the file) or
+/// remote endpoints (JSON).
+async fn add(
+    client: &Client,
+    model: &str,
+    version: &str,
+    file: Option<&Path>,
+    spec: &AddVersionSpec,
+    output: Output,
+) -> anyhow::Result<()> {
+    let path = format!("/api/v1/models/{model}/versions/{version}");
+    let rb = match file {
+        Some(f) => {
+            let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let spec = serde_json::to_string(spec).expect("a version spec serialises");
+            let form = reqwest::multipart::Form::new().text("spec", spec).part(
+                "artifact",
+                reqwest::multipart::Part::bytes(bytes).file_name(name),
+            );
+            client.request(Method::PUT, &path).multipart(form)
+        }
+        None => client.request(Method::PUT, &path).json(spec),
+    };
+    let (v, added): (_, AddVersionResult) = client.send_typed(rb).await?;
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    let view = &added.version;
+    let what = source_text(&view.record.source);
+    let serving = if view.role.as_deref() == Some("stable") {
+        format!(
+            "it is the stable version of {model} and {}",
+            if view.serving {
+                "serves now"
+            } else {
+                "could not start (see the server log)"
+            }
+        )
+    } else {
+        format!("the stable version of {model} is unchanged; roll it out with a deployment")
+    };
+    match added.result.as_str() {
+        "unchanged" => outln!(
+            "{model} {version} was already registered with this artifact ({what}); nothing changed"
+        ),
+        _ => outln!("registered {model} {version} ({what}); {serving}"),
     }
     Ok(())
 }
 
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+/// `ferry model set`: a change to some serving settings.
+async fn set(
+    client: &Client,
+    model: &str,
+    version: &str,
+    patch: &SettingsPatch,
+    output: Output,
+) -> anyhow::Result<()> {
+    if *patch == SettingsPatch::default() {
+        anyhow::bail!(
+            "nothing to change: give --replicas, --threads, --queue, --timeout, --batch-max or --batch-delay"
+        );
     }
+    let path = format!("/api/v1/models/{model}/versions/{version}");
+    let (v, view): (_, VersionView) = client
+        .send_typed(client.request(Method::PATCH, &path).json(patch))
+        .await?;
+    match output {
+        Output::Json => print_json(&v),
+        Output::Human => outln!(
+            "{model} {version}: {}",
+            settings_text(&view.record.settings)
+        ),
+    }
+    Ok(())
 }
 
-fn yes_no(v: &Value) -> String {
-    if v == true { "yes".into() } else { "no".into() }
+/// `ferry model list`.
+async fn list(client: &Client, output: Output) -> anyhow::Result<()> {
+    let (v, models): (_, Vec<ModelSummary>) = client
+        .send_typed(client.request(Method::GET, "/api/v1/models"))
+        .await?;
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                cell(&m.stable),
+                m.versions.join(", "),
+                yes_no(m.serving),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        outln!(
+            "no models yet; register one with `ferry model add MODEL VERSION --file MODEL.onnx`"
+        );
+    } else {
+        outln!(
+            "{}",
+            table::render(&["MODEL", "STABLE", "VERSIONS", "SERVING"], &rows)
+        );
+    }
+    Ok(())
 }
 
-fn source_text(s: &Value) -> String {
-    match s["kind"].as_str() {
-        Some("onnx") => format!(
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
+}
+
+fn source_text(s: &Source) -> String {
+    match s {
+        Source::Onnx { digest, size } => format!(
             "onnx sha256:{} {}",
-            s["digest"]
-                .as_str()
-                .unwrap_or("")
-                .chars()
-                .take(12)
-                .collect::<String>(),
-            table::bytes(s["size"].as_u64().unwrap_or(0))
+            digest.chars().take(12).collect::<String>(),
+            table::bytes(*size)
         ),
-        Some("remote") => format!(
-            "remote {}",
-            s["endpoints"]
-                .as_array()
-                .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default()
-        ),
-        _ => "-".into(),
+        Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
     }
 }
 
-fn settings_text(s: &Value) -> String {
-    let batching = match s["batch_max"].as_u64() {
-        Some(n) if n > 1 => format!(
+fn settings_text(s: &ServingSettings) -> String {
+    let batching = match s.batch_max {
+        n if n > 1 => format!(
             ", batches of up to {n} within {}",
-            s["batch_delay"].as_str().unwrap_or("2ms")
+            s.batch_delay.map_or("2ms".into(), |d| cell(&d))
         ),
         _ => String::new(),
     };
     format!(
         "replicas {}, threads {}, queue {}, timeout {}{batching}",
-        str_of(&s["replicas"]),
-        str_of(&s["threads"]),
-        str_of(&s["queue"]),
-        str_of(&s["timeout"])
+        s.replicas,
+        s.threads,
+        s.queue,
+        cell(&s.timeout)
     )
 }
 
-fn show_model(v: &Value) {
+fn show_model(m: &ModelView) {
     outln!(
         "model {}  stable {}  created {}",
-        str_of(&v["name"]),
-        str_of(&v["stable"]),
-        str_of(&v["created_at"])
+        m.name,
+        cell(&m.stable),
+        m.created_at
     );
-    let versions = v["versions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let rows: Vec<Vec<String>> = versions
+    let rows: Vec<Vec<String>> = m
+        .versions
         .iter()
         .map(|x| {
-            let labels = x["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", str_of(v)))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default();
+            let r = &x.record;
+            let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             vec![
-                str_of(&x["version"]),
-                str_of(&x["role"]),
-                yes_no(&x["serving"]),
-                source_text(&x["source"]),
-                settings_text(&x["settings"]),
-                str_of(&x["created_at"]),
+                r.version.clone(),
+                cell(&x.role),
+                yes_no(x.serving),
+                source_text(&r.source),
+                settings_text(&r.settings),
+                r.created_at.clone(),
                 if labels.is_empty() {
                     "-".into()
                 } else {
-                    labels
+                    labels.join(",")
                 },
             ]
         })
@@ -425,27 +397,32 @@ fn show_model(v: &Value) {
             &rows
         )
     );
-    let mut shown: Vec<&Value> = Vec::new();
+    show_signatures(&m.versions);
+}
+
+/// Each distinct signature once, naming the versions that have it.
+fn show_signatures(versions: &[VersionView]) {
+    let mut shown: Vec<&Signature> = Vec::new();
     for x in versions {
-        let sig = &x["signature"];
+        let sig = &x.record.signature;
         if shown.contains(&sig) {
             continue;
         }
         shown.push(sig);
-        let same: Vec<String> = versions
+        let same: Vec<&str> = versions
             .iter()
-            .filter(|y| &y["signature"] == sig)
-            .map(|y| str_of(&y["version"]))
+            .filter(|y| &y.record.signature == sig)
+            .map(|y| y.record.version.as_str())
             .collect();
         outln!("\nsignature of version {}:", same.join(", "));
         let mut rows = Vec::new();
-        for (role, key) in [("input", "inputs"), ("output", "outputs")] {
-            for t in sig[key].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for (role, tensors) in [("input", &sig.inputs), ("output", &sig.outputs)] {
+            for t in tensors {
                 rows.push(vec![
                     role.to_string(),
-                    str_of(&t["name"]),
-                    str_of(&t["datatype"]),
-                    t["shape"].to_string(),
+                    t.name.clone(),
+                    cell(&t.datatype),
+                    serde_json::to_string(&t.shape).expect("a shape serialises"),
                 ]);
             }
         }

@@ -1,28 +1,55 @@
 //! The rollout commands: `deploy`, `apply`, `status [--watch]`, `promote`,
 //! `pause`, `resume`, `abort`, `retry`, `rollback`, `history`, `report`.
+//! `deploy` builds a [`RolloutSpec`] from its flags (a flag left out keeps
+//! the spec's own default, so the API and the CLI mean the same); the server
+//! validates what it receives. Answers are decoded into the server's own
+//! status and report types.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 
-use super::Output;
 use super::client::Client;
-use super::table;
-use crate::spec::RolloutSpec;
+use super::table::{self, cell};
+use super::{Output, print_json};
+use crate::analysis::report::{Rate, Report};
+use crate::api::rollouts::{ApplyResult, RolloutSummary};
+use crate::controller::rollouts::{AnalysisView, Applied, ShadowView, Status};
+use crate::gateway::policy::MatchRule;
+use crate::spec::{
+    AnalysisSpec, BasicSpec, BlueGreenSpec, CanarySpec, CheckSpec, CompareSpec, Metric, MultiSpec,
+    Pause, QaSpec, RollingSpec, RolloutSpec, ShadowSpec, ShadowThen, Step, Sticky, Strategy,
+};
+use crate::store::Event;
+use crate::strategy::Phase;
 use crate::units::HumanDuration;
+
+/// The strategies `deploy` takes; a mistake gets clap's list of them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyName {
+    Basic,
+    Multi,
+    Rolling,
+    Canary,
+    #[value(alias = "blue_green")]
+    BlueGreen,
+    Shadow,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
     pub model: String,
     pub version: String,
-    /// basic, multi, rolling, canary, blue-green (or blue_green), shadow
-    #[arg(long)]
-    pub strategy: String,
-    /// Canary weights in percent, e.g. 10,50,100.
+    /// The strategy (`blue_green` is accepted too).
+    #[arg(long, value_enum)]
+    pub strategy: StrategyName,
+    /// Canary weights in percent, e.g. 10,50,100 (also the canary after a
+    /// shadow's `--then canary`).
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<f64>,
     /// Canary pause between weights, e.g. 30s.
@@ -32,8 +59,8 @@ pub struct DeployArgs {
     #[arg(long)]
     pub sticky_header: Option<String>,
     /// Canary cohort rule, header=value[,value] (repeatable).
-    #[arg(long = "match")]
-    pub matches: Vec<String>,
+    #[arg(long = "match", value_parser = parse_match)]
+    pub matches: Vec<MatchRule>,
     /// Multi: previous versions kept for failover.
     #[arg(long)]
     pub keep: Option<u32>,
@@ -55,11 +82,12 @@ pub struct DeployArgs {
     #[arg(long)]
     pub max_unavailable: Option<u32>,
     /// Blue-green: labelled JSON Lines run against green before promotion.
-    #[arg(long)]
+    #[arg(long, requires = "min_accuracy")]
     pub qa_dataset: Option<PathBuf>,
-    /// Blue-green: the output the QA run scores (class probabilities or labels).
-    #[arg(long, default_value = "probabilities")]
-    pub qa_output: String,
+    /// Blue-green: the output the QA run scores (class probabilities or
+    /// labels; default probabilities).
+    #[arg(long)]
+    pub qa_output: Option<String>,
     /// Blue-green: accuracy on the QA data green needs (0-1).
     #[arg(long)]
     pub min_accuracy: Option<f64>,
@@ -81,9 +109,9 @@ pub struct DeployArgs {
     /// Shadow: share of agreeing answers needed to pass (0-1).
     #[arg(long)]
     pub min_agreement: Option<f64>,
-    /// Shadow: promote, manual or canary.
-    #[arg(long)]
-    pub then: Option<String>,
+    /// Shadow: what follows enough agreement.
+    #[arg(long, value_enum)]
+    pub then: Option<ShadowThen>,
     /// Analysis: window length.
     #[arg(long)]
     pub interval: Option<HumanDuration>,
@@ -101,155 +129,151 @@ pub struct DeployArgs {
     pub allow_signature_change: bool,
 }
 
-fn set(map: &mut serde_json::Map<String, Value>, key: &str, v: Option<Value>) {
-    if let Some(v) = v {
-        map.insert(key.to_string(), v);
-    }
+/// `--match header=value[,value]`.
+fn parse_match(rule: &str) -> Result<MatchRule, String> {
+    let (header, values) = rule
+        .split_once('=')
+        .ok_or_else(|| format!("{rule:?} must be header=value[,value]"))?;
+    Ok(MatchRule {
+        header: header.to_string(),
+        values: values.split(',').map(str::to_string).collect(),
+    })
 }
 
-/// Builds the spec a `deploy` command describes.
+/// The spec a `deploy` command describes, with its QA dataset's content.
 pub fn deploy_spec(a: &DeployArgs) -> anyhow::Result<RolloutSpec> {
-    let strategy = match a.strategy.as_str() {
-        "basic" => json!({"basic": {}}),
-        "multi" => {
-            let mut m = serde_json::Map::new();
-            set(&mut m, "keep", a.keep.map(|k| json!(k)));
-            set(&mut m, "timeout", a.timeout.map(|t| json!(t.to_string())));
-            json!({"multi": m})
-        }
-        "rolling" => {
-            let mut m = serde_json::Map::new();
-            set(
-                &mut m,
-                "replicas",
-                Some(json!(
-                    a.replicas.context("--replicas is required for rolling")?
-                )),
-            );
-            set(&mut m, "batch_size", a.batch_size.map(|v| json!(v)));
-            set(
-                &mut m,
-                "batch_pause",
-                a.batch_pause.map(|v| json!(v.to_string())),
-            );
-            set(
-                &mut m,
-                "max_unavailable",
-                a.max_unavailable.map(|v| json!(v)),
-            );
-            json!({"rolling": m})
-        }
-        "canary" => {
-            if a.steps.is_empty() {
-                anyhow::bail!(
-                    "--steps is required for canary, e.g. --steps 10,50,100 --step-pause 30s"
-                );
-            }
-            let mut steps = Vec::new();
-            for (i, w) in a.steps.iter().enumerate() {
-                steps.push(json!({"weight": w}));
-                if let Some(p) = a.step_pause
-                    && i + 1 < a.steps.len()
-                {
-                    steps.push(json!({"pause": p.to_string()}));
-                }
-            }
-            let mut m = serde_json::Map::new();
-            m.insert("steps".into(), json!(steps));
-            set(
-                &mut m,
-                "sticky",
-                a.sticky_header.as_ref().map(|h| json!({"header": h})),
-            );
-            let mut rules = Vec::new();
-            for rule in &a.matches {
-                let (header, values) = rule
-                    .split_once('=')
-                    .with_context(|| format!("--match {rule:?} must be header=value[,value]"))?;
-                rules.push(
-                    json!({"header": header, "values": values.split(',').collect::<Vec<_>>()}),
-                );
-            }
-            if !rules.is_empty() {
-                m.insert("match".into(), json!(rules));
-            }
-            json!({"canary": m})
-        }
-        "blue-green" | "blue_green" => {
-            let mut m = serde_json::Map::new();
-            if let Some(d) = &a.qa_dataset {
-                m.insert(
-                    "qa".into(),
-                    json!({"dataset": d.display().to_string(), "output": a.qa_output, "min_accuracy": a.min_accuracy.unwrap_or(0.9)}),
-                );
-            }
-            set(
-                &mut m,
-                "auto_promote_after",
-                a.auto_promote_after.map(|v| json!(v.to_string())),
-            );
-            set(
-                &mut m,
-                "scale_down_delay",
-                a.scale_down_delay.map(|v| json!(v.to_string())),
-            );
-            json!({"blue_green": m})
-        }
-        "shadow" => json!({"shadow": {
-            "mirror_percent": a.mirror_percent.unwrap_or(100.0),
-            "compare": {"output": a.compare_output.clone().unwrap_or_else(|| "probabilities".into())},
-            "min_comparisons": a.min_comparisons.unwrap_or(500),
-            "min_agreement": a.min_agreement.unwrap_or(0.98),
-            "then": a.then.clone().unwrap_or_else(|| "promote".into()),
-        }}),
-        other => anyhow::bail!(
-            "--strategy {other:?} is not one of basic, multi, rolling, canary, blue-green, shadow"
-        ),
-    };
-    let mut spec = json!({
-        "model": a.model, "version": a.version, "strategy": strategy,
-        "allow_signature_change": a.allow_signature_change,
-    });
-    let mut checks = Vec::new();
-    if let Some(m) = a.max_error_rate {
-        checks.push(json!({"metric": "error_rate", "max": m}));
-    }
-    if let Some(r) = a.max_p99_vs_stable {
-        checks.push(json!({"metric": "latency_p99_ms", "max_vs_stable": r}));
-    }
-    if !checks.is_empty() || a.interval.is_some() || a.min_requests.is_some() {
-        let mut analysis = serde_json::Map::new();
-        set(
-            &mut analysis,
-            "interval",
-            a.interval.map(|i| json!(i.to_string())),
-        );
-        set(
-            &mut analysis,
-            "min_requests",
-            a.min_requests.map(|n| json!(n)),
-        );
-        analysis.insert("checks".into(), json!(checks));
-        spec["analysis"] = Value::Object(analysis);
-    }
-    let mut spec = RolloutSpec::from_yaml(&spec.to_string()).map_err(|e| anyhow::anyhow!(e))?;
-    embed_qa_dataset(&mut spec, std::path::Path::new(""))?;
+    let mut spec = spec_of(a)?;
+    embed_qa_dataset(&mut spec, Path::new(""))?;
     Ok(spec)
 }
 
-fn print_json(v: &Value) {
-    outln!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialise")
-    );
+/// The spec the flags describe; what a flag leaves out is the spec's default.
+fn spec_of(a: &DeployArgs) -> anyhow::Result<RolloutSpec> {
+    Ok(RolloutSpec {
+        model: a.model.clone(),
+        version: a.version.clone(),
+        allow_signature_change: a.allow_signature_change,
+        strategy: strategy_of(a)?,
+        analysis: analysis_of(a),
+        notify: Vec::new(),
+    })
 }
 
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+/// A flag the strategy cannot do without.
+fn required<T: Copy>(flag: Option<T>, name: &str, strategy: &str, e_g: &str) -> anyhow::Result<T> {
+    flag.with_context(|| format!("{name} is required for {strategy}, e.g. {name} {e_g}"))
+}
+
+fn strategy_of(a: &DeployArgs) -> anyhow::Result<Strategy> {
+    Ok(match a.strategy {
+        StrategyName::Basic => Strategy::Basic(BasicSpec {}),
+        StrategyName::Multi => {
+            let d = MultiSpec::default();
+            Strategy::Multi(MultiSpec {
+                keep: a.keep.unwrap_or(d.keep),
+                timeout: a.timeout.or(d.timeout),
+                ..d
+            })
+        }
+        StrategyName::Rolling => {
+            let d = RollingSpec::new(required(a.replicas, "--replicas", "rolling", "4")?);
+            Strategy::Rolling(RollingSpec {
+                batch_size: a.batch_size.unwrap_or(d.batch_size),
+                batch_pause: a.batch_pause.unwrap_or(d.batch_pause),
+                max_unavailable: a.max_unavailable.unwrap_or(d.max_unavailable),
+                ..d
+            })
+        }
+        StrategyName::Canary => Strategy::Canary(canary_of(a)?),
+        StrategyName::BlueGreen => Strategy::BlueGreen(blue_green_of(a)),
+        StrategyName::Shadow => Strategy::Shadow(shadow_of(a)?),
+    })
+}
+
+fn canary_of(a: &DeployArgs) -> anyhow::Result<CanarySpec> {
+    if a.steps.is_empty() {
+        anyhow::bail!("--steps is required for canary, e.g. --steps 10,50,100 --step-pause 30s");
     }
+    let mut steps = Vec::new();
+    for (i, w) in a.steps.iter().enumerate() {
+        steps.push(Step::Weight(*w));
+        if let Some(p) = a.step_pause
+            && i + 1 < a.steps.len()
+        {
+            steps.push(Step::Pause(Pause::For(p)));
+        }
+    }
+    Ok(CanarySpec {
+        steps,
+        sticky: a.sticky_header.clone().map(|header| Sticky { header }),
+        matches: a.matches.clone(),
+    })
+}
+
+fn blue_green_of(a: &DeployArgs) -> BlueGreenSpec {
+    let d = BlueGreenSpec::default();
+    let qa = a.qa_dataset.as_ref().map(|dataset| QaSpec {
+        dataset: dataset.display().to_string(),
+        content: None,
+        output: (a.qa_output.as_deref())
+            .unwrap_or(QaSpec::DEFAULT_OUTPUT)
+            .to_string(),
+        min_accuracy: a.min_accuracy,
+        max_mean_abs_error: None,
+    });
+    BlueGreenSpec {
+        qa: qa.or(d.qa),
+        auto_promote_after: a.auto_promote_after.or(d.auto_promote_after),
+        scale_down_delay: a.scale_down_delay.unwrap_or(d.scale_down_delay),
+        ..d
+    }
+}
+
+fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
+    let output = a.compare_output.clone();
+    let then = required(a.then, "--then", "shadow", "promote")?;
+    Ok(ShadowSpec {
+        mirror_percent: required(a.mirror_percent, "--mirror-percent", "shadow", "100")?,
+        compare: CompareSpec::of(output.context(
+            "--compare-output is required for shadow, e.g. --compare-output probabilities",
+        )?),
+        min_comparisons: required(a.min_comparisons, "--min-comparisons", "shadow", "500")?,
+        min_agreement: required(a.min_agreement, "--min-agreement", "shadow", "0.98")?,
+        then,
+        canary: match then {
+            ShadowThen::Canary => Some(canary_of(a)?),
+            ShadowThen::Promote | ShadowThen::Manual => None,
+        },
+    })
+}
+
+/// The analysis block, when an analysis flag is given.
+fn analysis_of(a: &DeployArgs) -> Option<AnalysisSpec> {
+    let checks: Vec<CheckSpec> = [
+        a.max_error_rate.map(|max| CheckSpec {
+            metric: Some(Metric::ErrorRate),
+            max: Some(max),
+            ..CheckSpec::default()
+        }),
+        a.max_p99_vs_stable.map(|ratio| CheckSpec {
+            metric: Some(Metric::LatencyP99Ms),
+            max_vs_stable: Some(ratio),
+            ..CheckSpec::default()
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if checks.is_empty() && a.interval.is_none() && a.min_requests.is_none() {
+        return None;
+    }
+    let d = AnalysisSpec::default();
+    Some(AnalysisSpec {
+        interval: a.interval.unwrap_or(d.interval),
+        min_requests: a.min_requests.unwrap_or(d.min_requests),
+        checks,
+        ..d
+    })
 }
 
 /// Sends a spec; prints what happened. An instant strategy (basic, multi)
@@ -260,55 +284,51 @@ pub async fn send_spec(
     spec: &RolloutSpec,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
+    crate::records::check_name("model", &spec.model)?;
     let path = format!("/api/v1/models/{}/rollouts", spec.model);
-    let (_, v): (_, Value) = client
-        .send(client.request(Method::POST, &path).json(spec))
+    let (v, answer): (_, ApplyResult) = client
+        .send_typed(client.request(Method::POST, &path).json(spec))
         .await?;
-    let ended = v["rollout"].is_null();
-    let outcome = if ended {
-        v["last_rollout"]["phase"].as_str().unwrap_or("idle")
-    } else {
-        "started"
+    let st = &answer.status;
+    let last = st.last_rollout.as_ref();
+    let ended = st.rollout.is_none();
+    let outcome = match last {
+        _ if !ended => "started".to_string(),
+        Some(l) => cell(&l.phase),
+        None => "idle".to_string(),
     };
-    let code = match outcome {
+    let code = match outcome.as_str() {
         "started" | "succeeded" => ExitCode::SUCCESS,
         _ => ExitCode::from(1),
     };
+    let (model, version) = (&spec.model, &spec.version);
     if output == Output::Json {
         print_json(&v);
-    } else if v["result"] == "unchanged" {
+    } else if answer.result == Applied::Unchanged {
         outln!(
-            "{} is already rolling out this spec ({}); nothing changed",
-            spec.model,
-            str_of(&v["rollout"])
+            "{model} is already rolling out this spec ({}); nothing changed",
+            cell(&st.rollout)
         );
     } else if ended {
-        let last = &v["last_rollout"];
         outln!(
-            "{} ({} of {} version {}): {}",
-            str_of(&last["rollout"]),
-            str_of(&last["strategy"]),
-            spec.model,
-            spec.version,
-            str_of(&last["message"])
+            "{} ({} of {model} version {version}): {}",
+            cell(&last.map(|l| &l.rollout)),
+            cell(&last.map(|l| &l.strategy)),
+            cell(&last.map(|l| &l.message))
         );
         if outcome != "succeeded" {
             outln!(
-                "see why with `ferry history {}`; the stable version is {}",
-                spec.model,
-                str_of(&v["stable"])
+                "see why with `ferry history {model}`; the stable version is {}",
+                cell(&st.stable)
             );
         }
     } else {
         outln!(
-            "{} started: {} of {} version {} (stable {})\n{}\nwatch it with `ferry status {} --watch`",
-            str_of(&v["rollout"]),
-            str_of(&v["strategy"]),
-            spec.model,
-            spec.version,
-            str_of(&v["stable"]),
-            str_of(&v["message"]),
-            spec.model
+            "{} started: {} of {model} version {version} (stable {})\n{}\nwatch it with `ferry status {model} --watch`",
+            cell(&st.rollout),
+            cell(&st.strategy),
+            cell(&st.stable),
+            st.message,
         );
     }
     Ok(code)
@@ -316,8 +336,8 @@ pub async fn send_spec(
 
 /// Puts the QA dataset's content into the spec (its path is relative to
 /// `base`), so the gate works against a remote server.
-fn embed_qa_dataset(spec: &mut RolloutSpec, base: &std::path::Path) -> anyhow::Result<()> {
-    if let crate::spec::Strategy::BlueGreen(b) = &mut spec.strategy
+fn embed_qa_dataset(spec: &mut RolloutSpec, base: &Path) -> anyhow::Result<()> {
+    if let Strategy::BlueGreen(b) = &mut spec.strategy
         && let Some(qa) = &mut b.qa
         && qa.content.is_none()
     {
@@ -332,12 +352,13 @@ fn embed_qa_dataset(spec: &mut RolloutSpec, base: &std::path::Path) -> anyhow::R
     Ok(())
 }
 
-/// `ferry apply -f FILE`.
+/// `ferry apply -f FILE`: the file is parsed here (to send its QA dataset
+/// along) and validated by the server.
 pub async fn apply(client: &Client, file: &PathBuf, output: Output) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut spec =
-        RolloutSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        RolloutSpec::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let base = file.parent().map(PathBuf::from).unwrap_or_default();
     embed_qa_dataset(&mut spec, &base)?;
     send_spec(client, &spec, output).await
@@ -353,166 +374,187 @@ pub async fn command(
 ) -> anyhow::Result<()> {
     crate::records::check_name("model", model)?;
     let path = format!("/api/v1/models/{model}/{action}");
-    let (_, v): (_, Value) = client
-        .send(client.request(Method::POST, &path).json(&body))
+    let (v, st): (_, Status) = client
+        .send_typed(client.request(Method::POST, &path).json(&body))
         .await?;
     if output == Output::Json {
         print_json(&v);
     } else {
-        match (v["rollout"].as_str(), v["last_rollout"].as_object()) {
-            (Some(r), _) => outln!("{r}: {}", str_of(&v["message"])),
+        match (&st.rollout, &st.last_rollout) {
+            (Some(r), _) => outln!("{r}: {}", st.message),
             // Ended at once (abort, an instant rollback): the last rollout
             // says how, its id once.
-            (None, Some(last)) => {
-                outln!("{}: {}", str_of(&last["rollout"]), str_of(&last["message"]))
-            }
-            (None, None) => outln!("{model}: {}", str_of(&v["message"])),
+            (None, Some(last)) => outln!("{}: {}", last.rollout, last.message),
+            (None, None) => outln!("{model}: {}", st.message),
         }
     }
     Ok(())
 }
 
-fn bar(traffic: &Value, width: usize) -> String {
-    let Some(map) = traffic.as_object() else {
-        return String::new();
-    };
+fn bar(traffic: &std::collections::BTreeMap<String, f64>, width: usize) -> String {
     let mut out = String::new();
     let marks = ['#', '=', '-', '.'];
-    for (i, (_, share)) in map.iter().enumerate() {
-        let n = (share.as_f64().unwrap_or(0.0) / 100.0 * width as f64).round() as usize;
+    for (i, share) in traffic.values().enumerate() {
+        let n = (share / 100.0 * width as f64).round() as usize;
         out.extend(std::iter::repeat_n(marks[i % marks.len()], n));
     }
     out.truncate(width);
-    let legend: Vec<String> = map
+    let legend: Vec<String> = traffic
         .iter()
         .enumerate()
-        .map(|(i, (v, s))| {
-            format!(
-                "{} {v} {}%",
-                marks[i % marks.len()],
-                s.as_f64().unwrap_or(0.0)
-            )
-        })
+        .map(|(i, (v, s))| format!("{} {v} {s}%", marks[i % marks.len()]))
         .collect();
     format!("[{out:<width$}]  {}", legend.join("  "))
 }
 
-fn render_status(v: &Value, events: &[Value]) -> String {
-    let mut out = Vec::new();
-    out.push(format!(
+fn render_status(s: &Status, events: &[Event]) -> String {
+    let mut out = vec![format!(
         "{}  stable {}  candidate {}  {}{}",
-        str_of(&v["model"]),
-        str_of(&v["stable"]),
-        str_of(&v["candidate"]),
-        str_of(&v["phase"]),
-        v["waiting_for"]
-            .as_str()
-            .map_or(String::new(), |w| format!(" (waiting for {w})")),
-    ));
-    if let Some(r) = v["rollout"].as_str() {
-        out.push(format!("rollout {r} ({})", str_of(&v["strategy"])));
+        s.model,
+        cell(&s.stable),
+        cell(&s.candidate),
+        cell(&s.phase),
+        s.waiting_for
+            .map_or(String::new(), |w| format!(" (waiting for {})", cell(&w))),
+    )];
+    if let Some(r) = &s.rollout {
+        out.push(format!("rollout {r} ({})", cell(&s.strategy)));
     }
-    if let Some(steps) = v["steps"].as_array().filter(|s| !s.is_empty()) {
-        let current = v["step"].as_u64().unwrap_or(0) as usize;
-        for (i, s) in steps.iter().enumerate() {
-            let mark = match i.cmp(&current) {
-                std::cmp::Ordering::Less => "  done ",
-                std::cmp::Ordering::Equal => "  >>>  ",
-                std::cmp::Ordering::Greater => "       ",
-            };
-            out.push(format!("{mark}{}. {}", i + 1, str_of(s)));
-        }
+    let current = s.step.unwrap_or(0);
+    for (i, step) in s.steps.iter().enumerate() {
+        let mark = match i.cmp(&current) {
+            std::cmp::Ordering::Less => "  done ",
+            std::cmp::Ordering::Equal => "  >>>  ",
+            std::cmp::Ordering::Greater => "       ",
+        };
+        out.push(format!("{mark}{}. {}", i + 1, cell(step)));
     }
-    out.push(format!("traffic   {}", bar(&v["traffic"], 40)));
-    if v["observed"].as_object().is_some_and(|o| !o.is_empty()) {
-        out.push(format!("observed  {}", bar(&v["observed"], 40)));
+    out.push(format!("traffic   {}", bar(&s.traffic, 40)));
+    if !s.observed.is_empty() {
+        out.push(format!("observed  {}", bar(&s.observed, 40)));
     }
-    out.push(format!("message   {}", str_of(&v["message"])));
-    if let Some(s) = v["staging"].as_str() {
+    out.push(format!("message   {}", s.message));
+    if let Some(v) = &s.staging {
         out.push(format!(
-            "staging   version {s} (requests with x-ferry-env: staging)"
+            "staging   version {v} (requests with x-ferry-env: staging)"
         ));
     }
-    if let Some(q) = v["qa"].as_object() {
-        out.push(format!("qa        {}", str_of(&q["reason"])));
+    if let Some(q) = &s.qa {
+        out.push(format!("qa        {}", q.reason));
     }
-    if let Some(sh) = v["shadow"].as_object() {
-        out.push(format!(
-            "shadow    {} comparisons, agreement {}, {} disagreed, {} errors, {} dropped",
-            str_of(&sh["comparisons"]),
-            sh["agreement"]
-                .as_f64()
-                .map_or("-".into(), |a| format!("{a:.4}")),
-            str_of(&sh["disagree"]),
-            str_of(&sh["errors"]),
-            str_of(&sh["dropped"])
-        ));
-        for e in sh["examples"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .take(3)
-        {
-            out.push(format!(
-                "  disagreed on {}: production {} vs shadow {}",
-                str_of(&e["id"]),
-                e["primary"]["data"],
-                e["shadow"]["data"]
-            ));
-        }
+    if let Some(sh) = &s.shadow {
+        out.extend(shadow_lines(sh));
     }
-    if let Some(a) = v["analysis"].as_object() {
-        out.push(format!(
-            "analysis  {} over {}: {} ({} candidate / {} stable requests)",
-            str_of(&a["verdict"]),
-            str_of(&a["window"]),
-            str_of(&a["reason"]),
-            str_of(&a["candidate_requests"]),
-            str_of(&a["stable_requests"])
-        ));
-        let rows: Vec<Vec<String>> = a["checks"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|c| {
-                let num = |x: &Value| x.as_f64().map_or("-".into(), |f| format!("{f:.4}"));
-                vec![
-                    str_of(&c["check"]),
-                    str_of(&c["outcome"]),
-                    num(&c["candidate"]),
-                    num(&c["stable"]),
-                    num(&c["p_value"]),
-                ]
-            })
-            .collect();
-        if !rows.is_empty() {
-            for line in
-                table::render(&["CHECK", "RESULT", "CANDIDATE", "STABLE", "P"], &rows).lines()
-            {
-                out.push(format!("  {line}"));
-            }
-        }
+    if let Some(a) = &s.analysis {
+        out.extend(analysis_lines(a));
     }
     if !events.is_empty() {
         out.push("recent events".into());
         for e in events.iter().rev().take(6).rev() {
-            out.push(format!("  {}  {}", str_of(&e["at"]), str_of(&e["message"])));
+            out.push(format!("  {}  {}", e.at, e.message));
         }
     }
     out.join("\n")
 }
 
-async fn events_of(client: &Client, model: &str, rollout: Option<&str>) -> Vec<Value> {
+fn shadow_lines(sh: &ShadowView) -> Vec<String> {
+    let mut out = vec![format!(
+        "shadow    {} comparisons, agreement {}, {} disagreed, {} errors, {} dropped",
+        sh.comparisons,
+        sh.agreement.map_or("-".into(), |a| format!("{a:.4}")),
+        sh.disagree,
+        sh.errors,
+        sh.dropped
+    )];
+    for e in sh.examples.iter().take(3) {
+        out.push(format!(
+            "  disagreed on {}: production {} vs shadow {}",
+            e.id, e.primary["data"], e.shadow["data"]
+        ));
+    }
+    out
+}
+
+/// A number to four places, `-` when there is none.
+fn four(x: Option<f64>) -> String {
+    x.map_or("-".into(), |f| format!("{f:.4}"))
+}
+
+fn analysis_lines(a: &AnalysisView) -> Vec<String> {
+    let mut out = vec![format!(
+        "analysis  {} over {}: {} ({} candidate / {} stable requests)",
+        cell(&a.verdict),
+        a.window,
+        a.reason,
+        a.candidate_requests,
+        a.stable_requests
+    )];
+    let rows: Vec<Vec<String>> = a
+        .checks
+        .iter()
+        .map(|c| {
+            vec![
+                c.check.clone(),
+                cell(&c.outcome),
+                four(c.candidate),
+                four(c.stable),
+                four(c.p_value),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        for line in table::render(&["CHECK", "RESULT", "CANDIDATE", "STABLE", "P"], &rows).lines() {
+            out.push(format!("  {line}"));
+        }
+    }
+    out
+}
+
+async fn events_of(client: &Client, model: &str, rollout: Option<&str>) -> Vec<Event> {
     let Some(r) = rollout else { return vec![] };
     let path = format!("/api/v1/models/{model}/rollouts/{r}/events");
     client
-        .send::<Value>(client.request(Method::GET, &path))
+        .send::<Vec<Event>>(client.request(Method::GET, &path))
         .await
-        .ok()
-        .and_then(|(_, v)| v.as_array().cloned())
+        .map(|(_, events)| events)
         .unwrap_or_default()
+}
+
+/// `ferry status` without a model: one row per model.
+async fn status_of_all(client: &Client, output: Output) -> anyhow::Result<ExitCode> {
+    let (v, all): (_, Vec<Status>) = client
+        .send_typed(client.request(Method::GET, "/api/v1/status"))
+        .await?;
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            let traffic: Vec<String> = s.traffic.iter().map(|(k, v)| format!("{k}:{v}%")).collect();
+            vec![
+                s.model.clone(),
+                cell(&s.stable),
+                cell(&s.candidate),
+                cell(&s.rollout),
+                cell(&s.phase),
+                traffic.join(" "),
+                s.message.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "MODEL",
+        "STABLE",
+        "CANDIDATE",
+        "ROLLOUT",
+        "PHASE",
+        "TRAFFIC",
+        "MESSAGE",
+    ];
+    outln!("{}", table::render(&header, &rows));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ferry status [MODEL] [--watch [--timeout D]]`.
@@ -524,55 +566,7 @@ pub async fn status(
     output: Output,
 ) -> anyhow::Result<ExitCode> {
     let Some(model) = model else {
-        let (_, v): (_, Value) = client
-            .send(client.request(Method::GET, "/api/v1/status"))
-            .await?;
-        if output == Output::Json {
-            print_json(&v);
-            return Ok(ExitCode::SUCCESS);
-        }
-        let rows: Vec<Vec<String>> = v
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|s| {
-                let traffic = s["traffic"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}:{}%", v.as_f64().unwrap_or(0.0)))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    })
-                    .unwrap_or_default();
-                vec![
-                    str_of(&s["model"]),
-                    str_of(&s["stable"]),
-                    str_of(&s["candidate"]),
-                    str_of(&s["rollout"]),
-                    str_of(&s["phase"]),
-                    traffic,
-                    str_of(&s["message"]),
-                ]
-            })
-            .collect();
-        outln!(
-            "{}",
-            table::render(
-                &[
-                    "MODEL",
-                    "STABLE",
-                    "CANDIDATE",
-                    "ROLLOUT",
-                    "PHASE",
-                    "TRAFFIC",
-                    "MESSAGE"
-                ],
-                &rows
-            )
-        );
-        return Ok(ExitCode::SUCCESS);
+        return status_of_all(client, output).await;
     };
     crate::records::check_name("model", model)?;
     let path = format!("/api/v1/models/{model}/status");
@@ -580,27 +574,25 @@ pub async fn status(
     let mut watched: Option<String> = None;
     let mut last_drawn = String::new();
     loop {
-        let (_, v): (_, Value) = client.send(client.request(Method::GET, &path)).await?;
-        if let Some(r) = v["rollout"].as_str() {
-            watched = Some(r.to_string());
+        let (v, st): (_, Status) = client
+            .send_typed(client.request(Method::GET, &path))
+            .await?;
+        if st.rollout.is_some() {
+            watched.clone_from(&st.rollout);
         }
-        let shown = v["rollout"]
-            .as_str()
-            .map(str::to_string)
-            .or_else(|| watched.clone());
+        let shown_rollout = st.rollout.clone().or_else(|| watched.clone());
         if !watch {
             if output == Output::Json {
                 print_json(&v);
             } else {
-                let events = events_of(client, model, shown.as_deref()).await;
-                outln!("{}", render_status(&v, &events));
+                let events = events_of(client, model, shown_rollout.as_deref()).await;
+                outln!("{}", render_status(&st, &events));
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let active = v["phase"] == "progressing" || v["phase"] == "paused";
         if output == Output::Human {
-            let events = events_of(client, model, shown.as_deref()).await;
-            let drawn = render_status(&v, &events);
+            let events = events_of(client, model, shown_rollout.as_deref()).await;
+            let drawn = render_status(&st, &events);
             if drawn != last_drawn {
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                     out!("\x1b[2J\x1b[H");
@@ -609,33 +601,35 @@ pub async fn status(
                 last_drawn = drawn;
             }
         }
-        if !active {
-            // Ended (or nothing was running): the last rollout says how.
-            let phase = v["last_rollout"]["phase"]
-                .as_str()
-                .unwrap_or("idle")
-                .to_string();
-            if output == Output::Json {
-                print_json(&v);
-            } else {
-                outln!("{}: {}", str_of(&v["last_rollout"]["rollout"]), phase);
-            }
-            return Ok(match phase.as_str() {
-                "succeeded" => ExitCode::SUCCESS,
-                "idle" => ExitCode::SUCCESS,
-                _ => ExitCode::from(1),
-            });
+        if !matches!(cell(&st.phase).as_str(), "progressing" | "paused") {
+            return Ok(watch_ended(&v, &st, output));
         }
         if let Some(t) = timeout
             && started.elapsed() >= t.0
         {
             eprintln!(
                 "timed out after {t} waiting for {} to end",
-                shown.unwrap_or_default()
+                shown_rollout.unwrap_or_default()
             );
             return Ok(ExitCode::from(2));
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
+/// The end of `status --watch` (or nothing was running): the last rollout
+/// says how it ended, and the exit code with it.
+fn watch_ended(v: &Value, st: &Status, output: Output) -> ExitCode {
+    let last = st.last_rollout.as_ref();
+    let phase = last.map_or("idle".to_string(), |l| cell(&l.phase));
+    if output == Output::Json {
+        print_json(v);
+    } else {
+        outln!("{}: {}", cell(&last.map(|l| &l.rollout)), phase);
+    }
+    match phase.as_str() {
+        "succeeded" | "idle" => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
     }
 }
 
@@ -685,47 +679,37 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
         print_json(&events);
         return Ok(());
     }
-    let (_, rollouts): (_, Value) = client
-        .send(client.request(Method::GET, &format!("/api/v1/models/{model}/rollouts")))
+    let events = Vec::<Event>::deserialize(&events).context("the server's events")?;
+    let (_, rollouts): (_, Vec<RolloutSummary>) = client
+        .send_typed(client.request(Method::GET, &format!("/api/v1/models/{model}/rollouts")))
         .await?;
     let rows: Vec<Vec<String>> = rollouts
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
         .iter()
         .map(|r| {
             vec![
-                str_of(&r["rollout"]),
-                str_of(&r["strategy"]),
-                format!("{} -> {}", str_of(&r["from"]), str_of(&r["version"])),
-                str_of(&r["phase"]),
-                str_of(&r["created_at"]),
-                str_of(&r["message"]),
+                r.rollout.clone(),
+                cell(&r.strategy),
+                format!("{} -> {}", r.from, r.version),
+                cell(&r.phase),
+                r.created_at.clone(),
+                r.message.clone(),
             ]
         })
         .collect();
     if !rows.is_empty() {
-        outln!(
-            "{}\n",
-            table::render(
-                &[
-                    "ROLLOUT", "STRATEGY", "VERSIONS", "PHASE", "STARTED", "MESSAGE"
-                ],
-                &rows
-            )
-        );
+        let header = [
+            "ROLLOUT", "STRATEGY", "VERSIONS", "PHASE", "STARTED", "MESSAGE",
+        ];
+        outln!("{}\n", table::render(&header, &rows));
     }
     let rows: Vec<Vec<String>> = events
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
         .iter()
         .map(|e| {
             vec![
-                str_of(&e["at"]),
-                str_of(&e["rollout"]),
-                str_of(&e["kind"]),
-                str_of(&e["message"]),
+                e.at.clone(),
+                cell(&e.rollout),
+                cell(&e.kind),
+                e.message.clone(),
             ]
         })
         .collect();
@@ -734,6 +718,16 @@ pub async fn history(client: &Client, model: &str, output: Output) -> anyhow::Re
         table::render(&["AT", "ROLLOUT", "KIND", "MESSAGE"], &rows)
     );
     Ok(())
+}
+
+/// The report's heading: [`crate::api::rollouts::ReportView`] without its
+/// flattened [`Report`], which serde cannot take flattened (its class counts
+/// have integer keys); the report is decoded on its own.
+#[derive(Deserialize)]
+struct ReportHeading {
+    rollout: String,
+    strategy: String,
+    phase: Phase,
 }
 
 /// `ferry report MODEL [ROLLOUT]`.
@@ -748,115 +742,338 @@ pub async fn report(
     if let Some(r) = rollout {
         rb = rb.query(&[("rollout", r)]);
     }
-    let (_, v): (_, Value) = client.send(rb).await?;
+    let (v, heading): (_, ReportHeading) = client.send_typed(rb).await?;
     if output == Output::Json {
         print_json(&v);
         return Ok(());
     }
-    let (s, c) = (&v["stable"], &v["candidate"]);
-    let rate = |r: &Value| {
-        if r.is_null() {
-            "-".to_string()
-        } else {
-            format!(
-                "{:.4} [{:.4}, {:.4}] ({}/{})",
-                r["value"].as_f64().unwrap_or(0.0),
-                r["low"].as_f64().unwrap_or(0.0),
-                r["high"].as_f64().unwrap_or(0.0),
-                str_of(&r["count"]),
-                str_of(&r["of"])
-            )
-        }
+    let report = Report::deserialize(&v).context("the server's report")?;
+    outln!(
+        "{} ({}, {}) — A/B report over {} s at {}% confidence\n",
+        heading.rollout,
+        heading.strategy,
+        cell(&heading.phase),
+        report.seconds,
+        report.confidence * 100.0
+    );
+    let header_s = format!("STABLE {}", report.stable.version);
+    let header_c = format!("CANDIDATE {}", report.candidate.version);
+    outln!(
+        "{}",
+        table::render(
+            &["", &header_s, &header_c, "DIFFERENCE"],
+            &report_rows(&report)
+        )
+    );
+    if let Some(psi) = report.prediction_shift {
+        outln!("\nprediction shift (PSI of predicted classes): {psi:.4}");
+    }
+    Ok(())
+}
+
+/// The report's table: one row per measure, stable, candidate, difference.
+fn report_rows(r: &Report) -> Vec<Vec<String>> {
+    let (s, c) = (&r.stable, &r.candidate);
+    let rate = |x: &Option<Rate>| match x {
+        None => "-".to_string(),
+        Some(x) => format!(
+            "{:.4} [{:.4}, {:.4}] ({}/{})",
+            x.value, x.low, x.high, x.count, x.of
+        ),
     };
-    let ms = |x: &Value| x.as_f64().map_or("-".into(), |f| format!("{f:.2} ms"));
+    let ms = |x: Option<f64>| x.map_or("-".into(), |f| format!("{f:.2} ms"));
     let diff = |metric: &str| {
-        v["differences"]
-            .as_array()
-            .and_then(|d| d.iter().find(|x| x["metric"] == metric))
+        r.differences
+            .iter()
+            .find(|d| d.metric == metric)
             .map(|d| {
                 format!(
                     "{} (p={}){}",
-                    d["difference"]
-                        .as_f64()
-                        .map_or("-".into(), |f| format!("{f:+.4}")),
-                    d["p_value"]
-                        .as_f64()
-                        .map_or("-".into(), |p| format!("{p:.3}")),
-                    if d["significant"] == true {
-                        " significant"
-                    } else {
-                        ""
-                    }
+                    d.difference.map_or("-".into(), |f| format!("{f:+.4}")),
+                    d.p_value.map_or("-".into(), |p| format!("{p:.3}")),
+                    if d.significant { " significant" } else { "" }
                 )
             })
             .unwrap_or_default()
     };
-    let classes = |x: &Value| {
-        x["classes"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, n)| format!("{k}:{n}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default()
+    // Ordered by the class's text, as the report has always listed them.
+    let classes = |x: &crate::analysis::report::Arm| {
+        let mut counts: Vec<(String, u64)> =
+            x.classes.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+        counts.sort();
+        let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+        counts.join(" ")
     };
-    outln!(
-        "{} ({}, {}) — A/B report over {} s at {}% confidence\n",
-        str_of(&v["rollout"]),
-        str_of(&v["strategy"]),
-        str_of(&v["phase"]),
-        str_of(&v["seconds"]),
-        v["confidence"].as_f64().unwrap_or(0.95) * 100.0
-    );
-    let rows = vec![
-        vec![
-            "requests".into(),
-            str_of(&s["requests"]),
-            str_of(&c["requests"]),
+    let row = |name: &str, s: String, c: String, d: String| vec![name.to_string(), s, c, d];
+    vec![
+        row(
+            "requests",
+            s.requests.to_string(),
+            c.requests.to_string(),
             String::new(),
-        ],
-        vec![
-            "error rate".into(),
-            rate(&s["error_rate"]),
-            rate(&c["error_rate"]),
+        ),
+        row(
+            "error rate",
+            rate(&s.error_rate),
+            rate(&c.error_rate),
             diff("error_rate"),
-        ],
-        vec![
-            "latency p50".into(),
-            ms(&s["latency_p50_ms"]),
-            ms(&c["latency_p50_ms"]),
+        ),
+        row(
+            "latency p50",
+            ms(s.latency_p50_ms),
+            ms(c.latency_p50_ms),
             diff("latency_p50_ms"),
-        ],
-        vec![
-            "latency p95".into(),
-            ms(&s["latency_p95_ms"]),
-            ms(&c["latency_p95_ms"]),
+        ),
+        row(
+            "latency p95",
+            ms(s.latency_p95_ms),
+            ms(c.latency_p95_ms),
             String::new(),
-        ],
-        vec![
-            "latency p99".into(),
-            ms(&s["latency_p99_ms"]),
-            ms(&c["latency_p99_ms"]),
+        ),
+        row(
+            "latency p99",
+            ms(s.latency_p99_ms),
+            ms(c.latency_p99_ms),
             String::new(),
-        ],
-        vec![
-            "accuracy".into(),
-            rate(&s["accuracy"]),
-            rate(&c["accuracy"]),
+        ),
+        row(
+            "accuracy",
+            rate(&s.accuracy),
+            rate(&c.accuracy),
             diff("accuracy"),
-        ],
-        vec!["classes".into(), classes(s), classes(c), String::new()],
-    ];
-    let header_s = format!("STABLE {}", str_of(&s["version"]));
-    let header_c = format!("CANDIDATE {}", str_of(&c["version"]));
-    outln!(
-        "{}",
-        table::render(&["", &header_s, &header_c, "DIFFERENCE"], &rows)
-    );
-    if let Some(psi) = v["prediction_shift"].as_f64() {
-        outln!("\nprediction shift (PSI of predicted classes): {psi:.4}");
+        ),
+        row("classes", classes(s), classes(c), String::new()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// The spec `ferry deploy cancer 2 ARGS` builds (before its QA dataset
+    /// is read).
+    fn deployed(args: &str) -> anyhow::Result<RolloutSpec> {
+        let argv = format!("ferry deploy cancer 2 {args}");
+        let cli = Cli::try_parse_from(argv.split_whitespace()).unwrap();
+        let Command::Deploy(a) = cli.command else {
+            panic!("{argv} is not a deploy")
+        };
+        spec_of(&a)
     }
-    Ok(())
+
+    /// What the control API makes of the same spec written out, leaving
+    /// out what the flags leave out.
+    fn parsed(strategy: &str) -> RolloutSpec {
+        RolloutSpec::from_yaml(&format!("model: cancer\nversion: \"2\"\n{strategy}\n"))
+            .unwrap_or_else(|e| panic!("{strategy}: {e}"))
+    }
+
+    /// Every strategy from flags is the spec a file or API request gives
+    /// with the same fields: what the flags leave out takes the spec's
+    /// defaults, never the CLI's own.
+    #[test]
+    fn flags_build_the_spec_a_file_with_the_same_fields_parses_to() {
+        for (args, yaml) in [
+            ("--strategy basic", "strategy: { basic: {} }"),
+            ("--strategy multi", "strategy: { multi: {} }"),
+            (
+                "--strategy multi --keep 2 --timeout 500ms",
+                "strategy: { multi: { keep: 2, timeout: 500ms } }",
+            ),
+            (
+                "--strategy rolling --replicas 4",
+                "strategy: { rolling: { replicas: 4 } }",
+            ),
+            (
+                "--strategy rolling --replicas 4 --batch-size 2 --batch-pause 30s --max-unavailable 1",
+                "strategy: { rolling: { replicas: 4, batch_size: 2, batch_pause: 30s, max_unavailable: 1 } }",
+            ),
+            (
+                "--strategy canary --steps 10,50,100",
+                "strategy: { canary: { steps: [ { weight: 10 }, { weight: 50 }, { weight: 100 } ] } }",
+            ),
+            (
+                "--strategy canary --steps 10,100 --step-pause 30s --sticky-header x-user-id --match x-region=eu-west,eu-north",
+                "strategy: { canary: { steps: [ { weight: 10 }, { pause: 30s }, { weight: 100 } ], sticky: { header: x-user-id }, match: [ { header: x-region, values: [eu-west, eu-north] } ] } }",
+            ),
+            ("--strategy blue-green", "strategy: { blue_green: {} }"),
+            (
+                "--strategy blue_green --qa-dataset holdout.jsonl --min-accuracy 0.95 --auto-promote-after 60s --scale-down-delay 10m",
+                "strategy: { blue_green: { qa: { dataset: holdout.jsonl, min_accuracy: 0.95 }, auto_promote_after: 60s, scale_down_delay: 10m } }",
+            ),
+            (
+                "--strategy shadow --mirror-percent 50 --compare-output label --min-comparisons 500 --min-agreement 0.98 --then promote",
+                "strategy: { shadow: { mirror_percent: 50, compare: { output: label }, min_comparisons: 500, min_agreement: 0.98, then: promote } }",
+            ),
+            (
+                "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then canary --steps 10,100",
+                "strategy: { shadow: { mirror_percent: 100, compare: { output: label }, min_comparisons: 5, min_agreement: 0.9, then: canary, canary: { steps: [ { weight: 10 }, { weight: 100 } ] } } }",
+            ),
+            (
+                "--strategy basic --max-error-rate 0.01",
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
+            ),
+            (
+                "--strategy basic --interval 30s --min-requests 10 --max-p99-vs-stable 1.5 --allow-signature-change",
+                "strategy: { basic: {} }\nallow_signature_change: true\nanalysis: { interval: 30s, min_requests: 10, checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5 } ] }",
+            ),
+        ] {
+            assert_eq!(deployed(args).unwrap(), parsed(yaml), "{args}");
+        }
+    }
+
+    /// What a strategy cannot do without is asked for by flag, with an
+    /// example; a strategy that does not exist gets clap's list.
+    #[test]
+    fn missing_flags_are_named_with_an_example() {
+        for (args, needle) in [
+            (
+                "--strategy rolling",
+                "--replicas is required for rolling, e.g. --replicas 4",
+            ),
+            (
+                "--strategy canary",
+                "--steps is required for canary, e.g. --steps 10,50,100",
+            ),
+            (
+                "--strategy shadow --compare-output label --min-comparisons 5 --min-agreement 0.9 --then promote",
+                "--mirror-percent is required for shadow",
+            ),
+            (
+                "--strategy shadow --mirror-percent 100 --min-comparisons 5 --min-agreement 0.9 --then promote",
+                "--compare-output is required for shadow",
+            ),
+            (
+                "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then canary",
+                "--steps is required for canary",
+            ),
+        ] {
+            let err = deployed(args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args}: {err}");
+        }
+        for (args, needle) in [
+            (
+                "--strategy bogus",
+                "possible values: basic, multi, rolling, canary, blue-green, shadow",
+            ),
+            (
+                "--strategy blue-green --qa-dataset d.jsonl",
+                "--min-accuracy",
+            ),
+            (
+                "--strategy canary --steps 10 --match x-region",
+                "must be header=value[,value]",
+            ),
+            (
+                "--strategy shadow --then later",
+                "possible values: promote, manual, canary",
+            ),
+        ] {
+            let argv = format!("ferry deploy cancer 2 {args}");
+            let err = Cli::try_parse_from(argv.split_whitespace()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{args}: {err}");
+        }
+    }
+
+    /// The status as people read it, from a status document as the server
+    /// writes it (the lines the CLI has always printed, pinned).
+    #[test]
+    fn a_status_renders_its_steps_shares_shadow_and_analysis() {
+        let status: Status = serde_json::from_value(serde_json::json!({
+            "model": "cancer", "stable": "1", "candidate": "2", "rollout": "r-2",
+            "strategy": "shadow", "phase": "paused", "waiting_for": "resume",
+            "steps": ["mirroring", "decided"], "step": 1,
+            "traffic": {"1": 100.0}, "observed": {"1": 97.5, "2": 2.5},
+            "message": "paused", "analysis": {
+                "verdict": "inconclusive", "window": "10s", "reason": "too few requests",
+                "candidate_requests": 3, "stable_requests": 120, "consecutive_failures": 0,
+                "consecutive_inconclusive": 2, "checks": [{"check": "error_rate max 0.01",
+                    "outcome": "inconclusive", "candidate": 0.0, "stable": null, "p_value": null,
+                    "reason": "3 requests < 50"}]},
+            "updated_at": null, "last_rollout": null,
+            "shadow": {"comparisons": 10, "agreement": 0.9, "disagree": 1, "errors": 0, "dropped": 2,
+                "examples": [{"id": "a1", "primary": {"data": [0]}, "shadow": {"data": [1.5]}}]},
+            "staging": "2"
+        }))
+        .unwrap();
+        let events: Vec<Event> = serde_json::from_value(serde_json::json!([
+            {"at": "2026-12-01T10:00:00Z", "model": "cancer", "rollout": "r-2", "kind": "paused",
+             "message": "paused by you", "data": {}}
+        ]))
+        .unwrap();
+        assert_eq!(
+            render_status(&status, &events),
+            "cancer  stable 1  candidate 2  paused (waiting for resume)
+rollout r-2 (shadow)
+  done 1. mirroring
+  >>>  2. decided
+traffic   [########################################]  # 1 100%
+observed  [#######################################=]  # 1 97.5%  = 2 2.5%
+message   paused
+staging   version 2 (requests with x-ferry-env: staging)
+shadow    10 comparisons, agreement 0.9000, 1 disagreed, 0 errors, 2 dropped
+  disagreed on a1: production [0] vs shadow [1.5]
+analysis  inconclusive over 10s: too few requests (3 candidate / 120 stable requests)
+  CHECK                RESULT        CANDIDATE  STABLE  P
+  error_rate max 0.01  inconclusive  0.0000     -       -
+recent events
+  2026-12-01T10:00:00Z  paused by you"
+        );
+    }
+
+    /// The A/B table as people read it; classes listed by their text, as
+    /// the report always listed them (10 before 2).
+    #[test]
+    fn a_report_renders_rates_latencies_differences_and_classes() {
+        let arm = |version: &str, errors: u64| {
+            serde_json::json!({"version": version, "requests": 200,
+                "error_rate": {"value": errors as f64 / 200.0, "low": 0.0, "high": 0.05, "count": errors, "of": 200},
+                "latency_p50_ms": 4.5, "latency_p95_ms": null, "latency_p99_ms": 9.25, "accuracy": null,
+                "classes": {"2": 5, "10": 7}})
+        };
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "confidence": 0.95, "seconds": 60, "stable": arm("1", 0), "candidate": arm("2", 4),
+            "differences": [{"metric": "error_rate", "difference": 0.02, "p_value": 0.0441, "significant": true}],
+            "prediction_shift": null
+        }))
+        .unwrap();
+        let rows = report_rows(&report);
+        assert_eq!(
+            table::render(&["", "STABLE 1", "CANDIDATE 2", "DIFFERENCE"], &rows),
+            "             STABLE 1                         CANDIDATE 2                      DIFFERENCE
+requests     200                              200
+error rate   0.0000 [0.0000, 0.0500] (0/200)  0.0200 [0.0000, 0.0500] (4/200)  +0.0200 (p=0.044) significant
+latency p50  4.50 ms                          4.50 ms
+latency p95  -                                -
+latency p99  9.25 ms                          9.25 ms
+accuracy     -                                -
+classes      10:7 2:5                         10:7 2:5"
+        );
+    }
+
+    #[test]
+    fn a_qa_dataset_is_read_relative_to_the_spec_and_sent_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("qa.jsonl"), "{\"label\": 1}\n").unwrap();
+        let mut spec =
+            deployed("--strategy blue-green --qa-dataset qa.jsonl --min-accuracy 0.9").unwrap();
+        embed_qa_dataset(&mut spec, dir.path()).unwrap();
+        let Strategy::BlueGreen(b) = &spec.strategy else {
+            panic!("blue-green")
+        };
+        assert_eq!(
+            b.qa.as_ref().unwrap().content.as_deref(),
+            Some("{\"label\": 1}\n")
+        );
+        let mut spec =
+            deployed("--strategy blue-green --qa-dataset gone.jsonl --min-accuracy 0.9").unwrap();
+        let err = embed_qa_dataset(&mut spec, dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the QA dataset"),
+            "{err}"
+        );
+    }
 }

@@ -1,4 +1,14 @@
-//! Aligned columns for human output.
+//! Aligned columns for human output, and how a field shows in a cell.
+
+/// A field as human output shows it: its JSON form, a string bare, an
+/// absent value as `-` (names such as phases print as the wire spells them).
+pub fn cell<T: serde::Serialize>(field: &T) -> String {
+    match serde_json::to_value(field).unwrap_or_default() {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
 
 /// Renders rows under a header, each column padded to its widest cell.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {

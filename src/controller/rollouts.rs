@@ -33,7 +33,7 @@ pub(super) struct ShadowReading {
 }
 
 /// Whether `apply` created a rollout or found the same one running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Applied {
     Created,
@@ -41,7 +41,7 @@ pub enum Applied {
 }
 
 /// The latest analysis window, as the status shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AnalysisView {
     pub verdict: Outcome,
     /// The window's length, e.g. `10s`.
@@ -55,7 +55,7 @@ pub struct AnalysisView {
 }
 
 /// A shadow rollout's comparisons so far.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShadowView {
     pub comparisons: u64,
     pub agreement: Option<f64>,
@@ -102,7 +102,7 @@ impl std::fmt::Display for ModelPhase {
 }
 
 /// The last rollout when none is active, so a watcher can tell how it ended.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LastRollout {
     pub rollout: String,
     #[schema(value_type = String)]
@@ -112,7 +112,7 @@ pub struct LastRollout {
 }
 
 /// A model's rollout status (DESIGN.md §5).
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     pub model: String,
     pub stable: Option<String>,
@@ -185,13 +185,16 @@ fn traffic(route: &RoutePolicy) -> BTreeMap<String, f64> {
 
 impl Controller {
     /// Starts a rollout from a validated spec, or finds the identical one
-    /// already running (so pipelines can apply on every run).
+    /// already running (so pipelines can apply on every run). The spec is
+    /// validated once, where it enters: the control API parses it with
+    /// [`RolloutSpec::from_yaml`], and `retry` passes a stored spec that was
+    /// validated when it was first applied. What is checked here is what
+    /// only the server knows: reach, versions, the signature contract.
     pub async fn apply_rollout(
         &self,
         spec: RolloutSpec,
         who: &str,
     ) -> Result<(Applied, Status), ControlError> {
-        spec.validate().map_err(ControlError::Invalid)?;
         self.check_reach(&spec).await?;
         let model = spec.model.clone();
         {
