@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, AdminToken, AppState, Limits, RequestIds};
+use crate::api::{self, AdminToken, AppState, Limits};
 use crate::controller::outbound::AllowList;
 use crate::controller::{Controller, ControllerParts, Reach};
 use crate::gateway::predlog::{PredictionLog, PredictionLogSettings};
@@ -226,7 +226,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             None => None,
         },
-        ids: Arc::new(RequestIds::default()),
     };
     let tls = match &opts.tls {
         Some(files) => Some(tls_acceptor(files)?),

@@ -130,6 +130,7 @@ impl From<GatewayError> for ApiError {
         match e {
             GatewayError::NotFound(m) => ApiError::not_found(m),
             GatewayError::Unloaded(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            GatewayError::BadRequest(p) => p.into(),
             GatewayError::Runtime(r) => r.into(),
         }
     }
