@@ -13,6 +13,9 @@ pub mod openapi;
 pub mod rollouts;
 pub mod v2;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use axum::Router;
