@@ -13,8 +13,10 @@ pub mod openapi;
 pub mod rollouts;
 pub mod v2;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -64,7 +66,6 @@ pub struct AppState {
     pub inference_token: Option<Arc<AdminToken>>,
     /// When set, feedback may use it instead of the admin token.
     pub feedback_token: Option<Arc<AdminToken>>,
-    pub ids: Arc<RequestIds>,
 }
 
 impl AppState {
@@ -85,38 +86,6 @@ impl AppState {
                 .feedback_token
                 .as_ref()
                 .is_some_and(|t| t.matches(headers))
-    }
-}
-
-/// Generates request ids that cannot be guessed: 128 bits of SHA-256 over
-/// a per-process random key and a counter (a hash DRBG), so that knowing
-/// one id tells nothing of another, at the cost of one small hash per
-/// request instead of a system call.
-pub struct RequestIds {
-    key: [u8; 32],
-    next: AtomicU64,
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).expect("the OS provides random bytes");
-        RequestIds {
-            key,
-            next: AtomicU64::new(1),
-        }
-    }
-}
-
-impl RequestIds {
-    pub fn next(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let digest = Sha256::new()
-            .chain_update(self.key)
-            .chain_update(n.to_le_bytes())
-            .finalize();
-        hex::encode(&digest[..16])
     }
 }
 

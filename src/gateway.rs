@@ -3,15 +3,24 @@
 //! copies go to a shadow. The controller publishes routes; the gateway only
 //! reads them (lock-free) and never waits on the controller.
 //!
+//! A front door hands over a [`Request`] (model, version, routing headers,
+//! the body as received) to [`Gateway::serve`], one call, and gets back an
+//! [`Answer`] (the encoded response, the version that gave it, the id) or a
+//! [`GatewayError`]; what happens in between stays here. No HTTP server
+//! type appears in either, so a gRPC front door can use the same call.
+//!
 //! The request path is the file tree: [`routes`] (the published snapshot) →
 //! [`choose`] (the version, from the [`policy`]) → [`pool`] (the replica) →
-//! failover along the chain, guarded by [`breaker`]s → [`mirror`] (the shadow
-//! copy, compared by [`compare`]) → [`recent`] (what answered, for delayed
-//! labels) and [`predlog`] (the optional sampled prediction log).
+//! [`failover`] along the chain, guarded by [`breaker`]s → [`mirror`] (the
+//! shadow copy, compared by [`compare`]) → [`recent`] (what answered, for
+//! delayed labels) and [`predlog`] (the optional sampled prediction log);
+//! [`ids`] makes the ids of requests that bring none.
 
 pub mod breaker;
 pub mod choose;
 pub mod compare;
+mod failover;
+pub mod ids;
 pub mod mirror;
 pub mod policy;
 pub mod pool;
@@ -25,7 +34,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderMap;
 
 use crate::metrics::{Metrics, Outcome, Role};
-use crate::protocol::{self, Tensor};
+use crate::protocol::{self, InferRequest, InferResponse, ProtocolError, Tensor};
 use crate::runtime::RuntimeError;
 pub use policy::RoutePolicy;
 pub use pool::{Replica, VersionPool};
@@ -43,49 +52,54 @@ pub enum GatewayError {
     /// The model was taken out of service (repository `unload`).
     #[error("{0}")]
     Unloaded(String),
+    /// The request body is not a V2 inference request.
+    #[error(transparent)]
+    BadRequest(#[from] ProtocolError),
     /// The version ran (or refused) the request.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
 }
 
-/// One inference call as the gateway sees it.
-pub struct Call<'a> {
+/// One inference request, as a front door hands it over.
+pub struct Request<'a> {
     pub model: &'a str,
-    /// `/versions/{v}` in the path.
+    /// The version the client addressed (`/versions/{v}`), if any.
     pub version: Option<&'a str>,
+    /// What routing reads: the staging header, cohort rules, sticky keys.
     pub headers: &'a HeaderMap,
-    /// The request id (the client's or a generated one).
-    pub id: &'a str,
-    pub inputs: Vec<Tensor>,
-    /// Outputs the client asked for (empty: all).
-    pub outputs: &'a [&'a str],
-    /// The client's body as received and its `Inference-Header-Content-Length`,
-    /// when a copy may be sent as it is (it asks for no particular outputs).
-    pub body: Option<(&'a bytes::Bytes, Option<&'a str>)>,
+    /// The V2 inference request as received (JSON, or its JSON header and
+    /// binary tensors): a remote version may get it untouched.
+    pub body: bytes::Bytes,
+    /// The body's `Inference-Header-Content-Length` (binary extension).
+    pub header_len: Option<&'a str>,
 }
 
-/// A passed-through request's answer, as the remote sent it.
-pub struct Forwarded {
-    pub answer: bytes::Bytes,
-    /// The answer's `Inference-Header-Content-Length` (binary extension).
-    pub answer_len: Option<String>,
-    shadow: Option<mirror::Mirror>,
+/// What to answer: an encoded V2 inference response and what its headers
+/// say.
+pub struct Answer {
+    pub body: Vec<u8>,
+    /// The length of the JSON header when tensors follow it in binary.
+    pub json_len: Option<usize>,
+    /// The version that answered.
+    pub version: String,
+    /// The request id (the client's, or one made for the request).
+    pub id: String,
 }
 
 /// A request's route: the model's snapshot, the version chosen and its role.
-pub struct Routed {
-    pub route: Arc<ModelRoute>,
-    pub pool: Arc<VersionPool>,
-    pub role: Role,
+struct Routed {
+    route: Arc<ModelRoute>,
+    pool: Arc<VersionPool>,
+    role: Role,
 }
 
 /// An answer and the version that gave it.
-pub struct Served {
-    pub version: String,
-    pub role: Role,
-    pub outputs: Vec<Tensor>,
+struct Served {
+    version: String,
+    role: Role,
+    outputs: Vec<Tensor>,
     /// The predicted class of the first row (see [`compare::answer_class`]).
-    pub class: Option<i64>,
+    class: Option<i64>,
 }
 
 /// The data plane's entry point.
@@ -94,6 +108,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     recent: recent::RecentPredictions,
     log: Option<predlog::PredictionLog>,
+    ids: ids::RequestIds,
 }
 
 impl Gateway {
@@ -108,6 +123,7 @@ impl Gateway {
             metrics,
             recent,
             log,
+            ids: ids::RequestIds::default(),
         }
     }
 
@@ -120,8 +136,38 @@ impl Gateway {
         &self.recent
     }
 
+    /// Serves one inference request: chooses the version from the path and
+    /// headers, then passes the body to a remote version untouched when
+    /// nothing needs its tensors, or else decodes it, runs it (along the
+    /// failover chain when the stable version fails, with a copy to the
+    /// shadow) and encodes the answer.
+    pub async fn serve(&self, request: Request<'_>) -> Result<Answer, GatewayError> {
+        let routed = self.route(request.model, request.version, request.headers)?;
+        if self.can_pass_through(&routed, &request.body, request.header_len) {
+            return self.pass_through(routed, request).await;
+        }
+        let mut decoded = protocol::decode_request(&request.body, request.header_len)?;
+        let id = decoded.id.take().unwrap_or_else(|| self.ids.next());
+        let inputs = std::mem::take(&mut decoded.inputs);
+        // A body that asks for no particular outputs can be the shadow's
+        // copy as it is.
+        let body = decoded
+            .outputs
+            .is_empty()
+            .then_some((&request.body, request.header_len));
+        let call = Call {
+            model: request.model,
+            id: &id,
+            inputs,
+            outputs: &decoded.outputs,
+            body,
+        };
+        let served = self.infer(routed, call).await?;
+        Ok(encode(request.model, id, served, &decoded))
+    }
+
     /// Chooses the version for a request from its path and headers alone.
-    pub fn route(
+    fn route(
         &self,
         model: &str,
         version: Option<&str>,
@@ -168,7 +214,7 @@ impl Gateway {
     /// failover chain, no prediction log sample, and no shadow unless the
     /// shadow is remote too and the body asks for no particular outputs (its
     /// copy is then the same bytes, and only the answers are decoded).
-    pub fn can_pass_through(&self, routed: &Routed, body: &[u8], header_len: Option<&str>) -> bool {
+    fn can_pass_through(&self, routed: &Routed, body: &[u8], header_len: Option<&str>) -> bool {
         let policy = &routed.route.policy;
         let production = routed.role == Role::Stable;
         let shadow_takes_bytes = || {
@@ -188,69 +234,76 @@ impl Gateway {
 
     /// Passes a request body to a remote version untouched (see
     /// [`Gateway::can_pass_through`]), and a copy of it to the shadow; the
-    /// remote checks the inputs. Finish with [`Gateway::forwarded`].
-    pub async fn forward(
+    /// remote checks the inputs. Only the answer's JSON header is rewritten
+    /// (our model name, version and id); what answered is remembered for
+    /// delayed labels and handed to the shadow copy.
+    async fn pass_through(
         &self,
-        routed: &Routed,
-        body: bytes::Bytes,
-        header_len: Option<&str>,
-    ) -> Result<Forwarded, GatewayError> {
-        let pool = &routed.pool;
-        let timeout = timeout(&routed.route, pool);
-        let shadow = (routed.role == Role::Stable)
+        routed: Routed,
+        request: Request<'_>,
+    ) -> Result<Answer, GatewayError> {
+        let Routed { route, pool, role } = routed;
+        let timeout = timeout(&route, &pool);
+        let shadow = (role == Role::Stable)
             .then(|| {
                 let copy = mirror::Copy::Body {
-                    body: &body,
-                    header_len,
+                    body: &request.body,
+                    header_len: request.header_len,
                     inputs: None,
                 };
-                mirror::Mirror::start(&routed.route, copy)
+                mirror::Mirror::start(&route, copy)
             })
             .flatten();
         let started = Instant::now();
-        let result = pool.forward(body, header_len, timeout).await;
+        let result = pool
+            .forward(request.body, request.header_len, timeout)
+            .await;
         pool.record(
-            routed.role,
+            role,
             outcome(&result),
             started.elapsed().as_secs_f64(),
             None,
         );
         let (answer, answer_len) = result?;
-        Ok(Forwarded {
-            answer,
-            answer_len,
-            shadow,
-        })
-    }
-
-    /// What answered a passed-through request, once its id is known:
-    /// remembered for delayed labels, and handed to its shadow copy.
-    pub fn forwarded(&self, routed: &Routed, forwarded: Forwarded, id: &str, class: Option<i64>) {
+        let rewritten = protocol::rewrite_response(
+            &answer,
+            answer_len.as_deref(),
+            request.model,
+            &pool.version,
+            || self.ids.next(),
+        )
+        .map_err(|e| {
+            RuntimeError::Upstream(format!("the remote version sent an unreadable answer: {e}"))
+        })?;
         self.recent.remember(
-            id,
-            &routed.pool.model,
-            &routed.pool.version,
-            routed.role,
-            class,
+            &rewritten.id,
+            &pool.model,
+            &pool.version,
+            role,
+            rewritten.class,
         );
-        if let Some(shadow) = forwarded.shadow {
-            let outputs =
-                protocol::decode_response_json(&forwarded.answer, forwarded.answer_len.as_deref())
-                    .ok();
-            shadow.primary_answered(outputs.as_deref(), id);
+        if let Some(shadow) = shadow {
+            let outputs = protocol::decode_response_json(&answer, answer_len.as_deref()).ok();
+            shadow.primary_answered(outputs.as_deref(), &rewritten.id);
         }
+        Ok(Answer {
+            body: rewritten.body,
+            json_len: rewritten.json_len,
+            version: pool.version.clone(),
+            id: rewritten.id,
+        })
     }
 
     /// Serves one decoded request: check the inputs against the version's
     /// signature, run it (along the failover chain when the stable version
     /// fails), mirror a copy to the shadow, and record what answered.
-    pub async fn infer(&self, routed: Routed, call: Call<'_>) -> Result<Served, GatewayError> {
+    async fn infer(&self, routed: Routed, call: Call<'_>) -> Result<Served, GatewayError> {
         let Routed { route, pool, role } = routed;
         let pool = &pool;
-        let checked = pool
-            .signature
-            .check_inputs(&call.inputs)
-            .and_then(|()| pool.signature.check_outputs(call.outputs.iter().copied()));
+        let checked = pool.signature.check_inputs(&call.inputs).and_then(|()| {
+            pool.signature
+                .check_outputs(call.outputs.iter().map(|o| o.name.as_str()))
+        });
         if let Err(why) = checked {
             pool.record(role, Outcome::Rejected, 0.0, None);
             return Err(RuntimeError::BadInput(why).into());
@@ -271,27 +324,22 @@ impl Gateway {
                 mirror::Mirror::start(&route, copy)
             })
             .flatten();
-        let chain: Vec<&Arc<VersionPool>> = if role == Role::Stable {
-            std::iter::once(pool)
-                .chain(
-                    route
-                        .policy
-                        .failover
-                        .iter()
-                        .filter_map(|v| route.pools.get(v)),
-                )
-                .collect()
-        } else {
-            vec![pool]
-        };
+        let chain = failover::chain(&route, pool, role);
         let logged_inputs = self
             .log
             .as_ref()
             .filter(|l| l.sampled())
             .map(|_| call.inputs.clone());
-        let result = self
-            .run_chain(&route, &chain, role, call.inputs, timeout)
-            .await;
+        let result = failover::run_chain(
+            &self.metrics,
+            &route,
+            &chain,
+            role,
+            call.inputs,
+            timeout,
+            async |pool: &VersionPool, inputs| pool.run(inputs).await,
+        )
+        .await;
         if let Some(shadow) = shadow {
             shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()), call.id);
         }
@@ -315,74 +363,58 @@ impl Gateway {
         }
         Ok(served)
     }
+}
 
-    /// Runs the request on the first version of the chain, and on failure on
-    /// the next, and so on. Retrying is safe: inference is a pure function of
-    /// its input, so a request that failed on one version has no effect to
-    /// undo, and a bad input (the client's mistake) is never retried.
-    async fn run_chain(
-        &self,
-        route: &ModelRoute,
-        chain: &[&Arc<VersionPool>],
-        role: Role,
-        inputs: Vec<Tensor>,
-        timeout: Duration,
-    ) -> Result<Served, GatewayError> {
-        let breakers = chain.len() > 1;
-        let mut inputs = Some(inputs);
-        let mut last_error: Option<RuntimeError> = None;
-        let mut previous: Option<&str> = None;
-        for (i, pool) in chain.iter().enumerate() {
-            let is_last = i + 1 == chain.len();
-            if breakers && !is_last && !pool.breaker.allow(Instant::now()) {
-                // Circuit open: skip to the next version. The request fails
-                // over all the same, and is counted so.
-                previous = Some(&pool.version);
-                continue;
-            }
-            let attempt_inputs = if is_last {
-                inputs.take().expect("inputs are kept for the last attempt")
-            } else {
-                inputs
-                    .clone()
-                    .expect("inputs are kept until the last attempt")
-            };
-            if let Some(from) = previous {
-                self.metrics.failover(&pool.model, from, &pool.version);
-            }
-            let attempt_role = if i == 0 { role } else { Role::Fallback };
-            let started = Instant::now();
-            let result = pool.infer(attempt_inputs, timeout).await;
-            let seconds = started.elapsed().as_secs_f64();
-            if breakers {
-                pool.breaker
-                    .record(result.is_ok(), Instant::now(), &route.policy.breaker);
-            }
-            let class = result.as_ref().ok().and_then(|o| compare::answer_class(o));
-            pool.record(attempt_role, outcome(&result), seconds, class);
-            match result {
-                Ok(outputs) => {
-                    return Ok(Served {
-                        version: pool.version.clone(),
-                        role: attempt_role,
-                        outputs,
-                        class,
-                    });
-                }
-                Err(e) => {
-                    if !e.is_retryable() {
-                        return Err(e.into());
-                    }
-                    previous = Some(&pool.version);
-                    last_error = Some(e);
-                }
-            }
-        }
-        Err(last_error
-            .unwrap_or_else(|| {
-                RuntimeError::Unavailable("no version of the chain could take the request".into())
+/// One decoded inference call.
+struct Call<'a> {
+    model: &'a str,
+    /// The request id (the client's or a generated one).
+    id: &'a str,
+    inputs: Vec<Tensor>,
+    /// Outputs the client asked for (empty: all).
+    outputs: &'a [protocol::RequestedOutput],
+    /// The client's body as received and its `Inference-Header-Content-Length`,
+    /// when a copy may be sent as it is (it asks for no particular outputs).
+    body: Option<(&'a bytes::Bytes, Option<&'a str>)>,
+}
+
+/// The answer to a decoded request: the outputs it asked for, in its order
+/// (all of them when it named none), each in JSON or binary as it asked.
+fn encode(model: &str, id: String, served: Served, request: &InferRequest) -> Answer {
+    let outputs: Vec<Tensor> = if request.outputs.is_empty() {
+        served.outputs
+    } else {
+        let mut all = served.outputs;
+        request
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                all.iter()
+                    .position(|t| t.name == o.name)
+                    .map(|i| all.swap_remove(i))
             })
-            .into())
+            .collect()
+    };
+    let response = InferResponse {
+        model_name: model.to_string(),
+        model_version: served.version,
+        id,
+        outputs,
+    };
+    let binary = |t: &Tensor| {
+        request
+            .outputs
+            .iter()
+            .find(|o| o.name == t.name)
+            .and_then(|o| o.binary)
+            .unwrap_or(request.binary_output)
+    };
+    let (body, json_len) = protocol::encode_response(&response, binary);
+    Answer {
+        body,
+        json_len,
+        version: response.model_version,
+        id: response.id,
     }
 }
 

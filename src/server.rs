@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, AdminToken, AppState, Limits, RequestIds};
+use crate::api::{self, AdminToken, AppState, Limits};
 use crate::controller::outbound::AllowList;
 use crate::controller::{Controller, ControllerParts, Reach};
 use crate::gateway::predlog::{PredictionLog, PredictionLogSettings};
@@ -124,114 +124,8 @@ pub struct TlsFiles {
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    create_private_dir(&opts.data_dir)
-        .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
-    let onnx = Arc::new(OnnxRuntime::load(opts.ort_library.as_deref())?);
-    tracing::info!("ONNX Runtime loaded from {}", onnx.library.display());
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&opts.data_dir)
-            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
-    );
-    let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
-    blobs.clean_temporaries();
-    let (token, created) = AdminToken::load_or_create(&opts.data_dir)
-        .context("cannot read or create the admin token")?;
-    let dashboard_path = created.then(|| token.dashboard_path());
-    let token_path = opts.data_dir.join("admin-token");
-    if created {
-        tracing::info!("admin token created in {}", token_path.display());
-    }
-    let http = remote::RemoteHttp::new(Duration::from_secs(2));
-    let metrics = Arc::new(Metrics::new());
-    let telemetry = Arc::new(Telemetry::default());
-    let routes = Arc::new(RouteTable::new());
-    if let Some(retention) = opts.event_retention {
-        tokio::spawn(expire_events(store.clone(), retention));
-    }
-    let load_limits = LoadLimits {
-        max_input_bytes: opts.limits.max_body_bytes as u64,
-        timeout: opts.load_timeout,
-    };
-    let registry = Arc::new(Registry::new(
-        store,
-        blobs,
-        onnx.clone(),
-        http.clone(),
-        load_limits,
-    ));
-    let controller = Arc::new(Controller::new(ControllerParts {
-        registry,
-        routes: routes.clone(),
-        onnx,
-        http,
-        metrics: metrics.clone(),
-        telemetry: telemetry.clone(),
-        drain_timeout: opts.drain_timeout,
-        reach: opts.reach.clone(),
-        limits: load_limits,
-    }));
-    let prediction_log = match opts.prediction_log.clone() {
-        Some(settings) => {
-            let path = settings.path.display().to_string();
-            let log = PredictionLog::start(settings)
-                .with_context(|| format!("cannot open the prediction log {path}"))?;
-            tracing::info!("sampled prediction log: {path}");
-            Some(log)
-        }
-        None => None,
-    };
-    let gateway = Gateway::new(
-        routes,
-        metrics.clone(),
-        RecentPredictions::new(opts.remember_requests),
-        prediction_log,
-    );
-    let state = AppState {
-        controller: controller.clone(),
-        gateway: Arc::new(gateway),
-        metrics,
-        telemetry,
-        token: Arc::new(token),
-        inference_token: match &opts.inference_token_file {
-            Some(path) => {
-                let (t, created) = AdminToken::from_file(path).with_context(|| {
-                    format!(
-                        "cannot read or create the inference token {}",
-                        path.display()
-                    )
-                })?;
-                tracing::info!(
-                    "the data plane needs the inference token in {}{}",
-                    path.display(),
-                    if created { " (created)" } else { "" }
-                );
-                Some(Arc::new(t))
-            }
-            None => None,
-        },
-        feedback_token: match &opts.feedback_token_file {
-            Some(path) => {
-                let (t, created) = AdminToken::from_file(path).with_context(|| {
-                    format!(
-                        "cannot read or create the feedback token {}",
-                        path.display()
-                    )
-                })?;
-                tracing::info!(
-                    "feedback also takes the token in {}{}",
-                    path.display(),
-                    if created { " (created)" } else { "" }
-                );
-                Some(Arc::new(t))
-            }
-            None => None,
-        },
-        ids: Arc::new(RequestIds::default()),
-    };
-    let tls = match &opts.tls {
-        Some(files) => Some(tls_acceptor(files)?),
-        None => None,
-    };
+    let wired = wire(&opts)?;
+    let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| {
@@ -244,9 +138,155 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(
         "data dir {}, admin token in {}",
         opts.data_dir.display(),
-        token_path.display()
+        wired.token_path.display()
     );
-    let scheme = match &opts.tls {
+    announce(scheme(&opts, addr), addr, wired.dashboard_path);
+    start_models(wired.state.controller.clone());
+    let mut head = opts.head.clone();
+    head.loopback = addr.ip().is_loopback();
+    let app = api::service(wired.state, opts.limits, head);
+    serve_connections(listener, tls, app, &opts).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The server's parts, wired, before it listens.
+struct Wired {
+    state: AppState,
+    token_path: PathBuf,
+    /// The dashboard link, when the admin token was just created.
+    dashboard_path: Option<String>,
+}
+
+/// Opens the data dir (store, artifacts, admin token), loads ONNX Runtime,
+/// and wires the registry, controller, gateway and the API's state.
+fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
+    create_private_dir(&opts.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
+    let onnx = Arc::new(OnnxRuntime::load(opts.ort_library.as_deref())?);
+    tracing::info!("ONNX Runtime loaded from {}", onnx.library.display());
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&opts.data_dir)
+            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
+    );
+    let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
+    blobs.clean_temporaries();
+    let (token, created) = AdminToken::load_or_create(&opts.data_dir)
+        .context("cannot read or create the admin token")?;
+    let token_path = opts.data_dir.join("admin-token");
+    if created {
+        tracing::info!("admin token created in {}", token_path.display());
+    }
+    let dashboard_path = created.then(|| token.dashboard_path());
+    if let Some(retention) = opts.event_retention {
+        tokio::spawn(expire_events(store.clone(), retention));
+    }
+    let metrics = Arc::new(Metrics::new());
+    let telemetry = Arc::new(Telemetry::default());
+    let routes = Arc::new(RouteTable::new());
+    let controller = controller(opts, onnx, store, blobs, &metrics, &telemetry, &routes);
+    let gateway = Gateway::new(
+        routes,
+        metrics.clone(),
+        RecentPredictions::new(opts.remember_requests),
+        prediction_log(opts)?,
+    );
+    let state = AppState {
+        controller,
+        gateway: Arc::new(gateway),
+        metrics,
+        telemetry,
+        token: Arc::new(token),
+        inference_token: optional_token(
+            opts.inference_token_file.as_deref(),
+            "inference",
+            "the data plane needs the inference token in",
+        )?,
+        feedback_token: optional_token(
+            opts.feedback_token_file.as_deref(),
+            "feedback",
+            "feedback also takes the token in",
+        )?,
+    };
+    Ok(Wired {
+        state,
+        token_path,
+        dashboard_path,
+    })
+}
+
+/// The registry over the store and artifacts, and the controller that
+/// starts what serves and publishes the routes.
+fn controller(
+    opts: &ServeOptions,
+    onnx: Arc<OnnxRuntime>,
+    store: Arc<dyn Store>,
+    blobs: Arc<Blobs>,
+    metrics: &Arc<Metrics>,
+    telemetry: &Arc<Telemetry>,
+    routes: &Arc<RouteTable>,
+) -> Arc<Controller> {
+    let http = remote::RemoteHttp::new(Duration::from_secs(2));
+    let limits = LoadLimits {
+        max_input_bytes: opts.limits.max_body_bytes as u64,
+        timeout: opts.load_timeout,
+    };
+    let registry = Arc::new(Registry::new(
+        store,
+        blobs,
+        onnx.clone(),
+        http.clone(),
+        limits,
+    ));
+    Arc::new(Controller::new(ControllerParts {
+        registry,
+        routes: routes.clone(),
+        onnx,
+        http,
+        metrics: metrics.clone(),
+        telemetry: telemetry.clone(),
+        drain_timeout: opts.drain_timeout,
+        reach: opts.reach.clone(),
+        limits,
+    }))
+}
+
+/// The sampled prediction log, when `--prediction-log` asks for one.
+fn prediction_log(opts: &ServeOptions) -> anyhow::Result<Option<PredictionLog>> {
+    let Some(settings) = opts.prediction_log.clone() else {
+        return Ok(None);
+    };
+    let path = settings.path.display().to_string();
+    let log = PredictionLog::start(settings)
+        .with_context(|| format!("cannot open the prediction log {path}"))?;
+    tracing::info!("sampled prediction log: {path}");
+    Ok(Some(log))
+}
+
+/// The `kind` token read from `path` (created when missing), if one is
+/// configured; `says` opens the log line that names its file.
+fn optional_token(
+    path: Option<&std::path::Path>,
+    kind: &str,
+    says: &str,
+) -> anyhow::Result<Option<Arc<AdminToken>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let (token, created) = AdminToken::from_file(path)
+        .with_context(|| format!("cannot read or create the {kind} token {}", path.display()))?;
+    tracing::info!(
+        "{says} {}{}",
+        path.display(),
+        if created { " (created)" } else { "" }
+    );
+    Ok(Some(Arc::new(token)))
+}
+
+/// `https` or `http`, logged once: which certificate, or a warning when
+/// plain HTTP listens beyond loopback.
+fn scheme(opts: &ServeOptions, addr: SocketAddr) -> &'static str {
+    match &opts.tls {
         Some(files) => {
             tracing::info!(
                 "serving HTTPS with the certificate {}",
@@ -262,16 +302,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             "http"
         }
-    };
-    // On stdout so scripts (and the tests) can find an ephemeral port. One
-    // write, errors ignored: a reader that took its line and left (as
-    // `ferry demo` does) must not stop the server.
+    }
+}
+
+/// Says where the server listens, on stdout so scripts (and the tests) can
+/// find an ephemeral port. One write, errors ignored: a reader that took its
+/// line and left (as `ferry demo` does) must not stop the server.
+fn announce(scheme: &str, addr: SocketAddr, dashboard_path: Option<String>) {
+    use std::io::Write;
     let mut started = format!("ferry listening on {scheme}://{addr}\n");
     // Once, when the token is new, and only to a person at a terminal (not
     // to a log a service manager keeps): a link that signs the dashboard in.
     if let Some(path) = dashboard_path.filter(|_| std::io::stdout().is_terminal()) {
         let host = if addr.ip().is_unspecified() {
-            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
         } else {
             addr
         };
@@ -279,26 +323,22 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}\n"
         ));
     }
-    {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        let _ = stdout
-            .write_all(started.as_bytes())
-            .and_then(|()| stdout.flush());
-    }
-    let starting = controller.clone();
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(started.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// Loads and warms every model that should serve, reports ready, then runs
+/// the rollouts' background loop; the listener answers meanwhile.
+fn start_models(controller: Arc<Controller>) {
     tokio::spawn(async move {
-        match starting.start().await {
+        match controller.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
-        starting.run_rollouts().await;
+        controller.run_rollouts().await;
     });
-    let mut head = opts.head.clone();
-    head.loopback = addr.ip().is_loopback();
-    serve_connections(listener, tls, api::service(state, opts.limits, head), &opts).await;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
@@ -318,12 +358,11 @@ async fn serve_connections(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout);
-    let handshake_timeout = opts.header_read_timeout;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = slots::Slots::new(opts.max_connections, opts.max_connections_per_peer);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let (mut refused, mut last_refusal_log) = (0u64, None::<std::time::Instant>);
+    let mut refusals = Refusals::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -342,54 +381,20 @@ async fn serve_connections(
             Ok(slot) => slot,
             Err(full) => {
                 drop(stream);
-                // One line per second at most, so a flood cannot flood the log.
-                refused += 1;
-                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    match full {
-                        slots::Full::Server => tracing::warn!(
-                            "refused {refused} connection(s): already {} open (--max-connections)",
-                            opts.max_connections
-                        ),
-                        slots::Full::Peer => tracing::warn!(
-                            "refused {refused} connection(s): {} already holds {} (--max-connections-per-peer)",
-                            peer.ip(),
-                            opts.max_connections_per_peer
-                        ),
-                    }
-                    (refused, last_refusal_log) = (0, Some(std::time::Instant::now()));
-                }
+                refusals.refused(full, peer.ip(), opts);
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let (http, app, watcher, tls) = (
-            http.clone(),
-            app.for_peer(peer.ip()),
-            graceful.watcher(),
-            tls.clone(),
-        );
+        let connection = Connection {
+            http: http.clone(),
+            app: app.for_peer(peer.ip()),
+            watcher: graceful.watcher(),
+            handshake_timeout: opts.header_read_timeout,
+        };
+        let tls = tls.clone();
         tokio::spawn(async move {
-            match tls {
-                None => serve_one(&http, watcher, app, stream).await,
-                Some(tls) => {
-                    let handshake = async {
-                        if !starts_with_tls(&stream).await? {
-                            answer_plain_http_on_tls_port(stream).await;
-                            return Ok(None);
-                        }
-                        tls.accept(stream).await.map(Some)
-                    };
-                    match tokio::time::timeout(handshake_timeout, handshake).await {
-                        Ok(Ok(Some(stream))) => serve_one(&http, watcher, app, stream).await,
-                        Ok(Ok(None)) => {}
-                        // A client that cannot or will not speak TLS: nothing to answer.
-                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
-                        Err(_) => {
-                            tracing::debug!("TLS handshake not finished in {handshake_timeout:?}")
-                        }
-                    }
-                }
-            }
+            connection.serve(stream, tls).await;
             drop(slot);
         });
     }
@@ -404,6 +409,72 @@ async fn serve_connections(
             "requests still running after the drain timeout of {:?}; stopping without them",
             opts.drain_timeout
         );
+    }
+}
+
+/// Connections refused since the last log line: one line per second at
+/// most, so a flood cannot flood the log.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn refused(&mut self, full: slots::Full, peer: std::net::IpAddr, opts: &ServeOptions) {
+        self.count += 1;
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let refused = self.count;
+        match full {
+            slots::Full::Server => tracing::warn!(
+                "refused {refused} connection(s): already {} open (--max-connections)",
+                opts.max_connections
+            ),
+            slots::Full::Peer => tracing::warn!(
+                "refused {refused} connection(s): {peer} already holds {} (--max-connections-per-peer)",
+                opts.max_connections_per_peer
+            ),
+        }
+        (self.count, self.logged) = (0, Some(std::time::Instant::now()));
+    }
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    http: hyper::server::conn::http1::Builder,
+    app: api::dispatch::Dispatch,
+    watcher: hyper_util::server::graceful::Watcher,
+    /// How long a TLS handshake may take (the header read timeout).
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves the connection, over TLS when the server has it: a client
+    /// that sends plain HTTP to the HTTPS port gets a readable answer, one
+    /// that does not finish its handshake in time is dropped.
+    async fn serve(self, stream: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let Some(tls) = tls else {
+            return serve_one(&self.http, self.watcher, self.app, stream).await;
+        };
+        let handshake = async {
+            if !starts_with_tls(&stream).await? {
+                answer_plain_http_on_tls_port(stream).await;
+                return Ok(None);
+            }
+            tls.accept(stream).await.map(Some)
+        };
+        match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(Some(stream))) => serve_one(&self.http, self.watcher, self.app, stream).await,
+            Ok(Ok(None)) => {}
+            // A client that cannot or will not speak TLS: nothing to answer.
+            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+            Err(_) => tracing::debug!("TLS handshake not finished in {:?}", self.handshake_timeout),
+        }
     }
 }
 

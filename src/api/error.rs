@@ -130,6 +130,7 @@ impl From<GatewayError> for ApiError {
         match e {
             GatewayError::NotFound(m) => ApiError::not_found(m),
             GatewayError::Unloaded(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            GatewayError::BadRequest(p) => p.into(),
             GatewayError::Runtime(r) => r.into(),
         }
     }
@@ -231,4 +232,236 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::StoreError;
+
+    fn sqlite(code: std::ffi::c_int) -> StoreError {
+        StoreError::Database(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    /// (error, status, Retry-After, words the message must hold).
+    fn case(e: impl Into<ApiError>, status: StatusCode, retry: Option<u32>, says: &[&str]) {
+        let e = e.into();
+        assert_eq!((e.status, e.retry_after), (status, retry), "{}", e.message);
+        for part in says {
+            assert!(
+                e.message.contains(part),
+                "{:?} should say {part:?}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn store_errors_say_what_the_operator_can_do_and_hide_the_rest() {
+        let full = || RegistryError::Store(sqlite(rusqlite::ffi::SQLITE_FULL));
+        case(
+            full(),
+            StatusCode::INSUFFICIENT_STORAGE,
+            None,
+            &["disk is full", "free space", "nothing was changed"],
+        );
+        let read_only = RegistryError::Store(sqlite(rusqlite::ffi::SQLITE_READONLY));
+        case(
+            read_only,
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            &["nothing was changed"],
+        );
+        let corrupt = StoreError::Corrupt {
+            what: "route of cancer".into(),
+            reason: "secret detail".into(),
+        };
+        let e = ApiError::from(RegistryError::Store(corrupt));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            e.message,
+            "the store failed; the server log has the details"
+        );
+        let too_new = StoreError::TooNew { found: 9, known: 3 };
+        case(
+            RegistryError::Store(too_new),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+            &["server log"],
+        );
+        case(
+            ControlError::from(sqlite(rusqlite::ffi::SQLITE_FULL)),
+            StatusCode::INSUFFICIENT_STORAGE,
+            None,
+            &["disk is full"],
+        );
+    }
+
+    #[test]
+    fn registry_and_control_errors_keep_their_messages() {
+        use crate::store::DiskProblem;
+        case(
+            RegistryError::Invalid("labels: too many".into()),
+            StatusCode::BAD_REQUEST,
+            None,
+            &["labels"],
+        );
+        case(
+            RegistryError::Artifact("not a model".into()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+            &["not a model"],
+        );
+        case(
+            RegistryError::Conflict("in use".into()),
+            StatusCode::CONFLICT,
+            None,
+            &["in use"],
+        );
+        case(
+            RegistryError::NotFound("no \"x\"".into()),
+            StatusCode::NOT_FOUND,
+            None,
+            &["\"x\""],
+        );
+        let disk = RegistryError::Disk {
+            problem: DiskProblem::ReadOnly,
+            what: "cannot write the blob".into(),
+        };
+        case(
+            disk,
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            &["cannot write the blob", "nothing was changed"],
+        );
+        let io = ApiError::from(RegistryError::Io("/secret/path: EIO".into()));
+        assert_eq!(io.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!io.message.contains("/secret"), "{}", io.message);
+        case(
+            ControlError::Conflict("abort it first".into()),
+            StatusCode::CONFLICT,
+            None,
+            &["abort it first"],
+        );
+        case(
+            ControlError::Invalid("failover[0]".into()),
+            StatusCode::BAD_REQUEST,
+            None,
+            &["failover[0]"],
+        );
+        let start = ControlError::Start {
+            model: "cancer".into(),
+            version: "2".into(),
+            reason: "warm-up failed".into(),
+        };
+        case(
+            start,
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            &["version \"2\" of model \"cancer\"", "warm-up failed"],
+        );
+    }
+
+    #[test]
+    fn gateway_and_runtime_errors_follow_triton() {
+        case(
+            GatewayError::NotFound("m".into()),
+            StatusCode::NOT_FOUND,
+            None,
+            &[],
+        );
+        case(
+            GatewayError::Unloaded("load".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            &["load"],
+        );
+        let bad = crate::protocol::decode_request(b"{", None).expect_err("not JSON");
+        case(
+            GatewayError::BadRequest(bad),
+            StatusCode::BAD_REQUEST,
+            None,
+            &[],
+        );
+        let runtime = |e: RuntimeError| GatewayError::Runtime(e);
+        case(
+            runtime(RuntimeError::BadInput("input x".into())),
+            StatusCode::BAD_REQUEST,
+            None,
+            &["input x"],
+        );
+        case(
+            runtime(RuntimeError::QueueFull { depth: 8 }),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(1),
+            &["retry shortly"],
+        );
+        case(
+            runtime(RuntimeError::Unavailable("down".into())),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(1),
+            &["down"],
+        );
+        case(
+            runtime(RuntimeError::Timeout(Duration::from_secs(2))),
+            StatusCode::GATEWAY_TIMEOUT,
+            None,
+            &["2s"],
+        );
+        case(
+            runtime(RuntimeError::Upstream("remote said 500".into())),
+            StatusCode::BAD_GATEWAY,
+            None,
+            &["remote said 500"],
+        );
+        case(
+            runtime(RuntimeError::Refused("external data".into())),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+            &[],
+        );
+        let failed = ApiError::from(runtime(RuntimeError::Inference("secret detail".into())));
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            failed.message,
+            "inference failed; the server log has the details"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_is_its_status_a_json_body_and_retry_after() {
+        let e = ApiError::from(RuntimeError::QueueFull { depth: 4 });
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(
+            json,
+            serde_json::json!({"error": "replica queue is full (4 requests waiting); retry shortly"})
+        );
+    }
+
+    #[test]
+    fn bodies_too_large_name_the_flag() {
+        case(
+            ApiError::body(StatusCode::PAYLOAD_TOO_LARGE, "x"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            &["--max-body-bytes"],
+        );
+        case(
+            ApiError::body(StatusCode::BAD_REQUEST, "cut off"),
+            StatusCode::BAD_REQUEST,
+            None,
+            &["cut off"],
+        );
+    }
 }

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::error::ApiJson;
 use super::{ApiError, AppState};
-use crate::gateway::Call;
-use crate::protocol::{self, InferResponse, Tensor};
+use crate::gateway::{Answer, Request};
+use crate::protocol;
 use crate::records::{Source, VersionRecord};
 use crate::runtime::TensorSpec;
 
@@ -244,10 +244,9 @@ pub async fn infer_version(
     run_infer(s, model, Some(version), headers, body?).await
 }
 
-/// Inference on the model's routed version, or on `version`: pass-through
-/// to a remote version when nothing needs the tensors, otherwise decoded,
-/// served by the gateway and encoded. The router's two inference handlers
-/// and the dispatcher's hot path ([`super::dispatch`]) all end here.
+/// Inference on the model's routed version, or on `version`, served by the
+/// gateway in one call. The router's two inference handlers and the
+/// dispatcher's hot path ([`super::dispatch`]) all end here.
 pub async fn run_infer(
     s: AppState,
     model: String,
@@ -258,96 +257,25 @@ pub async fn run_infer(
     let header_len = headers
         .get(protocol::HEADER_CONTENT_LENGTH)
         .map(|v| v.to_str().unwrap_or("(not text)"));
-    let routed = s.gateway.route(&model, version.as_deref(), &headers)?;
-    if s.gateway.can_pass_through(&routed, &body, header_len) {
-        // A remote version with nothing to observe: the body goes as it is,
-        // the answer comes back with our model name, version and id.
-        let forwarded = s.gateway.forward(&routed, body, header_len).await?;
-        let rewritten = protocol::rewrite_response(
-            &forwarded.answer,
-            forwarded.answer_len.as_deref(),
-            &model,
-            &routed.pool.version,
-            || s.ids.next(),
-        )
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("the remote version sent an unreadable answer: {e}"),
-            )
-        })?;
-        let response = respond(
-            rewritten.body,
-            rewritten.json_len,
-            &routed.pool.version,
-            &rewritten.id,
-        );
-        s.gateway
-            .forwarded(&routed, forwarded, &rewritten.id, rewritten.class);
-        return Ok(response);
-    }
-    let mut request = protocol::decode_request(&body, header_len)?;
-    let inputs = std::mem::take(&mut request.inputs);
-    let requested: Vec<&str> = request.outputs.iter().map(|o| o.name.as_str()).collect();
-    let id = request.id.clone().unwrap_or_else(|| s.ids.next());
-    let served = s
+    let answer = s
         .gateway
-        .infer(
-            routed,
-            Call {
-                model: &model,
-                version: version.as_deref(),
-                headers: &headers,
-                id: &id,
-                inputs,
-                outputs: &requested,
-                body: requested.is_empty().then_some((&body, header_len)),
-            },
-        )
+        .serve(Request {
+            model: &model,
+            version: version.as_deref(),
+            headers: &headers,
+            body,
+            header_len,
+        })
         .await?;
-    let outputs: Vec<Tensor> = if request.outputs.is_empty() {
-        served.outputs
-    } else {
-        let mut all = served.outputs;
-        request
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                all.iter()
-                    .position(|t| t.name == o.name)
-                    .map(|i| all.swap_remove(i))
-            })
-            .collect()
-    };
-    let response = InferResponse {
-        model_name: model,
-        model_version: served.version,
-        id,
-        outputs,
-    };
-    let binary = |t: &Tensor| {
-        request
-            .outputs
-            .iter()
-            .find(|o| o.name == t.name)
-            .and_then(|o| o.binary)
-            .unwrap_or(request.binary_output)
-    };
-    let (body, json_len) = protocol::encode_response(&response, binary);
-    Ok(respond(
-        body,
-        json_len,
-        &response.model_version,
-        &response.id,
-    ))
+    Ok(respond(answer))
 }
 
 /// An inference answer with its headers: content type (and the JSON header's
 /// length for the binary extension), the version that answered, the id.
-fn respond(body: Vec<u8>, json_len: Option<usize>, version: &str, id: &str) -> Response {
-    let mut resp = Response::new(axum::body::Body::from(body));
+fn respond(answer: Answer) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(answer.body));
     let h = resp.headers_mut();
-    match json_len {
+    match answer.json_len {
         Some(n) => {
             h.insert(
                 header::CONTENT_TYPE,
@@ -365,10 +293,10 @@ fn respond(body: Vec<u8>, json_len: Option<usize>, version: &str, id: &str) -> R
             );
         }
     }
-    if let Ok(v) = HeaderValue::from_str(version) {
+    if let Ok(v) = HeaderValue::from_str(&answer.version) {
         h.insert(HeaderName::from_static(VERSION_HEADER), v);
     }
-    if let Ok(v) = HeaderValue::from_str(id) {
+    if let Ok(v) = HeaderValue::from_str(&answer.id) {
         h.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
     resp

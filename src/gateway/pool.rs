@@ -155,9 +155,10 @@ impl VersionPool {
         header_len: Option<&str>,
         timeout: Duration,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
-        self.on_replica(timeout, async |engine: &Engine| {
-            engine.forward(body, header_len).await
-        })
+        within(
+            timeout,
+            self.on_replica(async |engine: &Engine| engine.forward(body, header_len).await),
+        )
         .await
     }
 
@@ -167,15 +168,20 @@ impl VersionPool {
         inputs: Vec<Tensor>,
         timeout: Duration,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        self.on_replica(timeout, async |engine: &Engine| engine.infer(inputs).await)
+        within(timeout, self.run(inputs)).await
+    }
+
+    /// Runs a request on the least busy replica, for as long as it takes
+    /// (the caller bounds it: the failover chain, per attempt).
+    pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        self.on_replica(async |engine: &Engine| engine.infer(inputs).await)
             .await
     }
 
     /// Calls the least busy replica, counting the request in flight until it
-    /// ends however it ends, within `timeout`.
+    /// ends however it ends.
     async fn on_replica<T>(
         &self,
-        timeout: Duration,
         call: impl AsyncFnOnce(&Engine) -> Result<T, RuntimeError>,
     ) -> Result<T, RuntimeError> {
         let replica = self.pick().ok_or_else(|| {
@@ -186,9 +192,17 @@ impl VersionPool {
         })?;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&replica.in_flight);
-        match tokio::time::timeout(timeout, call(&replica.engine)).await {
-            Ok(result) => result,
-            Err(_) => Err(RuntimeError::Timeout(timeout)),
-        }
+        call(&replica.engine).await
     }
+}
+
+/// `call`'s answer, or [`RuntimeError::Timeout`] once `timeout` has passed
+/// (the call is dropped: a replica's in-flight count goes down with it).
+pub async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(RuntimeError::Timeout(timeout)))
 }

@@ -1,0 +1,411 @@
+//! Failover along a chain of versions: a production request runs on the
+//! stable version and, when that fails in a way another version may not,
+//! on the next version of the route's `failover` list, and so on. Each
+//! version of a longer chain has a [`Breaker`](super::breaker::Breaker): an
+//! open circuit is skipped (the request fails over all the same, and is
+//! counted so), except on the last version, which is always tried.
+//!
+//! Retrying is safe: inference is a pure function of its input, so a request
+//! that failed on one version has no effect to undo, and a bad input (the
+//! client's mistake) is never retried.
+//!
+//! How one attempt runs is passed in ([`run_chain`]'s `run`), so the chain's
+//! rules are tested with fake replicas; the request path passes
+//! [`VersionPool::run`], a call the compiler sees through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::pool::{VersionPool, within};
+use super::routes::ModelRoute;
+use super::{GatewayError, Served, compare, outcome};
+use crate::metrics::{Metrics, Role};
+use crate::protocol::Tensor;
+use crate::runtime::RuntimeError;
+
+/// The versions a request may run on, in order: only its own for anything
+/// but production, else the stable version and then the route's failover
+/// list (versions not loaded left out).
+pub(super) fn chain<'a>(
+    route: &'a ModelRoute,
+    pool: &'a Arc<VersionPool>,
+    role: Role,
+) -> Vec<&'a Arc<VersionPool>> {
+    if role != Role::Stable {
+        return vec![pool];
+    }
+    std::iter::once(pool)
+        .chain(
+            route
+                .policy
+                .failover
+                .iter()
+                .filter_map(|v| route.pools.get(v)),
+        )
+        .collect()
+}
+
+/// Runs the request on the first version of `chain` that takes it, each
+/// attempt within `timeout`, recording each attempt on its version (the
+/// first in `role`, the rest as fallbacks) and each step along the chain as
+/// a failover. The error is the last version's, or the first that is not
+/// worth retrying.
+pub(super) async fn run_chain(
+    metrics: &Metrics,
+    route: &ModelRoute,
+    chain: &[&Arc<VersionPool>],
+    role: Role,
+    inputs: Vec<Tensor>,
+    timeout: Duration,
+    run: impl AsyncFn(&VersionPool, Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>,
+) -> Result<Served, GatewayError> {
+    let breakers = chain.len() > 1;
+    let mut inputs = Some(inputs);
+    let mut last_error: Option<RuntimeError> = None;
+    let mut previous: Option<&str> = None;
+    for (i, pool) in chain.iter().enumerate() {
+        let is_last = i + 1 == chain.len();
+        if breakers && !is_last && !pool.breaker.allow(Instant::now()) {
+            previous = Some(&pool.version);
+            continue;
+        }
+        let attempt_inputs = if is_last {
+            inputs.take().expect("inputs are kept for the last attempt")
+        } else {
+            inputs
+                .clone()
+                .expect("inputs are kept until the last attempt")
+        };
+        if let Some(from) = previous {
+            metrics.failover(&pool.model, from, &pool.version);
+        }
+        let attempt_role = if i == 0 { role } else { Role::Fallback };
+        let started = Instant::now();
+        let result = within(timeout, run(pool, attempt_inputs)).await;
+        let seconds = started.elapsed().as_secs_f64();
+        if breakers {
+            pool.breaker
+                .record(result.is_ok(), Instant::now(), &route.policy.breaker);
+        }
+        let class = result.as_ref().ok().and_then(|o| compare::answer_class(o));
+        pool.record(attempt_role, outcome(&result), seconds, class);
+        match result {
+            Ok(outputs) => {
+                return Ok(Served {
+                    version: pool.version.clone(),
+                    role: attempt_role,
+                    outputs,
+                    class,
+                });
+            }
+            Err(e) if !e.is_retryable() => return Err(e.into()),
+            Err(e) => {
+                previous = Some(&pool.version);
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| {
+            RuntimeError::Unavailable("no version of the chain could take the request".into())
+        })
+        .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::gateway::policy::{BreakerSettings, RoutePolicy};
+    use crate::metrics::{Exposition, Telemetry};
+    use crate::protocol::{Signature, TensorData};
+    use crate::records::ServingSettings;
+    use crate::units::HumanDuration;
+
+    const MODEL: &str = "cancer";
+
+    /// A route over versions `a`, `b`, `c` (no replicas: the fake runs the
+    /// requests), `a` stable and `b`, `c` its failover chain.
+    struct Fixture {
+        metrics: Metrics,
+        telemetry: Arc<Telemetry>,
+        route: ModelRoute,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let metrics = Metrics::new();
+            let telemetry = Arc::new(Telemetry::default());
+            let pools = ["a", "b", "c"]
+                .into_iter()
+                .map(|v| {
+                    let pool = VersionPool::new(
+                        MODEL.into(),
+                        v.into(),
+                        Signature {
+                            inputs: Vec::new(),
+                            outputs: Vec::new(),
+                        },
+                        Vec::new(),
+                        ServingSettings::default(),
+                        metrics.for_version(MODEL, v),
+                        telemetry.clone(),
+                    );
+                    (v.to_string(), Arc::new(pool))
+                })
+                .collect::<HashMap<_, _>>();
+            let mut policy = RoutePolicy::stable_only("a");
+            policy.failover = vec!["b".into(), "c".into()];
+            policy.breaker = BreakerSettings {
+                error_rate: 1.0,
+                consecutive_failures: 1,
+                window: HumanDuration(Duration::from_secs(10)),
+                min_requests: 100,
+                probe_every: HumanDuration(Duration::from_secs(60)),
+            };
+            Fixture {
+                metrics,
+                telemetry,
+                route: ModelRoute::new(policy, pools),
+            }
+        }
+
+        fn pool(&self, version: &str) -> &Arc<VersionPool> {
+            &self.route.pools[version]
+        }
+
+        fn chain(&self) -> Vec<&Arc<VersionPool>> {
+            chain(&self.route, self.pool("a"), Role::Stable)
+        }
+
+        /// (requests, errors, rejected) recorded on a version in a role.
+        fn counted(&self, version: &str, role: Role) -> (u64, u64, u64) {
+            let s = self
+                .telemetry
+                .series(MODEL, version, role)
+                .summary(crate::units::now_secs(), Duration::from_secs(60));
+            (s.requests, s.errors, s.rejected)
+        }
+
+        /// How often requests failed over from one version to another.
+        fn failovers(&self, from: &str, to: &str) -> u64 {
+            let needle = format!(
+                "ferry_failovers_total{{model=\"{MODEL}\",from_version=\"{from}\",to_version=\"{to}\"}} "
+            );
+            self.metrics
+                .encode(Exposition::Text)
+                .lines()
+                .find_map(|l| l.strip_prefix(&needle))
+                .map_or(0, |n| n.parse().expect("a counter"))
+        }
+    }
+
+    /// A replica per version that answers with the version's name as its
+    /// one output, unless `failing` says how it fails; every call is logged.
+    struct Fake {
+        failing: HashMap<&'static str, Failure>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    #[derive(Clone, Copy)]
+    enum Failure {
+        Fail,
+        BadInput,
+        Hang,
+    }
+
+    impl Fake {
+        fn new(failing: &[(&'static str, Failure)]) -> Fake {
+            Fake {
+                failing: failing.iter().copied().collect(),
+                calls: Mutex::new(Vec::new()),
+            }
+        }
+
+        async fn run(
+            &self,
+            pool: &VersionPool,
+            inputs: Vec<Tensor>,
+        ) -> Result<Vec<Tensor>, RuntimeError> {
+            self.calls.lock().unwrap().push(pool.version.clone());
+            assert_eq!(inputs.len(), 1, "every attempt gets the request's inputs");
+            match self.failing.get(pool.version.as_str()) {
+                None => Ok(vec![Tensor {
+                    name: pool.version.clone(),
+                    shape: vec![1],
+                    data: TensorData::Int64(vec![7]),
+                }]),
+                Some(Failure::Fail) => Err(RuntimeError::Unavailable("replica down".into())),
+                Some(Failure::BadInput) => Err(RuntimeError::BadInput("no such input".into())),
+                Some(Failure::Hang) => {
+                    tokio::time::sleep(Duration::from_secs(3_600)).await;
+                    unreachable!("the chain's timeout ends a hanging attempt")
+                }
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn input() -> Vec<Tensor> {
+        vec![Tensor {
+            name: "x".into(),
+            shape: vec![1],
+            data: TensorData::Fp32(vec![1.0]),
+        }]
+    }
+
+    async fn serve(f: &Fixture, fake: &Fake) -> Result<Served, GatewayError> {
+        run_chain(
+            &f.metrics,
+            &f.route,
+            &f.chain(),
+            Role::Stable,
+            input(),
+            Duration::from_secs(1),
+            async |pool: &VersionPool, inputs| fake.run(pool, inputs).await,
+        )
+        .await
+    }
+
+    #[test]
+    fn only_production_requests_have_a_chain() {
+        let f = Fixture::new();
+        let versions = |role| -> Vec<String> {
+            chain(&f.route, f.pool("a"), role)
+                .iter()
+                .map(|p| p.version.clone())
+                .collect()
+        };
+        assert_eq!(versions(Role::Stable), ["a", "b", "c"]);
+        assert_eq!(versions(Role::Candidate), ["a"]);
+        assert_eq!(versions(Role::Direct), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_healthy_stable_version_answers_alone() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[]);
+        let served = serve(&f, &fake).await.expect("answered");
+        assert_eq!((served.version.as_str(), served.role), ("a", Role::Stable));
+        assert_eq!(served.class, Some(7), "the class of the first row");
+        assert_eq!(fake.calls(), ["a"]);
+        assert_eq!(f.counted("a", Role::Stable), (1, 0, 0));
+        assert_eq!(f.failovers("a", "b"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failing_primary_fails_over_to_the_next() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[("a", Failure::Fail)]);
+        let served = serve(&f, &fake).await.expect("the fallback answered");
+        assert_eq!(
+            (served.version.as_str(), served.role),
+            ("b", Role::Fallback)
+        );
+        assert_eq!(fake.calls(), ["a", "b"]);
+        assert_eq!(f.counted("a", Role::Stable), (1, 1, 0));
+        assert_eq!(f.counted("b", Role::Fallback), (1, 0, 0));
+        assert_eq!(f.failovers("a", "b"), 1);
+        assert!(f.pool("a").breaker.is_open(), "one failure opens it here");
+        assert!(!f.pool("b").breaker.is_open());
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_is_skipped_and_counted_as_a_failover() {
+        let f = Fixture::new();
+        f.pool("a")
+            .breaker
+            .record(false, Instant::now(), &f.route.policy.breaker);
+        assert!(f.pool("a").breaker.is_open());
+        let fake = Fake::new(&[]);
+        let served = serve(&f, &fake).await.expect("the fallback answered");
+        assert_eq!(
+            (served.version.as_str(), served.role),
+            ("b", Role::Fallback)
+        );
+        assert_eq!(fake.calls(), ["b"], "the open version is not called");
+        assert_eq!(f.counted("a", Role::Stable), (0, 0, 0));
+        assert_eq!(f.failovers("a", "b"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_version_is_tried_even_with_its_breaker_open() {
+        let f = Fixture::new();
+        for v in ["a", "b", "c"] {
+            f.pool(v)
+                .breaker
+                .record(false, Instant::now(), &f.route.policy.breaker);
+        }
+        let fake = Fake::new(&[]);
+        let served = serve(&f, &fake).await.expect("the last version answered");
+        assert_eq!(served.version, "c");
+        assert_eq!(fake.calls(), ["c"]);
+        assert_eq!(f.failovers("b", "c"), 1, "counted from the last skipped");
+    }
+
+    #[tokio::test]
+    async fn when_all_fail_the_last_error_is_the_answer() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[
+            ("a", Failure::Fail),
+            ("b", Failure::Fail),
+            ("c", Failure::Fail),
+        ]);
+        let err = serve(&f, &fake).await.err().expect("every version failed");
+        assert!(
+            matches!(err, GatewayError::Runtime(RuntimeError::Unavailable(ref m)) if m == "replica down"),
+            "{err:?}"
+        );
+        assert_eq!(fake.calls(), ["a", "b", "c"]);
+        assert_eq!(f.counted("c", Role::Fallback), (1, 1, 0));
+        assert_eq!((f.failovers("a", "b"), f.failovers("b", "c")), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_bad_input_is_never_retried() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[("a", Failure::BadInput)]);
+        let err = serve(&f, &fake).await.err().expect("refused");
+        assert!(
+            matches!(err, GatewayError::Runtime(RuntimeError::BadInput(_))),
+            "{err:?}"
+        );
+        assert_eq!(fake.calls(), ["a"]);
+        assert_eq!(f.counted("a", Role::Stable), (0, 0, 1), "rejected");
+        assert_eq!(f.failovers("a", "b"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_times_out_fails_over() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[("a", Failure::Hang)]);
+        let served = serve(&f, &fake).await.expect("the fallback answered");
+        assert_eq!(served.version, "b");
+        assert_eq!(
+            f.counted("a", Role::Stable),
+            (1, 1, 0),
+            "a timeout is an error"
+        );
+        assert_eq!(f.failovers("a", "b"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_on_the_last_version_is_the_answer() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[
+            ("a", Failure::Fail),
+            ("b", Failure::Fail),
+            ("c", Failure::Hang),
+        ]);
+        let err = serve(&f, &fake).await.err().expect("timed out");
+        assert!(
+            matches!(err, GatewayError::Runtime(RuntimeError::Timeout(t)) if t == Duration::from_secs(1)),
+            "{err:?}"
+        );
+    }
+}
