@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// Where the database, artifacts and admin token live.
     #[arg(long, default_value = "./ferry-data")]
     pub data_dir: PathBuf,
+    /// The store: sqlite:PATH (default: the data dir's ferry.db), or
+    /// postgres://USER@HOST:PORT/DB, shared by several instances (artifacts
+    /// included; the data dir then caches them).
+    #[arg(long, env = "FERRY_STORE", hide_env_values = true, value_name = "URL")]
+    pub store: Option<String>,
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -312,6 +317,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let args = *args;
             let served = server::serve(ServeOptions {
+                store: server::store_url(args.store.as_deref())?,
                 data_dir: args.data_dir,
                 listen: args.listen,
                 ort_library: args.ort_library,
