@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod model;
 pub mod rollout;
+pub mod store;
 pub mod table;
 pub mod traffic;
 
@@ -131,6 +132,9 @@ pub enum Command {
     Traffic(traffic::TrafficArgs),
     /// A guided live demo of all six strategies on the bundled example models.
     Demo(demo::DemoArgs),
+    /// Work on a store directly (no server): copy one into another.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -406,5 +410,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Traffic(args) => traffic::run(&client()?, args, output).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Store(cmd) => ok(store::run(cmd, output).await),
     }
 }

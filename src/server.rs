@@ -170,7 +170,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|| StoreUrl::default_for(&opts.data_dir));
     let opened = open_store(&store_url).with_context(|| match &opts.store {
         None => format!("cannot open the store in {}", opts.data_dir.display()),
-        Some(url) => format!("cannot open --store {}", url.shown()),
+        Some(url @ StoreUrl::Sqlite(_)) => format!("cannot open --store {}", url.shown()),
+        // Its own errors name the server (without a password).
+        Some(StoreUrl::Postgres(_)) => "cannot open --store".to_string(),
     })?;
     let store = opened.store;
     let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
