@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod model;
 pub mod rollout;
+pub mod store;
 pub mod table;
 pub mod traffic;
 
@@ -131,6 +132,9 @@ pub enum Command {
     Traffic(traffic::TrafficArgs),
     /// A guided live demo of all six strategies on the bundled example models.
     Demo(demo::DemoArgs),
+    /// Work on a store directly (no server): copy one into another.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +147,11 @@ pub struct ServeArgs {
     /// Where the database, artifacts and admin token live.
     #[arg(long, default_value = "./ferry-data")]
     pub data_dir: PathBuf,
+    /// The store: sqlite:PATH (default: the data dir's ferry.db), or
+    /// postgres://USER@HOST:PORT/DB, shared by several instances (artifacts
+    /// included; the data dir then caches them).
+    #[arg(long, env = "FERRY_STORE", hide_env_values = true, value_name = "URL")]
+    pub store: Option<String>,
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -363,12 +372,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Traffic(args) => traffic::run(&client()?, args, output).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Store(cmd) => ok(store::run(cmd, output).await),
     }
 }
 
 /// What `ferry serve`'s flags (and config file) ask of the server.
 fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
     Ok(ServeOptions {
+        store: server::store_url(args.store.as_deref())?,
         data_dir: args.data_dir,
         listen: args.listen,
         ort_library: args.ort_library,

@@ -24,7 +24,7 @@
 //! | [`spec`] | rollout specs (YAML/JSON) as validated types |
 //! | [`strategy`] | pure rollout plans: basic, multi, canary |
 //! | [`analysis`] | pure verdicts over metric windows, significance tests, the A/B report |
-//! | [`store`] | durable state behind a trait; SQLite embedded |
+//! | [`store`] | durable state behind a trait; SQLite embedded, PostgreSQL shared by several instances |
 //! | [`api`] | HTTP wiring: `/v2`, `/api/v1`, `/metrics`, OpenAPI, auth, error mapping |
 //! | [`cli`] | the `ferry` subcommands, a client of the control API; `demo`, `traffic` |
 //! | [`dashboard`] | the static page at `/ui/`, embedded in the binary |

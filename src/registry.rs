@@ -6,6 +6,7 @@
 //! warm-up inference: an invalid file is refused and nothing is stored.
 
 pub mod blobs;
+pub mod copy;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::records::{
 use crate::runtime::{
     LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
 };
-use crate::store::{DiskProblem, Event, Inserted, NewEvent, Page, Store, StoreError};
+use crate::store::{BlobStore, DiskProblem, Event, Inserted, NewEvent, Page, Store, StoreError};
 use crate::units::now_rfc3339;
 pub use blobs::Blobs;
 
@@ -121,6 +122,9 @@ impl From<NameError> for RegistryError {
 pub struct Registry {
     store: Arc<dyn Store>,
     blobs: Arc<Blobs>,
+    /// Where every instance finds artifacts (a shared store); `blobs` is
+    /// then this instance's cache of it.
+    shared: Option<Arc<dyn BlobStore>>,
     onnx: Arc<OnnxRuntime>,
     http: crate::runtime::remote::RemoteHttp,
     /// What a warm-up at registration may take (input bytes, time).
@@ -138,10 +142,18 @@ impl Registry {
         Registry {
             store,
             blobs,
+            shared: None,
             onnx,
             http,
             limits,
         }
+    }
+
+    /// Keeps artifacts in `shared` too (every instance reads them there);
+    /// the local blob dir becomes a cache of it.
+    pub fn with_shared_blobs(mut self, shared: Arc<dyn BlobStore>) -> Registry {
+        self.shared = Some(shared);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -174,7 +186,24 @@ impl Registry {
     }
 
     /// The bytes of a stored ONNX artifact, verified against its digest.
+    /// With a shared store, a blob missing from (or corrupted in) the local
+    /// cache is fetched from it first.
     pub fn artifact(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let local = match self.blobs.get(digest) {
+            Ok(bytes) => return Ok(bytes),
+            Err(local) => local,
+        };
+        let Some(shared) = &self.shared else {
+            return Err(RegistryError::Artifact(local));
+        };
+        if !self.blobs.fetch(digest, &**shared)? {
+            return Err(RegistryError::Artifact(format!(
+                "{local}; the shared store has no copy either: re-register the version from the original file"
+            )));
+        }
+        tracing::info!(
+            "artifact sha256:{digest} fetched from the shared store into the local cache"
+        );
         self.blobs.get(digest).map_err(RegistryError::Artifact)
     }
 
@@ -237,25 +266,7 @@ impl Registry {
                 if let Some(existing) = self.existing(&new.model, &new.version, &source)? {
                     return Ok(existing);
                 }
-                let onnx = self.onnx.clone();
-                let blobs = self.blobs.clone();
-                let limits = self.limits;
-                let signature =
-                    tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
-                        let signature = validate_onnx_file(&onnx, staged.path(), limits)?;
-                        let size = staged.size;
-                        blobs.adopt(staged).map_err(|e| {
-                            let what = format!(
-                                "cannot store the artifact ({size} bytes) in {}: {e}",
-                                blobs.dir().display()
-                            );
-                            RegistryError::disk(e, what)
-                        })?;
-                        Ok(signature)
-                    })
-                    .await
-                    .map_err(|e| RegistryError::Io(format!("validation task failed: {e}")))??;
-                (source, signature)
+                (source, self.validate_and_keep(staged).await?)
             }
             Artifact::Remote(urls, access) => {
                 access.validate().map_err(RegistryError::Invalid)?;
@@ -312,6 +323,34 @@ impl Registry {
             None => Ok(None),
             Some(existing) => same_or_conflict(existing, source).map(Some),
         }
+    }
+
+    /// Validates a staged ONNX upload, then stores it under its digest
+    /// (locally, and in the shared store when there is one) before any
+    /// record names it: off the async threads.
+    async fn validate_and_keep(&self, staged: blobs::Staged) -> Result<Signature, RegistryError> {
+        let onnx = self.onnx.clone();
+        let blobs = self.blobs.clone();
+        let shared = self.shared.clone();
+        let limits = self.limits;
+        let signature = tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
+            let signature = validate_onnx_file(&onnx, staged.path(), limits)?;
+            let (size, digest) = (staged.size, staged.digest.clone());
+            blobs.adopt(staged).map_err(|e| {
+                let what = format!(
+                    "cannot store the artifact ({size} bytes) in {}: {e}",
+                    blobs.dir().display()
+                );
+                RegistryError::disk(e, what)
+            })?;
+            if let Some(shared) = shared {
+                share(&blobs, &*shared, &digest)?;
+            }
+            Ok(signature)
+        })
+        .await
+        .map_err(|e| RegistryError::Io(format!("validation task failed: {e}")))??;
+        Ok(signature)
     }
 
     async fn validate_remote(
@@ -423,6 +462,18 @@ impl Registry {
         )?;
         Ok(())
     }
+}
+
+/// Copies a stored blob into the shared store, read from the local file
+/// chunk by chunk (a no-op when it is there already).
+fn share(blobs: &Blobs, shared: &dyn BlobStore, digest: &str) -> Result<(), RegistryError> {
+    let mut file = blobs.open_blob(digest).map_err(|e| {
+        RegistryError::Io(format!(
+            "cannot read artifact sha256:{digest} to share it: {e}"
+        ))
+    })?;
+    shared.put_blob(digest, &mut file)?;
+    Ok(())
 }
 
 fn same_or_conflict(existing: VersionRecord, source: &Source) -> Result<Added, RegistryError> {

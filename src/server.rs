@@ -21,13 +21,15 @@ use crate::gateway::{Gateway, RouteTable};
 use crate::metrics::{Metrics, Telemetry};
 use crate::registry::{Blobs, Registry};
 use crate::runtime::{LoadLimits, OnnxRuntime, remote};
-use crate::store::{SqliteStore, Store};
+use crate::store::{BlobStore, PostgresStore, SqliteStore, Store, StoreUrl};
 use crate::units::HumanDuration;
 
 /// Validated settings of `ferry serve`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub data_dir: PathBuf,
+    /// `--store`: None is the data dir's `ferry.db` (today's single node).
+    pub store: Option<StoreUrl>,
     pub listen: SocketAddr,
     pub ort_library: Option<PathBuf>,
     pub limits: Limits,
@@ -116,6 +118,40 @@ async fn expire_events(store: Arc<dyn Store>, retention: Duration) {
     }
 }
 
+/// A store `--store` named, opened and migrated, with the artifacts it
+/// shares between instances (PostgreSQL keeps them; SQLite has none: its
+/// data dir's blobs are the artifacts).
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub shared_blobs: Option<Arc<dyn BlobStore>>,
+}
+
+/// Opens the store `url` names (creating and migrating its schema).
+pub fn open_store(url: &StoreUrl) -> anyhow::Result<OpenedStore> {
+    Ok(match url {
+        StoreUrl::Sqlite(file) => OpenedStore {
+            store: Arc::new(SqliteStore::open_file(file)?),
+            shared_blobs: None,
+        },
+        StoreUrl::Postgres(text) => {
+            // Its errors name the server (without the password) already.
+            let store = Arc::new(PostgresStore::open(text)?);
+            tracing::info!("store: PostgreSQL at {}", store.shown_url());
+            OpenedStore {
+                store: store.clone(),
+                shared_blobs: Some(store),
+            }
+        }
+    })
+}
+
+/// Validates `--store` (None: the data dir's SQLite database).
+pub fn store_url(store: Option<&str>) -> anyhow::Result<Option<StoreUrl>> {
+    store
+        .map(|text| StoreUrl::parse(text).map_err(|e| anyhow::anyhow!("--store: {e}")))
+        .transpose()
+}
+
 /// PEM files for `--tls-cert` and `--tls-key`.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -165,10 +201,16 @@ fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
         .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
     let onnx = Arc::new(OnnxRuntime::load(opts.ort_library.as_deref())?);
     tracing::info!("ONNX Runtime loaded from {}", onnx.library.display());
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&opts.data_dir)
-            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
-    );
+    let store_url = opts
+        .store
+        .clone()
+        .unwrap_or_else(|| StoreUrl::default_for(&opts.data_dir));
+    let opened = open_store(&store_url).with_context(|| match &opts.store {
+        None => format!("cannot open the store in {}", opts.data_dir.display()),
+        Some(url @ StoreUrl::Sqlite(_)) => format!("cannot open --store {}", url.shown()),
+        // Its own errors name the server (without a password).
+        Some(StoreUrl::Postgres(_)) => "cannot open --store".to_string(),
+    })?;
     let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
     blobs.clean_temporaries();
     let (token, created) = AdminToken::load_or_create(&opts.data_dir)
@@ -179,12 +221,12 @@ fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
     }
     let dashboard_path = created.then(|| token.dashboard_path());
     if let Some(retention) = opts.event_retention {
-        tokio::spawn(expire_events(store.clone(), retention));
+        tokio::spawn(expire_events(opened.store.clone(), retention));
     }
     let metrics = Arc::new(Metrics::new());
     let telemetry = Arc::new(Telemetry::default());
     let routes = Arc::new(RouteTable::new());
-    let controller = controller(opts, onnx, store, blobs, &metrics, &telemetry, &routes);
+    let controller = controller(opts, onnx, opened, blobs, &metrics, &telemetry, &routes);
     let gateway = Gateway::new(
         routes,
         metrics.clone(),
@@ -220,7 +262,7 @@ fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
 fn controller(
     opts: &ServeOptions,
     onnx: Arc<OnnxRuntime>,
-    store: Arc<dyn Store>,
+    opened: OpenedStore,
     blobs: Arc<Blobs>,
     metrics: &Arc<Metrics>,
     telemetry: &Arc<Telemetry>,
@@ -231,13 +273,11 @@ fn controller(
         max_input_bytes: opts.limits.max_body_bytes as u64,
         timeout: opts.load_timeout,
     };
-    let registry = Arc::new(Registry::new(
-        store,
-        blobs,
-        onnx.clone(),
-        http.clone(),
-        limits,
-    ));
+    let mut registry = Registry::new(opened.store, blobs, onnx.clone(), http.clone(), limits);
+    if let Some(shared) = opened.shared_blobs {
+        registry = registry.with_shared_blobs(shared);
+    }
+    let registry = Arc::new(registry);
     Arc::new(Controller::new(ControllerParts {
         registry,
         routes: routes.clone(),

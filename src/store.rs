@@ -2,27 +2,43 @@
 //! serving settings, and the event history. Only the store writes state.
 //!
 //! [`sqlite::SqliteStore`] is the embedded default (WAL, synchronous writes);
-//! a PostgreSQL implementation can be added beside it without touching the
-//! gateway or the registry. Every method is one transaction: an event is never
+//! [`postgres::PostgresStore`] is the one several instances share, and keeps
+//! artifacts too ([`BlobStore`]). [`url::StoreUrl`] says which one
+//! `--store` names. Every method is one transaction: an event is never
 //! written without the change it records, nor the change without its event.
 
 #[cfg(test)]
 pub mod contract;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub mod testpg;
+pub mod url;
 
 use crate::gateway::RoutePolicy;
 use crate::records::{EventKind, ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{RolloutKind, RolloutState};
 
+pub use postgres::{PgFailure, PgProblem, PostgresStore};
 pub use sqlite::SqliteStore;
+pub use url::StoreUrl;
 
-/// A failure of the storage itself (disk, corruption, a bug): a 500, never a
-/// user mistake.
+/// A failure of the storage itself (disk, corruption, an unreachable server,
+/// a bug): never a user mistake.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL failed or could not be reached (the URL shown has no
+    /// password).
+    #[error("{0}")]
+    Postgres(PgFailure),
+    /// A copy's target already holds data (and replacing it was not asked).
+    #[error(
+        "the target store is not empty ({models} models, {events} events); copy into an empty database, or replace what it holds"
+    )]
+    NotEmpty { models: u64, events: u64 },
     #[error("stored data is unreadable ({what}): {reason}")]
     Corrupt { what: String, reason: String },
     #[error(
@@ -40,8 +56,20 @@ impl StoreError {
                 rusqlite::ErrorCode::ReadOnly => Some(DiskProblem::ReadOnly),
                 _ => None,
             },
+            StoreError::Postgres(f) => match f.problem {
+                PgProblem::DiskFull => Some(DiskProblem::DatabaseFull),
+                PgProblem::ReadOnly => Some(DiskProblem::DatabaseReadOnly),
+                _ => None,
+            },
             _ => None,
         }
+    }
+
+    /// Whether the store could not be reached at all (a shared store's
+    /// server down, the network cut): nothing was changed, and trying again
+    /// later may work.
+    pub fn unreachable(&self) -> bool {
+        matches!(self, StoreError::Postgres(f) if f.problem == PgProblem::Unreachable)
     }
 }
 
@@ -51,6 +79,10 @@ impl StoreError {
 pub enum DiskProblem {
     Full,
     ReadOnly,
+    /// The PostgreSQL server's disk is full (SQLSTATE 53100).
+    DatabaseFull,
+    /// The PostgreSQL server only reads (a standby, or read-only mode).
+    DatabaseReadOnly,
 }
 
 impl DiskProblem {
@@ -75,6 +107,12 @@ impl DiskProblem {
             }
             DiskProblem::ReadOnly => {
                 "the data dir cannot be written (read-only file system or permissions): make it writable for Ferry's user, then try again"
+            }
+            DiskProblem::DatabaseFull => {
+                "the PostgreSQL server's disk is full: free space on the database server, then try again"
+            }
+            DiskProblem::DatabaseReadOnly => {
+                "the PostgreSQL server accepts no writes (a standby, or read-only mode): point --store at the primary, then try again"
             }
         }
     }
@@ -211,6 +249,13 @@ impl RolloutRecord {
     }
 }
 
+/// A stored rollout kind, or why this build cannot read it (a newer build
+/// wrote a strategy this one does not know).
+pub fn stored_rollout_kind(text: &str) -> Result<RolloutKind, String> {
+    RolloutKind::parse(text)
+        .ok_or_else(|| format!("\"{text}\" is not a strategy this Ferry knows; upgrade Ferry"))
+}
+
 /// Parses `r-17` (or `17`) into a rollout id.
 pub fn rollout_id(name: &str) -> Option<i64> {
     name.strip_prefix("r-").unwrap_or(name).parse().ok()
@@ -307,4 +352,58 @@ pub trait Store: Send + Sync + 'static {
     /// except those of active rollouts; rollout records stay. Returns how
     /// many were deleted.
     fn delete_events_before(&self, cutoff: &str) -> Result<usize, StoreError>;
+
+    /// How many models, versions, rollouts and events the store holds.
+    fn counts(&self) -> Result<Counts, StoreError>;
+    /// Everything but the events (those are paged: [`Store::event_log`]),
+    /// as stored, ids and timestamps included.
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// At most `limit` events of every model numbered after `after`, oldest
+    /// first: the whole history, page by page.
+    fn event_log(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// Writes `snapshot` as it is (ids and timestamps kept) in one
+    /// transaction. A store that holds anything is refused
+    /// ([`StoreError::NotEmpty`]) unless `replace`, which deletes everything
+    /// it holds first, events included.
+    fn restore(&self, snapshot: &Snapshot, replace: bool) -> Result<(), StoreError>;
+    /// Appends events as they are (ids and timestamps kept); ids must be
+    /// above every stored one. Later events are numbered after them.
+    fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
+}
+
+/// What a store holds, counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Counts {
+    pub models: u64,
+    pub versions: u64,
+    pub rollouts: u64,
+    pub events: u64,
+}
+
+/// Everything a store holds but its events, for a copy to another store.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Snapshot {
+    /// Every model with its routing policy, by name.
+    pub models: Vec<(ModelRecord, Option<RoutePolicy>)>,
+    /// Every version of every model.
+    pub versions: Vec<VersionRecord>,
+    /// Every rollout, by id.
+    pub rollouts: Vec<RolloutRecord>,
+}
+
+/// Content-addressed artifacts every instance can read (by default inside
+/// the shared PostgreSQL store). A blob is streamed both ways in chunks: a
+/// large model is never held in memory whole. Writing the same digest twice
+/// is harmless (the content is the same); a blob is visible only once
+/// complete.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Whether a complete blob with this digest is stored.
+    fn has_blob(&self, digest: &str) -> Result<bool, StoreError>;
+    /// Stores the bytes read from `from` under `digest`, chunk by chunk (a
+    /// no-op when the blob is already stored). Bytes whose sha256 is not
+    /// `digest` are refused and nothing is visible. Returns the size.
+    fn put_blob(&self, digest: &str, from: &mut dyn std::io::Read) -> Result<u64, StoreError>;
+    /// Writes the blob's bytes to `to`, chunk by chunk; false when no blob
+    /// has this digest. The reader checks the digest.
+    fn get_blob(&self, digest: &str, to: &mut dyn std::io::Write) -> Result<bool, StoreError>;
 }

@@ -1,4 +1,6 @@
 pub mod harness;
+#[path = "../src/store/testpg.rs"]
+pub mod testpg;
 pub mod upstream;
 
 mod cli;
@@ -14,6 +16,7 @@ mod hostile_models;
 mod hostile_specs;
 mod layers;
 mod load;
+mod postgres;
 mod registry;
 mod remote;
 mod restart;

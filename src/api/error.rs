@@ -58,8 +58,10 @@ impl ApiError {
         let message = format!("{what}; {}; nothing was changed", problem.advice());
         tracing::error!("{message}");
         let status = match problem {
-            DiskProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
-            DiskProblem::ReadOnly => StatusCode::SERVICE_UNAVAILABLE,
+            DiskProblem::Full | DiskProblem::DatabaseFull => StatusCode::INSUFFICIENT_STORAGE,
+            DiskProblem::ReadOnly | DiskProblem::DatabaseReadOnly => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         ApiError::new(status, message)
     }

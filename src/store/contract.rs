@@ -7,12 +7,13 @@
 //! method's effect and its event, written in the same transaction; the
 //! first version becoming stable; at most one active rollout per model; a
 //! rollback marking what it undoes; event pages and retention; concurrent
-//! writers (registrations and rollout creation from many threads).
+//! writers (registrations and rollout creation from many threads); a copy
+//! (snapshot, event log, restore) that keeps ids, timestamps and order.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store};
+use super::{Counts, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
 use crate::records::{EventKind, ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
@@ -23,6 +24,8 @@ use crate::strategy::{Phase, RolloutKind, RolloutState, initial_state};
 /// it again is a restart: everything committed is there).
 pub trait Database {
     fn open(&self) -> Arc<dyn Store>;
+    /// Another empty database of the same kind (a copy's target).
+    fn another(&self) -> Box<dyn Database>;
 }
 
 /// One `#[test]` per check of the contract, for an implementation whose
@@ -43,6 +46,8 @@ macro_rules! store_contract {
             retention_keeps_active_rollouts_events,
             concurrent_registrations_make_exactly_one_stable,
             concurrent_rollouts_of_one_model_make_exactly_one,
+            a_copy_keeps_every_row_id_timestamp_and_event,
+            a_copy_refuses_a_store_that_holds_anything_unless_replacing,
         );
     };
     (@tests $new:expr; $($check:ident),* $(,)?) => {
@@ -544,4 +549,126 @@ pub fn concurrent_rollouts_of_one_model_make_exactly_one(db: &dyn Database) {
             .count(),
         1
     );
+}
+
+/// A store with models, a route, versions, an ended and an active rollout
+/// (with a report and a rollback), and events with gaps in their ids.
+fn populated(store: &dyn Store) {
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    store.insert_version(&record("n", "1")).unwrap();
+    store
+        .set_route(
+            "m",
+            &RoutePolicy::stable_only("2"),
+            event("m", "route_changed"),
+        )
+        .unwrap();
+    store
+        .set_unloaded("n", Some("ops"), event("n", "unloaded"))
+        .unwrap();
+    let r = begin(store, "m", vec![event("m", "rollout_started")]).unwrap();
+    end(store, &r, Phase::Succeeded, vec![event("m", "succeeded")]);
+    store
+        .set_rollout_report(r.id, &serde_json::json!({"versions": [1, 2]}))
+        .unwrap();
+    store
+        .create_rollout(
+            "m",
+            RolloutKind::Rollback,
+            &spec("m", "1"),
+            &started("m"),
+            Some(r.id),
+            vec![event("m", "rollback_started")],
+        )
+        .unwrap()
+        .unwrap();
+    begin(store, "n", vec![event("n", "rollout_started")]).unwrap();
+    // Retention leaves gaps in the ids: a copy keeps them.
+    store
+        .delete_events_before("9999-01-01T00:00:00.000Z")
+        .unwrap();
+    for _ in 0..3 {
+        store
+            .set_loaded("m", "1", true, event("m", "note"))
+            .unwrap();
+    }
+}
+
+/// Copies `from` into `to` page by page, as `ferry store copy` does.
+fn copy(from: &dyn Store, to: &dyn Store, replace: bool) -> Result<(), StoreError> {
+    to.restore(&from.snapshot()?, replace)?;
+    let mut after = 0;
+    loop {
+        let page = from.event_log(after, 2)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        to.append_events(&page)?;
+    }
+    Ok(())
+}
+
+fn whole_log(store: &dyn Store) -> Vec<super::Event> {
+    store.event_log(0, 10_000).unwrap()
+}
+
+pub fn a_copy_keeps_every_row_id_timestamp_and_event(db: &dyn Database) {
+    let from = db.open();
+    populated(&*from);
+    let target = db.another();
+    let to = target.open();
+    assert_eq!(to.counts().unwrap(), Counts::default());
+    copy(&*from, &*to, false).unwrap();
+    assert_eq!(to.snapshot().unwrap(), from.snapshot().unwrap());
+    let log = whole_log(&*from);
+    assert!(log.len() >= 5 && log[0].id > 1, "ids with gaps: {log:?}");
+    assert_eq!(whole_log(&*to), log, "ids, timestamps, order and data");
+    assert_eq!(to.counts().unwrap(), from.counts().unwrap());
+    assert_eq!(
+        to.counts().unwrap(),
+        Counts {
+            models: 2,
+            versions: 3,
+            rollouts: 3,
+            events: 3 + 2,
+        }
+    );
+    assert_eq!(
+        to.events("m", Page::Latest { limit: 100 }).unwrap(),
+        from.events("m", Page::Latest { limit: 100 }).unwrap()
+    );
+    // The copy goes on where the original left off.
+    let last_event = log.last().unwrap().id;
+    let last_rollout = from.snapshot().unwrap().rollouts.last().unwrap().id;
+    to.set_loaded("m", "1", false, event("m", "after_copy"))
+        .unwrap();
+    assert!(whole_log(&*to).last().unwrap().id > last_event);
+    for active in to.active_rollouts().unwrap() {
+        end(&*to, &active, Phase::Aborted, vec![]);
+    }
+    let next = begin(&*to, "n", vec![]).unwrap();
+    assert!(next.id > last_rollout, "{} after {last_rollout}", next.id);
+    // And it survives reopening.
+    drop(to);
+    assert_eq!(whole_log(&*target.open()).len(), log.len() + 1);
+}
+
+pub fn a_copy_refuses_a_store_that_holds_anything_unless_replacing(db: &dyn Database) {
+    let from = db.open();
+    populated(&*from);
+    let target = db.another();
+    let to = target.open();
+    to.insert_version(&record("other", "1")).unwrap();
+    match copy(&*from, &*to, false) {
+        Err(StoreError::NotEmpty {
+            models: 1,
+            events: 2,
+        }) => {}
+        other => panic!("a non-empty target was not refused: {other:?}"),
+    }
+    assert_eq!(to.models().unwrap().len(), 1, "nothing was changed");
+    copy(&*from, &*to, true).unwrap();
+    assert!(to.model("other").unwrap().is_none(), "replaced");
+    assert_eq!(to.snapshot().unwrap(), from.snapshot().unwrap());
+    assert_eq!(whole_log(&*to), whole_log(&*from));
 }

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
+use super::{
+    Counts, Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Snapshot, Store, StoreError,
+};
 use crate::gateway::RoutePolicy;
 use crate::records::{EventKind, ModelRecord, ServingSettings, Source, VersionRecord};
 use crate::spec::RolloutSpec;
@@ -131,12 +133,7 @@ fn rollout_row(row: &Row) -> rusqlite::Result<RolloutRecord> {
     Ok(RolloutRecord {
         id: row.get(0)?,
         model: row.get(1)?,
-        kind: RolloutKind::parse(&kind).ok_or_else(|| {
-            corrupt(
-                "rollout kind",
-                format!("\"{kind}\" is not a strategy this Ferry knows; upgrade Ferry"),
-            )
-        })?,
+        kind: super::stored_rollout_kind(&kind).map_err(|e| corrupt("rollout kind", e))?,
         spec: json_col::<RolloutSpec>(row, 3, "rollout spec")?,
         state: json_col::<RolloutState>(row, 4, "rollout state")?,
         undoes: row.get(5)?,
@@ -170,7 +167,12 @@ fn write_route(tx: &Connection, model: &str, policy: &RoutePolicy) -> rusqlite::
 impl SqliteStore {
     /// Opens (creating if needed) `ferry.db` in `dir` and migrates it.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(dir.join("ferry.db"))?;
+        SqliteStore::open_file(&dir.join("ferry.db"))
+    }
+
+    /// Opens (creating if needed) the database file `path` and migrates it.
+    pub fn open_file(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -588,6 +590,166 @@ impl Store for SqliteStore {
             )
         })
     }
+
+    fn counts(&self) -> Result<Counts, StoreError> {
+        let conn = self.lock();
+        conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM models), (SELECT COUNT(*) FROM versions),
+                    (SELECT COUNT(*) FROM rollouts), (SELECT COUNT(*) FROM events)",
+            [],
+            |r| {
+                let n = |i| r.get::<_, i64>(i).map(|n| n as u64);
+                Ok(Counts {
+                    models: n(0)?,
+                    versions: n(1)?,
+                    rollouts: n(2)?,
+                    events: n(3)?,
+                })
+            },
+        )
+        .map_err(map_err)
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One transaction: a consistent view of the three tables.
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT name, stable, created_at, unloaded, route FROM models ORDER BY name",
+            )?;
+            let models = stmt
+                .query_map([], |r| {
+                    let route: Option<String> = r.get(4)?;
+                    let route = route
+                        .map(|t| serde_json::from_str::<RoutePolicy>(&t))
+                        .transpose()
+                        .map_err(|e| corrupt("a model's route", e))?;
+                    let model = ModelRecord {
+                        name: r.get(0)?,
+                        stable: r.get(1)?,
+                        created_at: r.get(2)?,
+                        unloaded: r.get(3)?,
+                    };
+                    Ok((model, route))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {VERSION_COLUMNS} FROM versions ORDER BY model, created_at, version"
+            ))?;
+            let versions = stmt.query_map([], version_row)?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY id"
+            ))?;
+            let rollouts = stmt.query_map([], rollout_row)?.collect::<Result<_, _>>()?;
+            Ok(Snapshot {
+                models,
+                versions,
+                rollouts,
+            })
+        })
+    }
+
+    fn event_log(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, at, model, rollout, kind, message, data FROM events
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], event_row)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
+    fn restore(&self, snapshot: &Snapshot, replace: bool) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        if replace {
+            tx.execute_batch(
+                "DELETE FROM events; DELETE FROM rollouts; DELETE FROM versions; DELETE FROM models;",
+            )?;
+        } else {
+            let (models, events): (i64, i64) = tx.query_row(
+                "SELECT (SELECT COUNT(*) FROM models) + (SELECT COUNT(*) FROM rollouts),
+                        (SELECT COUNT(*) FROM events)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if models + events > 0 {
+                return Err(StoreError::NotEmpty {
+                    models: models as u64,
+                    events: events as u64,
+                });
+            }
+        }
+        restore_rows(&tx, snapshot).map_err(map_err)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare(
+                "INSERT INTO events (id, at, model, rollout, kind, message, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in events {
+                stmt.execute(params![
+                    e.id,
+                    e.at,
+                    e.model,
+                    e.rollout,
+                    e.kind.as_str(),
+                    e.message,
+                    to_json(&e.data)
+                ])?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Writes a snapshot's rows as they are (ids and timestamps kept).
+fn restore_rows(tx: &Connection, s: &Snapshot) -> rusqlite::Result<()> {
+    for (m, route) in &s.models {
+        tx.execute(
+            "INSERT INTO models (name, stable, created_at, unloaded, route) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![m.name, m.stable, m.created_at, m.unloaded, route.as_ref().map(to_json)],
+        )?;
+    }
+    for v in &s.versions {
+        tx.execute(
+            &format!(
+                "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            params![
+                v.model,
+                v.version,
+                to_json(&v.source),
+                to_json(&v.signature),
+                to_json(&v.labels),
+                to_json(&v.settings),
+                v.created_at,
+                v.loaded as i64
+            ],
+        )?;
+    }
+    for r in &s.rollouts {
+        tx.execute(
+            "INSERT INTO rollouts (id, model, kind, spec, state, active, undoes, report, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                r.id,
+                r.model,
+                r.kind.to_string(),
+                to_json(&r.spec),
+                to_json(&r.state),
+                r.state.phase.is_active() as i64,
+                r.undoes,
+                r.report.as_ref().map(to_json),
+                r.created_at,
+                r.updated_at
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -637,6 +799,10 @@ mod tests {
         impl Database for Sqlite {
             fn open(&self) -> Arc<dyn Store> {
                 Arc::new(SqliteStore::open(self.0.path()).expect("the store opens"))
+            }
+
+            fn another(&self) -> Box<dyn Database> {
+                Box::new(Sqlite(tempfile::tempdir().unwrap()))
             }
         }
 
