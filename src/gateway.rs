@@ -88,6 +88,25 @@ pub struct Served {
     pub class: Option<i64>,
 }
 
+impl Served {
+    /// The outputs the client asked for, in its order (all of them when it
+    /// named none).
+    pub fn take_outputs(self, names: &[&str]) -> Vec<Tensor> {
+        if names.is_empty() {
+            return self.outputs;
+        }
+        let mut all = self.outputs;
+        names
+            .iter()
+            .filter_map(|n| {
+                all.iter()
+                    .position(|t| t.name == *n)
+                    .map(|i| all.swap_remove(i))
+            })
+            .collect()
+    }
+}
+
 /// The data plane's entry point.
 pub struct Gateway {
     routes: Arc<RouteTable>,

@@ -153,6 +153,7 @@ pub struct Metrics {
     batch_sizes: Family<VersionLabels, Histogram, fn() -> Histogram>,
     weights: Family<VersionLabels, Gauge<f64, AtomicU64>>,
     phases: Family<PhaseLabels, Gauge>,
+    in_flight: Family<VersionLabels, Gauge>,
     /// The role and weight series set for each model, to clear on change.
     published: Mutex<HashMap<String, PublishedRouting>>,
     /// The phase series set for each model, to clear on change.
@@ -171,6 +172,9 @@ pub struct VersionMetrics {
     disagree: Counter,
     compare_error: Counter,
     dropped: Counter,
+    /// Requests running or queued on the version's replicas: a request
+    /// cancelled by its client (a gRPC deadline, a closed connection) leaves it.
+    pub in_flight: Gauge,
 }
 
 impl VersionMetrics {
@@ -233,6 +237,7 @@ impl Metrics {
             );
         let weights = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
         let phases = Family::<PhaseLabels, Gauge>::default();
+        let in_flight = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "ferry_requests",
             "Inference requests by model, version and outcome (ok, error, rejected)",
@@ -278,6 +283,11 @@ impl Metrics {
             "The phase of each model's latest rollout (1 for the current phase)",
             phases.clone(),
         );
+        registry.register(
+            "ferry_requests_in_flight",
+            "Inference requests running or queued on a version's replicas",
+            in_flight.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -289,6 +299,7 @@ impl Metrics {
             batch_sizes,
             weights,
             phases,
+            in_flight,
             published: Mutex::new(HashMap::new()),
             published_phases: Mutex::new(HashMap::new()),
         }
@@ -326,6 +337,7 @@ impl Metrics {
             disagree: compared("disagree"),
             compare_error: compared("error"),
             dropped: self.dropped.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
         }
     }
 

@@ -29,6 +29,8 @@ use crate::units::HumanDuration;
 pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where the gRPC service listens (`None`: `--grpc-listen off`).
+    pub grpc_listen: Option<SocketAddr>,
     pub ort_library: Option<PathBuf>,
     pub limits: Limits,
     /// How long a version leaving the routes may take to finish its requests.
@@ -113,6 +115,22 @@ async fn expire_events(store: Arc<dyn Store>, retention: Duration) {
             Err(e) => tracing::warn!("could not delete old events: {e}"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// `--grpc-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpcListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for GrpcListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<GrpcListen, String> {
+        if s == "off" {
+            return Ok(GrpcListen(None));
+        }
+        s.parse().map(|a| GrpcListen(Some(a))).map_err(|_| {
+            format!("{s:?} is not an address (HOST:PORT, e.g. 127.0.0.1:8081) or \"off\"")
+        })
     }
 }
 
@@ -229,8 +247,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         ids: Arc::new(RequestIds::default()),
     };
     let tls = match &opts.tls {
-        Some(files) => Some(tls_acceptor(files)?),
+        Some(files) => Some(tls_acceptor(files, b"http/1.1")?),
         None => None,
+    };
+    let grpc_tls = match &opts.tls {
+        Some(files) if opts.grpc_listen.is_some() => Some(tls_acceptor(files, b"h2")?),
+        _ => None,
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -240,6 +262,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 opts.listen
             )
         })?;
+    let grpc_listener = match opts.grpc_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for gRPC on {addr} (is another server using it? choose one with --grpc-listen, or --grpc-listen off)"
+            )
+        })?),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(
         "data dir {}, admin token in {}",
@@ -267,6 +297,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // write, errors ignored: a reader that took its line and left (as
     // `ferry demo` does) must not stop the server.
     let mut started = format!("ferry listening on {scheme}://{addr}\n");
+    if let Some(grpc) = &grpc_listener {
+        started.push_str(&format!(
+            "ferry gRPC listening on {scheme}://{}\n",
+            grpc.local_addr()?
+        ));
+    }
     // Once, when the token is new, and only to a person at a terminal (not
     // to a log a service manager keeps): a link that signs the dashboard in.
     if let Some(path) = dashboard_path.filter(|_| std::io::stdout().is_terminal()) {
@@ -296,38 +332,125 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     });
     let mut head = opts.head.clone();
     head.loopback = addr.ip().is_loopback();
-    serve_connections(listener, tls, api::service(state, opts.limits, head), &opts).await;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let grpc = grpc_listener.map(|listener| {
+        let conns = Grpc {
+            http: hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()),
+            service: crate::grpc::GrpcService::new(state.clone(), &opts.limits),
+        };
+        serve_connections(listener, grpc_tls, conns, &opts, stopping.clone())
+    });
+    let http = Http1::new(api::service(state, opts.limits, head), &opts);
+    let rest = serve_connections(listener, tls, http, &opts, stopping);
+    match grpc {
+        Some(grpc) => {
+            tokio::join!(rest, grpc);
+        }
+        None => rest.await,
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
-/// idle connections and waits for in-flight requests to finish. A client
-/// that does not finish sending its request headers within
-/// `header_read_timeout` is disconnected (slow-loris; with TLS the handshake
-/// gets the same bound; bodies are paced by the dispatcher), and connections
-/// beyond `max_connections`, or beyond `max_connections_per_peer` from one
-/// address, are closed at once.
+/// How one accepted connection (plain or TLS) is served until it closes, or
+/// until a graceful shutdown has let its requests finish.
+trait Connections: Clone + Send + Sync + 'static {
+    fn serve<S>(
+        &self,
+        peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> impl Future<Output = ()> + Send
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+}
+
+/// HTTP/1.1 for the REST API, the dashboard and `/metrics`.
+#[derive(Clone)]
+struct Http1 {
+    http: hyper::server::conn::http1::Builder,
+    app: api::dispatch::Dispatch,
+}
+
+impl Http1 {
+    /// A client must send its request headers within
+    /// `--header-read-timeout` (slow-loris; bodies are paced by the
+    /// dispatcher).
+    fn new(app: api::dispatch::Dispatch, opts: &ServeOptions) -> Http1 {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(opts.header_read_timeout);
+        Http1 { http, app }
+    }
+}
+
+impl Connections for Http1 {
+    async fn serve<S>(
+        &self,
+        peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let app = self.app.for_peer(peer);
+        let connection = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), app);
+        let _ = watcher.watch(connection).await;
+    }
+}
+
+/// HTTP/2 for the gRPC service.
+#[derive(Clone)]
+struct Grpc {
+    http: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    service: crate::grpc::GrpcService,
+}
+
+impl Connections for Grpc {
+    async fn serve<S>(
+        &self,
+        _peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), self.service.clone());
+        let _ = watcher.watch(connection).await;
+    }
+}
+
+/// Accepts connections until SIGINT/SIGTERM (`stopping` turns true), then
+/// stops accepting, closes idle connections and waits for in-flight
+/// requests to finish. A TLS handshake must finish within
+/// `header_read_timeout`, and connections beyond `max_connections`, or
+/// beyond `max_connections_per_peer` from one address, are closed at once.
+/// The REST and the gRPC listeners each run one.
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    app: api::dispatch::Dispatch,
+    conns: impl Connections,
     opts: &ServeOptions,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::TokioTimer;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
     let handshake_timeout = opts.header_read_timeout;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = slots::Slots::new(opts.max_connections, opts.max_connections_per_peer);
-    let shutdown = shutdown_signal();
+    let shutdown = stopping.wait_for(|stop| *stop);
     tokio::pin!(shutdown);
     let (mut refused, mut last_refusal_log) = (0u64, None::<std::time::Instant>);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
+            _ = &mut shutdown => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -362,15 +485,10 @@ async fn serve_connections(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (http, app, watcher, tls) = (
-            http.clone(),
-            app.for_peer(peer.ip()),
-            graceful.watcher(),
-            tls.clone(),
-        );
+        let (conns, watcher, tls) = (conns.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_one(&http, watcher, app, stream).await,
+                None => conns.serve(peer.ip(), stream, watcher).await,
                 Some(tls) => {
                     let handshake = async {
                         if !starts_with_tls(&stream).await? {
@@ -380,7 +498,7 @@ async fn serve_connections(
                         tls.accept(stream).await.map(Some)
                     };
                     match tokio::time::timeout(handshake_timeout, handshake).await {
-                        Ok(Ok(Some(stream))) => serve_one(&http, watcher, app, stream).await,
+                        Ok(Ok(Some(stream))) => conns.serve(peer.ip(), stream, watcher).await,
                         Ok(Ok(None)) => {}
                         // A client that cannot or will not speak TLS: nothing to answer.
                         Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
@@ -407,20 +525,6 @@ async fn serve_connections(
     }
 }
 
-/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it
-/// closes, or until a graceful shutdown has let its requests finish.
-async fn serve_one<S>(
-    http: &hyper::server::conn::http1::Builder,
-    watcher: hyper_util::server::graceful::Watcher,
-    app: api::dispatch::Dispatch,
-    stream: S,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), app);
-    let _ = watcher.watch(connection).await;
-}
-
 /// Whether a new connection opens with a TLS handshake record (0x16), read
 /// without consuming it.
 async fn starts_with_tls(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
@@ -443,8 +547,9 @@ async fn answer_plain_http_on_tls_port(mut stream: tokio::net::TcpStream) {
 }
 
 /// Reads `--tls-cert` (PEM certificate chain, leaf first) and `--tls-key`
-/// (PEM private key: PKCS#8, PKCS#1 or SEC1) into an acceptor for HTTP/1.1.
-fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// (PEM private key: PKCS#8, PKCS#1 or SEC1) into an acceptor that offers
+/// `alpn` (`http/1.1` for the REST port, `h2` for gRPC).
+fn tls_acceptor(files: &TlsFiles, alpn: &[u8]) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&files.cert)
@@ -481,7 +586,7 @@ fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
             files.cert.display()
         )
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
