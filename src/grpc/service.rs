@@ -193,14 +193,25 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Front {
         let (metadata, _, req) = request.into_parts();
         let headers = headers(metadata);
         self.may_infer(&headers)?;
+        let model = req.model_name.clone();
         // The client's deadline: past it the call is dropped, which cancels
         // the run and takes the request out of the in-flight count.
-        match super::deadline::of(&headers) {
+        let result = match super::deadline::of(&headers) {
             Some(after) => tokio::time::timeout(after, self.infer(&headers, req))
                 .await
                 .unwrap_or_else(|_| Err(deadline_exceeded(after))),
             None => self.infer(&headers, req).await,
-        }
+        };
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        let served = self.state.gateway.routes().model(&model).is_some();
+        self.state.metrics.grpc_request(
+            if served { &model } else { "(not served)" },
+            &super::status::code_name(code),
+        );
+        result
     }
 
     async fn repository_index(

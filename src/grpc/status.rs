@@ -27,6 +27,18 @@ pub fn code(status: StatusCode) -> Code {
     }
 }
 
+/// A code's name as the gRPC specification writes it (`INVALID_ARGUMENT`).
+pub fn code_name(code: Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 /// Any error of the request path as a gRPC status with the REST message.
 pub fn status(e: impl Into<ApiError>) -> Status {
     let e: ApiError = e.into();
@@ -91,6 +103,14 @@ mod tests {
         for (http, grpc) in table {
             assert_eq!(code(StatusCode::from_u16(http).unwrap()), grpc, "{http}");
         }
+    }
+
+    #[test]
+    fn code_names_are_the_specifications() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]

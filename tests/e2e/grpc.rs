@@ -250,6 +250,13 @@ async fn a_canary_seen_over_grpc_only_splits_by_weight_keeps_users_and_feeds_the
     let observed = status(&s).await;
     let seen = observed["observed"]["2"].as_f64().unwrap_or(0.0);
     assert!((seen - 30.0).abs() < 10.0, "{observed}");
+    // The protocol split: every request above came over gRPC.
+    let prom = s.prometheus().await;
+    let grpc_ok = series_value(
+        &prom,
+        r#"ferry_grpc_requests_total{model="cancer",code="OK"}"#,
+    );
+    assert!(grpc_ok >= users as f64, "{grpc_ok}");
     // Staging by metadata, as by header: no staging version here.
     let err = infer(
         &mut c,
@@ -259,6 +266,9 @@ async fn a_canary_seen_over_grpc_only_splits_by_weight_keeps_users_and_feeds_the
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let prom = s.prometheus().await;
+    let not_found = r#"ferry_grpc_requests_total{model="cancer",code="NOT_FOUND"}"#;
+    assert_eq!(series_value(&prom, not_found), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
