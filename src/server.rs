@@ -122,6 +122,14 @@ async fn expire_events(store: Arc<dyn Store>, retention: Duration) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GrpcListen(pub Option<SocketAddr>);
 
+impl GrpcListen {
+    /// `--grpc-listen`'s default (the cli's `default_value` says the same).
+    pub const DEFAULT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        8081,
+    ));
+}
+
 impl std::str::FromStr for GrpcListen {
     type Err = String;
     fn from_str(s: &str) -> Result<GrpcListen, String> {
@@ -263,11 +271,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             )
         })?;
     let grpc_listener = match opts.grpc_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen for gRPC on {addr} (is another server using it? choose one with --grpc-listen, or --grpc-listen off)"
-            )
-        })?),
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            // The default port taken (a second server on this machine):
+            // serve REST all the same, and say how to get gRPC. An address
+            // the user chose must be served, or the start fails.
+            Err(e) if addr == GrpcListen::DEFAULT && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(
+                    "gRPC is not served: the default {addr} is in use (choose another with --grpc-listen ADDR, or --grpc-listen off)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot listen for gRPC on {addr} (is another server using it? choose one with --grpc-listen, or --grpc-listen off)"
+                    )
+                });
+            }
+        },
         None => None,
     };
     let addr = listener.local_addr()?;
@@ -297,12 +319,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // write, errors ignored: a reader that took its line and left (as
     // `ferry demo` does) must not stop the server.
     let mut started = format!("ferry listening on {scheme}://{addr}\n");
-    if let Some(grpc) = &grpc_listener {
-        started.push_str(&format!(
-            "ferry gRPC listening on {scheme}://{}\n",
-            grpc.local_addr()?
-        ));
-    }
     // Once, when the token is new, and only to a person at a terminal (not
     // to a log a service manager keeps): a link that signs the dashboard in.
     if let Some(path) = dashboard_path.filter(|_| std::io::stdout().is_terminal()) {
@@ -313,6 +329,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         };
         started.push_str(&format!(
             "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}\n"
+        ));
+    }
+    // After the dashboard link: scripts read the line after the address.
+    if let Some(grpc) = &grpc_listener {
+        started.push_str(&format!(
+            "ferry gRPC listening on {scheme}://{}\n",
+            grpc.local_addr()?
         ));
     }
     {
@@ -618,4 +641,18 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_listen_takes_an_address_or_off_and_its_default_is_the_clis() {
+        let default: GrpcListen = "127.0.0.1:8081".parse().unwrap();
+        assert_eq!(default, GrpcListen(Some(GrpcListen::DEFAULT)));
+        assert_eq!("off".parse::<GrpcListen>().unwrap(), GrpcListen(None));
+        let err = "8081".parse::<GrpcListen>().unwrap_err();
+        assert!(err.contains("HOST:PORT") && err.contains("off"), "{err}");
+    }
 }

@@ -53,7 +53,7 @@ impl RemoteTarget {
         let scheme = parsed.scheme();
         if !["http", "https", "grpc"].contains(&scheme) {
             return Err(format!(
-                "URL {url:?}: endpoints are http://, https:// or grpc://, not {scheme}://"
+                "URL {url:?}: endpoints are http:// or https:// (grpc:// for a gRPC server), not {scheme}://"
             ));
         }
         let host = parsed
@@ -566,7 +566,7 @@ mod tests {
         assert!(
             RemoteTarget::parse("ftp://h:1", "m")
                 .unwrap_err()
-                .contains("http://, https:// or grpc://")
+                .contains("http:// or https:// (grpc:// for a gRPC server)")
         );
         let t = RemoteTarget::parse("grpc://h:8001", "cancer").unwrap();
         assert_eq!(
