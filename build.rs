@@ -1,5 +1,7 @@
 //! Provisions ONNX Runtime's shared library beside the `ferry` binary, so that
-//! `cargo build`, `cargo run` and `cargo test` need no manual step.
+//! `cargo build`, `cargo run` and `cargo test` need no manual step, and
+//! compiles the gRPC service (`proto/grpc_predict_v2.proto`) with the
+//! pure-Rust `protox`, so no system `protoc` is needed.
 //!
 //! The library comes from the pinned `onnxruntime` wheel (see
 //! `scripts/fetch-onnxruntime.py`). If it cannot be fetched, the build still
@@ -10,6 +12,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_proto();
     println!("cargo:rerun-if-changed=scripts/fetch-onnxruntime.py");
     println!("cargo:rerun-if-env-changed=FERRY_SKIP_ORT_FETCH");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -43,4 +46,17 @@ fn main() {
             "cargo:warning=could not run {python} to provision ONNX Runtime ({e}); install Python 3 with pip, or set ORT_DYLIB_PATH"
         ),
     }
+}
+
+/// Generates the `inference` package's messages, client and server from the
+/// proto file kept in the repository.
+fn compile_proto() {
+    const PROTO: &str = "proto/grpc_predict_v2.proto";
+    println!("cargo:rerun-if-changed={PROTO}");
+    let files = protox::compile([PROTO], ["proto"])
+        .unwrap_or_else(|e| panic!("{PROTO} does not compile: {e}"));
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(files)
+        .unwrap_or_else(|e| panic!("cannot generate the gRPC code from {PROTO}: {e}"));
 }

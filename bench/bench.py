@@ -181,7 +181,7 @@ def api(url, token, method, path, body=None):
 
 def run_routing(args, tmp, body):
     data = tmp / "ferry-routing"
-    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    proc = start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
     try:
         url = proc.stdout.readline().strip().removeprefix("ferry listening on ")
         wait_http(f"{url}/v2/health/ready")
@@ -233,7 +233,7 @@ def run_batching(args, tmp, body):
     in Ferry, then the same pipeline with and without MLServer's adaptive
     batching (max_batch_size 16, max_batch_time 2 ms)."""
     data = tmp / "ferry-batching"
-    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    proc = start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
     out = {}
     try:
         url = proc.stdout.readline().strip().removeprefix("ferry listening on ")
@@ -278,7 +278,7 @@ def batching_figures(args, target, body, pid):
 
 def run_ferry(args, tmp, body):
     data = tmp / "ferry-data"
-    proc = start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
+    proc = start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data)], env={**os.environ, "FERRY_LOG": "warn"}, read_stdout=True)
     try:
         line = proc.stdout.readline()
         url = line.strip().removeprefix("ferry listening on ")
@@ -344,9 +344,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc"], default="all")
     ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
+    ap.add_argument("--gateway-rate", type=int, default=500, help="fixed rate of the grpc suite's gateway figures")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (median and spread reported)")
     half = (os.cpu_count() or 1) // 2
     default_sut, default_load = (f"0-{half - 1}", f"{half}-{os.cpu_count() - 1}") if half else ("", "")
@@ -385,12 +386,18 @@ def main():
             sc = {"machine": machine(), "figures": scale.run(sys.modules[__name__], args, tmp, body)}
             (RESULTS / "scale.json").write_text(json.dumps(sc, indent=2) + "\n")
             print(json.dumps(sc, indent=2))
+        if args.suite in ("all", "grpc"):
+            log("== gRPC: Ferry gRPC vs Ferry REST vs MLServer gRPC; Ferry as a gRPC gateway")
+            import grpc_suite
+            gr = {"machine": machine(), "setups": grpc_suite.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "grpc.json").write_text(json.dumps(gr, indent=2) + "\n")
+            print(json.dumps(gr, indent=2))
         if args.suite in ("all", "batching"):
             log("== adaptive batching (Ferry)")
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways", "control", "scale"):
+        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:

@@ -66,7 +66,7 @@ def run(bench, args, tmp, body):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     toggle_url = f"http://127.0.0.1:{server.server_address[1]}"
     data = tmp / "ferry-data"
-    ferry = bench.start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
+    ferry = bench.start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
                         env={**os.environ, "FERRY_LOG": "error"}, read_stdout=True)
     out = {}
     try:

@@ -214,7 +214,7 @@ backend pool
         # per core) and with one.
         for label, extra in [("", []), (", 1 I/O thread", ["--io-threads", "1"])]:
             data = tmp / f"ferry-data{len(extra)}"
-            ferry = bench.start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data), *extra],
+            ferry = bench.start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data), *extra],
                                 env={**os.environ, "FERRY_LOG": "error"}, read_stdout=True)
             procs.append(ferry)
             url = ferry.stdout.readline().strip().removeprefix("ferry listening on ")

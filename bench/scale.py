@@ -23,7 +23,7 @@ def rss_mib(pid):
 
 
 def start_ferry(bench, args, data):
-    proc = bench.start([args.ferry, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
+    proc = bench.start([args.ferry, "serve", "--grpc-listen", "off", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
                        env={**os.environ, "FERRY_LOG": "error"}, read_stdout=True)
     t = time.monotonic()
     url = proc.stdout.readline().strip().removeprefix("ferry listening on ")

@@ -26,7 +26,7 @@ for arg in "$@"; do
     *) targets+=("$arg") ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(v2_request v2_response rollout_spec route_policy model_check)
+[ ${#targets[@]} -gt 0 ] || targets=(v2_request v2_response grpc_request rollout_spec route_policy model_check)
 
 CARGO_FUZZ_VERSION=0.13.2
 if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then

@@ -155,6 +155,10 @@ pub struct ServeArgs {
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address of the gRPC service (`inference.GRPCInferenceService`, the
+    /// same models and routes as `/v2`; port 0: any free port), or `off`.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub grpc_listen: server::GrpcListen,
     /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, beside the binary, the build's copy).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
@@ -382,6 +386,7 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         store: server::store_url(args.store.as_deref())?,
         data_dir: args.data_dir,
         listen: args.listen,
+        grpc_listen: args.grpc_listen.0,
         ort_library: args.ort_library,
         limits: Limits {
             max_body_bytes: args.max_body_bytes,

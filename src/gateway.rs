@@ -102,6 +102,50 @@ struct Served {
     class: Option<i64>,
 }
 
+impl Served {
+    /// The outputs the client asked for, in its order (all of them when it
+    /// named none).
+    fn take_outputs(self, asked: &[protocol::RequestedOutput]) -> Vec<Tensor> {
+        if asked.is_empty() {
+            return self.outputs;
+        }
+        let mut all = self.outputs;
+        asked
+            .iter()
+            .filter_map(|o| {
+                all.iter()
+                    .position(|t| t.name == o.name)
+                    .map(|i| all.swap_remove(i))
+            })
+            .collect()
+    }
+}
+
+/// One inference request its front door has already decoded (gRPC): the
+/// tensors, and the outputs it names.
+pub struct Decoded<'a> {
+    pub model: &'a str,
+    /// The version the client addressed, if any.
+    pub version: Option<&'a str>,
+    /// What routing reads: the staging header, cohort rules, sticky keys.
+    pub headers: &'a HeaderMap,
+    /// The client's id, if it sent one (otherwise one is made).
+    pub id: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// Outputs asked for, in order (empty: all of them).
+    pub outputs: Vec<protocol::RequestedOutput>,
+}
+
+/// The answer to a [`Decoded`] request, for its front door to encode.
+pub struct Outputs {
+    /// The version that answered.
+    pub version: String,
+    /// The request id (the client's, or one made for the request).
+    pub id: String,
+    /// The outputs asked for, in the order asked (all when none were named).
+    pub outputs: Vec<Tensor>,
+}
+
 /// The data plane's entry point.
 pub struct Gateway {
     routes: Arc<RouteTable>,
@@ -164,6 +208,27 @@ impl Gateway {
         };
         let served = self.infer(routed, call).await?;
         Ok(encode(request.model, id, served, &decoded))
+    }
+
+    /// Serves one request its front door decoded (gRPC): the same routing,
+    /// failover chain, shadow copy and records as [`Gateway::serve`], with
+    /// the outputs handed back as tensors.
+    pub async fn serve_decoded(&self, request: Decoded<'_>) -> Result<Outputs, GatewayError> {
+        let routed = self.route(request.model, request.version, request.headers)?;
+        let id = request.id.unwrap_or_else(|| self.ids.next());
+        let call = Call {
+            model: request.model,
+            id: &id,
+            inputs: request.inputs,
+            outputs: &request.outputs,
+            body: None,
+        };
+        let served = self.infer(routed, call).await?;
+        Ok(Outputs {
+            version: served.version.clone(),
+            outputs: served.take_outputs(&request.outputs),
+            id,
+        })
     }
 
     /// Chooses the version for a request from its path and headers alone.
@@ -381,25 +446,12 @@ struct Call<'a> {
 /// The answer to a decoded request: the outputs it asked for, in its order
 /// (all of them when it named none), each in JSON or binary as it asked.
 fn encode(model: &str, id: String, served: Served, request: &InferRequest) -> Answer {
-    let outputs: Vec<Tensor> = if request.outputs.is_empty() {
-        served.outputs
-    } else {
-        let mut all = served.outputs;
-        request
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                all.iter()
-                    .position(|t| t.name == o.name)
-                    .map(|i| all.swap_remove(i))
-            })
-            .collect()
-    };
+    let model_version = served.version.clone();
     let response = InferResponse {
         model_name: model.to_string(),
-        model_version: served.version,
+        model_version,
         id,
-        outputs,
+        outputs: served.take_outputs(&request.outputs),
     };
     let binary = |t: &Tensor| {
         request

@@ -7,7 +7,7 @@
 //! (the controller writes it, the gateway reads it) and the metrics.
 //!
 //! ```text
-//!  clients ──HTTP──▶ api ──▶ gateway ──▶ pool(version) ──▶ replica ──▶ runtime (ONNX Runtime | remote V2)
+//!  clients ──HTTP/gRPC──▶ api/grpc ──▶ gateway ──▶ pool(version) ──▶ replica ──▶ runtime (ONNX Runtime | remote V2)
 //!                     │        └─ reads RouteTable (ArcSwap snapshot), records metrics
 //!  ferry CLI ─HTTP──▶ api ──▶ controller ──▶ registry ──▶ store (SQLite) ; publishes RouteTable
 //! ```
@@ -26,6 +26,7 @@
 //! | [`analysis`] | pure verdicts over metric windows, significance tests, the A/B report |
 //! | [`store`] | durable state behind a trait; SQLite embedded, PostgreSQL shared by several instances |
 //! | [`api`] | HTTP wiring: `/v2`, `/api/v1`, `/metrics`, OpenAPI, auth, error mapping |
+//! | [`grpc`] | the gRPC front door (`inference.GRPCInferenceService`) to the same gateway |
 //! | [`cli`] | the `ferry` subcommands, a client of the control API; `demo`, `traffic` |
 //! | [`dashboard`] | the static page at `/ui/`, embedded in the binary |
 //! | [`server`] | `ferry serve`: wiring everything together |
@@ -41,6 +42,7 @@ pub mod controller;
 pub mod crashpoint;
 pub mod dashboard;
 pub mod gateway;
+pub mod grpc;
 pub mod metrics;
 pub mod protocol;
 pub mod records;

@@ -82,6 +82,12 @@ struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    model: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailoverLabels {
     model: String,
     from_version: String,
@@ -153,6 +159,8 @@ pub struct Metrics {
     batch_sizes: Family<VersionLabels, Histogram, fn() -> Histogram>,
     weights: Family<VersionLabels, Gauge<f64, AtomicU64>>,
     phases: Family<PhaseLabels, Gauge>,
+    in_flight: Family<VersionLabels, Gauge>,
+    grpc: Family<GrpcLabels, Counter>,
     /// The role and weight series set for each model, to clear on change.
     published: Mutex<HashMap<String, PublishedRouting>>,
     /// The phase series set for each model, to clear on change.
@@ -171,6 +179,9 @@ pub struct VersionMetrics {
     disagree: Counter,
     compare_error: Counter,
     dropped: Counter,
+    /// Requests running or queued on the version's replicas: a request
+    /// cancelled by its client (a gRPC deadline, a closed connection) leaves it.
+    pub in_flight: Gauge,
 }
 
 impl VersionMetrics {
@@ -233,6 +244,8 @@ impl Metrics {
             );
         let weights = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
         let phases = Family::<PhaseLabels, Gauge>::default();
+        let in_flight = Family::<VersionLabels, Gauge>::default();
+        let grpc = Family::<GrpcLabels, Counter>::default();
         registry.register(
             "ferry_requests",
             "Inference requests by model, version and outcome (ok, error, rejected)",
@@ -278,6 +291,16 @@ impl Metrics {
             "The phase of each model's latest rollout (1 for the current phase)",
             phases.clone(),
         );
+        registry.register(
+            "ferry_requests_in_flight",
+            "Inference requests running or queued on a version's replicas",
+            in_flight.clone(),
+        );
+        registry.register(
+            "ferry_grpc_requests",
+            "Inference requests that came over gRPC, by model and gRPC status code (the rest of ferry_requests_total came over REST)",
+            grpc.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -289,6 +312,8 @@ impl Metrics {
             batch_sizes,
             weights,
             phases,
+            in_flight,
+            grpc,
             published: Mutex::new(HashMap::new()),
             published_phases: Mutex::new(HashMap::new()),
         }
@@ -326,6 +351,7 @@ impl Metrics {
             disagree: compared("disagree"),
             compare_error: compared("error"),
             dropped: self.dropped.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
         }
     }
 
@@ -340,6 +366,18 @@ impl Metrics {
     }
 
     /// Counts a request retried from one version to the next.
+    /// Counts an inference request that came over gRPC and the status it
+    /// got (`OK`, `INVALID_ARGUMENT`, …). `model` must be one that is
+    /// served: a client's unknown names must not make series.
+    pub fn grpc_request(&self, model: &str, code: &str) {
+        self.grpc
+            .get_or_create(&GrpcLabels {
+                model: model.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
     pub fn failover(&self, model: &str, from: &str, to: &str) {
         self.failovers
             .get_or_create(&FailoverLabels {

@@ -5,9 +5,11 @@
 //! tensors and back, and says precisely what is wrong with malformed input.
 //! Layout: [`tensor`] (datatypes and typed tensor data), [`codec`] (decoding
 //! requests, encoding responses, both for JSON and the binary extension),
-//! [`signature`] (a model's inputs and outputs: what its clients must send).
+//! [`signature`] (a model's inputs and outputs: what its clients must send),
+//! [`grpc`] (the gRPC messages and their tensors, both directions).
 
 pub mod codec;
+pub mod grpc;
 pub mod signature;
 pub mod tensor;
 
@@ -73,6 +75,10 @@ pub enum ProtocolError {
     /// The same input or output named twice.
     #[error("tensor \"{0}\" is given more than once")]
     Duplicate(String),
+    /// gRPC tensor contents that do not fit the tensor (missing, doubled,
+    /// or raw bytes of the wrong length).
+    #[error("tensor \"{tensor}\" {why}")]
+    Contents { tensor: String, why: String },
     /// A client's request id that Ferry will not remember or echo.
     #[error(
         "request id is invalid: {0}; an id is 1 to {MAX_ID_BYTES} printable ASCII characters (or leave it out and Ferry makes one)"

@@ -5,10 +5,11 @@
 //! model's input/output contract; [`inspect`] refuses models that read data
 //! from outside their file; [`onnx`] builds sessions and runs them;
 //! [`worker`] gives each session a thread and a bounded queue; [`remote`]
-//! speaks V2 to another server. [`Engine`] is what the gateway calls: it does
+//! speaks V2 to another server, over REST or ([`grpc_remote`]) gRPC. [`Engine`] is what the gateway calls: it does
 //! not know about versions, routes or rollouts.
 
 pub mod batch;
+pub mod grpc_remote;
 pub mod inspect;
 pub mod library;
 pub mod onnx;
@@ -111,8 +112,10 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// A remote endpoint that takes V2 REST bodies as they are (an HTTP
+    /// remote: pass-through and body copies; a gRPC remote takes tensors).
     pub fn is_remote(&self) -> bool {
-        matches!(self, Engine::Remote(_))
+        matches!(self, Engine::Remote(r) if r.takes_bodies())
     }
 
     /// Passes a request body through to a remote endpoint untouched.

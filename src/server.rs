@@ -31,6 +31,8 @@ pub struct ServeOptions {
     /// `--store`: None is the data dir's `ferry.db` (today's single node).
     pub store: Option<StoreUrl>,
     pub listen: SocketAddr,
+    /// Where the gRPC service listens (`None`: `--grpc-listen off`).
+    pub grpc_listen: Option<SocketAddr>,
     pub ort_library: Option<PathBuf>,
     pub limits: Limits,
     /// How long a version leaving the routes may take to finish its requests.
@@ -152,6 +154,30 @@ pub fn store_url(store: Option<&str>) -> anyhow::Result<Option<StoreUrl>> {
         .transpose()
 }
 
+/// `--grpc-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpcListen(pub Option<SocketAddr>);
+
+impl GrpcListen {
+    /// `--grpc-listen`'s default (the cli's `default_value` says the same).
+    pub const DEFAULT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        8081,
+    ));
+}
+
+impl std::str::FromStr for GrpcListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<GrpcListen, String> {
+        if s == "off" {
+            return Ok(GrpcListen(None));
+        }
+        s.parse().map(|a| GrpcListen(Some(a))).map_err(|_| {
+            format!("{s:?} is not an address (HOST:PORT, e.g. 127.0.0.1:8081) or \"off\"")
+        })
+    }
+}
+
 /// PEM files for `--tls-cert` and `--tls-key`.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -161,7 +187,15 @@ pub struct TlsFiles {
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let wired = wire(&opts)?;
-    let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(|files| tls_acceptor(files, b"http/1.1"))
+        .transpose()?;
+    let grpc_tls = match &opts.tls {
+        Some(files) if opts.grpc_listen.is_some() => Some(tls_acceptor(files, b"h2")?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| {
@@ -171,17 +205,37 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let grpc_listener = bind_grpc(opts.grpc_listen).await?;
     tracing::info!(
         "data dir {}, admin token in {}",
         opts.data_dir.display(),
         wired.token_path.display()
     );
-    announce(scheme(&opts, addr), addr, wired.dashboard_path);
+    let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    announce(scheme(&opts, addr), addr, grpc_addr, wired.dashboard_path);
     start_models(wired.state.controller.clone());
     let mut head = opts.head.clone();
     head.loopback = addr.ip().is_loopback();
-    let app = api::service(wired.state, opts.limits, head);
-    serve_connections(listener, tls, app, &opts).await;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let grpc = grpc_listener.map(|listener| {
+        let conns = Grpc {
+            http: hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()),
+            service: crate::grpc::GrpcService::new(wired.state.clone(), &opts.limits),
+        };
+        serve_connections(listener, grpc_tls, conns, &opts, stopping.clone())
+    });
+    let http = Http1::new(api::service(wired.state, opts.limits, head), &opts);
+    let rest = serve_connections(listener, tls, http, &opts, stopping);
+    match grpc {
+        Some(grpc) => {
+            tokio::join!(rest, grpc);
+        }
+        None => rest.await,
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -345,10 +399,40 @@ fn scheme(opts: &ServeOptions, addr: SocketAddr) -> &'static str {
     }
 }
 
+/// Binds `--grpc-listen`. The default port taken (a second server on this
+/// machine) serves REST all the same and says how to get gRPC; an address
+/// the user chose must be served, or the start fails.
+async fn bind_grpc(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    Ok(match addr {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) if addr == GrpcListen::DEFAULT && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(
+                    "gRPC is not served: the default {addr} is in use (choose another with --grpc-listen ADDR, or --grpc-listen off)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                format!(
+                    "cannot listen for gRPC on {addr} (is another server using it? choose one with --grpc-listen, or --grpc-listen off)"
+                )
+            });
+            }
+        },
+        None => None,
+    })
+}
+
 /// Says where the server listens, on stdout so scripts (and the tests) can
 /// find an ephemeral port. One write, errors ignored: a reader that took its
 /// line and left (as `ferry demo` does) must not stop the server.
-fn announce(scheme: &str, addr: SocketAddr, dashboard_path: Option<String>) {
+fn announce(
+    scheme: &str,
+    addr: SocketAddr,
+    grpc: Option<SocketAddr>,
+    dashboard_path: Option<String>,
+) {
     use std::io::Write;
     let mut started = format!("ferry listening on {scheme}://{addr}\n");
     // Once, when the token is new, and only to a person at a terminal (not
@@ -362,6 +446,10 @@ fn announce(scheme: &str, addr: SocketAddr, dashboard_path: Option<String>) {
         started.push_str(&format!(
             "dashboard (the link holds the admin token; treat it as the token): {scheme}://{host}{path}\n"
         ));
+    }
+    // After the dashboard link: scripts read the line after the address.
+    if let Some(grpc) = grpc {
+        started.push_str(&format!("ferry gRPC listening on {scheme}://{grpc}\n"));
     }
     let mut stdout = std::io::stdout().lock();
     let _ = stdout
@@ -381,6 +469,78 @@ fn start_models(controller: Arc<Controller>) {
     });
 }
 
+/// How one accepted connection (plain or TLS) is served until it closes, or
+/// until a graceful shutdown has let its requests finish.
+trait Connections: Clone + Send + Sync + 'static {
+    fn serve<S>(
+        &self,
+        peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> impl Future<Output = ()> + Send
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+}
+
+/// HTTP/1.1 for the REST API, the dashboard and `/metrics`.
+#[derive(Clone)]
+struct Http1 {
+    http: hyper::server::conn::http1::Builder,
+    app: api::dispatch::Dispatch,
+}
+
+impl Http1 {
+    /// A client must send its request headers within
+    /// `--header-read-timeout` (slow-loris; bodies are paced by the
+    /// dispatcher).
+    fn new(app: api::dispatch::Dispatch, opts: &ServeOptions) -> Http1 {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(opts.header_read_timeout);
+        Http1 { http, app }
+    }
+}
+
+impl Connections for Http1 {
+    async fn serve<S>(
+        &self,
+        peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let app = self.app.for_peer(peer);
+        let connection = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), app);
+        let _ = watcher.watch(connection).await;
+    }
+}
+
+/// HTTP/2 for the gRPC service.
+#[derive(Clone)]
+struct Grpc {
+    http: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    service: crate::grpc::GrpcService,
+}
+
+impl Connections for Grpc {
+    async fn serve<S>(
+        &self,
+        _peer: std::net::IpAddr,
+        stream: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), self.service.clone());
+        let _ = watcher.watch(connection).await;
+    }
+}
+
 /// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
 /// idle connections and waits for in-flight requests to finish. A client
 /// that does not finish sending its request headers within
@@ -391,22 +551,19 @@ fn start_models(controller: Arc<Controller>) {
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    app: api::dispatch::Dispatch,
+    conns: impl Connections,
     opts: &ServeOptions,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::TokioTimer;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = slots::Slots::new(opts.max_connections, opts.max_connections_per_peer);
-    let shutdown = shutdown_signal();
+    let shutdown = stopping.wait_for(|stop| *stop);
     tokio::pin!(shutdown);
     let mut refusals = Refusals::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
+            _ = &mut shutdown => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -427,8 +584,8 @@ async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
-            http: http.clone(),
-            app: app.for_peer(peer.ip()),
+            conns: conns.clone(),
+            peer: peer.ip(),
             watcher: graceful.watcher(),
             handshake_timeout: opts.header_read_timeout,
         };
@@ -485,21 +642,21 @@ impl Refusals {
 }
 
 /// What serving one accepted connection needs.
-struct Connection {
-    http: hyper::server::conn::http1::Builder,
-    app: api::dispatch::Dispatch,
+struct Connection<C> {
+    conns: C,
+    peer: std::net::IpAddr,
     watcher: hyper_util::server::graceful::Watcher,
     /// How long a TLS handshake may take (the header read timeout).
     handshake_timeout: Duration,
 }
 
-impl Connection {
+impl<C: Connections> Connection<C> {
     /// Serves the connection, over TLS when the server has it: a client
     /// that sends plain HTTP to the HTTPS port gets a readable answer, one
     /// that does not finish its handshake in time is dropped.
     async fn serve(self, stream: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
         let Some(tls) = tls else {
-            return serve_one(&self.http, self.watcher, self.app, stream).await;
+            return self.conns.serve(self.peer, stream, self.watcher).await;
         };
         let handshake = async {
             if !starts_with_tls(&stream).await? {
@@ -509,27 +666,13 @@ impl Connection {
             tls.accept(stream).await.map(Some)
         };
         match tokio::time::timeout(self.handshake_timeout, handshake).await {
-            Ok(Ok(Some(stream))) => serve_one(&self.http, self.watcher, self.app, stream).await,
+            Ok(Ok(Some(stream))) => self.conns.serve(self.peer, stream, self.watcher).await,
             Ok(Ok(None)) => {}
             // A client that cannot or will not speak TLS: nothing to answer.
             Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
             Err(_) => tracing::debug!("TLS handshake not finished in {:?}", self.handshake_timeout),
         }
     }
-}
-
-/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it
-/// closes, or until a graceful shutdown has let its requests finish.
-async fn serve_one<S>(
-    http: &hyper::server::conn::http1::Builder,
-    watcher: hyper_util::server::graceful::Watcher,
-    app: api::dispatch::Dispatch,
-    stream: S,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), app);
-    let _ = watcher.watch(connection).await;
 }
 
 /// Whether a new connection opens with a TLS handshake record (0x16), read
@@ -554,8 +697,9 @@ async fn answer_plain_http_on_tls_port(mut stream: tokio::net::TcpStream) {
 }
 
 /// Reads `--tls-cert` (PEM certificate chain, leaf first) and `--tls-key`
-/// (PEM private key: PKCS#8, PKCS#1 or SEC1) into an acceptor for HTTP/1.1.
-fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// (PEM private key: PKCS#8, PKCS#1 or SEC1) into an acceptor that offers
+/// `alpn` (`http/1.1` for the REST port, `h2` for gRPC).
+fn tls_acceptor(files: &TlsFiles, alpn: &[u8]) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&files.cert)
@@ -592,7 +736,7 @@ fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
             files.cert.display()
         )
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -624,4 +768,18 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_listen_takes_an_address_or_off_and_its_default_is_the_clis() {
+        let default: GrpcListen = "127.0.0.1:8081".parse().unwrap();
+        assert_eq!(default, GrpcListen(Some(GrpcListen::DEFAULT)));
+        assert_eq!("off".parse::<GrpcListen>().unwrap(), GrpcListen(None));
+        let err = "8081".parse::<GrpcListen>().unwrap_err();
+        assert!(err.contains("HOST:PORT") && err.contains("off"), "{err}");
+    }
 }

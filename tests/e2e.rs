@@ -11,6 +11,7 @@ mod demo;
 mod docs;
 mod external;
 mod faults;
+mod grpc;
 mod hostile_clients;
 mod hostile_models;
 mod hostile_specs;

@@ -116,14 +116,14 @@ pub async fn ready(State(s): State<AppState>) -> Response {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelMetadata {
-    name: String,
-    versions: Vec<String>,
-    platform: &'static str,
-    inputs: Vec<TensorSpec>,
-    outputs: Vec<TensorSpec>,
+    pub(crate) name: String,
+    pub(crate) versions: Vec<String>,
+    pub(crate) platform: &'static str,
+    pub(crate) inputs: Vec<TensorSpec>,
+    pub(crate) outputs: Vec<TensorSpec>,
 }
 
-fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
+pub(crate) fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
     ModelMetadata {
         name: record.model.clone(),
         versions,
@@ -137,7 +137,7 @@ fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
 }
 
 /// The stable version of a model, as the registry knows it.
-fn stable_record(s: &AppState, model: &str) -> Result<VersionRecord, ApiError> {
+pub(crate) fn stable_record(s: &AppState, model: &str) -> Result<VersionRecord, ApiError> {
     let registry = s.controller.registry();
     crate::records::check_name("model", model)?;
     let stable = registry
@@ -154,14 +154,19 @@ pub async fn model_metadata(
     Path(model): Path<String>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
     let record = stable_record(&s, &model)?;
+    Ok(Json(metadata(&record, loaded_versions(&s, &model))))
+}
+
+/// The versions of a model loaded now, sorted.
+pub(crate) fn loaded_versions(s: &AppState, model: &str) -> Vec<String> {
     let mut versions: Vec<String> = s
         .gateway
         .routes()
-        .model(&model)
+        .model(model)
         .map(|r| r.pools.keys().cloned().collect())
         .unwrap_or_default();
     versions.sort();
-    Ok(Json(metadata(&record, versions)))
+    versions
 }
 
 /// Metadata of one version.
@@ -311,11 +316,11 @@ pub struct IndexRequest {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct IndexEntry {
-    name: String,
-    version: String,
+    pub(crate) name: String,
+    pub(crate) version: String,
     /// `READY` (loaded and warm) or `UNAVAILABLE` (registered, not loaded).
-    state: &'static str,
-    reason: String,
+    pub(crate) state: &'static str,
+    pub(crate) reason: String,
 }
 
 /// Every registered version and whether it is loaded.
@@ -325,12 +330,18 @@ pub async fn repository_index(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<IndexRequest>,
 ) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+    Ok(Json(index_entries(&s, req.ready)?))
+}
+
+/// The repository index (REST and gRPC): every registered version, or only
+/// the ready ones, with its state and why it is not ready.
+pub(crate) fn index_entries(s: &AppState, ready: bool) -> Result<Vec<IndexEntry>, ApiError> {
     let registry = s.controller.registry();
     let mut out = Vec::new();
     for m in registry.models()? {
         for v in registry.versions(&m.name)? {
             let serving = s.controller.serves(&m.name, &v.version);
-            if req.ready && !serving {
+            if ready && !serving {
                 continue;
             }
             out.push(IndexEntry {
@@ -352,7 +363,7 @@ pub async fn repository_index(
             });
         }
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]

@@ -45,7 +45,16 @@ impl DemoServer {
     fn start(listen: &str, dir: &Path) -> anyhow::Result<DemoServer> {
         let exe = std::env::current_exe().context("cannot find the ferry binary")?;
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", listen, "--data-dir"])
+            // The demo speaks REST; its two servers must not both take
+            // the default gRPC port (nor one a user's server holds).
+            .args([
+                "serve",
+                "--grpc-listen",
+                "off",
+                "--listen",
+                listen,
+                "--data-dir",
+            ])
             .arg(dir)
             .env(
                 "FERRY_LOG",

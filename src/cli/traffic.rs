@@ -3,6 +3,13 @@
 //! user ids and extra headers, reporting requests, errors, latency
 //! percentiles and which versions answered. `ferry demo` drives its traffic
 //! with the same [`Load`].
+//!
+//! `--grpc` sends the same requests over the gRPC service instead (raw
+//! tensor contents, the headers as metadata). The rate is open-loop: a
+//! request's latency counts from when it should have been sent, so a
+//! client or server that falls behind shows in the percentiles (as oha's
+//! latency correction does). `--concurrency N` measures throughput
+//! instead: N streams, each sending its next request when the last answers.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +50,53 @@ pub struct TrafficArgs {
     /// An extra header, k=v (repeatable).
     #[arg(long = "header")]
     pub headers: Vec<String>,
+    /// Send over gRPC to HOST:PORT (default: the server's host, port 8081).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "HOST:PORT")]
+    pub grpc: Option<String>,
+    /// Closed loop: this many streams, each sending as soon as its last
+    /// request is answered (--rps is then ignored).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+}
+
+/// Where gRPC requests go, and the requests (the bodies, as tensors).
+#[derive(Clone)]
+pub struct GrpcLoad {
+    pub client: GrpcClient,
+    pub requests: Arc<Vec<crate::protocol::grpc::pb::ModelInferRequest>>,
+}
+
+type GrpcClient =
+    crate::protocol::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >;
+
+impl GrpcLoad {
+    /// A client of `address` (connected on first use) sending `bodies` to
+    /// `model`.
+    pub fn new(address: &str, model: &str, bodies: &[Value]) -> anyhow::Result<GrpcLoad> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .with_context(|| format!("--grpc {address:?} is not HOST:PORT"))?
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let requests = bodies
+            .iter()
+            .map(|b| {
+                let body = serde_json::to_vec(b).expect("JSON values serialise");
+                let request = crate::protocol::decode_request(&body, None)
+                    .context("a request of --data is not a V2 inference request")?;
+                Ok(crate::protocol::grpc::encode_request(
+                    model,
+                    None,
+                    &request.inputs,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(GrpcLoad {
+            client: GrpcClient::new(channel),
+            requests: Arc::new(requests),
+        })
+    }
 }
 
 /// What a load generator sends.
@@ -57,6 +111,10 @@ pub struct Load {
     /// Values cycled through for a header (e.g. regions), per request.
     pub rotate: Option<(String, Vec<String>)>,
 }
+
+/// How one request ended: the version that answered, or the kind of
+/// failure and why.
+type Answer = Result<String, (String, String)>;
 
 /// What it saw.
 #[derive(Default, Clone, Serialize)]
@@ -88,14 +146,25 @@ impl Stats {
 
 impl Load {
     /// Sends at the configured rate until `stop` is set or `duration`
-    /// passes; `stats` is updated as answers come in.
+    /// passes; `stats` is updated as answers come in. Latency counts from
+    /// when each request was due.
     pub async fn run(
         &self,
         duration: Option<Duration>,
         stop: Arc<AtomicBool>,
         stats: Arc<Mutex<Stats>>,
     ) {
-        let http = &self.http;
+        self.run_over(None, duration, stop, stats).await
+    }
+
+    /// [`Load::run`], over gRPC when `grpc` is given.
+    pub async fn run_over(
+        &self,
+        grpc: Option<GrpcLoad>,
+        duration: Option<Duration>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<Mutex<Stats>>,
+    ) {
         let slots = Arc::new(tokio::sync::Semaphore::new(256));
         let period = Duration::from_secs_f64(1.0 / self.rps.max(0.1));
         let mut ticker = tokio::time::interval(period);
@@ -104,75 +173,148 @@ impl Load {
         let mut i: u64 = 0;
         let mut tasks = tokio::task::JoinSet::new();
         while !stop.load(Ordering::Relaxed) && duration.is_none_or(|d| started.elapsed() < d) {
-            ticker.tick().await;
+            let due = ticker.tick().await.into_std();
             while tasks.try_join_next().is_some() {}
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 stats.lock().unwrap_or_else(|p| p.into_inner()).skipped += 1;
                 continue;
             };
-            let mut rb = http
-                .post(&self.url)
-                .json(&self.bodies[(i as usize) % self.bodies.len()]);
-            if let Some((n, header)) = &self.users {
-                rb = rb.header(header, format!("user-{}", i % n.max(&1)));
-            }
-            for (k, v) in &self.headers {
-                rb = rb.header(k, v);
-            }
-            if let Some((k, values)) = &self.rotate {
-                rb = rb.header(k, &values[(i as usize) % values.len()]);
-            }
-            i += 1;
-            let stats = stats.clone();
+            let (load, grpc, stats) = (self.clone(), grpc.clone(), stats.clone());
             tasks.spawn(async move {
                 let _permit = permit;
-                let t = Instant::now();
-                let r = rb.timeout(Duration::from_secs(10)).send().await;
-                let secs = t.elapsed().as_secs_f64();
-                let failure = match r {
-                    Ok(r) if r.status().is_success() => {
-                        let v = r
-                            .headers()
-                            .get("x-ferry-version")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("?")
-                            .to_string();
-                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                        s.ok += 1;
-                        *s.versions.entry(v).or_default() += 1;
-                        None
-                    }
-                    Ok(r) => {
-                        let kind = r.status().as_u16().to_string();
-                        let known = stats
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .reasons
-                            .contains_key(&kind);
-                        let why = if known {
-                            String::new()
-                        } else {
-                            server_error(r).await
-                        };
-                        Some((kind, why))
-                    }
-                    Err(e) => {
-                        let kind = if e.is_timeout() { "timeout" } else { "connect" };
-                        Some((kind.to_string(), super::client::error_chain(&e)))
-                    }
-                };
-                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                s.requests += 1;
-                s.latency.add(secs);
-                if let Some((kind, why)) = failure {
-                    *s.errors.entry(kind.clone()).or_default() += 1;
-                    if !why.is_empty() {
-                        s.reasons.entry(kind).or_insert(why);
-                    }
+                let answer = load.send(grpc.as_ref(), i, &stats).await;
+                record(&stats, due.elapsed().as_secs_f64(), answer);
+            });
+            i += 1;
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Closed loop: `streams` senders, each sending its next request as soon
+    /// as the last is answered, for `duration`.
+    pub async fn run_closed(
+        &self,
+        grpc: Option<GrpcLoad>,
+        streams: usize,
+        duration: Duration,
+        stats: Arc<Mutex<Stats>>,
+    ) {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for stream in 0..streams {
+            let (load, grpc, stats) = (self.clone(), grpc.clone(), stats.clone());
+            tasks.spawn(async move {
+                let mut i = stream as u64;
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    let answer = load.send(grpc.as_ref(), i, &stats).await;
+                    record(&stats, t.elapsed().as_secs_f64(), answer);
+                    i += streams as u64;
                 }
             });
         }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// The `i`-th request's headers (user id, extra headers, rotated values).
+    fn headers_of(&self, i: u64) -> Vec<(&str, String)> {
+        let mut out: Vec<(&str, String)> = Vec::new();
+        if let Some((n, header)) = &self.users {
+            out.push((header, format!("user-{}", i % n.max(&1))));
+        }
+        for (k, v) in &self.headers {
+            out.push((k, v.clone()));
+        }
+        if let Some((k, values)) = &self.rotate {
+            out.push((k, values[(i as usize) % values.len()].clone()));
+        }
+        out
+    }
+
+    /// Sends the `i`-th request over HTTP or gRPC.
+    async fn send(&self, grpc: Option<&GrpcLoad>, i: u64, stats: &Mutex<Stats>) -> Answer {
+        match grpc {
+            Some(grpc) => self.send_grpc(grpc, i).await,
+            None => self.send_http(i, stats).await,
+        }
+    }
+
+    async fn send_http(&self, i: u64, stats: &Mutex<Stats>) -> Answer {
+        let mut rb = self
+            .http
+            .post(&self.url)
+            .json(&self.bodies[(i as usize) % self.bodies.len()]);
+        for (k, v) in self.headers_of(i) {
+            rb = rb.header(k, v);
+        }
+        match rb.timeout(Duration::from_secs(10)).send().await {
+            Ok(r) if r.status().is_success() => Ok(r
+                .headers()
+                .get("x-ferry-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string()),
+            Ok(r) => {
+                let kind = r.status().as_u16().to_string();
+                let known = stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reasons
+                    .contains_key(&kind);
+                let why = if known {
+                    String::new()
+                } else {
+                    server_error(r).await
+                };
+                Err((kind, why))
+            }
+            Err(e) => {
+                let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                Err((kind.to_string(), super::client::error_chain(&e)))
+            }
+        }
+    }
+
+    async fn send_grpc(&self, grpc: &GrpcLoad, i: u64) -> Answer {
+        let message = grpc.requests[(i as usize) % grpc.requests.len()].clone();
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_secs(10));
+        for (k, v) in self.headers_of(i) {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+                v.parse(),
+            ) {
+                request.metadata_mut().insert(k, v);
+            }
+        }
+        match grpc.client.clone().model_infer(request).await {
+            Ok(r) => Ok(r
+                .metadata()
+                .get("x-ferry-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string()),
+            Err(status) => Err((format!("{:?}", status.code()), status.message().to_string())),
+        }
+    }
+}
+
+/// Counts one answer (and its latency) in `stats`.
+fn record(stats: &Mutex<Stats>, secs: f64, answer: Answer) {
+    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+    s.requests += 1;
+    s.latency.add(secs);
+    match answer {
+        Ok(version) => {
+            s.ok += 1;
+            *s.versions.entry(version).or_default() += 1;
+        }
+        Err((kind, why)) => {
+            *s.errors.entry(kind.clone()).or_default() += 1;
+            if !why.is_empty() {
+                s.reasons.entry(kind).or_insert(why);
+            }
+        }
     }
 }
 
@@ -287,6 +429,14 @@ pub fn report(stats: &Stats, seconds: f64, output: Output) {
     }
 }
 
+/// The default gRPC address: the server's host, port 8081.
+fn grpc_address_of(server: &str) -> anyhow::Result<String> {
+    let url =
+        reqwest::Url::parse(server).with_context(|| format!("server {server:?} is not a URL"))?;
+    let host = url.host_str().context("the server URL has no host")?;
+    Ok(format!("{host}:8081"))
+}
+
 /// `ferry traffic`. Exits 1 when requests were sent and none succeeded.
 pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::Result<ExitCode> {
     crate::records::check_name("model", &args.model)?;
@@ -311,6 +461,16 @@ pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::
             .collect::<anyhow::Result<_>>()?,
         rotate: None,
     };
+    let grpc = match &args.grpc {
+        None => None,
+        Some(address) => {
+            let address = match address.as_str() {
+                "" => grpc_address_of(client.base())?,
+                given => given.to_string(),
+            };
+            Some(GrpcLoad::new(&address, &args.model, &load.bodies)?)
+        }
+    };
     let stats = Arc::new(Mutex::new(Stats::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let bar = (output == Output::Human).then(|| {
@@ -325,7 +485,10 @@ pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::
     let runner = {
         let (load, stop, stats) = (load.clone(), stop.clone(), stats.clone());
         let d = args.duration.0;
-        tokio::spawn(async move { load.run(Some(d), stop, stats).await })
+        match args.concurrency {
+            Some(n) => tokio::spawn(async move { load.run_closed(grpc, n.max(1), d, stats).await }),
+            None => tokio::spawn(async move { load.run_over(grpc, Some(d), stop, stats).await }),
+        }
     };
     while !runner.is_finished() {
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -32,13 +32,18 @@ impl Replica {
     }
 }
 
-/// Decrements a replica's in-flight count however the request ends (answer,
-/// error, timeout, or the client going away).
-struct InFlight<'a>(&'a AtomicUsize);
+/// Decrements a replica's in-flight count (and the version's gauge)
+/// however the request ends (answer, error, timeout, or the client going
+/// away).
+struct InFlight<'a>(
+    &'a AtomicUsize,
+    &'a prometheus_client::metrics::gauge::Gauge,
+);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
     }
 }
 
@@ -191,7 +196,8 @@ impl VersionPool {
             ))
         })?;
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlight(&replica.in_flight);
+        self.metrics.in_flight.inc();
+        let _guard = InFlight(&replica.in_flight, &self.metrics.in_flight);
         call(&replica.engine).await
     }
 }

@@ -12,6 +12,11 @@
 //! the server's environment or disk when the version starts — only the
 //! references (`@env:VAR`, `@file:PATH`) are stored or shown. Plain-HTTP
 //! versions keep the shared clients.
+//!
+//! A `grpc://` endpoint is called over gRPC instead ([`super::grpc_remote`]),
+//! behind the same [`RemoteClient`]: metadata, warm-up and inference take the
+//! same calls, timeouts and failover rules; only pass-through (the REST body
+//! as it is) needs an HTTP remote.
 
 use std::time::Duration;
 
@@ -40,14 +45,15 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
-    /// Parses `http://host:port` (the model named `default_model` there) or
-    /// `http://host:port/v2/models/NAME[/versions/V]`.
+    /// Parses `http://host:port` (the model named `default_model` there),
+    /// `http://host:port/v2/models/NAME[/versions/V]`, or a gRPC server's
+    /// `grpc://host:port[/NAME[/V]]`.
     pub fn parse(url: &str, default_model: &str) -> Result<RemoteTarget, String> {
         let parsed = Url::parse(url).map_err(|e| format!("URL {url:?} is not valid: {e}"))?;
         let scheme = parsed.scheme();
-        if scheme != "http" && scheme != "https" {
+        if !["http", "https", "grpc"].contains(&scheme) {
             return Err(format!(
-                "URL {url:?}: endpoints are http:// or https://, not {scheme}://"
+                "URL {url:?}: endpoints are http:// or https:// (grpc:// for a gRPC server), not {scheme}://"
             ));
         }
         let host = parsed
@@ -63,6 +69,13 @@ impl RemoteTarget {
             .unwrap_or_default();
         let (model, version) = match segments.as_slice() {
             [] => (default_model.to_string(), None),
+            [name] if scheme == "grpc" => (name.to_string(), None),
+            [name, v] if scheme == "grpc" => (name.to_string(), Some(v.to_string())),
+            _ if scheme == "grpc" => {
+                return Err(format!(
+                    "URL {url:?}: the path of a gRPC endpoint must be empty or /MODEL[/VERSION]"
+                ));
+            }
             ["v2", "models", name] => (name.to_string(), None),
             ["v2", "models", name, "versions", v] => (name.to_string(), Some(v.to_string())),
             _ => {
@@ -78,8 +91,15 @@ impl RemoteTarget {
         })
     }
 
-    /// `/v2/models/NAME[/versions/V]` on the remote server.
+    /// `/v2/models/NAME[/versions/V]` on the remote server (`/NAME[/V]` on
+    /// a gRPC server).
     pub fn model_url(&self) -> String {
+        if self.is_grpc() {
+            return match &self.version {
+                Some(v) => format!("{}/{}/{}", self.base, self.model, v),
+                None => format!("{}/{}", self.base, self.model),
+            };
+        }
         match &self.version {
             Some(v) => format!("{}/v2/models/{}/versions/{}", self.base, self.model, v),
             None => format!("{}/v2/models/{}", self.base, self.model),
@@ -88,6 +108,11 @@ impl RemoteTarget {
 
     pub fn is_https(&self) -> bool {
         self.base.starts_with("https://")
+    }
+
+    /// Whether the endpoint speaks gRPC (`grpc://`).
+    pub fn is_grpc(&self) -> bool {
+        self.base.starts_with("grpc://")
     }
 
     /// The form users write, for display and storage.
@@ -102,6 +127,8 @@ pub struct RemoteClient {
     /// Parsed once: parsing a URL on every request showed up in profiles.
     infer_uri: hyper::Uri,
     http: RemoteHttp,
+    /// Set for a `grpc://` endpoint: its calls go over gRPC.
+    grpc: Option<Box<super::grpc_remote::GrpcRemote>>,
 }
 
 type Body = http_body_util::Full<bytes::Bytes>;
@@ -298,6 +325,31 @@ impl RemoteHttp {
     }
 }
 
+/// A remote model's signature from its metadata's (name, datatype, shape)
+/// lists, refusing datatypes Ferry cannot carry.
+pub(super) fn signature_of(
+    inputs: Vec<(String, String, Vec<i64>)>,
+    outputs: Vec<(String, String, Vec<i64>)>,
+) -> Result<Signature, RuntimeError> {
+    let convert = |specs: Vec<(String, String, Vec<i64>)>, role: &str| {
+        specs
+            .into_iter()
+            .map(|(name, datatype, shape)| {
+                let datatype = DataType::parse(&datatype).ok_or_else(|| {
+                    RuntimeError::UnsupportedSignature(format!(
+                        "remote {role} \"{name}\" has datatype {datatype}; Ferry serves BOOL, integer and floating-point tensors"
+                    ))
+                })?;
+                Ok(TensorSpec { name, datatype, shape })
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()
+    };
+    Ok(Signature {
+        inputs: convert(inputs, "input")?,
+        outputs: convert(outputs, "output")?,
+    })
+}
+
 /// A failed call, named by its root cause: the clients' own texts ("error
 /// sending request for url ...", "client error (Connect)") hide what a
 /// reader needs — refused, reset, closed early.
@@ -333,12 +385,25 @@ impl RemoteClient {
         let infer_uri = Url::parse(&format!("{}/infer", target.model_url()))
             .ok()
             .and_then(|url| url.as_str().parse().ok())
-            .expect("a remote target is a valid http URL (checked when it was parsed)");
+            .expect("a remote target is a valid URL (checked when it was parsed)");
+        let grpc = target.is_grpc().then(|| {
+            Box::new(
+                super::grpc_remote::GrpcRemote::new(&target, http.connect_timeout)
+                    .expect("a grpc:// target is a valid address (checked when it was parsed)"),
+            )
+        });
         RemoteClient {
             target,
             infer_uri,
             http,
+            grpc,
         }
+    }
+
+    /// Whether a V2 REST body can be passed to this endpoint as it is (an
+    /// HTTP remote); a gRPC remote takes decoded tensors.
+    pub fn takes_bodies(&self) -> bool {
+        self.grpc.is_none()
     }
 
     pub fn target(&self) -> &RemoteTarget {
@@ -347,6 +412,11 @@ impl RemoteClient {
 
     /// Fetches the remote model's signature, after checking it is ready.
     pub async fn metadata(&self, timeout: Duration) -> Result<Signature, RuntimeError> {
+        if let Some(grpc) = &self.grpc {
+            return grpc
+                .metadata(&self.target, &self.http.headers, timeout)
+                .await;
+        }
         let url = self.target.model_url();
         let ready = self
             .http
@@ -381,32 +451,21 @@ impl RemoteClient {
                 "remote model metadata at {url} is not V2 metadata: {e}"
             ))
         })?;
-        let convert = |specs: Vec<RemoteSpec>,
-                       role: &str|
-         -> Result<Vec<TensorSpec>, RuntimeError> {
-            specs
-                .into_iter()
-                .map(|s| {
-                    let datatype = DataType::parse(&s.datatype).ok_or_else(|| {
-                        RuntimeError::UnsupportedSignature(format!(
-                            "remote {role} \"{}\" has datatype {}; Ferry serves BOOL, integer and floating-point tensors",
-                            s.name, s.datatype
-                        ))
-                    })?;
-                    Ok(TensorSpec { name: s.name, datatype, shape: s.shape })
-                })
+        let specs = |list: Vec<RemoteSpec>| {
+            list.into_iter()
+                .map(|s| (s.name, s.datatype, s.shape))
                 .collect()
         };
-        Ok(Signature {
-            inputs: convert(meta.inputs, "input")?,
-            outputs: convert(meta.outputs, "output")?,
-        })
+        signature_of(specs(meta.inputs), specs(meta.outputs))
     }
 
     /// Sends one request as JSON and decodes the outputs. Connection failures
     /// and 5xx answers are `Unavailable`/`Inference` (retryable elsewhere);
     /// 4xx answers are `BadInput`.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        if let Some(grpc) = &self.grpc {
+            return grpc.infer(&self.target, &self.http.headers, inputs).await;
+        }
         let body = protocol::encode_request_json(None, inputs);
         let (bytes, header_len) = self.forward(body.into(), None).await?;
         protocol::decode_response_json(&bytes, header_len.as_deref()).map_err(|e| {
@@ -425,6 +484,12 @@ impl RemoteClient {
         body: bytes::Bytes,
         header_len: Option<&str>,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+        if self.grpc.is_some() {
+            return Err(RuntimeError::Inference(format!(
+                "remote {} speaks gRPC: it takes decoded tensors, not a REST body",
+                self.target.display()
+            )));
+        }
         let content_type = match header_len {
             Some(_) => "application/octet-stream",
             None => "application/json",
@@ -501,7 +566,27 @@ mod tests {
         assert!(
             RemoteTarget::parse("ftp://h:1", "m")
                 .unwrap_err()
-                .contains("http:// or https://")
+                .contains("http:// or https:// (grpc:// for a gRPC server)")
+        );
+        let t = RemoteTarget::parse("grpc://h:8001", "cancer").unwrap();
+        assert_eq!(
+            (t.model_url(), t.is_grpc()),
+            ("grpc://h:8001/cancer".into(), true)
+        );
+        let t = RemoteTarget::parse("grpc://h:8001/other/3", "cancer").unwrap();
+        assert_eq!(
+            (t.model.as_str(), t.version.as_deref()),
+            ("other", Some("3"))
+        );
+        assert_eq!(
+            RemoteTarget::parse(&t.display(), "x").unwrap(),
+            t,
+            "the stored form parses back"
+        );
+        assert!(
+            RemoteTarget::parse("grpc://h:1/a/b/c", "m")
+                .unwrap_err()
+                .contains("/MODEL[/VERSION]")
         );
         assert!(RemoteTarget::parse("not a url", "m").is_err());
     }

@@ -13,6 +13,9 @@ pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 /// `requirements` installed from the package index, made once and reused
 /// while the requirements stay the same. Returns its `bin/` directory.
 pub fn python_with(name: &str, requirements: &[&str]) -> PathBuf {
+    // Tests sharing a venv run in parallel: one installs, the others wait.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target"));
@@ -75,6 +78,10 @@ pub fn ferry_binary() -> String {
 pub struct Server {
     child: Option<Child>,
     pub url: String,
+    /// The gRPC service's address (`http://127.0.0.1:PORT`), when the test
+    /// asked for one with `--grpc-listen` (servers start without it, so
+    /// that parallel tests never share a port).
+    pub grpc: Option<String>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
@@ -127,9 +134,15 @@ impl Server {
                 c
             }
         };
+        let grpc_off: &[&str] = if extra.contains(&"--grpc-listen") {
+            &[]
+        } else {
+            &["--grpc-listen", "off"]
+        };
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
+            .args(grpc_off)
             .args(extra)
             .env("FERRY_LOG", "warn")
             .envs(env.iter().copied())
@@ -139,16 +152,24 @@ impl Server {
             .expect("ferry starts");
         let stdout = child.stdout.take().expect("stdout piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (grpc_tx, grpc_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(url) = line.strip_prefix("ferry listening on ") {
                     let _ = tx.send(url.to_string());
+                } else if let Some(url) = line.strip_prefix("ferry gRPC listening on ") {
+                    let _ = grpc_tx.send(url.to_string());
                 }
             }
         });
         let url = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("ferry prints its address within 30 s");
+        // Printed in the same write as the REST address.
+        let grpc = grpc_off
+            .is_empty()
+            .then(|| grpc_rx.recv_timeout(Duration::from_secs(5)).ok())
+            .flatten();
         let mut http = reqwest::Client::builder();
         if url.starts_with("https://") {
             http = http.add_root_certificate(test_ca());
@@ -156,6 +177,7 @@ impl Server {
         Server {
             child: Some(child),
             url,
+            grpc,
             dir: dir.to_path_buf(),
             _tmp: None,
             http: http.build().expect("an HTTP client"),

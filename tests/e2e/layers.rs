@@ -23,6 +23,7 @@ const LAYERS: &[&str] = &[
     "controller",
     "dashboard",
     "api",
+    "grpc",
     "server",
     "cli",
 ];
