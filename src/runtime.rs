@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod library;
 pub mod onnx;
 pub mod remote;
+pub mod target;
 pub mod worker;
 
 use std::time::Duration;

@@ -14,7 +14,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
 use super::RuntimeError;
-use super::remote::{RemoteTarget, signature_of};
+use super::target::{RemoteTarget, signature_of};
 use crate::protocol::grpc::{self as wire, pb};
 use crate::protocol::{Signature, Tensor};
 
