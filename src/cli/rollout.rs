@@ -361,6 +361,10 @@ pub async fn apply(client: &Client, file: &PathBuf, output: Output) -> anyhow::R
         RolloutSpec::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let base = file.parent().map(PathBuf::from).unwrap_or_default();
     embed_qa_dataset(&mut spec, &base)?;
+    // The server validates what it receives; checking here too names the
+    // file a mistake is in, before anything is sent.
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("{}: the spec is not valid: {e}", file.display()))?;
     send_spec(client, &spec, output).await
 }
 
