@@ -64,8 +64,12 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::Postgres(text.to_string()));
         }
-        let scheme = text.split_once(':').map_or(text, |(s, _)| s);
-        Err(format!("store {shown:?}: unknown kind {scheme:?}; {forms}"))
+        let kind: String = text
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            .take(20)
+            .collect();
+        Err(format!("store {shown:?}: unknown kind {kind:?}; {forms}"))
     }
 
     /// The URL as it may be shown: the password replaced by `***`.
@@ -90,7 +94,7 @@ impl StoreUrl {
 /// replaced by `***`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return redact_malformed(url);
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
@@ -117,9 +121,50 @@ pub fn redact(url: &str) -> String {
     format!("{scheme}://{authority}{tail}")
 }
 
+/// A text that is not a URL (a typo such as `postgres:/…`, or a
+/// `key=value` connection string) may still hold a password: everything
+/// before its last `@` and every `password=` value is hidden.
+fn redact_malformed(text: &str) -> String {
+    let text = match text.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => text.to_string(),
+    };
+    let mut shown = String::with_capacity(text.len());
+    for part in text.split_inclusive([' ', '&']) {
+        match part.split_once('=') {
+            Some((k, v)) if k.eq_ignore_ascii_case("password") => {
+                let sep = v.chars().last().filter(|c| matches!(c, ' ' | '&'));
+                shown.push_str(k);
+                shown.push_str("=***");
+                shown.extend(sep);
+            }
+            _ => shown.push_str(part),
+        }
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_malformed_store_texts_are_never_shown() {
+        for text in [
+            "postgres:/fsec:S3cretPw@127.0.0.1/x",
+            "postgres//fsec:S3cretPw@127.0.0.1:15433/db",
+            "host=127.0.0.1 user=fsec password=S3cretPw dbname=db",
+            "host=127.0.0.1&Password=S3cretPw&dbname=db",
+        ] {
+            let err = StoreUrl::parse(text).unwrap_err();
+            assert!(!err.contains("S3cretPw"), "{err}");
+            assert!(err.contains("unknown kind"), "{err}");
+        }
+        assert_eq!(
+            redact("host=h password=S3cretPw dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+    }
 
     #[test]
     fn passwords_are_never_shown() {
