@@ -355,6 +355,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many models, versions, rollouts and events the store holds.
     fn counts(&self) -> Result<Counts, StoreError>;
+    /// What tells this database apart from every other: two handles on one
+    /// database have the same identity however they were named (a symlink,
+    /// `localhost` for `127.0.0.1`), so `ferry store copy` can refuse to
+    /// copy a store into itself.
+    fn identity(&self) -> Result<String, StoreError>;
     /// Everything but the events (those are paged: [`Store::event_log`]),
     /// as stored, ids and timestamps included.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;

@@ -76,10 +76,13 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<()> {
     let (from, to, copied) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let from = open("from", &from, true)?;
         let to = open("to", &to, false)?;
+        let same = from.url == to.url
+            || from.store.store.identity()? == to.store.store.identity()?;
         anyhow::ensure!(
-            from.url != to.url,
-            "--from and --to name the same store ({})",
-            from.url.shown()
+            !same,
+            "--from {} and --to {} are the same database (nothing was copied or deleted); name another target",
+            from.url.shown(),
+            to.url.shown()
         );
         let copied = copy::copy(
             End {

@@ -48,6 +48,7 @@ macro_rules! store_contract {
             concurrent_rollouts_of_one_model_make_exactly_one,
             a_copy_keeps_every_row_id_timestamp_and_event,
             a_copy_refuses_a_store_that_holds_anything_unless_replacing,
+            two_handles_on_one_database_share_its_identity,
         );
     };
     (@tests $new:expr; $($check:ident),* $(,)?) => {
@@ -138,6 +139,14 @@ fn started(model: &str) -> RolloutState {
     let mut state = initial_state(&RoutePolicy::stable_only("1"), 1_000);
     state.message = format!("rolling {model}");
     state
+}
+
+pub fn two_handles_on_one_database_share_its_identity(db: &dyn Database) {
+    let (one, two) = (db.open(), db.open());
+    let identity = one.identity().unwrap();
+    assert_eq!(two.identity().unwrap(), identity);
+    let other = db.another();
+    assert_ne!(other.open().identity().unwrap(), identity);
 }
 
 pub fn an_empty_database_is_migrated_and_empty(db: &dyn Database) {

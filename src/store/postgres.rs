@@ -578,6 +578,23 @@ impl Store for PostgresStore {
         })
     }
 
+    fn identity(&self) -> Result<String, StoreError> {
+        self.run(|db| async move {
+            let client = db.client().await?;
+            // The cluster's system identifier (set by initdb) and the
+            // database's oid: the same database whatever host name reached it.
+            let row = client
+                .query_one(
+                    "SELECT (SELECT system_identifier::text FROM pg_control_system()),
+                            (SELECT oid::text FROM pg_database WHERE datname = current_database())",
+                    &[],
+                )
+                .await?;
+            let (cluster, database): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            Ok(format!("postgres:{cluster}:{database}"))
+        })
+    }
+
     fn counts(&self) -> Result<Counts, StoreError> {
         self.run(|db| async move {
             let client = db.client().await?;

@@ -591,6 +591,20 @@ impl Store for SqliteStore {
         })
     }
 
+    fn identity(&self) -> Result<String, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let conn = self.lock();
+        let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
+            return Ok(format!("sqlite:memory:{:p}", self));
+        };
+        // The file itself (device and inode), not the name it was opened by.
+        let file = std::fs::metadata(path).map_err(|e| StoreError::Corrupt {
+            what: format!("the database file {path}"),
+            reason: e.to_string(),
+        })?;
+        Ok(format!("sqlite:{}:{}", file.dev(), file.ino()))
+    }
+
     fn counts(&self) -> Result<Counts, StoreError> {
         let conn = self.lock();
         conn.query_row(

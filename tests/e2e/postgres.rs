@@ -173,6 +173,25 @@ async fn store_copy_moves_a_single_node_with_its_history_into_postgres() {
         text(&out)
     );
 
+    // The same databases named differently (another host name for the
+    // server; a symlink to the data dir) are one store: refused before
+    // anything is deleted.
+    let same = |from: String, to: String| {
+        let out = Command::new(ferry_binary())
+            .args(["store", "copy", "--from", &from, "--to", &to, "--replace"])
+            .output()
+            .expect("ferry runs");
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("same database"), "{}", text(&out));
+    };
+    same(url.clone(), url.replace("127.0.0.1", "localhost"));
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&node, &link).unwrap();
+    same(
+        format!("sqlite:{}", node.display()),
+        format!("sqlite:{}", link.display()),
+    );
+
     // A server on the copy (a fresh data dir) serves the same routes and
     // shows the same history.
     let p = Server::start_in(&tmp.path().join("cluster"), &["--store", &url]).await;
