@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::pool::{VersionPool, within};
 use super::routes::ModelRoute;
 use super::{GatewayError, Served, compare, outcome};
-use crate::metrics::{Metrics, Role};
+use crate::metrics::{Metrics, Outcome, Role};
 use crate::protocol::Tensor;
 use crate::runtime::RuntimeError;
 
@@ -81,7 +81,14 @@ pub(super) async fn run_chain(
         }
         let attempt_role = if i == 0 { role } else { Role::Fallback };
         let started = Instant::now();
+        let mut unanswered = Unanswered {
+            pool,
+            role: attempt_role,
+            started,
+            waiting: true,
+        };
         let result = within(timeout, run(pool, attempt_inputs)).await;
+        unanswered.answered();
         let seconds = started.elapsed().as_secs_f64();
         if breakers {
             pool.breaker
@@ -110,6 +117,33 @@ pub(super) async fn run_chain(
             RuntimeError::Unavailable("no version of the chain could take the request".into())
         })
         .into())
+}
+
+/// An attempt whose caller stopped waiting (a gRPC client's deadline, a
+/// reset stream: the request is dropped mid-run) is recorded as an error on
+/// its version when dropped, so a version too slow for its clients shows in
+/// its error rate and latency instead of vanishing from them.
+struct Unanswered<'a> {
+    pool: &'a VersionPool,
+    role: Role,
+    started: Instant,
+    waiting: bool,
+}
+
+impl Unanswered<'_> {
+    /// The attempt ended; its caller records how.
+    fn answered(&mut self) {
+        self.waiting = false;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            let seconds = self.started.elapsed().as_secs_f64();
+            self.pool.record(self.role, Outcome::Error, seconds, None);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -392,6 +426,22 @@ mod tests {
             "a timeout is an error"
         );
         assert_eq!(f.failovers("a", "b"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_its_caller_stops_waiting_for_is_an_error() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[("a", Failure::Hang)]);
+        // The client's deadline (shorter than the route's timeout) drops
+        // the request mid-run.
+        let dropped = tokio::time::timeout(Duration::from_millis(200), serve(&f, &fake)).await;
+        assert!(dropped.is_err(), "the caller stopped waiting");
+        assert_eq!(
+            f.counted("a", Role::Stable),
+            (1, 1, 0),
+            "a request dropped mid-run is an error"
+        );
+        assert_eq!(fake.calls(), ["a"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,6 +92,32 @@ impl Front {
     }
 }
 
+/// Counts an inference call in `ferry_grpc_requests_total` however it
+/// ends: with its status, or — when the client reset the stream first (its
+/// own deadline passing a moment before ours) and the call was dropped —
+/// as `DEADLINE_EXCEEDED` past the deadline, `CANCELLED` before it.
+struct Counted<'a> {
+    service: &'a Front,
+    model: String,
+    deadline: Option<tokio::time::Instant>,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or_else(|| match self.deadline {
+            Some(at) if tokio::time::Instant::now() >= at => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Cancelled,
+        });
+        let state = &self.service.state;
+        let served = state.gateway.routes().model(&self.model).is_some();
+        state.metrics.grpc_request(
+            if served { &self.model } else { "(not served)" },
+            &super::status::code_name(code),
+        );
+    }
+}
+
 /// The request's metadata as HTTP headers: routing, tokens and the deadline
 /// are read under the same names as over REST.
 fn headers(metadata: MetadataMap) -> HeaderMap {
@@ -190,24 +216,25 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Front {
         let (metadata, _, req) = request.into_parts();
         let headers = headers(metadata);
         self.may_infer(&headers)?;
-        let model = req.model_name.clone();
+        let deadline = super::deadline::of(&headers);
+        let mut counted = Counted {
+            service: self,
+            model: req.model_name.clone(),
+            deadline: deadline.map(|after| tokio::time::Instant::now() + after),
+            code: None,
+        };
         // The client's deadline: past it the call is dropped, which cancels
         // the run and takes the request out of the in-flight count.
-        let result = match super::deadline::of(&headers) {
+        let result = match deadline {
             Some(after) => tokio::time::timeout(after, self.infer(&headers, req))
                 .await
                 .unwrap_or_else(|_| Err(deadline_exceeded(after))),
             None => self.infer(&headers, req).await,
         };
-        let code = match &result {
+        counted.code = Some(match &result {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
-        };
-        let served = self.state.gateway.routes().model(&model).is_some();
-        self.state.metrics.grpc_request(
-            if served { &model } else { "(not served)" },
-            &super::status::code_name(code),
-        );
+        });
         result
     }
 

@@ -186,6 +186,22 @@ async fn a_client_deadline_cancels_the_request_and_nothing_stays_in_flight() {
         in_flight(&s.prometheus().await, "slow") == 0.0
     })
     .await;
+    // Every request past its deadline counts: as an error of the version
+    // (what a rollout's analysis reads) and in the gRPC status codes.
+    let prom = s.prometheus().await;
+    let errors = series_value(
+        &prom,
+        r#"ferry_requests_total{model="slow",version="1",outcome="error"}"#,
+    );
+    let deadlines = series_value(
+        &prom,
+        r#"ferry_grpc_requests_total{model="slow",code="DEADLINE_EXCEEDED"}"#,
+    );
+    assert_eq!(
+        (errors, deadlines),
+        (exceeded as f64, exceeded as f64),
+        "{prom}"
+    );
     // The cancelled requests were not left queued or running: the next
     // one is answered in about one run, not after the 1.4 s of theirs.
     let started = Instant::now();
