@@ -16,6 +16,9 @@ pub mod service;
 pub mod status;
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::http;
 use tower_service::Service as _;
@@ -27,6 +30,8 @@ use crate::protocol::grpc::pb::grpc_inference_service_server::GrpcInferenceServi
 #[derive(Clone)]
 pub struct GrpcService {
     routes: tonic::service::Routes,
+    /// The connection's calls, when it watches for idleness.
+    activity: Option<Arc<Activity>>,
 }
 
 impl GrpcService {
@@ -38,7 +43,73 @@ impl GrpcService {
             .max_encoding_message_size(usize::MAX);
         GrpcService {
             routes: tonic::service::Routes::new(server).prepare(),
+            activity: None,
         }
+    }
+
+    /// The service for one connection, and what tells when that connection
+    /// is idle (no call running, none for a while).
+    pub fn for_connection(&self) -> (GrpcService, Arc<Activity>) {
+        let activity = Arc::new(Activity::new());
+        let service = GrpcService {
+            routes: self.routes.clone(),
+            activity: Some(activity.clone()),
+        };
+        (service, activity)
+    }
+}
+
+/// One connection's calls: how many are running and when the last one
+/// started or ended, so a connection that holds a slot without using it (no
+/// HTTP/2 preface, or a preface and then nothing) can be closed the way an
+/// idle REST connection is.
+#[derive(Debug)]
+pub struct Activity {
+    born: std::time::Instant,
+    running: AtomicUsize,
+    /// Milliseconds since `born` of the last start or end of a call.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            born: std::time::Instant::now(),
+            running: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long the connection has had no call running (zero while one
+    /// runs), as of `now`.
+    pub fn idle_for(&self, now: std::time::Instant) -> Duration {
+        if self.running.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
+    /// A call started; it ends when the guard is dropped.
+    fn call(self: &Arc<Activity>) -> Running {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Running(self.clone())
+    }
+}
+
+/// A running call (see [`Activity::call`]).
+struct Running(Arc<Activity>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -57,9 +128,32 @@ where
         // Routes are always ready (`poll_ready` is a no-op), so a clone is
         // called directly.
         let mut routes = self.routes.clone();
+        let running = self.activity.as_ref().map(Activity::call);
         Box::pin(async move {
             let resp = routes.call(req).await?;
+            drop(running);
             Ok(status::size_limit_as_resource_exhausted(resp))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_idle_only_while_no_call_runs() {
+        let activity = Arc::new(Activity::new());
+        let later = |d: u64| activity.born + Duration::from_secs(d);
+        assert_eq!(activity.idle_for(later(5)), Duration::from_secs(5));
+        let running = activity.call();
+        assert_eq!(activity.idle_for(later(60)), Duration::ZERO, "a call runs");
+        drop(running);
+        let ended = activity.born + Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        assert_eq!(
+            activity.idle_for(ended + Duration::from_secs(3)),
+            Duration::from_secs(3),
+            "idle from the end of the last call"
+        );
     }
 }

@@ -212,6 +212,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         wired.token_path.display()
     );
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    if let Some(grpc) = grpc_addr.filter(|a| opts.tls.is_none() && !a.ip().is_loopback()) {
+        tracing::warn!(
+            "gRPC listening on {grpc} without TLS: requests and tokens (in the authorization metadata) cross the network in plain text (use --tls-cert/--tls-key, or a TLS terminator in front)"
+        );
+    }
     announce(scheme(&opts, addr), addr, grpc_addr, wired.dashboard_path);
     start_models(wired.state.controller.clone());
     let mut head = opts.head.clone();
@@ -225,6 +230,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let conns = Grpc {
             http: hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()),
             service: crate::grpc::GrpcService::new(wired.state.clone(), &opts.limits),
+            idle_timeout: opts.header_read_timeout,
+            stopping: stopping.clone(),
         };
         serve_connections(listener, grpc_tls, conns, &opts, stopping.clone())
     });
@@ -523,6 +530,11 @@ impl Connections for Http1 {
 struct Grpc {
     http: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     service: crate::grpc::GrpcService,
+    /// A connection with no call running for this long is closed (GOAWAY;
+    /// the REST port's `--header-read-timeout` for an idle connection).
+    idle_timeout: Duration,
+    /// Turns true when the server stops.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Connections for Grpc {
@@ -534,10 +546,43 @@ impl Connections for Grpc {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let (service, activity) = self.service.for_connection();
         let connection = self
             .http
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), self.service.clone());
-        let _ = watcher.watch(connection).await;
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let mut stopping = self.stopping.clone();
+        let mut check = tokio::time::interval(self.idle_timeout / 4);
+        // Closed for idleness at this time: a client that never even
+        // finished its handshake is dropped one idle timeout later. (When
+        // the server stops, running calls get the drain timeout instead.)
+        let mut idle_closed: Option<tokio::time::Instant> = None;
+        let mut server_stopping = false;
+        loop {
+            tokio::select! {
+                _ = connection.as_mut() => break,
+                _ = stopping.wait_for(|stop| *stop), if !server_stopping => {
+                    connection.as_mut().graceful_shutdown();
+                    server_stopping = true;
+                }
+                _ = check.tick(), if !server_stopping => match idle_closed {
+                    None if activity.idle_for(std::time::Instant::now()) >= self.idle_timeout => {
+                        connection.as_mut().graceful_shutdown();
+                        idle_closed = Some(tokio::time::Instant::now());
+                    }
+                    Some(at)
+                        if at.elapsed() >= self.idle_timeout
+                            && activity.idle_for(std::time::Instant::now()) > Duration::ZERO =>
+                    {
+                        break;
+                    }
+                    _ => {}
+                },
+            }
+        }
+        // Held until here, so a server stopping waits for this connection's
+        // calls as it waits for REST's.
+        drop(watcher);
     }
 }
 

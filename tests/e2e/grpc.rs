@@ -352,3 +352,46 @@ async fn a_failover_chain_whose_primary_is_a_grpc_remote_that_dies_fails_no_requ
     assert_eq!(body["outputs"][0]["shape"][0], 3, "{body}");
     fails_over_without_errors(&s, async || remote.kill9()).await;
 }
+
+/// Reads until the server closes the connection; the time that took.
+async fn closed_within(mut stream: tokio::net::TcpStream, limit: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept an idle connection open for {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_grpc_connections_are_closed_like_idle_rest_ones() {
+    use tokio::io::AsyncWriteExt;
+    let (s, _tmp) = grpc_server(&["--header-read-timeout", "1s"]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let addr = s.grpc.clone().unwrap();
+    let addr = addr.trim_start_matches("http://");
+    // Nothing sent at all; the HTTP/2 preface and an empty SETTINGS frame,
+    // then nothing. Each held a connection slot for ever before.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(6);
+    let (a, b) = tokio::join!(closed_within(silent, limit), closed_within(preface, limit));
+    assert!(
+        a >= Duration::from_millis(900) && b >= Duration::from_millis(900),
+        "{a:?} {b:?}"
+    );
+    // A client that uses its connection is served, and one whose connection
+    // was closed while idle reconnects by itself.
+    let mut c = client(&s).await;
+    assert_eq!(infer(&mut c, rows("cancer", 1), &[]).await.unwrap(), "1");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(infer(&mut c, rows("cancer", 1), &[]).await.unwrap(), "1");
+}
