@@ -360,6 +360,13 @@ pub trait Store: Send + Sync + 'static {
     /// `localhost` for `127.0.0.1`), so `ferry store copy` can refuse to
     /// copy a store into itself.
     fn identity(&self) -> Result<String, StoreError>;
+    /// Whether this instance drives the active rollouts: one instance at a
+    /// time may step them, or every step would be taken (and recorded)
+    /// once per instance. An embedded store has one instance; a shared one
+    /// hands the role to one of them and to another when it goes away.
+    fn drives_rollouts(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     /// Everything but the events (those are paged: [`Store::event_log`]),
     /// as stored, ids and timestamps included.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;

@@ -24,7 +24,7 @@ pub enum ModelCommand {
         /// The ONNX model file.
         #[arg(long, conflicts_with = "url", required_unless_present = "url")]
         file: Option<PathBuf>,
-        /// A remote V2 endpoint: http[s]://host:port[/v2/models/NAME[/versions/V]] (one per replica).
+        /// A remote V2 endpoint: http[s]://host:port[/v2/models/NAME[/versions/V]], or a gRPC server grpc://host:port[/NAME[/V]] (one per replica).
         #[arg(long)]
         url: Vec<String>,
         #[command(flatten)]

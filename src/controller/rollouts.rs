@@ -589,6 +589,15 @@ impl Controller {
     /// `interval` while the candidate takes traffic. Runs until the process ends.
     pub async fn run_rollouts(self: Arc<Self>) {
         let mut ticks: u64 = 0;
+        // The store unreachable: said once per 30 s, not at every tick.
+        let mut quiet_until: Option<std::time::Instant> = None;
+        let mut store_failed = |what: &str, e: crate::store::StoreError| {
+            let now = std::time::Instant::now();
+            if quiet_until.is_none_or(|t| now >= t) {
+                tracing::error!("{what}: {e} (said again in 30 s if it goes on)");
+                quiet_until = Some(now + std::time::Duration::from_secs(30));
+            }
+        };
         loop {
             tokio::time::sleep(next_wake(now_ms())).await;
             if !self.is_ready() {
@@ -598,10 +607,19 @@ impl Controller {
             if ticks.is_multiple_of(5) {
                 self.expire_warm().await;
             }
+            match self.registry.store().drives_rollouts() {
+                Ok(true) => {}
+                // Another instance on the shared store steps them.
+                Ok(false) => continue,
+                Err(e) => {
+                    store_failed("cannot tell whether this instance drives the rollouts", e);
+                    continue;
+                }
+            }
             let active = match self.registry.store().active_rollouts() {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::error!("cannot read active rollouts: {e}");
+                    store_failed("cannot read active rollouts", e);
                     continue;
                 }
             };
@@ -851,6 +869,11 @@ impl Controller {
     /// After a restart: make the published routes match what each active
     /// rollout last persisted (a crash may have come between the two).
     pub(super) async fn resume_rollouts(&self) -> Result<(), ControlError> {
+        if !self.registry.store().drives_rollouts()? {
+            // The driving instance re-applies them; this one serves the
+            // routes it loaded (stored with each step).
+            return Ok(());
+        }
         for record in self.registry.store().active_rollouts()? {
             let published = self.route(&record.model)?;
             if published != record.state.route {

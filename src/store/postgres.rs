@@ -45,6 +45,9 @@ use failure::{Failure, corrupt};
 
 /// The advisory lock every write transaction takes ("ferry" + 2).
 pub const WRITE_LOCK: i64 = 0x6665_7272_7900_0002;
+/// The session lock held by the instance that drives the rollouts (see
+/// [`Store::drives_rollouts`]); it goes with that instance's connection.
+pub const ROLLOUT_DRIVER_LOCK: i64 = 0x6665_7272_7900_0003;
 /// A blob is stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Connections one instance keeps to the server at most.
@@ -143,6 +146,9 @@ async fn insert_event(tx: &impl GenericClient, e: &NewEvent) -> Result2<()> {
 /// What every call works with, moved onto the store's runtime.
 struct Db {
     pool: Pool,
+    /// The connection whose session holds [`ROLLOUT_DRIVER_LOCK`], while
+    /// this instance drives the rollouts.
+    driver: tokio::sync::Mutex<Option<deadpool_postgres::Object>>,
 }
 
 impl Db {
@@ -232,7 +238,10 @@ impl PostgresStore {
                 .map_err(|e| fail(format!("cannot make a connection pool: {e}")))?
         };
         let store = PostgresStore {
-            db: Arc::new(Db { pool }),
+            db: Arc::new(Db {
+                pool,
+                driver: tokio::sync::Mutex::new(None),
+            }),
             runtime: Some(runtime),
             shown,
         };
@@ -575,6 +584,29 @@ impl Store for PostgresStore {
                     .await?;
                 Ok(n as usize)
             })
+        })
+    }
+
+    fn drives_rollouts(&self) -> Result<bool, StoreError> {
+        self.run(|db| async move {
+            let mut driver = db.driver.lock().await;
+            if driver.as_ref().is_some_and(|c| !c.is_closed()) {
+                return Ok(true);
+            }
+            // Never held, or its connection broke (the lock went with it):
+            // try to take it; another instance may hold it.
+            if let Some(lost) = driver.take() {
+                drop(deadpool_postgres::Object::take(lost));
+            }
+            let client = db.client().await?;
+            let taken: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ROLLOUT_DRIVER_LOCK])
+                .await?
+                .try_get(0)?;
+            if taken {
+                *driver = Some(client);
+            }
+            Ok(taken)
         })
     }
 
@@ -981,6 +1013,23 @@ mod tests {
     /// The database name of a test URL.
     fn name(url: &str) -> &str {
         url.rsplit('/').next().unwrap()
+    }
+
+    #[test]
+    fn one_instance_at_a_time_drives_the_rollouts_and_another_takes_over() {
+        let url = testpg::database();
+        let a = PostgresStore::open(&url).unwrap();
+        let b = PostgresStore::open(&url).unwrap();
+        assert!(a.drives_rollouts().unwrap());
+        assert!(a.drives_rollouts().unwrap(), "it keeps the role");
+        assert!(!b.drives_rollouts().unwrap(), "one driver at a time");
+        drop(a);
+        // The lock went with a's connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !b.drives_rollouts().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "b never took over");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
