@@ -123,17 +123,92 @@ pub struct ModelMetadata {
     pub(crate) outputs: Vec<TensorSpec>,
 }
 
-pub(crate) fn metadata(record: &VersionRecord, versions: Vec<String>) -> ModelMetadata {
+fn metadata(
+    model: &str,
+    remote: bool,
+    signature: &crate::protocol::Signature,
+    versions: Vec<String>,
+) -> ModelMetadata {
     ModelMetadata {
-        name: record.model.clone(),
+        name: model.to_string(),
         versions,
-        platform: match record.source {
-            Source::Onnx { .. } => "onnxruntime_onnx",
-            Source::Remote { .. } => "remote_v2",
+        platform: if remote {
+            "remote_v2"
+        } else {
+            "onnxruntime_onnx"
         },
-        inputs: record.signature.inputs.clone(),
-        outputs: record.signature.outputs.clone(),
+        inputs: signature.inputs.clone(),
+        outputs: signature.outputs.clone(),
     }
+}
+
+/// A version being served now (the model's stable one when `version` is
+/// None), from the published routes alone: what serves is described and
+/// reported ready without the store, which a shared store's outage must not
+/// take from the data plane.
+fn served(
+    s: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Option<std::sync::Arc<crate::gateway::VersionPool>> {
+    let route = s.gateway.routes().model(model)?;
+    if route.unloaded.is_some() {
+        return None;
+    }
+    route
+        .pools
+        .get(version.unwrap_or(&route.policy.stable))
+        .cloned()
+}
+
+/// The metadata of a model (its stable version, and every loaded one) or
+/// of one version: from what serves, else from the registry.
+pub(crate) fn metadata_of(
+    s: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<ModelMetadata, ApiError> {
+    let versions = |v: &str| match version {
+        Some(_) => vec![v.to_string()],
+        None => loaded_versions(s, model),
+    };
+    if let Some(pool) = served(s, model, version) {
+        return Ok(metadata(
+            model,
+            pool.is_remote(),
+            &pool.signature,
+            versions(&pool.version),
+        ));
+    }
+    let record = match version {
+        Some(v) => s.controller.registry().version(model, v)?,
+        None => stable_record(s, model)?,
+    };
+    let remote = matches!(record.source, Source::Remote { .. });
+    Ok(metadata(
+        model,
+        remote,
+        &record.signature,
+        versions(&record.version),
+    ))
+}
+
+/// Whether a model's stable version (or the one named) is loaded and warm,
+/// and which version that is; not found when it is not registered.
+pub(crate) fn readiness_of(
+    s: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<(String, bool), ApiError> {
+    if let Some(pool) = served(s, model, version) {
+        return Ok((pool.version.clone(), true));
+    }
+    let version = match version {
+        Some(v) => s.controller.registry().version(model, v)?.version,
+        None => stable_record(s, model)?.version,
+    };
+    let ready = s.controller.serves(model, &version);
+    Ok((version, ready))
 }
 
 /// The stable version of a model, as the registry knows it.
@@ -153,8 +228,7 @@ pub async fn model_metadata(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    let record = stable_record(&s, &model)?;
-    Ok(Json(metadata(&record, loaded_versions(&s, &model))))
+    Ok(Json(metadata_of(&s, &model, None)?))
 }
 
 /// The versions of a model loaded now, sorted.
@@ -176,12 +250,11 @@ pub async fn version_metadata(
     State(s): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    let record = s.controller.registry().version(&model, &version)?;
-    Ok(Json(metadata(&record, vec![version])))
+    Ok(Json(metadata_of(&s, &model, Some(&version))?))
 }
 
-fn readiness(s: &AppState, model: &str, version: &str) -> Response {
-    if s.controller.serves(model, version) {
+fn readiness(s: &AppState, model: &str, version: &str, ready: bool) -> Response {
+    if ready {
         Json(json!({"name": model, "version": version, "ready": true})).into_response()
     } else if let Some(by) = s.controller.unloaded_by(model).ok().flatten() {
         ApiError::new(
@@ -205,8 +278,8 @@ pub async fn model_ready(
     State(s): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = stable_record(&s, &model)?;
-    Ok(readiness(&s, &model, &record.version))
+    let (version, ready) = readiness_of(&s, &model, None)?;
+    Ok(readiness(&s, &model, &version, ready))
 }
 
 /// Whether one version is loaded and warm.
@@ -216,8 +289,8 @@ pub async fn version_ready(
     State(s): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    s.controller.registry().version(&model, &version)?;
-    Ok(readiness(&s, &model, &version))
+    let (version, ready) = readiness_of(&s, &model, Some(&version))?;
+    Ok(readiness(&s, &model, &version, ready))
 }
 
 /// Inference on the model (its stable version). JSON, or the binary tensor

@@ -159,15 +159,9 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Front {
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         self.may_infer(&headers(metadata))?;
-        let version = self.version_or_stable(&req.name, &req.version)?;
-        self.state
-            .controller
-            .registry()
-            .version(&req.name, &version)
-            .map_err(status)?;
-        Ok(Response::new(pb::ModelReadyResponse {
-            ready: self.state.controller.serves(&req.name, &version),
-        }))
+        let version = Some(req.version.as_str()).filter(|v| !v.is_empty());
+        let (_, ready) = v2::readiness_of(&self.state, &req.name, version).map_err(status)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -188,18 +182,8 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Front {
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         self.may_infer(&headers(metadata))?;
-        let meta = if req.version.is_empty() {
-            let record = v2::stable_record(&self.state, &req.name).map_err(status)?;
-            v2::metadata(&record, v2::loaded_versions(&self.state, &req.name))
-        } else {
-            let record = self
-                .state
-                .controller
-                .registry()
-                .version(&req.name, &req.version)
-                .map_err(status)?;
-            v2::metadata(&record, vec![req.version])
-        };
+        let version = Some(req.version.as_str()).filter(|v| !v.is_empty());
+        let meta = v2::metadata_of(&self.state, &req.name, version).map_err(status)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: meta.name,
             versions: meta.versions,

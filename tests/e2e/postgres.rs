@@ -263,3 +263,26 @@ fn a_wrong_or_unreachable_store_is_refused_with_what_to_check_and_no_password() 
         "{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_what_serves_still_answers_ready_metadata_and_inference() {
+    let pg = testpg::PgServer::start();
+    let url = pg.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_in(&tmp.path().join("data"), &["--store", &url]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    pg.stop("fast");
+    let http = reqwest::Client::new();
+    for path in [
+        "/v2/models/cancer/ready",
+        "/v2/models/cancer/versions/1/ready",
+        "/v2/models/cancer",
+        "/v2/models/cancer/versions/1",
+    ] {
+        let answer = http.get(s.at(path)).send().await.unwrap();
+        let status = answer.status().as_u16();
+        assert_eq!(status, 200, "{path}: {}", answer.text().await.unwrap());
+    }
+    assert_eq!(served_by(&s, "cancer").await.0, "1");
+    pg.restart();
+}
