@@ -61,11 +61,7 @@ impl AdminToken {
 
     /// Whether the request carries this token (constant-time comparison).
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| bool::from(t.trim().as_bytes().ct_eq(self.0.as_bytes())))
+        bearer(headers).is_some_and(|t| bool::from(t.as_bytes().ct_eq(self.0.as_bytes())))
     }
 
     /// Reads a token from `path`, creating it (mode 0600) when missing.
@@ -82,12 +78,7 @@ impl AdminToken {
 
     /// Checks `Authorization: Bearer <token>`.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
+        match bearer(headers) {
             Some(t) if bool::from(t.as_bytes().ct_eq(self.0.as_bytes())) => Ok(()),
             Some(_) => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -99,6 +90,16 @@ impl AdminToken {
             )),
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme's
+/// case does not matter, RFC 9110 §11.1).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Middleware for the data plane: when an inference token is configured,
@@ -146,5 +147,24 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             resp
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_whatever_its_case() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            bearer(&headers).map(str::to_string)
+        };
+        for value in ["Bearer t0k", "bearer t0k", "BEARER  t0k "] {
+            assert_eq!(with(value).as_deref(), Some("t0k"), "{value:?}");
+        }
+        assert_eq!(with("Basic t0k"), None);
+        assert_eq!(with("Bearer"), None);
     }
 }
