@@ -392,6 +392,16 @@ pub struct Counts {
     pub events: u64,
 }
 
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} models, {} versions, {} rollouts, {} events",
+            self.models, self.versions, self.rollouts, self.events
+        )
+    }
+}
+
 /// Everything a store holds but its events, for a copy to another store.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {

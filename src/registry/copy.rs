@@ -92,7 +92,7 @@ pub fn copy(from: End<'_>, to: End<'_>, replace: bool) -> Result<Copied, CopyErr
     let copied = to.store.counts()?;
     if copied != counts {
         return Err(CopyError::Mismatch(format!(
-            "source {counts:?}, target {copied:?}"
+            "the source holds {counts}, the target {copied}"
         )));
     }
     if to.store.snapshot()? != snapshot {
