@@ -356,7 +356,7 @@ async fn the_status_splits_recent_requests_between_rest_and_grpc() {
         infer(&mut c, rows("cancer", 1), &[]).await.unwrap();
     }
     let status = status(&s).await;
-    let printed = s.ferry_json(&["status", "cancer", "-o", "json"]);
+    let printed = s.ferry_json(&["status", "cancer"]);
     let text = s.ferry_ok(&["status", "cancer"]);
     // The window reaches at least 5 s back: what was sent and read within
     // that is all in it.
