@@ -60,8 +60,18 @@ pub enum GatewayError {
     Runtime(#[from] RuntimeError),
 }
 
+/// The front door a request came through: its answer is counted under it
+/// in the version's window, so the status can split traffic by protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontDoor {
+    Rest,
+    Grpc,
+}
+
 /// One inference request, as a front door hands it over.
 pub struct Request<'a> {
+    /// The front door that received it (REST, or gRPC).
+    pub door: FrontDoor,
     pub model: &'a str,
     /// The version the client addressed (`/versions/{v}`), if any.
     pub version: Option<&'a str>,
@@ -124,6 +134,8 @@ impl Served {
 /// One inference request its front door has already decoded (gRPC): the
 /// tensors, and the outputs it names.
 pub struct Decoded<'a> {
+    /// The front door that received it (gRPC, or REST).
+    pub door: FrontDoor,
     pub model: &'a str,
     /// The version the client addressed, if any.
     pub version: Option<&'a str>,
@@ -200,6 +212,7 @@ impl Gateway {
             .is_empty()
             .then_some((&request.body, request.header_len));
         let call = Call {
+            door: request.door,
             model: request.model,
             id: &id,
             inputs,
@@ -217,6 +230,7 @@ impl Gateway {
         let routed = self.route(request.model, request.version, request.headers)?;
         let id = request.id.unwrap_or_else(|| self.ids.next());
         let call = Call {
+            door: request.door,
             model: request.model,
             id: &id,
             inputs: request.inputs,
@@ -316,7 +330,7 @@ impl Gateway {
                     header_len: request.header_len,
                     inputs: None,
                 };
-                mirror::Mirror::start(&route, copy)
+                mirror::Mirror::start(&route, copy, request.door)
             })
             .flatten();
         let started = Instant::now();
@@ -325,6 +339,7 @@ impl Gateway {
             .await;
         pool.record(
             role,
+            request.door,
             outcome(&result),
             started.elapsed().as_secs_f64(),
             None,
@@ -370,7 +385,7 @@ impl Gateway {
                 .check_outputs(call.outputs.iter().map(|o| o.name.as_str()))
         });
         if let Err(why) = checked {
-            pool.record(role, Outcome::Rejected, 0.0, None);
+            pool.record(role, call.door, Outcome::Rejected, 0.0, None);
             return Err(RuntimeError::BadInput(why).into());
         }
         let timeout = timeout(&route, pool);
@@ -386,7 +401,7 @@ impl Gateway {
                     },
                     None => mirror::Copy::Tensors(&call.inputs),
                 };
-                mirror::Mirror::start(&route, copy)
+                mirror::Mirror::start(&route, copy, call.door)
             })
             .flatten();
         let chain = failover::chain(&route, pool, role);
@@ -399,7 +414,10 @@ impl Gateway {
             &self.metrics,
             &route,
             &chain,
-            role,
+            failover::Origin {
+                role,
+                door: call.door,
+            },
             call.inputs,
             timeout,
             async |pool: &VersionPool, inputs| pool.run(inputs).await,
@@ -432,6 +450,7 @@ impl Gateway {
 
 /// One decoded inference call.
 struct Call<'a> {
+    door: FrontDoor,
     model: &'a str,
     /// The request id (the client's or a generated one).
     id: &'a str,

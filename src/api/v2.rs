@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::error::ApiJson;
 use super::{ApiError, AppState};
-use crate::gateway::{Answer, Request};
+use crate::gateway::{Answer, FrontDoor, Request};
 use crate::protocol;
 use crate::records::{Source, VersionRecord};
 use crate::runtime::TensorSpec;
@@ -338,6 +338,7 @@ pub async fn run_infer(
     let answer = s
         .gateway
         .serve(Request {
+            door: FrontDoor::Rest,
             model: &model,
             version: version.as_deref(),
             headers: &headers,

@@ -19,7 +19,7 @@ use super::table::{self, cell};
 use super::{Output, print_json};
 use crate::analysis::report::{Rate, Report};
 use crate::api::rollouts::{ApplyResult, RolloutSummary};
-use crate::controller::rollouts::{AnalysisView, Applied, ShadowView, Status};
+use crate::controller::rollouts::{AnalysisView, Applied, Protocols, ShadowView, Status};
 use crate::gateway::policy::MatchRule;
 use crate::spec::{
     AnalysisSpec, BasicSpec, BlueGreenSpec, CanarySpec, CheckSpec, CompareSpec, Metric, MultiSpec,
@@ -437,6 +437,7 @@ fn render_status(s: &Status, events: &[Event]) -> String {
     if !s.observed.is_empty() {
         out.push(format!("observed  {}", bar(&s.observed, 40)));
     }
+    out.extend(protocols_line(&s.protocols));
     out.push(format!("message   {}", s.message));
     if let Some(v) = &s.staging {
         out.push(format!(
@@ -459,6 +460,31 @@ fn render_status(s: &Status, events: &[Event]) -> String {
         }
     }
     out.join("\n")
+}
+
+/// The recent requests by protocol, when there were any: `protocols 1.2k
+/// requests in the last 10s, 70% REST, 30% gRPC`.
+fn protocols_line(p: &Protocols) -> Option<String> {
+    let total = p.rest + p.grpc;
+    if total == 0 {
+        return None;
+    }
+    let rest = (p.rest as f64 * 100.0 / total as f64).round() as u64;
+    Some(format!(
+        "protocols {} requests in the last {}, {rest}% REST, {}% gRPC",
+        short_count(total),
+        HumanDuration(Duration::from_secs(p.seconds)),
+        100 - rest
+    ))
+}
+
+/// A count as people glance at it: 950, 1.2k, 3.4M.
+fn short_count(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    }
 }
 
 fn shadow_lines(sh: &ShadowView) -> Vec<String> {
@@ -1025,6 +1051,46 @@ analysis  inconclusive over 10s: too few requests (3 candidate / 120 stable requ
   error_rate max 0.01  inconclusive  0.0000     -       -
 recent events
   2026-12-01T10:00:00Z  paused by you"
+        );
+    }
+
+    /// The protocol line says how many requests and how they split; no
+    /// traffic, no line (and the rest of the status as it always was).
+    #[test]
+    fn a_status_splits_its_recent_requests_by_protocol() {
+        let split = |rest, grpc| Protocols {
+            seconds: 10,
+            rest,
+            grpc,
+            versions: Default::default(),
+        };
+        assert_eq!(protocols_line(&split(0, 0)), None);
+        assert_eq!(
+            protocols_line(&split(840, 360)).as_deref(),
+            Some("protocols 1.2k requests in the last 10s, 70% REST, 30% gRPC")
+        );
+        assert_eq!(
+            protocols_line(&split(0, 7)).as_deref(),
+            Some("protocols 7 requests in the last 10s, 0% REST, 100% gRPC")
+        );
+        assert_eq!(short_count(999), "999");
+        assert_eq!(short_count(3_400_000), "3.4M");
+        let status: Status = serde_json::from_value(serde_json::json!({
+            "model": "cancer", "stable": "1", "candidate": null, "rollout": null,
+            "strategy": null, "phase": "idle", "waiting_for": null, "steps": [], "step": null,
+            "traffic": {"1": 100.0}, "observed": {"1": 100.0},
+            "protocols": {"seconds": 10, "rest": 12, "grpc": 8,
+                "versions": {"1": {"rest": 12, "grpc": 8}}},
+            "message": "no rollout yet", "analysis": null, "updated_at": null, "last_rollout": null
+        }))
+        .unwrap();
+        assert_eq!(
+            render_status(&status, &[]),
+            "cancer  stable 1  candidate -  idle
+traffic   [########################################]  # 1 100%
+observed  [########################################]  # 1 100%
+protocols 20 requests in the last 10s, 60% REST, 40% gRPC
+message   no rollout yet"
         );
     }
 

@@ -14,7 +14,7 @@ use super::{ControlError, Controller, dataset, external};
 use crate::analysis::qa::QaResult;
 use crate::analysis::{self, CheckResult, Outcome};
 use crate::gateway::RoutePolicy;
-use crate::metrics::Role;
+use crate::metrics::{Role, SeriesSummary};
 use crate::records::EventKind;
 use crate::registry::RegistryError;
 use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
@@ -131,6 +131,9 @@ pub struct Status {
     pub traffic: BTreeMap<String, f64>,
     /// Share actually answered over the last 10 s.
     pub observed: BTreeMap<String, f64>,
+    /// The same requests by the protocol they came over (REST or gRPC).
+    #[serde(default)]
+    pub protocols: Protocols,
     pub message: String,
     pub analysis: Option<AnalysisView>,
     pub updated_at: Option<String>,
@@ -144,6 +147,66 @@ pub struct Status {
     /// Blue-green rollouts: the version in staging.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staging: Option<String>,
+}
+
+/// How long back the status's traffic figures (`observed`, `protocols`) look.
+const OBSERVED_WINDOW: Duration = Duration::from_secs(10);
+
+/// Requests answered over the status's recent window, by the front door
+/// they came through: the requests `observed` shares out (production's
+/// versions: stable, candidate and fallbacks; not shadow copies, staging or
+/// version-addressed requests).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Protocols {
+    /// Seconds the counts cover.
+    pub seconds: u64,
+    pub rest: u64,
+    pub grpc: u64,
+    /// The same split for each version that answered.
+    pub versions: BTreeMap<String, ProtocolCounts>,
+}
+
+/// Requests over REST and over gRPC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProtocolCounts {
+    pub rest: u64,
+    pub grpc: u64,
+}
+
+/// What production answered over the status's window: each version's share
+/// of the requests (in percent, to a tenth), and those requests by protocol.
+fn observed(summaries: &[SeriesSummary]) -> (BTreeMap<String, f64>, Protocols) {
+    let mut by_version: BTreeMap<String, ProtocolCounts> = BTreeMap::new();
+    for s in summaries {
+        if matches!(s.role, Role::Stable | Role::Candidate | Role::Fallback) {
+            let counts = by_version.entry(s.version.clone()).or_default();
+            counts.grpc += s.summary.grpc;
+            counts.rest += s.summary.requests.saturating_sub(s.summary.grpc);
+        }
+    }
+    let seconds = summaries
+        .first()
+        .map_or(OBSERVED_WINDOW.as_secs(), |s| s.summary.seconds);
+    by_version.retain(|_, c| c.rest + c.grpc > 0);
+    let rest = by_version.values().map(|c| c.rest).sum();
+    let grpc = by_version.values().map(|c| c.grpc).sum();
+    let total = (rest + grpc) as f64;
+    let shares = by_version
+        .iter()
+        .map(|(v, c)| {
+            (
+                v.clone(),
+                ((c.rest + c.grpc) as f64 * 1000.0 / total).round() / 10.0,
+            )
+        })
+        .collect();
+    let protocols = Protocols {
+        seconds,
+        rest,
+        grpc,
+        versions: by_version,
+    };
+    (shares, protocols)
 }
 
 /// The rollout's message as of `now`: a pause's countdown is computed from
@@ -915,21 +978,7 @@ impl Controller {
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
         let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;
-        let observed = {
-            let window = Duration::from_secs(10);
-            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-            for s in self.telemetry.summaries(model, window) {
-                if matches!(s.role, Role::Stable | Role::Candidate | Role::Fallback) {
-                    *counts.entry(s.version).or_default() += s.summary.requests;
-                }
-            }
-            let total: u64 = counts.values().sum();
-            counts
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(v, n)| (v, (n as f64 * 1000.0 / total as f64).round() / 10.0))
-                .collect()
-        };
+        let (observed, protocols) = observed(&self.telemetry.summaries(model, OBSERVED_WINDOW));
         let latest = history.into_iter().next();
         let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
             let last = self.registry.store().rollouts(model, 1)?.into_iter().next();
@@ -945,6 +994,7 @@ impl Controller {
                 step: None,
                 traffic: traffic(&route),
                 observed,
+                protocols,
                 message: last.as_ref().map_or("no rollout yet".to_string(), |l| {
                     format!("last rollout {}: {}", l.name(), l.state.message)
                 }),
@@ -979,6 +1029,7 @@ impl Controller {
             step: Some(r.state.step),
             traffic: traffic(&r.state.route),
             observed,
+            protocols,
             message: live_message(&r.spec, &r.state, now_ms()),
             analysis: r.state.analysis.last.as_ref().map(|v| AnalysisView {
                 verdict: v.outcome,
@@ -1082,8 +1133,9 @@ fn next_wake(now_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{live_message, next_wake};
+    use super::{ProtocolCounts, live_message, next_wake, observed};
     use crate::gateway::RoutePolicy;
+    use crate::metrics::{Role, SeriesSummary, Summary};
     use crate::spec::RolloutSpec;
     use crate::strategy::{self, Observations};
     use std::time::Duration;
@@ -1156,5 +1208,51 @@ mod tests {
             "shortened to reach 15 s + 60 ms"
         );
         assert_eq!(next_wake(14_700), ms(200));
+    }
+
+    /// `observed` and `protocols` count the same production requests: a
+    /// shadow's copies and version-addressed requests are in neither.
+    #[test]
+    fn the_status_splits_production_traffic_by_protocol() {
+        let series = |version: &str, role, requests, grpc| SeriesSummary {
+            version: version.into(),
+            role,
+            summary: Summary {
+                seconds: 10,
+                requests,
+                grpc,
+                ..Summary::default()
+            },
+        };
+        let (shares, protocols) = observed(&[
+            series("1", Role::Stable, 60, 20),
+            series("1", Role::Direct, 500, 500),
+            series("2", Role::Candidate, 30, 30),
+            series("2", Role::Shadow, 60, 20),
+            series("3", Role::Fallback, 10, 0),
+            series("4", Role::Candidate, 0, 0),
+        ]);
+        assert_eq!(
+            shares.into_iter().collect::<Vec<_>>(),
+            [("1".into(), 60.0), ("2".into(), 30.0), ("3".into(), 10.0)]
+        );
+        assert_eq!(
+            (protocols.seconds, protocols.rest, protocols.grpc),
+            (10, 50, 50)
+        );
+        assert_eq!(
+            protocols.versions.into_iter().collect::<Vec<_>>(),
+            [
+                ("1".into(), ProtocolCounts { rest: 40, grpc: 20 }),
+                ("2".into(), ProtocolCounts { rest: 0, grpc: 30 }),
+                ("3".into(), ProtocolCounts { rest: 10, grpc: 0 }),
+            ]
+        );
+        let (shares, protocols) = observed(&[]);
+        assert!(shares.is_empty());
+        assert_eq!(
+            (protocols.seconds, protocols.rest + protocols.grpc),
+            (10, 0)
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::pool::{VersionPool, within};
 use super::routes::ModelRoute;
-use super::{GatewayError, Served, compare, outcome};
+use super::{FrontDoor, GatewayError, Served, compare, outcome};
 use crate::metrics::{Metrics, Outcome, Role};
 use crate::protocol::Tensor;
 use crate::runtime::RuntimeError;
@@ -45,16 +45,24 @@ pub(super) fn chain<'a>(
         .collect()
 }
 
+/// Where a request came from: the role its version was chosen in, and the
+/// front door that received it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Origin {
+    pub role: Role,
+    pub door: FrontDoor,
+}
+
 /// Runs the request on the first version of `chain` that takes it, each
 /// attempt within `timeout`, recording each attempt on its version (the
-/// first in `role`, the rest as fallbacks) and each step along the chain as
-/// a failover. The error is the last version's, or the first that is not
+/// first in the origin's role, the rest as fallbacks, all under its front
+/// door) and each step along the chain as a failover. The error is the last version's, or the first that is not
 /// worth retrying.
 pub(super) async fn run_chain(
     metrics: &Metrics,
     route: &ModelRoute,
     chain: &[&Arc<VersionPool>],
-    role: Role,
+    origin: Origin,
     inputs: Vec<Tensor>,
     timeout: Duration,
     run: impl AsyncFn(&VersionPool, Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>,
@@ -79,11 +87,12 @@ pub(super) async fn run_chain(
         if let Some(from) = previous {
             metrics.failover(&pool.model, from, &pool.version);
         }
-        let attempt_role = if i == 0 { role } else { Role::Fallback };
+        let attempt_role = if i == 0 { origin.role } else { Role::Fallback };
         let started = Instant::now();
         let mut unanswered = Unanswered {
             pool,
             role: attempt_role,
+            door: origin.door,
             started,
             waiting: true,
         };
@@ -95,7 +104,7 @@ pub(super) async fn run_chain(
                 .record(result.is_ok(), Instant::now(), &route.policy.breaker);
         }
         let class = result.as_ref().ok().and_then(|o| compare::answer_class(o));
-        pool.record(attempt_role, outcome(&result), seconds, class);
+        pool.record(attempt_role, origin.door, outcome(&result), seconds, class);
         match result {
             Ok(outputs) => {
                 return Ok(Served {
@@ -126,6 +135,7 @@ pub(super) async fn run_chain(
 struct Unanswered<'a> {
     pool: &'a VersionPool,
     role: Role,
+    door: FrontDoor,
     started: Instant,
     waiting: bool,
 }
@@ -141,7 +151,8 @@ impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if self.waiting {
             let seconds = self.started.elapsed().as_secs_f64();
-            self.pool.record(self.role, Outcome::Error, seconds, None);
+            self.pool
+                .record(self.role, self.door, Outcome::Error, seconds, None);
         }
     }
 }
@@ -298,7 +309,10 @@ mod tests {
             &f.metrics,
             &f.route,
             &f.chain(),
-            Role::Stable,
+            Origin {
+                role: Role::Stable,
+                door: FrontDoor::Rest,
+            },
             input(),
             Duration::from_secs(1),
             async |pool: &VersionPool, inputs| fake.run(pool, inputs).await,

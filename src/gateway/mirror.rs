@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::compare;
 use super::routes::ModelRoute;
+use super::{FrontDoor, compare};
 use crate::metrics::{Comparison, Outcome, Role};
 use crate::protocol::{self, Tensor};
 use crate::runtime::RuntimeError;
@@ -48,8 +48,9 @@ impl Mirror {
     /// Decides whether to mirror this request (by the policy's percentage and
     /// the free slots) and, if so, sends the copy at once. `None` also when
     /// the copy cannot be made from `copy` (a body without decoded inputs
-    /// for an in-process shadow: the caller decodes such requests).
-    pub fn start(route: &ModelRoute, copy: Copy<'_>) -> Option<Mirror> {
+    /// for an in-process shadow: the caller decodes such requests). The copy
+    /// is counted under the front door of the request it copies.
+    pub fn start(route: &ModelRoute, copy: Copy<'_>, door: FrontDoor) -> Option<Mirror> {
         let policy = route.policy.shadow.as_ref()?;
         if fastrand::f64() * 100.0 >= policy.percent {
             return None;
@@ -101,7 +102,7 @@ impl Mirror {
                 ),
                 Err(_) => (Outcome::Error, None),
             };
-            pool.record(Role::Shadow, outcome, seconds, class);
+            pool.record(Role::Shadow, door, outcome, seconds, class);
             // `None`: the primary failed, so there is nothing to compare with.
             let (primary, id) = primary_answer.await.unwrap_or_default();
             let comparison = match (&result, &primary) {

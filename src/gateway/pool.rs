@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use super::FrontDoor;
 use super::breaker::Breaker;
 use crate::metrics::{Outcome, Role, Series, Telemetry, VersionMetrics};
 use crate::protocol::Tensor;
@@ -102,18 +103,23 @@ impl VersionPool {
     }
 
     /// Records one request's outcome in the Prometheus series and in the
-    /// role's time window (with the predicted class when there is one).
-    pub fn record(&self, role: Role, outcome: Outcome, seconds: f64, class: Option<i64>) {
+    /// role's time window (with the front door it came through, and the
+    /// predicted class when there is one).
+    pub fn record(
+        &self,
+        role: Role,
+        door: FrontDoor,
+        outcome: Outcome,
+        seconds: f64,
+        class: Option<i64>,
+    ) {
         self.metrics.record(outcome, seconds);
         self.series(role).record(now_secs(), |b| {
             match outcome {
-                Outcome::Ok => {
+                Outcome::Ok | Outcome::Error => {
                     b.requests += 1;
-                    b.latency.add(seconds);
-                }
-                Outcome::Error => {
-                    b.requests += 1;
-                    b.errors += 1;
+                    b.errors += u64::from(outcome == Outcome::Error);
+                    b.grpc += u64::from(door == FrontDoor::Grpc);
                     b.latency.add(seconds);
                 }
                 Outcome::Rejected => b.rejected += 1,

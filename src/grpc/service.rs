@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::status::{deadline_exceeded, status};
 use crate::api::v2::{self, REQUEST_ID_HEADER, VERSION_HEADER};
 use crate::api::{ApiError, AppState};
-use crate::gateway::Decoded;
+use crate::gateway::{Decoded, FrontDoor};
 use crate::protocol::RequestedOutput;
 use crate::protocol::grpc::{self as wire, pb};
 use crate::runtime::TensorSpec;
@@ -53,6 +53,7 @@ impl Front {
             .state
             .gateway
             .serve_decoded(Decoded {
+                door: FrontDoor::Grpc,
                 model: &request.model,
                 version: request.version.as_deref(),
                 headers,

@@ -36,6 +36,9 @@ pub struct Bucket {
     /// many matched the predicted class.
     pub labelled: u64,
     pub correct: u64,
+    /// Of `requests`, those that came through the gRPC front door (the rest
+    /// came over REST): the status splits traffic by protocol.
+    pub grpc: u64,
 }
 
 impl Bucket {
@@ -52,6 +55,7 @@ impl Bucket {
         }
         self.labelled += o.labelled;
         self.correct += o.correct;
+        self.grpc += o.grpc;
     }
 }
 
@@ -79,6 +83,9 @@ pub struct Summary {
     pub labelled: u64,
     pub correct: u64,
     pub accuracy: Option<f64>,
+    /// Of `requests`, those that came over gRPC (the rest over REST).
+    #[serde(default)]
+    pub grpc: u64,
     /// The merged latency sketch (for rank tests).
     #[serde(skip)]
     pub latency: Sketch,
@@ -157,6 +164,7 @@ impl Series {
             labelled: total.labelled,
             correct: total.correct,
             accuracy: (total.labelled > 0).then(|| total.correct as f64 / total.labelled as f64),
+            grpc: total.grpc,
             latency: total.latency,
         }
     }
@@ -179,6 +187,7 @@ mod tests {
         for i in 0..60 {
             s.record(t0 + i, |b| {
                 b.requests += 10;
+                b.grpc += 3;
                 b.errors += u64::from(i >= 50);
                 b.latency.add(0.001);
             });
@@ -186,6 +195,7 @@ mod tests {
         let now = t0 + 59;
         let last_30 = s.summary(now, Duration::from_secs(30));
         assert_eq!(last_30.requests, 300);
+        assert_eq!(last_30.grpc, 90);
         assert_eq!(last_30.errors, 10);
         // Analysis sees only complete buckets: t0+25..54 at t0+59, and
         // t0+30..59 once that bucket has closed.

@@ -54,6 +54,8 @@ try {
   if (look.header !== look.row) fail(`past rollouts lag the header: ${look.row} vs ${look.header}`);
   if (/observed/.test(look.configured)) fail("configured and observed run together: " + look.configured);
   await page.locator("#traffic-observed", { hasText: "observed" }).waitFor({ timeout: 15000 });
+  // The same recent requests by protocol (the test's traffic is REST).
+  await page.locator('#traffic-protocols [data-protocol="rest"]', { hasText: /^REST [1-9]\d* \(100%\)$/ }).waitFor({ timeout: 15000 });
   console.log("versions, history and split read right");
 
   // Promote from the page: the split moves to 50 %.

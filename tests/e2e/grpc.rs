@@ -395,3 +395,51 @@ async fn idle_grpc_connections_are_closed_like_idle_rest_ones() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(infer(&mut c, rows("cancer", 1), &[]).await.unwrap(), "1");
 }
+
+/// The status splits its recent requests by protocol: N over REST and M over
+/// gRPC show as such in the status JSON (per version too), in `ferry status
+/// -o json` as received, and as one line of `ferry status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_splits_recent_requests_between_rest_and_grpc() {
+    let (s, _tmp) = grpc_server(&[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    let (rest, grpc) = (30u64, 20u64);
+    let mut c = client(&s).await;
+    let started = Instant::now();
+    let (row, _) = &holdout()[0];
+    for _ in 0..rest {
+        let (code, _, body) = s.infer("/v2/models/cancer/infer", row).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    for _ in 0..grpc {
+        infer(&mut c, rows("cancer", 1), &[]).await.unwrap();
+    }
+    let status = status(&s).await;
+    let printed = s.ferry_json(&["status", "cancer"]);
+    let text = s.ferry_ok(&["status", "cancer"]);
+    // The window reaches at least 5 s back: what was sent and read within
+    // that is all in it.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "too slow to test the window: {took:?}"
+    );
+    let split = &status["protocols"];
+    assert_eq!(split["seconds"], 10, "{status}");
+    assert_eq!(
+        (split["rest"].as_u64(), split["grpc"].as_u64()),
+        (Some(rest), Some(grpc)),
+        "{status}"
+    );
+    assert_eq!(
+        split["versions"],
+        json!({"1": {"rest": rest, "grpc": grpc}}),
+        "{status}"
+    );
+    assert_eq!(printed["protocols"], *split, "{printed}");
+    assert!(
+        text.lines()
+            .any(|l| l == "protocols 50 requests in the last 10s, 60% REST, 40% gRPC"),
+        "{text}"
+    );
+}
