@@ -48,6 +48,19 @@ pub enum Source {
     },
 }
 
+impl Source {
+    /// The source in a few words, for events and logs.
+    pub fn summary(&self) -> String {
+        match self {
+            Source::Onnx { digest, size } => {
+                let short = digest.get(..12).unwrap_or(digest);
+                format!("ONNX sha256:{short} ({size} bytes)")
+            }
+            Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
+        }
+    }
+}
+
 /// How a version runs whenever it serves. For remote versions the replicas
 /// are the endpoints, and `replicas`/`threads` do not apply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

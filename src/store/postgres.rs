@@ -37,7 +37,7 @@ use super::{
 };
 use crate::gateway::RoutePolicy;
 use crate::records::EventKind;
-use crate::records::{ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::records::{ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
@@ -131,6 +131,27 @@ fn rollout_row(row: &Row) -> Result2<RolloutRecord> {
 
 fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result2<T>) -> Result2<Vec<T>> {
     rows.iter().map(f).collect()
+}
+
+/// Writes a version's row as it is (registration, and a copy's restore).
+async fn write_version(tx: &impl GenericClient, v: &VersionRecord) -> Result2<()> {
+    let sql =
+        format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+    tx.execute(
+        &sql,
+        &[
+            &v.model,
+            &v.version,
+            &to_json(&v.source),
+            &to_json(&v.signature),
+            &to_json(&v.labels),
+            &to_json(&v.settings),
+            &v.created_at,
+            &v.loaded,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn insert_event(tx: &impl GenericClient, e: &NewEvent) -> Result2<()> {
@@ -806,26 +827,8 @@ async fn insert_version(tx: &Transaction<'_>, v: &VersionRecord) -> Result2<Inse
         )
         .await?;
     }
-    let sql =
-        format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
-    tx.execute(
-        &sql,
-        &[
-            &v.model,
-            &v.version,
-            &to_json(&v.source),
-            &to_json(&v.signature),
-            &to_json(&v.labels),
-            &to_json(&v.settings),
-            &v.created_at,
-            &v.loaded,
-        ],
-    )
-    .await?;
-    let what = match &v.source {
-        Source::Onnx { digest, size } => format!("ONNX sha256:{} ({size} bytes)", &digest[..12]),
-        Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
-    };
+    write_version(tx, v).await?;
+    let what = v.source.summary();
     let registered = NewEvent::new(
         &v.model,
         EventKind::VersionRegistered,
@@ -958,23 +961,8 @@ async fn restore(tx: &Transaction<'_>, s: &Snapshot, replace: bool) -> Result2<(
         )
         .await?;
     }
-    let sql =
-        format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
     for v in &s.versions {
-        tx.execute(
-            &sql,
-            &[
-                &v.model,
-                &v.version,
-                &to_json(&v.source),
-                &to_json(&v.signature),
-                &to_json(&v.labels),
-                &to_json(&v.settings),
-                &v.created_at,
-                &v.loaded,
-            ],
-        )
-        .await?;
+        write_version(tx, v).await?;
     }
     for r in &s.rollouts {
         tx.execute(

@@ -11,7 +11,7 @@ use super::{
     Counts, Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Snapshot, Store, StoreError,
 };
 use crate::gateway::RoutePolicy;
-use crate::records::{EventKind, ModelRecord, ServingSettings, Source, VersionRecord};
+use crate::records::{EventKind, ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
@@ -156,6 +156,26 @@ fn insert_event(tx: &Connection, e: &NewEvent) -> rusqlite::Result<()> {
 }
 
 /// Replaces a model's routing policy; its stable version becomes the policy's.
+/// Writes a version's row as it is (registration, and a copy's restore).
+fn write_version(tx: &Connection, v: &VersionRecord) -> rusqlite::Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ),
+        params![
+            v.model,
+            v.version,
+            to_json(&v.source),
+            to_json(&v.signature),
+            to_json(&v.labels),
+            to_json(&v.settings),
+            v.created_at,
+            v.loaded as i64
+        ],
+    )?;
+    Ok(())
+}
+
 fn write_route(tx: &Connection, model: &str, policy: &RoutePolicy) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE models SET route = ?2, stable = ?3 WHERE name = ?1",
@@ -309,23 +329,8 @@ impl Store for SqliteStore {
                     params![v.model, v.created_at],
                 )?;
             }
-            tx.execute(
-                &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-                params![
-                    v.model,
-                    v.version,
-                    to_json(&v.source),
-                    to_json(&v.signature),
-                    to_json(&v.labels),
-                    to_json(&v.settings),
-                    v.created_at,
-                    v.loaded as i64
-                ],
-            )?;
-            let what = match &v.source {
-                Source::Onnx { digest, size } => format!("ONNX sha256:{} ({size} bytes)", &digest[..12]),
-                Source::Remote { endpoints, .. } => format!("remote {}", endpoints.join(", ")),
-            };
+            write_version(tx, v)?;
+            let what = v.source.summary();
             insert_event(
                 tx,
                 &NewEvent::new(
@@ -729,21 +734,7 @@ fn restore_rows(tx: &Connection, s: &Snapshot) -> rusqlite::Result<()> {
         )?;
     }
     for v in &s.versions {
-        tx.execute(
-            &format!(
-                "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-            ),
-            params![
-                v.model,
-                v.version,
-                to_json(&v.source),
-                to_json(&v.signature),
-                to_json(&v.labels),
-                to_json(&v.settings),
-                v.created_at,
-                v.loaded as i64
-            ],
-        )?;
+        write_version(tx, v)?;
     }
     for r in &s.rollouts {
         tx.execute(
