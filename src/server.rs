@@ -552,7 +552,8 @@ impl Connections for Grpc {
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         tokio::pin!(connection);
         let mut stopping = self.stopping.clone();
-        let mut check = tokio::time::interval(self.idle_timeout / 4);
+        let mut check =
+            tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(50)));
         // Closed for idleness at this time: a client that never even
         // finished its handshake is dropped one idle timeout later. (When
         // the server stops, running calls get the drain timeout instead.)
