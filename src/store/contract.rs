@@ -128,6 +128,21 @@ fn begin(
 }
 
 /// Ends a rollout in `phase`, recorded with `events`; returns its state.
+/// A rollback of `r` on model `m` back to version 1, created.
+fn rollback_of(store: &dyn Store, r: &RolloutRecord) -> RolloutRecord {
+    store
+        .create_rollout(
+            "m",
+            RolloutKind::Rollback,
+            &spec("m", "1"),
+            &started("m"),
+            Some(r.id),
+            vec![event("m", "rollback_started")],
+        )
+        .unwrap()
+        .unwrap()
+}
+
 fn end(store: &dyn Store, r: &RolloutRecord, phase: Phase, events: Vec<NewEvent>) -> RolloutState {
     let mut state = r.state.clone();
     state.phase = phase;
@@ -419,17 +434,7 @@ pub fn a_rollback_marks_the_rollout_it_undoes(db: &dyn Database) {
     store.insert_version(&record("m", "1")).unwrap();
     let r = begin(&*store, "m", vec![]).unwrap();
     end(&*store, &r, Phase::Succeeded, vec![]);
-    let back = store
-        .create_rollout(
-            "m",
-            RolloutKind::Rollback,
-            &spec("m", "1"),
-            &started("m"),
-            Some(r.id),
-            vec![event("m", "rollback_started")],
-        )
-        .unwrap()
-        .unwrap();
+    let back = rollback_of(&*store, &r);
     assert_eq!(back.undoes, Some(r.id));
     assert_eq!(back.kind, RolloutKind::Rollback);
     let undone = store.rollout(r.id).unwrap().unwrap();
@@ -581,17 +586,7 @@ fn populated(store: &dyn Store) {
     store
         .set_rollout_report(r.id, &serde_json::json!({"versions": [1, 2]}))
         .unwrap();
-    store
-        .create_rollout(
-            "m",
-            RolloutKind::Rollback,
-            &spec("m", "1"),
-            &started("m"),
-            Some(r.id),
-            vec![event("m", "rollback_started")],
-        )
-        .unwrap()
-        .unwrap();
+    rollback_of(store, &r);
     begin(store, "n", vec![event("n", "rollout_started")]).unwrap();
     // Retention leaves gaps in the ids: a copy keeps them.
     store
