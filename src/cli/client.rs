@@ -60,6 +60,11 @@ impl Client {
         &self.base
     }
 
+    /// The token requests carry, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// The HTTP client itself (TLS roots set up), for load generators.
     pub fn http(&self) -> &reqwest::Client {
         &self.http

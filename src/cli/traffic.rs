@@ -62,6 +62,8 @@ pub struct TrafficArgs {
 /// Where gRPC requests go, and the requests (the bodies, as tensors).
 #[derive(Clone)]
 pub struct GrpcLoad {
+    /// HOST:PORT, named when it cannot be reached.
+    pub address: Arc<str>,
     pub client: GrpcClient,
     pub requests: Arc<Vec<crate::protocol::grpc::pb::ModelInferRequest>>,
 }
@@ -93,6 +95,7 @@ impl GrpcLoad {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(GrpcLoad {
+            address: address.into(),
             client: GrpcClient::new(channel),
             requests: Arc::new(requests),
         })
@@ -294,6 +297,18 @@ impl Load {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("?")
                 .to_string()),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && status.metadata().is_empty() =>
+            {
+                Err((
+                    "Unavailable".to_string(),
+                    format!(
+                        "{} (gRPC at {}; is the server's --grpc-listen elsewhere? pass --grpc HOST:PORT)",
+                        status.message(),
+                        grpc.address
+                    ),
+                ))
+            }
             Err(status) => Err((format!("{:?}", status.code()), status.message().to_string())),
         }
     }
@@ -371,6 +386,18 @@ async fn zeros_for(client: &Client, model: &str) -> anyhow::Result<Value> {
         })
         .collect();
     Ok(json!({"inputs": inputs}))
+}
+
+/// The headers with the CLI's token (`--token`, `FERRY_TOKEN` or the data
+/// dir's admin token) as the bearer, unless an `authorization` header was
+/// given: a server with an inference token takes it or the admin token.
+fn with_token(mut headers: Vec<(String, String)>, token: Option<&str>) -> Vec<(String, String)> {
+    if let Some(t) = token
+        && !headers.iter().any(|(k, _)| k == "authorization")
+    {
+        headers.push(("authorization".to_string(), format!("Bearer {t}")));
+    }
+    headers
 }
 
 pub fn parse_header(s: &str) -> anyhow::Result<(String, String)> {
@@ -454,11 +481,13 @@ pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::
         bodies: Arc::new(bodies),
         rps: args.rps,
         users: args.users.map(|n| (n, args.user_header.clone())),
-        headers: args
-            .headers
-            .iter()
-            .map(|h| parse_header(h))
-            .collect::<anyhow::Result<_>>()?,
+        headers: with_token(
+            args.headers
+                .iter()
+                .map(|h| parse_header(h))
+                .collect::<anyhow::Result<_>>()?,
+            client.token(),
+        ),
         rotate: None,
     };
     let grpc = match &args.grpc {
@@ -518,4 +547,24 @@ pub async fn run(client: &Client, args: TrafficArgs, output: Output) -> anyhow::
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(k: &str, v: &str) -> (String, String) {
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn the_token_is_sent_as_the_bearer_unless_an_authorization_header_is_given() {
+        assert_eq!(
+            with_token(vec![h("x-region", "eu")], Some("t0k")),
+            vec![h("x-region", "eu"), h("authorization", "Bearer t0k")]
+        );
+        let own = vec![parse_header("Authorization=Bearer inf").unwrap()];
+        assert_eq!(with_token(own.clone(), Some("t0k")), own);
+        assert_eq!(with_token(vec![], None), vec![]);
+    }
 }
