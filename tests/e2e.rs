@@ -23,6 +23,7 @@ mod remote;
 mod restart;
 mod rollouts;
 mod routing;
+mod s3;
 mod schemathesis;
 mod strategies;
 mod tls;
