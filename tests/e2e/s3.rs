@@ -327,3 +327,41 @@ fn a_wrong_key_or_a_missing_bucket_stops_serve_with_what_to_check() {
         "{malformed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_puts_a_single_nodes_artifacts_in_the_bucket() {
+    let (moto, url) = (moto(), testpg::database());
+    let bucket = moto.bucket();
+    let artifacts = format!("s3://{bucket}/copied");
+    let tmp = tempfile::tempdir().unwrap();
+    let node = tmp.path().join("node");
+    let mut single = Server::start_in(&node, &[]).await;
+    let added = single.add("cancer", "1", "cancer-v1.onnx");
+    let digest = added["source"]["digest"].as_str().unwrap().to_string();
+    let served = answer(&single).await;
+    single.terminate();
+
+    let out = Command::new(ferry_binary())
+        .args(["store", "copy", "--from"])
+        .arg(format!("sqlite:{}", node.display()))
+        .args(["--to", &url, "--to-artifacts", &artifacts])
+        .envs(moto.env())
+        .output()
+        .expect("ferry runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("every digest checked"), "{text}");
+    let objects = moto.objects(&bucket);
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects[0].0, format!("copied/sha256/{digest}"));
+    let database = url.rsplit('/').next().unwrap();
+    assert_eq!(
+        testpg::shared().psql(database, "SELECT count(*) FROM blob_chunks"),
+        "0"
+    );
+
+    let args = ["--store", url.as_str(), "--artifacts", artifacts.as_str()];
+    let copy = start(&tmp.path().join("copy"), &args, &moto.env()).await;
+    assert_eq!(answer(&copy).await, served);
+}
