@@ -15,6 +15,7 @@ mod grpc;
 mod hostile_clients;
 mod hostile_models;
 mod hostile_specs;
+mod kubernetes;
 mod layers;
 mod load;
 mod postgres;
