@@ -4,8 +4,8 @@
 //!
 //! A blob is the object `PREFIX/sha256/<digest>`. Both ways are streamed in
 //! parts of [`PART_BYTES`]: an upload is a multipart upload fed from the
-//! staged file one part at a time (at most [`PARTS_IN_FLIGHT`] on the wire
-//! while the next is read), and becomes visible only when it is completed,
+//! staged file one part at a time (one part uploading while the next is
+//! read; at most [`PARTS_IN_FLIGHT`] parts in memory), and becomes visible only when it is completed,
 //! after its digest was checked; a download is ranged reads of one part at a
 //! time, written to the cache file as they come. A large model is never in
 //! memory whole. An object already there is not uploaded again (same
@@ -35,7 +35,8 @@ use super::{BlobStore, StoreError, read_full};
 /// of at least 5 MiB but the last).
 pub const PART_BYTES: usize = 8 << 20;
 
-/// Parts uploaded at once while the next one is read from the file.
+/// Parts in memory at once: the next is read while one uploads, then the
+/// upload waits for the oldest.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
 /// A validated `--artifacts` value: `s3://BUCKET[/PREFIX]`.
