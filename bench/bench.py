@@ -344,7 +344,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc", "store"], default="all")
     ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
     ap.add_argument("--gateway-rate", type=int, default=500, help="fixed rate of the grpc suite's gateway figures")
@@ -392,12 +392,18 @@ def main():
             gr = {"machine": machine(), "setups": grpc_suite.run(sys.modules[__name__], args, tmp, body)}
             (RESULTS / "grpc.json").write_text(json.dumps(gr, indent=2) + "\n")
             print(json.dumps(gr, indent=2))
+        if args.suite in ("all", "store"):
+            log("== shared store: PostgreSQL vs SQLite, a 100 MB artifact through the store and a bucket (Ferry)")
+            import shared_store
+            st = {"machine": machine(), "figures": shared_store.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "store.json").write_text(json.dumps(st, indent=2) + "\n")
+            print(json.dumps(st, indent=2))
         if args.suite in ("all", "batching"):
             log("== adaptive batching (Ferry)")
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc"):
+        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc", "store"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:

@@ -152,6 +152,11 @@ pub struct ServeArgs {
     /// included; the data dir then caches them).
     #[arg(long, env = "FERRY_STORE", hide_env_values = true, value_name = "URL")]
     pub store: Option<String>,
+    /// Keep artifacts in an S3-compatible bucket, s3://BUCKET/PREFIX, rather
+    /// than in the store (endpoint, region and credentials from the AWS_*
+    /// environment variables; the data dir caches them).
+    #[arg(long, env = "FERRY_ARTIFACTS", value_name = "URL")]
+    pub artifacts: Option<String>,
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -384,6 +389,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
     Ok(ServeOptions {
         store: server::store_url(args.store.as_deref())?,
+        artifacts: server::bucket_url(args.artifacts.as_deref())?,
         data_dir: args.data_dir,
         listen: args.listen,
         grpc_listen: args.grpc_listen.0,

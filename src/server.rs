@@ -21,7 +21,7 @@ use crate::gateway::{Gateway, RouteTable};
 use crate::metrics::{Metrics, Telemetry};
 use crate::registry::{Blobs, Registry};
 use crate::runtime::{LoadLimits, OnnxRuntime, remote};
-use crate::store::{BlobStore, PostgresStore, SqliteStore, Store, StoreUrl};
+use crate::store::{BlobStore, BucketUrl, PostgresStore, S3Blobs, SqliteStore, Store, StoreUrl};
 use crate::units::HumanDuration;
 
 /// Validated settings of `ferry serve`.
@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// `--store`: None is the data dir's `ferry.db` (today's single node).
     pub store: Option<StoreUrl>,
+    /// `--artifacts`: a bucket that keeps the artifacts instead of the store.
+    pub artifacts: Option<BucketUrl>,
     pub listen: SocketAddr,
     /// Where the gRPC service listens (`None`: `--grpc-listen off`).
     pub grpc_listen: Option<SocketAddr>,
@@ -145,6 +147,31 @@ pub fn open_store(url: &StoreUrl) -> anyhow::Result<OpenedStore> {
             }
         }
     })
+}
+
+impl OpenedStore {
+    /// Keeps the artifacts in `bucket` (`--artifacts`) instead of the store:
+    /// opened and checked now, so a wrong bucket or key stops the start.
+    /// With SQLite the bucket holds a copy of every artifact and the data
+    /// dir caches them.
+    pub fn with_artifacts(self, bucket: Option<&BucketUrl>) -> anyhow::Result<OpenedStore> {
+        let Some(bucket) = bucket else {
+            return Ok(self);
+        };
+        let blobs = S3Blobs::open(bucket).context("cannot open --artifacts")?;
+        tracing::info!("artifacts: in the bucket {bucket}");
+        Ok(OpenedStore {
+            store: self.store,
+            shared_blobs: Some(Arc::new(blobs)),
+        })
+    }
+}
+
+/// Validates `--artifacts`.
+pub fn bucket_url(artifacts: Option<&str>) -> anyhow::Result<Option<BucketUrl>> {
+    artifacts
+        .map(|text| BucketUrl::parse(text).map_err(|e| anyhow::anyhow!("--artifacts: {e}")))
+        .transpose()
 }
 
 /// Validates `--store` (None: the data dir's SQLite database).
@@ -266,12 +293,14 @@ fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
         .store
         .clone()
         .unwrap_or_else(|| StoreUrl::default_for(&opts.data_dir));
-    let opened = open_store(&store_url).with_context(|| match &opts.store {
-        None => format!("cannot open the store in {}", opts.data_dir.display()),
-        Some(url @ StoreUrl::Sqlite(_)) => format!("cannot open --store {}", url.shown()),
-        // Its own errors name the server (without a password).
-        Some(StoreUrl::Postgres(_)) => "cannot open --store".to_string(),
-    })?;
+    let opened = open_store(&store_url)
+        .with_context(|| match &opts.store {
+            None => format!("cannot open the store in {}", opts.data_dir.display()),
+            Some(url @ StoreUrl::Sqlite(_)) => format!("cannot open --store {}", url.shown()),
+            // Its own errors name the server (without a password).
+            Some(StoreUrl::Postgres(_)) => "cannot open --store".to_string(),
+        })?
+        .with_artifacts(opts.artifacts.as_ref())?;
     let blobs = Arc::new(Blobs::open(&opts.data_dir).context("cannot open the artifact store")?);
     blobs.clean_temporaries();
     let (token, created) = AdminToken::load_or_create(&opts.data_dir)

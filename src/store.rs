@@ -3,13 +3,15 @@
 //!
 //! [`sqlite::SqliteStore`] is the embedded default (WAL, synchronous writes);
 //! [`postgres::PostgresStore`] is the one several instances share, and keeps
-//! artifacts too ([`BlobStore`]). [`url::StoreUrl`] says which one
-//! `--store` names. Every method is one transaction: an event is never
+//! artifacts too ([`BlobStore`]), unless `--artifacts` names a bucket
+//! ([`s3::S3Blobs`]). [`url::StoreUrl`] says which one `--store` names. Every method is one transaction: an event is never
 //! written without the change it records, nor the change without its event.
 
+pub mod bridge;
 #[cfg(test)]
 pub mod contract;
 pub mod postgres;
+pub mod s3;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testpg;
@@ -21,6 +23,7 @@ use crate::spec::RolloutSpec;
 use crate::strategy::{RolloutKind, RolloutState};
 
 pub use postgres::{PgFailure, PgProblem, PostgresStore};
+pub use s3::{BucketFailure, BucketUrl, S3Blobs};
 pub use sqlite::SqliteStore;
 pub use url::StoreUrl;
 
@@ -34,6 +37,10 @@ pub enum StoreError {
     /// password).
     #[error("{0}")]
     Postgres(PgFailure),
+    /// The bucket of artifacts (`--artifacts s3://…`) failed or could not
+    /// be reached.
+    #[error("{0}")]
+    Bucket(BucketFailure),
     /// A copy's target already holds data (and replacing it was not asked).
     #[error(
         "the target store is not empty ({models} models, {events} events); copy into an empty database, or replace what it holds"
@@ -414,7 +421,8 @@ pub struct Snapshot {
 }
 
 /// Content-addressed artifacts every instance can read (by default inside
-/// the shared PostgreSQL store). A blob is streamed both ways in chunks: a
+/// the shared PostgreSQL store; in an S3-compatible bucket with
+/// `--artifacts`, [`S3Blobs`]). A blob is streamed both ways in chunks: a
 /// large model is never held in memory whole. Writing the same digest twice
 /// is harmless (the content is the same); a blob is visible only once
 /// complete.
@@ -428,4 +436,19 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Writes the blob's bytes to `to`, chunk by chunk; false when no blob
     /// has this digest. The reader checks the digest.
     fn get_blob(&self, digest: &str, to: &mut dyn std::io::Write) -> Result<bool, StoreError>;
+}
+
+/// Reads until `buf` is full or the input ends; how many bytes were read
+/// (a blob store's chunk or part).
+pub(crate) fn read_full(from: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

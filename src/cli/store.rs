@@ -12,7 +12,7 @@ use super::Output;
 use crate::registry::Blobs;
 use crate::registry::copy::{self, Artifacts, Copied, End};
 use crate::server::{OpenedStore, open_store};
-use crate::store::StoreUrl;
+use crate::store::{BucketUrl, StoreUrl};
 
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
@@ -28,6 +28,14 @@ pub enum StoreCommand {
         /// The store to copy into (it must be empty unless --replace).
         #[arg(long, value_name = "URL")]
         to: String,
+        /// Where the source's artifacts are, when in a bucket (the
+        /// --artifacts it was served with): s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "URL")]
+        from_artifacts: Option<String>,
+        /// Put the copy's artifacts in this bucket (the --artifacts its
+        /// servers will use): s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "URL")]
+        to_artifacts: Option<String>,
         /// Delete everything the target holds first (its models, versions,
         /// rollouts and events; artifacts are kept, they are content-addressed).
         #[arg(long)]
@@ -42,7 +50,10 @@ struct Opened {
     artifacts: Artifacts,
 }
 
-fn open(flag: &str, text: &str, source: bool) -> anyhow::Result<Opened> {
+fn open(flag: &str, text: &str, bucket: Option<&str>, source: bool) -> anyhow::Result<Opened> {
+    let bucket = bucket
+        .map(|b| BucketUrl::parse(b).map_err(|e| anyhow::anyhow!("--{flag}-artifacts: {e}")))
+        .transpose()?;
     let url = StoreUrl::parse(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
     if let StoreUrl::Sqlite(file) = &url {
         if source && !file.exists() {
@@ -56,7 +67,10 @@ fn open(flag: &str, text: &str, source: bool) -> anyhow::Result<Opened> {
                 .with_context(|| format!("--{flag}: cannot create {}", dir.display()))?;
         }
     }
-    let store = open_store(&url).with_context(|| format!("--{flag} {}", url.shown()))?;
+    let store = open_store(&url)
+        .with_context(|| format!("--{flag} {}", url.shown()))?
+        .with_artifacts(bucket.as_ref())
+        .with_context(|| format!("--{flag}-artifacts"))?;
     let artifacts = match (&store.shared_blobs, url.sqlite_dir()) {
         (Some(shared), _) => Artifacts::Shared(shared.clone()),
         (None, Some(dir)) => Artifacts::Local(Arc::new(Blobs::open(dir).with_context(|| {
@@ -72,10 +86,16 @@ fn open(flag: &str, text: &str, source: bool) -> anyhow::Result<Opened> {
 }
 
 pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<()> {
-    let StoreCommand::Copy { from, to, replace } = cmd;
+    let StoreCommand::Copy {
+        from,
+        to,
+        from_artifacts,
+        to_artifacts,
+        replace,
+    } = cmd;
     let (from, to, copied) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let from = open("from", &from, true)?;
-        let to = open("to", &to, false)?;
+        let from = open("from", &from, from_artifacts.as_deref(), true)?;
+        let to = open("to", &to, to_artifacts.as_deref(), false)?;
         let same = from.url == to.url
             || from.store.store.identity()? == to.store.store.identity()?;
         anyhow::ensure!(

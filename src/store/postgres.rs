@@ -4,8 +4,8 @@
 //!
 //! The [`Store`] trait is synchronous and is called from tokio worker
 //! threads and from current-thread test runtimes, where `block_on` panics.
-//! So the store owns a small tokio runtime of its own: each method spawns its
-//! work there (`tokio-postgres` through a `deadpool-postgres` pool) and
+//! So the store owns a small tokio runtime of its own ([`super::bridge`]):
+//! each method spawns its work there (`tokio-postgres` through a `deadpool-postgres` pool) and
 //! waits for the reply on a channel, blocking the calling thread as long as a
 //! SQLite disk write would.
 //!
@@ -234,11 +234,7 @@ impl PostgresStore {
             .connect_timeout(Duration::from_secs(5))
             .keepalives_idle(Duration::from_secs(30))
             .tcp_user_timeout(Duration::from_secs(20));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ferry-store")
-            .enable_all()
-            .build()
+        let runtime = super::bridge::runtime("ferry-store", 2)
             .map_err(|e| fail(format!("cannot start the store's threads: {e}")))?;
         let manager = Manager::from_config(
             config,
@@ -281,23 +277,20 @@ impl PostgresStore {
         T: Send + 'static,
         F: Future<Output = Result2<T>> + Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let db = self.db.clone();
         let runtime = self
             .runtime
             .as_ref()
             .expect("the runtime lives as long as the store");
-        runtime.spawn(async move {
-            let answer = match tokio::time::timeout(CALL_TIMEOUT, work(db)).await {
+        let answer = super::bridge::wait(runtime, async move {
+            match tokio::time::timeout(CALL_TIMEOUT, work(db)).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Failure::Timeout),
-            };
-            let _ = tx.send(answer);
+            }
         });
-        match rx.recv() {
-            Ok(answer) => answer.map_err(|f| f.into_store_error(&self.shown)),
-            Err(_) => Err(Failure::Timeout.into_store_error(&self.shown)),
-        }
+        answer
+            .unwrap_or(Err(Failure::Timeout))
+            .map_err(|f| f.into_store_error(&self.shown))
     }
 
     /// Runs `work` in one write transaction (see [`Db::begin`]).

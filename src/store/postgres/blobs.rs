@@ -6,7 +6,7 @@
 
 use super::failure::corrupt;
 use super::{CHUNK_BYTES, PostgresStore};
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, StoreError, read_full};
 use crate::units::now_rfc3339;
 
 impl BlobStore for PostgresStore {
@@ -117,18 +117,4 @@ impl BlobStore for PostgresStore {
         }
         Ok(true)
     }
-}
-
-/// Reads until `buf` is full or the input ends; how many bytes were read.
-fn read_full(from: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match from.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
