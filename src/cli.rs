@@ -155,7 +155,12 @@ pub struct ServeArgs {
     /// Keep artifacts in an S3-compatible bucket, s3://BUCKET/PREFIX, rather
     /// than in the store (endpoint, region and credentials from the AWS_*
     /// environment variables; the data dir caches them).
-    #[arg(long, env = "FERRY_ARTIFACTS", value_name = "URL")]
+    #[arg(
+        long,
+        env = "FERRY_ARTIFACTS",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub artifacts: Option<String>,
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
