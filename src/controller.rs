@@ -68,6 +68,10 @@ pub struct Controller {
     served: AtomicI64,
     /// Versions this instance could not load when following the store.
     failures: cluster::Failures,
+    /// Since when each rollout waits for other instances to warm its route.
+    warm_waits: cluster::WarmWaits,
+    /// Who this instance is in the instances table, once it reports.
+    me: std::sync::OnceLock<cluster::Identity>,
 }
 
 /// What a rollout spec may reach outside the process (`ferry serve
@@ -136,6 +140,8 @@ impl Controller {
             shadow_seen: Default::default(),
             served: AtomicI64::new(0),
             failures: Default::default(),
+            warm_waits: Default::default(),
+            me: Default::default(),
         }
     }
 

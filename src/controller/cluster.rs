@@ -161,7 +161,88 @@ pub fn warm_everywhere(
     }
 }
 
+/// What the rollout loop does about a rollout whose route some instances
+/// may not serve yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every live instance serves it: the step goes on.
+    Go,
+    /// Some are still loading (named): look again at the next tick.
+    Wait(String),
+    /// The step fails, as a failed load does, with this reason.
+    Fail(String),
+}
+
+/// [`WarmEverywhere`] after waiting `waited` of at most `bound` (the load
+/// timeout): waiting longer than a load may take is a failed load.
+pub fn readiness(warm: WarmEverywhere, waited: Duration, bound: Duration) -> Readiness {
+    match warm {
+        WarmEverywhere::Yes => Readiness::Go,
+        WarmEverywhere::Failed(why) => Readiness::Fail(why),
+        WarmEverywhere::Waiting(who) if waited <= bound => Readiness::Wait(who.join(", ")),
+        WarmEverywhere::Waiting(who) => Readiness::Fail(format!(
+            "instance{} {} did not report the route's versions warm within the load timeout ({})",
+            if who.len() == 1 { "" } else { "s" },
+            who.join(", "),
+            crate::units::HumanDuration(bound)
+        )),
+    }
+}
+
 impl Controller {
+    /// Whether every other live instance serves the versions the rollout's
+    /// current route needs (this instance published it itself): see
+    /// [`readiness`]. How long it has waited is kept here, per rollout.
+    pub(super) fn cluster_readiness(
+        &self,
+        record: &crate::store::RolloutRecord,
+    ) -> Result<Readiness, ControlError> {
+        let store = self.registry.store();
+        let mut view = self.cluster()?;
+        if let Some(me) = self.me.get() {
+            // This instance as it is now, not as it last reported.
+            let now = self.report(me);
+            view.instances.retain(|i| i.id != me.id);
+            view.instances.push(InstanceView {
+                id: now.id,
+                url: now.url,
+                version: now.version,
+                started_at: now.started_at,
+                last_seen: crate::units::now_rfc3339(),
+                live: true,
+                route_version: now.route_version,
+                warm: now.warm,
+                failures: now.failures,
+            });
+        }
+        let needed: Vec<String> = record
+            .state
+            .route
+            .versions()
+            .into_iter()
+            .map(|v| format!("{}/{v}", record.model))
+            .collect();
+        let changed_at = store
+            .changed_since(0)?
+            .into_iter()
+            .find(|(m, _)| *m == record.model)
+            .map_or(0, |(_, v)| v);
+        let warm = warm_everywhere(&view, &needed, changed_at);
+        let mut waits = self.warm_waits.lock().unwrap_or_else(|p| p.into_inner());
+        if warm == WarmEverywhere::Yes {
+            waits.remove(&record.id);
+            return Ok(Readiness::Go);
+        }
+        let since = *waits
+            .entry(record.id)
+            .or_insert_with(std::time::Instant::now);
+        let verdict = readiness(warm, since.elapsed(), self.limits.timeout);
+        if !matches!(verdict, Readiness::Wait(_)) {
+            waits.remove(&record.id);
+        }
+        Ok(verdict)
+    }
+
     /// The route version whose changes this instance has applied.
     pub fn served_route_version(&self) -> i64 {
         self.served.load(Ordering::Acquire)
@@ -295,6 +376,7 @@ impl Controller {
     /// Reports this instance every [`HEARTBEAT`] and forgets instances
     /// silent for [`FORGET_AFTER`], until the process ends.
     pub async fn run_heartbeat(self: Arc<Self>, me: Identity) {
+        let _ = self.me.set(me.clone());
         let mut beats: u64 = 0;
         loop {
             self.write_report(&me).await;
@@ -322,6 +404,8 @@ impl Controller {
 
 /// The failures recorded per `model/version`.
 pub(super) type Failures = std::sync::Mutex<BTreeMap<String, String>>;
+/// Since when each rollout (by id) waits for other instances.
+pub(super) type WarmWaits = std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>;
 
 #[cfg(test)]
 mod tests {
@@ -407,6 +491,31 @@ mod tests {
             WarmEverywhere::Failed(
                 "instance b (http://b:8080) could not load version m/2: warm-up failed".into()
             )
+        );
+    }
+
+    #[test]
+    fn waiting_longer_than_a_load_may_take_is_a_failed_load() {
+        let bound = Duration::from_secs(60);
+        let waiting = || WarmEverywhere::Waiting(vec!["b (http://b:8080)".into()]);
+        assert_eq!(
+            readiness(WarmEverywhere::Yes, bound * 2, bound),
+            Readiness::Go
+        );
+        assert_eq!(
+            readiness(waiting(), bound, bound),
+            Readiness::Wait("b (http://b:8080)".into())
+        );
+        assert_eq!(
+            readiness(waiting(), bound + Duration::from_millis(1), bound),
+            Readiness::Fail(
+                "instance b (http://b:8080) did not report the route's versions warm within the load timeout (1m)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            readiness(WarmEverywhere::Failed("why".into()), Duration::ZERO, bound),
+            Readiness::Fail("why".into())
         );
     }
 

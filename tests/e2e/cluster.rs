@@ -208,3 +208,58 @@ async fn a_canary_started_through_one_instance_splits_traffic_alike_on_every_ins
     }
     assert_eq!(versions.len(), 2, "both versions have users: {versions:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_fails_when_an_instance_cannot_load_its_version_and_says_which() {
+    let url = testpg::database();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Server::start_in(&tmp.path().join("a"), &["--store", &url]).await;
+    // B gives a warm-up 20 ms: the slow model (45 ms a row) never loads there.
+    let b = Server::start_in(
+        &tmp.path().join("b"),
+        &["--store", &url, "--load-timeout", "20ms"],
+    )
+    .await;
+    a.add("cancer", "1", "cancer-v1.onnx");
+    a.add("cancer", "2", "cancer-slow.onnx");
+    served_everywhere(&[&a, &b], "1").await;
+    a.start_rollout(&json!({
+        "model": "cancer", "version": "2",
+        "strategy": {"canary": {"steps": [{"weight": 30}, {"pause": {}}]}},
+    }))
+    .await;
+    let b_id = eventually_failed_on(&a).await;
+    let ended = a.admin_get("/api/v1/models/cancer/status").await;
+    let message = ended["last_rollout"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains(&format!("instance {b_id} ({})", b.url))
+            && message.contains("could not load version cancer/2")
+            && message.contains("version 1 keeps serving"),
+        "{ended}"
+    );
+    served_everywhere(&[&a, &b], "1").await;
+}
+
+/// Waits for the rollout to fail; returns the id of the instance that
+/// reported the load failure (as `ferry cluster` shows it).
+async fn eventually_failed_on(s: &Server) -> String {
+    let mut failed_on = String::new();
+    eventually(Duration::from_secs(30), "the rollout failed", async || {
+        let view = cluster(s).await;
+        if let Some(i) = view["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| !i["failures"].as_array().unwrap().is_empty())
+        {
+            failed_on = i["id"].as_str().unwrap().to_string();
+        }
+        let status = s.admin_get("/api/v1/models/cancer/status").await;
+        status["last_rollout"]["phase"] == "failed"
+    })
+    .await;
+    assert!(!failed_on.is_empty(), "an instance reported the failure");
+    failed_on
+}
