@@ -21,6 +21,7 @@ macro_rules! out {
 }
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod model;
@@ -135,6 +136,9 @@ pub enum Command {
     /// Work on a store directly (no server): copy one into another.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// The instances sharing the server's store: live or stale, the route
+    /// version each serves, their warm versions and load failures.
+    Cluster,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +169,10 @@ pub struct ServeArgs {
     /// Address to listen on (port 0: any free port, printed at start-up).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// How other instances and the CLI reach this one, shown by `ferry
+    /// cluster` (default: http(s)://the address bound).
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
     /// Address of the gRPC service (`inference.GRPCInferenceService`, the
     /// same models and routes as `/v2`; port 0: any free port), or `off`.
     #[arg(long, default_value = "127.0.0.1:8081")]
@@ -387,6 +395,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Traffic(args) => traffic::run(&client()?, args, output).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Store(cmd) => ok(store::run(cmd, output).await),
+        Command::Cluster => ok(cluster::run(&client()?, output).await),
     }
 }
 
@@ -435,5 +444,6 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         }),
         reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
         event_retention: server::event_retention(args.event_retention)?,
+        advertise_url: server::advertise_url(args.advertise_url)?,
     })
 }

@@ -9,6 +9,7 @@
 //! (`publish`). [`Controller::apply`] stores the policy on its own; a
 //! rollout pass stores it in the same transaction as its new state.
 
+pub mod cluster;
 mod dataset;
 mod external;
 pub mod outbound;
@@ -16,7 +17,7 @@ pub mod rollouts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::gateway::{ModelRoute, Replica, RoutePolicy, RouteTable, VersionPool};
@@ -63,6 +64,14 @@ pub struct Controller {
     reach: Reach,
     /// Shadow counters as last fed to each mirroring rollout (by id).
     shadow_seen: std::sync::Mutex<std::collections::HashMap<i64, rollouts::ShadowReading>>,
+    /// The store's route version whose changes this instance has applied.
+    served: AtomicI64,
+    /// Versions this instance could not load when following the store.
+    failures: cluster::Failures,
+    /// Since when each rollout waits for other instances to warm its route.
+    warm_waits: cluster::WarmWaits,
+    /// Who this instance is in the instances table, once it reports.
+    me: std::sync::OnceLock<cluster::Identity>,
 }
 
 /// What a rollout spec may reach outside the process (`ferry serve
@@ -129,6 +138,10 @@ impl Controller {
             ready: AtomicBool::new(false),
             reach: p.reach,
             shadow_seen: Default::default(),
+            served: AtomicI64::new(0),
+            failures: Default::default(),
+            warm_waits: Default::default(),
+            me: Default::default(),
         }
     }
 
@@ -146,15 +159,16 @@ impl Controller {
     /// the others serve.
     pub async fn start(&self) -> Result<(), ControlError> {
         let _guard = self.lock.lock().await;
+        // Read first: a change committed while the models load is applied
+        // by the next catch-up.
+        let route_version = self.registry.store().route_version()?;
         let models = self.registry.store().models()?;
         for model in models {
-            if let Err(e) = self.apply(&model.name, None).await {
+            if let Err(e) = self.follow_noting_failures(&model.name).await {
                 tracing::error!(model = %model.name, "not serving: {e}");
             }
-            if let Some(latest) = self.registry.store().rollouts(&model.name, 1)?.first() {
-                self.publish_phase(latest);
-            }
         }
+        self.served.fetch_max(route_version, Ordering::AcqRel);
         if let Err(e) = self.resume_rollouts().await {
             tracing::error!("resuming rollouts: {e}");
         }

@@ -20,7 +20,7 @@
 //! | [`registry`] | models, versions, labels, serving settings, content-addressed artifacts, validation |
 //! | [`gateway`] | per-request choice of version and replica, from the route table |
 //! | [`metrics`] | per-version counters and latency histograms; Prometheus export |
-//! | [`controller`] | what serves: loading versions, publishing routes, rollouts, recording changes first |
+//! | [`controller`] | what serves: loading versions, publishing routes, rollouts, recording changes first; following the changes other instances made |
 //! | [`spec`] | rollout specs (YAML/JSON) as validated types |
 //! | [`strategy`] | pure rollout plans: basic, multi, canary |
 //! | [`analysis`] | pure verdicts over metric windows, significance tests, the A/B report |

@@ -4,6 +4,7 @@
 //! gateway, the store and the registry can all use it without a loop.
 
 pub mod event;
+pub mod instance;
 pub mod variant;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use crate::units::HumanDuration;
 
 pub use crate::display_from_serde;
 pub use event::EventKind;
+pub use instance::{InstanceRecord, InstanceReport, LoadFailure};
 pub use variant::variant_name;
 
 /// A model: the name clients call.

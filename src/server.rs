@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, AdminToken, AppState, Limits};
+use crate::controller::cluster::Identity;
 use crate::controller::outbound::AllowList;
 use crate::controller::{Controller, ControllerParts, Reach};
 use crate::gateway::predlog::{PredictionLog, PredictionLogSettings};
@@ -64,6 +65,9 @@ pub struct ServeOptions {
     pub reach: Reach,
     /// `--event-retention`: events older than this are deleted.
     pub event_retention: Option<Duration>,
+    /// `--advertise-url`: how other instances and the CLI reach this one
+    /// (default: derived from the address bound).
+    pub advertise_url: Option<String>,
 }
 
 /// Validates `--qa-dir` (an existing directory) and `--allow-outbound`.
@@ -99,6 +103,22 @@ pub fn event_retention(d: Option<HumanDuration>) -> anyhow::Result<Option<Durati
             "--event-retention must be more than 0 (e.g. 30d); leave it out to keep every event"
         ),
         d => Ok(d.map(|d| d.0)),
+    }
+}
+
+/// Validates `--advertise-url`: an http:// or https:// URL with a host.
+pub fn advertise_url(url: Option<String>) -> anyhow::Result<Option<String>> {
+    let Some(url) = url else { return Ok(None) };
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.starts_with('/') => {
+            Ok(Some(url.trim_end_matches('/').to_string()))
+        }
+        _ => anyhow::bail!(
+            "--advertise-url {url:?} is not an http:// or https:// URL with a host (e.g. http://10.0.0.7:8080)"
+        ),
     }
 }
 
@@ -244,8 +264,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "gRPC listening on {grpc} without TLS: requests and tokens (in the authorization metadata) cross the network in plain text (use --tls-cert/--tls-key, or a TLS terminator in front)"
         );
     }
-    announce(scheme(&opts, addr), addr, grpc_addr, wired.dashboard_path);
-    start_models(wired.state.controller.clone());
+    let scheme = scheme(&opts, addr);
+    let me = Identity::new(
+        opts.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{addr}")),
+    );
+    announce(scheme, addr, grpc_addr, wired.dashboard_path);
+    start_models(wired.state.controller.clone(), me);
     let mut head = opts.head.clone();
     head.loopback = addr.ip().is_loopback();
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -493,14 +519,17 @@ fn announce(
         .and_then(|()| stdout.flush());
 }
 
-/// Loads and warms every model that should serve, reports ready, then runs
-/// the rollouts' background loop; the listener answers meanwhile.
-fn start_models(controller: Arc<Controller>) {
+/// Loads and warms every model that should serve, reports ready, then
+/// follows the store's changes and runs the rollouts' background loop; the
+/// listener answers meanwhile, and the instance reports itself from the start.
+fn start_models(controller: Arc<Controller>, me: Identity) {
+    tokio::spawn(controller.clone().run_heartbeat(me.clone()));
     tokio::spawn(async move {
         match controller.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
+        tokio::spawn(controller.clone().run_following(me));
         controller.run_rollouts().await;
     });
 }

@@ -18,7 +18,9 @@ pub mod testpg;
 pub mod url;
 
 use crate::gateway::RoutePolicy;
-use crate::records::{EventKind, ModelRecord, ServingSettings, VersionRecord};
+use crate::records::{
+    EventKind, InstanceRecord, InstanceReport, ModelRecord, ServingSettings, VersionRecord,
+};
 use crate::spec::RolloutSpec;
 use crate::strategy::{RolloutKind, RolloutState};
 
@@ -374,6 +376,30 @@ pub trait Store: Send + Sync + 'static {
     fn drives_rollouts(&self) -> Result<bool, StoreError> {
         Ok(true)
     }
+    /// The latest route version: a number that grows by one in the same
+    /// transaction as every change of what serves (registration, settings,
+    /// load/unload, removal, a route, a rollout's state), so an instance
+    /// that has applied every change up to it serves what the store says.
+    fn route_version(&self) -> Result<i64, StoreError>;
+    /// The models changed after route version `after`, each with the route
+    /// version of its latest change, oldest change first.
+    fn changed_since(&self, after: i64) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Writes this instance's report (replacing its previous one), stamped
+    /// with the time it was written: the instance's heartbeat.
+    fn report_instance(&self, report: &InstanceReport) -> Result<(), StoreError>;
+    /// Route versions as they are announced (a shared store's `NOTIFY`,
+    /// heard on a connection of its own), or `None` when the store
+    /// announces nothing (an embedded store has one instance, which made
+    /// every change itself). A hint only: a look at [`Store::route_version`]
+    /// is the truth.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        None
+    }
+    /// Every instance's latest report, by id.
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// Forgets the instances not heard from since `before_ms` (ms since the
+    /// epoch); returns how many.
+    fn forget_instances(&self, before_ms: u64) -> Result<usize, StoreError>;
     /// Everything but the events (those are paged: [`Store::event_log`]),
     /// as stored, ids and timestamps included.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
@@ -389,6 +415,10 @@ pub trait Store: Send + Sync + 'static {
     /// above every stored one. Later events are numbered after them.
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
 }
+
+/// The channel a PostgreSQL store announces changes on (`NOTIFY`, at
+/// commit), its payload `"<route version> <model>"`.
+pub const CHANGES_CHANNEL: &str = "ferry_changes";
 
 /// What a store holds, counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

@@ -63,8 +63,13 @@ pub fn now_secs() -> u64 {
 
 /// Now, as the RFC 3339 timestamp Ferry stores and shows (UTC, milliseconds).
 pub fn now_rfc3339() -> String {
-    let now = std::time::UNIX_EPOCH + Duration::from_millis(now_ms());
-    humantime::format_rfc3339_millis(now).to_string()
+    rfc3339_of_ms(now_ms())
+}
+
+/// A time in Unix milliseconds as Ferry shows it (RFC 3339, UTC, milliseconds).
+pub fn rfc3339_of_ms(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ pub mod testpg;
 pub mod upstream;
 
 mod cli;
+mod cluster;
 mod config;
 mod dashboard;
 mod data_plane;

@@ -39,6 +39,7 @@ pub fn router(state: AppState, limits: Limits) -> Router<AppState> {
             get(show_route).put(set_route),
         )
         .route("/api/v1/models/{model}/metrics", get(model_metrics))
+        .route("/api/v1/cluster", get(cluster))
         .route_layer(middleware::from_fn_with_state(state, auth::require_admin))
 }
 
@@ -505,4 +506,16 @@ pub async fn model_metrics(
         window,
         series: s.telemetry.summaries(&model, window.0),
     }))
+}
+
+/// The instances sharing this store (one on an embedded store): each one's
+/// address, build, whether it reported within the last 5 s (live) or not
+/// (stale), the route version it serves beside the store's latest, its warm
+/// versions and its load failures.
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster", security(("admin_token" = [])),
+    responses((status = 200, body = crate::controller::cluster::ClusterView)))]
+pub async fn cluster(
+    State(s): State<AppState>,
+) -> Result<Json<crate::controller::cluster::ClusterView>, ApiError> {
+    Ok(Json(s.controller.cluster()?))
 }

@@ -114,7 +114,7 @@ impl Modify for CommonErrors {
         control::show_route, control::set_route, control::model_metrics,
         rollouts::apply, rollouts::all_status, rollouts::status, rollouts::promote, rollouts::pause,
         rollouts::resume, rollouts::abort, rollouts::retry, rollouts::rollback, rollouts::history,
-        rollouts::rollout_events, rollouts::report, v2::feedback,
+        rollouts::rollout_events, rollouts::report, v2::feedback, control::cluster,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&AdminTokenScheme, &CommonErrors),

@@ -4,7 +4,7 @@
 //! registry and controller in a temporary directory, and one small ONNX
 //! model (`examples/models/cancer-v1.onnx`) where a served model is needed.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,11 +27,7 @@ const FEEDBACK: &str = "feedback-secret";
 
 /// ONNX Runtime is initialised once per process.
 fn onnx() -> Arc<OnnxRuntime> {
-    static ONNX: OnceLock<Arc<OnnxRuntime>> = OnceLock::new();
-    ONNX.get_or_init(|| {
-        Arc::new(OnnxRuntime::load(None).expect("the build provisions ONNX Runtime"))
-    })
-    .clone()
+    OnnxRuntime::for_tests()
 }
 
 /// A server's state and router over a fresh data dir.

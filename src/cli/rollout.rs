@@ -584,6 +584,9 @@ async fn status_of_all(client: &Client, output: Output) -> anyhow::Result<ExitCo
         "MESSAGE",
     ];
     outln!("{}", table::render(&header, &rows));
+    if let Some(lines) = super::cluster::status_lines(client).await {
+        outln!("{lines}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -617,6 +620,9 @@ pub async fn status(
             } else {
                 let events = events_of(client, model, shown_rollout.as_deref()).await;
                 outln!("{}", render_status(&st, &events));
+                if let Some(lines) = super::cluster::status_lines(client).await {
+                    outln!("{lines}");
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }

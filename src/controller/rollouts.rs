@@ -704,7 +704,17 @@ impl Controller {
     async fn tick(&self, record: RolloutRecord) -> Result<(), ControlError> {
         let now = now_ms();
         let mut obs = Observations::default();
-        if window_due(&record, now) {
+        // Other instances may still be warming what the route needs: no
+        // step (nor window) counts until every live one serves it.
+        match self.cluster_readiness(&record)? {
+            super::cluster::Readiness::Go => {}
+            super::cluster::Readiness::Wait(who) => {
+                tracing::debug!(rollout = %record.name(), "waiting for {who} to warm the route");
+                return Ok(());
+            }
+            super::cluster::Readiness::Fail(why) => obs.route_failed = Some(why),
+        }
+        if obs.route_failed.is_none() && window_due(&record, now) {
             obs.verdict = Some(self.judge_window(&record).await);
         }
         if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {

@@ -29,6 +29,17 @@ pub struct OnnxRuntime {
 }
 
 impl OnnxRuntime {
+    /// The one ONNX Runtime of a test process (it may be initialised once
+    /// per process: every in-process test shares it).
+    #[cfg(test)]
+    pub fn for_tests() -> std::sync::Arc<OnnxRuntime> {
+        static ONNX: std::sync::OnceLock<std::sync::Arc<OnnxRuntime>> = std::sync::OnceLock::new();
+        ONNX.get_or_init(|| {
+            std::sync::Arc::new(OnnxRuntime::load(None).expect("the build provisions ONNX Runtime"))
+        })
+        .clone()
+    }
+
     /// Finds the library (see [`library::locate`]) and initialises ONNX Runtime.
     /// Call once per process.
     pub fn load(explicit: Option<&Path>) -> Result<OnnxRuntime, RuntimeError> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::{Counts, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
 use crate::gateway::RoutePolicy;
-use crate::records::{EventKind, ServingSettings, Source, VersionRecord};
+use crate::records::{EventKind, InstanceReport, ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState, initial_state};
@@ -49,6 +49,9 @@ macro_rules! store_contract {
             a_copy_keeps_every_row_id_timestamp_and_event,
             a_copy_refuses_a_store_that_holds_anything_unless_replacing,
             two_handles_on_one_database_share_its_identity,
+            every_change_of_what_serves_grows_the_route_version,
+            concurrent_changes_take_distinct_route_versions,
+            instances_report_themselves_and_are_forgotten,
         );
     };
     (@tests $new:expr; $($check:ident),* $(,)?) => {
@@ -675,4 +678,148 @@ pub fn a_copy_refuses_a_store_that_holds_anything_unless_replacing(db: &dyn Data
     assert!(to.model("other").unwrap().is_none(), "replaced");
     assert_eq!(to.snapshot().unwrap(), from.snapshot().unwrap());
     assert_eq!(whole_log(&*to), whole_log(&*from));
+}
+
+/// Every change of what serves grows the route version by one, in its own
+/// transaction, and names the model it changed; reads, reports and history
+/// do not move it; a second handle (another instance) reads the same.
+pub fn every_change_of_what_serves_grows_the_route_version(db: &dyn Database) {
+    let store = db.open();
+    assert_eq!(store.route_version().unwrap(), 0);
+    assert_eq!(store.changed_since(0).unwrap(), vec![]);
+    let expected = std::cell::Cell::new(0);
+    let grows = |store: &dyn Store, model: &str, what: &str| {
+        let now = expected.get() + 1;
+        expected.set(now);
+        assert_eq!(store.route_version().unwrap(), now, "{what}");
+        let last = store.changed_since(now - 1).unwrap();
+        assert_eq!(last, vec![(model.to_string(), now)], "{what}");
+    };
+    store.insert_version(&record("m", "1")).unwrap();
+    grows(&*store, "m", "the first registration");
+    store.insert_version(&record("m", "2")).unwrap();
+    grows(&*store, "m", "a registration");
+    store.insert_version(&record("m", "2")).unwrap();
+    assert_eq!(
+        store.route_version().unwrap(),
+        expected.get(),
+        "an existing version"
+    );
+    store.insert_version(&record("other", "1")).unwrap();
+    grows(&*store, "other", "another model's registration");
+    let settings = ServingSettings::default();
+    store
+        .update_settings("m", "2", &settings, event("m", "settings_changed"))
+        .unwrap();
+    grows(&*store, "m", "settings");
+    store
+        .set_loaded("m", "2", true, event("m", "version_loaded"))
+        .unwrap();
+    grows(&*store, "m", "a load");
+    store
+        .set_unloaded("m", Some("admin"), event("m", "model_unloaded"))
+        .unwrap();
+    grows(&*store, "m", "an unload");
+    store
+        .set_unloaded("m", None, event("m", "model_loaded"))
+        .unwrap();
+    grows(&*store, "m", "a load back");
+    store
+        .set_route(
+            "m",
+            &RoutePolicy::stable_only("2"),
+            event("m", "route_changed"),
+        )
+        .unwrap();
+    grows(&*store, "m", "a route");
+    store
+        .remove_version("m", "1", event("m", "version_removed"))
+        .unwrap();
+    grows(&*store, "m", "a removal");
+    let r = begin(&*store, "m", vec![event("m", "rollout_started")]).unwrap();
+    grows(&*store, "m", "a rollout's creation");
+    end(&*store, &r, Phase::Succeeded, vec![event("m", "succeeded")]);
+    grows(&*store, "m", "a rollout pass");
+    let before = expected.get();
+    store
+        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}))
+        .unwrap();
+    store.events("m", Page::Latest { limit: 10 }).unwrap();
+    store.report_instance(&instance("a", 3)).unwrap();
+    assert_eq!(
+        store.route_version().unwrap(),
+        before,
+        "nothing that serves changed"
+    );
+    assert_eq!(
+        store.changed_since(2).unwrap(),
+        vec![("other".to_string(), 3), ("m".to_string(), before)],
+        "each changed model once, with its latest change, oldest first"
+    );
+    assert_eq!(
+        db.open().route_version().unwrap(),
+        before,
+        "another instance reads it"
+    );
+}
+
+/// Writers from many threads (instances) each get their own route version.
+pub fn concurrent_changes_take_distinct_route_versions(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let store = db.open();
+            std::thread::spawn(move || {
+                for j in 0..5 {
+                    let version = format!("{i}-{j}");
+                    store.insert_version(&record("m", &version)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(store.route_version().unwrap(), 21, "one version per change");
+}
+
+fn instance(id: &str, route_version: i64) -> InstanceReport {
+    InstanceReport {
+        id: id.into(),
+        url: format!("http://{id}.internal:8080"),
+        version: "0.1.0".into(),
+        started_at: "2026-12-01T20:00:00.000Z".into(),
+        route_version,
+        warm: vec!["m/1".into(), "m/2".into()],
+        failures: vec![crate::records::LoadFailure {
+            version: "m/3".into(),
+            reason: "the artifact is corrupt".into(),
+        }],
+    }
+}
+
+/// An instance's report replaces its previous one and is stamped when
+/// written; every instance reads every report; old ones are forgotten.
+pub fn instances_report_themselves_and_are_forgotten(db: &dyn Database) {
+    let store = db.open();
+    assert_eq!(store.instances().unwrap(), vec![]);
+    let before = crate::units::now_ms();
+    store.report_instance(&instance("a", 1)).unwrap();
+    db.open().report_instance(&instance("b", 1)).unwrap();
+    store.report_instance(&instance("a", 7)).unwrap();
+    let after = crate::units::now_ms();
+    let all = db.open().instances().unwrap();
+    let reports: Vec<_> = all.iter().map(|i| i.report.clone()).collect();
+    assert_eq!(reports, vec![instance("a", 7), instance("b", 1)]);
+    for i in &all {
+        assert!((before..=after).contains(&i.last_seen_ms), "{i:?}");
+    }
+    assert_eq!(
+        store.forget_instances(before).unwrap(),
+        0,
+        "both seen since"
+    );
+    assert_eq!(store.forget_instances(after + 1).unwrap(), 2);
+    assert_eq!(store.instances().unwrap(), vec![]);
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod blobs;
+mod cluster;
 mod failure;
 mod schema;
 
@@ -37,7 +38,7 @@ use super::{
 };
 use crate::gateway::RoutePolicy;
 use crate::records::EventKind;
-use crate::records::{ModelRecord, ServingSettings, VersionRecord};
+use crate::records::{InstanceRecord, InstanceReport, ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
@@ -204,6 +205,8 @@ pub struct PostgresStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// The URL without its password, for errors and logs.
     shown: String,
+    /// How the change listener connects (outside the pool).
+    config: tokio_postgres::Config,
 }
 
 impl Drop for PostgresStore {
@@ -237,7 +240,7 @@ impl PostgresStore {
         let runtime = super::bridge::runtime("ferry-store", 2)
             .map_err(|e| fail(format!("cannot start the store's threads: {e}")))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -261,6 +264,7 @@ impl PostgresStore {
             }),
             runtime: Some(runtime),
             shown,
+            config,
         };
         store.run(|db| async move { schema::migrate(&db).await })?;
         Ok(store)
@@ -380,7 +384,8 @@ impl Store for PostgresStore {
                     &[model, version, settings],
                 )
                 .await?;
-                insert_event(tx, &event).await
+                insert_event(tx, &event).await?;
+                cluster::changed(tx, &args.0).await.map(drop)
             })
         })
     }
@@ -400,7 +405,8 @@ impl Store for PostgresStore {
                     &[&args.0, &args.1, &loaded],
                 )
                 .await?;
-                insert_event(tx, &event).await
+                insert_event(tx, &event).await?;
+                cluster::changed(tx, &args.0).await.map(drop)
             })
         })
     }
@@ -419,7 +425,8 @@ impl Store for PostgresStore {
                     &[&args.0, &args.1],
                 )
                 .await?;
-                insert_event(tx, &event).await
+                insert_event(tx, &event).await?;
+                cluster::changed(tx, &args.0).await.map(drop)
             })
         })
     }
@@ -438,7 +445,8 @@ impl Store for PostgresStore {
                     &[&args.0, &args.1],
                 )
                 .await?;
-                insert_event(tx, &event).await
+                insert_event(tx, &event).await?;
+                cluster::changed(tx, &args.0).await.map(drop)
             })
         })
     }
@@ -474,7 +482,8 @@ impl Store for PostgresStore {
                     &[&args.0, &args.1, &args.2],
                 )
                 .await?;
-                insert_event(tx, &event).await
+                insert_event(tx, &event).await?;
+                cluster::changed(tx, &args.0).await.map(drop)
             })
         })
     }
@@ -529,7 +538,7 @@ impl Store for PostgresStore {
                     .await?;
                     insert_event(tx, &event).await?;
                 }
-                Ok(())
+                cluster::rollout_changed(tx, id).await
             })
         })
     }
@@ -713,6 +722,37 @@ impl Store for PostgresStore {
         self.write(move |tx| Box::pin(async move { restore(tx, &snapshot, replace).await }))
     }
 
+    fn route_version(&self) -> Result<i64, StoreError> {
+        self.run(|db| async move { cluster::latest(&db).await })
+    }
+
+    fn changed_since(&self, after: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.run(move |db| async move { cluster::changed_since(&db, after).await })
+    }
+
+    fn report_instance(&self, report: &InstanceReport) -> Result<(), StoreError> {
+        let report = report.clone();
+        self.run(move |db| async move {
+            let client = db.client().await?;
+            cluster::report(&**client, &report).await
+        })
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.run(|db| async move { cluster::instances(&db).await })
+    }
+
+    fn forget_instances(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.run(move |db| async move { cluster::forget(&db, before_ms).await })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        let runtime = self.runtime.as_ref()?;
+        runtime.spawn(cluster::listen(self.config.clone(), self.shown.clone(), tx));
+        Some(rx)
+    }
+
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
         let events = events.to_vec();
         self.write(move |tx| {
@@ -846,6 +886,7 @@ async fn insert_version(tx: &Transaction<'_>, v: &VersionRecord) -> Result2<Inse
         );
         insert_event(tx, &stable).await?;
     }
+    cluster::changed(tx, &v.model).await?;
     Ok(Inserted::Created {
         stable: becomes_stable,
     })
@@ -907,6 +948,7 @@ async fn create_rollout(
         e.rollout = Some(format!("r-{id}"));
         insert_event(tx, &e).await?;
     }
+    cluster::changed(tx, &new.model).await?;
     let record = select_rollout(tx, id)
         .await?
         .expect("the rollout was inserted in this transaction");
@@ -977,7 +1019,8 @@ async fn restore(tx: &Transaction<'_>, s: &Snapshot, replace: bool) -> Result2<(
         .await?;
     }
     move_sequence_past(tx, "rollouts").await?;
-    move_sequence_past(tx, "events").await
+    move_sequence_past(tx, "events").await?;
+    cluster::all_changed(tx).await
 }
 
 #[cfg(test)]

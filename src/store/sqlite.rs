@@ -2,6 +2,8 @@
 //! `synchronous = FULL`, so a state change that returned is on disk and
 //! survives `kill -9` and power loss).
 
+mod cluster;
+
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -11,7 +13,9 @@ use super::{
     Counts, Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Snapshot, Store, StoreError,
 };
 use crate::gateway::RoutePolicy;
-use crate::records::{EventKind, ModelRecord, ServingSettings, VersionRecord};
+use crate::records::{
+    EventKind, InstanceRecord, InstanceReport, ModelRecord, ServingSettings, VersionRecord,
+};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
@@ -69,6 +73,7 @@ CREATE INDEX events_by_rollout ON events(rollout, id);
     r#"
 ALTER TABLE models ADD COLUMN unloaded TEXT;
 "#,
+    cluster::MIGRATION,
 ];
 
 pub struct SqliteStore {
@@ -234,7 +239,10 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        // Immediate: the write lock is taken at the start, so two handles on
+        // one file (two instances) wait for each other (busy timeout)
+        // rather than fail upgrading a read to a write.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         crate::crashpoint::reach("store.before_commit");
         tx.commit()?;
@@ -355,6 +363,7 @@ impl Store for SqliteStore {
                     ),
                 )?;
             }
+            cluster::changed(tx, &v.model)?;
             Ok(Inserted::Created {
                 stable: becomes_stable,
             })
@@ -373,7 +382,8 @@ impl Store for SqliteStore {
                 "UPDATE versions SET settings = ?3 WHERE model = ?1 AND version = ?2",
                 params![model, version, to_json(settings)],
             )?;
-            insert_event(tx, &event)
+            insert_event(tx, &event)?;
+            cluster::changed(tx, model).map(drop)
         })
     }
 
@@ -389,7 +399,8 @@ impl Store for SqliteStore {
                 "UPDATE versions SET loaded = ?3 WHERE model = ?1 AND version = ?2",
                 params![model, version, loaded as i64],
             )?;
-            insert_event(tx, &event)
+            insert_event(tx, &event)?;
+            cluster::changed(tx, model).map(drop)
         })
     }
 
@@ -404,7 +415,8 @@ impl Store for SqliteStore {
                 "UPDATE models SET unloaded = ?2 WHERE name = ?1",
                 params![model, by],
             )?;
-            insert_event(tx, &event)
+            insert_event(tx, &event)?;
+            cluster::changed(tx, model).map(drop)
         })
     }
 
@@ -419,7 +431,8 @@ impl Store for SqliteStore {
                 "DELETE FROM versions WHERE model = ?1 AND version = ?2",
                 [model, version],
             )?;
-            insert_event(tx, &event)
+            insert_event(tx, &event)?;
+            cluster::changed(tx, model).map(drop)
         })
     }
 
@@ -449,7 +462,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
             write_route(tx, model, policy)?;
-            insert_event(tx, &event)
+            insert_event(tx, &event)?;
+            cluster::changed(tx, model).map(drop)
         })
     }
 
@@ -497,6 +511,7 @@ impl Store for SqliteStore {
                 e.rollout = Some(format!("r-{id}"));
                 insert_event(tx, &e)?;
             }
+            cluster::changed(tx, model)?;
             let record = tx.query_row(
                 &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
                 [id],
@@ -527,15 +542,15 @@ impl Store for SqliteStore {
                 e.rollout = Some(format!("r-{id}"));
                 insert_event(tx, &e)?;
             }
+            let model: String =
+                tx.query_row("SELECT model FROM rollouts WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
             if let Some(event) = route_changed {
-                let model: String =
-                    tx.query_row("SELECT model FROM rollouts WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })?;
                 write_route(tx, &model, &state.route)?;
                 insert_event(tx, &event)?;
             }
-            Ok(())
+            cluster::changed(tx, &model).map(drop)
         })
     }
 
@@ -699,8 +714,29 @@ impl Store for SqliteStore {
             }
         }
         restore_rows(&tx, snapshot).map_err(map_err)?;
+        cluster::all_changed(&tx)?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn route_version(&self) -> Result<i64, StoreError> {
+        self.latest_route_version()
+    }
+
+    fn changed_since(&self, after: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.models_changed_since(after)
+    }
+
+    fn report_instance(&self, report: &InstanceReport) -> Result<(), StoreError> {
+        self.write_instance(report)
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.read_instances()
+    }
+
+    fn forget_instances(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.delete_instances(before_ms)
     }
 
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {

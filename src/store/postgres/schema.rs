@@ -8,7 +8,8 @@ use super::{Db, Result2};
 use crate::store::StoreError;
 
 /// Schema migrations, applied in order; `schema_version` counts them.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE models (
     name        TEXT PRIMARY KEY,
     stable      TEXT,
@@ -66,7 +67,9 @@ CREATE TABLE blob_chunks (
 );
 -- Model weights do not compress: store chunks as they are.
 ALTER TABLE blob_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
-"#];
+"#,
+    super::cluster::MIGRATION,
+];
 
 /// The advisory lock migrations run under ("ferry" + 1).
 pub const MIGRATE_LOCK: i64 = 0x6665_7272_7900_0001;
