@@ -17,17 +17,28 @@
 //! (a reader paging events after an id never misses one committed later).
 //! Migrations run at start under another advisory lock, so instances that
 //! start together apply them once.
+//!
+//! Every call is bounded in time ([`OP_TIMEOUT`]; connecting, [`CONNECT_TIMEOUT`]),
+//! so a server that is down, or a network that drops packets without a
+//! reset, fails a control request within seconds, never after the
+//! operating system's TCP timeout; pooled connections are checked before
+//! each use (deadpool's `Verified` recycling), so the pool heals by itself
+//! when the server is back. The outage is logged once when it starts and
+//! once when it ends ([`failure::OutageLog`]). TLS to the server comes from
+//! the URL's `sslmode` and `sslrootcert` ([`tls`]).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 mod blobs;
 mod failure;
 mod schema;
+pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{GenericClient, NoTls, Row, Transaction};
+use tokio_postgres::{GenericClient, Row, Transaction};
 
 pub use failure::{PgFailure, PgProblem};
 
@@ -41,7 +52,7 @@ use crate::records::{ModelRecord, ServingSettings, VersionRecord};
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
-use failure::{Failure, corrupt};
+use failure::{Failure, OutageLog, Transition, corrupt};
 
 /// The advisory lock every write transaction takes ("ferry" + 2).
 pub const WRITE_LOCK: i64 = 0x6665_7272_7900_0002;
@@ -52,8 +63,19 @@ pub const ROLLOUT_DRIVER_LOCK: i64 = 0x6665_7272_7900_0003;
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Connections one instance keeps to the server at most.
 const POOL_SIZE: usize = 8;
-/// The longest one call may wait for the server before it is unreachable.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest one call may take before the server counts as unreachable:
+/// a control request during an outage fails within it. Every call is one
+/// small transaction or one 1 MiB chunk; a healthy server answers in
+/// milliseconds.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a copy's bulk call may take (a snapshot, a restore, a page
+/// of events: `ferry store copy`).
+const BULK_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest opening a connection may take (TCP, TLS, login).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the rollout driver's connection has to prove it still holds
+/// its lock.
+const DRIVER_PING: Duration = Duration::from_secs(2);
 
 type Result2<T> = Result<T, Failure>;
 
@@ -204,6 +226,8 @@ pub struct PostgresStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// The URL without its password, for errors and logs.
     shown: String,
+    /// Whether the server is reachable, for the two log lines of an outage.
+    outage: OutageLog,
 }
 
 impl Drop for PostgresStore {
@@ -226,14 +250,20 @@ impl PostgresStore {
                 detail,
             })
         };
-        let mut config: tokio_postgres::Config = url
+        let (plain, tls) = tls::split(url).map_err(&fail)?;
+        let mut config: tokio_postgres::Config = plain
             .parse()
             .map_err(|e| fail(format!("the URL is not valid: {e}")))?;
         config
             .application_name("ferry")
-            .connect_timeout(Duration::from_secs(5))
-            .keepalives_idle(Duration::from_secs(30))
-            .tcp_user_timeout(Duration::from_secs(20));
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            // Data the server does not acknowledge (a cut that drops
+            // packets) ends the connection after this.
+            .tcp_user_timeout(OP_TIMEOUT);
+        let connector = tls.apply(&mut config).map_err(&fail)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ferry-store")
@@ -242,9 +272,11 @@ impl PostgresStore {
             .map_err(|e| fail(format!("cannot start the store's threads: {e}")))?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // A connection the network cut without a reset still looks
+                // open: a query proves it before it is used again.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = {
@@ -252,9 +284,9 @@ impl PostgresStore {
             Pool::builder(manager)
                 .max_size(POOL_SIZE)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(10)))
-                .create_timeout(Some(Duration::from_secs(5)))
-                .recycle_timeout(Some(Duration::from_secs(5)))
+                .wait_timeout(Some(OP_TIMEOUT))
+                .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
+                .recycle_timeout(Some(Duration::from_secs(1)))
                 .build()
                 .map_err(|e| fail(format!("cannot make a connection pool: {e}")))?
         };
@@ -265,6 +297,7 @@ impl PostgresStore {
             }),
             runtime: Some(runtime),
             shown,
+            outage: OutageLog::default(),
         };
         store.run(|db| async move { schema::migrate(&db).await })?;
         Ok(store)
@@ -275,8 +308,23 @@ impl PostgresStore {
         &self.shown
     }
 
-    /// Runs `work` on the store's runtime and waits for its answer.
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// [`OP_TIMEOUT`].
     fn run<T, F>(&self, work: impl FnOnce(Arc<Db>) -> F + Send + 'static) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result2<T>> + Send + 'static,
+    {
+        self.run_within(OP_TIMEOUT, work)
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// `limit`; an outage's start and end are logged here.
+    fn run_within<T, F>(
+        &self,
+        limit: Duration,
+        work: impl FnOnce(Arc<Db>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result2<T>> + Send + 'static,
@@ -288,16 +336,29 @@ impl PostgresStore {
             .as_ref()
             .expect("the runtime lives as long as the store");
         runtime.spawn(async move {
-            let answer = match tokio::time::timeout(CALL_TIMEOUT, work(db)).await {
+            let answer = match tokio::time::timeout(limit, work(db)).await {
                 Ok(answer) => answer,
-                Err(_) => Err(Failure::Timeout),
+                Err(_) => Err(Failure::Timeout(limit)),
             };
             let _ = tx.send(answer);
         });
-        match rx.recv() {
+        let answer = match rx.recv() {
             Ok(answer) => answer.map_err(|f| f.into_store_error(&self.shown)),
-            Err(_) => Err(Failure::Timeout.into_store_error(&self.shown)),
+            Err(_) => Err(Failure::Timeout(limit).into_store_error(&self.shown)),
+        };
+        let reached = answer.as_ref().err().is_none_or(|e| !e.unreachable());
+        match (self.outage.record(reached, Instant::now()), &answer) {
+            (Some(Transition::Down), Err(e)) => tracing::error!(
+                "{e}. Until it is back, control requests that need it answer 503 and change nothing; inference goes on with the routes this instance serves"
+            ),
+            (Some(Transition::Back(after)), _) => tracing::warn!(
+                "the store at {} is reachable again after {}; control requests work again",
+                self.shown,
+                crate::units::HumanDuration(after)
+            ),
+            _ => {}
         }
+        answer
     }
 
     /// Runs `work` in one write transaction (see [`Db::begin`]).
@@ -308,12 +369,37 @@ impl PostgresStore {
             + Send
             + 'static,
     {
-        self.run(move |db| async move {
+        self.write_within(OP_TIMEOUT, work)
+    }
+
+    /// [`PostgresStore::write`] within `limit`. A connection lost once the
+    /// commit was sent leaves the change unknown, and the error says so
+    /// ([`PgProblem::CommitUnknown`]); lost before, nothing was changed.
+    fn write_within<T, W>(&self, limit: Duration, work: W) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        W: for<'t> FnOnce(&'t Transaction<'t>) -> futures_box::BoxFuture<'t, Result2<T>>
+            + Send
+            + 'static,
+    {
+        let committing = Arc::new(AtomicBool::new(false));
+        let sent = committing.clone();
+        let answer = self.run_within(limit, move |db| async move {
             let mut client = db.client().await?;
             let tx = db.begin(&mut client).await?;
             let out = work(&tx).await?;
+            sent.store(true, Ordering::Release);
             Db::commit(tx).await?;
             Ok(out)
+        });
+        answer.map_err(|e| match e {
+            StoreError::Postgres(mut f)
+                if f.problem == PgProblem::Unreachable && committing.load(Ordering::Acquire) =>
+            {
+                f.problem = PgProblem::CommitUnknown;
+                StoreError::Postgres(f)
+            }
+            e => e,
         })
     }
 }
@@ -608,18 +694,38 @@ impl Store for PostgresStore {
         })
     }
 
+    fn known_unreachable(&self) -> bool {
+        self.outage.is_down()
+    }
+
     fn drives_rollouts(&self) -> Result<bool, StoreError> {
         self.run(|db| async move {
             let mut driver = db.driver.lock().await;
-            if driver.as_ref().is_some_and(|c| !c.is_closed()) {
-                return Ok(true);
-            }
-            // Never held, or its connection broke (the lock went with it):
-            // try to take it; another instance may hold it.
-            if let Some(lost) = driver.take() {
-                drop(deadpool_postgres::Object::take(lost));
+            if let Some(held) = driver.as_ref() {
+                // A session lock lives as long as its session: a connection
+                // that answers still holds it. One that does not (closed, or
+                // silent: the network cut) has lost it, or will once the
+                // server notices; it is never believed to hold it.
+                let alive = tokio::time::timeout(DRIVER_PING, held.simple_query("")).await;
+                if matches!(alive, Ok(Ok(_))) {
+                    return Ok(true);
+                }
+                if let Some(lost) = driver.take() {
+                    drop(deadpool_postgres::Object::take(lost));
+                }
+                tracing::warn!(
+                    "this instance no longer drives the rollouts: its connection to the store was lost; the first instance to reach the store takes the role"
+                );
             }
             let client = db.client().await?;
+            // The server notices a silent peer within about 25 s (its own
+            // defaults wait hours), so a lock held across a cut network is
+            // released for another instance.
+            client
+                .batch_execute(
+                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+                )
+                .await?;
             let taken: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&ROLLOUT_DRIVER_LOCK])
                 .await?
@@ -669,7 +775,7 @@ impl Store for PostgresStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.run(|db| async move {
+        self.run_within(BULK_TIMEOUT, |db| async move {
             let mut client = db.client().await?;
             // One consistent view of the three tables.
             let tx = client
@@ -704,7 +810,7 @@ impl Store for PostgresStore {
     }
 
     fn event_log(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.run(move |db| async move {
+        self.run_within(BULK_TIMEOUT, move |db| async move {
             let client = db.client().await?;
             let sql =
                 format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2");
@@ -717,12 +823,14 @@ impl Store for PostgresStore {
 
     fn restore(&self, snapshot: &Snapshot, replace: bool) -> Result<(), StoreError> {
         let snapshot = snapshot.clone();
-        self.write(move |tx| Box::pin(async move { restore(tx, &snapshot, replace).await }))
+        self.write_within(BULK_TIMEOUT, move |tx| {
+            Box::pin(async move { restore(tx, &snapshot, replace).await })
+        })
     }
 
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
         let events = events.to_vec();
-        self.write(move |tx| {
+        self.write_within(BULK_TIMEOUT, move |tx| {
             Box::pin(async move {
                 let sql = format!(
                     "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -1018,6 +1126,81 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "b never took over");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn the_rollout_driver_lock_is_not_believed_held_across_an_outage_and_is_taken_again() {
+        let server = testpg::PgServer::start();
+        let url = server.database();
+        let (a, b) = (
+            PostgresStore::open(&url).unwrap(),
+            PostgresStore::open(&url).unwrap(),
+        );
+        assert!(a.drives_rollouts().unwrap());
+        assert!(!b.drives_rollouts().unwrap());
+        server.stop("immediate");
+        let started = std::time::Instant::now();
+        let e = a.drives_rollouts().unwrap_err();
+        assert!(e.unreachable(), "{e}");
+        assert!(a.known_unreachable());
+        assert!(
+            started.elapsed() < OP_TIMEOUT + Duration::from_secs(1),
+            "bounded: {:?}",
+            started.elapsed()
+        );
+        server.restart();
+        // Whoever asks first after the restart takes the lock; the other
+        // never believes it holds it too.
+        assert!(b.drives_rollouts().unwrap(), "b takes the free lock");
+        assert!(!a.drives_rollouts().unwrap(), "a lost it with its session");
+        assert!(!a.known_unreachable(), "the pool reconnected by itself");
+        drop(b);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !a.drives_rollouts().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "a never took over");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_write_cut_off_during_its_commit_says_it_may_have_been_made() {
+        let url = testpg::database();
+        let store = PostgresStore::open(&url).unwrap();
+        // A table whose commit takes a second (a deferred trigger sleeps).
+        testpg::shared().psql(
+            name(&url),
+            "CREATE TABLE slow (x int);
+             CREATE FUNCTION sleep_a_second() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON slow
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sleep_a_second();",
+        );
+        let insert = |sql: &'static str| {
+            store.write_within(Duration::from_millis(300), move |tx| {
+                Box::pin(async move {
+                    tx.batch_execute(sql).await?;
+                    Ok(())
+                })
+            })
+        };
+        // Cut off before the commit: nothing was changed, and it says so.
+        let e = insert("SELECT pg_sleep(1); INSERT INTO slow VALUES (1)").unwrap_err();
+        assert!(e.unreachable() && !e.maybe_changed(), "{e}");
+        // (Its transaction holds the write lock until its sleep ends.)
+        std::thread::sleep(Duration::from_millis(1200));
+        // Cut off once the commit was sent: it may have been made.
+        let e = insert("INSERT INTO slow VALUES (2)").unwrap_err();
+        assert!(e.unreachable() && e.maybe_changed(), "{e}");
+        assert!(
+            e.to_string().contains("may or may not have been made"),
+            "{e}"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            testpg::shared().psql(name(&url), "SELECT string_agg(x::text, ',') FROM slow"),
+            "2",
+            "the first never was, the second was made after all"
+        );
     }
 
     #[test]
