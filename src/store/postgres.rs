@@ -1203,6 +1203,123 @@ mod tests {
         );
     }
 
+    /// Whether the store's connections are encrypted (pg_stat_ssl).
+    fn encrypted(store: &PostgresStore) -> bool {
+        store
+            .run(|db| async move {
+                let client = db.client().await?;
+                let row = client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .await?;
+                Ok(row.try_get::<_, bool>(0)?)
+            })
+            .unwrap()
+    }
+
+    fn tls_file(name: &str) -> String {
+        format!("{}/tests/data/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn tls_to_postgres_follows_sslmode_and_sslrootcert() {
+        let server = testpg::PgServer::start_tls(
+            tls_file("server.pem").as_ref(),
+            tls_file("server.key").as_ref(),
+        );
+        let url = server.database();
+        let (port, db) = (server.port, name(&url).to_string());
+        let at =
+            |host: &str, params: &str| format!("postgres://postgres@{host}:{port}/{db}?{params}");
+        let ca = tls_file("ca.pem");
+        // The server's certificate names localhost and 127.0.0.1.
+        for host in ["127.0.0.1", "localhost"] {
+            let store =
+                PostgresStore::open(&at(host, &format!("sslmode=verify-full&sslrootcert={ca}")))
+                    .unwrap();
+            assert!(encrypted(&store), "{host}");
+        }
+        // Under another address: verify-ca takes it, verify-full does not.
+        let store = PostgresStore::open(&at(
+            "127.0.0.2",
+            &format!("sslmode=verify-ca&sslrootcert={ca}"),
+        ))
+        .unwrap();
+        assert!(encrypted(&store));
+        let e = PostgresStore::open(&at(
+            "127.0.0.2",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ))
+        .err()
+        .expect("the name is not the certificate's");
+        assert!(
+            matches!(&e, StoreError::Postgres(f) if f.problem == PgProblem::Tls),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not valid for name \"127.0.0.2\""), "{e}");
+        // A CA that did not sign the server's certificate.
+        let other = tls_file("client.pem");
+        let e = PostgresStore::open(&at(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={other}"),
+        ))
+        .err()
+        .expect("not trusted");
+        let text = e.to_string();
+        assert!(
+            text.contains("refused the TLS connection")
+                && text.contains("UnknownIssuer")
+                && text.contains("sslrootcert"),
+            "{text}"
+        );
+        assert!(!e.unreachable(), "a certificate problem is not an outage");
+        // require and prefer encrypt without checking; disable does not.
+        assert!(encrypted(
+            &PostgresStore::open(&at("127.0.0.2", "sslmode=require")).unwrap()
+        ));
+        assert!(
+            encrypted(&PostgresStore::open(&at("127.0.0.1", "")).unwrap()),
+            "prefer"
+        );
+        assert!(!encrypted(
+            &PostgresStore::open(&at("127.0.0.1", "sslmode=disable")).unwrap()
+        ));
+        // require with a root file checks the chain, as libpq does.
+        let e = PostgresStore::open(&at(
+            "127.0.0.1",
+            &format!("sslmode=require&sslrootcert={other}"),
+        ))
+        .err()
+        .expect("checked against the root file");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[test]
+    fn a_server_without_tls_is_refused_when_the_url_requires_it() {
+        let url = testpg::database();
+        let e = PostgresStore::open(&format!("{url}?sslmode=require"))
+            .err()
+            .expect("the test server has no TLS");
+        let text = e.to_string();
+        assert!(
+            text.contains("server does not support TLS") && text.contains("ssl = on"),
+            "{text}"
+        );
+        let plain = PostgresStore::open(&format!("{url}?sslmode=prefer")).unwrap();
+        assert!(!encrypted(&plain), "prefer falls back to plain");
+        let e = PostgresStore::open(&format!(
+            "{url}?sslmode=verify-full&sslrootcert=/nonexistent.pem"
+        ))
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string().contains("sslrootcert /nonexistent.pem"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn instances_starting_together_on_an_empty_database_migrate_once() {
         let url = testpg::database();
