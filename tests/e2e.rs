@@ -17,6 +17,7 @@ mod hostile_models;
 mod hostile_specs;
 mod layers;
 mod load;
+mod outage;
 mod postgres;
 mod registry;
 mod remote;

@@ -352,9 +352,9 @@ impl PostgresStore {
                 "{e}. Until it is back, control requests that need it answer 503 and change nothing; inference goes on with the routes this instance serves"
             ),
             (Some(Transition::Back(after)), _) => tracing::warn!(
-                "the store at {} is reachable again after {}; control requests work again",
+                "the store at {} is reachable again after {:.1} s; control requests work again",
                 self.shown,
-                crate::units::HumanDuration(after)
+                after.as_secs_f64()
             ),
             _ => {}
         }
@@ -1258,7 +1258,10 @@ mod tests {
             matches!(&e, StoreError::Postgres(f) if f.problem == PgProblem::Tls),
             "{e}"
         );
-        assert!(e.to_string().contains("not valid for name \"127.0.0.2\""), "{e}");
+        assert!(
+            e.to_string().contains("not valid for name \"127.0.0.2\""),
+            "{e}"
+        );
         // A CA that did not sign the server's certificate.
         let other = tls_file("client.pem");
         let e = PostgresStore::open(&at(
