@@ -19,6 +19,7 @@ mod layers;
 mod load;
 mod outage;
 mod postgres;
+mod postgres_tls;
 mod registry;
 mod remote;
 mod restart;
