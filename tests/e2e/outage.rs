@@ -30,7 +30,8 @@ impl Cluster {
     /// others (which load it at start: routes are not pushed yet).
     pub async fn start_serving_cancer(url: &str, n: usize) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let mut instances = vec![Server::start_in(&tmp.path().join("a"), &["--store", url]).await];
+        let first = ["--store", url, "--grpc-listen", "127.0.0.1:0"];
+        let mut instances = vec![Server::start_in(&tmp.path().join("a"), &first).await];
         instances[0].add("cancer", "1", "cancer-v1.onnx");
         for i in 1..n {
             let dir = tmp.path().join(format!("{}", (b'a' + i as u8) as char));
@@ -158,6 +159,7 @@ async fn during_the_outage(cluster: &Cluster, shown_url: &str, within: Duration)
     let cancer =
         serde_json::json!({"name": "cancer", "version": "1", "state": "READY", "reason": ""});
     assert!(index.as_array().unwrap().contains(&cancer), "{index}");
+    grpc_during_the_outage(a).await;
     // The CLI says the same, and what it could not read.
     let out = a.ferry(&[
         "model",
@@ -181,6 +183,45 @@ async fn during_the_outage(cluster: &Cluster, shown_url: &str, within: Duration)
             && err.contains("the status of model \"cancer\" could not be read"),
         "{err}"
     );
+}
+
+/// Over gRPC: the server and the model ready, the index from what serves,
+/// a repository load refused with UNAVAILABLE and REST's message.
+async fn grpc_during_the_outage(a: &Server) {
+    use ferry::protocol::grpc::pb;
+    let mut grpc = super::grpc::client(a).await;
+    let ready = grpc.server_ready(pb::ServerReadyRequest {}).await.unwrap();
+    assert!(ready.into_inner().ready);
+    let model = pb::ModelReadyRequest {
+        name: "cancer".into(),
+        version: String::new(),
+    };
+    assert!(grpc.model_ready(model).await.unwrap().into_inner().ready);
+    let index = grpc
+        .repository_index(pb::RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        index
+            .models
+            .iter()
+            .any(|m| m.name == "cancer" && m.state == "READY"),
+        "{index:?}"
+    );
+    let mut load = tonic::Request::new(pb::RepositoryModelLoadRequest {
+        repository_name: String::new(),
+        model_name: "cancer".into(),
+        parameters: Default::default(),
+    });
+    let bearer = format!("Bearer {}", a.token()).parse().unwrap();
+    load.metadata_mut().insert("authorization", bearer);
+    let refused = grpc.repository_model_load(load).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("is unreachable"), "{refused:?}");
 }
 
 /// After the outage: a registration succeeds through instance `a` (its
