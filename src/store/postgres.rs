@@ -68,8 +68,8 @@ const POOL_SIZE: usize = 8;
 /// small transaction or one 1 MiB chunk; a healthy server answers in
 /// milliseconds.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a copy's bulk call may take (a snapshot, a restore, a page
-/// of events: `ferry store copy`).
+/// The longest a bulk call may take: a copy's snapshot, restore, counts
+/// and pages of events (`ferry store copy`), a migration, a retention pass.
 const BULK_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest opening a connection may take (TCP, TLS, login).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -299,7 +299,8 @@ impl PostgresStore {
             shown,
             outage: OutageLog::default(),
         };
-        store.run(|db| async move { schema::migrate(&db).await })?;
+        // A migration may rewrite a large table: a bulk call's time.
+        store.run_within(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
         Ok(store)
     }
 
@@ -680,7 +681,8 @@ impl Store for PostgresStore {
 
     fn delete_events_before(&self, cutoff: &str) -> Result<usize, StoreError> {
         let cutoff = cutoff.to_string();
-        self.write(move |tx| {
+        // A retention pass may delete a long history at once.
+        self.write_within(BULK_TIMEOUT, move |tx| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -755,7 +757,7 @@ impl Store for PostgresStore {
     }
 
     fn counts(&self) -> Result<Counts, StoreError> {
-        self.run(|db| async move {
+        self.run_within(BULK_TIMEOUT, |db| async move {
             let client = db.client().await?;
             let row = client
                 .query_one(
