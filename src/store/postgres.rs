@@ -300,7 +300,7 @@ impl PostgresStore {
             outage: OutageLog::default(),
         };
         // A migration may rewrite a large table: a bulk call's time.
-        store.run_within(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
+        store.call(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
         Ok(store)
     }
 
@@ -330,23 +330,7 @@ impl PostgresStore {
         T: Send + 'static,
         F: Future<Output = Result2<T>> + Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let db = self.db.clone();
-        let runtime = self
-            .runtime
-            .as_ref()
-            .expect("the runtime lives as long as the store");
-        runtime.spawn(async move {
-            let answer = match tokio::time::timeout(limit, work(db)).await {
-                Ok(answer) => answer,
-                Err(_) => Err(Failure::Timeout(limit)),
-            };
-            let _ = tx.send(answer);
-        });
-        let answer = match rx.recv() {
-            Ok(answer) => answer.map_err(|f| f.into_store_error(&self.shown)),
-            Err(_) => Err(Failure::Timeout(limit).into_store_error(&self.shown)),
-        };
+        let answer = self.call(limit, work);
         let reached = answer.as_ref().err().is_none_or(|e| !e.unreachable());
         match (self.outage.record(reached, Instant::now()), &answer) {
             (Some(Transition::Down), Err(e)) => tracing::error!(
@@ -360,6 +344,37 @@ impl PostgresStore {
             _ => {}
         }
         answer
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// `limit` (the outage log not told: [`PostgresStore::open`] says its
+    /// own failure).
+    fn call<T, F>(
+        &self,
+        limit: Duration,
+        work: impl FnOnce(Arc<Db>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result2<T>> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let db = self.db.clone();
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store");
+        runtime.spawn(async move {
+            let answer = match tokio::time::timeout(limit, work(db)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Failure::Timeout(limit)),
+            };
+            let _ = tx.send(answer);
+        });
+        match rx.recv() {
+            Ok(answer) => answer.map_err(|f| f.into_store_error(&self.shown)),
+            Err(_) => Err(Failure::Timeout(limit).into_store_error(&self.shown)),
+        }
     }
 
     /// Runs `work` in one write transaction (see [`Db::begin`]).
