@@ -467,13 +467,16 @@ fn served_entries(s: &AppState, ready: bool) -> Vec<IndexEntry> {
                 reason: match (&route.unloaded, serving) {
                     (_, true) => String::new(),
                     (Some(by), false) => unloaded_reason(&name, by),
-                    (None, false) => "should serve but could not start; see the server log".into(),
+                    (None, false) => NOT_STARTED.into(),
                 },
             });
         }
     }
     out
 }
+
+/// Why a version that should serve is not ready.
+const NOT_STARTED: &str = "should serve but could not start; see the server log";
 
 fn unloaded_reason(model: &str, by: &str) -> String {
     format!("unloaded (by {by}); POST /v2/repository/models/{model}/load puts it back")
@@ -498,7 +501,7 @@ fn registered_entries(s: &AppState, ready: bool) -> Result<Vec<IndexEntry>, ApiE
                 } else if let Some(by) = &m.unloaded {
                     unloaded_reason(&m.name, by)
                 } else if m.stable.as_deref() == Some(v.version.as_str()) || v.loaded {
-                    "should serve but could not start; see the server log".into()
+                    NOT_STARTED.into()
                 } else {
                     "registered, not loaded".into()
                 },
