@@ -12,7 +12,9 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+                // deadpool says each pooled connection it drops; the store
+                // says an outage once when it starts and once when it ends.
+                .unwrap_or_else(|_| "info,ort=warn,deadpool.postgres=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

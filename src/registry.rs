@@ -160,6 +160,12 @@ impl Registry {
         &self.store
     }
 
+    /// Whether the store is known to be unreachable now (an outage): the
+    /// data plane then answers from what this instance serves at once.
+    pub fn store_known_unreachable(&self) -> bool {
+        self.store.known_unreachable()
+    }
+
     /// Every model, by name.
     pub fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
         Ok(self.store.models()?)
@@ -326,8 +332,11 @@ impl Registry {
     }
 
     /// Validates a staged ONNX upload, then stores it under its digest
-    /// (locally, and in the shared store when there is one) before any
-    /// record names it: off the async threads.
+    /// (in the shared store when there is one, then locally) before any
+    /// record names it: off the async threads. The shared copy comes first,
+    /// from the staged file: when the shared store cannot take it, the
+    /// staged file is removed and nothing is kept anywhere (a blob's chunks
+    /// are invisible until its last row is written).
     async fn validate_and_keep(&self, staged: blobs::Staged) -> Result<Signature, RegistryError> {
         let onnx = self.onnx.clone();
         let blobs = self.blobs.clone();
@@ -335,7 +344,10 @@ impl Registry {
         let limits = self.limits;
         let signature = tokio::task::spawn_blocking(move || -> Result<Signature, RegistryError> {
             let signature = validate_onnx_file(&onnx, staged.path(), limits)?;
-            let (size, digest) = (staged.size, staged.digest.clone());
+            if let Some(shared) = shared {
+                share(&staged, &*shared)?;
+            }
+            let size = staged.size;
             blobs.adopt(staged).map_err(|e| {
                 let what = format!(
                     "cannot store the artifact ({size} bytes) in {}: {e}",
@@ -343,9 +355,6 @@ impl Registry {
                 );
                 RegistryError::disk(e, what)
             })?;
-            if let Some(shared) = shared {
-                share(&blobs, &*shared, &digest)?;
-            }
             Ok(signature)
         })
         .await
@@ -464,10 +473,11 @@ impl Registry {
     }
 }
 
-/// Copies a stored blob into the shared store, read from the local file
-/// chunk by chunk (a no-op when it is there already).
-fn share(blobs: &Blobs, shared: &dyn BlobStore, digest: &str) -> Result<(), RegistryError> {
-    let mut file = blobs.open_blob(digest).map_err(|e| {
+/// Copies a staged upload into the shared store, read from its file chunk
+/// by chunk (a no-op when it is there already).
+fn share(staged: &blobs::Staged, shared: &dyn BlobStore) -> Result<(), RegistryError> {
+    let digest = &staged.digest;
+    let mut file = std::fs::File::open(staged.path()).map_err(|e| {
         RegistryError::Io(format!(
             "cannot read artifact sha256:{digest} to share it: {e}"
         ))

@@ -78,7 +78,28 @@ impl StoreError {
     /// server down, the network cut): nothing was changed, and trying again
     /// later may work.
     pub fn unreachable(&self) -> bool {
-        matches!(self, StoreError::Postgres(f) if f.problem == PgProblem::Unreachable)
+        matches!(
+            self,
+            StoreError::Postgres(f) if matches!(f.problem, PgProblem::Unreachable | PgProblem::CommitUnknown)
+        )
+    }
+
+    /// For an unreachable store: "the store at URL is unreachable: CAUSE"
+    /// (no password, no advice for the operator), what a client is told.
+    pub fn unreachable_cause(&self) -> Option<String> {
+        match self {
+            StoreError::Postgres(f) if self.unreachable() => Some(format!(
+                "the store at {} is unreachable: {}",
+                f.url, f.detail
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the change may have been made all the same: the connection
+    /// was lost while it was being committed.
+    pub fn maybe_changed(&self) -> bool {
+        matches!(self, StoreError::Postgres(f) if f.problem == PgProblem::CommitUnknown)
     }
 }
 
@@ -369,6 +390,12 @@ pub trait Store: Send + Sync + 'static {
     /// `localhost` for `127.0.0.1`), so `ferry store copy` can refuse to
     /// copy a store into itself.
     fn identity(&self) -> Result<String, StoreError>;
+    /// Whether the last call found the store unreachable, an outage not yet
+    /// over: a reader that can answer without the store need not wait for
+    /// a call's timeout. An embedded store is never unreachable.
+    fn known_unreachable(&self) -> bool {
+        false
+    }
     /// Whether this instance drives the active rollouts: one instance at a
     /// time may step them, or every step would be taken (and recorded)
     /// once per instance. An embedded store has one instance; a shared one

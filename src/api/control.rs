@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiJson, ErrorBody};
+use super::error::{ApiJson, ErrorBody, reading};
 use super::{ApiError, AppState, Limits, auth};
 use crate::gateway::RoutePolicy;
 use crate::metrics::{Role, SeriesSummary};
@@ -108,8 +108,9 @@ fn view(s: &AppState, route: Option<&RoutePolicy>, record: VersionRecord) -> Ver
 pub async fn list_models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>, ApiError> {
     let registry = s.controller.registry();
     let mut out = Vec::new();
-    for m in registry.models()? {
-        let versions = registry.versions(&m.name)?;
+    let what = "the model list";
+    for m in registry.models().map_err(reading(what))? {
+        let versions = registry.versions(&m.name).map_err(reading(what))?;
         out.push(ModelSummary {
             serving: m
                 .stable
@@ -133,12 +134,15 @@ pub async fn show_model(
 ) -> Result<Json<ModelView>, ApiError> {
     crate::records::check_name("model", &model)?;
     let registry = s.controller.registry();
+    let what = format!("model \"{model}\"");
     let m = registry
-        .model(&model)?
+        .model(&model)
+        .map_err(reading(&what))?
         .ok_or_else(|| registry.unknown_model(&model))?;
     let route = s.controller.route(&model).ok();
     let versions = registry
-        .versions(&model)?
+        .versions(&model)
+        .map_err(reading(&what))?
         .into_iter()
         .map(|v| view(&s, route.as_ref(), v))
         .collect();
@@ -157,7 +161,13 @@ pub async fn show_version(
     State(s): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<VersionView>, ApiError> {
-    let record = s.controller.registry().version(&model, &version)?;
+    let record = s
+        .controller
+        .registry()
+        .version(&model, &version)
+        .map_err(reading(&format!(
+            "version \"{version}\" of model \"{model}\""
+        )))?;
     Ok(Json(view_of(&s, record)?))
 }
 
@@ -417,12 +427,13 @@ pub async fn events(
     let page = EventsQuery::page(query)?;
     crate::records::check_name("model", &model)?;
     let registry = s.controller.registry();
-    if registry.model(&model)?.is_none() {
+    let what = format!("the events of model \"{model}\"");
+    if registry.model(&model).map_err(reading(&what))?.is_none() {
         return Err(ApiError::not_found(format!(
             "model \"{model}\" is not registered"
         )));
     }
-    let events = registry.events(&model, page)?;
+    let events = registry.events(&model, page).map_err(reading(&what))?;
     Ok(events_page(
         &format!("/api/v1/models/{model}/events"),
         page,
@@ -438,7 +449,11 @@ pub async fn show_route(
     Path(model): Path<String>,
 ) -> Result<Json<RoutePolicy>, ApiError> {
     crate::records::check_name("model", &model)?;
-    Ok(Json(s.controller.route(&model)?))
+    let route = s
+        .controller
+        .route(&model)
+        .map_err(reading(&format!("the route of model \"{model}\"")))?;
+    Ok(Json(route))
 }
 
 /// Sets the model's routing policy directly: candidate weight (sticky key,
@@ -500,7 +515,9 @@ pub async fn model_metrics(
         )));
     }
     crate::records::check_name("model", &model)?;
-    s.controller.route(&model)?;
+    s.controller
+        .route(&model)
+        .map_err(reading(&format!("whether model \"{model}\" exists")))?;
     Ok(Json(ModelMetrics {
         model: model.clone(),
         window,

@@ -20,7 +20,14 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (set when the client should come back).
     pub retry_after: Option<u32>,
+    /// Set when the store could not be reached ("the store at … is
+    /// unreachable: …"), so that a read can say what it could not read
+    /// ([`ApiError::reading`]) rather than that nothing was changed.
+    pub store_down: Option<String>,
 }
+
+/// When a client may try again after the store was unreachable, in seconds.
+pub const STORE_RETRY_AFTER: u32 = 5;
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
@@ -28,6 +35,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            store_down: None,
         }
     }
 
@@ -65,6 +73,40 @@ impl ApiError {
         };
         ApiError::new(status, message)
     }
+
+    /// A store that could not be reached: 503 with `Retry-After`. Nothing
+    /// was changed (a transaction that never committed), unless the
+    /// connection was lost during the commit, which the message then says.
+    /// Not logged here: the store logs an outage when it starts and ends.
+    pub fn store_unreachable(e: &crate::store::StoreError) -> Option<ApiError> {
+        let cause = e.unreachable_cause()?;
+        let message = if e.maybe_changed() {
+            format!(
+                "{cause}; the connection was lost while the change was being committed, so it may have been made: look at the history (ferry history MODEL) before trying again"
+            )
+        } else {
+            format!("{cause}; nothing was changed")
+        };
+        Some(ApiError {
+            retry_after: Some(STORE_RETRY_AFTER),
+            store_down: Some(cause),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        })
+    }
+
+    /// For a request that only reads: an unreachable store's answer says
+    /// `what` could not be read ("the model list"); other errors unchanged.
+    pub fn reading(mut self, what: &str) -> ApiError {
+        if let Some(cause) = &self.store_down {
+            self.message = format!("{cause}; {what} could not be read");
+        }
+        self
+    }
+}
+
+/// `map_err` for a handler that only reads (see [`ApiError::reading`]).
+pub fn reading<E: Into<ApiError>>(what: &str) -> impl FnOnce(E) -> ApiError + '_ {
+    move |e| e.into().reading(what)
 }
 
 /// The error body, for the OpenAPI document.
@@ -145,11 +187,12 @@ impl From<RegistryError> for ApiError {
             RegistryError::Artifact(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             RegistryError::NotFound(m) => ApiError::not_found(m),
-            RegistryError::Store(e) => match e.disk_problem() {
-                Some(problem) => {
+            RegistryError::Store(e) => match (ApiError::store_unreachable(&e), e.disk_problem()) {
+                (Some(unreachable), _) => unreachable,
+                (None, Some(problem)) => {
                     ApiError::disk(problem, &format!("cannot write the database ({e})"))
                 }
-                None => ApiError::internal("the store failed", e),
+                (None, None) => ApiError::internal("the store failed", e),
             },
             RegistryError::Disk { problem, what } => ApiError::disk(problem, &what),
             RegistryError::Io(e) => ApiError::internal("storing the artifact failed", e),
@@ -301,6 +344,53 @@ mod tests {
             StatusCode::INSUFFICIENT_STORAGE,
             None,
             &["disk is full"],
+        );
+    }
+
+    fn postgres(problem: crate::store::PgProblem) -> StoreError {
+        StoreError::Postgres(crate::store::PgFailure {
+            url: "postgres://ferry:***@db:5432/ferry".into(),
+            problem,
+            detail: "no answer within 5s".into(),
+        })
+    }
+
+    #[test]
+    fn an_unreachable_store_is_503_with_the_reason_and_what_was_not_done() {
+        use crate::store::PgProblem;
+        let cause =
+            "the store at postgres://ferry:***@db:5432/ferry is unreachable: no answer within 5s";
+        let write = ApiError::from(RegistryError::Store(postgres(PgProblem::Unreachable)));
+        assert_eq!(write.message, format!("{cause}; nothing was changed"));
+        assert_eq!(
+            (write.status, write.retry_after),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(STORE_RETRY_AFTER))
+        );
+        assert!(
+            !write.message.contains("check that"),
+            "the operator's advice goes to the log"
+        );
+        let read = write.reading("the model list");
+        assert_eq!(
+            read.message,
+            format!("{cause}; the model list could not be read")
+        );
+        assert_eq!(read.status, StatusCode::SERVICE_UNAVAILABLE);
+        case(
+            ControlError::from(postgres(PgProblem::CommitUnknown)),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(STORE_RETRY_AFTER),
+            &[cause, "may have been made", "ferry history"],
+        );
+        // Other errors are not touched by `reading`.
+        let other = ApiError::not_found("model \"x\" is not registered").reading("x");
+        assert_eq!(other.message, "model \"x\" is not registered");
+        // A server that refuses TLS or a login is not an outage.
+        case(
+            RegistryError::Store(postgres(PgProblem::Tls)),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+            &["server log"],
         );
     }
 

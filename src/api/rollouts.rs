@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiJson, ErrorBody};
+use super::error::{ApiJson, ErrorBody, reading};
 use super::{ApiError, AppState};
 use crate::analysis::report::Report;
 use crate::controller::rollouts::{Applied, Status};
@@ -90,10 +90,11 @@ pub async fn apply(
 #[utoipa::path(get, path = "/api/v1/status", tag = "rollouts", security(("admin_token" = [])),
     responses((status = 200, body = Vec<Status>)))]
 pub async fn all_status(State(s): State<AppState>) -> Result<Json<Vec<Status>>, ApiError> {
-    let models = s.controller.registry().models()?;
+    let what = "the status of the models";
+    let models = s.controller.registry().models().map_err(reading(what))?;
     let mut out = Vec::new();
     for m in models {
-        out.push(s.controller.status(&m.name)?);
+        out.push(s.controller.status(&m.name).map_err(reading(what))?);
     }
     Ok(Json(out))
 }
@@ -107,7 +108,11 @@ pub async fn status(
     Path(model): Path<String>,
 ) -> Result<Json<Status>, ApiError> {
     crate::records::check_name("model", &model)?;
-    Ok(Json(s.controller.status(&model)?))
+    let status = s
+        .controller
+        .status(&model)
+        .map_err(reading(&format!("the status of model \"{model}\"")))?;
+    Ok(Json(status))
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
@@ -238,8 +243,9 @@ pub async fn history(
     Path(model): Path<String>,
 ) -> Result<Json<Vec<RolloutSummary>>, ApiError> {
     crate::records::check_name("model", &model)?;
-    s.controller.route(&model)?;
-    let rollouts = s.controller.rollouts(&model, 200)?;
+    let what = format!("the rollouts of model \"{model}\"");
+    s.controller.route(&model).map_err(reading(&what))?;
+    let rollouts = s.controller.rollouts(&model, 200).map_err(reading(&what))?;
     Ok(Json(
         rollouts
             .into_iter()
@@ -270,8 +276,15 @@ pub async fn rollout_events(
     query: Result<Query<super::control::EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let page = super::control::EventsQuery::page(query)?;
-    let r = s.controller.rollout(&model, Some(&rollout))?;
-    let events = s.controller.rollout_events(&r, page)?;
+    let what = format!("the events of rollout {rollout} of model \"{model}\"");
+    let r = s
+        .controller
+        .rollout(&model, Some(&rollout))
+        .map_err(reading(&what))?;
+    let events = s
+        .controller
+        .rollout_events(&r, page)
+        .map_err(reading(&what))?;
     Ok(super::control::events_page(
         &format!("/api/v1/models/{model}/rollouts/{}/events", r.name()),
         page,
@@ -303,7 +316,10 @@ pub async fn report(
     query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ReportView>, ApiError> {
     let query = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let r = s.controller.rollout(&model, query.rollout.as_deref())?;
+    let r = s
+        .controller
+        .rollout(&model, query.rollout.as_deref())
+        .map_err(reading(&format!("the rollouts of model \"{model}\"")))?;
     Ok(Json(ReportView {
         rollout: r.name(),
         strategy: r.kind.to_string(),

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::error::ApiJson;
+use super::error::{ApiJson, reading};
 use super::{ApiError, AppState};
 use crate::gateway::{Answer, FrontDoor, Request};
 use crate::protocol;
@@ -180,9 +180,14 @@ pub(crate) fn metadata_of(
             versions(&pool.version),
         ));
     }
+    let what = || format!("the metadata of model \"{model}\"");
     let record = match version {
-        Some(v) => s.controller.registry().version(model, v)?,
-        None => stable_record(s, model)?,
+        Some(v) => s
+            .controller
+            .registry()
+            .version(model, v)
+            .map_err(reading(&what()))?,
+        None => stable_record(s, model).map_err(reading(&what()))?,
     };
     let remote = matches!(record.source, Source::Remote { .. });
     Ok(metadata(
@@ -203,9 +208,13 @@ pub(crate) fn readiness_of(
     if let Some(pool) = served(s, model, version) {
         return Ok((pool.version.clone(), true));
     }
+    let what = || format!("whether model \"{model}\" is ready");
     let version = match version {
-        Some(v) => s.controller.registry().version(model, v)?.version,
-        None => stable_record(s, model)?.version,
+        Some(v) => {
+            let record = s.controller.registry().version(model, v);
+            record.map_err(reading(&what()))?.version
+        }
+        None => stable_record(s, model).map_err(reading(&what()))?.version,
     };
     let ready = s.controller.serves(model, &version);
     Ok((version, ready))
@@ -256,7 +265,12 @@ pub async fn version_metadata(
 fn readiness(s: &AppState, model: &str, version: &str, ready: bool) -> Response {
     if ready {
         Json(json!({"name": model, "version": version, "ready": true})).into_response()
-    } else if let Some(by) = s.controller.unloaded_by(model).ok().flatten() {
+    } else if let Some(by) = s
+        .gateway
+        .routes()
+        .model(model)
+        .and_then(|r| r.unloaded.clone())
+    {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("model \"{model}\" is unloaded (by {by}); POST /v2/repository/models/{model}/load puts it back in service"),
@@ -408,8 +422,68 @@ pub async fn repository_index(
 }
 
 /// The repository index (REST and gRPC): every registered version, or only
-/// the ready ones, with its state and why it is not ready.
+/// the ready ones, with its state and why it is not ready. With the store
+/// unreachable, the index is what this instance routes and serves
+/// ([`served_entries`]): load balancers and Triton clients keep an answer.
 pub(crate) fn index_entries(s: &AppState, ready: bool) -> Result<Vec<IndexEntry>, ApiError> {
+    if s.controller.registry().store_known_unreachable() {
+        return Ok(served_entries(s, ready));
+    }
+    match registered_entries(s, ready) {
+        Err(e) if e.store_down.is_some() => Ok(served_entries(s, ready)),
+        answer => answer,
+    }
+}
+
+/// The index from the published routes alone: every version a route names
+/// or loads, by model name; versions registered but neither routed nor
+/// loaded are not known there, and left out.
+fn served_entries(s: &AppState, ready: bool) -> Vec<IndexEntry> {
+    let routes = s.gateway.routes();
+    let mut models: Vec<String> = routes
+        .snapshot_policies()
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    models.sort();
+    let mut out = Vec::new();
+    for name in models {
+        let Some(route) = routes.model(&name) else {
+            continue;
+        };
+        let mut versions: Vec<&str> = route.policy.versions().into_iter().collect();
+        versions.extend(route.pools.keys().map(String::as_str));
+        versions.sort_unstable();
+        versions.dedup();
+        for version in versions {
+            let serving = route.pools.contains_key(version);
+            if ready && !serving {
+                continue;
+            }
+            out.push(IndexEntry {
+                name: name.clone(),
+                version: version.to_string(),
+                state: if serving { "READY" } else { "UNAVAILABLE" },
+                reason: match (&route.unloaded, serving) {
+                    (_, true) => String::new(),
+                    (Some(by), false) => unloaded_reason(&name, by),
+                    (None, false) => NOT_STARTED.into(),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Why a version that should serve is not ready.
+const NOT_STARTED: &str = "should serve but could not start; see the server log";
+
+fn unloaded_reason(model: &str, by: &str) -> String {
+    format!("unloaded (by {by}); POST /v2/repository/models/{model}/load puts it back")
+}
+
+/// The index from the registry: every registered version.
+fn registered_entries(s: &AppState, ready: bool) -> Result<Vec<IndexEntry>, ApiError> {
     let registry = s.controller.registry();
     let mut out = Vec::new();
     for m in registry.models()? {
@@ -425,12 +499,9 @@ pub(crate) fn index_entries(s: &AppState, ready: bool) -> Result<Vec<IndexEntry>
                 reason: if serving {
                     String::new()
                 } else if let Some(by) = &m.unloaded {
-                    format!(
-                        "unloaded (by {by}); POST /v2/repository/models/{}/load puts it back",
-                        m.name
-                    )
+                    unloaded_reason(&m.name, by)
                 } else if m.stable.as_deref() == Some(v.version.as_str()) || v.loaded {
-                    "should serve but could not start; see the server log".into()
+                    NOT_STARTED.into()
                 } else {
                     "registered, not loaded".into()
                 },

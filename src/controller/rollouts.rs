@@ -652,9 +652,14 @@ impl Controller {
     /// `interval` while the candidate takes traffic. Runs until the process ends.
     pub async fn run_rollouts(self: Arc<Self>) {
         let mut ticks: u64 = 0;
-        // The store unreachable: said once per 30 s, not at every tick.
+        // A store failure: said once per 30 s, not at every tick; an
+        // unreachable store not at all (the store logs its outage once when
+        // it starts and once when it ends).
         let mut quiet_until: Option<std::time::Instant> = None;
         let mut store_failed = |what: &str, e: crate::store::StoreError| {
+            if e.unreachable() {
+                return;
+            }
             let now = std::time::Instant::now();
             if quiet_until.is_none_or(|t| now >= t) {
                 tracing::error!("{what}: {e} (said again in 30 s if it goes on)");

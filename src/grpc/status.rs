@@ -127,6 +127,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_store_is_unavailable_with_the_rest_message_and_retry_advice() {
+        use crate::store::{PgFailure, PgProblem, StoreError};
+        let down = StoreError::Postgres(PgFailure {
+            url: "postgres://ferry:***@db:5432/ferry".into(),
+            problem: PgProblem::Unreachable,
+            detail: "connection refused".into(),
+        });
+        let s = status(crate::registry::RegistryError::Store(down));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "the store at postgres://ferry:***@db:5432/ferry is unreachable: connection refused; nothing was changed"
+        );
+        assert_eq!(s.metadata().get("retry-after").unwrap(), "5");
+    }
+
+    #[test]
     fn only_the_size_limit_refusal_becomes_resource_exhausted() {
         let answer = |status: &'static str, message: &'static str| {
             http::Response::builder()

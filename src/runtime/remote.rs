@@ -102,31 +102,12 @@ impl RemoteAccess {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         use tokio_rustls::rustls;
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_cert {
-            Some(path) => {
-                let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
-                    .and_then(|i| i.collect())
-                    .map_err(|e| format!("remote CA certificate {path}: {e}"))?;
-                if certs.is_empty() {
-                    return Err(format!(
-                        "remote CA certificate {path} holds no PEM certificate"
-                    ));
-                }
-                for c in certs {
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("remote CA certificate {path}: {e}"))?;
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
-                if roots.is_empty() {
-                    return Err("no system CA certificates were found; give the remote's CA with --remote-ca-cert".into());
-                }
-            }
-        }
+        let roots = match &self.ca_cert {
+            Some(path) => pem_roots(std::path::Path::new(path), "remote CA certificate")?,
+            None => system_roots().ok_or(
+                "no system CA certificates were found; give the remote's CA with --remote-ca-cert",
+            )?,
+        };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -146,6 +127,35 @@ impl RemoteAccess {
             _ => Ok(builder.with_no_client_auth()),
         }
     }
+}
+
+/// The CA certificates of a PEM file, as rustls trusts them; an error names
+/// the file as `what` (e.g. "remote CA certificate") and what is wrong.
+pub fn pem_roots(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<tokio_rustls::rustls::RootCertStore, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let shown = path.display();
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect())
+        .map_err(|e| format!("{what} {shown}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {shown} holds no PEM certificate"));
+    }
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| format!("{what} {shown}: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// The system's CA certificates, or None when none were found.
+pub fn system_roots() -> Option<tokio_rustls::rustls::RootCertStore> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    (!roots.is_empty()).then_some(roots)
 }
 
 #[derive(Deserialize)]

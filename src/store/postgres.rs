@@ -17,18 +17,29 @@
 //! (a reader paging events after an id never misses one committed later).
 //! Migrations run at start under another advisory lock, so instances that
 //! start together apply them once.
+//!
+//! Every call is bounded in time ([`OP_TIMEOUT`]; connecting, [`CONNECT_TIMEOUT`]),
+//! so a server that is down, or a network that drops packets without a
+//! reset, fails a control request within seconds, never after the
+//! operating system's TCP timeout; pooled connections are checked before
+//! each use (deadpool's `Verified` recycling), so the pool heals by itself
+//! when the server is back. The outage is logged once when it starts and
+//! once when it ends ([`failure::OutageLog`]). TLS to the server comes from
+//! the URL's `sslmode` and `sslrootcert` ([`tls`]).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 mod blobs;
 mod cluster;
 mod failure;
 mod schema;
+pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{GenericClient, NoTls, Row, Transaction};
+use tokio_postgres::{GenericClient, Row, Transaction};
 
 pub use failure::{PgFailure, PgProblem};
 
@@ -42,7 +53,7 @@ use crate::records::{InstanceRecord, InstanceReport, ModelRecord, ServingSetting
 use crate::spec::RolloutSpec;
 use crate::strategy::{Phase, RolloutKind, RolloutState};
 use crate::units::now_rfc3339;
-use failure::{Failure, corrupt};
+use failure::{Failure, OutageLog, Transition, corrupt};
 
 /// The advisory lock every write transaction takes ("ferry" + 2).
 pub const WRITE_LOCK: i64 = 0x6665_7272_7900_0002;
@@ -53,8 +64,19 @@ pub const ROLLOUT_DRIVER_LOCK: i64 = 0x6665_7272_7900_0003;
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Connections one instance keeps to the server at most.
 const POOL_SIZE: usize = 8;
-/// The longest one call may wait for the server before it is unreachable.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest one call may take before the server counts as unreachable:
+/// a control request during an outage fails within it. Every call is one
+/// small transaction or one 1 MiB chunk; a healthy server answers in
+/// milliseconds.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a bulk call may take: a copy's snapshot, restore, counts
+/// and pages of events (`ferry store copy`), a migration, a retention pass.
+const BULK_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest opening a connection may take (TCP, TLS, login).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the rollout driver's connection has to prove it still holds
+/// its lock.
+const DRIVER_PING: Duration = Duration::from_secs(2);
 
 type Result2<T> = Result<T, Failure>;
 
@@ -207,6 +229,9 @@ pub struct PostgresStore {
     shown: String,
     /// How the change listener connects (outside the pool).
     config: tokio_postgres::Config,
+    connector: tokio_postgres_rustls::MakeRustlsConnect,
+    /// Whether the server is reachable, for the two log lines of an outage.
+    outage: OutageLog,
 }
 
 impl Drop for PostgresStore {
@@ -229,21 +254,29 @@ impl PostgresStore {
                 detail,
             })
         };
-        let mut config: tokio_postgres::Config = url
+        let (plain, tls) = tls::split(url).map_err(&fail)?;
+        let mut config: tokio_postgres::Config = plain
             .parse()
             .map_err(|e| fail(format!("the URL is not valid: {e}")))?;
         config
             .application_name("ferry")
-            .connect_timeout(Duration::from_secs(5))
-            .keepalives_idle(Duration::from_secs(30))
-            .tcp_user_timeout(Duration::from_secs(20));
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            // Data the server does not acknowledge (a cut that drops
+            // packets) ends the connection after this.
+            .tcp_user_timeout(OP_TIMEOUT);
+        let connector = tls.apply(&mut config).map_err(&fail)?;
         let runtime = super::bridge::runtime("ferry-store", 2)
             .map_err(|e| fail(format!("cannot start the store's threads: {e}")))?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            connector.clone(),
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // A connection the network cut without a reset still looks
+                // open: a query proves it before it is used again.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = {
@@ -251,9 +284,9 @@ impl PostgresStore {
             Pool::builder(manager)
                 .max_size(POOL_SIZE)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(10)))
-                .create_timeout(Some(Duration::from_secs(5)))
-                .recycle_timeout(Some(Duration::from_secs(5)))
+                .wait_timeout(Some(OP_TIMEOUT))
+                .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
+                .recycle_timeout(Some(Duration::from_secs(1)))
                 .build()
                 .map_err(|e| fail(format!("cannot make a connection pool: {e}")))?
         };
@@ -265,8 +298,11 @@ impl PostgresStore {
             runtime: Some(runtime),
             shown,
             config,
+            connector,
+            outage: OutageLog::default(),
         };
-        store.run(|db| async move { schema::migrate(&db).await })?;
+        // A migration may rewrite a large table: a bulk call's time.
+        store.call(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
         Ok(store)
     }
 
@@ -275,8 +311,51 @@ impl PostgresStore {
         &self.shown
     }
 
-    /// Runs `work` on the store's runtime and waits for its answer.
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// [`OP_TIMEOUT`].
     fn run<T, F>(&self, work: impl FnOnce(Arc<Db>) -> F + Send + 'static) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result2<T>> + Send + 'static,
+    {
+        self.run_within(OP_TIMEOUT, work)
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// `limit`; an outage's start and end are logged here.
+    fn run_within<T, F>(
+        &self,
+        limit: Duration,
+        work: impl FnOnce(Arc<Db>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result2<T>> + Send + 'static,
+    {
+        let answer = self.call(limit, work);
+        let reached = answer.as_ref().err().is_none_or(|e| !e.unreachable());
+        match (self.outage.record(reached, Instant::now()), &answer) {
+            (Some(Transition::Down), Err(e)) => tracing::error!(
+                "{e}. Until it is back, control requests that need it answer 503 and change nothing; inference goes on with the routes this instance serves"
+            ),
+            (Some(Transition::Back(after)), _) => tracing::warn!(
+                "the store at {} is reachable again after {:.1} s; control requests work again",
+                self.shown,
+                after.as_secs_f64()
+            ),
+            _ => {}
+        }
+        answer
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer, at most
+    /// `limit` (the outage log not told: [`PostgresStore::open`] says its
+    /// own failure).
+    fn call<T, F>(
+        &self,
+        limit: Duration,
+        work: impl FnOnce(Arc<Db>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result2<T>> + Send + 'static,
@@ -287,13 +366,13 @@ impl PostgresStore {
             .as_ref()
             .expect("the runtime lives as long as the store");
         let answer = super::bridge::wait(runtime, async move {
-            match tokio::time::timeout(CALL_TIMEOUT, work(db)).await {
+            match tokio::time::timeout(limit, work(db)).await {
                 Ok(answer) => answer,
-                Err(_) => Err(Failure::Timeout),
+                Err(_) => Err(Failure::Timeout(limit)),
             }
         });
         answer
-            .unwrap_or(Err(Failure::Timeout))
+            .unwrap_or(Err(Failure::Timeout(limit)))
             .map_err(|f| f.into_store_error(&self.shown))
     }
 
@@ -305,12 +384,37 @@ impl PostgresStore {
             + Send
             + 'static,
     {
-        self.run(move |db| async move {
+        self.write_within(OP_TIMEOUT, work)
+    }
+
+    /// [`PostgresStore::write`] within `limit`. A connection lost once the
+    /// commit was sent leaves the change unknown, and the error says so
+    /// ([`PgProblem::CommitUnknown`]); lost before, nothing was changed.
+    fn write_within<T, W>(&self, limit: Duration, work: W) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        W: for<'t> FnOnce(&'t Transaction<'t>) -> futures_box::BoxFuture<'t, Result2<T>>
+            + Send
+            + 'static,
+    {
+        let committing = Arc::new(AtomicBool::new(false));
+        let sent = committing.clone();
+        let answer = self.run_within(limit, move |db| async move {
             let mut client = db.client().await?;
             let tx = db.begin(&mut client).await?;
             let out = work(&tx).await?;
+            sent.store(true, Ordering::Release);
             Db::commit(tx).await?;
             Ok(out)
+        });
+        answer.map_err(|e| match e {
+            StoreError::Postgres(mut f)
+                if f.problem == PgProblem::Unreachable && committing.load(Ordering::Acquire) =>
+            {
+                f.problem = PgProblem::CommitUnknown;
+                StoreError::Postgres(f)
+            }
+            e => e,
         })
     }
 }
@@ -596,7 +700,8 @@ impl Store for PostgresStore {
 
     fn delete_events_before(&self, cutoff: &str) -> Result<usize, StoreError> {
         let cutoff = cutoff.to_string();
-        self.write(move |tx| {
+        // A retention pass may delete a long history at once.
+        self.write_within(BULK_TIMEOUT, move |tx| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -610,18 +715,38 @@ impl Store for PostgresStore {
         })
     }
 
+    fn known_unreachable(&self) -> bool {
+        self.outage.is_down()
+    }
+
     fn drives_rollouts(&self) -> Result<bool, StoreError> {
         self.run(|db| async move {
             let mut driver = db.driver.lock().await;
-            if driver.as_ref().is_some_and(|c| !c.is_closed()) {
-                return Ok(true);
-            }
-            // Never held, or its connection broke (the lock went with it):
-            // try to take it; another instance may hold it.
-            if let Some(lost) = driver.take() {
-                drop(deadpool_postgres::Object::take(lost));
+            if let Some(held) = driver.as_ref() {
+                // A session lock lives as long as its session: a connection
+                // that answers still holds it. One that does not (closed, or
+                // silent: the network cut) has lost it, or will once the
+                // server notices; it is never believed to hold it.
+                let alive = tokio::time::timeout(DRIVER_PING, held.simple_query("")).await;
+                if matches!(alive, Ok(Ok(_))) {
+                    return Ok(true);
+                }
+                if let Some(lost) = driver.take() {
+                    drop(deadpool_postgres::Object::take(lost));
+                }
+                tracing::warn!(
+                    "this instance no longer drives the rollouts: its connection to the store was lost; the first instance to reach the store takes the role"
+                );
             }
             let client = db.client().await?;
+            // The server notices a silent peer within about 25 s (its own
+            // defaults wait hours), so a lock held across a cut network is
+            // released for another instance.
+            client
+                .batch_execute(
+                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+                )
+                .await?;
             let taken: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&ROLLOUT_DRIVER_LOCK])
                 .await?
@@ -651,7 +776,7 @@ impl Store for PostgresStore {
     }
 
     fn counts(&self) -> Result<Counts, StoreError> {
-        self.run(|db| async move {
+        self.run_within(BULK_TIMEOUT, |db| async move {
             let client = db.client().await?;
             let row = client
                 .query_one(
@@ -671,7 +796,7 @@ impl Store for PostgresStore {
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.run(|db| async move {
+        self.run_within(BULK_TIMEOUT, |db| async move {
             let mut client = db.client().await?;
             // One consistent view of the three tables.
             let tx = client
@@ -706,7 +831,7 @@ impl Store for PostgresStore {
     }
 
     fn event_log(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.run(move |db| async move {
+        self.run_within(BULK_TIMEOUT, move |db| async move {
             let client = db.client().await?;
             let sql =
                 format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2");
@@ -719,7 +844,9 @@ impl Store for PostgresStore {
 
     fn restore(&self, snapshot: &Snapshot, replace: bool) -> Result<(), StoreError> {
         let snapshot = snapshot.clone();
-        self.write(move |tx| Box::pin(async move { restore(tx, &snapshot, replace).await }))
+        self.write_within(BULK_TIMEOUT, move |tx| {
+            Box::pin(async move { restore(tx, &snapshot, replace).await })
+        })
     }
 
     fn route_version(&self) -> Result<i64, StoreError> {
@@ -749,13 +876,18 @@ impl Store for PostgresStore {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         let (tx, rx) = tokio::sync::watch::channel(0);
         let runtime = self.runtime.as_ref()?;
-        runtime.spawn(cluster::listen(self.config.clone(), self.shown.clone(), tx));
+        runtime.spawn(cluster::listen(
+            self.config.clone(),
+            self.connector.clone(),
+            self.shown.clone(),
+            tx,
+        ));
         Some(rx)
     }
 
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
         let events = events.to_vec();
-        self.write(move |tx| {
+        self.write_within(BULK_TIMEOUT, move |tx| {
             Box::pin(async move {
                 let sql = format!(
                     "INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -1054,6 +1186,201 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "b never took over");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn the_rollout_driver_lock_is_not_believed_held_across_an_outage_and_is_taken_again() {
+        let server = testpg::PgServer::start();
+        let url = server.database();
+        let (a, b) = (
+            PostgresStore::open(&url).unwrap(),
+            PostgresStore::open(&url).unwrap(),
+        );
+        assert!(a.drives_rollouts().unwrap());
+        assert!(!b.drives_rollouts().unwrap());
+        server.stop("immediate");
+        let started = std::time::Instant::now();
+        let e = a.drives_rollouts().unwrap_err();
+        assert!(e.unreachable(), "{e}");
+        assert!(a.known_unreachable());
+        assert!(
+            started.elapsed() < OP_TIMEOUT + Duration::from_secs(1),
+            "bounded: {:?}",
+            started.elapsed()
+        );
+        server.restart();
+        // Whoever asks first after the restart takes the lock; the other
+        // never believes it holds it too.
+        assert!(b.drives_rollouts().unwrap(), "b takes the free lock");
+        assert!(!a.drives_rollouts().unwrap(), "a lost it with its session");
+        assert!(!a.known_unreachable(), "the pool reconnected by itself");
+        drop(b);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !a.drives_rollouts().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "a never took over");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_write_cut_off_during_its_commit_says_it_may_have_been_made() {
+        let url = testpg::database();
+        let store = PostgresStore::open(&url).unwrap();
+        // A table whose commit takes a second (a deferred trigger sleeps).
+        testpg::shared().psql(
+            name(&url),
+            "CREATE TABLE slow (x int);
+             CREATE FUNCTION sleep_a_second() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON slow
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sleep_a_second();",
+        );
+        let insert = |sql: &'static str| {
+            store.write_within(Duration::from_millis(300), move |tx| {
+                Box::pin(async move {
+                    tx.batch_execute(sql).await?;
+                    Ok(())
+                })
+            })
+        };
+        // Cut off before the commit: nothing was changed, and it says so.
+        let e = insert("SELECT pg_sleep(1); INSERT INTO slow VALUES (1)").unwrap_err();
+        assert!(e.unreachable() && !e.maybe_changed(), "{e}");
+        // (Its transaction holds the write lock until its sleep ends.)
+        std::thread::sleep(Duration::from_millis(1200));
+        // Cut off once the commit was sent: it may have been made.
+        let e = insert("INSERT INTO slow VALUES (2)").unwrap_err();
+        assert!(e.unreachable() && e.maybe_changed(), "{e}");
+        assert!(
+            e.to_string().contains("may or may not have been made"),
+            "{e}"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            testpg::shared().psql(name(&url), "SELECT string_agg(x::text, ',') FROM slow"),
+            "2",
+            "the first never was, the second was made after all"
+        );
+    }
+
+    /// Whether the store's connections are encrypted (pg_stat_ssl).
+    fn encrypted(store: &PostgresStore) -> bool {
+        store
+            .run(|db| async move {
+                let client = db.client().await?;
+                let row = client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .await?;
+                Ok(row.try_get::<_, bool>(0)?)
+            })
+            .unwrap()
+    }
+
+    fn tls_file(name: &str) -> String {
+        format!("{}/tests/data/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn tls_to_postgres_follows_sslmode_and_sslrootcert() {
+        let server = testpg::PgServer::start_tls(
+            tls_file("server.pem").as_ref(),
+            tls_file("server.key").as_ref(),
+        );
+        let url = server.database();
+        let (port, db) = (server.port, name(&url).to_string());
+        let at =
+            |host: &str, params: &str| format!("postgres://postgres@{host}:{port}/{db}?{params}");
+        let ca = tls_file("ca.pem");
+        // The server's certificate names localhost and 127.0.0.1.
+        for host in ["127.0.0.1", "localhost"] {
+            let store =
+                PostgresStore::open(&at(host, &format!("sslmode=verify-full&sslrootcert={ca}")))
+                    .unwrap();
+            assert!(encrypted(&store), "{host}");
+        }
+        // Under another address: verify-ca takes it, verify-full does not.
+        let store = PostgresStore::open(&at(
+            "127.0.0.2",
+            &format!("sslmode=verify-ca&sslrootcert={ca}"),
+        ))
+        .unwrap();
+        assert!(encrypted(&store));
+        let e = PostgresStore::open(&at(
+            "127.0.0.2",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ))
+        .err()
+        .expect("the name is not the certificate's");
+        assert!(
+            matches!(&e, StoreError::Postgres(f) if f.problem == PgProblem::Tls),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("not valid for name \"127.0.0.2\""),
+            "{e}"
+        );
+        // A CA that did not sign the server's certificate.
+        let other = tls_file("client.pem");
+        let e = PostgresStore::open(&at(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={other}"),
+        ))
+        .err()
+        .expect("not trusted");
+        let text = e.to_string();
+        assert!(
+            text.contains("refused the TLS connection")
+                && text.contains("UnknownIssuer")
+                && text.contains("sslrootcert"),
+            "{text}"
+        );
+        assert!(!e.unreachable(), "a certificate problem is not an outage");
+        // require and prefer encrypt without checking; disable does not.
+        assert!(encrypted(
+            &PostgresStore::open(&at("127.0.0.2", "sslmode=require")).unwrap()
+        ));
+        assert!(
+            encrypted(&PostgresStore::open(&at("127.0.0.1", "")).unwrap()),
+            "prefer"
+        );
+        assert!(!encrypted(
+            &PostgresStore::open(&at("127.0.0.1", "sslmode=disable")).unwrap()
+        ));
+        // require with a root file checks the chain, as libpq does.
+        let e = PostgresStore::open(&at(
+            "127.0.0.1",
+            &format!("sslmode=require&sslrootcert={other}"),
+        ))
+        .err()
+        .expect("checked against the root file");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[test]
+    fn a_server_without_tls_is_refused_when_the_url_requires_it() {
+        let url = testpg::database();
+        let e = PostgresStore::open(&format!("{url}?sslmode=require"))
+            .err()
+            .expect("the test server has no TLS");
+        let text = e.to_string();
+        assert!(
+            text.contains("server does not support TLS") && text.contains("ssl = on"),
+            "{text}"
+        );
+        let plain = PostgresStore::open(&format!("{url}?sslmode=prefer")).unwrap();
+        assert!(!encrypted(&plain), "prefer falls back to plain");
+        let e = PostgresStore::open(&format!(
+            "{url}?sslmode=verify-full&sslrootcert=/nonexistent.pem"
+        ))
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string().contains("sslrootcert /nonexistent.pem"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct PgServer {
     dir: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    /// Server options beside the port and socket (TLS, more addresses).
+    options: String,
 }
 
 /// The server every test of this process shares (started on first use).
@@ -98,6 +100,18 @@ fn unique() -> String {
 impl PgServer {
     /// Makes a cluster in a new temporary directory and starts it.
     pub fn start() -> PgServer {
+        PgServer::start_with(None)
+    }
+
+    /// [`PgServer::start`] with TLS on (`ssl=on`): `cert` and `key` (PEM
+    /// files) are copied into the server's directory, readable by it alone.
+    /// It listens on 127.0.0.1 and 127.0.0.2, so that a test can reach it
+    /// under an address its certificate does not name.
+    pub fn start_tls(cert: &Path, key: &Path) -> PgServer {
+        PgServer::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> PgServer {
         let bin = binaries();
         let as_postgres = running_as_root();
         let dir = std::env::temp_dir().join(format!("ferry-pg-{}", unique()));
@@ -118,7 +132,11 @@ impl PgServer {
             dir,
             port: 0,
             as_postgres,
+            options: String::new(),
         };
+        if let Some((cert, key)) = tls {
+            server.options = server.tls_files(cert, key);
+        }
         server.watch_parent();
         server.run_ok(
             "initdb",
@@ -147,6 +165,30 @@ impl PgServer {
 
     fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Copies the certificate and key where the server reads them (owned
+    /// by it, mode 0600 as PostgreSQL insists); the options that turn TLS on.
+    fn tls_files(&self, cert: &Path, key: &Path) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let (c, k) = (self.dir.join("server.crt"), self.dir.join("server.key"));
+        std::fs::copy(cert, &c).expect("the test certificate");
+        std::fs::copy(key, &k).expect("the test key");
+        for f in [&c, &k] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if self.as_postgres {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(f)
+                    .status();
+                assert!(ok.is_ok_and(|s| s.success()), "chown {}", f.display());
+            }
+        }
+        format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c listen_addresses=127.0.0.1,127.0.0.2",
+            c.display(),
+            k.display()
+        )
     }
 
     /// A command running the server binary `name` (as `postgres` when root).
@@ -179,9 +221,10 @@ impl PgServer {
 
     fn try_start(&self) -> bool {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=400",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=400{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options
         );
         self.command("pg_ctl")
             .args(["-D", &self.data().display().to_string(), "-l"])

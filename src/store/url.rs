@@ -6,7 +6,8 @@
 //!   directory (a data dir), else the database file itself. The default is
 //!   `sqlite:<data-dir>/ferry.db`.
 //! - `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?…]` (or `postgresql://`) —
-//!   the store several instances share.
+//!   the store several instances share; `sslmode` and `sslrootcert` as
+//!   libpq reads them (`postgres/tls.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -51,7 +52,11 @@ impl StoreUrl {
             return Ok(StoreUrl::Sqlite(file));
         }
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            let config: tokio_postgres::Config = text.parse().map_err(|e| {
+            // sslmode and sslrootcert are read as libpq reads them, beyond
+            // what tokio-postgres knows (super::postgres::tls).
+            let (plain, _) =
+                super::postgres::tls::split(text).map_err(|e| format!("store {shown:?}: {e}"))?;
+            let config: tokio_postgres::Config = plain.parse().map_err(|e| {
                 format!("store {shown:?} is not a valid PostgreSQL URL ({e}); {forms}")
             })?;
             if config.get_hosts().is_empty() {
@@ -218,6 +223,15 @@ mod tests {
         assert!(e.contains("postgres://"), "{e}");
         let e = StoreUrl::parse("postgres://u:pw@h").unwrap_err();
         assert!(e.contains("names no database") && !e.contains("pw@"), "{e}");
+        assert!(matches!(
+            StoreUrl::parse("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem"),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        let e = StoreUrl::parse("postgres://u:pw@h/db?sslmode=strict").unwrap_err();
+        assert!(
+            e.contains("sslmode=strict is not a mode") && !e.contains("pw@"),
+            "{e}"
+        );
         assert!(StoreUrl::parse("sqlite:").is_err());
         assert!(StoreUrl::parse("ferry.db").is_err());
     }

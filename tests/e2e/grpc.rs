@@ -27,7 +27,7 @@ async fn grpc_server(extra: &[&str]) -> (Server, tempfile::TempDir) {
     (s, tmp)
 }
 
-async fn client(s: &Server) -> Client {
+pub async fn client(s: &Server) -> Client {
     let url = s.grpc.clone().expect("started with --grpc-listen");
     let channel = tonic::transport::Channel::from_shared(url)
         .unwrap()

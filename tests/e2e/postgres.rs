@@ -210,7 +210,7 @@ async fn store_copy_moves_a_single_node_with_its_history_into_postgres() {
 }
 
 /// Runs `ferry serve --store STORE` expecting it to refuse to start.
-fn refused(store: &str) -> String {
+pub fn refused(store: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(FERRY)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

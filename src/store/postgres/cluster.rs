@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Transaction};
+use tokio_postgres::{AsyncMessage, GenericClient, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Db, Result2, json, to_json};
 use crate::records::{InstanceRecord, InstanceReport};
@@ -174,12 +175,13 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// receives any more.
 pub(super) async fn listen(
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     shown: String,
     tx: tokio::sync::watch::Sender<i64>,
 ) {
     let mut said = false;
     while !tx.is_closed() {
-        match listen_once(&config, &tx).await {
+        match listen_once(&config, tls.clone(), &tx).await {
             Ok(()) => return,
             Err(e) if !said => {
                 tracing::warn!(
@@ -195,9 +197,10 @@ pub(super) async fn listen(
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     tx: &tokio::sync::watch::Sender<i64>,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         loop {
