@@ -27,7 +27,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts instance `a`, registers `cancer` 1 through it, then starts the
-    /// others (which load it at start: routes are not pushed yet).
+    /// others (which load it at start).
     pub async fn start_serving_cancer(url: &str, n: usize) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let first = ["--store", url, "--grpc-listen", "127.0.0.1:0"];
@@ -244,6 +244,35 @@ async fn after_the_outage(cluster: &Cluster, model: &str) {
         .await;
     assert_eq!(status, 200, "{body} after {last}");
     assert_eq!(headers["x-ferry-version"], "1");
+    converged(cluster, model).await;
+}
+
+/// Every instance catches up by itself: each serves the store's latest
+/// route version (as `GET /api/v1/cluster` reports it) and answers for the
+/// model registered after the outage.
+async fn converged(cluster: &Cluster, model: &str) {
+    let a = &cluster.instances[0];
+    let mut view = Value::Null;
+    eventually(
+        Duration::from_secs(20),
+        "every instance serves the latest route version",
+        async || {
+            view = a.admin_get("/api/v1/cluster").await;
+            let latest = view["route_version"].as_i64();
+            let instances = view["instances"].as_array().cloned().unwrap_or_default();
+            instances.len() == cluster.instances.len()
+                && instances
+                    .iter()
+                    .all(|i| i["live"] == true && i["route_version"].as_i64() == latest)
+        },
+    )
+    .await;
+    for s in &cluster.instances[1..] {
+        let (status, _, body) = s
+            .infer(&format!("/v2/models/{model}/infer"), &batch(2))
+            .await;
+        assert_eq!(status, 200, "{body}; the cluster: {view}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
