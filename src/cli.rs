@@ -180,9 +180,10 @@ pub struct ServeArgs {
     /// ONNX Runtime shared library (default: ORT_DYLIB_PATH, beside the binary, the build's copy).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
-    /// Threads for network I/O and request handling (0: one per core).
-    /// Each replica has its own inference thread; models whose runs take
-    /// under 100 µs run on these threads when their replica is idle.
+    /// Threads that accept and serve requests, each with its own event loop
+    /// and upstream connections (0: one per core). Each replica has its own
+    /// inference thread; models whose runs take under 100 µs run on these
+    /// threads when their replica is idle.
     #[arg(long, default_value_t = 0)]
     pub io_threads: usize,
     /// Largest inference request body, in bytes.
@@ -406,6 +407,7 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         artifacts: server::bucket_url(args.artifacts.as_deref())?,
         data_dir: args.data_dir,
         listen: args.listen,
+        io_threads: args.io_threads,
         grpc_listen: args.grpc_listen.0,
         ort_library: args.ort_library,
         limits: Limits {

@@ -19,10 +19,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let ferry::cli::Command::Serve(args) = &cli.command
-        && args.io_threads > 0
-    {
-        builder.worker_threads(args.io_threads);
+    // `serve` accepts and answers requests on its own serving threads
+    // (`--io-threads`); this runtime keeps the control plane (controller,
+    // store, rollout loop, the control API's requests): two threads, or
+    // what `--io-threads` says.
+    if let ferry::cli::Command::Serve(args) = &cli.command {
+        builder.worker_threads(match args.io_threads {
+            0 => 2,
+            n => n,
+        });
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

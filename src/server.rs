@@ -3,6 +3,7 @@
 //! SIGINT/SIGTERM (in-flight requests finish first, within the drain timeout).
 
 mod slots;
+mod threads;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub struct ServeOptions {
     /// `--artifacts`: a bucket that keeps the artifacts instead of the store.
     pub artifacts: Option<BucketUrl>,
     pub listen: SocketAddr,
+    /// Serving threads (`--io-threads`; 0: one per core).
+    pub io_threads: usize,
     /// Where the gRPC service listens (`None`: `--grpc-listen off`).
     pub grpc_listen: Option<SocketAddr>,
     pub ort_library: Option<PathBuf>,
@@ -286,16 +289,36 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             idle_timeout: opts.header_read_timeout,
             stopping: stopping.clone(),
         };
-        serve_connections(listener, grpc_tls, conns, &opts, stopping.clone())
+        Listening::new(listener, grpc_tls, conns, &opts)
     });
-    let http = Http1::new(api::service(wired.state, opts.limits, head), &opts);
-    let rest = serve_connections(listener, tls, http, &opts, stopping);
-    match grpc {
-        Some(grpc) => {
-            tokio::join!(rest, grpc);
-        }
-        None => rest.await,
+    let grpc = grpc.transpose()?;
+    // The control API's requests run here, on the main runtime, beside the
+    // controller; inference stays on the serving thread that accepted it.
+    let app = api::service(wired.state, opts.limits, head)
+        .with_control_runtime(tokio::runtime::Handle::current());
+    let rest = Listening::new(listener, tls, Http1::new(app, &opts), &opts)?;
+    let mut parts = Vec::new();
+    for _ in 0..threads::count(opts.io_threads) {
+        let grpc = grpc.as_ref().map(Listening::for_thread).transpose()?;
+        parts.push((rest.for_thread()?, grpc));
     }
+    // Only the threads' copies stay open: when the last one stops
+    // accepting, new connections are refused.
+    drop((rest, grpc));
+    let opts = Arc::new(opts);
+    threads::run(parts, move |(rest, grpc)| {
+        let (opts, stopping) = (opts.clone(), stopping.clone());
+        async move {
+            let rest = rest.serve(&opts, stopping.clone());
+            match grpc {
+                Some(grpc) => {
+                    tokio::join!(rest, grpc.serve(&opts, stopping));
+                }
+                None => rest.await,
+            }
+        }
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -645,6 +668,57 @@ impl Connections for Grpc {
     }
 }
 
+/// One listener and how its connections are served, as each serving thread
+/// gets it: the same socket (a duplicated descriptor: every thread accepts
+/// from it), and the connection slots shared by all threads.
+struct Listening<C> {
+    listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    conns: C,
+    slots: Arc<slots::Slots>,
+}
+
+impl<C: Connections> Listening<C> {
+    fn new(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        conns: C,
+        opts: &ServeOptions,
+    ) -> anyhow::Result<Listening<C>> {
+        Ok(Listening {
+            listener: listener
+                .into_std()
+                .context("cannot hand the listener to the serving threads")?,
+            tls,
+            conns,
+            slots: slots::Slots::new(opts.max_connections, opts.max_connections_per_peer),
+        })
+    }
+
+    /// A serving thread's copy.
+    fn for_thread(&self) -> anyhow::Result<Listening<C>> {
+        Ok(Listening {
+            listener: self
+                .listener
+                .try_clone()
+                .context("cannot share the listener with a serving thread")?,
+            tls: self.tls.clone(),
+            conns: self.conns.clone(),
+            slots: self.slots.clone(),
+        })
+    }
+
+    /// Accepts and serves on this thread's runtime until the server stops.
+    async fn serve(self, opts: &ServeOptions, stopping: tokio::sync::watch::Receiver<bool>) {
+        match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(listener) => {
+                serve_connections(listener, self.tls, self.conns, self.slots, opts, stopping).await
+            }
+            Err(e) => tracing::error!("a serving thread cannot accept connections: {e}"),
+        }
+    }
+}
+
 /// Accepts connections until SIGINT/SIGTERM, then stops accepting, closes
 /// idle connections and waits for in-flight requests to finish. A client
 /// that does not finish sending its request headers within
@@ -656,11 +730,11 @@ async fn serve_connections(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     conns: impl Connections,
+    slots: Arc<slots::Slots>,
     opts: &ServeOptions,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = slots::Slots::new(opts.max_connections, opts.max_connections_per_peer);
     let shutdown = stopping.wait_for(|stop| *stop);
     tokio::pin!(shutdown);
     let mut refusals = Refusals::default();

@@ -11,6 +11,12 @@
 //! missing or wrong token) — goes through the axum router, which has the
 //! same handler and gives the same answers. Artifact uploads stream to the
 //! router (paced, with their own size limit) instead of being held whole.
+//!
+//! Inference runs on the thread that accepted its connection (the server's
+//! serving threads); the router's requests — the control plane's, which
+//! may wait on the store or start versions — run on the control runtime
+//! when one is given ([`Dispatch::with_control_runtime`]), beside the
+//! controller, so they never hold a serving thread.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +27,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, header};
 use axum::response::IntoResponse;
 use hyper::body::{Body as _, Incoming};
+use hyper::service::Service as _;
 use hyper_util::service::TowerToHyperService;
 
 use super::body::{Account, BodyBudget, Paced};
@@ -37,6 +44,8 @@ pub struct Dispatch {
     budget: BodyBudget,
     head: std::sync::Arc<HeadRules>,
     router: TowerToHyperService<Router>,
+    /// Where the router's requests run (`None`: where they arrive).
+    control: Option<tokio::runtime::Handle>,
 }
 
 impl Dispatch {
@@ -48,6 +57,27 @@ impl Dispatch {
             budget: BodyBudget::new(limits.max_body_memory),
             head: std::sync::Arc::new(head),
             router: TowerToHyperService::new(router),
+            control: None,
+        }
+    }
+
+    /// Runs the router's requests on `runtime`.
+    pub fn with_control_runtime(self, runtime: tokio::runtime::Handle) -> Dispatch {
+        Dispatch {
+            control: Some(runtime),
+            ..self
+        }
+    }
+
+    /// The router's answer to `req`, on the control runtime when there is one.
+    async fn route(&self, req: Request<Body>) -> Result<Response<Body>, Infallible> {
+        let answer = self.router.call(req);
+        let Some(control) = &self.control else {
+            return answer.await;
+        };
+        match control.spawn(answer).await {
+            Ok(answer) => answer,
+            Err(e) => Ok(ApiError::internal("the request's handler failed", e).into_response()),
         }
     }
 }
@@ -93,7 +123,7 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
             let body = Paced::new(body, this.limits.body);
             if is_upload(&parts.method, parts.uri.path()) {
                 let req = Request::from_parts(parts, Body::new(body));
-                return this.router.call(req).await;
+                return this.route(req).await;
             }
             // The admin's requests are not counted: an operator can always
             // abort a rollout, whatever clients hold.
@@ -124,7 +154,7 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
                 }
                 None => {
                     let req = Request::from_parts(parts, Body::from(held.bytes.clone()));
-                    this.router.call(req).await?
+                    this.route(req).await?
                 }
             };
             drop(held);

@@ -5,6 +5,11 @@
 //! URL, proxy, redirect and retry layers cost more than the request itself
 //! on a pass-through; BENCHMARKS.md).
 //!
+//! The inference client is per thread ([`PerThread`]): a serving thread
+//! (`server`'s thread per core) sends its requests on its own keep-alive
+//! connections, whose tasks run on that thread, so a pass-through request
+//! never wakes another thread (BENCHMARKS.md, the gateway's profile).
+//!
 //! A version on `https://` endpoints, or with request headers, gets its own
 //! pair of clients ([`RemoteHttp::for_version`]) built from its
 //! [`RemoteAccess`]: rustls with the system CAs or a given CA, an optional
@@ -50,11 +55,45 @@ pub struct RemoteClient {
 
 type Body = http_body_util::Full<bytes::Bytes>;
 
-/// hyper's pooled client: plain HTTP (the shared one), or with TLS.
+/// How long an upstream connection may stay idle in a pool.
+const IDLE: Duration = Duration::from_secs(90);
+
+/// hyper's pooled client, one per thread that sends requests: each thread
+/// keeps its own keep-alive connections, and their connection tasks run on
+/// the runtime of the thread that opened them, so no connection (and no
+/// wake-up) is handed between threads.
+struct PerThread<C: Send> {
+    connector: C,
+    clients: thread_local::ThreadLocal<hyper_util::client::legacy::Client<C, Body>>,
+}
+
+impl<C> PerThread<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    fn new(connector: C) -> PerThread<C> {
+        PerThread {
+            connector,
+            clients: thread_local::ThreadLocal::new(),
+        }
+    }
+
+    /// This thread's client (made on its first request).
+    fn client(&self) -> &hyper_util::client::legacy::Client<C, Body> {
+        self.clients.get_or(|| {
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(IDLE)
+                .pool_timer(TokioTimer::new())
+                .build(self.connector.clone())
+        })
+    }
+}
+
+/// The inference client: plain HTTP (the shared one), or with TLS.
 #[derive(Clone)]
 enum DataClient {
-    Plain(Arc<hyper_util::client::legacy::Client<HttpConnector, Body>>),
-    Tls(Arc<hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>>),
+    Plain(Arc<PerThread<HttpConnector>>),
+    Tls(Arc<PerThread<HttpsConnector<HttpConnector>>>),
 }
 
 /// The HTTP clients of remote replicas, each with its pool of keep-alive
@@ -177,23 +216,21 @@ impl RemoteHttp {
     /// The clients every remote replica shares: connections are kept alive
     /// for 90 s idle, opened with `TCP_NODELAY` within `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> RemoteHttp {
-        let idle = Duration::from_secs(90);
         // No redirects: a webhook or remote that answers 3xx gets that
         // answer, and cannot send Ferry to a host --allow-outbound refuses.
         let control = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout)
-            .pool_idle_timeout(idle)
+            .pool_idle_timeout(IDLE)
             .tcp_nodelay(true)
             .build()
             .expect("the HTTP client builds with static settings");
-        let data = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle)
-            .pool_timer(TokioTimer::new())
-            .build(Self::connector(connect_timeout, false));
         RemoteHttp {
             control,
-            data: DataClient::Plain(Arc::new(data)),
+            data: DataClient::Plain(Arc::new(PerThread::new(Self::connector(
+                connect_timeout,
+                false,
+            )))),
             headers: Arc::new(HeaderMap::new()),
             connect_timeout,
         }
@@ -217,11 +254,10 @@ impl RemoteHttp {
         }
         access.validate()?;
         let headers = access.resolve_headers()?;
-        let idle = Duration::from_secs(90);
         let mut control = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(self.connect_timeout)
-            .pool_idle_timeout(idle)
+            .pool_idle_timeout(IDLE)
             .tcp_nodelay(true)
             .default_headers(headers.clone());
         let data = if https {
@@ -232,12 +268,7 @@ impl RemoteHttp {
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(Self::connector(self.connect_timeout, true));
-            DataClient::Tls(Arc::new(
-                hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(idle)
-                    .pool_timer(TokioTimer::new())
-                    .build(connector),
-            ))
+            DataClient::Tls(Arc::new(PerThread::new(connector)))
         } else {
             self.data.clone()
         };
@@ -413,8 +444,8 @@ impl RemoteClient {
             );
         }
         let sent = match &self.http.data {
-            DataClient::Plain(c) => c.request(request).await,
-            DataClient::Tls(c) => c.request(request).await,
+            DataClient::Plain(c) => c.client().request(request).await,
+            DataClient::Tls(c) => c.client().request(request).await,
         };
         let resp = sent.map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
         let status = resp.status();
