@@ -29,24 +29,32 @@ fn state(i: &InstanceView) -> &'static str {
     }
 }
 
+/// The first columns of both tables: INSTANCE, URL, STATE, ROUTE VERSION.
+fn where_it_is(i: &InstanceView, latest: i64) -> Vec<String> {
+    vec![
+        i.id.clone(),
+        i.url.clone(),
+        state(i).to_string(),
+        served(i, latest),
+    ]
+}
+
 /// The whole table.
 fn render(view: &ClusterView) -> String {
     let rows: Vec<Vec<String>> = view
         .instances
         .iter()
         .map(|i| {
-            vec![
-                i.id.clone(),
-                i.url.clone(),
-                state(i).to_string(),
-                served(i, view.route_version),
+            let mut row = where_it_is(i, view.route_version);
+            row.extend([
                 i.version.clone(),
                 i.last_seen.clone(),
                 match i.warm.is_empty() {
                     true => "-".into(),
                     false => i.warm.join(" "),
                 },
-            ]
+            ]);
+            row
         })
         .collect();
     let header = [
@@ -100,14 +108,7 @@ fn instance_lines(view: &ClusterView) -> Option<String> {
     let rows: Vec<Vec<String>> = view
         .instances
         .iter()
-        .map(|i| {
-            vec![
-                i.id.clone(),
-                i.url.clone(),
-                state(i).to_string(),
-                served(i, view.route_version),
-            ]
-        })
+        .map(|i| where_it_is(i, view.route_version))
         .collect();
     Some(format!(
         "\ninstances (route version {}):\n{}",

@@ -200,7 +200,10 @@ async fn listen_once(
     tls: MakeRustlsConnect,
     tx: &tokio::sync::watch::Sender<i64>,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = config
+        .connect(tls)
+        .await
+        .map_err(|e| super::failure::chain(&e))?;
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         loop {
@@ -227,7 +230,7 @@ async fn listen_once(
     };
     // Connected again: whatever was announced meanwhile is caught by a look
     // at the latest version.
-    let latest = listening.await.map_err(|e| e.to_string())?;
+    let latest = listening.await.map_err(|e| super::failure::chain(&e))?;
     tx.send_if_modified(|v| bump(v, latest));
     while let Some(payload) = notes.recv().await {
         if let Some(version) = payload.split(' ').next().and_then(|v| v.parse().ok()) {

@@ -101,7 +101,7 @@ impl From<StoreError> for Failure {
 }
 
 /// The error and its causes, one after another.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
