@@ -78,10 +78,13 @@ impl StoreError {
     /// server down, the network cut): nothing was changed, and trying again
     /// later may work.
     pub fn unreachable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Postgres(f) if matches!(f.problem, PgProblem::Unreachable | PgProblem::CommitUnknown)
-        )
+        match self {
+            StoreError::Postgres(f) => {
+                matches!(f.problem, PgProblem::Unreachable | PgProblem::CommitUnknown)
+            }
+            StoreError::Bucket(f) => f.problem == s3::BucketProblem::Unreachable,
+            _ => false,
+        }
     }
 
     /// For an unreachable store: "the store at URL is unreachable: CAUSE"
@@ -91,6 +94,10 @@ impl StoreError {
             StoreError::Postgres(f) if self.unreachable() => Some(format!(
                 "the store at {} is unreachable: {}",
                 f.url, f.detail
+            )),
+            StoreError::Bucket(f) if self.unreachable() => Some(format!(
+                "the artifact bucket {} is unreachable {}: {}",
+                f.url, f.doing, f.detail
             )),
             _ => None,
         }

@@ -395,6 +395,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_artifact_bucket_is_503_too_but_refused_credentials_are_not() {
+        use crate::store::{BucketFailure, StoreError, s3::BucketProblem};
+        let bucket = |problem| {
+            RegistryError::Store(StoreError::Bucket(BucketFailure {
+                url: "s3://models/ferry".into(),
+                doing: "when uploading sha256:ab12".into(),
+                problem,
+                detail: "connection refused".into(),
+            }))
+        };
+        case(
+            bucket(BucketProblem::Unreachable),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(STORE_RETRY_AFTER),
+            &[
+                "the artifact bucket s3://models/ferry is unreachable when uploading sha256:ab12: connection refused",
+                "nothing was changed",
+            ],
+        );
+        case(
+            bucket(BucketProblem::Credentials),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+            &["server log"],
+        );
+    }
+
+    #[test]
     fn registry_and_control_errors_keep_their_messages() {
         use crate::store::DiskProblem;
         case(
