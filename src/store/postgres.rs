@@ -1171,6 +1171,19 @@ mod tests {
         url.rsplit('/').next().unwrap()
     }
 
+    /// Waits (at most 10 s) until `store` drives the rollouts: the lock is
+    /// freed when its holder's session ends, which the server notices.
+    fn takes_over(store: &PostgresStore, name: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !store.drives_rollouts().unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never took over"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     #[test]
     fn one_instance_at_a_time_drives_the_rollouts_and_another_takes_over() {
         let url = testpg::database();
@@ -1181,11 +1194,7 @@ mod tests {
         assert!(!b.drives_rollouts().unwrap(), "one driver at a time");
         drop(a);
         // The lock went with a's connection.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !b.drives_rollouts().unwrap() {
-            assert!(std::time::Instant::now() < deadline, "b never took over");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        takes_over(&b, "b");
     }
 
     #[test]
@@ -1215,11 +1224,7 @@ mod tests {
         assert!(!a.drives_rollouts().unwrap(), "a lost it with its session");
         assert!(!a.known_unreachable(), "the pool reconnected by itself");
         drop(b);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !a.drives_rollouts().unwrap() {
-            assert!(std::time::Instant::now() < deadline, "a never took over");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        takes_over(&a, "a");
     }
 
     #[test]

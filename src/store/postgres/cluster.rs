@@ -40,13 +40,7 @@ CREATE TABLE instances (
 /// route version grows by one, becomes the model's, and is announced at
 /// commit. The row lock on `route_version` orders versions as commits.
 pub(super) async fn changed(tx: &Transaction<'_>, model: &str) -> Result2<i64> {
-    let version: i64 = tx
-        .query_one(
-            "UPDATE route_version SET version = version + 1 RETURNING version",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
+    let version = next_version(tx).await?;
     tx.execute(
         "UPDATE models SET route_version = $2 WHERE name = $1",
         &[&model, &version],
@@ -56,6 +50,18 @@ pub(super) async fn changed(tx: &Transaction<'_>, model: &str) -> Result2<i64> {
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload])
         .await?;
     Ok(version)
+}
+
+/// The next route version, taken in `tx` (its row lock orders versions as
+/// commits).
+async fn next_version(tx: &Transaction<'_>) -> Result2<i64> {
+    Ok(tx
+        .query_one(
+            "UPDATE route_version SET version = version + 1 RETURNING version",
+            &[],
+        )
+        .await?
+        .try_get(0)?)
 }
 
 /// [`changed`] for the model a rollout belongs to.
@@ -69,13 +75,7 @@ pub(super) async fn rollout_changed(tx: &Transaction<'_>, id: i64) -> Result2<()
 
 /// Records that every model changed (a copy restored into the store).
 pub(super) async fn all_changed(tx: &Transaction<'_>) -> Result2<()> {
-    let version: i64 = tx
-        .query_one(
-            "UPDATE route_version SET version = version + 1 RETURNING version",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
+    let version = next_version(tx).await?;
     tx.execute("UPDATE models SET route_version = $1", &[&version])
         .await?;
     let payload = format!("{version} *");
