@@ -109,9 +109,22 @@ pub fn event_retention(d: Option<HumanDuration>) -> anyhow::Result<Option<Durati
     }
 }
 
+/// The longest `--advertise-url` (it is written in every heartbeat and
+/// shown by `ferry cluster`).
+const MAX_ADVERTISE_URL: usize = 512;
+
 /// Validates `--advertise-url`: an http:// or https:// URL with a host.
 pub fn advertise_url(url: Option<String>) -> anyhow::Result<Option<String>> {
     let Some(url) = url else { return Ok(None) };
+    anyhow::ensure!(
+        url.len() <= MAX_ADVERTISE_URL,
+        "--advertise-url is {} bytes long; give at most {MAX_ADVERTISE_URL} (the address others reach this instance at, e.g. http://10.0.0.7:8080)",
+        url.len()
+    );
+    anyhow::ensure!(
+        !url.chars().any(|c| c.is_whitespace() || c.is_control()),
+        "--advertise-url {url:?} holds a space or a control character; give an address such as http://10.0.0.7:8080"
+    );
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
@@ -950,6 +963,29 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_advertise_url_is_an_http_address_of_bounded_length_without_spaces() {
+        let ok = |u: &str| super::advertise_url(Some(u.to_string()));
+        assert_eq!(
+            ok("http://10.0.0.7:8080/").unwrap().as_deref(),
+            Some("http://10.0.0.7:8080")
+        );
+        for bad in [
+            "ftp://h:1",
+            "http://",
+            "http:///x",
+            "http://a b",
+            "http://a\nb",
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("--advertise-url"), "{bad:?}: {e}");
+        }
+        let long = format!("http://{}", "a".repeat(600));
+        let e = ok(&long).unwrap_err().to_string();
+        assert!(e.contains("at most 512"), "{e}");
+        assert_eq!(super::advertise_url(None).unwrap(), None);
+    }
+
     use super::*;
 
     #[test]
