@@ -173,6 +173,15 @@ pub struct ServeArgs {
     /// cluster` (default: http(s)://the address bound).
     #[arg(long, value_name = "URL")]
     pub advertise_url: Option<String>,
+    /// How long the leader's lease lasts (a shared store): a leader that
+    /// dies is replaced within about this plus --leader-renew, and one cut
+    /// off from the store stops leading within it.
+    #[arg(long, env = "FERRY_LEADER_LEASE", default_value = "3s")]
+    pub leader_lease: HumanDuration,
+    /// How often the leader renews its lease, and the others try to take
+    /// it (at most half of --leader-lease).
+    #[arg(long, env = "FERRY_LEADER_RENEW", default_value = "1s")]
+    pub leader_renew: HumanDuration,
     /// Address of the gRPC service (`inference.GRPCInferenceService`, the
     /// same models and routes as `/v2`; port 0: any free port), or `off`.
     #[arg(long, default_value = "127.0.0.1:8081")]
@@ -447,5 +456,11 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
         event_retention: server::event_retention(args.event_retention)?,
         advertise_url: server::advertise_url(args.advertise_url)?,
+        leader: crate::store::LeaseSettings {
+            lease: args.leader_lease.0,
+            renew: args.leader_renew.0,
+        }
+        .validate()
+        .map_err(|e| anyhow::anyhow!(e))?,
     })
 }

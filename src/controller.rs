@@ -104,6 +104,19 @@ pub enum ControlError {
     Invalid(String),
 }
 
+impl ControlError {
+    /// Whether a rollout write was refused by fencing (another instance
+    /// leads in a newer term).
+    pub fn fenced(&self) -> bool {
+        matches!(
+            self,
+            ControlError::Registry(RegistryError::Store(
+                crate::store::StoreError::Fenced { .. }
+            ))
+        )
+    }
+}
+
 impl From<crate::store::StoreError> for ControlError {
     fn from(e: crate::store::StoreError) -> Self {
         ControlError::Registry(e.into())

@@ -115,6 +115,11 @@ struct PhaseLabels {
     phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    instance: String,
+}
+
 fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
@@ -161,6 +166,12 @@ pub struct Metrics {
     phases: Family<PhaseLabels, Gauge>,
     in_flight: Family<VersionLabels, Gauge>,
     grpc: Family<GrpcLabels, Counter>,
+    /// This instance, by id: 1 while it leads. Every instance reports
+    /// itself, so a sum over instances above 1 is a split brain.
+    cluster_leader: Family<InstanceLabels, Gauge>,
+    /// The route version this instance serves: one behind the others'
+    /// for long is a lagging instance.
+    route_version: Family<InstanceLabels, Gauge>,
     /// The role and weight series set for each model, to clear on change.
     published: Mutex<HashMap<String, PublishedRouting>>,
     /// The phase series set for each model, to clear on change.
@@ -246,6 +257,18 @@ impl Metrics {
         let phases = Family::<PhaseLabels, Gauge>::default();
         let in_flight = Family::<VersionLabels, Gauge>::default();
         let grpc = Family::<GrpcLabels, Counter>::default();
+        let cluster_leader = Family::<InstanceLabels, Gauge>::default();
+        let route_version = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "ferry_cluster_leader",
+            "1 while this instance leads (drives the rollouts), else 0; each instance reports itself",
+            cluster_leader.clone(),
+        );
+        registry.register(
+            "ferry_route_version",
+            "The route version this instance serves (the store's grows with every change of what serves)",
+            route_version.clone(),
+        );
         registry.register(
             "ferry_requests",
             "Inference requests by model, version and outcome (ok, error, rejected)",
@@ -314,6 +337,8 @@ impl Metrics {
             phases,
             in_flight,
             grpc,
+            cluster_leader,
+            route_version,
             published: Mutex::new(HashMap::new()),
             published_phases: Mutex::new(HashMap::new()),
         }
@@ -443,6 +468,18 @@ impl Metrics {
         }
         self.phases.get_or_create(&labels).set(1);
         published.insert(model.to_string(), labels);
+    }
+
+    /// Sets this instance's cluster series: whether it leads, and the route
+    /// version it serves.
+    pub fn set_instance(&self, instance: &str, leader: bool, route_version: i64) {
+        let labels = InstanceLabels {
+            instance: instance.to_string(),
+        };
+        self.cluster_leader
+            .get_or_create(&labels)
+            .set(i64::from(leader));
+        self.route_version.get_or_create(&labels).set(route_version);
     }
 
     /// Every series, in the format asked for.
@@ -704,8 +741,11 @@ mod tests {
             &[("1".into(), 90.0), ("2".into(), 10.0)],
         );
         m.set_rollout_phase("cancer", "canary", "progressing");
+        m.set_instance("3f1c0a9b2e7d", true, 42);
         let text = m.encode(Exposition::OpenMetrics);
         for line in [
+            r#"ferry_cluster_leader{instance="3f1c0a9b2e7d"} 1"#,
+            r#"ferry_route_version{instance="3f1c0a9b2e7d"} 42"#,
             r#"ferry_requests_total{model="cancer",version="1",outcome="ok"} 1"#,
             r#"ferry_requests_total{model="cancer",version="1",outcome="rejected"} 1"#,
             r#"ferry_request_duration_seconds_count{model="cancer",version="1"} 1"#,
@@ -724,7 +764,10 @@ mod tests {
             &[("2".into(), 100.0)],
         );
         m.set_rollout_phase("cancer", "canary", "succeeded");
+        m.set_instance("3f1c0a9b2e7d", false, 43);
         let text = m.encode(Exposition::OpenMetrics);
+        assert!(text.contains(r#"ferry_cluster_leader{instance="3f1c0a9b2e7d"} 0"#));
+        assert!(text.contains(r#"ferry_route_version{instance="3f1c0a9b2e7d"} 43"#));
         assert!(!text.contains(r#"version="1",role="stable""#));
         assert!(!text.contains(r#"phase="progressing""#), "{text}");
         assert!(text.contains(

@@ -71,6 +71,9 @@ pub struct ServeOptions {
     /// `--advertise-url`: how other instances and the CLI reach this one
     /// (default: derived from the address bound).
     pub advertise_url: Option<String>,
+    /// `--leader-lease`, `--leader-renew`: the leader's lease on a shared
+    /// store.
+    pub leader: crate::store::LeaseSettings,
 }
 
 /// Validates `--qa-dir` (an existing directory) and `--allow-outbound`.
@@ -287,7 +290,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{scheme}://{addr}")),
     );
     announce(scheme, addr, grpc_addr, wired.dashboard_path);
-    start_models(wired.state.controller.clone(), me);
+    start_models(wired.state.controller.clone(), me, opts.leader);
     let mut head = opts.head.clone();
     head.loopback = addr.ip().is_loopback();
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -557,14 +560,17 @@ fn announce(
 
 /// Loads and warms every model that should serve, reports ready, then
 /// follows the store's changes and runs the rollouts' background loop; the
-/// listener answers meanwhile, and the instance reports itself from the start.
-fn start_models(controller: Arc<Controller>, me: Identity) {
+/// listener answers meanwhile, and the instance reports itself from the
+/// start. It competes for the leader's lease once ready (a leader that is
+/// still loading would hold up every rollout).
+fn start_models(controller: Arc<Controller>, me: Identity, lease: crate::store::LeaseSettings) {
     tokio::spawn(controller.clone().run_heartbeat(me.clone()));
     tokio::spawn(async move {
         match controller.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
+        controller.campaign(&me, lease);
         tokio::spawn(controller.clone().run_following(me));
         controller.run_rollouts().await;
     });

@@ -10,6 +10,7 @@
 pub mod bridge;
 #[cfg(test)]
 pub mod contract;
+pub mod lease;
 pub mod postgres;
 pub mod s3;
 pub mod sqlite;
@@ -24,6 +25,7 @@ use crate::records::{
 use crate::spec::RolloutSpec;
 use crate::strategy::{RolloutKind, RolloutState};
 
+pub use lease::{Fence, Leader, LeaseSettings, Term};
 pub use postgres::{PgFailure, PgProblem, PostgresStore};
 pub use s3::{BucketFailure, BucketUrl, S3Blobs};
 pub use sqlite::SqliteStore;
@@ -54,6 +56,16 @@ pub enum StoreError {
         "the database schema is version {found}, newer than this Ferry understands ({known}); upgrade Ferry"
     )]
     TooNew { found: i64, known: i64 },
+    /// A leader's rollout write refused because the lease has a newer term
+    /// (fencing): nothing was changed, and this instance follows.
+    #[error(
+        "this instance's term {term} as leader is over: instance {holder} leads in term {newer}, so the rollout write was refused and nothing was changed; send the command again (it reaches the leader)"
+    )]
+    Fenced {
+        term: Term,
+        newer: Term,
+        holder: String,
+    },
 }
 
 impl StoreError {
@@ -363,19 +375,31 @@ pub trait Store: Send + Sync + 'static {
         state: &RolloutState,
         undoes: Option<i64>,
         events: Vec<NewEvent>,
+        fence: Fence,
     ) -> Result<Result<RolloutRecord, NotCreated>, StoreError>;
     /// Stores a rollout's new state with the events that explain it. When
     /// the pass publishes its route, `route_changed` is that change's event:
     /// the model's routing policy (and stable version) becomes
     /// `state.route` in the same transaction, so one publish is one write.
+    ///
+    /// Rollout writes (this, [`Store::create_rollout`],
+    /// [`Store::set_rollout_report`]) carry a [`Fence`]: a leader's write
+    /// whose term is older than the lease's is refused in the same
+    /// transaction ([`StoreError::Fenced`]) and nothing is changed.
     fn update_rollout(
         &self,
         id: i64,
         state: &RolloutState,
         events: Vec<NewEvent>,
         route_changed: Option<NewEvent>,
+        fence: Fence,
     ) -> Result<(), StoreError>;
-    fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError>;
+    fn set_rollout_report(
+        &self,
+        id: i64,
+        report: &serde_json::Value,
+        fence: Fence,
+    ) -> Result<(), StoreError>;
     fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StoreError>;
     /// A model's rollouts, newest first; at most `limit`.
     fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, StoreError>;
@@ -405,11 +429,23 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Whether this instance drives the active rollouts: one instance at a
     /// time may step them, or every step would be taken (and recorded)
-    /// once per instance. An embedded store has one instance; a shared one
-    /// hands the role to one of them and to another when it goes away.
+    /// once per instance. `Ok(true)` exactly while this instance is the
+    /// leader ([`Store::leading`]).
     fn drives_rollouts(&self) -> Result<bool, StoreError> {
-        Ok(true)
+        Ok(self.leading().is_some())
     }
+    /// Starts competing for the lease as `instance` (renewing it while
+    /// held), once this instance is ready to lead. An embedded store has one
+    /// instance, which always leads: it only remembers who that is.
+    fn campaign(&self, instance: &str, settings: LeaseSettings);
+    /// The term this instance leads in right now, on its own clock (no I/O;
+    /// see [`lease`]). An embedded store always leads, in term 1.
+    fn leading(&self) -> Option<Term> {
+        Some(EMBEDDED_TERM)
+    }
+    /// Who holds the lease, as the store says (`None` before any instance
+    /// has campaigned).
+    fn leader(&self) -> Result<Option<Leader>, StoreError>;
     /// The latest route version: a number that grows by one in the same
     /// transaction as every change of what serves (registration, settings,
     /// load/unload, removal, a route, a rollout's state), so an instance
@@ -449,6 +485,9 @@ pub trait Store: Send + Sync + 'static {
     /// above every stored one. Later events are numbered after them.
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
 }
+
+/// The term of an embedded store's one instance: it always leads.
+pub const EMBEDDED_TERM: Term = 1;
 
 /// The channel a PostgreSQL store announces changes on (`NOTIFY`, at
 /// commit), its payload `"<route version> <model>"`.

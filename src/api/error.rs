@@ -192,6 +192,11 @@ impl From<RegistryError> for ApiError {
                 (None, Some(problem)) => {
                     ApiError::disk(problem, &format!("cannot write the database ({e})"))
                 }
+                // Leadership moved during the request: nothing was changed.
+                (None, None) if matches!(e, crate::store::StoreError::Fenced { .. }) => ApiError {
+                    retry_after: Some(STORE_RETRY_AFTER),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                },
                 (None, None) => ApiError::internal("the store failed", e),
             },
             RegistryError::Disk { problem, what } => ApiError::disk(problem, &what),
@@ -344,6 +349,21 @@ mod tests {
             StatusCode::INSUFFICIENT_STORAGE,
             None,
             &["disk is full"],
+        );
+        let fenced = StoreError::Fenced {
+            term: 3,
+            newer: 4,
+            holder: "8d02b6c4a1f0".into(),
+        };
+        case(
+            ControlError::from(fenced),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(STORE_RETRY_AFTER),
+            &[
+                "term 3",
+                "instance 8d02b6c4a1f0 leads in term 4",
+                "nothing was changed",
+            ],
         );
     }
 

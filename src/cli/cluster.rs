@@ -39,6 +39,21 @@ fn where_it_is(i: &InstanceView, latest: i64) -> Vec<String> {
     ]
 }
 
+/// `leader 3f1c0a9b2e7d (term 4) since …`, or that no instance leads now
+/// (a failover under way); nothing before any instance led.
+fn leader_line(view: &ClusterView) -> Option<String> {
+    match (&view.leader, view.term) {
+        (Some(id), Some(term)) => Some(format!(
+            "leader {id} (term {term}) since {}",
+            view.leader_since.as_deref().unwrap_or("-")
+        )),
+        (None, Some(term)) => Some(format!(
+            "no leader: the lease of term {term} expired and no instance has taken it yet"
+        )),
+        _ => None,
+    }
+}
+
 /// The whole table.
 fn render(view: &ClusterView) -> String {
     let rows: Vec<Vec<String>> = view
@@ -46,6 +61,7 @@ fn render(view: &ClusterView) -> String {
         .iter()
         .map(|i| {
             let mut row = where_it_is(i, view.route_version);
+            row.push(if i.leader { "leader" } else { "-" }.into());
             row.extend([
                 i.version.clone(),
                 i.last_seen.clone(),
@@ -62,15 +78,20 @@ fn render(view: &ClusterView) -> String {
         "URL",
         "STATE",
         "ROUTE VERSION",
+        "ROLE",
         "BUILD",
         "LAST SEEN",
         "WARM",
     ];
     let mut out = format!(
-        "route version {} (the store's latest)\n{}",
-        view.route_version,
-        table::render(&header, &rows)
+        "route version {} (the store's latest)\n",
+        view.route_version
     );
+    if let Some(line) = leader_line(view) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(&table::render(&header, &rows));
     for i in &view.instances {
         for f in &i.failures {
             out.push_str(&format!(
@@ -129,6 +150,7 @@ mod tests {
             started_at: "2026-12-01T20:00:00.000Z".into(),
             last_seen: "2026-12-01T20:00:01.000Z".into(),
             live,
+            leader: false,
             route_version,
             warm: vec!["m/1".into()],
             failures: vec![],
@@ -138,6 +160,9 @@ mod tests {
     #[test]
     fn status_adds_instances_only_when_there_are_several() {
         let one = ClusterView {
+            leader: None,
+            term: None,
+            leader_since: None,
             route_version: 4,
             instances: vec![instance("a", true, 4)],
         };
@@ -147,6 +172,9 @@ mod tests {
             "a single node's status is unchanged"
         );
         let three = ClusterView {
+            leader: None,
+            term: None,
+            leader_since: None,
             route_version: 4,
             instances: vec![
                 instance("a", true, 4),
@@ -172,6 +200,9 @@ mod tests {
             reason: "warm-up failed".into(),
         });
         let view = ClusterView {
+            leader: None,
+            term: None,
+            leader_since: None,
             route_version: 4,
             instances: vec![instance("a", true, 4), b],
         };
@@ -183,6 +214,34 @@ mod tests {
         assert!(
             out.ends_with("\nb could not load m/2: warm-up failed"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn the_table_names_the_leader_its_term_and_since_when() {
+        let mut a = instance("a", true, 4);
+        a.leader = true;
+        let mut view = ClusterView {
+            leader: Some("a".into()),
+            term: Some(3),
+            leader_since: Some("2026-12-01T20:00:00.000Z".into()),
+            route_version: 4,
+            instances: vec![a, instance("b", true, 4)],
+        };
+        let out = render(&view);
+        assert!(
+            out.starts_with(
+                "route version 4 (the store's latest)\nleader a (term 3) since 2026-12-01T20:00:00.000Z\nINSTANCE"
+            ),
+            "{out}"
+        );
+        assert!(out.contains(" live   4              leader "), "{out}");
+        view.leader = None;
+        view.instances[0].leader = false;
+        assert!(
+            render(&view).contains("\nno leader: the lease of term 3 expired"),
+            "{}",
+            render(&view)
         );
     }
 }

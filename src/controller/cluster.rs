@@ -18,7 +18,11 @@
 //!    `GET /api/v1/cluster` shows: an instance is live when heard from
 //!    within [`LIVE_WITHIN`], stale after; one silent for [`FORGET_AFTER`]
 //!    is forgotten (deleted from the table).
-//! 4. **Warm everywhere.** [`warm_everywhere`] says whether every live
+//! 4. **Leadership.** Once ready, the instance competes for the store's
+//!    lease ([`Controller::campaign`]; `store::lease` has the rules); the
+//!    view names the leader, its term and since when, and every report
+//!    sets this instance's `ferry_cluster_leader` and `ferry_route_version`.
+//! 5. **Warm everywhere.** [`warm_everywhere`] says whether every live
 //!    instance serves the versions a rollout's route needs, is still
 //!    loading them, or could not (which instance, why): the rollout loop
 //!    waits for it before a step counts.
@@ -32,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ControlError, Controller};
 use crate::records::{InstanceRecord, InstanceReport, LoadFailure};
+use crate::store::{Leader, LeaseSettings};
 use crate::units::now_ms;
 
 /// How often an instance writes its report.
@@ -69,6 +74,17 @@ impl Identity {
 /// The cluster as `GET /api/v1/cluster` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterView {
+    /// The instance that leads (drives the rollouts), by id: `null` while
+    /// no instance holds an unexpired lease (a failover in progress).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// The lease's term: grows by one at every change of leader (`null`
+    /// before any instance led).
+    #[serde(default)]
+    pub term: Option<i64>,
+    /// When the leader took the lease (RFC 3339, the store's clock).
+    #[serde(default)]
+    pub leader_since: Option<String>,
     /// The store's latest route version.
     pub route_version: i64,
     /// Every instance heard from within the last hour, by id.
@@ -88,6 +104,9 @@ pub struct InstanceView {
     pub last_seen: String,
     /// Heard from within the last 5 s.
     pub live: bool,
+    /// It leads (drives the rollouts).
+    #[serde(default)]
+    pub leader: bool,
     /// The route version it serves.
     pub route_version: i64,
     /// Its loaded and warm versions, `model/version`.
@@ -96,12 +115,20 @@ pub struct InstanceView {
     pub failures: Vec<LoadFailure>,
 }
 
-/// The stored reports as the cluster view shows them at `now_ms`.
-pub fn view(records: Vec<InstanceRecord>, route_version: i64, now_ms: u64) -> ClusterView {
+/// The stored reports and lease as the cluster view shows them at
+/// `now_ms`: the leader is the lease's holder while the lease is valid.
+pub fn view(
+    records: Vec<InstanceRecord>,
+    lease: Option<Leader>,
+    route_version: i64,
+    now_ms: u64,
+) -> ClusterView {
+    let leader = lease.as_ref().filter(|l| l.valid);
     let instances = records
         .into_iter()
         .map(|r| {
             let age = now_ms.saturating_sub(r.last_seen_ms);
+            let leads = leader.is_some_and(|l| l.instance == r.report.id);
             InstanceView {
                 id: r.report.id,
                 url: r.report.url,
@@ -109,6 +136,7 @@ pub fn view(records: Vec<InstanceRecord>, route_version: i64, now_ms: u64) -> Cl
                 started_at: r.report.started_at,
                 last_seen: crate::units::rfc3339_of_ms(r.last_seen_ms),
                 live: age <= LIVE_WITHIN.as_millis() as u64,
+                leader: leads,
                 route_version: r.report.route_version,
                 warm: r.report.warm,
                 failures: r.report.failures,
@@ -116,6 +144,9 @@ pub fn view(records: Vec<InstanceRecord>, route_version: i64, now_ms: u64) -> Cl
         })
         .collect();
     ClusterView {
+        leader: leader.map(|l| l.instance.clone()),
+        term: lease.as_ref().map(|l| l.term),
+        leader_since: leader.map(|l| l.since.clone()),
         route_version,
         instances,
     }
@@ -210,6 +241,7 @@ impl Controller {
                 started_at: now.started_at,
                 last_seen: crate::units::now_rfc3339(),
                 live: true,
+                leader: view.leader.as_deref() == Some(me.id.as_str()),
                 route_version: now.route_version,
                 warm: now.warm,
                 failures: now.failures,
@@ -338,11 +370,23 @@ impl Controller {
         }
     }
 
-    /// The instances sharing this store, live or stale.
+    /// The instances sharing this store, live or stale, and who leads.
     pub fn cluster(&self) -> Result<ClusterView, ControlError> {
         let store = self.registry.store();
         let latest = store.route_version()?;
-        Ok(view(store.instances()?, latest, now_ms()))
+        let lease = store.leader()?;
+        Ok(view(store.instances()?, lease, latest, now_ms()))
+    }
+
+    /// Competes for the leader's lease as `me` from now on (see
+    /// `store::lease`); an embedded store's one instance leads at once.
+    pub fn campaign(&self, me: &Identity, settings: LeaseSettings) {
+        self.registry.store().campaign(&me.id, settings);
+        self.metrics.set_instance(
+            &me.id,
+            self.registry.store().leading().is_some(),
+            self.served_route_version(),
+        );
     }
 
     /// Follows the store until the process ends (see the module doc).
@@ -394,6 +438,8 @@ impl Controller {
     async fn write_report(&self, me: &Identity) {
         let store = self.registry.store().clone();
         let report = self.report(me);
+        self.metrics
+            .set_instance(&me.id, store.leading().is_some(), report.route_version);
         // A store call blocks its thread: off the async workers.
         let written = tokio::task::spawn_blocking(move || store.report_instance(&report)).await;
         if let Ok(Err(e)) = written {
@@ -442,6 +488,7 @@ mod tests {
                 record("c", now - 5_001, 2, &[]),
                 record("d", now + 200, 3, &[]), // another clock a little ahead
             ],
+            None,
             3,
             now,
         );
@@ -453,13 +500,38 @@ mod tests {
         assert_eq!(live, [("a", true), ("b", true), ("c", false), ("d", true)]);
         assert_eq!(v.instances[0].last_seen, "1970-01-01T00:16:40.000Z");
         assert_eq!(v.route_version, 3);
+        assert_eq!((v.leader, v.term), (None, None));
+    }
+
+    #[test]
+    fn the_leader_is_the_lease_s_holder_while_its_lease_is_valid() {
+        let now = 1_000_000;
+        let lease = |valid| Leader {
+            instance: "b".into(),
+            term: 4,
+            since: "2026-12-01T20:00:00.000Z".into(),
+            valid,
+        };
+        let records = || vec![record("a", now, 3, &[]), record("b", now, 3, &[])];
+        let v = view(records(), Some(lease(true)), 3, now);
+        assert_eq!(
+            (v.leader.as_deref(), v.term, v.leader_since.as_deref()),
+            (Some("b"), Some(4), Some("2026-12-01T20:00:00.000Z"))
+        );
+        let leaders: Vec<bool> = v.instances.iter().map(|i| i.leader).collect();
+        assert_eq!(leaders, [false, true]);
+        // Expired and not yet taken (a failover under way): nobody leads,
+        // the term stays.
+        let v = view(records(), Some(lease(false)), 3, now);
+        assert_eq!((v.leader, v.term, v.leader_since), (None, Some(4), None));
+        assert!(v.instances.iter().all(|i| !i.leader));
     }
 
     #[test]
     fn a_step_waits_for_live_instances_only_and_fails_on_a_failed_load() {
         let now = 1_000_000;
         let needed = vec!["m/2".to_string()];
-        let cluster = |records| view(records, 7, now);
+        let cluster = |records| view(records, None, 7, now);
         let all_warm = cluster(vec![
             record("a", now, 7, &["m/1", "m/2"]),
             record("b", now, 7, &["m/2"]),

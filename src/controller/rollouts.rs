@@ -18,7 +18,7 @@ use crate::metrics::{Role, SeriesSummary};
 use crate::records::EventKind;
 use crate::registry::RegistryError;
 use crate::spec::{BasicSpec, QaSpec, RolloutSpec, Strategy};
-use crate::store::{NewEvent, NotCreated, RolloutRecord};
+use crate::store::{Fence, NewEvent, NotCreated, RolloutRecord, Term};
 use crate::strategy::{self, Command, Observations, Phase, RolloutKind, RolloutState, Waiting};
 use crate::units::now_ms;
 
@@ -312,16 +312,23 @@ impl Controller {
                 ),
                 serde_json::json!({"spec": without_qa_content(&spec), "by": who}),
             );
-            let record =
-                match store.create_rollout(&model, kind, &spec, &state, None, vec![started])? {
-                    Ok(r) => r,
-                    Err(NotCreated::Active(a)) => {
-                        return Err(ControlError::Conflict(format!(
-                            "model \"{model}\" already has an active rollout, {}",
-                            a.name()
-                        )));
-                    }
-                };
+            let record = match store.create_rollout(
+                &model,
+                kind,
+                &spec,
+                &state,
+                None,
+                vec![started],
+                self.fence(),
+            )? {
+                Ok(r) => r,
+                Err(NotCreated::Active(a)) => {
+                    return Err(ControlError::Conflict(format!(
+                        "model \"{model}\" already has an active rollout, {}",
+                        a.name()
+                    )));
+                }
+            };
             if matches!(record.spec.strategy, Strategy::Shadow(_)) {
                 // Comparisons count from here: the shadow may be compared
                 // before the rollout loop first looks.
@@ -329,7 +336,8 @@ impl Controller {
                 let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
                 seen.insert(record.id, reading);
             }
-            self.step(record, Observations::default()).await?;
+            self.step(record, Observations::default(), self.fence())
+                .await?;
         }
         Ok((Applied::Created, self.status(&model)?))
     }
@@ -393,7 +401,7 @@ impl Controller {
                 command: Some((command, who.to_string())),
                 ..Observations::default()
             };
-            self.step(active, obs).await?;
+            self.step(active, obs, self.fence()).await?;
         }
         self.status(model)
     }
@@ -502,6 +510,7 @@ impl Controller {
                 &state,
                 undone.as_ref().map(|u| u.id),
                 vec![event],
+                self.fence(),
             )? {
                 Ok(r) => r,
                 Err(NotCreated::Active(a)) => {
@@ -511,9 +520,17 @@ impl Controller {
                     )));
                 }
             };
-            self.step(record, Observations::default()).await?;
+            self.step(record, Observations::default(), self.fence())
+                .await?;
         }
         self.status(model)
+    }
+
+    /// The fence of a write this instance makes now: its term while it
+    /// leads. A command taken while it does not lead is not fenced (the
+    /// store's write lock orders it with the leader's writes).
+    fn fence(&self) -> Fence {
+        Fence::of(self.registry.store().leading())
     }
 
     fn active(&self, model: &str) -> Result<RolloutRecord, ControlError> {
@@ -534,11 +551,13 @@ impl Controller {
     /// needs, persist the new state with its events (and the model's route,
     /// when it changes) in one transaction, then publish the route; a route
     /// that cannot start is stored only as the rollout's wish and fed back
-    /// as an observation.
+    /// as an observation. Every write carries `fence` (the leader's term):
+    /// a newer leader's lease refuses it, and nothing is published.
     pub(super) async fn step(
         &self,
         mut record: RolloutRecord,
         mut obs: Observations,
+        fence: Fence,
     ) -> Result<RolloutRecord, ControlError> {
         let store = self.registry.store().clone();
         let name = record.name();
@@ -579,7 +598,7 @@ impl Controller {
                     )
                 })
                 .collect();
-            store.update_rollout(record.id, &plan.state, events, route_changed)?;
+            store.update_rollout(record.id, &plan.state, events, route_changed, fence)?;
             self.metrics.set_rollout_phase(
                 &record.model,
                 &record.kind.to_string(),
@@ -603,7 +622,7 @@ impl Controller {
                 None => {}
             }
             if ended {
-                self.store_report(&record);
+                self.store_report(&record, fence);
             }
             if plan.requeue_ms != Some(0) || !record.state.phase.is_active() {
                 return Ok(record);
@@ -638,11 +657,12 @@ impl Controller {
         )
     }
 
-    fn store_report(&self, record: &RolloutRecord) {
+    fn store_report(&self, record: &RolloutRecord, fence: Fence) {
         let report = self.report_of(record);
         if let Err(e) = self.registry.store().set_rollout_report(
             record.id,
             &serde_json::to_value(&report).unwrap_or_default(),
+            fence,
         ) {
             tracing::warn!("could not store the report of {}: {e}", record.name());
         }
@@ -666,6 +686,8 @@ impl Controller {
                 quiet_until = Some(now + std::time::Duration::from_secs(30));
             }
         };
+        // The term this loop last led in: a new one is a takeover.
+        let mut led: Option<Term> = None;
         loop {
             tokio::time::sleep(next_wake(now_ms())).await;
             if !self.is_ready() {
@@ -675,14 +697,15 @@ impl Controller {
             if ticks.is_multiple_of(5) {
                 self.expire_warm().await;
             }
-            match self.registry.store().drives_rollouts() {
-                Ok(true) => {}
-                // Another instance on the shared store steps them.
-                Ok(false) => continue,
-                Err(e) => {
-                    store_failed("cannot tell whether this instance drives the rollouts", e);
-                    continue;
-                }
+            // Another instance on the shared store steps them, unless
+            // this one holds the lease.
+            let Some(term) = self.registry.store().leading() else {
+                led = None;
+                continue;
+            };
+            if led != Some(term) {
+                led = Some(term);
+                self.take_over(term).await;
             }
             let active = match self.registry.store().active_rollouts() {
                 Ok(a) => a,
@@ -696,17 +719,43 @@ impl Controller {
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|id, _| active.iter().any(|r| r.id == *id));
             for record in active {
-                if let Err(e) = self.tick(record).await {
-                    tracing::warn!("rollout step failed: {e}");
+                match self.tick(record, term).await {
+                    Ok(()) => {}
+                    // Said once by the store; no other step of this term.
+                    Err(e) if e.fenced() => break,
+                    Err(e) => tracing::warn!("rollout step failed: {e}"),
                 }
             }
+        }
+    }
+
+    /// On becoming the leader in `term`: nothing remembered from before is
+    /// trusted (per-rollout counts and waits start again), this instance
+    /// serves what the store says (the last leader's steps followed), and
+    /// a route a step stored but did not publish everywhere is applied, as
+    /// after a restart. The rollouts are read from the store at every tick.
+    async fn take_over(&self, term: Term) {
+        self.shadow_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.warm_waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!("taking over as leader (term {term}): cannot follow the store: {e}");
+        }
+        let _guard = self.lock.lock().await;
+        if let Err(e) = self.resume_rollouts().await {
+            tracing::warn!("taking over as leader (term {term}): resuming rollouts: {e}");
         }
     }
 
     /// One look at an active rollout: what was measured since the last
     /// (an analysis window when one is due, the QA gate, shadow counts),
     /// then a step with it under the lock.
-    async fn tick(&self, record: RolloutRecord) -> Result<(), ControlError> {
+    async fn tick(&self, record: RolloutRecord, term: Term) -> Result<(), ControlError> {
         let now = now_ms();
         let mut obs = Observations::default();
         // Other instances may still be warming what the route needs: no
@@ -734,7 +783,7 @@ impl Controller {
         if !current.state.phase.is_active() {
             return Ok(());
         }
-        self.step(current, obs).await?;
+        self.step(current, obs, Fence::Term(term)).await?;
         Ok(())
     }
 
@@ -947,11 +996,11 @@ impl Controller {
     /// After a restart: make the published routes match what each active
     /// rollout last persisted (a crash may have come between the two).
     pub(super) async fn resume_rollouts(&self) -> Result<(), ControlError> {
-        if !self.registry.store().drives_rollouts()? {
-            // The driving instance re-applies them; this one serves the
-            // routes it loaded (stored with each step).
+        let Some(term) = self.registry.store().leading() else {
+            // The leader re-applies them; this one serves the routes it
+            // loaded (stored with each step).
             return Ok(());
-        }
+        };
         for record in self.registry.store().active_rollouts()? {
             let published = self.route(&record.model)?;
             if published != record.state.route {
@@ -967,6 +1016,7 @@ impl Controller {
                             route_failed: Some(e.to_string()),
                             ..Default::default()
                         },
+                        Fence::Term(term),
                     )
                     .await?;
                 }

@@ -8,12 +8,17 @@
 //! first version becoming stable; at most one active rollout per model; a
 //! rollback marking what it undoes; event pages and retention; concurrent
 //! writers (registrations and rollout creation from many threads); a copy
-//! (snapshot, event log, restore) that keeps ids, timestamps and order.
+//! (snapshot, event log, restore) that keeps ids, timestamps and order;
+//! leadership and fencing (a leader's rollout write of an older term than
+//! the lease's is refused and changes nothing).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Counts, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Store, StoreError};
+use super::{
+    Counts, Fence, Inserted, LeaseSettings, NewEvent, NotCreated, Page, RolloutRecord, Store,
+    StoreError,
+};
 use crate::gateway::RoutePolicy;
 use crate::records::{EventKind, InstanceReport, ServingSettings, Source, VersionRecord};
 use crate::runtime::Signature;
@@ -52,6 +57,7 @@ macro_rules! store_contract {
             every_change_of_what_serves_grows_the_route_version,
             concurrent_changes_take_distinct_route_versions,
             instances_report_themselves_and_are_forgotten,
+            a_leader_s_write_of_an_older_term_is_refused_and_changes_nothing,
         );
     };
     (@tests $new:expr; $($check:ident),* $(,)?) => {
@@ -126,6 +132,7 @@ fn begin(
             &started(model),
             None,
             events,
+            Fence::Unfenced,
         )
         .unwrap()
 }
@@ -141,6 +148,7 @@ fn rollback_of(store: &dyn Store, r: &RolloutRecord) -> RolloutRecord {
             &started("m"),
             Some(r.id),
             vec![event("m", "rollback_started")],
+            Fence::Unfenced,
         )
         .unwrap()
         .unwrap()
@@ -149,7 +157,9 @@ fn rollback_of(store: &dyn Store, r: &RolloutRecord) -> RolloutRecord {
 fn end(store: &dyn Store, r: &RolloutRecord, phase: Phase, events: Vec<NewEvent>) -> RolloutState {
     let mut state = r.state.clone();
     state.phase = phase;
-    store.update_rollout(r.id, &state, events, None).unwrap();
+    store
+        .update_rollout(r.id, &state, events, None, Fence::Unfenced)
+        .unwrap();
     state
 }
 
@@ -256,7 +266,7 @@ pub fn each_change_is_stored_with_its_event(db: &dyn Database) {
     );
     assert_eq!(store.rollout(r.id).unwrap().unwrap().state, done);
     store
-        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}))
+        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}), Fence::Unfenced)
         .unwrap();
     assert_eq!(
         store.rollout(r.id).unwrap().unwrap().report,
@@ -301,7 +311,13 @@ pub fn a_rollout_pass_that_publishes_stores_the_route_with_it(db: &dyn Database)
     state.step = 1;
     state.route = RoutePolicy::stable_only("2");
     store
-        .update_rollout(r.id, &state, vec![event("m", "step")], None)
+        .update_rollout(
+            r.id,
+            &state,
+            vec![event("m", "step")],
+            None,
+            Fence::Unfenced,
+        )
         .unwrap();
     assert_eq!(
         store.route("m").unwrap(),
@@ -318,6 +334,7 @@ pub fn a_rollout_pass_that_publishes_stores_the_route_with_it(db: &dyn Database)
             &state,
             vec![event("m", "succeeded")],
             Some(event("m", "route_changed")),
+            Fence::Unfenced,
         )
         .unwrap();
     assert_eq!(store.route("m").unwrap(), Some(state.route.clone()));
@@ -407,6 +424,7 @@ pub fn a_model_has_at_most_one_active_rollout(db: &dyn Database) {
             &started("m"),
             None,
             vec![event("m", "rollout_started")],
+            Fence::Unfenced,
         )
         .unwrap()
     {
@@ -587,7 +605,11 @@ fn populated(store: &dyn Store) {
     let r = begin(store, "m", vec![event("m", "rollout_started")]).unwrap();
     end(store, &r, Phase::Succeeded, vec![event("m", "succeeded")]);
     store
-        .set_rollout_report(r.id, &serde_json::json!({"versions": [1, 2]}))
+        .set_rollout_report(
+            r.id,
+            &serde_json::json!({"versions": [1, 2]}),
+            Fence::Unfenced,
+        )
         .unwrap();
     rollback_of(store, &r);
     begin(store, "n", vec![event("n", "rollout_started")]).unwrap();
@@ -742,7 +764,7 @@ pub fn every_change_of_what_serves_grows_the_route_version(db: &dyn Database) {
     grows(&*store, "m", "a rollout pass");
     let before = expected.get();
     store
-        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}))
+        .set_rollout_report(r.id, &serde_json::json!({"versions": 2}), Fence::Unfenced)
         .unwrap();
     store.events("m", Page::Latest { limit: 10 }).unwrap();
     store.report_instance(&instance("a", 3)).unwrap();
@@ -822,4 +844,109 @@ pub fn instances_report_themselves_and_are_forgotten(db: &dyn Database) {
     );
     assert_eq!(store.forget_instances(after + 1).unwrap(), 2);
     assert_eq!(store.instances().unwrap(), vec![]);
+}
+
+/// Leadership and fencing, as far as every store has them: an instance that
+/// campaigns leads (at once on an embedded store, within its lease on a
+/// shared one), the lease names it, its writes go through with its term,
+/// and a write claiming an older term is refused in its transaction,
+/// changing nothing (no state, no event, no report, no route version).
+pub fn a_leader_s_write_of_an_older_term_is_refused_and_changes_nothing(db: &dyn Database) {
+    let store = db.open();
+    store.insert_version(&record("m", "1")).unwrap();
+    store.insert_version(&record("m", "2")).unwrap();
+    store.campaign("me", LeaseSettings::default());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let term = loop {
+        if let Some(term) = store.leading() {
+            break term;
+        }
+        assert!(std::time::Instant::now() < deadline, "never led");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(store.drives_rollouts().unwrap());
+    let leader = store.leader().unwrap().expect("the lease names its holder");
+    assert_eq!(
+        (leader.instance.as_str(), leader.term, leader.valid),
+        ("me", term, true)
+    );
+    let old = Fence::Term(term - 1);
+    let refused = store
+        .create_rollout(
+            "m",
+            RolloutKind::Basic,
+            &spec("m", "2"),
+            &started("m"),
+            None,
+            vec![],
+            old,
+        )
+        .unwrap_err();
+    assert!(matches!(refused, StoreError::Fenced { .. }), "{refused}");
+    assert_eq!(store.rollouts("m", 10).unwrap(), vec![], "not created");
+    let r = store
+        .create_rollout(
+            "m",
+            RolloutKind::Basic,
+            &spec("m", "2"),
+            &started("m"),
+            None,
+            vec![event("m", "rollout_started")],
+            Fence::Term(term),
+        )
+        .unwrap()
+        .unwrap();
+    let (events, version) = (kinds(&*store, "m"), store.route_version().unwrap());
+    let mut state = r.state.clone();
+    state.phase = Phase::Succeeded;
+    state.route = RoutePolicy::stable_only("2");
+    let e = store
+        .update_rollout(
+            r.id,
+            &state,
+            vec![event("m", "succeeded")],
+            Some(event("m", "route_changed")),
+            old,
+        )
+        .unwrap_err();
+    match &e {
+        StoreError::Fenced {
+            term: t,
+            newer,
+            holder,
+        } => {
+            assert_eq!((*t, *newer, holder.as_str()), (term - 1, term, "me"));
+        }
+        other => panic!("not refused by fencing: {other}"),
+    }
+    let e = store
+        .set_rollout_report(r.id, &serde_json::json!({}), old)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    let stored = store.rollout(r.id).unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.report),
+        (r.state.clone(), None),
+        "nothing applied"
+    );
+    assert_eq!(kinds(&*store, "m"), events, "no event");
+    assert_eq!(store.route("m").unwrap(), None, "no route");
+    assert_eq!(
+        store.route_version().unwrap(),
+        version,
+        "no change of what serves"
+    );
+    store
+        .update_rollout(
+            r.id,
+            &state,
+            vec![event("m", "succeeded")],
+            Some(event("m", "route_changed")),
+            Fence::Term(term),
+        )
+        .unwrap();
+    store
+        .set_rollout_report(r.id, &serde_json::json!({}), Fence::Unfenced)
+        .unwrap();
+    assert_eq!(store.route("m").unwrap(), Some(state.route));
 }

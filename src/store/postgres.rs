@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 mod blobs;
 mod cluster;
 mod failure;
+mod lease;
 mod schema;
 pub mod tls;
 
@@ -43,6 +44,7 @@ use tokio_postgres::{GenericClient, Row, Transaction};
 
 pub use failure::{PgFailure, PgProblem};
 
+use super::lease::{Campaign, Fence, Leader, LeaseSettings, Term};
 use super::url::redact;
 use super::{
     Counts, Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Snapshot, Store, StoreError,
@@ -57,9 +59,6 @@ use failure::{Failure, OutageLog, Transition, corrupt};
 
 /// The advisory lock every write transaction takes ("ferry" + 2).
 pub const WRITE_LOCK: i64 = 0x6665_7272_7900_0002;
-/// The session lock held by the instance that drives the rollouts (see
-/// [`Store::drives_rollouts`]); it goes with that instance's connection.
-pub const ROLLOUT_DRIVER_LOCK: i64 = 0x6665_7272_7900_0003;
 /// A blob is stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Connections one instance keeps to the server at most.
@@ -74,9 +73,6 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const BULK_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest opening a connection may take (TCP, TLS, login).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the rollout driver's connection has to prove it still holds
-/// its lock.
-const DRIVER_PING: Duration = Duration::from_secs(2);
 
 type Result2<T> = Result<T, Failure>;
 
@@ -190,9 +186,6 @@ async fn insert_event(tx: &impl GenericClient, e: &NewEvent) -> Result2<()> {
 /// What every call works with, moved onto the store's runtime.
 struct Db {
     pool: Pool,
-    /// The connection whose session holds [`ROLLOUT_DRIVER_LOCK`], while
-    /// this instance drives the rollouts.
-    driver: tokio::sync::Mutex<Option<deadpool_postgres::Object>>,
 }
 
 impl Db {
@@ -232,6 +225,11 @@ pub struct PostgresStore {
     connector: tokio_postgres_rustls::MakeRustlsConnect,
     /// Whether the server is reachable, for the two log lines of an outage.
     outage: OutageLog,
+    /// What this instance believes about its lease ([`lease::campaign`]
+    /// renews it once [`Store::campaign`] started it).
+    campaign: Arc<std::sync::Mutex<Campaign>>,
+    /// Whether the campaign was started (it is started once).
+    campaigning: AtomicBool,
 }
 
 impl Drop for PostgresStore {
@@ -291,15 +289,16 @@ impl PostgresStore {
                 .map_err(|e| fail(format!("cannot make a connection pool: {e}")))?
         };
         let store = PostgresStore {
-            db: Arc::new(Db {
-                pool,
-                driver: tokio::sync::Mutex::new(None),
-            }),
+            db: Arc::new(Db { pool }),
             runtime: Some(runtime),
             shown,
             config,
             connector,
             outage: OutageLog::default(),
+            campaign: Arc::new(std::sync::Mutex::new(Campaign::new(
+                LeaseSettings::default(),
+            ))),
+            campaigning: AtomicBool::new(false),
         };
         // A migration may rewrite a large table: a bulk call's time.
         store.call(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
@@ -416,6 +415,19 @@ impl PostgresStore {
             }
             e => e,
         })
+    }
+}
+
+impl PostgresStore {
+    /// A rollout write refused by fencing ends this instance's leadership
+    /// at once, said once here.
+    fn noting_fence<T>(&self, answer: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e @ StoreError::Fenced { term, .. }) = &answer
+            && lease::lock(&self.campaign).fenced(*term)
+        {
+            tracing::warn!("{e}; this instance follows from now on");
+        }
+        answer
     }
 }
 
@@ -600,6 +612,7 @@ impl Store for PostgresStore {
         state: &RolloutState,
         undoes: Option<i64>,
         events: Vec<NewEvent>,
+        fence: Fence,
     ) -> Result<Result<RolloutRecord, NotCreated>, StoreError> {
         let new = NewRollout {
             model: model.to_string(),
@@ -610,7 +623,13 @@ impl Store for PostgresStore {
             undoes,
             events,
         };
-        self.write(move |tx| Box::pin(async move { create_rollout(tx, new).await }))
+        let answer = self.write(move |tx| {
+            Box::pin(async move {
+                lease::check(tx, fence).await?;
+                create_rollout(tx, new).await
+            })
+        });
+        self.noting_fence(answer)
     }
 
     fn update_rollout(
@@ -619,11 +638,13 @@ impl Store for PostgresStore {
         state: &RolloutState,
         events: Vec<NewEvent>,
         route_changed: Option<NewEvent>,
+        fence: Fence,
     ) -> Result<(), StoreError> {
         let (text, active) = (to_json(state), state.phase.is_active());
         let route = (to_json(&state.route), state.route.stable.clone());
-        self.write(move |tx| {
+        let answer = self.write(move |tx| {
             Box::pin(async move {
+                lease::check(tx, fence).await?;
                 tx.execute(
                     "UPDATE rollouts SET state = $2, active = $3, updated_at = $4 WHERE id = $1",
                     &[&id, &text, &active, &now_rfc3339()],
@@ -644,13 +665,20 @@ impl Store for PostgresStore {
                 }
                 cluster::rollout_changed(tx, id).await
             })
-        })
+        });
+        self.noting_fence(answer)
     }
 
-    fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError> {
+    fn set_rollout_report(
+        &self,
+        id: i64,
+        report: &serde_json::Value,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
         let text = to_json(report);
-        self.write(move |tx| {
+        let answer = self.write(move |tx| {
             Box::pin(async move {
+                lease::check(tx, fence).await?;
                 tx.execute(
                     "UPDATE rollouts SET report = $2 WHERE id = $1",
                     &[&id, &text],
@@ -658,7 +686,8 @@ impl Store for PostgresStore {
                 .await?;
                 Ok(())
             })
-        })
+        });
+        self.noting_fence(answer)
     }
 
     fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StoreError> {
@@ -719,42 +748,33 @@ impl Store for PostgresStore {
         self.outage.is_down()
     }
 
-    fn drives_rollouts(&self) -> Result<bool, StoreError> {
+    fn campaign(&self, instance: &str, settings: LeaseSettings) {
+        if self.campaigning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *lease::lock(&self.campaign) = Campaign::new(settings);
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store");
+        runtime.spawn(lease::campaign(
+            self.config.clone(),
+            self.connector.clone(),
+            self.shown.clone(),
+            instance.to_string(),
+            settings,
+            self.campaign.clone(),
+        ));
+    }
+
+    fn leading(&self) -> Option<Term> {
+        lease::lock(&self.campaign).leading(Instant::now())
+    }
+
+    fn leader(&self) -> Result<Option<Leader>, StoreError> {
         self.run(|db| async move {
-            let mut driver = db.driver.lock().await;
-            if let Some(held) = driver.as_ref() {
-                // A session lock lives as long as its session: a connection
-                // that answers still holds it. One that does not (closed, or
-                // silent: the network cut) has lost it, or will once the
-                // server notices; it is never believed to hold it.
-                let alive = tokio::time::timeout(DRIVER_PING, held.simple_query("")).await;
-                if matches!(alive, Ok(Ok(_))) {
-                    return Ok(true);
-                }
-                if let Some(lost) = driver.take() {
-                    drop(deadpool_postgres::Object::take(lost));
-                }
-                tracing::warn!(
-                    "this instance no longer drives the rollouts: its connection to the store was lost; the first instance to reach the store takes the role"
-                );
-            }
             let client = db.client().await?;
-            // The server notices a silent peer within about 25 s (its own
-            // defaults wait hours), so a lock held across a cut network is
-            // released for another instance.
-            client
-                .batch_execute(
-                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
-                )
-                .await?;
-            let taken: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&ROLLOUT_DRIVER_LOCK])
-                .await?
-                .try_get(0)?;
-            if taken {
-                *driver = Some(client);
-            }
-            Ok(taken)
+            lease::leader(&**client).await
         })
     }
 
@@ -1171,60 +1191,189 @@ mod tests {
         url.rsplit('/').next().unwrap()
     }
 
-    /// Waits (at most 10 s) until `store` drives the rollouts: the lock is
-    /// freed when its holder's session ends, which the server notices.
-    fn takes_over(store: &PostgresStore, name: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !store.drives_rollouts().unwrap() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{name} never took over"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    /// A short lease, so the tests wait less than a second for a takeover.
+    const FAST: LeaseSettings = LeaseSettings {
+        lease: Duration::from_millis(900),
+        renew: Duration::from_millis(300),
+    };
+
+    /// Waits (at most `within`) until `store` leads; its term, and how long
+    /// it waited.
+    fn leads(store: &PostgresStore, within: Duration) -> (Term, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(term) = store.leading() {
+                assert!(store.drives_rollouts().unwrap());
+                return (term, started.elapsed());
+            }
+            assert!(started.elapsed() < within, "no lease within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    #[test]
-    fn one_instance_at_a_time_drives_the_rollouts_and_another_takes_over() {
-        let url = testpg::database();
-        let a = PostgresStore::open(&url).unwrap();
-        let b = PostgresStore::open(&url).unwrap();
-        assert!(a.drives_rollouts().unwrap());
-        assert!(a.drives_rollouts().unwrap(), "it keeps the role");
-        assert!(!b.drives_rollouts().unwrap(), "one driver at a time");
-        drop(a);
-        // The lock went with a's connection.
-        takes_over(&b, "b");
+    fn rollout_of(store: &PostgresStore, fence: Fence) -> RolloutRecord {
+        use crate::store::contract::record;
+        store.insert_version(&record("m", "1")).unwrap();
+        store.insert_version(&record("m", "2")).unwrap();
+        let spec =
+            RolloutSpec::from_yaml("model: m\nversion: \"2\"\nstrategy:\n  basic: {}\n").unwrap();
+        let route = store
+            .route("m")
+            .unwrap()
+            .unwrap_or_else(|| RoutePolicy::stable_only("1"));
+        let state = crate::strategy::initial_state(&route, 0);
+        store
+            .create_rollout(
+                "m",
+                RolloutKind::of(&spec.strategy),
+                &spec,
+                &state,
+                None,
+                vec![],
+                fence,
+            )
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
-    fn the_rollout_driver_lock_is_not_believed_held_across_an_outage_and_is_taken_again() {
-        let server = testpg::PgServer::start();
-        let url = server.database();
+    fn one_instance_leads_and_another_takes_over_in_a_newer_term_within_the_lease() {
+        let url = testpg::database();
         let (a, b) = (
             PostgresStore::open(&url).unwrap(),
             PostgresStore::open(&url).unwrap(),
         );
-        assert!(a.drives_rollouts().unwrap());
-        assert!(!b.drives_rollouts().unwrap());
-        server.stop("immediate");
-        let started = std::time::Instant::now();
-        let e = a.drives_rollouts().unwrap_err();
-        assert!(e.unreachable(), "{e}");
-        assert!(a.known_unreachable());
+        assert_eq!(a.leader().unwrap(), None, "nobody campaigned yet");
+        assert!(!a.drives_rollouts().unwrap(), "not before campaigning");
+        a.campaign("a", FAST);
+        let (term, _) = leads(&a, Duration::from_secs(5));
+        b.campaign("b", FAST);
+        std::thread::sleep(FAST.lease * 2);
+        assert_eq!(a.leading(), Some(term), "a keeps its lease and its term");
+        assert_eq!(b.leading(), None, "one leader at a time");
+        let shown = b.leader().unwrap().unwrap();
+        assert_eq!(
+            (shown.instance.as_str(), shown.term, shown.valid),
+            ("a", term, true)
+        );
         assert!(
-            started.elapsed() < OP_TIMEOUT + Duration::from_secs(1),
-            "bounded: {:?}",
-            started.elapsed()
+            shown.since.ends_with('Z') && shown.since.len() == 24,
+            "{}",
+            shown.since
+        );
+        // a dies: b takes the lease once it expired, in the next term.
+        drop(a);
+        let (next, waited) = leads(&b, Duration::from_secs(5));
+        assert_eq!(next, term + 1);
+        assert!(
+            waited <= FAST.lease + FAST.renew + Duration::from_millis(500),
+            "{waited:?}"
+        );
+        assert_eq!(b.leader().unwrap().unwrap().instance, "b");
+    }
+
+    #[test]
+    fn a_write_of_an_older_term_is_refused_and_its_leader_follows_at_once() {
+        let url = testpg::database();
+        let a = PostgresStore::open(&url).unwrap();
+        // A lease long enough that only fencing can end it in this test.
+        a.campaign(
+            "a",
+            LeaseSettings {
+                lease: Duration::from_secs(60),
+                renew: Duration::from_secs(20),
+            },
+        );
+        let (term, _) = leads(&a, Duration::from_secs(5));
+        let r = rollout_of(&a, Fence::Term(term));
+        let events = a
+            .rollout_events(
+                r.id,
+                Page::After {
+                    after: 0,
+                    limit: 100,
+                },
+            )
+            .unwrap();
+        // Another instance takes the lease (as after a pause longer than
+        // the lease): a still believes it leads.
+        testpg::shared().psql(
+            name(&url),
+            "UPDATE leader_lease SET holder = 'b', term = term + 1, acquired_at = now()",
+        );
+        assert_eq!(a.leading(), Some(term));
+        let mut moved = r.state.clone();
+        moved.message = "a step of the old term".into();
+        let e = a
+            .update_rollout(
+                r.id,
+                &moved,
+                vec![NewEvent::new(
+                    "m",
+                    EventKind::Other("step".into()),
+                    "old".into(),
+                    serde_json::json!({}),
+                )],
+                None,
+                Fence::of(a.leading()),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Fenced { term: t, newer, holder } if *t == term && *newer == term + 1 && holder == "b"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("instance b leads in term"), "{e}");
+        assert_eq!(a.leading(), None, "it follows at once");
+        assert_eq!(
+            a.rollout(r.id).unwrap().unwrap().state,
+            r.state,
+            "the step was not applied"
+        );
+        assert_eq!(
+            a.rollout_events(
+                r.id,
+                Page::After {
+                    after: 0,
+                    limit: 100
+                }
+            )
+            .unwrap(),
+            events
+        );
+        let e = a
+            .set_rollout_report(r.id, &serde_json::json!({}), Fence::Term(term))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+        // The new term's writes, and unfenced ones, go through.
+        a.update_rollout(r.id, &moved, vec![], None, Fence::Term(term + 1))
+            .unwrap();
+        a.set_rollout_report(r.id, &serde_json::json!({}), Fence::Unfenced)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_leader_cut_off_from_the_store_stops_leading_within_its_lease_and_takes_a_new_term_after() {
+        let server = testpg::PgServer::start();
+        let url = server.database();
+        let a = PostgresStore::open(&url).unwrap();
+        a.campaign("a", FAST);
+        let (term, _) = leads(&a, Duration::from_secs(5));
+        server.stop("immediate");
+        let cut = Instant::now();
+        while a.leading().is_some() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            cut.elapsed() <= FAST.lease,
+            "stopped leading after {:?}",
+            cut.elapsed()
         );
         server.restart();
-        // Whoever asks first after the restart takes the lock; the other
-        // never believes it holds it too.
-        assert!(b.drives_rollouts().unwrap(), "b takes the free lock");
-        assert!(!a.drives_rollouts().unwrap(), "a lost it with its session");
-        assert!(!a.known_unreachable(), "the pool reconnected by itself");
-        drop(b);
-        takes_over(&a, "a");
+        let (again, _) = leads(&a, Duration::from_secs(10));
+        assert!(
+            again > term,
+            "never the old term again: {again} after {term}"
+        );
     }
 
     #[test]

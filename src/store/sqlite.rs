@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Counts, Event, Inserted, NewEvent, NotCreated, Page, RolloutRecord, Snapshot, Store, StoreError,
+    Counts, EMBEDDED_TERM, Event, Fence, Inserted, Leader, LeaseSettings, NewEvent, NotCreated,
+    Page, RolloutRecord, Snapshot, Store, StoreError,
 };
 use crate::gateway::RoutePolicy;
 use crate::records::{
@@ -78,6 +79,23 @@ ALTER TABLE models ADD COLUMN unloaded TEXT;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// The one instance, which always leads (set when it campaigns): what
+    /// [`Store::leader`] answers.
+    leader: std::sync::OnceLock<Leader>,
+}
+
+/// The embedded store's fencing: its one instance leads in
+/// [`EMBEDDED_TERM`] for as long as the store is open, so only a write
+/// claiming an older term is refused.
+fn check_fence(fence: Fence, leader: Option<&Leader>) -> Result<(), StoreError> {
+    match fence {
+        Fence::Term(term) if fence.refused_at(EMBEDDED_TERM) => Err(StoreError::Fenced {
+            term,
+            newer: EMBEDDED_TERM,
+            holder: leader.map_or_else(|| "this one".into(), |l| l.instance.clone()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
@@ -204,6 +222,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
+            leader: std::sync::OnceLock::new(),
         };
         store.migrate()?;
         Ok(store)
@@ -475,7 +494,9 @@ impl Store for SqliteStore {
         state: &RolloutState,
         undoes: Option<i64>,
         events: Vec<NewEvent>,
+        fence: Fence,
     ) -> Result<Result<RolloutRecord, NotCreated>, StoreError> {
+        check_fence(fence, self.leader.get())?;
         self.with_tx(|tx| {
             let active = tx
                 .query_row(
@@ -527,7 +548,9 @@ impl Store for SqliteStore {
         state: &RolloutState,
         events: Vec<NewEvent>,
         route_changed: Option<NewEvent>,
+        fence: Fence,
     ) -> Result<(), StoreError> {
+        check_fence(fence, self.leader.get())?;
         self.with_tx(|tx| {
             tx.execute(
                 "UPDATE rollouts SET state = ?2, active = ?3, updated_at = ?4 WHERE id = ?1",
@@ -554,7 +577,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_rollout_report(&self, id: i64, report: &serde_json::Value) -> Result<(), StoreError> {
+    fn set_rollout_report(
+        &self,
+        id: i64,
+        report: &serde_json::Value,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
+        check_fence(fence, self.leader.get())?;
         self.with_tx(|tx| {
             tx.execute(
                 "UPDATE rollouts SET report = ?2 WHERE id = ?1",
@@ -739,6 +768,19 @@ impl Store for SqliteStore {
         self.delete_instances(before_ms)
     }
 
+    fn campaign(&self, instance: &str, _settings: LeaseSettings) {
+        let _ = self.leader.set(Leader {
+            instance: instance.to_string(),
+            term: EMBEDDED_TERM,
+            since: now_rfc3339(),
+            valid: true,
+        });
+    }
+
+    fn leader(&self) -> Result<Option<Leader>, StoreError> {
+        Ok(self.leader.get().cloned())
+    }
+
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
         self.with_tx(|tx| {
             let mut stmt = tx.prepare(
@@ -889,16 +931,32 @@ mod tests {
             )]
         };
         let ended = store
-            .create_rollout("n", RolloutKind::Basic, &spec, &state, None, ev("n"))
+            .create_rollout(
+                "n",
+                RolloutKind::Basic,
+                &spec,
+                &state,
+                None,
+                ev("n"),
+                Fence::Unfenced,
+            )
             .unwrap()
             .unwrap();
         let mut done = state.clone();
         done.phase = Phase::Succeeded;
         store
-            .update_rollout(ended.id, &done, ev("n"), None)
+            .update_rollout(ended.id, &done, ev("n"), None, Fence::Unfenced)
             .unwrap();
         let active = store
-            .create_rollout("m", RolloutKind::Basic, &spec, &state, None, ev("m"))
+            .create_rollout(
+                "m",
+                RolloutKind::Basic,
+                &spec,
+                &state,
+                None,
+                ev("m"),
+                Fence::Unfenced,
+            )
             .unwrap()
             .unwrap();
         // Every event so far is "old"; one more is recorded "now".
