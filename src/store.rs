@@ -59,7 +59,7 @@ pub enum StoreError {
     /// A leader's rollout write refused because the lease has a newer term
     /// (fencing): nothing was changed, and this instance follows.
     #[error(
-        "this instance's term {term} as leader is over: instance {holder} leads in term {newer}, so the rollout write was refused and nothing was changed; send the command again (it reaches the leader)"
+        "this instance's term {term} as leader is over: instance {holder} leads in term {newer}, so the rollout write was refused and nothing was changed; try again"
     )]
     Fenced {
         term: Term,

@@ -18,6 +18,7 @@ mod hostile_models;
 mod hostile_specs;
 mod kubernetes;
 mod layers;
+mod leader;
 mod load;
 mod outage;
 mod postgres;

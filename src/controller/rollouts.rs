@@ -598,6 +598,7 @@ impl Controller {
                     )
                 })
                 .collect();
+            crate::crashpoint::reach("rollout.before_write");
             store.update_rollout(record.id, &plan.state, events, route_changed, fence)?;
             self.metrics.set_rollout_phase(
                 &record.model,

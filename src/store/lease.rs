@@ -127,6 +127,9 @@ pub struct Campaign {
     /// The term this instance last told the log it leads in (None: it told
     /// that it follows), so each change is said once.
     said: Option<Term>,
+    /// The newest term whose refused write was said, so a refusal is said
+    /// once per term.
+    refused: Option<Term>,
 }
 
 impl Campaign {
@@ -135,6 +138,7 @@ impl Campaign {
             lease: settings.lease,
             held: None,
             said: None,
+            refused: None,
         }
     }
 
@@ -160,17 +164,22 @@ impl Campaign {
         });
     }
 
-    /// The store refused a write of this term: another instance leads
-    /// since. This instance follows at once (no waiting for its lease to
-    /// run out); true when that ends its leadership (the caller says so,
-    /// once: the change is not said again).
+    /// The store refused a write of `term`: another instance leads since.
+    /// This instance follows at once (no waiting for its lease to run
+    /// out). True the first time a write of `term` is refused: the caller
+    /// says so, once (and the end of that term is not said again).
     pub fn fenced(&mut self, term: Term) -> bool {
-        if self.held.is_none_or(|h| h.term > term) {
-            return false;
+        if self.held.is_some_and(|h| h.term <= term) {
+            self.held = None;
         }
-        self.held = None;
-        self.said = None;
-        true
+        if self.said.is_some_and(|t| t <= term) {
+            self.said = None;
+        }
+        let first = self.refused.is_none_or(|t| t < term);
+        if first {
+            self.refused = Some(term);
+        }
+        first
     }
 
     /// The change of role at `now` not yet said, if any (each is said
@@ -235,12 +244,19 @@ mod tests {
         let (mut c, t0) = campaign();
         c.answered(t0, Some(5));
         assert_eq!(c.change(t0), Some(Change::Gained(5)));
-        assert!(!c.fenced(4));
+        assert!(c.fenced(4), "a late write of an older term, said");
         assert_eq!(c.leading(t0), Some(5), "a refusal of an older term");
         assert!(c.fenced(5));
         assert_eq!(c.leading(t0), None);
         assert_eq!(c.change(t0), None, "said by whoever saw the refusal");
         assert!(!c.fenced(5), "said once");
+        assert!(!c.fenced(4), "nor an older one after it");
+        // The lease already lost (the renewal's answer came first): the
+        // refusal is still said.
+        let (mut c, t0) = campaign();
+        c.answered(t0, Some(7));
+        c.answered(t0 + S, None);
+        assert!(c.fenced(7));
     }
 
     #[test]

@@ -254,8 +254,14 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
         let _ = deploy.wait();
 
         s = Server::start_in(&dir, &[]).await;
-        let (present, phase) =
-            check_consistent(&s, &format!("round {round}"), &version, added).await;
+        let (present, phase) = check_consistent(
+            &s,
+            &format!("round {round}"),
+            &version,
+            added,
+            Duration::from_secs(20),
+        )
+        .await;
         registered = present;
         eprintln!(
             "round {round}: killed after {wait:?} (a {strategy} rollout running), registered {}, rollout {}",
@@ -268,16 +274,16 @@ async fn kill_9_at_random_moments_leaves_a_consistent_state() {
 /// The strategies the crash tests drive from the CLI. Shadow is left out:
 /// it needs traffic to compare, and these tests send none (its kill -9
 /// resumption is tested in `strategies.rs`).
-const STRATEGIES: [&str; 5] = ["canary", "rolling", "blue-green", "basic", "multi"];
+pub(super) const STRATEGIES: [&str; 5] = ["canary", "rolling", "blue-green", "basic", "multi"];
 
 /// `ferry model add cancer VERSION --file FILE`.
-fn add_args<'a>(version: &'a str, file: &'a std::path::Path) -> [&'a str; 6] {
+pub(super) fn add_args<'a>(version: &'a str, file: &'a std::path::Path) -> [&'a str; 6] {
     let file = file.to_str().expect("a UTF-8 path");
     ["model", "add", "cancer", version, "--file", file]
 }
 
 /// `ferry deploy cancer VERSION` with `strategy`, its pauses `pause` long.
-fn deploy_args<'a>(version: &'a str, strategy: &'a str, pause: &'a str) -> Vec<&'a str> {
+pub(super) fn deploy_args<'a>(version: &'a str, strategy: &'a str, pause: &'a str) -> Vec<&'a str> {
     let mut args = vec!["deploy", "cancer", version, "--strategy", strategy];
     args.extend(match strategy {
         "canary" => vec!["--steps", "50,100", "--step-pause", pause],
@@ -301,11 +307,13 @@ fn deploy_args<'a>(version: &'a str, strategy: &'a str, pause: &'a str) -> Vec<&
 /// whole and matches its digest) and has exactly one `version_registered`
 /// event; an interrupted rollout resumes and succeeds; the stable version
 /// answers; no temporary artifact file is left. Returns the versions present and the phase found at restart.
-async fn check_consistent(
+/// An interrupted rollout has `within` to succeed.
+pub(super) async fn check_consistent(
     s: &Server,
     when: &str,
     version: &str,
     added: bool,
+    within: Duration,
 ) -> (Vec<String>, Value) {
     let show = s.ferry_json(&["model", "show", "cancer"]);
     let present: Vec<String> = show["versions"]
@@ -338,7 +346,7 @@ async fn check_consistent(
     }
     let st = super::harness::status(s).await;
     if st["phase"] != "idle" {
-        let last = super::harness::ended(s, Duration::from_secs(20)).await;
+        let last = super::harness::ended(s, within).await;
         assert_eq!(
             last["phase"], "succeeded",
             "{when}: the interrupted rollout resumes: {last}"
@@ -427,7 +435,7 @@ async fn a_crash_at_every_write_point_leaves_a_consistent_state() {
             s.kill9();
             let s = Server::start_in(&dir, &[]).await;
             let when = format!("{strategy}, crash at {crash_at}");
-            check_consistent(&s, &when, &version, added).await;
+            check_consistent(&s, &when, &version, added, Duration::from_secs(20)).await;
             if !crashed {
                 break; // this point is reached fewer than n times per round
             }

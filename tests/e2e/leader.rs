@@ -1,0 +1,354 @@
+//! Leadership across three `ferry serve` instances on one PostgreSQL: the
+//! leader killed (`kill -9`) during a canary pause is replaced within the
+//! lease and the rollout goes on at the same step with the pause's
+//! remaining time, each step recorded once, while clients of the surviving
+//! instances see no failed request; the leader killed in every state of
+//! every strategy leaves a consistent state (the single node's crash
+//! checks, `restart::check_consistent`); a leader stopped (SIGSTOP) just
+//! before a write, replaced, then continued (SIGCONT) has that write
+//! refused (fencing), follows, and no step is applied twice.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use super::harness::{Server, Traffic, ended, eventually, example, series_value};
+use super::outage::Cluster;
+use super::restart::{STRATEGIES, add_args, check_consistent, deploy_args};
+use super::testpg;
+
+/// The default lease and renewal (`--leader-lease 3s --leader-renew 1s`):
+/// a dead leader's lease expires within 3 s and a follower tries every
+/// second. The bound allows 2 s more for a machine loaded by parallel
+/// builds.
+const TAKEOVER: Duration = Duration::from_secs(3 + 1 + 2);
+
+/// The leader as the cluster view of `s` shows it: its id and term.
+async fn leader_seen_by(s: &Server) -> Option<(String, i64)> {
+    let view = s.admin_get("/api/v1/cluster").await;
+    Some((view["leader"].as_str()?.to_string(), view["term"].as_i64()?))
+}
+
+/// Which of `servers` (indexes in `alive`) leads, by its advertised URL,
+/// and its term; waits until one does and is not `not`.
+async fn leader(servers: &[Server], alive: &[usize], not: Option<&str>) -> (usize, String, i64) {
+    let asked = &servers[alive[0]];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = asked.admin_get("/api/v1/cluster").await;
+        if let Some((id, term)) = leader_seen_by(asked).await
+            && Some(id.as_str()) != not
+        {
+            let url = view["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["id"] == id.as_str())
+                .map(|i| i["url"].as_str().unwrap().to_string());
+            if let Some(at) = alive
+                .iter()
+                .find(|&&i| Some(&servers[i].url) == url.as_ref())
+            {
+                return (*at, id, term);
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within 30 s: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The events of the model's latest rollout, oldest first.
+async fn rollout_events(s: &Server) -> Vec<Value> {
+    let events = s
+        .admin_get("/api/v1/models/cancer/events?limit=10000")
+        .await;
+    let all = events.as_array().unwrap();
+    let last = all
+        .iter()
+        .filter_map(|e| e["rollout"].as_str())
+        .max_by_key(|r| r.trim_start_matches("r-").parse::<u64>().unwrap_or(0))
+        .map(str::to_string);
+    all.iter()
+        .filter(|e| e["rollout"].as_str() == last.as_deref())
+        .cloned()
+        .collect()
+}
+
+/// Each step (and every other event) of a rollout is recorded once: no
+/// two events of one rollout say the same thing.
+fn each_once(events: &[Value]) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for e in events {
+        *seen
+            .entry(format!("{} {}", e["kind"], e["message"]))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "recorded more than once: {twice:?}\n{events:#?}"
+    );
+}
+
+/// When the event whose message contains `text` was recorded.
+fn recorded_at(events: &[Value], text: &str) -> SystemTime {
+    let e = events
+        .iter()
+        .find(|e| e["message"].as_str().unwrap_or("").contains(text))
+        .unwrap_or_else(|| panic!("no event says {text:?}: {events:#?}"));
+    humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap()
+}
+
+fn signal(s: &Server, name: &str) {
+    let ok = Command::new("kill")
+        .args([name, &s.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(ok.success(), "kill {name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_during_a_canary_pause_hands_the_rollout_on_at_the_same_step() {
+    let url = testpg::database();
+    let mut cluster = Cluster::start_serving_cancer(&url, 3).await;
+    let servers = &mut cluster.instances;
+    servers[0].add("cancer", "2", "cancer-v2.onnx");
+    let (lead, old_id, term) = leader(servers, &[0, 1, 2], None).await;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+    let traffic: Vec<Traffic> = survivors
+        .iter()
+        .map(|&i| Traffic::start(&servers[i], 40, 4))
+        .collect();
+    let via = survivors[0];
+    servers[via].ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "20,50,100",
+        "--step-pause",
+        "10s",
+    ]);
+    eventually(Duration::from_secs(10), "at weight 20%", async || {
+        rollout_events(&servers[via])
+            .await
+            .iter()
+            .any(|e| e["message"].as_str().unwrap_or("").contains("weight 20%"))
+    })
+    .await;
+    // Well inside the 10 s pause.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers[lead].kill9();
+    let killed = Instant::now();
+    let (new, new_id, new_term) = leader(servers, &survivors, Some(&old_id)).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "leader {old_id} (term {term}) killed; {new_id} leads in term {new_term} after {took:?}"
+    );
+    assert!(took <= TAKEOVER, "another instance led after {took:?}");
+    assert_eq!(new_term, term + 1, "one change of holder, one term");
+
+    let last = ended(&servers[new], Duration::from_secs(60)).await;
+    assert_eq!(last["phase"], "succeeded", "{last}");
+    let events = rollout_events(&servers[new]).await;
+    each_once(&events);
+    // The pause ran from its stored start: the step after it came 10 s
+    // after the 20 % step, not 10 s after the takeover (≥ 12 s).
+    let paused = recorded_at(&events, "weight 50%")
+        .duration_since(recorded_at(&events, "weight 20%"))
+        .unwrap();
+    assert!(
+        paused >= Duration::from_secs(10) && paused < Duration::from_millis(11_900),
+        "the pause lasted {paused:?} across the takeover"
+    );
+    let mut answered = 0;
+    for t in traffic {
+        let seen = t.finish().await;
+        assert!(
+            seen.failures.is_empty(),
+            "failed requests: {:?}",
+            &seen.failures[..seen.failures.len().min(3)]
+        );
+        answered += seen.answered();
+    }
+    assert!(answered > 0);
+    // Each instance reports itself: the new leader 1, the other 0.
+    let series = format!("ferry_cluster_leader{{instance=\"{new_id}\"}}");
+    for &i in &survivors {
+        let text = servers[i].prometheus().await;
+        assert_eq!(text.contains(&series), i == new, "{text}");
+        if i == new {
+            assert_eq!(series_value(&text, &series), 1.0, "{text}");
+        }
+        assert!(text.contains("ferry_route_version{instance="), "{text}");
+    }
+}
+
+/// SIGKILL of the leader at random moments while versions are registered
+/// through it and rollouts of every strategy (in turn) move through their
+/// steps; the killed instance starts again. After each takeover, the new
+/// leader passes the single node's crash checks (`check_consistent`): every
+/// acknowledged registration there once, every version loads, the
+/// interrupted rollout resumes and succeeds, the stable version answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_in_every_state_of_every_strategy_leaves_a_consistent_state() {
+    // FERRY_LEADER_KILLS=50 for a long run; one per strategy in `cargo test`.
+    let kills: usize = super::harness::knob("FERRY_LEADER_KILLS", STRATEGIES.len());
+    let files = ["cancer-v2.onnx", "cancer-v1.onnx", "cancer-bad.onnx"];
+    let url = testpg::database();
+    let mut cluster = Cluster::start_serving_cancer(&url, 3).await;
+    let mut rng = fastrand::Rng::with_seed(20261201);
+    let mut registered: Vec<String> = vec!["1".into()];
+    let mut lead = leader(&cluster.instances, &[0, 1, 2], None).await;
+    for round in 0..kills {
+        let servers = &mut cluster.instances;
+        let (at, id, term) = lead.clone();
+        let version = format!("v{}", round + 2);
+        let file = example(files[round % files.len()]);
+        let cli = |args: &[&str]| {
+            servers[at]
+                .cli(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut add = cli(&add_args(&version, &file));
+        let strategy = STRATEGIES[round % STRATEGIES.len()];
+        let mut deploy = cli(&deploy_args(registered.last().unwrap(), strategy, "1s"));
+        let wait = Duration::from_millis(rng.u64(0..2500));
+        tokio::time::sleep(wait).await;
+        servers[at].kill9();
+        let added = add.wait().unwrap().success();
+        let _ = deploy.wait();
+        let alive: Vec<usize> = (0..3).filter(|i| *i != at).collect();
+        lead = leader(servers, &alive, Some(&id)).await;
+        assert!(lead.2 > term, "a newer term");
+        let dir = servers[at].dir.clone();
+        servers[at] = Server::start_in(&dir, &["--store", &url]).await;
+        let when = format!("round {round}");
+        let (present, phase) = check_consistent(
+            &servers[lead.0],
+            &when,
+            &version,
+            added,
+            Duration::from_secs(40),
+        )
+        .await;
+        each_once(&rollout_events(&servers[lead.0]).await);
+        registered = present;
+        eprintln!(
+            "round {round}: leader killed after {wait:?} (a {strategy} rollout running, {phase}); {} leads in term {}",
+            lead.1, lead.2
+        );
+    }
+}
+
+/// A leader stopped (SIGSTOP) just before it stores a step — as a long GC
+/// pause or a frozen VM would stop it — loses its lease; another instance
+/// takes over and moves the rollout on. Continued (SIGCONT), the old
+/// leader's write is refused by the store (its log says so), it follows,
+/// and no step was recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
+    let url = testpg::database();
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("a.log");
+    let file = std::fs::File::create(&log).unwrap();
+    // The first rollout write of a's loop: the step at the end of the
+    // first pause.
+    let a = Server::spawn(
+        &[],
+        &[
+            ("FERRY_LOG", "info"),
+            ("FERRY_STOP_AT", "rollout.before_write:1"),
+        ],
+        &tmp.path().join("a"),
+        &["--store", &url],
+        file.into(),
+    );
+    a.wait_ready().await;
+    a.add("cancer", "1", "cancer-v1.onnx");
+    a.add("cancer", "2", "cancer-v2.onnx");
+    let mut servers = vec![a];
+    let (first, a_id, term) = leader(&servers, &[0], None).await;
+    assert_eq!(first, 0);
+    for name in ["b", "c"] {
+        servers.push(Server::start_in(&tmp.path().join(name), &["--store", &url]).await);
+    }
+    servers[1].ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "20,50,100",
+        "--step-pause",
+        "2s",
+    ]);
+    // a stops itself before storing "weight 50%"; b or c takes over and
+    // stores it (and goes on).
+    let (new, new_id, new_term) = leader(&servers, &[1, 2], Some(&a_id)).await;
+    assert!(new_term > term);
+    eventually(
+        Duration::from_secs(20),
+        "the new leader takes the step",
+        async || {
+            rollout_events(&servers[new])
+                .await
+                .iter()
+                .any(|e| e["message"].as_str().unwrap_or("").contains("weight 50%"))
+        },
+    )
+    .await;
+    signal(&servers[0], "-CONT");
+    let refused =
+        format!("this instance's term {term} as leader is over: instance {new_id} leads in term");
+    eventually(
+        Duration::from_secs(10),
+        "a says its write was refused",
+        async || std::fs::read_to_string(&log).unwrap().contains(&refused),
+    )
+    .await;
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        written.matches(&refused).count(),
+        1,
+        "said once:\n{written}"
+    );
+    assert!(
+        written.contains("this instance follows from now on"),
+        "{written}"
+    );
+    // It follows: the view names the new leader, a reports 0.
+    eventually(
+        Duration::from_secs(10),
+        "a reports itself a follower",
+        async || {
+            let text = servers[0].prometheus().await;
+            text.contains(&format!("ferry_cluster_leader{{instance=\"{a_id}\"}} 0"))
+        },
+    )
+    .await;
+    assert_eq!(
+        leader_seen_by(&servers[0]).await.map(|l| l.0),
+        Some(new_id.clone())
+    );
+    let last = ended(&servers[new], Duration::from_secs(60)).await;
+    assert_eq!(last["phase"], "succeeded", "{last}");
+    let events = rollout_events(&servers[0]).await;
+    each_once(&events);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["message"].as_str().unwrap_or("").contains("weight 50%"))
+            .count(),
+        1,
+        "{events:#?}"
+    );
+}
