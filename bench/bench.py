@@ -344,7 +344,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover"], default="all")
     ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
     ap.add_argument("--gateway-rate", type=int, default=500, help="fixed rate of the grpc suite's gateway figures")
@@ -386,6 +386,12 @@ def main():
             cl = {"machine": machine(), "figures": repeated(args, lambda: propagation.run(args.ferry, tmp, body.read_bytes()))}
             (RESULTS / "cluster.json").write_text(json.dumps(cl, indent=2) + "\n")
             print(json.dumps(cl, indent=2))
+        if args.suite in ("all", "failover"):
+            log("== leader failover: kill -9 of the leader to the next rollout step, 3 instances on one PostgreSQL (Ferry)")
+            import failover
+            fo = {"machine": machine(), "figures": failover.run(args.ferry, tmp)}
+            (RESULTS / "failover.json").write_text(json.dumps(fo, indent=2) + "\n")
+            print(json.dumps(fo, indent=2))
         if args.suite in ("all", "scale"):
             log(f"== scale: {args.scale_models} models x 3 versions (Ferry)")
             import scale
@@ -409,7 +415,7 @@ def main():
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster"):
+        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:
