@@ -176,11 +176,21 @@ pub struct ServeArgs {
     /// How long the leader's lease lasts (a shared store): a leader that
     /// dies is replaced within about this plus --leader-renew, and one cut
     /// off from the store stops leading within it.
-    #[arg(long, env = "FERRY_LEADER_LEASE", default_value = "3s")]
+    #[arg(
+        long,
+        env = "FERRY_LEADER_LEASE",
+        hide_env_values = true,
+        default_value = "3s"
+    )]
     pub leader_lease: HumanDuration,
     /// How often the leader renews its lease, and the others try to take
     /// it (at most half of --leader-lease).
-    #[arg(long, env = "FERRY_LEADER_RENEW", default_value = "1s")]
+    #[arg(
+        long,
+        env = "FERRY_LEADER_RENEW",
+        hide_env_values = true,
+        default_value = "1s"
+    )]
     pub leader_renew: HumanDuration,
     /// Address of the gRPC service (`inference.GRPCInferenceService`, the
     /// same models and routes as `/v2`; port 0: any free port), or `off`.
