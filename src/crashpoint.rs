@@ -16,7 +16,7 @@
 //! | `store.after_commit` | after `COMMIT`, before the caller acts on it (publishes a route, answers) |
 //! | `blobs.before_rename` | an artifact's temporary file written and synced, before its rename |
 //! | `blobs.before_dir_sync` | after the rename, before the directory is synced |
-//! | `rollout.before_write` | a rollout pass planned (and its pools started), before its state is stored |
+//! | `rollout.leader_step` | the leader's rollout loop, a rollout read (under the controller's lock), before it is stepped and stored |
 
 /// Aborts the process if `FERRY_CRASH_AT` names this point and its count.
 #[inline]

@@ -598,7 +598,6 @@ impl Controller {
                     )
                 })
                 .collect();
-            crate::crashpoint::reach("rollout.before_write");
             store.update_rollout(record.id, &plan.state, events, route_changed, fence)?;
             self.metrics.set_rollout_phase(
                 &record.model,
@@ -784,6 +783,7 @@ impl Controller {
         if !current.state.phase.is_active() {
             return Ok(());
         }
+        crate::crashpoint::reach("rollout.leader_step");
         self.step(current, obs, Fence::Term(term)).await?;
         Ok(())
     }

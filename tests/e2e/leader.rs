@@ -121,7 +121,9 @@ async fn killing_the_leader_during_a_canary_pause_hands_the_rollout_on_at_the_sa
         .iter()
         .map(|&i| Traffic::start(&servers[i], 40, 4))
         .collect();
-    let via = survivors[0];
+    // Through the leader: a command taken by a follower is not yet handed
+    // to the leader, and could race its loop for the first step.
+    let via = lead;
     servers[via].ferry_ok(&[
         "deploy",
         "cancer",
@@ -134,7 +136,7 @@ async fn killing_the_leader_during_a_canary_pause_hands_the_rollout_on_at_the_sa
         "10s",
     ]);
     eventually(Duration::from_secs(10), "at weight 20%", async || {
-        rollout_events(&servers[via])
+        rollout_events(&servers[survivors[0]])
             .await
             .iter()
             .any(|e| e["message"].as_str().unwrap_or("").contains("weight 20%"))
@@ -248,24 +250,24 @@ async fn kill_9_of_the_leader_in_every_state_of_every_strategy_leaves_a_consiste
     }
 }
 
-/// A leader stopped (SIGSTOP) just before it stores a step — as a long GC
-/// pause or a frozen VM would stop it — loses its lease; another instance
-/// takes over and moves the rollout on. Continued (SIGCONT), the old
-/// leader's write is refused by the store (its log says so), it follows,
-/// and no step was recorded twice.
+/// A leader stopped (SIGSTOP) just before it steps a rollout it has read —
+/// as a long GC pause or a frozen VM would stop it — loses its lease;
+/// another instance takes over and moves the rollout on. Continued
+/// (SIGCONT), the old leader plans from what it read before the stop and
+/// its write is refused by the store (its log says so), it follows, and no
+/// step was recorded twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
     let url = testpg::database();
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("a.log");
     let file = std::fs::File::create(&log).unwrap();
-    // The first rollout write of a's loop: the step at the end of the
-    // first pause.
+    // The first time a's loop steps a rollout: just after it started.
     let a = Server::spawn(
         &[],
         &[
             ("FERRY_LOG", "info"),
-            ("FERRY_STOP_AT", "rollout.before_write:1"),
+            ("FERRY_STOP_AT", "rollout.leader_step:1"),
         ],
         &tmp.path().join("a"),
         &["--store", &url],
@@ -280,7 +282,8 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
     for name in ["b", "c"] {
         servers.push(Server::start_in(&tmp.path().join(name), &["--store", &url]).await);
     }
-    servers[1].ferry_ok(&[
+    // Through the leader (a command a follower takes could race its loop).
+    servers[0].ferry_ok(&[
         "deploy",
         "cancer",
         "2",
@@ -291,8 +294,8 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
         "--step-pause",
         "2s",
     ]);
-    // a stops itself before storing "weight 50%"; b or c takes over and
-    // stores it (and goes on).
+    // a stops itself at its loop's first look at the rollout (its pause not
+    // over); b or c takes over and stores "weight 50%" when it is.
     let (new, new_id, new_term) = leader(&servers, &[1, 2], Some(&a_id)).await;
     assert!(new_term > term);
     eventually(
