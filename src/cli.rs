@@ -277,6 +277,11 @@ pub struct ServeArgs {
     /// themselves stay). Default: keep every event.
     #[arg(long, env = "FERRY_EVENT_RETENTION", hide_env_values = true)]
     pub event_retention: Option<HumanDuration>,
+    /// With a shared store, how long a rollout command asked of an instance
+    /// that does not lead waits for the leader to take it; then it is
+    /// withdrawn (never executed) and answered 503.
+    #[arg(long, default_value = "10s")]
+    pub command_timeout: HumanDuration,
 }
 
 /// Prints a JSON answer (`-o json`) as the server sent it, indented.
@@ -447,5 +452,6 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         reach: server::reach(args.qa_dir, args.allow_outbound.as_deref())?,
         event_retention: server::event_retention(args.event_retention)?,
         advertise_url: server::advertise_url(args.advertise_url)?,
+        command_timeout: args.command_timeout.0,
     })
 }

@@ -71,6 +71,9 @@ pub struct ServeOptions {
     /// `--advertise-url`: how other instances and the CLI reach this one
     /// (default: derived from the address bound).
     pub advertise_url: Option<String>,
+    /// `--command-timeout`: how long a command asked of an instance that
+    /// does not lead waits for the leader to take it.
+    pub command_timeout: Duration,
 }
 
 /// Validates `--qa-dir` (an existing directory) and `--allow-outbound`.
@@ -440,6 +443,7 @@ fn controller(
         drain_timeout: opts.drain_timeout,
         reach: opts.reach.clone(),
         limits,
+        command_wait: opts.command_timeout,
     }))
 }
 
@@ -566,6 +570,7 @@ fn start_models(controller: Arc<Controller>, me: Identity) {
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
         tokio::spawn(controller.clone().run_following(me));
+        tokio::spawn(controller.clone().run_commands(api::rollouts::answer));
         controller.run_rollouts().await;
     });
 }

@@ -8,6 +8,7 @@
 //! written without the change it records, nor the change without its event.
 
 pub mod bridge;
+pub mod commands;
 #[cfg(test)]
 pub mod contract;
 pub mod postgres;
@@ -409,6 +410,12 @@ pub trait Store: Send + Sync + 'static {
     /// hands the role to one of them and to another when it goes away.
     fn drives_rollouts(&self) -> Result<bool, StoreError> {
         Ok(true)
+    }
+    /// The queue through which an instance that does not drive the rollouts
+    /// hands rollout commands to the one that does ([`commands`]); `None`
+    /// for an embedded store, whose one instance executes every command.
+    fn commands(&self) -> Option<&dyn commands::CommandQueue> {
+        None
     }
     /// The latest route version: a number that grows by one in the same
     /// transaction as every change of what serves (registration, settings,

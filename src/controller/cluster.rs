@@ -543,6 +543,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             reach: Reach::default(),
             limits,
+            command_wait: crate::controller::commands::DEFAULT_WAIT,
         }))
     }
 

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 mod blobs;
 mod cluster;
+mod commands;
 mod failure;
 mod schema;
 pub mod tls;
@@ -232,6 +233,9 @@ pub struct PostgresStore {
     connector: tokio_postgres_rustls::MakeRustlsConnect,
     /// Whether the server is reachable, for the two log lines of an outage.
     outage: OutageLog,
+    /// Announced commands, heard on one connection for the whole instance
+    /// once something asks ([`commands`]).
+    command_notices: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
 }
 
 impl Drop for PostgresStore {
@@ -300,6 +304,7 @@ impl PostgresStore {
             config,
             connector,
             outage: OutageLog::default(),
+            command_notices: std::sync::OnceLock::new(),
         };
         // A migration may rewrite a large table: a bulk call's time.
         store.call(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
@@ -880,9 +885,14 @@ impl Store for PostgresStore {
             self.config.clone(),
             self.connector.clone(),
             self.shown.clone(),
+            &cluster::CHANGES,
             tx,
         ));
         Some(rx)
+    }
+
+    fn commands(&self) -> Option<&dyn super::commands::CommandQueue> {
+        Some(self)
     }
 
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
