@@ -113,17 +113,13 @@ pub enum ControlError {
         crate::units::HumanDuration(*waited)
     )]
     NoLeader { command: String, waited: Duration },
-    /// The leader took a command and had not answered within the bound: it
-    /// may have been executed.
+    /// A command stored for the leader whose answer this instance cannot
+    /// give (the leader took it and is silent, the store failed meanwhile):
+    /// it may have been executed.
     #[error(
-        "the leader ({by}) took the command ({command}) but had not answered after {}; it may have been executed: look at the history (ferry history MODEL) before trying again",
-        crate::units::HumanDuration(*waited)
+        "the command ({command}) was stored for the leader, but {why}; it may have been executed: look at the history (ferry history MODEL) before trying again"
     )]
-    LeaderSilent {
-        command: String,
-        by: String,
-        waited: Duration,
-    },
+    Unanswered { command: String, why: String },
 }
 
 impl From<crate::store::StoreError> for ControlError {

@@ -231,7 +231,7 @@ impl From<ControlError> for ApiError {
             start @ ControlError::Start { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, start.to_string())
             }
-            leaderless @ (ControlError::NoLeader { .. } | ControlError::LeaderSilent { .. }) => {
+            leaderless @ (ControlError::NoLeader { .. } | ControlError::Unanswered { .. }) => {
                 ApiError {
                     retry_after: Some(crate::controller::commands::RETRY_AFTER_SECS),
                     ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, leaderless.to_string())
@@ -395,16 +395,14 @@ mod tests {
             ],
         );
         case(
-            ControlError::LeaderSilent {
+            ControlError::Unanswered {
                 command,
-                by: "instance 1a2b".into(),
-                waited: Duration::from_secs(70),
+                why: "the leader (instance 1a2b) took it and had not answered after 1m 10s".into(),
             },
             StatusCode::SERVICE_UNAVAILABLE,
             Some(RETRY_AFTER_SECS),
             &[
-                "instance 1a2b",
-                "after 1m 10s",
+                "the command (pause of model \"cancer\") was stored for the leader, but the leader (instance 1a2b) took it",
                 "may have been executed",
                 "ferry history",
             ],

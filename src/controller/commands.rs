@@ -20,7 +20,8 @@
 //!    pending, in one conditional update — and answers that nothing was
 //!    done ([`ControlError::NoLeader`]); a command a leader took is waited
 //!    for [`EXECUTING_BOUND`] more, then answered as possibly executed
-//!    ([`ControlError::LeaderSilent`]). The decision is [`next`], pure.
+//!    ([`ControlError::Unanswered`]), as is one whose answer cannot be read.
+//!    The decision is [`next`], pure.
 //! 4. **Pruning.** The leader deletes commands older than [`KEEP`] every
 //!    [`PRUNE_EVERY`].
 //!
@@ -192,33 +193,51 @@ impl Controller {
             who: format!("{who} on instance {me}"),
             asked_by: me.to_string(),
         };
-        let mut heard = queue.command_notices();
+        let heard = queue.command_notices();
         let id = queue.submit_command(&command)?;
+        self.wait_for(queue, heard, id, what).await
+    }
+
+    /// Waits for the answer to command `id`, stored for the leader: sends
+    /// it on, or withdraws the command when no leader took it in time (see
+    /// the module doc). Once stored, a command whose fate cannot be read is
+    /// answered as possibly executed, never as not done.
+    async fn wait_for(
+        &self,
+        queue: &dyn CommandQueue,
+        mut heard: tokio::sync::watch::Receiver<i64>,
+        id: i64,
+        what: String,
+    ) -> Result<Reply, ControlError> {
         let asked = Instant::now();
+        let unanswered = |why: String| ControlError::Unanswered {
+            command: what.clone(),
+            why,
+        };
         loop {
-            let record = queue
-                .command(id)?
-                .ok_or_else(|| ControlError::LeaderSilent {
-                    command: what.clone(),
-                    by: format!("command {id} is no longer in the store"),
-                    waited: Duration::from_secs(asked.elapsed().as_secs()),
-                })?;
+            let record = match queue.command(id) {
+                Ok(Some(record)) => record,
+                Ok(None) => return Err(unanswered(format!("command {id} is no longer stored"))),
+                Err(e) => return Err(unanswered(format!("its answer could not be read: {e}"))),
+            };
             match next(record.state, asked.elapsed(), self.command_wait) {
                 Next::Wait => {}
                 Next::Answer => return Ok(executed(record)),
-                Next::Withdraw => {
-                    if queue.cancel_command(id)? {
-                        return Err(self.no_leader(what));
+                Next::Withdraw => match queue.cancel_command(id) {
+                    Ok(true) => return Err(self.no_leader(what)),
+                    Ok(false) => continue, // taken meanwhile: wait for its answer
+                    Err(e) => {
+                        return Err(unanswered(format!("it could not be withdrawn: {e}")));
                     }
-                    continue; // taken meanwhile: wait for its answer
-                }
+                },
                 Next::NoLeader => return Err(self.no_leader(what)),
                 Next::Silent => {
-                    return Err(ControlError::LeaderSilent {
-                        command: what,
-                        by: format!("instance {}", record.claimed_by.unwrap_or_default()),
-                        waited: Duration::from_secs(asked.elapsed().as_secs()),
-                    });
+                    let waited = Duration::from_secs(asked.elapsed().as_secs());
+                    return Err(unanswered(format!(
+                        "the leader (instance {}) took it and had not answered after {}",
+                        record.claimed_by.unwrap_or_default(),
+                        crate::units::HumanDuration(waited)
+                    )));
                 }
             }
             if let Ok(Err(_)) = tokio::time::timeout(LOOK_EVERY, heard.changed()).await {
