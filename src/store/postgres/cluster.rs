@@ -3,7 +3,8 @@
 //! in its own transaction and sends `NOTIFY ferry_changes` with
 //! `"<version> <model>"`: PostgreSQL delivers a notification at commit, so
 //! no instance hears of a change that is not committed. Each instance
-//! listens on a connection of its own, outside the pool ([`listen`]).
+//! listens on a connection of its own, outside the pool ([`listen`], one
+//! per [`Channel`]: these changes, and the commands of `commands.rs`).
 
 use std::time::Duration;
 
