@@ -354,3 +354,60 @@ pub async fn report(
         report: s.controller.report_of(&r),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        serde_json::from_value(serde_json::json!({
+            "model": "cancer", "stable": "1", "candidate": "2", "rollout": "r-1",
+            "strategy": "canary", "phase": "paused", "waiting_for": "resume",
+            "steps": ["weight 10"], "step": 0, "traffic": {"1": 90.0, "2": 10.0},
+            "observed": {}, "message": "paused by control API", "analysis": null,
+            "updated_at": null, "last_rollout": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_command_is_answered_with_the_status_code_and_bytes_of_a_direct_answer() {
+        let created = answer(Ok(Answer::Applied(Applied::Created, status())));
+        let unchanged = answer(Ok(Answer::Applied(Applied::Unchanged, status())));
+        assert_eq!((created.status, unchanged.status), (201, 200));
+        let expected = serde_json::to_string(&ApplyResult {
+            result: Applied::Created,
+            status: status(),
+        })
+        .unwrap();
+        assert_eq!(created.body, expected);
+        assert!(
+            unchanged
+                .body
+                .starts_with(r#"{"result":"unchanged","model":"cancer""#)
+        );
+
+        let paused = answer(Ok(Answer::Status(status())));
+        assert_eq!(paused.status, 200);
+        assert_eq!(paused.body, serde_json::to_string(&status()).unwrap());
+        assert_eq!(paused.retry_after, None);
+
+        // Errors: the one mapping, body and Retry-After included.
+        let conflict = answer(Err(ControlError::Conflict("r-1 is already paused".into())));
+        assert_eq!(
+            conflict,
+            CommandOutcome {
+                status: 409,
+                body: r#"{"error":"r-1 is already paused"}"#.into(),
+                retry_after: None,
+            }
+        );
+        let invalid = answer(Err(ControlError::Invalid("bad".into())));
+        assert_eq!(invalid.status, 400);
+        let no_leader = answer(Err(ControlError::NoLeader {
+            command: "pause of model \"cancer\"".into(),
+            waited: std::time::Duration::from_secs(10),
+        }));
+        assert_eq!((no_leader.status, no_leader.retry_after), (503, Some(5)));
+    }
+}
