@@ -192,6 +192,7 @@ impl Controller {
             request: serde_json::to_value(&request).expect("requests always serialise"),
             who: format!("{who} on instance {me}"),
             asked_by: me.to_string(),
+            take_within: self.command_wait,
         };
         let heard = queue.command_notices();
         let id = queue.submit_command(&command)?;

@@ -31,6 +31,10 @@ pub struct NewCommand {
     pub who: String,
     /// The instance that asked (its id in the instances table).
     pub asked_by: String,
+    /// How long after it is stored a leader may take it (by the database's
+    /// clock); later it is never executed, even when the instance that
+    /// asked is gone and cannot withdraw it.
+    pub take_within: std::time::Duration,
 }
 
 /// Where a command is in its life.
@@ -90,9 +94,10 @@ pub struct CommandRecord {
 pub trait CommandQueue: Send + Sync {
     /// Stores a pending command and announces it; returns its id.
     fn submit_command(&self, command: &NewCommand) -> Result<i64, StoreError>;
-    /// Takes the oldest pending command for `instance` (which leads, in
-    /// `term` when the store counts terms): at most one instance ever takes
-    /// a command, even when two believe they lead.
+    /// Takes the oldest pending command still within its `take_within`
+    /// for `instance` (which leads, in `term` when the store counts terms):
+    /// at most one instance ever takes a command, even when two believe
+    /// they lead.
     fn claim_command(
         &self,
         instance: &str,
@@ -104,8 +109,9 @@ pub trait CommandQueue: Send + Sync {
     /// gone): then it is executed, or being executed.
     fn cancel_command(&self, id: i64) -> Result<bool, StoreError>;
     fn command(&self, id: i64) -> Result<Option<CommandRecord>, StoreError>;
-    /// Deletes commands stored before `before_ms` (ms since the epoch),
-    /// whatever their state; returns how many.
+    /// Marks pending commands past their `take_within` cancelled, and
+    /// deletes commands stored before `before_ms` (ms since the epoch),
+    /// whatever their state; returns how many were deleted.
     fn prune_commands(&self, before_ms: u64) -> Result<usize, StoreError>;
     /// A number that changes whenever a command is announced (stored or
     /// answered), heard on a connection of its own. A hint only: a look at

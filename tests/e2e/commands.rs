@@ -7,7 +7,8 @@
 //! `ferry pause` against a follower works; and with the leader stopped
 //! (SIGSTOP: it keeps its role and takes nothing), a command through a
 //! follower gets 503 within `--command-timeout` and is never executed,
-//! not even once the leader runs again.
+//! not even once the leader runs again — nor is the command of a follower
+//! killed before it could withdraw it.
 
 use std::time::{Duration, Instant};
 
@@ -290,15 +291,37 @@ fn signal(s: &Server, sig: &str) {
 async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_never_executed() {
     let url = testpg::database();
     let tmp = tempfile::tempdir().unwrap();
-    let servers = three(&url, tmp.path(), "3s").await;
+    let mut servers = three(&url, tmp.path(), "3s").await;
     let (l, id) = roles(&servers).await;
-    let follower = &servers[(l + 1) % 3];
-    let created = post(follower, "/api/v1/models/cancer/rollouts", Some(spec())).await;
+    let created = post(
+        &servers[(l + 1) % 3],
+        "/api/v1/models/cancer/rollouts",
+        Some(spec()),
+    )
+    .await;
     assert_eq!(created.status, 201, "{}", created.body);
 
     // Stopped, the leader keeps its role (its session holds the lock) and
-    // takes nothing: the command is withdrawn at the bound.
+    // takes nothing. A follower asked to abort dies (kill -9) before it can
+    // withdraw its command: the command is past its time to be taken when
+    // the leader runs again, and never executed.
     signal(&servers[l], "-STOP");
+    let doomed = &mut servers[(l + 2) % 3];
+    let abort = doomed
+        .http
+        .post(doomed.at("/api/v1/models/cancer/abort"))
+        .bearer_auth(doomed.token())
+        .send();
+    let abort = tokio::spawn(abort);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    doomed.kill9();
+    assert!(
+        abort.await.unwrap().is_err(),
+        "no answer from a killed instance"
+    );
+
+    // The other follower withdraws its command at the bound.
+    let follower = &servers[(l + 1) % 3];
     let asked = Instant::now();
     let r = follower
         .http
@@ -332,6 +355,7 @@ async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_neve
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = follower.admin_get("/api/v1/models/cancer/status").await;
     assert_eq!(status["phase"], "progressing", "{status}");
+    assert!(events(follower, "aborted").await.is_empty());
     assert!(paused_by_a_person(follower).await.is_empty());
     let paused = command(follower, "pause", None).await;
     assert_eq!(

@@ -17,7 +17,6 @@ use crate::store::StoreError;
 use crate::store::commands::{
     COMMANDS_CHANNEL, CommandOutcome, CommandQueue, CommandRecord, CommandState, NewCommand,
 };
-use crate::units::now_ms;
 
 /// The migration that adds the table.
 pub(super) const MIGRATION: &str = r#"
@@ -29,6 +28,7 @@ CREATE TABLE commands (
     asked_by    TEXT NOT NULL,
     state       TEXT NOT NULL,
     created_ms  BIGINT NOT NULL,
+    deadline_ms BIGINT NOT NULL,
     claimed_by  TEXT,
     term        BIGINT,
     claimed_ms  BIGINT,
@@ -50,8 +50,11 @@ static COMMANDS: Channel = Channel {
     },
 };
 
-const COLUMNS: &str =
-    "id, model, request, who, asked_by, state, created_ms, claimed_by, term, outcome";
+const COLUMNS: &str = "id, model, request, who, asked_by, state, created_ms, claimed_by, term, outcome, deadline_ms - created_ms";
+
+/// The database's clock in ms since the epoch: deadlines are set and read
+/// by one clock, whichever instance's clock is off.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM statement_timestamp()) * 1000)::BIGINT";
 
 fn command_row(r: &Row) -> Result2<CommandRecord> {
     let request: String = r.try_get(2)?;
@@ -64,6 +67,7 @@ fn command_row(r: &Row) -> Result2<CommandRecord> {
             request: serde_json::from_str(&request).map_err(|e| corrupt("a command", e))?,
             who: r.try_get(3)?,
             asked_by: r.try_get(4)?,
+            take_within: std::time::Duration::from_millis(r.try_get::<_, i64>(10)?.max(0) as u64),
         },
         state: CommandState::parse(&state)
             .ok_or_else(|| corrupt("a command's state", format!("unknown state {state:?}")))?,
@@ -83,17 +87,20 @@ impl CommandQueue for PostgresStore {
         self.run(move |db| async move {
             let mut client = db.client().await?;
             let tx = client.transaction().await?;
+            let sql = format!(
+                "INSERT INTO commands (model, request, who, asked_by, state, created_ms, deadline_ms)
+                 VALUES ($1, $2, $3, $4, $5, {NOW_MS}, {NOW_MS} + $6) RETURNING id"
+            );
             let id: i64 = tx
                 .query_one(
-                    "INSERT INTO commands (model, request, who, asked_by, state, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                    &sql,
                     &[
                         &c.model,
                         &to_json(&c.request),
                         &c.who,
                         &c.asked_by,
                         &CommandState::Pending.to_string(),
-                        &(now_ms() as i64),
+                        &(c.take_within.as_millis() as i64),
                     ],
                 )
                 .await?
@@ -113,14 +120,14 @@ impl CommandQueue for PostgresStore {
         self.run(move |db| async move {
             let client = db.client().await?;
             let sql = format!(
-                "UPDATE commands SET state = 'claimed', claimed_by = $1, term = $2, claimed_ms = $3
+                "UPDATE commands SET state = 'claimed', claimed_by = $1, term = $2, claimed_ms = {NOW_MS}
                  WHERE state = 'pending' AND id = (
-                   SELECT id FROM commands WHERE state = 'pending'
+                   SELECT id FROM commands WHERE state = 'pending' AND deadline_ms > {NOW_MS}
                    ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
                  RETURNING {COLUMNS}"
             );
             let row = client
-                .query_opt(&sql, &[&instance, &term, &(now_ms() as i64)])
+                .query_opt(&sql, &[&instance, &term])
                 .await?;
             row.as_ref().map(command_row).transpose()
         })
@@ -167,6 +174,10 @@ impl CommandQueue for PostgresStore {
     fn prune_commands(&self, before_ms: u64) -> Result<usize, StoreError> {
         self.run(move |db| async move {
             let client = db.client().await?;
+            let expire = format!(
+                "UPDATE commands SET state = 'cancelled' WHERE state = 'pending' AND deadline_ms <= {NOW_MS}"
+            );
+            client.execute(&expire, &[]).await?;
             let n = client
                 .execute(
                     "DELETE FROM commands WHERE created_ms < $1",
@@ -218,6 +229,7 @@ mod tests {
             request: serde_json::json!({"command": "pause"}),
             who: "control API on instance b".into(),
             asked_by: "b".into(),
+            take_within: Duration::from_secs(60),
         }
     }
 
@@ -285,8 +297,22 @@ mod tests {
             (CommandState::Cancelled, None)
         );
 
+        // Past its time to be taken (the instance that asked is gone and
+        // never withdrew it): never taken, and marked cancelled.
+        let late = b
+            .submit_command(&NewCommand {
+                take_within: Duration::ZERO,
+                ..asked("cancer")
+            })
+            .unwrap();
+        assert!(a.claim_command("a", Some(7)).unwrap().is_none());
+        assert_eq!(a.prune_commands(0).unwrap(), 0);
+        let expired = a.command(late).unwrap().unwrap();
+        assert_eq!(expired.state, CommandState::Cancelled);
+
         // Pruned by age, whatever their state.
-        assert_eq!(a.prune_commands(now_ms() + 1).unwrap(), 3);
+        let now = crate::units::now_ms();
+        assert_eq!(a.prune_commands(now + 60_000).unwrap(), 4);
         assert!(a.command(first).unwrap().is_none());
     }
 }
