@@ -296,6 +296,11 @@ pub struct ServeArgs {
     /// themselves stay). Default: keep every event.
     #[arg(long, env = "FERRY_EVENT_RETENTION", hide_env_values = true)]
     pub event_retention: Option<HumanDuration>,
+    /// With a shared store, how long a rollout command asked of an instance
+    /// that does not lead waits for the leader to take it; then it is
+    /// withdrawn (never executed) and answered 503.
+    #[arg(long, default_value = "10s")]
+    pub command_timeout: HumanDuration,
 }
 
 /// Prints a JSON answer (`-o json`) as the server sent it, indented.
@@ -472,5 +477,6 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         }
         .validate()
         .map_err(|e| anyhow::anyhow!(e))?,
+        command_timeout: args.command_timeout.0,
     })
 }

@@ -10,6 +10,7 @@
 //! rollout pass stores it in the same transaction as its new state.
 
 pub mod cluster;
+pub mod commands;
 mod dataset;
 mod external;
 pub mod outbound;
@@ -72,6 +73,9 @@ pub struct Controller {
     warm_waits: cluster::WarmWaits,
     /// Who this instance is in the instances table, once it reports.
     me: std::sync::OnceLock<cluster::Identity>,
+    /// How long a command stored for the leader waits to be taken
+    /// (`--command-timeout`).
+    command_wait: Duration,
 }
 
 /// What a rollout spec may reach outside the process (`ferry serve
@@ -102,6 +106,20 @@ pub enum ControlError {
     /// A routing policy that cannot be applied; names the field.
     #[error("{0}")]
     Invalid(String),
+    /// A command stored for the leader was taken by none within the bound,
+    /// and was withdrawn: nothing was done.
+    #[error(
+        "no instance leading the rollouts took the command ({command}) within {}, so nothing was done (it was withdrawn and will not be executed); the instances may be electing a leader: try again in a few seconds, and if it goes on, see `ferry cluster`",
+        crate::units::HumanDuration(*waited)
+    )]
+    NoLeader { command: String, waited: Duration },
+    /// A command stored for the leader whose answer this instance cannot
+    /// give (the leader took it and is silent, the store failed meanwhile):
+    /// it may have been executed.
+    #[error(
+        "the command ({command}) was stored for the leader, but {why}; it may have been executed: look at the history (ferry history MODEL) before trying again"
+    )]
+    Unanswered { command: String, why: String },
 }
 
 impl ControlError {
@@ -134,6 +152,8 @@ pub struct ControllerParts {
     pub drain_timeout: Duration,
     pub reach: Reach,
     pub limits: LoadLimits,
+    /// How long a command stored for the leader waits to be taken.
+    pub command_wait: Duration,
 }
 
 impl Controller {
@@ -155,6 +175,7 @@ impl Controller {
             failures: Default::default(),
             warm_waits: Default::default(),
             me: Default::default(),
+            command_wait: p.command_wait,
         }
     }
 

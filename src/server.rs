@@ -74,6 +74,9 @@ pub struct ServeOptions {
     /// `--leader-lease`, `--leader-renew`: the leader's lease on a shared
     /// store.
     pub leader: crate::store::LeaseSettings,
+    /// `--command-timeout`: how long a command asked of an instance that
+    /// does not lead waits for the leader to take it.
+    pub command_timeout: Duration,
 }
 
 /// Validates `--qa-dir` (an existing directory) and `--allow-outbound`.
@@ -443,6 +446,7 @@ fn controller(
         drain_timeout: opts.drain_timeout,
         reach: opts.reach.clone(),
         limits,
+        command_wait: opts.command_timeout,
     }))
 }
 
@@ -572,6 +576,7 @@ fn start_models(controller: Arc<Controller>, me: Identity, lease: crate::store::
         }
         controller.campaign(&me, lease);
         tokio::spawn(controller.clone().run_following(me));
+        tokio::spawn(controller.clone().run_commands(api::rollouts::answer));
         controller.run_rollouts().await;
     });
 }

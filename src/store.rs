@@ -8,6 +8,7 @@
 //! written without the change it records, nor the change without its event.
 
 pub mod bridge;
+pub mod commands;
 #[cfg(test)]
 pub mod contract;
 pub mod lease;
@@ -446,6 +447,12 @@ pub trait Store: Send + Sync + 'static {
     /// Who holds the lease, as the store says (`None` before any instance
     /// has campaigned).
     fn leader(&self) -> Result<Option<Leader>, StoreError>;
+    /// The queue through which an instance that does not drive the rollouts
+    /// hands rollout commands to the one that does ([`commands`]); `None`
+    /// for an embedded store, whose one instance executes every command.
+    fn commands(&self) -> Option<&dyn commands::CommandQueue> {
+        None
+    }
     /// The latest route version: a number that grows by one in the same
     /// transaction as every change of what serves (registration, settings,
     /// load/unload, removal, a route, a rollout's state), so an instance

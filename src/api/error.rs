@@ -3,7 +3,6 @@
 //! internal 500). 5xx bodies say what failed, never internals (those go to
 //! the log).
 
-use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -12,6 +11,7 @@ use crate::gateway::GatewayError;
 use crate::protocol::ProtocolError;
 use crate::registry::RegistryError;
 use crate::runtime::RuntimeError;
+use crate::store::commands::CommandOutcome;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -118,19 +118,41 @@ pub struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            Json(ErrorBody {
-                error: self.message,
-            }),
-        )
-            .into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
+        respond(CommandOutcome::from(self))
     }
+}
+
+/// An error as a stored answer: what a leader keeps for the instance that
+/// forwarded it a command, and what every error response is built from.
+impl From<ApiError> for CommandOutcome {
+    fn from(e: ApiError) -> Self {
+        CommandOutcome {
+            status: e.status.as_u16(),
+            body: serde_json::to_string(&ErrorBody { error: e.message })
+                .expect("a string always serialises"),
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+/// A JSON answer with its status: an error, or a command's answer wherever
+/// it was executed (byte for byte what `Json` would send).
+pub fn respond(outcome: CommandOutcome) -> Response {
+    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        outcome.body,
+    )
+        .into_response();
+    if let Some(secs) = outcome.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 impl From<crate::records::NameError> for ApiError {
@@ -214,6 +236,12 @@ impl From<ControlError> for ApiError {
             start @ ControlError::Start { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, start.to_string())
             }
+            leaderless @ (ControlError::NoLeader { .. } | ControlError::Unanswered { .. }) => {
+                ApiError {
+                    retry_after: Some(crate::controller::commands::RETRY_AFTER_SECS),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, leaderless.to_string())
+                }
+            }
         }
     }
 }
@@ -287,6 +315,8 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use axum::Json;
 
     use super::*;
     use crate::store::StoreError;
@@ -365,6 +395,64 @@ mod tests {
                 "nothing was changed",
             ],
         );
+    }
+
+    #[test]
+    fn a_command_no_leader_took_is_503_and_says_nothing_was_done() {
+        use crate::controller::commands::RETRY_AFTER_SECS;
+        let command = "pause of model \"cancer\"".to_string();
+        case(
+            ControlError::NoLeader {
+                command: command.clone(),
+                waited: Duration::from_secs(10),
+            },
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(RETRY_AFTER_SECS),
+            &[
+                "no instance leading the rollouts took the command (pause of model \"cancer\") within 10s",
+                "nothing was done",
+                "ferry cluster",
+            ],
+        );
+        case(
+            ControlError::Unanswered {
+                command,
+                why: "the leader (instance 1a2b) took it and had not answered after 1m 10s".into(),
+            },
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(RETRY_AFTER_SECS),
+            &[
+                "the command (pause of model \"cancer\") was stored for the leader, but the leader (instance 1a2b) took it",
+                "may have been executed",
+                "ferry history",
+            ],
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_response_is_json_bytes_with_its_status_and_retry_after() {
+        let e = ApiError {
+            retry_after: Some(3),
+            ..ApiError::new(StatusCode::CONFLICT, "r-1 is \"already\" paused")
+        };
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let as_json = (
+            StatusCode::CONFLICT,
+            Json(ErrorBody {
+                error: "r-1 is \"already\" paused".into(),
+            }),
+        )
+            .into_response();
+        let expected = axum::body::to_bytes(as_json.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(body, expected);
     }
 
     fn postgres(problem: crate::store::PgProblem) -> StoreError {

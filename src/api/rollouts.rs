@@ -1,21 +1,27 @@
 //! The rollout part of the control API: apply a spec, status, commands
 //! (promote, pause, resume, abort, retry, rollback), history, events and the
-//! A/B report. Every handler is a thin call into the controller.
+//! A/B report. Every handler is a thin call into the controller; a command
+//! goes through [`run`], which has the leader execute it when another
+//! instance leads (`controller::commands`), and [`answer`] is how its result
+//! is answered wherever it was executed.
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiJson, ErrorBody, reading};
+use super::error::{ApiJson, ErrorBody, reading, respond};
 use super::{ApiError, AppState};
 use crate::analysis::report::Report;
+use crate::controller::ControlError;
+use crate::controller::commands::{Answer, Request};
 use crate::controller::rollouts::{Applied, Status};
 use crate::spec::RolloutSpec;
 use crate::store::Event;
-use crate::strategy::{Command, Phase};
+use crate::store::commands::CommandOutcome;
+use crate::strategy::Phase;
 
 /// The rollout commands and views; all need the admin token.
 pub fn router(state: AppState) -> Router<AppState> {
@@ -54,7 +60,7 @@ pub struct ApplyResult {
 #[utoipa::path(post, path = "/api/v1/models/{model}/rollouts", tag = "rollouts", security(("admin_token" = [])),
     request_body = RolloutSpec,
     responses((status = 201, body = ApplyResult), (status = 200, body = ApplyResult), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn apply(
     State(s): State<AppState>,
     Path(model): Path<String>,
@@ -77,13 +83,54 @@ pub async fn apply(
             spec.model
         )));
     }
-    let (result, status) = s.controller.apply_rollout(spec, "control API").await?;
-    let code = if result == Applied::Created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+    let spec = Box::new(spec);
+    run(&s, &model, Request::Apply { spec }).await
+}
+
+/// Runs a command where it must run (here, or at the leader when another
+/// instance leads the rollouts) and answers with its answer: the same
+/// status and body either way.
+async fn run(s: &AppState, model: &str, request: Request) -> Result<Response, ApiError> {
+    let reply = s
+        .controller
+        .submit(model, request, "control API", answer)
+        .await?;
+    let mut response = respond(reply.outcome);
+    if let Some(by) = reply.executed_by
+        && let Ok(value) = HeaderValue::from_str(&by.to_string())
+    {
+        response.headers_mut().insert(EXECUTED_BY, value);
+    }
+    Ok(response)
+}
+
+/// The header on the answer to a command another instance executed: which
+/// instance (and term), and the command's id.
+pub const EXECUTED_BY: &str = "x-ferry-executed-by";
+
+/// A command's result as the control API answers it: what the instance
+/// that executed it sends, or stores for the instance that asked.
+pub fn answer(result: Result<Answer, ControlError>) -> CommandOutcome {
+    let json = |code: StatusCode, body: Result<String, serde_json::Error>| match body {
+        Ok(body) => CommandOutcome {
+            status: code.as_u16(),
+            body,
+            retry_after: None,
+        },
+        Err(e) => ApiError::internal("writing the answer failed", e).into(),
     };
-    Ok((code, Json(ApplyResult { result, status })).into_response())
+    match result {
+        Ok(Answer::Applied(result, status)) => {
+            let code = if result == Applied::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json(code, serde_json::to_string(&ApplyResult { result, status }))
+        }
+        Ok(Answer::Status(status)) => json(StatusCode::OK, serde_json::to_string(&status)),
+        Err(e) => ApiError::from(e).into(),
+    }
 }
 
 /// Every model's status.
@@ -126,69 +173,53 @@ pub struct PromoteRequest {
 /// Advances past the current wait or step (`full`: to the end).
 #[utoipa::path(post, path = "/api/v1/models/{model}/promote", tag = "rollouts", security(("admin_token" = [])),
     request_body(content = Option<PromoteRequest>),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn promote(
     State(s): State<AppState>,
     Path(model): Path<String>,
     ApiJson(req): ApiJson<PromoteRequest>,
-) -> Result<Json<Status>, ApiError> {
-    Ok(Json(
-        s.controller
-            .command(&model, Command::Promote { full: req.full }, "control API")
-            .await?,
-    ))
+) -> Result<Response, ApiError> {
+    run(&s, &model, Request::Promote { full: req.full }).await
 }
 
 /// Pauses the active rollout until `resume`.
 #[utoipa::path(post, path = "/api/v1/models/{model}/pause", tag = "rollouts", security(("admin_token" = [])),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn pause(
     State(s): State<AppState>,
     Path(model): Path<String>,
-) -> Result<Json<Status>, ApiError> {
-    Ok(Json(
-        s.controller
-            .command(&model, Command::Pause, "control API")
-            .await?,
-    ))
+) -> Result<Response, ApiError> {
+    run(&s, &model, Request::Pause).await
 }
 
 /// Ends a pause that waits for `resume`.
 #[utoipa::path(post, path = "/api/v1/models/{model}/resume", tag = "rollouts", security(("admin_token" = [])),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn resume(
     State(s): State<AppState>,
     Path(model): Path<String>,
-) -> Result<Json<Status>, ApiError> {
-    Ok(Json(
-        s.controller
-            .command(&model, Command::Resume, "control API")
-            .await?,
-    ))
+) -> Result<Response, ApiError> {
+    run(&s, &model, Request::Resume).await
 }
 
 /// Puts all traffic back on the stable version at once; final for the rollout.
 #[utoipa::path(post, path = "/api/v1/models/{model}/abort", tag = "rollouts", security(("admin_token" = [])),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn abort(
     State(s): State<AppState>,
     Path(model): Path<String>,
-) -> Result<Json<Status>, ApiError> {
-    Ok(Json(
-        s.controller
-            .command(&model, Command::Abort, "control API")
-            .await?,
-    ))
+) -> Result<Response, ApiError> {
+    run(&s, &model, Request::Abort).await
 }
 
 /// Starts a new rollout with the spec of the last aborted or failed one.
 #[utoipa::path(post, path = "/api/v1/models/{model}/retry", tag = "rollouts", security(("admin_token" = [])),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn retry(
     State(s): State<AppState>,
     Path(model): Path<String>,
-) -> Result<Json<Status>, ApiError> {
-    Ok(Json(s.controller.retry(&model, "control API").await?))
+) -> Result<Response, ApiError> {
+    run(&s, &model, Request::Retry).await
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
@@ -203,20 +234,16 @@ pub struct RollbackRequest {
 /// recorded rollout; the rollout it undoes becomes `rolled_back`.
 #[utoipa::path(post, path = "/api/v1/models/{model}/rollback", tag = "rollouts", security(("admin_token" = [])),
     request_body(content = Option<RollbackRequest>),
-    responses((status = 200, body = Status), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Status), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn rollback(
     State(s): State<AppState>,
     Path(model): Path<String>,
     ApiJson(req): ApiJson<RollbackRequest>,
-) -> Result<Json<Status>, ApiError> {
+) -> Result<Response, ApiError> {
     if let Some(v) = &req.to {
         crate::records::check_name("version", v)?;
     }
-    Ok(Json(
-        s.controller
-            .rollback(&model, req.to.as_deref(), "control API")
-            .await?,
-    ))
+    run(&s, &model, Request::Rollback { to: req.to }).await
 }
 
 /// One rollout in the history.
@@ -326,4 +353,61 @@ pub async fn report(
         phase: r.state.phase,
         report: s.controller.report_of(&r),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        serde_json::from_value(serde_json::json!({
+            "model": "cancer", "stable": "1", "candidate": "2", "rollout": "r-1",
+            "strategy": "canary", "phase": "paused", "waiting_for": "resume",
+            "steps": ["weight 10"], "step": 0, "traffic": {"1": 90.0, "2": 10.0},
+            "observed": {}, "message": "paused by control API", "analysis": null,
+            "updated_at": null, "last_rollout": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_command_is_answered_with_the_status_code_and_bytes_of_a_direct_answer() {
+        let created = answer(Ok(Answer::Applied(Applied::Created, status())));
+        let unchanged = answer(Ok(Answer::Applied(Applied::Unchanged, status())));
+        assert_eq!((created.status, unchanged.status), (201, 200));
+        let expected = serde_json::to_string(&ApplyResult {
+            result: Applied::Created,
+            status: status(),
+        })
+        .unwrap();
+        assert_eq!(created.body, expected);
+        assert!(
+            unchanged
+                .body
+                .starts_with(r#"{"result":"unchanged","model":"cancer""#)
+        );
+
+        let paused = answer(Ok(Answer::Status(status())));
+        assert_eq!(paused.status, 200);
+        assert_eq!(paused.body, serde_json::to_string(&status()).unwrap());
+        assert_eq!(paused.retry_after, None);
+
+        // Errors: the one mapping, body and Retry-After included.
+        let conflict = answer(Err(ControlError::Conflict("r-1 is already paused".into())));
+        assert_eq!(
+            conflict,
+            CommandOutcome {
+                status: 409,
+                body: r#"{"error":"r-1 is already paused"}"#.into(),
+                retry_after: None,
+            }
+        );
+        let invalid = answer(Err(ControlError::Invalid("bad".into())));
+        assert_eq!(invalid.status, 400);
+        let no_leader = answer(Err(ControlError::NoLeader {
+            command: "pause of model \"cancer\"".into(),
+            waited: std::time::Duration::from_secs(10),
+        }));
+        assert_eq!((no_leader.status, no_leader.retry_after), (503, Some(5)));
+    }
 }

@@ -66,6 +66,7 @@ impl App {
             drain_timeout: Duration::from_secs(1),
             reach: Reach::default(),
             limits,
+            command_wait: crate::controller::commands::DEFAULT_WAIT,
         }));
         let gateway = Gateway::new(routes, metrics.clone(), RecentPredictions::new(100), None);
         let token = |yes: bool, t: &str| yes.then(|| Arc::new(AdminToken::new(t.into())));

@@ -615,6 +615,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             reach: Reach::default(),
             limits,
+            command_wait: crate::controller::commands::DEFAULT_WAIT,
         }))
     }
 

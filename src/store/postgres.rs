@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 mod blobs;
 mod cluster;
+mod commands;
 mod failure;
 mod lease;
 mod schema;
@@ -230,6 +231,9 @@ pub struct PostgresStore {
     campaign: Arc<std::sync::Mutex<Campaign>>,
     /// Whether the campaign was started (it is started once).
     campaigning: AtomicBool,
+    /// Announced commands, heard on one connection for the whole instance
+    /// once something asks ([`commands`]).
+    command_notices: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
 }
 
 impl Drop for PostgresStore {
@@ -299,6 +303,7 @@ impl PostgresStore {
                 LeaseSettings::default(),
             ))),
             campaigning: AtomicBool::new(false),
+            command_notices: std::sync::OnceLock::new(),
         };
         // A migration may rewrite a large table: a bulk call's time.
         store.call(BULK_TIMEOUT, |db| async move { schema::migrate(&db).await })?;
@@ -900,9 +905,14 @@ impl Store for PostgresStore {
             self.config.clone(),
             self.connector.clone(),
             self.shown.clone(),
+            &cluster::CHANGES,
             tx,
         ));
         Some(rx)
+    }
+
+    fn commands(&self) -> Option<&dyn super::commands::CommandQueue> {
+        Some(self)
     }
 
     fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {

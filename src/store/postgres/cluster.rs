@@ -3,7 +3,8 @@
 //! in its own transaction and sends `NOTIFY ferry_changes` with
 //! `"<version> <model>"`: PostgreSQL delivers a notification at commit, so
 //! no instance hears of a change that is not committed. Each instance
-//! listens on a connection of its own, outside the pool ([`listen`]).
+//! listens on a connection of its own, outside the pool ([`listen`], one
+//! per [`Channel`]: these changes, and the commands of `commands.rs`).
 
 use std::time::Duration;
 
@@ -165,6 +166,27 @@ pub(super) async fn forget(db: &Db, before_ms: u64) -> Result2<usize> {
     Ok(n as usize)
 }
 
+/// A channel an instance listens on: announcements whose payload starts
+/// with a number, folded into the value a `watch` hands on.
+pub(super) struct Channel {
+    pub name: &'static str,
+    /// What it announces, for the log.
+    pub what: &'static str,
+    /// Reads one number once listening (again after every reconnect),
+    /// folded in like one heard: what was announced while not listening.
+    pub latest: &'static str,
+    /// Folds a number heard into the value handed on; true when it changed.
+    pub fold: fn(&mut i64, i64) -> bool,
+}
+
+/// Changes of what serves: the latest route version.
+pub(super) const CHANGES: Channel = Channel {
+    name: CHANGES_CHANNEL,
+    what: "changes",
+    latest: "SELECT version FROM route_version",
+    fold: bump,
+};
+
 /// How long the listener waits before connecting again after its
 /// connection broke (the periodic check covers what it misses meanwhile).
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -177,15 +199,17 @@ pub(super) async fn listen(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     shown: String,
+    channel: &'static Channel,
     tx: tokio::sync::watch::Sender<i64>,
 ) {
     let mut said = false;
     while !tx.is_closed() {
-        match listen_once(&config, tls.clone(), &tx).await {
+        match listen_once(&config, tls.clone(), channel, &tx).await {
             Ok(()) => return,
             Err(e) if !said => {
                 tracing::warn!(
-                    "listening for changes on {shown}: {e}; connecting again every {RECONNECT_AFTER:?} (changes are caught by the periodic check meanwhile)"
+                    "listening for {} on {shown}: {e}; connecting again every {RECONNECT_AFTER:?} (they are caught by the periodic check meanwhile)",
+                    channel.what
                 );
                 said = true;
             }
@@ -198,6 +222,7 @@ pub(super) async fn listen(
 async fn listen_once(
     config: &tokio_postgres::Config,
     tls: MakeRustlsConnect,
+    channel: &Channel,
     tx: &tokio::sync::watch::Sender<i64>,
 ) -> Result<(), String> {
     let (client, mut connection) = config
@@ -221,20 +246,20 @@ async fn listen_once(
     });
     let listening = async {
         client
-            .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+            .batch_execute(&format!("LISTEN {}", channel.name))
             .await?;
         client
-            .query_one("SELECT version FROM route_version", &[])
+            .query_one(channel.latest, &[])
             .await?
             .try_get::<_, i64>(0)
     };
     // Connected again: whatever was announced meanwhile is caught by a look
-    // at the latest version.
+    // at the latest number.
     let latest = listening.await.map_err(|e| super::failure::chain(&e))?;
-    tx.send_if_modified(|v| bump(v, latest));
+    tx.send_if_modified(|v| (channel.fold)(v, latest));
     while let Some(payload) = notes.recv().await {
-        if let Some(version) = payload.split(' ').next().and_then(|v| v.parse().ok()) {
-            tx.send_if_modified(|v| bump(v, version));
+        if let Some(number) = payload.split(' ').next().and_then(|v| v.parse().ok()) {
+            tx.send_if_modified(|v| (channel.fold)(v, number));
         }
         if tx.is_closed() {
             return Ok(());

@@ -70,6 +70,7 @@ ALTER TABLE blob_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
 "#,
     super::cluster::MIGRATION,
     super::lease::MIGRATION,
+    super::commands::MIGRATION,
 ];
 
 /// The advisory lock migrations run under ("ferry" + 1).
