@@ -12,8 +12,10 @@
 pub mod cluster;
 mod dataset;
 mod external;
+pub mod feedback;
 pub mod outbound;
 pub mod rollouts;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //!   traffic weights and rollout phases as separate info series; written as
 //!   OpenMetrics or as Prometheus' classic text format ([`Exposition`]).
 
+pub mod cluster;
 pub mod sketch;
 pub mod window;
 
@@ -61,6 +62,11 @@ impl Role {
             Role::Fallback => "fallback",
             Role::Direct => "direct",
         }
+    }
+
+    /// The role named `name` (its `as_str`).
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
     }
 
     fn index(self) -> usize {
@@ -596,6 +602,31 @@ impl Telemetry {
             .entry(version.to_string())
             .or_default()[role.index()];
         slot.get_or_insert_with(Default::default).clone()
+    }
+
+    /// The series of a model, version and role, if it exists.
+    fn find(&self, model: &str, version: &str, role: Role) -> Option<Arc<Series>> {
+        self.series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .and_then(|m| m.get(version))
+            .and_then(|roles| roles[role.index()].clone())
+    }
+
+    /// The (version, role) of every series of a model.
+    fn keys(&self, model: &str) -> Vec<(String, Role)> {
+        let all = self.series.read().unwrap_or_else(|p| p.into_inner());
+        let Some(versions) = all.get(model) else {
+            return vec![];
+        };
+        versions
+            .iter()
+            .flat_map(|(v, roles)| {
+                let present = roles.iter().enumerate().filter(|(_, s)| s.is_some());
+                present.map(|(i, _)| (v.clone(), Role::ALL[i]))
+            })
+            .collect()
     }
 
     /// The summary of one version in one role over the complete buckets of

@@ -560,6 +560,7 @@ fn announce(
 /// listener answers meanwhile, and the instance reports itself from the start.
 fn start_models(controller: Arc<Controller>, me: Identity) {
     tokio::spawn(controller.clone().run_heartbeat(me.clone()));
+    tokio::spawn(controller.clone().run_flushing(me.clone()));
     tokio::spawn(async move {
         match controller.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),

@@ -630,11 +630,13 @@ impl Controller {
             .analysis
             .as_ref()
             .map_or(Duration::from_secs(10), |a| a.interval.0);
-        self.telemetry.summary(
-            &record.model,
-            &record.state.before.stable,
-            Role::Stable,
+        let read = self.cluster_read(&record.model);
+        let stable = (&*record.model, &*record.state.before.stable, Role::Stable);
+        self.merged_summary(
+            &read,
+            stable,
             interval.max(Duration::from_secs(30)),
+            now_ms(),
         )
     }
 
@@ -720,7 +722,7 @@ impl Controller {
             super::cluster::Readiness::Fail(why) => obs.route_failed = Some(why),
         }
         if obs.route_failed.is_none() && window_due(&record, now) {
-            obs.verdict = Some(self.judge_window(&record).await);
+            obs.verdict = self.judge_window(&record, now).await;
         }
         if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {
             obs.qa = self.run_qa(&record.model, &record.spec.version, qa).await;
@@ -741,23 +743,29 @@ impl Controller {
     /// Judges the analysis window that just closed: the candidate's figures
     /// against the stable arm — the version that served production when
     /// the rollout began, or once production switched away from it, its
-    /// baseline from just before the switch.
-    async fn judge_window(&self, record: &RolloutRecord) -> analysis::Verdict {
+    /// baseline from just before the switch — merged over every instance.
+    /// None while another instance has not flushed the window's buckets and
+    /// the grace after its close is not over; after it, an incomplete window
+    /// is judged with what arrived, says so, and cannot pass.
+    async fn judge_window(&self, record: &RolloutRecord, now: u64) -> Option<analysis::Verdict> {
         let spec = record.spec.analysis.clone().unwrap_or_default();
         let interval = spec.interval.0;
+        let read = self.cluster_read(&record.model);
+        let last = super::telemetry::epoch_at(now).saturating_sub(1);
+        let completeness = read.completeness(last, interval);
+        if !super::telemetry::may_judge(&completeness, now) {
+            return None;
+        }
         let role = strategy::candidate_role(&record.spec, &record.state);
-        let candidate = self
-            .telemetry
-            .summary(&record.model, &record.spec.version, role, interval);
+        let candidate = (&*record.model, &*record.spec.version, role);
+        let candidate = self.merged_summary(&read, candidate, interval, now);
         let baseline = strategy::baseline_in_use(&record.state);
         let stable = match baseline {
             Some(b) => b.figures(),
-            None => self.telemetry.summary(
-                &record.model,
-                &record.state.before.stable,
-                Role::Stable,
-                interval,
-            ),
+            None => {
+                let stable = (&*record.model, &*record.state.before.stable, Role::Stable);
+                self.merged_summary(&read, stable, interval, now)
+            }
         };
         let checks = record.spec.checks();
         let external = external::fetch(
@@ -785,7 +793,7 @@ impl Controller {
                 verdict.reason, b.version
             );
         }
-        verdict
+        Some(incomplete(verdict, &completeness))
     }
 
     /// The shadow counters of `version` now: where a new rollout's
@@ -993,7 +1001,7 @@ impl Controller {
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
         let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;
-        let (observed, protocols) = observed(&self.telemetry.summaries(model, OBSERVED_WINDOW));
+        let (observed, protocols) = observed(&self.merged_summaries(model, OBSERVED_WINDOW).0);
         let latest = history.into_iter().next();
         let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
             let last = self.registry.store().rollouts(model, 1)?.into_iter().next();
@@ -1080,21 +1088,24 @@ impl Controller {
             .unwrap_or_default();
         let window = started.clamp(Duration::from_secs(5), Duration::from_secs(900));
         let stable_version = &record.state.before.stable;
-        let stable = self
-            .telemetry
-            .summary(&record.model, stable_version, Role::Stable, window);
-        let candidate =
-            self.telemetry
-                .summary(&record.model, &record.spec.version, Role::Candidate, window);
+        let (read, now) = (self.cluster_read(&record.model), now_ms());
+        let stable = (&*record.model, &**stable_version, Role::Stable);
+        let stable = self.merged_summary(&read, stable, window, now);
+        let candidate = (&*record.model, &*record.spec.version, Role::Candidate);
+        let candidate = self.merged_summary(&read, candidate, window, now);
         let confidence = record.spec.analysis.as_ref().map_or(0.95, |a| a.confidence);
-        analysis::report::compare(
+        let mut report = analysis::report::compare(
             stable_version,
             &stable,
             &record.spec.version,
             &candidate,
             confidence,
             window.as_secs(),
-        )
+        );
+        let last = super::telemetry::epoch_at(now).saturating_sub(1);
+        let completeness = read.completeness(last, window);
+        report.cluster = completeness.shared().then_some(completeness);
+        report
     }
 
     /// A rollout by name (`r-17`) or the model's latest.
@@ -1131,8 +1142,28 @@ fn window_due(record: &RolloutRecord, now: u64) -> bool {
     let interval = record.spec.analysis.clone().unwrap_or_default().interval.0;
     let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
     let since_boundary = now % bucket_ms;
+    // Until the grace is over, a window waiting for another instance's
+    // flush is looked at again at each tick.
+    let last_look = super::telemetry::GRACE.as_millis() as u64 + 400;
     now + bucket_ms / 2 >= record.state.analysis.last_at_ms + interval.as_millis() as u64
-        && (50..400).contains(&since_boundary)
+        && (50..last_look).contains(&since_boundary)
+}
+
+/// A verdict over a window some instance had not reported: it says so, and
+/// a pass becomes inconclusive (a breach in part of the traffic is still a
+/// breach; a pass on part of it is not evidence enough).
+fn incomplete(
+    mut verdict: analysis::Verdict,
+    completeness: &crate::metrics::cluster::Completeness,
+) -> analysis::Verdict {
+    let Some(shortfall) = completeness.shortfall() else {
+        return verdict;
+    };
+    if verdict.outcome == analysis::Outcome::Pass {
+        verdict.outcome = analysis::Outcome::Inconclusive;
+    }
+    verdict.reason = format!("{} ({shortfall})", verdict.reason);
+    verdict
 }
 
 /// How long the rollout loop sleeps: 200 ms, or less so that it wakes 60 ms

@@ -69,6 +69,7 @@ CREATE TABLE blob_chunks (
 ALTER TABLE blob_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
 "#,
     super::cluster::MIGRATION,
+    super::telemetry::MIGRATION,
 ];
 
 /// The advisory lock migrations run under ("ferry" + 1).

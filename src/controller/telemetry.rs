@@ -1,0 +1,243 @@
+//! Telemetry over every instance sharing the store: this instance flushes
+//! its closed 5-second buckets to the store just after each bucket closes
+//! (off the request path, retried while the buckets are still in the
+//! ring), and reads windows merged with the other instances' buckets, with
+//! whether each window is complete ([`crate::metrics::cluster`] is the pure
+//! part). On an embedded store there are no others: the merged windows are
+//! this instance's own, figure for figure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Controller;
+use super::cluster::{HEARTBEAT, Identity};
+use crate::metrics::cluster::{Completeness, Flush, Member, Peers, completeness};
+use crate::metrics::window::{BUCKET_SECS, RING, span};
+use crate::metrics::{Role, SeriesSummary, Summary};
+use crate::units::now_ms;
+
+/// How long after a bucket closes this instance flushes it (a request
+/// recorded just before the close has taken its bucket's lock by then).
+pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// How soon a failed flush is tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long analysis waits, after a window's last bucket closed, for every
+/// instance's flush before it judges what arrived (and says so).
+pub const GRACE: Duration = Duration::from_millis(1500);
+/// Flushes between two prunings of rows older than the ring (15 minutes).
+const PRUNE_EVERY: u64 = 60;
+
+/// What the store said of the other instances, read once for one answer.
+pub struct ClusterRead {
+    peers: Peers,
+    /// Every instance (this one included) with its start and last report,
+    /// or why they could not be read.
+    members: Result<Vec<Member>, String>,
+    me: Option<String>,
+}
+
+impl ClusterRead {
+    /// This instance alone (no identity yet, or nothing shared).
+    fn alone() -> ClusterRead {
+        ClusterRead {
+            peers: Peers::default(),
+            members: Ok(vec![]),
+            me: None,
+        }
+    }
+
+    /// Whether the window of `window` ending with epoch `last` holds every
+    /// instance's buckets.
+    pub fn completeness(&self, last: u64, window: Duration) -> Completeness {
+        let (Some(me), Ok(members)) = (&self.me, &self.members) else {
+            return match &self.members {
+                Err(why) => Completeness {
+                    complete: false,
+                    instances_expected: 0,
+                    instances_reporting: 1,
+                    missing: vec![format!("the others (the store could not be read: {why})")],
+                },
+                Ok(_) => Completeness::alone(),
+            };
+        };
+        let (first, _) = span(last, window);
+        completeness(me, members, &self.peers.marks, (first, last), HEARTBEAT)
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+}
+
+/// The epoch of the bucket filling at `now_ms`.
+pub fn epoch_at(now_ms: u64) -> u64 {
+    now_ms / 1000 / BUCKET_SECS
+}
+
+impl Controller {
+    /// Reads the other instances' buckets of `model` and the instances
+    /// table. A store that cannot be read leaves this instance's figures,
+    /// marked incomplete; an embedded store has no other instance.
+    pub fn cluster_read(&self, model: &str) -> ClusterRead {
+        let Some(me) = self.me.get() else {
+            return ClusterRead::alone();
+        };
+        let store = self.registry.store();
+        let oldest = epoch_at(now_ms()).saturating_sub(RING as u64);
+        let read = store.instances().and_then(|instances| {
+            let peers = match instances.iter().any(|i| i.report.id != me.id) {
+                true => store.peer_buckets(model, oldest, &me.id)?,
+                false => Peers::default(),
+            };
+            Ok((instances, peers))
+        });
+        match read {
+            Ok((instances, peers)) => ClusterRead {
+                peers,
+                members: Ok(instances.into_iter().map(member).collect()),
+                me: Some(me.id.clone()),
+            },
+            Err(e) => ClusterRead {
+                peers: Peers::default(),
+                members: Err(e.to_string()),
+                me: Some(me.id.clone()),
+            },
+        }
+    }
+
+    /// One version in one role over the complete buckets of the last
+    /// `window` before `now_ms`, merged over every instance in `read`.
+    pub fn merged_summary(
+        &self,
+        read: &ClusterRead,
+        (model, version, role): (&str, &str, Role),
+        window: Duration,
+        now_ms: u64,
+    ) -> Summary {
+        let last = epoch_at(now_ms).saturating_sub(1);
+        self.telemetry
+            .merged_summary(model, version, role, last, window, &read.peers)
+    }
+
+    /// Every series of `model` over the last `window` (this instance's
+    /// filling bucket included, as a single node shows it), merged over
+    /// every instance, and the completeness of the closed part.
+    pub fn merged_summaries(
+        &self,
+        model: &str,
+        window: Duration,
+    ) -> (Vec<SeriesSummary>, Completeness) {
+        let read = self.cluster_read(model);
+        let now = epoch_at(now_ms());
+        let series = self
+            .telemetry
+            .merged_summaries(model, now, window, &read.peers);
+        // The others' filling buckets are never in the store: the closed
+        // part is what completeness speaks of.
+        (series, read.completeness(now.saturating_sub(1), window))
+    }
+
+    /// Flushes this instance's closed buckets just after each closes, until
+    /// the process ends; prunes rows older than the ring now and then.
+    pub async fn run_flushing(self: Arc<Self>, me: Identity) {
+        let mut through: u64 = 0;
+        let mut flushes: u64 = 0;
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(match failing {
+                true => RETRY_EVERY,
+                false => until_flush(now_ms()),
+            })
+            .await;
+            let open = epoch_at(now_ms());
+            let flush = Flush {
+                instance: me.id.clone(),
+                through: open - 1,
+                buckets: self.telemetry.closed_between(through, open),
+            };
+            let store = self.registry.store().clone();
+            let prune = flushes.is_multiple_of(PRUNE_EVERY);
+            // A store call blocks its thread: off the async workers.
+            let written = tokio::task::spawn_blocking(move || {
+                store.flush_buckets(&flush)?;
+                if prune {
+                    store.prune_buckets(open.saturating_sub(RING as u64))?;
+                }
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    through = open - 1;
+                    flushes += 1;
+                    failing = false;
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(
+                            "cannot flush this instance's telemetry to the store: {e}; trying again every {RETRY_EVERY:?} while the buckets are kept (15 minutes)"
+                        );
+                    }
+                    failing = true;
+                }
+                Err(_) => failing = true,
+            }
+        }
+    }
+}
+
+/// An instance's report as completeness sees it.
+fn member(r: crate::records::InstanceRecord) -> Member {
+    let started_ms = humantime::parse_rfc3339(&r.report.started_at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    Member {
+        id: r.report.id,
+        started_ms,
+        last_seen_ms: r.last_seen_ms,
+    }
+}
+
+/// How long until [`FLUSH_AFTER`] past the next bucket's close.
+fn until_flush(now_ms: u64) -> Duration {
+    let bucket_ms = BUCKET_SECS * 1000;
+    let after = FLUSH_AFTER.as_millis() as u64;
+    let into = now_ms % bucket_ms;
+    let wait = match into < after {
+        true => after - into,
+        false => bucket_ms - into + after,
+    };
+    Duration::from_millis(wait)
+}
+
+/// Whether a window whose last bucket closed at the last boundary before
+/// `now_ms` may be judged now: complete, or the grace is over.
+pub fn may_judge(c: &Completeness, now_ms: u64) -> bool {
+    c.complete || now_ms % (BUCKET_SECS * 1000) >= GRACE.as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushes_are_timed_just_after_each_bucket_closes() {
+        let b = BUCKET_SECS * 1000;
+        assert_eq!(until_flush(10 * b), FLUSH_AFTER);
+        assert_eq!(until_flush(10 * b + 20), Duration::from_millis(30));
+        assert_eq!(until_flush(10 * b + 50), Duration::from_millis(b));
+        assert_eq!(until_flush(10 * b + 4_000), Duration::from_millis(1_050));
+    }
+
+    #[test]
+    fn an_incomplete_window_waits_for_the_grace_then_is_judged() {
+        let b = BUCKET_SECS * 1000;
+        let mut c = Completeness::alone();
+        assert!(may_judge(&c, 10 * b + 60), "alone: at once, as on one node");
+        c.complete = false;
+        assert!(!may_judge(&c, 10 * b + 60));
+        assert!(!may_judge(&c, 10 * b + 1_400));
+        assert!(may_judge(&c, 10 * b + 1_500));
+    }
+}
