@@ -5,6 +5,7 @@ pub mod upstream;
 
 mod cli;
 mod cluster;
+mod cluster_analysis;
 mod config;
 mod dashboard;
 mod data_plane;

@@ -38,19 +38,40 @@ pub struct Asked {
     pub unreachable: Vec<String>,
 }
 
-/// The answer that counts among the others': one that knew the id — a
-/// label taken (2xx) before a refusal (409 and other 4xx but 404) —
-/// else none (unknown everywhere).
-pub fn decisive(answers: Vec<PeerAnswer>) -> Option<PeerAnswer> {
-    let rank = |a: &PeerAnswer| match a.status {
-        200..=299 => 0,
-        404 => 2,
-        _ => 1,
-    };
-    answers
-        .into_iter()
-        .filter(|a| a.status != 404)
-        .min_by_key(rank)
+/// Sorts the others' answers: the one that knew the id — a label taken
+/// (2xx) before a refusal (409: already labelled, or the id answered more
+/// than one request) — is the answer; a 404 is "not here"; anything else
+/// (a 401 when the instances do not share their tokens, a 5xx) means that
+/// instance could not be asked, and says why.
+pub fn decisive(answers: Vec<PeerAnswer>) -> Asked {
+    let mut asked = Asked::default();
+    for a in answers {
+        match a.status {
+            200..=299 | 409 => {
+                let better = asked.answer.as_ref().is_none_or(|b| b.status == 409);
+                if better {
+                    asked.answer = Some(a);
+                }
+            }
+            404 => {}
+            status => {
+                let said = String::from_utf8_lossy(&a.body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>();
+                let hint = match status {
+                    401 | 403 => {
+                        " (give every instance the same admin token and --feedback-token-file)"
+                    }
+                    _ => "",
+                };
+                asked
+                    .unreachable
+                    .push(format!("{} answered {status}{hint}: {said}", a.instance));
+            }
+        }
+    }
+    asked
 }
 
 impl Controller {
@@ -110,16 +131,17 @@ impl Controller {
                 }
             });
         let mut pending: tokio::task::JoinSet<_> = asks.collect();
-        let mut asked = Asked::default();
         let mut answers = Vec::new();
+        let mut unreachable = Vec::new();
         while let Some(result) = pending.join_next().await {
             match result {
                 Ok(Ok(a)) => answers.push(a),
-                Ok(Err(why)) => asked.unreachable.push(why),
-                Err(e) => asked.unreachable.push(e.to_string()),
+                Ok(Err(why)) => unreachable.push(why),
+                Err(e) => unreachable.push(e.to_string()),
             }
         }
-        asked.answer = decisive(answers);
+        let mut asked = decisive(answers);
+        asked.unreachable.extend(unreachable);
         asked
     }
 }
@@ -148,11 +170,23 @@ mod tests {
 
     #[test]
     fn the_instance_that_knew_the_id_answers() {
-        assert_eq!(decisive(vec![answer("a", 404), answer("b", 404)]), None);
-        assert_eq!(decisive(vec![]), None);
-        let taken = decisive(vec![answer("a", 404), answer("b", 200), answer("c", 409)]);
-        assert_eq!(taken.unwrap().instance, "b");
+        let none = decisive(vec![answer("a", 404), answer("b", 404)]);
+        assert_eq!(none, Asked::default());
+        assert_eq!(decisive(vec![]), Asked::default());
+        let taken = decisive(vec![answer("a", 409), answer("b", 200), answer("c", 404)]);
+        assert_eq!(taken.answer.unwrap().instance, "b");
         let refused = decisive(vec![answer("a", 409), answer("b", 404)]);
-        assert_eq!(refused.unwrap().status, 409);
+        assert_eq!(refused.answer.unwrap().status, 409);
+        // Another token there: that instance could not be asked, and why.
+        let mut other_token = answer("c", 401);
+        other_token.body = br#"{"error":"feedback needs a token"}"#.to_vec();
+        let asked = decisive(vec![answer("a", 404), other_token]);
+        assert_eq!(asked.answer, None);
+        assert_eq!(
+            asked.unreachable,
+            vec![
+                r#"c answered 401 (give every instance the same admin token and --feedback-token-file): {"error":"feedback needs a token"}"#
+            ]
+        );
     }
 }

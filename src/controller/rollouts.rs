@@ -1179,12 +1179,45 @@ fn next_wake(now_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProtocolCounts, live_message, next_wake, observed};
+    use super::{ProtocolCounts, incomplete, live_message, next_wake, observed};
     use crate::gateway::RoutePolicy;
     use crate::metrics::{Role, SeriesSummary, Summary};
     use crate::spec::RolloutSpec;
     use crate::strategy::{self, Observations};
     use std::time::Duration;
+
+    /// A window some instance had not reported cannot pass, says so, and a
+    /// failure stays a failure; a complete one is left as judged.
+    #[test]
+    fn an_incomplete_window_says_so_and_never_passes() {
+        use crate::analysis::{Outcome, Verdict};
+        use crate::metrics::cluster::Completeness;
+        let verdict = |outcome| Verdict {
+            outcome,
+            candidate_requests: 40,
+            stable_requests: 90,
+            checks: vec![],
+            reason: "all checks passed".into(),
+        };
+        let short = Completeness {
+            complete: false,
+            instances_expected: 3,
+            instances_reporting: 2,
+            missing: vec!["c7e9d5f31a24".into()],
+        };
+        let judged = incomplete(verdict(Outcome::Pass), &short);
+        assert_eq!(judged.outcome, Outcome::Inconclusive);
+        assert_eq!(
+            judged.reason,
+            "all checks passed (window incomplete: 2 of 3 instances reported (not yet: c7e9d5f31a24))"
+        );
+        assert_eq!(
+            incomplete(verdict(Outcome::Fail), &short).outcome,
+            Outcome::Fail
+        );
+        let whole = incomplete(verdict(Outcome::Pass), &Completeness::alone());
+        assert_eq!(whole, verdict(Outcome::Pass));
+    }
 
     /// A rolling batch's countdown only goes down: once the pause is over
     /// and before the controller takes the next batch, the status does not
