@@ -633,14 +633,9 @@ impl Telemetry {
     /// the last `window` (empty when it has seen no traffic in that role):
     /// what analysis judges.
     pub fn summary(&self, model: &str, version: &str, role: Role, window: Duration) -> Summary {
-        let series = self
-            .series
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-            .and_then(|m| m.get(version))
-            .and_then(|roles| roles[role.index()].clone());
-        series.map_or_else(Summary::default, |s| s.complete_summary(now_secs(), window))
+        let last = (now_secs() / window::BUCKET_SECS).saturating_sub(1);
+        let alone = cluster::Peers::default();
+        self.merged_summary(model, version, role, last, window, &alone)
     }
 
     /// Keeps a disagreement as an example (the most recent few per version).
@@ -680,24 +675,8 @@ impl Telemetry {
 
     /// Summaries of every series of a model over the last `window`.
     pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
-        let now = now_secs();
-        let all = self.series.read().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        if let Some(versions) = all.get(model) {
-            for (version, roles) in versions {
-                for (i, s) in roles.iter().enumerate() {
-                    if let Some(s) = s {
-                        out.push(SeriesSummary {
-                            version: version.clone(),
-                            role: Role::ALL[i],
-                            summary: s.summary(now, window),
-                        });
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| (&a.version, a.role).cmp(&(&b.version, b.role)));
-        out
+        let now = now_secs() / window::BUCKET_SECS;
+        self.merged_summaries(model, now, window, &cluster::Peers::default())
     }
 
     /// Drops the series of versions that no longer serve and have seen no

@@ -84,6 +84,14 @@ impl Controller {
         };
         let store = self.registry.store();
         let oldest = epoch_at(now_ms()).saturating_sub(RING as u64);
+        if store.known_unreachable() {
+            // An outage not yet over: no waiting for a call's time limit.
+            return ClusterRead {
+                peers: Peers::default(),
+                members: Err("it is unreachable".into()),
+                me: Some(me.id.clone()),
+            };
+        }
         let read = store.instances().and_then(|instances| {
             let peers = match instances.iter().any(|i| i.report.id != me.id) {
                 true => store.peer_buckets(model, oldest, &me.id)?,
