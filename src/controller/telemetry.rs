@@ -228,6 +228,117 @@ pub fn may_judge(c: &Completeness, now_ms: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analysis;
+    use crate::metrics::Telemetry;
+    use crate::metrics::cluster::PeerBucket;
+    use crate::spec::RolloutSpec;
+
+    const T0: u64 = 2_000_000_000 / BUCKET_SECS * BUCKET_SECS;
+
+    /// One request's record: its series and what it adds.
+    #[derive(Clone, Copy)]
+    struct Req {
+        at: u64,
+        candidate: bool,
+        ms: f64,
+        error: bool,
+        class: i64,
+        label: Option<i64>,
+    }
+
+    /// Two minutes of traffic on a stable and a slower candidate.
+    fn traffic() -> Vec<Req> {
+        (0..2400u64)
+            .map(|i| Req {
+                at: T0 + i / 20,
+                candidate: i % 4 == 0,
+                ms: if i % 4 == 0 { 9.0 } else { 3.0 } + (i % 7) as f64,
+                error: i % 97 == 0,
+                class: (i % 3) as i64,
+                label: (i % 5 == 0).then_some((i % 2) as i64),
+            })
+            .collect()
+    }
+
+    fn record(t: &Telemetry, r: &Req) {
+        let (version, role) = match r.candidate {
+            true => ("2", Role::Candidate),
+            false => ("1", Role::Stable),
+        };
+        t.series("m", version, role).record(r.at, |b| {
+            b.requests += 1;
+            b.errors += u64::from(r.error);
+            b.latency.add(r.ms / 1000.0);
+            *b.classes.entry(r.class).or_default() += 1;
+            if let Some(l) = r.label {
+                b.labelled += 1;
+                b.correct += u64::from(l == r.class);
+            }
+        });
+    }
+
+    /// Each instance's flushes as the store hands them to `me`.
+    fn peers_of(me: usize, instances: &[Telemetry], through: u64) -> Peers {
+        let mut peers = Peers::default();
+        for (i, t) in instances.iter().enumerate().filter(|(i, _)| *i != me) {
+            let id = format!("i{i}");
+            for f in t.closed_between(0, through + 1) {
+                peers.buckets.push(PeerBucket {
+                    instance: id.clone(),
+                    version: f.version,
+                    role: f.role,
+                    bucket: f.bucket,
+                });
+            }
+            peers.marks.insert(id, through);
+        }
+        peers
+    }
+
+    /// The same requests answered by one instance, or spread over three
+    /// (round robin, so every bucket is split): the leader's merged
+    /// windows give the same summaries, figure for figure, and the same
+    /// verdict.
+    #[test]
+    fn three_instances_merged_judge_as_one_with_the_same_requests() {
+        let one = Telemetry::default();
+        let three: Vec<Telemetry> = (0..3).map(|_| Telemetry::default()).collect();
+        for (i, r) in traffic().iter().enumerate() {
+            record(&one, r);
+            record(&three[i % 3], r);
+        }
+        let last = T0 / BUCKET_SECS + 23; // two minutes in, the last closed bucket
+        let window = Duration::from_secs(30);
+        let peers = peers_of(0, &three, last);
+        let spec = RolloutSpec::from_yaml(
+            "model: m\nversion: \"2\"\nstrategy: { canary: { steps: [{ weight: 25 }] } }\nanalysis:\n  interval: 30s\n  min_requests: 20\n  checks:\n    - { metric: latency_p99_ms, max_vs_stable: 1.5 }\n    - { metric: error_rate, max: 0.05 }\n    - { metric: accuracy, min: 0.3 }\n",
+        )
+        .unwrap();
+        let settings = analysis::Settings {
+            min_requests: 20,
+            confidence: 0.95,
+        };
+        let verdict_of =
+            |c: &Summary, s: &Summary| analysis::evaluate(&spec.checks(), c, s, &[], settings);
+        let alone = Peers::default();
+        let c1 = one.merged_summary("m", "2", Role::Candidate, last, window, &alone);
+        let s1 = one.merged_summary("m", "1", Role::Stable, last, window, &alone);
+        let c3 = three[0].merged_summary("m", "2", Role::Candidate, last, window, &peers);
+        let s3 = three[0].merged_summary("m", "1", Role::Stable, last, window, &peers);
+        assert!(c1.requests > 100 && c1.labelled > 0, "{c1:?}");
+        assert_eq!(c1, c3);
+        assert_eq!(s1, s3);
+        let (v1, v3) = (verdict_of(&c1, &s1), verdict_of(&c3, &s3));
+        assert_eq!(v1, v3);
+        assert_eq!(v1.outcome, analysis::Outcome::Fail, "{v1:?}");
+        // The leader alone saw a third: its own figures would not do.
+        let own = three[0].merged_summary("m", "2", Role::Candidate, last, window, &alone);
+        assert!(own.requests * 2 < c1.requests, "{own:?}");
+        // Every series of the model, as the metrics endpoint lists them.
+        let listed = three[0].merged_summaries("m", last, window, &peers);
+        let totals: Vec<u64> = listed.iter().map(|s| s.summary.requests).collect();
+        assert_eq!(totals, vec![s1.requests, c1.requests]);
+    }
 
     #[test]
     fn flushes_are_timed_just_after_each_bucket_closes() {
