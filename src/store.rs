@@ -429,6 +429,12 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         None
     }
+    /// Whether the store keeps every instance's telemetry buckets (a shared
+    /// store does; an embedded one has one instance, which reads its own
+    /// ring, so its windows are complete by definition).
+    fn keeps_buckets(&self) -> bool {
+        false
+    }
     /// Writes one flush of this instance's closed telemetry buckets, with
     /// the epoch it has flushed through, in one statement; a bucket already
     /// written (a retried flush) is left as it is. An embedded store keeps

@@ -79,10 +79,12 @@ impl Controller {
     /// table. A store that cannot be read leaves this instance's figures,
     /// marked incomplete; an embedded store has no other instance.
     pub fn cluster_read(&self, model: &str) -> ClusterRead {
-        let Some(me) = self.me.get() else {
+        let store = self.registry.store();
+        // An embedded store has one instance (a previous process's row in
+        // its instances table included: that one will never flush).
+        let Some(me) = self.me.get().filter(|_| store.keeps_buckets()) else {
             return ClusterRead::alone();
         };
-        let store = self.registry.store();
         let oldest = epoch_at(now_ms()).saturating_sub(RING as u64);
         if store.known_unreachable() {
             // An outage not yet over: no waiting for a call's time limit.
@@ -148,6 +150,9 @@ impl Controller {
     /// Flushes this instance's closed buckets just after each closes, until
     /// the process ends; prunes rows older than the ring now and then.
     pub async fn run_flushing(self: Arc<Self>, me: Identity) {
+        if !self.registry.store().keeps_buckets() {
+            return; // an embedded store: this instance's ring is the source
+        }
         let mut through: u64 = 0;
         let mut flushes: u64 = 0;
         let mut failing = false;

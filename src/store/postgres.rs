@@ -870,6 +870,10 @@ impl Store for PostgresStore {
         self.run(|db| async move { cluster::instances(&db).await })
     }
 
+    fn keeps_buckets(&self) -> bool {
+        true
+    }
+
     fn flush_buckets(&self, flush: &crate::metrics::cluster::Flush) -> Result<(), StoreError> {
         let flush = flush.clone();
         self.run(move |db| async move { telemetry::flush(&db, &flush).await })

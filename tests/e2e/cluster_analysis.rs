@@ -5,7 +5,8 @@
 //! another answered counts for the version that answered; the metrics
 //! endpoint of any instance shows every instance's requests; a frozen
 //! instance (SIGSTOP) leaves the windows it was up in marked incomplete
-//! until it flushes again (SIGCONT).
+//! until it flushes again (SIGCONT). A single node restarted on its data
+//! dir stays a single node: no `cluster` field, nothing incomplete.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -313,4 +314,27 @@ async fn a_window_a_frozen_instance_has_not_reported_is_marked_incomplete() {
         let seen = l.finish().await;
         assert!(seen.failures.is_empty(), "{:?}", &seen.failures[..1]);
     }
+}
+
+/// A single node is never a cluster: restarted on its data dir (its
+/// previous process's row still in the instances table, never to flush),
+/// its figures are its own and nothing says "incomplete".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_single_node_shows_no_cluster_and_no_incomplete_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut first = Server::start_in(&dir, &[]).await;
+    first.add("cancer", "1", "cancer-v1.onnx");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a heartbeat or two
+    first.kill9();
+    let s = Server::start_in(&dir, &[]).await;
+    let view = s.admin_get("/api/v1/cluster").await;
+    assert_eq!(view["instances"].as_array().unwrap().len(), 2, "{view}");
+    for _ in 0..5 {
+        let (status, _, out) = s.infer("/v2/models/cancer/infer", &holdout()[0].0).await;
+        assert_eq!(status, 200, "{out}");
+    }
+    let m = metrics(&s, "60s").await;
+    assert_eq!(total(&m, "requests"), 5, "{m}");
+    assert!(m.get("cluster").is_none(), "{m}");
 }
