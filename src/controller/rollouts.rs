@@ -630,14 +630,10 @@ impl Controller {
             .analysis
             .as_ref()
             .map_or(Duration::from_secs(10), |a| a.interval.0);
-        let read = self.cluster_read(&record.model);
+        let window = interval.max(Duration::from_secs(30));
+        let read = self.cluster_read(&record.model, window);
         let stable = (&*record.model, &*record.state.before.stable, Role::Stable);
-        self.merged_summary(
-            &read,
-            stable,
-            interval.max(Duration::from_secs(30)),
-            now_ms(),
-        )
+        self.merged_summary(&read, stable, window, now_ms())
     }
 
     fn store_report(&self, record: &RolloutRecord) {
@@ -750,7 +746,7 @@ impl Controller {
     async fn judge_window(&self, record: &RolloutRecord, now: u64) -> Option<analysis::Verdict> {
         let spec = record.spec.analysis.clone().unwrap_or_default();
         let interval = spec.interval.0;
-        let read = self.cluster_read(&record.model);
+        let read = self.cluster_read(&record.model, interval);
         let last = super::telemetry::epoch_at(now).saturating_sub(1);
         let completeness = read.completeness(last, interval);
         if !super::telemetry::may_judge(&completeness, now) {
@@ -1088,7 +1084,7 @@ impl Controller {
             .unwrap_or_default();
         let window = started.clamp(Duration::from_secs(5), Duration::from_secs(900));
         let stable_version = &record.state.before.stable;
-        let (read, now) = (self.cluster_read(&record.model), now_ms());
+        let (read, now) = (self.cluster_read(&record.model, window), now_ms());
         let stable = (&*record.model, &**stable_version, Role::Stable);
         let stable = self.merged_summary(&read, stable, window, now);
         let candidate = (&*record.model, &*record.spec.version, Role::Candidate);

@@ -75,17 +75,19 @@ pub fn epoch_at(now_ms: u64) -> u64 {
 }
 
 impl Controller {
-    /// Reads the other instances' buckets of `model` and the instances
-    /// table. A store that cannot be read leaves this instance's figures,
-    /// marked incomplete; an embedded store has no other instance.
-    pub fn cluster_read(&self, model: &str) -> ClusterRead {
+    /// Reads the other instances' buckets of `model` of the last `window`
+    /// (and the bucket filling now) and the instances table. A store that
+    /// cannot be read leaves this instance's figures, marked incomplete; an
+    /// embedded store has no other instance.
+    pub fn cluster_read(&self, model: &str, window: Duration) -> ClusterRead {
         let store = self.registry.store();
         // An embedded store has one instance (a previous process's row in
         // its instances table included: that one will never flush).
         let Some(me) = self.me.get().filter(|_| store.keeps_buckets()) else {
             return ClusterRead::alone();
         };
-        let oldest = epoch_at(now_ms()).saturating_sub(RING as u64);
+        // The window before the bucket filling now, whole buckets.
+        let (oldest, _) = span(epoch_at(now_ms()).saturating_sub(1), window);
         if store.known_unreachable() {
             // An outage not yet over: no waiting for a call's time limit.
             return ClusterRead {
@@ -137,7 +139,7 @@ impl Controller {
         model: &str,
         window: Duration,
     ) -> (Vec<SeriesSummary>, Completeness) {
-        let read = self.cluster_read(model);
+        let read = self.cluster_read(model, window);
         let now = epoch_at(now_ms());
         let series = self
             .telemetry
