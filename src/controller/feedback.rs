@@ -89,6 +89,9 @@ impl Controller {
         };
         // A store call blocks its thread: off the serving thread.
         let store = self.registry.store().clone();
+        if !store.keeps_buckets() {
+            return Asked::default(); // an embedded store: one instance
+        }
         let read = tokio::task::spawn_blocking(move || store.instances()).await;
         let others = match read.map_err(|e| e.to_string()) {
             Ok(Ok(records)) => records,
