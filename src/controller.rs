@@ -13,8 +13,10 @@ pub mod cluster;
 pub mod commands;
 mod dataset;
 mod external;
+pub mod feedback;
 pub mod outbound;
 pub mod rollouts;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //!   traffic weights and rollout phases as separate info series; written as
 //!   OpenMetrics or as Prometheus' classic text format ([`Exposition`]).
 
+pub mod cluster;
 pub mod sketch;
 pub mod window;
 
@@ -61,6 +62,11 @@ impl Role {
             Role::Fallback => "fallback",
             Role::Direct => "direct",
         }
+    }
+
+    /// The role named `name` (its `as_str`).
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
     }
 
     fn index(self) -> usize {
@@ -635,18 +641,38 @@ impl Telemetry {
         slot.get_or_insert_with(Default::default).clone()
     }
 
-    /// The summary of one version in one role over the complete buckets of
-    /// the last `window` (empty when it has seen no traffic in that role):
-    /// what analysis judges.
-    pub fn summary(&self, model: &str, version: &str, role: Role, window: Duration) -> Summary {
-        let series = self
-            .series
+    /// The series of a model, version and role, if it exists.
+    fn find(&self, model: &str, version: &str, role: Role) -> Option<Arc<Series>> {
+        self.series
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(model)
             .and_then(|m| m.get(version))
-            .and_then(|roles| roles[role.index()].clone());
-        series.map_or_else(Summary::default, |s| s.complete_summary(now_secs(), window))
+            .and_then(|roles| roles[role.index()].clone())
+    }
+
+    /// The (version, role) of every series of a model.
+    fn keys(&self, model: &str) -> Vec<(String, Role)> {
+        let all = self.series.read().unwrap_or_else(|p| p.into_inner());
+        let Some(versions) = all.get(model) else {
+            return vec![];
+        };
+        versions
+            .iter()
+            .flat_map(|(v, roles)| {
+                let present = roles.iter().enumerate().filter(|(_, s)| s.is_some());
+                present.map(|(i, _)| (v.clone(), Role::ALL[i]))
+            })
+            .collect()
+    }
+
+    /// The summary of one version in one role over the complete buckets of
+    /// the last `window` (empty when it has seen no traffic in that role):
+    /// what analysis judges.
+    pub fn summary(&self, model: &str, version: &str, role: Role, window: Duration) -> Summary {
+        let last = (now_secs() / window::BUCKET_SECS).saturating_sub(1);
+        let alone = cluster::Peers::default();
+        self.merged_summary(model, version, role, last, window, &alone)
     }
 
     /// Keeps a disagreement as an example (the most recent few per version).
@@ -686,24 +712,8 @@ impl Telemetry {
 
     /// Summaries of every series of a model over the last `window`.
     pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
-        let now = now_secs();
-        let all = self.series.read().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        if let Some(versions) = all.get(model) {
-            for (version, roles) in versions {
-                for (i, s) in roles.iter().enumerate() {
-                    if let Some(s) = s {
-                        out.push(SeriesSummary {
-                            version: version.clone(),
-                            role: Role::ALL[i],
-                            summary: s.summary(now, window),
-                        });
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| (&a.version, a.role).cmp(&(&b.version, b.role)));
-        out
+        let now = now_secs() / window::BUCKET_SECS;
+        self.merged_summaries(model, now, window, &cluster::Peers::default())
     }
 
     /// Drops the series of versions that no longer serve and have seen no

@@ -569,6 +569,7 @@ fn announce(
 /// still loading would hold up every rollout).
 fn start_models(controller: Arc<Controller>, me: Identity, lease: crate::store::LeaseSettings) {
     tokio::spawn(controller.clone().run_heartbeat(me.clone()));
+    tokio::spawn(controller.clone().run_flushing(me.clone()));
     tokio::spawn(async move {
         match controller.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),

@@ -472,6 +472,37 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         None
     }
+    /// Whether the store keeps every instance's telemetry buckets (a shared
+    /// store does; an embedded one has one instance, which reads its own
+    /// ring, so its windows are complete by definition).
+    fn keeps_buckets(&self) -> bool {
+        false
+    }
+    /// Writes one flush of this instance's closed telemetry buckets, with
+    /// the epoch it has flushed through, in one statement; a bucket already
+    /// written (a retried flush) is left as it is. An embedded store keeps
+    /// none: its one instance reads its own ring (cluster-wide analysis).
+    fn flush_buckets(&self, flush: &crate::metrics::cluster::Flush) -> Result<(), StoreError> {
+        let _ = flush;
+        Ok(())
+    }
+    /// The buckets of `model` other instances than `me` flushed with an
+    /// epoch after `after`, and how far every instance has flushed.
+    fn peer_buckets(
+        &self,
+        model: &str,
+        after: u64,
+        me: &str,
+    ) -> Result<crate::metrics::cluster::Peers, StoreError> {
+        let _ = (model, after, me);
+        Ok(Default::default())
+    }
+    /// Deletes the buckets (and flush marks) older than epoch `before`;
+    /// returns how many rows went.
+    fn prune_buckets(&self, before: u64) -> Result<usize, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
     /// Every instance's latest report, by id.
     fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
     /// Forgets the instances not heard from since `before_ms` (ms since the

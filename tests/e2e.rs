@@ -6,6 +6,7 @@ pub mod upstream;
 mod cli;
 mod cluster;
 mod commands;
+mod cluster_analysis;
 mod config;
 mod dashboard;
 mod data_plane;

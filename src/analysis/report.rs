@@ -92,6 +92,10 @@ pub struct Report {
     pub differences: Vec<Difference>,
     /// Population stability index between the arms' predicted classes.
     pub prediction_shift: Option<f64>,
+    /// With several instances: whether the window holds every instance's
+    /// buckets (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::metrics::cluster::Completeness>,
 }
 
 fn arm(version: &str, s: &Summary, z: f64) -> Arm {
@@ -169,6 +173,7 @@ pub fn compare(
         candidate: arm(candidate_version, candidate, z),
         differences,
         prediction_shift: stats::population_stability_index(&a, &b),
+        cluster: None,
     }
 }
 

@@ -490,6 +490,11 @@ pub struct ModelMetrics {
     pub window: HumanDuration,
     /// One entry per version and role that saw traffic in the last 15 minutes.
     pub series: Vec<SeriesSummary>,
+    /// With several instances on one store: the series are merged over all
+    /// of them, and this says whether every instance's closed buckets of
+    /// the window have arrived (absent on a single node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::metrics::cluster::Completeness>,
 }
 
 /// Per-version, per-role request counts, error rate, latency percentiles and
@@ -518,10 +523,12 @@ pub async fn model_metrics(
     s.controller
         .route(&model)
         .map_err(reading(&format!("whether model \"{model}\" exists")))?;
+    let (series, completeness) = s.controller.merged_summaries(&model, window.0);
     Ok(Json(ModelMetrics {
         model: model.clone(),
         window,
-        series: s.telemetry.summaries(&model, window.0),
+        series,
+        cluster: completeness.shared().then_some(completeness),
     }))
 }
 

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::error::{ApiJson, reading};
 use super::{ApiError, AppState};
+use crate::controller::feedback::FORWARDED;
 use crate::gateway::{Answer, FrontDoor, Request};
 use crate::protocol;
 use crate::records::{Source, VersionRecord};
@@ -610,7 +611,7 @@ pub async fn feedback(
     Path(model): Path<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<FeedbackRequest>,
-) -> Result<Json<FeedbackResult>, ApiError> {
+) -> Result<Response, ApiError> {
     use crate::gateway::recent::NoLabel;
     let label = req
         .label
@@ -623,12 +624,19 @@ pub async fn feedback(
             ))
         })?;
     protocol::check_id(&req.id)?;
-    let answered = s.gateway.recent().label(&req.id, &model).map_err(|why| {
+    let known = s.gateway.recent().label(&req.id, &model);
+    if known == Err(NoLabel::Unknown) && !headers.contains_key(FORWARDED) {
+        // Perhaps another instance answered it: it takes the label.
+        let asked = label_elsewhere(&s, &model, &req, &headers).await;
+        if let Some(answer) = asked.answer {
+            return Ok(peer_answer(answer));
+        }
+        return Err(unknown_id(&req.id, &model, &asked.unreachable));
+    }
+    let answered = known.map_err(|why| {
         let id = &req.id;
         match why {
-            NoLabel::Unknown => ApiError::not_found(format!(
-                "request id \"{id}\" of model \"{model}\" is unknown or too old: Ferry remembers the most recent answers (ferry serve --remember-requests)"
-            )),
+            NoLabel::Unknown => unknown_id(id, &model, &[]),
             NoLabel::Shared => ApiError::new(
                 StatusCode::CONFLICT,
                 format!(
@@ -656,5 +664,47 @@ pub async fn feedback(
         version: admin.then(|| answered.version.to_string()),
         predicted: admin.then_some(answered.class).flatten(),
         correct: admin.then_some(correct),
-    }))
+    })
+    .into_response())
+}
+
+/// The 404 of an id no instance knows, naming those that could not be asked.
+fn unknown_id(id: &str, model: &str, unreachable: &[String]) -> ApiError {
+    let mut message = format!(
+        "request id \"{id}\" of model \"{model}\" is unknown or too old: Ferry remembers the most recent answers (ferry serve --remember-requests)"
+    );
+    if !unreachable.is_empty() {
+        message.push_str(&format!(
+            "; these instances could not be asked: {}",
+            unreachable.join("; ")
+        ));
+    }
+    ApiError::not_found(message)
+}
+
+/// Passes the label to the other live instances with the caller's token.
+async fn label_elsewhere(
+    s: &AppState,
+    model: &str,
+    req: &FeedbackRequest,
+    headers: &HeaderMap,
+) -> crate::controller::feedback::Asked {
+    let body = serde_json::to_vec(&json!({"id": req.id, "label": req.label}))
+        .expect("JSON values serialise");
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    s.controller
+        .label_elsewhere(model, body, authorization)
+        .await
+}
+
+/// The answer of the instance that knew the id, as it gave it.
+fn peer_answer(answer: crate::controller::feedback::PeerAnswer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let json = HeaderValue::from_static("application/json");
+    let mut resp = (status, answer.body).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, json);
+    resp
 }

@@ -804,6 +804,9 @@ pub async fn report(
     if let Some(psi) = report.prediction_shift {
         outln!("\nprediction shift (PSI of predicted classes): {psi:.4}");
     }
+    if let Some(short) = report.cluster.as_ref().and_then(|c| c.shortfall()) {
+        outln!("\nmerged over the cluster's instances; {short}");
+    }
     Ok(())
 }
 

@@ -649,12 +649,10 @@ impl Controller {
             .analysis
             .as_ref()
             .map_or(Duration::from_secs(10), |a| a.interval.0);
-        self.telemetry.summary(
-            &record.model,
-            &record.state.before.stable,
-            Role::Stable,
-            interval.max(Duration::from_secs(30)),
-        )
+        let window = interval.max(Duration::from_secs(30));
+        let read = self.cluster_read(&record.model, window);
+        let stable = (&*record.model, &*record.state.before.stable, Role::Stable);
+        self.merged_summary(&read, stable, window, now_ms())
     }
 
     fn store_report(&self, record: &RolloutRecord, fence: Fence) {
@@ -769,7 +767,7 @@ impl Controller {
             super::cluster::Readiness::Fail(why) => obs.route_failed = Some(why),
         }
         if obs.route_failed.is_none() && window_due(&record, now) {
-            obs.verdict = Some(self.judge_window(&record).await);
+            obs.verdict = self.judge_window(&record, now).await;
         }
         if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {
             obs.qa = self.run_qa(&record.model, &record.spec.version, qa).await;
@@ -791,23 +789,29 @@ impl Controller {
     /// Judges the analysis window that just closed: the candidate's figures
     /// against the stable arm — the version that served production when
     /// the rollout began, or once production switched away from it, its
-    /// baseline from just before the switch.
-    async fn judge_window(&self, record: &RolloutRecord) -> analysis::Verdict {
+    /// baseline from just before the switch — merged over every instance.
+    /// None while another instance has not flushed the window's buckets and
+    /// the grace after its close is not over; after it, an incomplete window
+    /// is judged with what arrived, says so, and cannot pass.
+    async fn judge_window(&self, record: &RolloutRecord, now: u64) -> Option<analysis::Verdict> {
         let spec = record.spec.analysis.clone().unwrap_or_default();
         let interval = spec.interval.0;
+        let read = self.cluster_read(&record.model, interval);
+        let last = super::telemetry::epoch_at(now).saturating_sub(1);
+        let completeness = read.completeness(last, interval);
+        if !super::telemetry::may_judge(&completeness, now) {
+            return None;
+        }
         let role = strategy::candidate_role(&record.spec, &record.state);
-        let candidate = self
-            .telemetry
-            .summary(&record.model, &record.spec.version, role, interval);
+        let candidate = (&*record.model, &*record.spec.version, role);
+        let candidate = self.merged_summary(&read, candidate, interval, now);
         let baseline = strategy::baseline_in_use(&record.state);
         let stable = match baseline {
             Some(b) => b.figures(),
-            None => self.telemetry.summary(
-                &record.model,
-                &record.state.before.stable,
-                Role::Stable,
-                interval,
-            ),
+            None => {
+                let stable = (&*record.model, &*record.state.before.stable, Role::Stable);
+                self.merged_summary(&read, stable, interval, now)
+            }
         };
         let checks = record.spec.checks();
         let external = external::fetch(
@@ -835,7 +839,7 @@ impl Controller {
                 verdict.reason, b.version
             );
         }
-        verdict
+        Some(incomplete(verdict, &completeness))
     }
 
     /// The shadow counters of `version` now: where a new rollout's
@@ -1044,7 +1048,7 @@ impl Controller {
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
         let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;
-        let (observed, protocols) = observed(&self.telemetry.summaries(model, OBSERVED_WINDOW));
+        let (observed, protocols) = observed(&self.merged_summaries(model, OBSERVED_WINDOW).0);
         let latest = history.into_iter().next();
         let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
             let last = self.registry.store().rollouts(model, 1)?.into_iter().next();
@@ -1131,21 +1135,24 @@ impl Controller {
             .unwrap_or_default();
         let window = started.clamp(Duration::from_secs(5), Duration::from_secs(900));
         let stable_version = &record.state.before.stable;
-        let stable = self
-            .telemetry
-            .summary(&record.model, stable_version, Role::Stable, window);
-        let candidate =
-            self.telemetry
-                .summary(&record.model, &record.spec.version, Role::Candidate, window);
+        let (read, now) = (self.cluster_read(&record.model, window), now_ms());
+        let stable = (&*record.model, &**stable_version, Role::Stable);
+        let stable = self.merged_summary(&read, stable, window, now);
+        let candidate = (&*record.model, &*record.spec.version, Role::Candidate);
+        let candidate = self.merged_summary(&read, candidate, window, now);
         let confidence = record.spec.analysis.as_ref().map_or(0.95, |a| a.confidence);
-        analysis::report::compare(
+        let mut report = analysis::report::compare(
             stable_version,
             &stable,
             &record.spec.version,
             &candidate,
             confidence,
             window.as_secs(),
-        )
+        );
+        let last = super::telemetry::epoch_at(now).saturating_sub(1);
+        let completeness = read.completeness(last, window);
+        report.cluster = completeness.shared().then_some(completeness);
+        report
     }
 
     /// A rollout by name (`r-17`) or the model's latest.
@@ -1182,8 +1189,28 @@ fn window_due(record: &RolloutRecord, now: u64) -> bool {
     let interval = record.spec.analysis.clone().unwrap_or_default().interval.0;
     let bucket_ms = crate::metrics::window::BUCKET_SECS * 1000;
     let since_boundary = now % bucket_ms;
+    // Until the grace is over, a window waiting for another instance's
+    // flush is looked at again at each tick.
+    let last_look = super::telemetry::GRACE.as_millis() as u64 + 400;
     now + bucket_ms / 2 >= record.state.analysis.last_at_ms + interval.as_millis() as u64
-        && (50..400).contains(&since_boundary)
+        && (50..last_look).contains(&since_boundary)
+}
+
+/// A verdict over a window some instance had not reported: it says so, and
+/// a pass becomes inconclusive (a breach in part of the traffic is still a
+/// breach; a pass on part of it is not evidence enough).
+fn incomplete(
+    mut verdict: analysis::Verdict,
+    completeness: &crate::metrics::cluster::Completeness,
+) -> analysis::Verdict {
+    let Some(shortfall) = completeness.shortfall() else {
+        return verdict;
+    };
+    if verdict.outcome == analysis::Outcome::Pass {
+        verdict.outcome = analysis::Outcome::Inconclusive;
+    }
+    verdict.reason = format!("{} ({shortfall})", verdict.reason);
+    verdict
 }
 
 /// How long the rollout loop sleeps: 200 ms, or less so that it wakes 60 ms
@@ -1199,12 +1226,45 @@ fn next_wake(now_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProtocolCounts, live_message, next_wake, observed};
+    use super::{ProtocolCounts, incomplete, live_message, next_wake, observed};
     use crate::gateway::RoutePolicy;
     use crate::metrics::{Role, SeriesSummary, Summary};
     use crate::spec::RolloutSpec;
     use crate::strategy::{self, Observations};
     use std::time::Duration;
+
+    /// A window some instance had not reported cannot pass, says so, and a
+    /// failure stays a failure; a complete one is left as judged.
+    #[test]
+    fn an_incomplete_window_says_so_and_never_passes() {
+        use crate::analysis::{Outcome, Verdict};
+        use crate::metrics::cluster::Completeness;
+        let verdict = |outcome| Verdict {
+            outcome,
+            candidate_requests: 40,
+            stable_requests: 90,
+            checks: vec![],
+            reason: "all checks passed".into(),
+        };
+        let short = Completeness {
+            complete: false,
+            instances_expected: 3,
+            instances_reporting: 2,
+            missing: vec!["c7e9d5f31a24".into()],
+        };
+        let judged = incomplete(verdict(Outcome::Pass), &short);
+        assert_eq!(judged.outcome, Outcome::Inconclusive);
+        assert_eq!(
+            judged.reason,
+            "all checks passed (window incomplete: 2 of 3 instances reported (not yet: c7e9d5f31a24))"
+        );
+        assert_eq!(
+            incomplete(verdict(Outcome::Fail), &short).outcome,
+            Outcome::Fail
+        );
+        let whole = incomplete(verdict(Outcome::Pass), &Completeness::alone());
+        assert_eq!(whole, verdict(Outcome::Pass));
+    }
 
     /// A rolling batch's countdown only goes down: once the pause is over
     /// and before the controller takes the next batch, the status does not

@@ -1,7 +1,8 @@
 //! Telemetry in time windows: per model, version and role, counts and latency
 //! sketches in 5-second buckets over the last 15 minutes, so analysis can ask
 //! "candidate vs stable over the last 30 s". Buckets are aligned to wall-clock
-//! time and mergeable, so several instances could be summed.
+//! time and mergeable: several instances' buckets of the same epoch sum to
+//! what one instance would have counted ([`summarize`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -16,8 +17,10 @@ pub const BUCKET_SECS: u64 = 5;
 /// Buckets kept: 15 minutes.
 pub const RING: usize = 180;
 
-/// What happened in one bucket of time.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What happened in one bucket of time. Serialised as an instance flushes
+/// it to a shared store (issue 15: cluster-wide analysis).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Bucket {
     /// Start of the bucket, in `BUCKET_SECS` units since the Unix epoch.
     pub epoch: u64,
@@ -42,7 +45,8 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    fn merge(&mut self, o: &Bucket) {
+    /// Adds `o`'s counts to this bucket's.
+    pub fn merge(&mut self, o: &Bucket) {
         self.requests += o.requests;
         self.errors += o.errors;
         self.rejected += o.rejected;
@@ -135,44 +139,81 @@ impl Series {
 
     /// The `window` of buckets ending with (and including) epoch `last`.
     fn merged(&self, last: u64, window: Duration) -> Summary {
-        let n = window.as_secs().div_ceil(BUCKET_SECS).max(1);
-        let first = last.saturating_sub(n);
-        let mut total = Bucket::default();
+        let (first, covered) = span(last, window);
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        for b in ring.iter().filter(|b| b.epoch > first && b.epoch <= last) {
-            total.merge(b);
-        }
+        let total = merge_all(ring.iter().filter(|b| b.epoch > first && b.epoch <= last));
         drop(ring);
-        let covered = n * BUCKET_SECS;
-        let ms = |q| total.latency.quantile(q).map(|s| (s * 1e5).round() / 100.0);
-        let compared = total.agree + total.disagree;
-        Summary {
-            seconds: covered,
-            requests: total.requests,
-            errors: total.errors,
-            rejected: total.rejected,
-            error_rate: (total.requests > 0).then(|| total.errors as f64 / total.requests as f64),
-            requests_per_second: total.requests as f64 / covered.max(1) as f64,
-            latency_p50_ms: ms(0.5),
-            latency_p95_ms: ms(0.95),
-            latency_p99_ms: ms(0.99),
-            agree: total.agree,
-            disagree: total.disagree,
-            agreement: (compared > 0).then(|| total.agree as f64 / compared as f64),
-            dropped: total.dropped,
-            classes: total.classes,
-            labelled: total.labelled,
-            correct: total.correct,
-            accuracy: (total.labelled > 0).then(|| total.correct as f64 / total.labelled as f64),
-            grpc: total.grpc,
-            latency: total.latency,
-        }
+        summary_of(total, covered)
+    }
+
+    /// Copies of the buckets with `after < epoch < before`: the closed
+    /// buckets an instance has not flushed yet.
+    pub fn between(&self, after: u64, before: u64) -> Vec<Bucket> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter()
+            .filter(|b| b.epoch > after && b.epoch < before)
+            .cloned()
+            .collect()
+    }
+
+    /// Copies of the buckets of the `window` ending with epoch `last`.
+    pub fn in_window(&self, last: u64, window: Duration) -> Vec<Bucket> {
+        let (first, _) = span(last, window);
+        self.between(first, last + 1)
     }
 
     /// The newest bucket's start (Unix seconds), if any.
     pub fn last_seen(&self) -> Option<u64> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         ring.back().map(|b| b.epoch * BUCKET_SECS)
+    }
+}
+
+/// The epoch just before a `window` ending with epoch `last`, and the
+/// seconds the window covers (whole buckets).
+pub fn span(last: u64, window: Duration) -> (u64, u64) {
+    let n = window.as_secs().div_ceil(BUCKET_SECS).max(1);
+    (last.saturating_sub(n), n * BUCKET_SECS)
+}
+
+/// The summary of `buckets` merged, over `covered` seconds: the one place a
+/// window's figures are computed, whether its buckets are this instance's
+/// or every instance's.
+pub fn summarize<'a>(buckets: impl IntoIterator<Item = &'a Bucket>, covered: u64) -> Summary {
+    summary_of(merge_all(buckets), covered)
+}
+
+fn merge_all<'a>(buckets: impl IntoIterator<Item = &'a Bucket>) -> Bucket {
+    let mut total = Bucket::default();
+    for b in buckets {
+        total.merge(b);
+    }
+    total
+}
+
+fn summary_of(total: Bucket, covered: u64) -> Summary {
+    let ms = |q| total.latency.quantile(q).map(|s| (s * 1e5).round() / 100.0);
+    let compared = total.agree + total.disagree;
+    Summary {
+        seconds: covered,
+        requests: total.requests,
+        errors: total.errors,
+        rejected: total.rejected,
+        error_rate: (total.requests > 0).then(|| total.errors as f64 / total.requests as f64),
+        requests_per_second: total.requests as f64 / covered.max(1) as f64,
+        latency_p50_ms: ms(0.5),
+        latency_p95_ms: ms(0.95),
+        latency_p99_ms: ms(0.99),
+        agree: total.agree,
+        disagree: total.disagree,
+        agreement: (compared > 0).then(|| total.agree as f64 / compared as f64),
+        dropped: total.dropped,
+        classes: total.classes,
+        labelled: total.labelled,
+        correct: total.correct,
+        accuracy: (total.labelled > 0).then(|| total.correct as f64 / total.labelled as f64),
+        grpc: total.grpc,
+        latency: total.latency,
     }
 }
 

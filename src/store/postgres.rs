@@ -38,6 +38,7 @@ mod commands;
 mod failure;
 mod lease;
 mod schema;
+mod telemetry;
 pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -892,6 +893,29 @@ impl Store for PostgresStore {
 
     fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
         self.run(|db| async move { cluster::instances(&db).await })
+    }
+
+    fn keeps_buckets(&self) -> bool {
+        true
+    }
+
+    fn flush_buckets(&self, flush: &crate::metrics::cluster::Flush) -> Result<(), StoreError> {
+        let flush = flush.clone();
+        self.run(move |db| async move { telemetry::flush(&db, &flush).await })
+    }
+
+    fn peer_buckets(
+        &self,
+        model: &str,
+        after: u64,
+        me: &str,
+    ) -> Result<crate::metrics::cluster::Peers, StoreError> {
+        let (model, me) = (model.to_string(), me.to_string());
+        self.run(move |db| async move { telemetry::peers(&db, &model, after, &me).await })
+    }
+
+    fn prune_buckets(&self, before: u64) -> Result<usize, StoreError> {
+        self.run(move |db| async move { telemetry::prune(&db, before).await })
     }
 
     fn forget_instances(&self, before_ms: u64) -> Result<usize, StoreError> {

@@ -71,6 +71,7 @@ ALTER TABLE blob_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
     super::cluster::MIGRATION,
     super::lease::MIGRATION,
     super::commands::MIGRATION,
+    super::telemetry::MIGRATION,
 ];
 
 /// The advisory lock migrations run under ("ferry" + 1).
