@@ -559,6 +559,7 @@ fn announce(
 /// follows the store's changes and runs the rollouts' background loop; the
 /// listener answers meanwhile, and the instance reports itself from the start.
 fn start_models(controller: Arc<Controller>, me: Identity) {
+    controller.identify(me.clone());
     tokio::spawn(controller.clone().run_heartbeat(me.clone()));
     tokio::spawn(async move {
         match controller.start().await {

@@ -301,7 +301,12 @@ impl Controller {
                     )));
                 }
             }
-            let state = strategy::initial_state(&current, now_ms());
+            let mut state = strategy::initial_state(&current, now_ms());
+            if let Strategy::Rolling(r) = &spec.strategy
+                && r.scope == crate::spec::RollingScope::Instances
+            {
+                state.rolling.instances = self.fix_rolling_instances()?;
+            }
             let kind = RolloutKind::of(&spec.strategy);
             let started = NewEvent::new(
                 &model,
@@ -561,8 +566,9 @@ impl Controller {
             if unchanged || countdown {
                 return Ok(record);
             }
+            let mine = self.own_route(&plan.state.route);
             let prepared = match plan.publish {
-                true => Some(self.prepare(&record.model, &plan.state.route).await),
+                true => Some(self.prepare(&record.model, &mine).await),
                 false => None,
             };
             let route_changed = matches!(prepared, Some(Ok(_)))
@@ -595,7 +601,7 @@ impl Controller {
             record.state = plan.state.clone();
             obs = Observations::default();
             match prepared {
-                Some(Ok(pools)) => self.publish(&record.model, plan.state.route, pools),
+                Some(Ok(pools)) => self.publish(&record.model, mine, pools),
                 Some(Err(e)) => {
                     obs.route_failed = Some(e.to_string());
                     continue;
@@ -1040,7 +1046,7 @@ impl Controller {
             strategy: Some(r.kind),
             phase: ModelPhase::Rollout(r.state.phase),
             waiting_for: r.state.waiting_for,
-            steps: strategy::steps(&r.spec),
+            steps: strategy::steps(&r.spec, &r.state),
             step: Some(r.state.step),
             traffic: traffic(&r.state.route),
             observed,
