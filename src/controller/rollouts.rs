@@ -935,7 +935,11 @@ impl Controller {
             if active {
                 continue;
             }
-            let mut next = route.clone();
+            // The stored route, not this instance's share of it (the
+            // same but for a route across instances).
+            let Ok(mut next) = self.route(&model) else {
+                continue;
+            };
             let gone: Vec<String> = next
                 .warm
                 .iter()
