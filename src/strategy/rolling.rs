@@ -246,12 +246,17 @@ impl RollingStep {
 
 /// A batch's route could not be published: the previous batch serves (the
 /// failed route never did), and the update takes its batches back.
+/// One that fails on the way back (an instance cannot serve a batch of the
+/// rollback: its route would never be served) ends the update at once,
+/// every unit back on the stable version.
 pub fn batch_failed(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_ms: u64) {
-    if p.state.rolling.rolling_back.is_some() {
-        return;
-    }
     let rolling = p.state.rolling.clone();
     let u = Units::of(r, &rolling);
+    if let Some(back) = &rolling.rolling_back {
+        let why = format!("{back}; then a batch on the way back could not start: {why}");
+        roll_back(spec, r, &u, p, &why, now_ms, true);
+        return;
+    }
     p.state.rolling.rolling_back = Some(format!("a batch could not start: {why}"));
     let done = p.state.step.saturating_sub(1) as u32; // batches fully up
     p.state.route = u.route(&p.state.before, spec, u.after(done));
@@ -280,7 +285,7 @@ pub fn plan(
     let rolling = p.state.rolling.clone();
     let u = Units::of(r, &rolling);
     if let Some(why) = &rolling.rolling_back {
-        roll_back(spec, r, &u, p, why, now_ms);
+        roll_back(spec, r, &u, p, why, now_ms, false);
         return;
     }
     match RollingStep::at(r, &rolling, p.state.step) {
@@ -290,13 +295,23 @@ pub fn plan(
     }
 }
 
-/// Takes one batch back per `batch_pause` (or all at once), then ends the
-/// update aborted with every replica (or instance) on the stable version.
-fn roll_back(spec: &RolloutSpec, r: &RollingSpec, u: &Units, p: &mut Plan, why: &str, now_ms: u64) {
+/// Takes one batch back per `batch_pause` (or all at once: `rollback: all`,
+/// or `at_once`), then ends the update aborted with every replica (or
+/// instance) on the stable version.
+fn roll_back(
+    spec: &RolloutSpec,
+    r: &RollingSpec,
+    u: &Units,
+    p: &mut Plan,
+    why: &str,
+    now_ms: u64,
+    at_once: bool,
+) {
     let (n, word) = (u.n, u.word());
     let k = u.on_candidate(&p.state.route, spec);
     let pause_over = now_ms >= p.state.step_started_ms + r.batch_pause.0.as_millis() as u64;
-    if k == 0 || r.rollback == RollingRollback::All || (k <= u.batch && pause_over) {
+    let all = at_once || r.rollback == RollingRollback::All;
+    if k == 0 || all || (k <= u.batch && pause_over) {
         let restored = u.route(&p.state.before, spec, 0);
         p.set_route(restored);
         p.state.phase = Phase::Aborted;

@@ -1032,6 +1032,38 @@ fn a_batch_of_instances_that_cannot_start_goes_back_to_the_last_batch_up() {
     assert_eq!(answers(&d, &ids), ["1", "1", "1", "1"]);
 }
 
+/// A batch of the way back that cannot be served (an instance cannot load
+/// what it needs for it) does not hold the rollback up: every instance goes
+/// back to the stable version at once.
+#[test]
+fn a_batch_that_fails_on_the_way_back_ends_the_rollback_at_once() {
+    let ids = ["a", "b", "c"];
+    let mut d = across(&format!("{ACROSS}analysis: {{ interval: 10s }}\n"), &ids);
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Fail)),
+        ..Default::default()
+    });
+    d.now = 20_000;
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "1", "1"], "one batch back");
+    d.tick(Observations {
+        route_failed: Some("instance a (http://a:8080) could not load version cancer/1: no".into()),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
+    assert!(
+        d.state
+            .message
+            .contains("then a batch on the way back could not start: instance a"),
+        "{}",
+        d.state.message
+    );
+}
+
 /// The instances are fixed in the stored state: a restart (or another
 /// instance driving the rollouts) reads them back and takes the same
 /// batches; a state without them still reads (per-replica updates).
