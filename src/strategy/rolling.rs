@@ -244,9 +244,10 @@ impl RollingStep {
     }
 }
 
-/// A batch's route could not be published: the previous batch serves (the
-/// failed route never did), and the update takes its batches back.
-/// One that fails on the way back (an instance cannot serve a batch of the
+/// A batch's route could not be served: the update goes back to the
+/// previous batch — published again, as the instances that could serve the
+/// failed batch's route (on a shared store) serve it until told otherwise —
+/// and takes its batches back. One that fails on the way back (an instance cannot serve a batch of the
 /// rollback: its route would never be served) ends the update at once,
 /// every unit back on the stable version.
 pub fn batch_failed(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str, now_ms: u64) {
@@ -259,7 +260,7 @@ pub fn batch_failed(spec: &RolloutSpec, r: &RollingSpec, p: &mut Plan, why: &str
     }
     p.state.rolling.rolling_back = Some(format!("a batch could not start: {why}"));
     let done = p.state.step.saturating_sub(1) as u32; // batches fully up
-    p.state.route = u.route(&p.state.before, spec, u.after(done));
+    p.set_route(u.route(&p.state.before, spec, u.after(done)));
     p.state.step_started_ms = now_ms;
     p.event(
         EventKind::BatchFailed,

@@ -1021,11 +1021,15 @@ fn a_batch_of_instances_that_cannot_start_goes_back_to_the_last_batch_up() {
     d.now = 10_000;
     d.idle();
     assert_eq!(answers(&d, &ids), ["2", "2", "2", "2"]);
-    d.tick(Observations {
+    let failed = d.tick(Observations {
         route_failed: Some("instance c (http://c:8080) could not load version cancer/2: no".into()),
         ..Default::default()
     });
     assert_eq!(answers(&d, &ids), ["2", "2", "1", "1"], "batch 1 was up");
+    assert!(
+        failed.publish,
+        "batch 1's route is published again: a and b served batch 2's"
+    );
     d.now = 20_000;
     d.idle();
     assert_eq!(d.state.phase, Phase::Aborted);

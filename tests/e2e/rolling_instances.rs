@@ -183,6 +183,14 @@ async fn a_candidate_that_fails_on_the_last_batch_is_taken_back_batch_by_batch()
         st["traffic"]["2"] == json!(100.0)
     })
     .await;
+    followed_everywhere(a).await;
+    eventually(PROPAGATION, "the candidate warm everywhere", async || {
+        let view = a.admin_get("/api/v1/cluster").await;
+        view["instances"].as_array().unwrap().iter().all(|i| {
+            i["live"] != true || i["warm"].as_array().unwrap().contains(&json!("cancer/2"))
+        })
+    })
+    .await;
     upstream.set_failing(true);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
