@@ -1001,8 +1001,10 @@ impl Controller {
     }
 
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
-        let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;
+        // Read after the rollout: a rollout that ended in between has its
+        // restored route read with it, never the route before its end.
+        let route = self.route(model)?;
         let (observed, protocols) = observed(&self.telemetry.summaries(model, OBSERVED_WINDOW));
         let latest = history.into_iter().next();
         let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {

@@ -212,6 +212,8 @@ async fn a_candidate_that_fails_on_the_last_batch_is_taken_back_batch_by_batch()
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Once more, ended: the route restored.
+    history.push(status(a).await);
     for t in traffic {
         t.finish().await;
     }
