@@ -111,6 +111,9 @@ async fn rolling_across_three_instances_moves_the_candidate_share_33_67_100() {
         let candidate: usize = seen.values().filter_map(|v| v.get("2")).sum();
         let (observed, p) = (candidate as f64 / n as f64, f64::from(k) / 3.0);
         let bound = 5.0 * (p * (1.0 - p) / n as f64).sqrt();
+        eprintln!(
+            "batch {k}: the candidate answered {observed:.3} of {n} requests (expected {p:.3} ± {bound:.3})"
+        );
         assert!(
             (observed - p).abs() <= bound,
             "batch {k}: the candidate answered {observed:.3}, expected {p:.3} ± {bound:.3}: {seen:?}"
