@@ -477,11 +477,14 @@ impl Controller {
             self.drain(leaving);
             return Ok(());
         }
-        let prepared = self.prepare(model, &policy).await?;
+        // The stored route is the cluster's; this instance serves its own
+        // share of it (a rolling update across instances).
+        let mine = self.own_route(&policy);
+        let prepared = self.prepare(model, &mine).await?;
         if let Some((policy, who)) = &change {
             store.set_route(model, policy, route_changed(model, policy, who))?;
         }
-        self.publish(model, policy, prepared);
+        self.publish(model, mine, prepared);
         Ok(())
     }
 

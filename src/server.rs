@@ -568,6 +568,7 @@ fn announce(
 /// start. It competes for the leader's lease once ready (a leader that is
 /// still loading would hold up every rollout).
 fn start_models(controller: Arc<Controller>, me: Identity, lease: crate::store::LeaseSettings) {
+    controller.identify(me.clone());
     tokio::spawn(controller.clone().run_heartbeat(me.clone()));
     tokio::spawn(controller.clone().run_flushing(me.clone()));
     tokio::spawn(async move {

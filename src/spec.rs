@@ -149,10 +149,19 @@ fn one() -> u32 {
 }
 
 /// Rolling; every field but `replicas` has a default ([`RollingSpec::new`]).
+/// With `scope: instances` the batches are instances and `replicas` is left
+/// out (0 here: not given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollingSpec {
+    /// The pool size (`scope: replicas`); required there, refused with
+    /// `scope: instances`.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub replicas: u32,
+    /// What a batch replaces: replicas of this instance's pool (the
+    /// default), or whole instances sharing the store.
+    #[serde(default, skip_serializing_if = "RollingScope::is_replicas")]
+    pub scope: RollingScope,
     #[serde(default = "one")]
     pub batch_size: u32,
     #[serde(default)]
@@ -172,12 +181,37 @@ impl RollingSpec {
     pub fn new(replicas: u32) -> RollingSpec {
         RollingSpec {
             replicas,
+            scope: RollingScope::Replicas,
             batch_size: one(),
             max_unavailable: 0,
             max_surge: one(),
             batch_pause: ten_seconds(),
             rollback: RollingRollback::default(),
         }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a rolling update replaces batch by batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RollingScope {
+    /// Replicas of each instance's pool for the model: traffic split by
+    /// weight in proportion.
+    #[default]
+    Replicas,
+    /// Whole instances on a shared store: an instance serves the candidate
+    /// only or the stable version only; the load balancer's spread is the
+    /// split.
+    Instances,
+}
+
+impl RollingScope {
+    pub fn is_replicas(&self) -> bool {
+        *self == RollingScope::Replicas
     }
 }
 
@@ -797,7 +831,15 @@ fn check_multi(m: &MultiSpec) -> Result<(), String> {
 }
 
 fn check_rolling(r: &RollingSpec) -> Result<(), String> {
-    if r.replicas == 0 || r.replicas > 64 {
+    if r.scope == RollingScope::Instances {
+        return check_rolling_instances(r);
+    }
+    if r.replicas == 0 {
+        return Err(
+            "strategy.rolling.replicas must be between 1 and 64, not 0: it is required with scope: replicas (the pool size for the rollout); scope: instances replaces whole instances instead".into(),
+        );
+    }
+    if r.replicas > 64 {
         return Err(format!(
             "strategy.rolling.replicas must be between 1 and 64, not {}",
             r.replicas
@@ -811,6 +853,29 @@ fn check_rolling(r: &RollingSpec) -> Result<(), String> {
     }
     if r.max_unavailable >= r.replicas {
         return Err("strategy.rolling.max_unavailable must be less than replicas".into());
+    }
+    Ok(())
+}
+
+/// `scope: instances`: the batches are the instances live when the rollout
+/// starts, so `replicas` (and the pool's `max_unavailable`) mean nothing.
+fn check_rolling_instances(r: &RollingSpec) -> Result<(), String> {
+    if r.replicas != 0 {
+        return Err(format!(
+            "strategy.rolling.replicas ({}) has no meaning with scope: instances: the batches are the live instances, each keeping its own replicas; remove replicas, or use scope: replicas",
+            r.replicas
+        ));
+    }
+    if r.max_unavailable != 0 {
+        return Err(
+            "strategy.rolling.max_unavailable has no meaning with scope: instances (an instance's replicas are not replaced); remove it".into(),
+        );
+    }
+    if r.batch_size == 0 || r.batch_size > 64 {
+        return Err(format!(
+            "strategy.rolling.batch_size must be between 1 and 64 instances, not {}",
+            r.batch_size
+        ));
     }
     Ok(())
 }
@@ -1135,6 +1200,61 @@ notify:
         assert!(err.contains("is not allowed"));
     }
 
+    /// `scope: instances` replaces whole instances: `replicas` is refused
+    /// there (and required with the default scope); the scope is written
+    /// only when it is not the default, so a per-replica spec reads back as
+    /// it always did.
+    #[test]
+    fn rolling_across_instances_takes_no_replicas() {
+        let parse = |body: &str| {
+            RolloutSpec::from_yaml(&format!(
+                "model: cancer\nversion: \"2\"\nstrategy: {body}\n"
+            ))
+        };
+        let spec = parse("{ rolling: { scope: instances, batch_size: 1 } }").unwrap();
+        let Strategy::Rolling(r) = &spec.strategy else {
+            panic!("rolling");
+        };
+        assert_eq!(
+            (r.scope, r.replicas, r.batch_size),
+            (RollingScope::Instances, 0, 1)
+        );
+        let json = serde_json::to_string(&spec.strategy).unwrap();
+        assert!(json.contains(r#""scope":"instances""#), "{json}");
+        assert!(!json.contains("replicas"), "{json}");
+        let per_replica = parse("{ rolling: { replicas: 4 } }").unwrap();
+        let json = serde_json::to_string(&per_replica.strategy).unwrap();
+        assert_eq!(
+            json,
+            r#"{"rolling":{"replicas":4,"batch_size":1,"max_unavailable":0,"max_surge":1,"batch_pause":"10s","rollback":"batch"}}"#
+        );
+        for (body, needle) in [
+            (
+                "{ rolling: { scope: instances, replicas: 3 } }",
+                "strategy.rolling.replicas (3) has no meaning with scope: instances",
+            ),
+            (
+                "{ rolling: { scope: instances, max_unavailable: 1 } }",
+                "strategy.rolling.max_unavailable has no meaning with scope: instances",
+            ),
+            (
+                "{ rolling: { scope: instances, batch_size: 0 } }",
+                "strategy.rolling.batch_size must be between 1 and 64 instances, not 0",
+            ),
+            (
+                "{ rolling: { batch_size: 1 } }",
+                "strategy.rolling.replicas must be between 1 and 64, not 0: it is required with scope: replicas",
+            ),
+            ("{ rolling: { scope: nodes } }", "unknown variant `nodes`"),
+        ] {
+            let err = parse(body).unwrap_err();
+            assert!(
+                err.contains(needle),
+                "{body}\n  expected {needle:?}\n  got {err:?}"
+            );
+        }
+    }
+
     /// A spec over each size limit is refused naming the field and the
     /// limit; one at the limit is accepted.
     #[test]
@@ -1249,6 +1369,7 @@ notify:
             spec(r#"{"rolling": {"replicas": 4}}"#, "").strategy,
             Strategy::Rolling(RollingSpec {
                 replicas: 4,
+                scope: RollingScope::Replicas,
                 batch_size: 1,
                 max_unavailable: 0,
                 max_surge: 1,

@@ -404,12 +404,13 @@ pub fn initial_state(current: &RoutePolicy, now_ms: u64) -> RolloutState {
     }
 }
 
-/// The strategy's own steps, as the status lists them.
-pub fn steps(spec: &RolloutSpec) -> Vec<String> {
+/// The strategy's own steps, as the status lists them (rolling across
+/// instances counts the instances its state fixed).
+pub fn steps(spec: &RolloutSpec, state: &RolloutState) -> Vec<String> {
     match &spec.strategy {
         Strategy::Canary(c) => canary::steps(c),
         Strategy::Multi(_) | Strategy::Basic(_) => vec!["switch".into(), "done".into()],
-        Strategy::Rolling(r) => rolling::steps(r),
+        Strategy::Rolling(r) => rolling::steps(r, &state.rolling),
         Strategy::BlueGreen(_) => blue_green::steps(),
         Strategy::Shadow(sh) => shadow::steps(sh),
     }

@@ -28,6 +28,7 @@ mod postgres_tls;
 mod registry;
 mod remote;
 mod restart;
+mod rolling_instances;
 mod rollouts;
 mod routing;
 mod s3;

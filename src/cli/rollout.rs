@@ -23,7 +23,8 @@ use crate::controller::rollouts::{AnalysisView, Applied, Protocols, ShadowView, 
 use crate::gateway::policy::MatchRule;
 use crate::spec::{
     AnalysisSpec, BasicSpec, BlueGreenSpec, CanarySpec, CheckSpec, CompareSpec, Metric, MultiSpec,
-    Pause, QaSpec, RollingSpec, RolloutSpec, ShadowSpec, ShadowThen, Step, Sticky, Strategy,
+    Pause, QaSpec, RollingScope, RollingSpec, RolloutSpec, ShadowSpec, ShadowThen, Step, Sticky,
+    Strategy,
 };
 use crate::store::Event;
 use crate::strategy::Phase;
@@ -70,6 +71,11 @@ pub struct DeployArgs {
     /// Rolling: pool size.
     #[arg(long)]
     pub replicas: Option<u32>,
+    /// Rolling: what a batch replaces, `replicas` of each instance's pool
+    /// (the default) or whole `instances` sharing the store (then without
+    /// --replicas).
+    #[arg(long, value_parser = parse_scope)]
+    pub scope: Option<RollingScope>,
     /// Rolling: replicas moved to the new version per batch.
     #[arg(long)]
     pub batch_size: Option<u32>,
@@ -130,6 +136,14 @@ pub struct DeployArgs {
 }
 
 /// `--match header=value[,value]`.
+fn parse_scope(scope: &str) -> Result<RollingScope, String> {
+    match scope {
+        "replicas" => Ok(RollingScope::Replicas),
+        "instances" => Ok(RollingScope::Instances),
+        other => Err(format!("{other:?} is not a scope: replicas or instances")),
+    }
+}
+
 fn parse_match(rule: &str) -> Result<MatchRule, String> {
     let (header, values) = rule
         .split_once('=')
@@ -176,7 +190,16 @@ fn strategy_of(a: &DeployArgs) -> anyhow::Result<Strategy> {
             })
         }
         StrategyName::Rolling => {
-            let d = RollingSpec::new(required(a.replicas, "--replicas", "rolling", "4")?);
+            let d = match a.scope.unwrap_or_default() {
+                RollingScope::Replicas => {
+                    RollingSpec::new(required(a.replicas, "--replicas", "rolling", "4")?)
+                }
+                // The server refuses --replicas here, saying why.
+                RollingScope::Instances => RollingSpec {
+                    scope: RollingScope::Instances,
+                    ..RollingSpec::new(a.replicas.unwrap_or(0))
+                },
+            };
             Strategy::Rolling(RollingSpec {
                 batch_size: a.batch_size.unwrap_or(d.batch_size),
                 batch_pause: a.batch_pause.unwrap_or(d.batch_pause),
@@ -929,6 +952,14 @@ mod tests {
             (
                 "--strategy rolling --replicas 4 --batch-size 2 --batch-pause 30s --max-unavailable 1",
                 "strategy: { rolling: { replicas: 4, batch_size: 2, batch_pause: 30s, max_unavailable: 1 } }",
+            ),
+            (
+                "--strategy rolling --scope instances --batch-size 2 --batch-pause 30s",
+                "strategy: { rolling: { scope: instances, batch_size: 2, batch_pause: 30s } }",
+            ),
+            (
+                "--strategy rolling --scope replicas --replicas 4",
+                "strategy: { rolling: { replicas: 4 } }",
             ),
             (
                 "--strategy canary --steps 10,50,100",

@@ -23,9 +23,14 @@
 //!    view names the leader, its term and since when, and every report
 //!    sets this instance's `ferry_cluster_leader` and `ferry_route_version`.
 //! 5. **Warm everywhere.** [`warm_everywhere`] says whether every live
-//!    instance serves the versions a rollout's route needs, is still
-//!    loading them, or could not (which instance, why): the rollout loop
-//!    waits for it before a step counts.
+//!    instance serves the versions a rollout's route needs — each its own
+//!    share of it ([`RoutePolicy::for_instance`]: a rolling update across
+//!    instances) — is still loading them, or could not (which instance,
+//!    why): the rollout loop waits for it before a step counts.
+//! 6. **Rolling across instances.** [`rolling_instances`] fixes which
+//!    instances a `rolling` update with `scope: instances` takes, and in
+//!    which order, when it starts; each instance serves its own route
+//!    ([`Controller::own_route`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,8 +40,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{ControlError, Controller};
+use crate::gateway::RoutePolicy;
 use crate::records::{InstanceRecord, InstanceReport, LoadFailure};
 use crate::store::{Leader, LeaseSettings};
+use crate::strategy::rolling::RollingInstance;
 use crate::units::now_ms;
 
 /// How often an instance writes its report.
@@ -162,16 +169,18 @@ pub enum WarmEverywhere {
     Failed(String),
 }
 
-/// Whether every live instance reports every `model/version` of `needed`
+/// Whether every live instance reports every `model/version` it needs
+/// (`needed` of its id: an instance may serve its own share of a route)
 /// warm. A failure counts only when it was reported at `route_version` or
 /// later (the instance tried this route, not an older one).
 pub fn warm_everywhere(
     cluster: &ClusterView,
-    needed: &[String],
+    needed: impl Fn(&str) -> Vec<String>,
     route_version: i64,
 ) -> WarmEverywhere {
     let mut waiting = Vec::new();
     for i in cluster.instances.iter().filter(|i| i.live) {
+        let needed = needed(&i.id);
         if let Some(f) = i
             .failures
             .iter()
@@ -190,6 +199,24 @@ pub fn warm_everywhere(
         true => WarmEverywhere::Yes,
         false => WarmEverywhere::Waiting(waiting),
     }
+}
+
+/// The instances a rolling update across instances takes, in batch order:
+/// the live ones, by advertised address, then id (fixed when it starts and
+/// stored with it: an instance that joins later is not among them).
+pub fn rolling_instances(cluster: &ClusterView) -> Vec<RollingInstance> {
+    let mut live: Vec<RollingInstance> = cluster
+        .instances
+        .iter()
+        .filter(|i| i.live)
+        .map(|i| RollingInstance {
+            id: i.id.clone(),
+            url: i.url.clone(),
+        })
+        .collect();
+    live.sort_by(|a, b| (&a.url, &a.id).cmp(&(&b.url, &b.id)));
+    live.dedup_by(|a, b| a.id == b.id);
+    live
 }
 
 /// What the rollout loop does about a rollout whose route some instances
@@ -229,9 +256,42 @@ impl Controller {
         record: &crate::store::RolloutRecord,
     ) -> Result<Readiness, ControlError> {
         let store = self.registry.store();
+        let view = self.cluster_now()?;
+        let route = &record.state.route;
+        let needed = |id: &str| -> Vec<String> {
+            let theirs = route.for_instance(Some(id));
+            theirs
+                .versions()
+                .into_iter()
+                .map(|v| format!("{}/{v}", record.model))
+                .collect()
+        };
+        let changed_at = store
+            .changed_since(0)?
+            .into_iter()
+            .find(|(m, _)| *m == record.model)
+            .map_or(0, |(_, v)| v);
+        let warm = warm_everywhere(&view, needed, changed_at);
+        let mut waits = self.warm_waits.lock().unwrap_or_else(|p| p.into_inner());
+        if warm == WarmEverywhere::Yes {
+            waits.remove(&record.id);
+            return Ok(Readiness::Go);
+        }
+        let since = *waits
+            .entry(record.id)
+            .or_insert_with(std::time::Instant::now);
+        let verdict = readiness(warm, since.elapsed(), self.limits.timeout);
+        if !matches!(verdict, Readiness::Wait(_)) {
+            waits.remove(&record.id);
+        }
+        Ok(verdict)
+    }
+
+    /// The cluster with this instance as it is now, not as it last
+    /// reported.
+    pub(super) fn cluster_now(&self) -> Result<ClusterView, ControlError> {
         let mut view = self.cluster()?;
         if let Some(me) = self.me.get() {
-            // This instance as it is now, not as it last reported.
             let now = self.report(me);
             view.instances.retain(|i| i.id != me.id);
             view.instances.push(InstanceView {
@@ -247,32 +307,32 @@ impl Controller {
                 failures: now.failures,
             });
         }
-        let needed: Vec<String> = record
-            .state
-            .route
-            .versions()
-            .into_iter()
-            .map(|v| format!("{}/{v}", record.model))
-            .collect();
-        let changed_at = store
-            .changed_since(0)?
-            .into_iter()
-            .find(|(m, _)| *m == record.model)
-            .map_or(0, |(_, v)| v);
-        let warm = warm_everywhere(&view, &needed, changed_at);
-        let mut waits = self.warm_waits.lock().unwrap_or_else(|p| p.into_inner());
-        if warm == WarmEverywhere::Yes {
-            waits.remove(&record.id);
-            return Ok(Readiness::Go);
+        Ok(view)
+    }
+
+    /// Tells the controller who this instance is, before it loads anything:
+    /// a route may name it (a rolling update across instances).
+    pub fn identify(&self, me: Identity) {
+        let _ = self.me.set(me);
+    }
+
+    /// The share of `route` this instance serves (see
+    /// [`RoutePolicy::for_instance`]): what it warms and publishes.
+    pub(super) fn own_route(&self, route: &RoutePolicy) -> RoutePolicy {
+        route.for_instance(self.me.get().map(|me| me.id.as_str()))
+    }
+
+    /// The instances a rolling update across instances takes, fixed now
+    /// (see [`rolling_instances`]); refused when none is live.
+    pub(super) fn fix_rolling_instances(&self) -> Result<Vec<RollingInstance>, ControlError> {
+        let instances = rolling_instances(&self.cluster_now()?);
+        if instances.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "strategy.rolling.scope: instances rolls over the live instances, and none has reported to the store within {}; check that the instances' heartbeats reach the store (`ferry cluster`), or use scope: replicas",
+                crate::units::HumanDuration(LIVE_WITHIN)
+            )));
         }
-        let since = *waits
-            .entry(record.id)
-            .or_insert_with(std::time::Instant::now);
-        let verdict = readiness(warm, since.elapsed(), self.limits.timeout);
-        if !matches!(verdict, Readiness::Wait(_)) {
-            waits.remove(&record.id);
-        }
-        Ok(verdict)
+        Ok(instances)
     }
 
     /// The route version whose changes this instance has applied.
@@ -537,13 +597,16 @@ mod tests {
             record("b", now, 7, &["m/2"]),
             record("gone", now - 60_000, 3, &["m/1"]),
         ]);
-        assert_eq!(warm_everywhere(&all_warm, &needed, 7), WarmEverywhere::Yes);
+        assert_eq!(
+            warm_everywhere(&all_warm, |_| needed.clone(), 7),
+            WarmEverywhere::Yes
+        );
         let loading = cluster(vec![
             record("a", now, 7, &["m/1", "m/2"]),
             record("b", now, 6, &["m/1"]),
         ]);
         assert_eq!(
-            warm_everywhere(&loading, &needed, 7),
+            warm_everywhere(&loading, |_| needed.clone(), 7),
             WarmEverywhere::Waiting(vec!["b (http://b:8080)".into()])
         );
         let mut failing = record("b", now, 7, &["m/1"]);
@@ -554,15 +617,90 @@ mod tests {
         let mut old = failing.clone();
         old.report.route_version = 6;
         assert_eq!(
-            warm_everywhere(&cluster(vec![old]), &needed, 7),
+            warm_everywhere(&cluster(vec![old]), |_| needed.clone(), 7),
             WarmEverywhere::Waiting(vec!["b (http://b:8080)".into()]),
             "a failure of an older route is not this one's"
         );
         assert_eq!(
-            warm_everywhere(&cluster(vec![failing]), &needed, 7),
+            warm_everywhere(&cluster(vec![failing]), |_| needed.clone(), 7),
             WarmEverywhere::Failed(
                 "instance b (http://b:8080) could not load version m/2: warm-up failed".into()
             )
+        );
+    }
+
+    /// A rolling update across instances: the instance on the candidate
+    /// must have it warm; the others need only the stable version.
+    #[test]
+    fn each_instance_is_waited_for_with_its_own_share_of_the_route() {
+        let now = 1_000_000;
+        let mut route = crate::gateway::RoutePolicy::stable_only("1");
+        route.candidate = Some(crate::gateway::policy::CandidateSplit {
+            version: "2".into(),
+            weight: 50.0,
+            sticky_header: None,
+            matches: vec![],
+        });
+        route.candidate_instances = vec!["a".into()];
+        let needed = |id: &str| -> Vec<String> {
+            let theirs = route.for_instance(Some(id));
+            theirs.versions().iter().map(|v| format!("m/{v}")).collect()
+        };
+        let before = view(
+            vec![record("a", now, 7, &["m/1"]), record("b", now, 7, &["m/1"])],
+            None,
+            7,
+            now,
+        );
+        assert_eq!(
+            warm_everywhere(&before, needed, 7),
+            WarmEverywhere::Waiting(vec!["a (http://a:8080)".into()]),
+            "b does not load the candidate"
+        );
+        let after = view(
+            vec![
+                record("a", now, 7, &["m/1", "m/2"]),
+                record("b", now, 7, &["m/1"]),
+            ],
+            None,
+            7,
+            now,
+        );
+        assert_eq!(warm_everywhere(&after, needed, 7), WarmEverywhere::Yes);
+    }
+
+    #[test]
+    fn rolling_takes_the_live_instances_by_address_then_id() {
+        let now = 1_000_000;
+        let mut late = record("z", now, 7, &[]);
+        late.report.url = "http://10.0.0.1:8080".into();
+        let mut twin = record("y", now, 7, &[]);
+        twin.report.url = "http://10.0.0.1:8080".into();
+        let cluster = view(
+            vec![
+                record("c", now, 7, &[]),
+                late,
+                record("gone", now - 60_000, 7, &[]),
+                twin,
+                record("b", now, 7, &[]),
+            ],
+            None,
+            7,
+            now,
+        );
+        let order: Vec<String> = rolling_instances(&cluster)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "y (http://10.0.0.1:8080)",
+                "z (http://10.0.0.1:8080)",
+                "b (http://b:8080)",
+                "c (http://c:8080)"
+            ],
+            "the stale one is left out"
         );
     }
 

@@ -301,7 +301,12 @@ impl Controller {
                     )));
                 }
             }
-            let state = strategy::initial_state(&current, now_ms());
+            let mut state = strategy::initial_state(&current, now_ms());
+            if let Strategy::Rolling(r) = &spec.strategy
+                && r.scope == crate::spec::RollingScope::Instances
+            {
+                state.rolling.instances = self.fix_rolling_instances()?;
+            }
             let kind = RolloutKind::of(&spec.strategy);
             let started = NewEvent::new(
                 &model,
@@ -580,8 +585,9 @@ impl Controller {
             if unchanged || countdown {
                 return Ok(record);
             }
+            let mine = self.own_route(&plan.state.route);
             let prepared = match plan.publish {
-                true => Some(self.prepare(&record.model, &plan.state.route).await),
+                true => Some(self.prepare(&record.model, &mine).await),
                 false => None,
             };
             let route_changed = matches!(prepared, Some(Ok(_)))
@@ -614,7 +620,7 @@ impl Controller {
             record.state = plan.state.clone();
             obs = Observations::default();
             match prepared {
-                Some(Ok(pools)) => self.publish(&record.model, plan.state.route, pools),
+                Some(Ok(pools)) => self.publish(&record.model, mine, pools),
                 Some(Err(e)) => {
                     obs.route_failed = Some(e.to_string());
                     continue;
@@ -983,7 +989,11 @@ impl Controller {
             if active {
                 continue;
             }
-            let mut next = route.clone();
+            // The stored route, not this instance's share of it (the
+            // same but for a route across instances).
+            let Ok(mut next) = self.route(&model) else {
+                continue;
+            };
             let gone: Vec<String> = next
                 .warm
                 .iter()
@@ -1030,7 +1040,6 @@ impl Controller {
         Ok(())
     }
 
-    /// The model's status.
     /// A model's rollouts, newest first; at most `limit`.
     pub fn rollouts(&self, model: &str, limit: usize) -> Result<Vec<RolloutRecord>, ControlError> {
         Ok(self.registry.store().rollouts(model, limit)?)
@@ -1045,9 +1054,12 @@ impl Controller {
         Ok(self.registry.store().rollout_events(rollout.id, page)?)
     }
 
+    /// The model's status.
     pub fn status(&self, model: &str) -> Result<Status, ControlError> {
-        let route = self.route(model)?;
         let history = self.registry.store().rollouts(model, 1)?;
+        // Read after the rollout: a rollout that ended in between has its
+        // restored route read with it, never the route before its end.
+        let route = self.route(model)?;
         let (observed, protocols) = observed(&self.merged_summaries(model, OBSERVED_WINDOW).0);
         let latest = history.into_iter().next();
         let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
@@ -1095,7 +1107,7 @@ impl Controller {
             strategy: Some(r.kind),
             phase: ModelPhase::Rollout(r.state.phase),
             waiting_for: r.state.waiting_for,
-            steps: strategy::steps(&r.spec),
+            steps: strategy::steps(&r.spec, &r.state),
             step: Some(r.state.step),
             traffic: traffic(&r.state.route),
             observed,

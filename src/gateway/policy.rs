@@ -43,6 +43,12 @@ pub struct RoutePolicy {
     /// (a rolling update's pool split).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replicas: BTreeMap<String, u32>,
+    /// The instances (ids) that send every request to the candidate, the
+    /// others sending none there (a rolling update across instances); the
+    /// candidate's weight is then their share of the instances, as shown,
+    /// not a split inside an instance ([`RoutePolicy::for_instance`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidate_instances: Vec<String>,
 }
 
 /// A version kept loaded without traffic until `until_ms` (Unix ms).
@@ -188,7 +194,34 @@ impl RoutePolicy {
             shadow: None,
             warm: Vec::new(),
             replicas: BTreeMap::new(),
+            candidate_instances: Vec::new(),
         }
+    }
+
+    /// The route as the instance `me` serves it. A route naming the
+    /// instances on the candidate (`candidate_instances`) sends all of their
+    /// requests to it — the stable version stays loaded there, without
+    /// traffic, so taking the instance back is a swap, not a load — and
+    /// none of anyone else's (the candidate is not loaded there). An
+    /// instance that does not know its id yet counts as one of the others.
+    /// Every other route is the same on every instance.
+    pub fn for_instance(&self, me: Option<&str>) -> RoutePolicy {
+        let mut route = self.clone();
+        if route.candidate_instances.is_empty() {
+            return route;
+        }
+        let ids = std::mem::take(&mut route.candidate_instances);
+        let on_candidate = me.is_some_and(|me| ids.iter().any(|id| id == me));
+        match route.candidate.as_mut() {
+            Some(c) if on_candidate => c.weight = 100.0,
+            Some(_) => {
+                if let Some(c) = route.candidate.take() {
+                    route.replicas.remove(&c.version);
+                }
+            }
+            None => {}
+        }
+        route
     }
 
     /// Every version the policy needs loaded.
@@ -236,6 +269,17 @@ impl RoutePolicy {
         }
         for (v, n) in &self.replicas {
             parts.push(format!("{v} on {n} replicas"));
+        }
+        if !self.candidate_instances.is_empty() {
+            parts.push(format!(
+                "candidate on instance{} {} only",
+                if self.candidate_instances.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                self.candidate_instances.join(", ")
+            ));
         }
         parts.join("; ")
     }
@@ -296,6 +340,18 @@ impl RoutePolicy {
             {
                 return Err("shadow.compare.tolerance must be 0 or more".into());
             }
+        }
+        if !self.candidate_instances.is_empty() && self.candidate.is_none() {
+            return Err(
+                "candidate_instances names the instances on the candidate; set candidate too, or leave it out"
+                    .into(),
+            );
+        }
+        if self.candidate_instances.len() > 64 {
+            return Err(format!(
+                "candidate_instances lists {} instances; at most 64 are allowed",
+                self.candidate_instances.len()
+            ));
         }
         for (v, n) in &self.replicas {
             if *n == 0 || *n > 64 {
@@ -379,6 +435,41 @@ mod tests {
             1235
         );
         assert_eq!(CandidateSplit { weight: 100.0, ..c }.basis_points(), 10_000);
+    }
+
+    /// A rolling update across instances: the instances it names serve the
+    /// candidate only (the stable version loaded, without traffic), the
+    /// others the stable version only (the candidate not even loaded); an
+    /// instance with no id yet is one of the others; other routes are the
+    /// same everywhere.
+    #[test]
+    fn each_instance_resolves_its_own_route() {
+        let mut p = RoutePolicy::stable_only("1");
+        assert_eq!(p.for_instance(Some("a")), p);
+        p.candidate = Some(CandidateSplit {
+            version: "2".into(),
+            weight: 33.33,
+            sticky_header: None,
+            matches: vec![],
+        });
+        assert_eq!(p.for_instance(Some("a")), p, "a plain split: everywhere");
+        p.candidate_instances = vec!["a".into(), "b".into()];
+        assert!(p.validate().is_ok());
+        let on = p.for_instance(Some("b"));
+        assert_eq!(on.candidate.as_ref().map(|c| c.weight), Some(100.0));
+        assert!(on.candidate_instances.is_empty());
+        assert_eq!(on.versions().into_iter().collect::<Vec<_>>(), ["1", "2"]);
+        for me in [Some("c"), None] {
+            let off = p.for_instance(me);
+            assert_eq!(off, RoutePolicy::stable_only("1"), "{me:?}");
+            assert_eq!(off.versions().into_iter().collect::<Vec<_>>(), ["1"]);
+        }
+        assert_eq!(
+            p.describe(),
+            "stable 1; candidate 2 at 33.33%; candidate on instances a, b only"
+        );
+        p.candidate = None;
+        assert!(p.validate().unwrap_err().starts_with("candidate_instances"));
     }
 
     #[test]

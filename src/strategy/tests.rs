@@ -610,7 +610,7 @@ fn shadow_then_manual_waits_and_shadow_then_canary_hands_over() {
         "mirroring ends when real users start"
     );
     assert_eq!(d.weight(), Some(10.0));
-    assert_eq!(steps(&d.spec)[d.state.step], "pause 1m");
+    assert_eq!(steps(&d.spec, &d.state)[d.state.step], "pause 1m");
     d.now = 60_000;
     d.idle();
     assert_eq!(d.state.phase, Phase::Succeeded);
@@ -845,6 +845,262 @@ fn rolling_s_last_batch_waits_for_a_passing_window() {
         ..Default::default()
     });
     assert_eq!(d.state.phase, Phase::Succeeded);
+}
+
+const ACROSS: &str =
+    "strategy: { rolling: { scope: instances, batch_size: 1, batch_pause: 10s } }\n";
+
+/// A rolling update across the instances `ids` (as the controller fixes
+/// them when the rollout starts).
+fn across(yaml: &str, ids: &[&str]) -> Driver {
+    let mut d = Driver::new(spec(yaml));
+    d.state.rolling.instances = ids
+        .iter()
+        .map(|id| rolling::RollingInstance {
+            id: id.to_string(),
+            url: format!("http://{id}:8080"),
+        })
+        .collect();
+    d
+}
+
+/// Which version each instance answers with now, resolved as each of
+/// them resolves its own route.
+fn answers(d: &Driver, ids: &[&str]) -> Vec<String> {
+    ids.iter()
+        .map(|id| {
+            let mine = d.state.route.for_instance(Some(id));
+            match &mine.candidate {
+                Some(c) if c.weight >= 100.0 => c.version.clone(),
+                Some(c) => panic!("{id} splits inside itself: {c:?}"),
+                None => mine.stable.clone(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn rolling_across_instances_moves_one_instance_per_batch() {
+    let ids = ["a", "b", "c"];
+    let mut d = across(ACROSS, &ids);
+    assert_eq!(
+        steps(&d.spec, &d.state),
+        [
+            "fix 3 instances",
+            "batch 1: 1/3 instances",
+            "batch 2: 2/3 instances",
+            "batch 3: 3/3 instances",
+            "done"
+        ]
+    );
+    d.idle();
+    assert!(
+        d.events[0].contains("3 instances take part, 1 at a time, in this order: a (http://a:8080), b (http://b:8080), c (http://c:8080)"),
+        "{:?}",
+        d.events
+    );
+    assert_eq!(answers(&d, &ids), ["2", "1", "1"]);
+    assert_eq!(d.weight(), Some(33.33), "the instances' share, as shown");
+    assert!(d.state.route.replicas.is_empty(), "no pool split");
+    d.now = 9_000;
+    d.idle();
+    assert_eq!(
+        d.state.message,
+        "step 2/5: batch 1 (1/3 instances) settling, 1s left"
+    );
+    for (t, want, weight) in [
+        (10_000, ["2", "2", "1"], Some(66.67)),
+        (20_000, ["2", "2", "2"], None),
+    ] {
+        d.now = t;
+        d.idle();
+        assert_eq!(answers(&d, &ids), want, "at {t} ms");
+        assert_eq!(d.weight(), weight, "at {t} ms");
+    }
+    assert_eq!(
+        d.state.route,
+        RoutePolicy::stable_only("2"),
+        "the last batch: everywhere"
+    );
+    assert!(
+        answers(&d, &["joined-later"]) == ["2"],
+        "an instance that joined serves the candidate only once it is everywhere"
+    );
+    d.now = 30_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Succeeded);
+    assert!(
+        d.events.iter().any(|e| e.contains("batch 2: 2 of 3 instances run version 2 (about 67% of traffic, the load balancer's spread; now on it: b (http://b:8080))")),
+        "{:?}",
+        d.events
+    );
+}
+
+#[test]
+fn an_instance_that_joins_mid_rollout_keeps_the_stable_version() {
+    let mut d = across(ACROSS, &["a", "b", "c"]);
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    assert_eq!(answers(&d, &["a", "b", "c", "new"]), ["2", "2", "1", "1"]);
+    assert_eq!(
+        d.state.route.for_instance(Some("new")).versions().len(),
+        1,
+        "it does not even load the candidate"
+    );
+}
+
+#[test]
+fn a_failed_window_takes_the_instances_back_batch_by_batch() {
+    let ids = ["a", "b", "c"];
+    let mut d = across(&format!("{ACROSS}analysis: {{ interval: 10s }}\n"), &ids);
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "2", "1"]);
+    d.now = 12_000;
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Fail)),
+        ..Default::default()
+    });
+    assert_eq!(answers(&d, &ids), ["2", "2", "1"], "one batch per pause");
+    d.now = 22_000;
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "1", "1"]);
+    assert!(
+        d.state
+            .message
+            .contains("rolling back: 1 of 3 instances left on version 2"),
+        "{}",
+        d.state.message
+    );
+    d.now = 32_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(answers(&d, &ids), ["1", "1", "1"]);
+    assert_eq!(
+        d.state.route,
+        RoutePolicy::stable_only("1"),
+        "the route from before"
+    );
+    assert!(
+        d.state.message.starts_with("aborted: analysis failed: candidate error_rate 0.0410 > 0.0100; all 3 instances back on version 1"),
+        "{}",
+        d.state.message
+    );
+
+    // `rollback: all` takes every instance back at once.
+    let mut d = across(
+        &format!(
+            "{}analysis: {{ interval: 10s }}\n",
+            ACROSS.replace("batch_pause: 10s", "batch_pause: 10s, rollback: all")
+        ),
+        &ids,
+    );
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Fail)),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(answers(&d, &ids), ["1", "1", "1"]);
+}
+
+#[test]
+fn a_batch_of_instances_that_cannot_start_goes_back_to_the_last_batch_up() {
+    let ids = ["a", "b", "c", "d"];
+    let mut d = across(&ACROSS.replace("batch_size: 1", "batch_size: 2"), &ids);
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "2", "1", "1"]);
+    assert_eq!(
+        steps(&d.spec, &d.state)[1..3],
+        ["batch 1: 2/4 instances", "batch 2: 4/4 instances"]
+    );
+    d.now = 10_000;
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "2", "2", "2"]);
+    let failed = d.tick(Observations {
+        route_failed: Some("instance c (http://c:8080) could not load version cancer/2: no".into()),
+        ..Default::default()
+    });
+    assert_eq!(answers(&d, &ids), ["2", "2", "1", "1"], "batch 1 was up");
+    assert!(
+        failed.publish,
+        "batch 1's route is published again: a and b served batch 2's"
+    );
+    d.now = 20_000;
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(answers(&d, &ids), ["1", "1", "1", "1"]);
+}
+
+/// A batch of the way back that cannot be served (an instance cannot load
+/// what it needs for it) does not hold the rollback up: every instance goes
+/// back to the stable version at once.
+#[test]
+fn a_batch_that_fails_on_the_way_back_ends_the_rollback_at_once() {
+    let ids = ["a", "b", "c"];
+    let mut d = across(&format!("{ACROSS}analysis: {{ interval: 10s }}\n"), &ids);
+    d.idle();
+    d.now = 10_000;
+    d.idle();
+    d.tick(Observations {
+        verdict: Some(verdict(Outcome::Fail)),
+        ..Default::default()
+    });
+    d.now = 20_000;
+    d.idle();
+    assert_eq!(answers(&d, &ids), ["2", "1", "1"], "one batch back");
+    d.tick(Observations {
+        route_failed: Some("instance a (http://a:8080) could not load version cancer/1: no".into()),
+        ..Default::default()
+    });
+    assert_eq!(d.state.phase, Phase::Aborted);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
+    assert!(
+        d.state
+            .message
+            .contains("then a batch on the way back could not start: instance a"),
+        "{}",
+        d.state.message
+    );
+}
+
+/// The instances are fixed in the stored state: a restart (or another
+/// instance driving the rollouts) reads them back and takes the same
+/// batches; a state without them still reads (per-replica updates).
+#[test]
+fn the_instances_of_a_rolling_update_are_stored_with_it() {
+    let mut d = across(ACROSS, &["a", "b", "c"]);
+    d.idle();
+    let stored = serde_json::to_value(&d.state).unwrap();
+    assert_eq!(stored["rolling_instances"][1]["id"], "b");
+    assert_eq!(
+        stored["route"]["candidate_instances"],
+        serde_json::json!(["a"])
+    );
+    let mut resumed = across(ACROSS, &[]);
+    resumed.state = serde_json::from_value(stored).unwrap();
+    resumed.now = 10_000;
+    resumed.idle();
+    assert_eq!(answers(&resumed, &["a", "b", "c"]), ["2", "2", "1"]);
+    let per_replica = serde_json::to_value(Driver::new(spec(ROLLING)).state).unwrap();
+    assert!(per_replica.get("rolling_instances").is_none());
+}
+
+#[test]
+fn rolling_across_no_instance_fails_and_stable_keeps_serving() {
+    let mut d = across(ACROSS, &[]);
+    d.idle();
+    assert_eq!(d.state.phase, Phase::Failed);
+    assert_eq!(d.state.route, RoutePolicy::stable_only("1"));
+    assert!(
+        d.state.message.contains("no live instance"),
+        "{}",
+        d.state.message
+    );
 }
 
 /// A rollout's state as the store holds it, written by the build before
