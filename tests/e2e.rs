@@ -5,8 +5,8 @@ pub mod upstream;
 
 mod cli;
 mod cluster;
-mod commands;
 mod cluster_analysis;
+mod commands;
 mod config;
 mod dashboard;
 mod data_plane;
