@@ -171,9 +171,9 @@ async fn a_candidate_that_fails_on_the_last_batch_is_taken_back_batch_by_batch()
     b.start_rollout(&json!({
         "model": "cancer", "version": "2",
         "strategy": {"rolling": {"scope": "instances", "batch_size": 1, "batch_pause": "10s"}},
-        // Windows are judged on the driving instance's own traffic: until
-        // it serves the candidate they are inconclusive, and must not add
-        // up to a pause.
+        // Windows are judged on every instance's traffic merged; a window
+        // an instance has not reported yet is inconclusive and must not
+        // add up to a pause on this loaded machine.
         "analysis": {"interval": "5s", "min_requests": 10, "max_inconclusive": 30,
                      "checks": [{"metric": "error_rate", "max": 0.05}]},
     }))
