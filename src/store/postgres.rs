@@ -75,6 +75,12 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const BULK_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest opening a connection may take (TCP, TLS, login).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a write transaction may sit idle — its client sending nothing —
+/// before PostgreSQL ends its session and so frees the write lock: a writer
+/// paused mid-transaction (SIGSTOP, a frozen VM) holds every instance's
+/// writes up for at most this long. Our writers never pause between their
+/// statements; a bulk write streams without gaps.
+pub const WRITE_IDLE_LIMIT: Duration = Duration::from_secs(10);
 
 type Result2<T> = Result<T, Failure>;
 
@@ -195,14 +201,20 @@ impl Db {
         Ok(self.pool.get().await?)
     }
 
-    /// Begins a write transaction: serialised with every other writer.
+    /// Begins a write transaction: serialised with every other writer, and
+    /// ended by the server if its client goes silent ([`WRITE_IDLE_LIMIT`]).
     async fn begin<'a>(
         &self,
         client: &'a mut deadpool_postgres::Object,
     ) -> Result2<deadpool_postgres::Transaction<'a>> {
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
-            .await?;
+        // One round trip: the idle bound for this transaction only, then
+        // the lock.
+        tx.batch_execute(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}; SELECT pg_advisory_xact_lock({WRITE_LOCK})",
+            WRITE_IDLE_LIMIT.as_millis()
+        ))
+        .await?;
         Ok(tx)
     }
 
@@ -1408,6 +1420,43 @@ mod tests {
             again > term,
             "never the old term again: {again} after {term}"
         );
+    }
+
+    #[test]
+    fn a_writer_paused_inside_its_transaction_holds_the_others_up_for_a_bounded_time() {
+        let url = testpg::database();
+        let paused = Arc::new(PostgresStore::open(&url).unwrap());
+        let other = PostgresStore::open(&url).unwrap();
+        // A writer that takes the write lock and then sends nothing for
+        // longer than the bound, as a SIGSTOPped one would.
+        let writer = paused.clone();
+        let stalled = std::thread::spawn(move || {
+            writer.write_within(WRITE_IDLE_LIMIT * 3, |_tx| {
+                Box::pin(async {
+                    tokio::time::sleep(WRITE_IDLE_LIMIT * 2).await;
+                    Ok(())
+                })
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let write = || other.write(|_tx| Box::pin(async { Ok(()) }));
+        let mut tries = 0;
+        while let Err(e) = write() {
+            tries += 1;
+            assert!(e.unreachable(), "{e}");
+            assert!(
+                started.elapsed() < WRITE_IDLE_LIMIT + Duration::from_secs(5),
+                "the other instance's writes still wait after {:?}: {e}",
+                started.elapsed()
+            );
+        }
+        assert!(tries >= 1, "the paused writer held the lock at first");
+        // Its session was ended under it: its commit fails (from its side
+        // it cannot tell when the session ended, so it says it may have
+        // been made).
+        let e = stalled.join().unwrap().unwrap_err();
+        assert!(e.unreachable(), "{e}");
     }
 
     #[test]
