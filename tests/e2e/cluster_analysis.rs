@@ -263,15 +263,6 @@ async fn feedback(s: &Server, id: &str, label: i64) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-fn signal(s: &Server, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &s.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_window_a_frozen_instance_has_not_reported_is_marked_incomplete() {
     let url = testpg::database();
@@ -295,7 +286,7 @@ async fn a_window_a_frozen_instance_has_not_reported_is_marked_incomplete() {
             .find(|i| i["url"] == c.url.as_str());
         me.unwrap()["id"].as_str().unwrap().to_string()
     };
-    signal(c, "-STOP");
+    c.signal("-STOP");
     eventually(MERGED, "the window marked incomplete", async || {
         let m = metrics(b, "30s").await;
         m["cluster"]["complete"] == false
@@ -304,7 +295,7 @@ async fn a_window_a_frozen_instance_has_not_reported_is_marked_incomplete() {
     })
     .await;
     // Thawed, C flushes what it kept: the same windows are complete again.
-    signal(c, "-CONT");
+    c.signal("-CONT");
     eventually(MERGED, "complete again once C flushed", async || {
         let m = metrics(b, "30s").await;
         m["cluster"]["complete"] == true && m["cluster"]["instances_expected"] == 3

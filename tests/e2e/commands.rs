@@ -287,16 +287,6 @@ async fn every_command_through_a_follower_is_executed_by_the_leader_with_its_ans
     assert_eq!(events(f1, "rollback_started").await.len(), 1);
 }
 
-/// Sends SIGSTOP or SIGCONT.
-fn signal(s: &Server, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &s.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_never_executed() {
     let url = testpg::database();
@@ -315,7 +305,7 @@ async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_neve
     // takes nothing. A follower asked to abort dies (kill -9) before it can
     // withdraw its command: the command is past its time to be taken when
     // the leader runs again, and never executed.
-    signal(&servers[l], "-STOP");
+    servers[l].signal("-STOP");
     let doomed = &mut servers[(l + 2) % 3];
     let abort = doomed
         .http
@@ -346,7 +336,7 @@ async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_neve
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_string());
     let (status, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
-    signal(&servers[l], "-CONT");
+    servers[l].signal("-CONT");
     assert_eq!(status, 503, "{body}");
     assert_eq!(retry_after.as_deref(), Some("5"));
     let message = body["error"].as_str().unwrap();

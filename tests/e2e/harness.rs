@@ -306,6 +306,15 @@ impl Server {
         kb * 1024
     }
 
+    /// Sends a signal by name (`-STOP`, `-CONT`, …) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([name, &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success(), "kill {name}");
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -9,7 +9,7 @@
 //! refused (fencing), follows, and no step is applied twice.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
@@ -99,14 +99,6 @@ fn recorded_at(events: &[Value], text: &str) -> SystemTime {
         .find(|e| e["message"].as_str().unwrap_or("").contains(text))
         .unwrap_or_else(|| panic!("no event says {text:?}: {events:#?}"));
     humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap()
-}
-
-fn signal(s: &Server, name: &str) {
-    let ok = Command::new("kill")
-        .args([name, &s.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(ok.success(), "kill {name}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,7 +304,7 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
         },
     )
     .await;
-    signal(&servers[0], "-CONT");
+    servers[0].signal("-CONT");
     let refused =
         format!("this instance's term {term} as leader is over: instance {new_id} leads in term");
     eventually(
