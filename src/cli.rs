@@ -477,6 +477,6 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         }
         .validate()
         .map_err(|e| anyhow::anyhow!(e))?,
-        command_timeout: args.command_timeout.0,
+        command_timeout: server::command_timeout(args.command_timeout)?,
     })
 }

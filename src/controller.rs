@@ -75,6 +75,8 @@ pub struct Controller {
     warm_waits: cluster::WarmWaits,
     /// Who this instance is in the instances table, once it reports.
     me: std::sync::OnceLock<cluster::Identity>,
+    /// Set by a graceful stop ([`Controller::leave`]): no more reports.
+    leaving: std::sync::atomic::AtomicBool,
     /// How long a command stored for the leader waits to be taken
     /// (`--command-timeout`).
     command_wait: Duration,
@@ -177,6 +179,7 @@ impl Controller {
             failures: Default::default(),
             warm_waits: Default::default(),
             me: Default::default(),
+            leaving: Default::default(),
             command_wait: p.command_wait,
         }
     }

@@ -115,6 +115,19 @@ pub fn event_retention(d: Option<HumanDuration>) -> anyhow::Result<Option<Durati
     }
 }
 
+/// The longest `--command-timeout`: a caller waits that long for a leader.
+const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Validates `--command-timeout`: more than 0, at most 10 minutes.
+pub fn command_timeout(d: HumanDuration) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        !d.0.is_zero() && d.0 <= MAX_COMMAND_TIMEOUT,
+        "--command-timeout must be more than 0 and at most {MAX_COMMAND_TIMEOUT:?} (got {:?}): how long a command sent to an instance that does not lead waits for the leader to take it (e.g. 10s)",
+        d.0
+    );
+    Ok(d.0)
+}
+
 /// The longest `--advertise-url` (it is written in every heartbeat and
 /// shown by `ferry cluster`).
 const MAX_ADVERTISE_URL: usize = 512;
@@ -293,7 +306,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{scheme}://{addr}")),
     );
     announce(scheme, addr, grpc_addr, wired.dashboard_path);
-    start_models(wired.state.controller.clone(), me, opts.leader);
+    let controller = wired.state.controller.clone();
+    start_models(controller.clone(), me, opts.leader);
     let mut head = opts.head.clone();
     head.loopback = addr.ip().is_loopback();
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -338,6 +352,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     })
     .await?;
+    // Every request answered: hand the lease on and leave the cluster.
+    controller.leave().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -976,6 +992,15 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_command_timeout_is_more_than_zero_and_at_most_ten_minutes() {
+        let t = |s: &str| command_timeout(s.parse().unwrap());
+        let e = t("0s").unwrap_err().to_string();
+        assert!(e.contains("--command-timeout must be more than 0"), "{e}");
+        assert!(t("11m").is_err());
+        assert_eq!(t("10s").unwrap(), Duration::from_secs(10));
+    }
+
     #[test]
     fn an_advertise_url_is_an_http_address_of_bounded_length_without_spaces() {
         let ok = |u: &str| super::advertise_url(Some(u.to_string()));

@@ -858,7 +858,8 @@ fn check_rolling(r: &RollingSpec) -> Result<(), String> {
 }
 
 /// `scope: instances`: the batches are the instances live when the rollout
-/// starts, so `replicas` (and the pool's `max_unavailable`) mean nothing.
+/// starts, so `replicas` (and the pool's `max_unavailable` and
+/// `max_surge`) mean nothing.
 fn check_rolling_instances(r: &RollingSpec) -> Result<(), String> {
     if r.replicas != 0 {
         return Err(format!(
@@ -870,6 +871,12 @@ fn check_rolling_instances(r: &RollingSpec) -> Result<(), String> {
         return Err(
             "strategy.rolling.max_unavailable has no meaning with scope: instances (an instance's replicas are not replaced); remove it".into(),
         );
+    }
+    if r.max_surge != one() {
+        return Err(format!(
+            "strategy.rolling.max_surge ({}) has no meaning with scope: instances (no replicas are started beside an instance's own); remove it",
+            r.max_surge
+        ));
     }
     if r.batch_size == 0 || r.batch_size > 64 {
         return Err(format!(
@@ -1236,6 +1243,10 @@ notify:
             (
                 "{ rolling: { scope: instances, max_unavailable: 1 } }",
                 "strategy.rolling.max_unavailable has no meaning with scope: instances",
+            ),
+            (
+                "{ rolling: { scope: instances, max_surge: 99999 } }",
+                "strategy.rolling.max_surge (99999) has no meaning with scope: instances",
             ),
             (
                 "{ rolling: { scope: instances, batch_size: 0 } }",

@@ -439,6 +439,12 @@ pub trait Store: Send + Sync + 'static {
     /// held), once this instance is ready to lead. An embedded store has one
     /// instance, which always leads: it only remembers who that is.
     fn campaign(&self, instance: &str, settings: LeaseSettings);
+    /// A graceful stop of `instance`: it stops leading — ending its lease
+    /// early, so another instance takes over at its next renewal rather
+    /// than after the lease — and leaves the instances table, so nobody
+    /// waits for it (a rollout's warm check, a window's completeness, a
+    /// rolling update's batches).
+    fn leave(&self, instance: &str) -> Result<(), StoreError>;
     /// The term this instance leads in right now, on its own clock (no I/O;
     /// see [`lease`]). An embedded store always leads, in term 1.
     fn leading(&self) -> Option<Term> {

@@ -91,6 +91,9 @@ pub async fn apply(
 /// instance leads the rollouts) and answers with its answer: the same
 /// status and body either way.
 async fn run(s: &AppState, model: &str, request: Request) -> Result<Response, ApiError> {
+    // A name no model can have is refused here, before it is stored for
+    // the leader or sent to the store.
+    crate::records::check_name("model", model)?;
     let reply = s
         .controller
         .submit(model, request, "control API", answer)

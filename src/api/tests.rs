@@ -428,3 +428,16 @@ async fn registry_and_control_errors_map_to_conflict_unprocessable_and_bad_reque
         .await
         .assert_error(StatusCode::NOT_FOUND, &["\"7\""]);
 }
+
+#[tokio::test]
+async fn a_rollout_command_for_a_name_no_model_can_have_is_400_before_anything_is_stored() {
+    let app = App::new(Tokens::default());
+    for path in [
+        "/api/v1/models/a%00b/pause",
+        "/api/v1/models/..%2F..%2Fx/abort",
+        "/api/v1/models/a%20b/rollback",
+    ] {
+        let answer = app.post(path, Some(ADMIN), "{}").await;
+        answer.assert_error(StatusCode::BAD_REQUEST, &["model name", "is not allowed"]);
+    }
+}

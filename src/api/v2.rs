@@ -675,7 +675,7 @@ fn unknown_id(id: &str, model: &str, unreachable: &[String]) -> ApiError {
     );
     if !unreachable.is_empty() {
         message.push_str(&format!(
-            "; these instances could not be asked: {}",
+            "; these instances could not be asked, or did not answer: {}",
             unreachable.join("; ")
         ));
     }

@@ -495,7 +495,46 @@ impl Controller {
         }
     }
 
+    /// A graceful stop, once the listeners have drained: flushes every
+    /// bucket this instance holds (the one filling now included: no request
+    /// comes after it), then leaves the store's view of the cluster — its
+    /// row, and its lease when it leads — so the others neither wait for it
+    /// nor count its windows incomplete, and another instance leads at once.
+    pub async fn leave(&self) {
+        let Some(me) = self.me.get() else { return };
+        self.leaving.store(true, Ordering::Release);
+        let store = self.registry.store().clone();
+        let flush = store.keeps_buckets().then(|| {
+            let open = super::telemetry::epoch_at(now_ms());
+            crate::metrics::cluster::Flush {
+                instance: me.id.clone(),
+                through: open,
+                buckets: self.telemetry.closed_between(0, open + 1),
+            }
+        });
+        let id = me.id.clone();
+        // A store call blocks its thread: off the async workers.
+        let left = tokio::task::spawn_blocking(move || {
+            if let Some(flush) = flush {
+                store.flush_buckets(&flush)?;
+            }
+            store.leave(&id)
+        })
+        .await;
+        match left {
+            Ok(Ok(())) => tracing::info!("instance {} left the cluster", me.id),
+            Ok(Err(e)) => tracing::warn!(
+                "instance {} could not leave the cluster cleanly: {e}; the others see it stale within {LIVE_WITHIN:?}, and its lease, if it led, expires",
+                me.id
+            ),
+            Err(_) => {}
+        }
+    }
+
     async fn write_report(&self, me: &Identity) {
+        if self.leaving.load(Ordering::Acquire) {
+            return;
+        }
         let store = self.registry.store().clone();
         let report = self.report(me);
         self.metrics

@@ -129,6 +129,12 @@ impl Controller {
                             status,
                             body,
                         }),
+                        // Sent but not answered in time: the label may
+                        // have reached it (a paused instance takes it when
+                        // it runs again).
+                        Err(e) if e.is_timeout() => Err(format!(
+                            "{id} ({url}) did not answer within {ASK_WITHIN:?}; if it answered that request, the label may have been recorded there: posting it again then says so (409)"
+                        )),
                         Err(e) => Err(format!("{id} ({url}): {e}")),
                     }
                 }

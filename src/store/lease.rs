@@ -27,6 +27,12 @@ use std::time::{Duration, Instant};
 /// A leader's term: grows by one at every change of the lease's holder.
 pub type Term = i64;
 
+/// The longest lease `--leader-lease` accepts: rollouts stand still for as
+/// long when the leader dies without handing it on.
+pub const MAX_LEASE: Duration = Duration::from_secs(300);
+/// The shortest renewal period `--leader-renew` accepts.
+pub const MIN_RENEW: Duration = Duration::from_millis(100);
+
 /// Whose rollout write it is, for fencing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
@@ -75,8 +81,17 @@ impl LeaseSettings {
     /// The settings, or what is wrong with them: a renewal must fit at
     /// least twice in a lease (one lost renewal must not cost the lease).
     pub fn validate(self) -> Result<LeaseSettings, String> {
-        if self.renew.is_zero() {
-            return Err("--leader-renew must be more than 0 s (e.g. 1s)".into());
+        if self.renew < MIN_RENEW {
+            return Err(format!(
+                "--leader-renew ({:?}) must be at least {MIN_RENEW:?}: a renewal is a round trip to PostgreSQL (e.g. 1s)",
+                self.renew
+            ));
+        }
+        if self.lease > MAX_LEASE {
+            return Err(format!(
+                "--leader-lease ({:?}) must be at most {MAX_LEASE:?}: it is how long rollouts stand still when the leader dies (e.g. 3s)",
+                self.lease
+            ));
         }
         if self.lease < self.renew * 2 {
             return Err(format!(
@@ -130,6 +145,8 @@ pub struct Campaign {
     /// The newest term whose refused write was said, so a refusal is said
     /// once per term.
     refused: Option<Term>,
+    /// This instance is stopping: it neither leads nor renews any more.
+    resigned: bool,
 }
 
 impl Campaign {
@@ -139,7 +156,22 @@ impl Campaign {
             held: None,
             said: None,
             refused: None,
+            resigned: false,
         }
+    }
+
+    /// Stops leading and campaigning (a graceful stop): returns the term
+    /// that was held at `now`, for the store to end the lease early.
+    pub fn resign(&mut self, now: Instant) -> Option<Term> {
+        let held = self.leading(now);
+        self.held = None;
+        self.resigned = true;
+        held
+    }
+
+    /// Whether [`Campaign::resign`] was called: the campaign ends.
+    pub fn resigned(&self) -> bool {
+        self.resigned
     }
 
     /// The term this instance leads in at `now`, if any.
@@ -158,6 +190,9 @@ impl Campaign {
     /// The store answered a renewal sent at `sent`: `Some(term)` when this
     /// instance holds the lease in `term`, `None` when another does.
     pub fn answered(&mut self, sent: Instant, held: Option<Term>) {
+        if self.resigned {
+            return; // a renewal sent before the stop: not believed
+        }
         self.held = held.map(|term| Held {
             term,
             until: sent + self.lease,
@@ -307,5 +342,31 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_resigned_campaign_leads_no_more_whatever_a_late_answer_says() {
+        let t0 = Instant::now();
+        let mut c = Campaign::new(LeaseSettings::default());
+        c.answered(t0, Some(4));
+        assert_eq!(c.resign(t0 + S), Some(4), "the term held is handed back");
+        assert!(c.resigned());
+        assert_eq!(c.leading(t0 + S), None);
+        c.answered(t0 + S, Some(4));
+        assert_eq!(c.leading(t0 + S), None, "a renewal sent before the stop");
+    }
+
+    #[test]
+    fn a_lease_longer_than_five_minutes_or_a_renewal_under_100ms_is_refused() {
+        let settings = |lease, renew| LeaseSettings { lease, renew }.validate();
+        let e = settings(Duration::from_secs(3_600_000), S).unwrap_err();
+        assert!(
+            e.contains("--leader-lease") && e.contains("at most 300s"),
+            "{e}"
+        );
+        assert!(settings(MAX_LEASE, S).is_ok());
+        let e = settings(Duration::from_millis(1), Duration::from_micros(500)).unwrap_err();
+        assert!(e.contains("--leader-renew") && e.contains("100ms"), "{e}");
+        assert!(settings(Duration::from_millis(200), MIN_RENEW).is_ok());
     }
 }

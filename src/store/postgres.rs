@@ -934,6 +934,18 @@ impl Store for PostgresStore {
         self.run(move |db| async move { cluster::forget(&db, before_ms).await })
     }
 
+    fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        let held = lease::lock(&self.campaign).resign(Instant::now());
+        let instance = instance.to_string();
+        self.run(move |db| async move {
+            let client = db.client().await?;
+            if let Some(term) = held {
+                lease::resign(&**client, &instance, term).await?;
+            }
+            cluster::remove(&**client, &instance).await
+        })
+    }
+
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         let (tx, rx) = tokio::sync::watch::channel(0);
         let runtime = self.runtime.as_ref()?;

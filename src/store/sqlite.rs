@@ -768,6 +768,10 @@ impl Store for SqliteStore {
         self.delete_instances(before_ms)
     }
 
+    fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        self.delete_instance(instance)
+    }
+
     fn campaign(&self, instance: &str, _settings: LeaseSettings) {
         let _ = self.leader.set(Leader {
             instance: instance.to_string(),

@@ -291,7 +291,7 @@ async fn every_command_through_a_follower_is_executed_by_the_leader_with_its_ans
 async fn with_the_leader_stopped_a_command_gets_503_within_the_bound_and_is_never_executed() {
     let url = testpg::database();
     let tmp = tempfile::tempdir().unwrap();
-    let mut servers = three(&url, tmp.path(), "3s", "600s").await;
+    let mut servers = three(&url, tmp.path(), "3s", "300s").await;
     let (l, id) = roles(&servers).await;
     let created = post(
         &servers[(l + 1) % 3],

@@ -6,7 +6,8 @@
 //! every strategy leaves a consistent state (the single node's crash
 //! checks, `restart::check_consistent`); a leader stopped (SIGSTOP) just
 //! before a write, replaced, then continued (SIGCONT) has that write
-//! refused (fencing), follows, and no step is applied twice.
+//! refused (fencing), follows, and no step is applied twice; a leader
+//! stopped gracefully hands the lease on at once and leaves the cluster.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -307,12 +308,15 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
     servers[0].signal("-CONT");
     let refused =
         format!("this instance's term {term} as leader is over: instance {new_id} leads in term");
-    eventually(
-        Duration::from_secs(10),
-        "a says its write was refused",
-        async || std::fs::read_to_string(&log).unwrap().contains(&refused),
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log).unwrap().contains(&refused) {
+        assert!(
+            Instant::now() < deadline,
+            "a did not say {refused:?} within 15 s; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let written = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         written.matches(&refused).count(),
@@ -349,4 +353,46 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
         1,
         "{events:#?}"
     );
+}
+
+/// A leader stopped gracefully (SIGTERM) ends its lease as it leaves: with
+/// a lease of 30 s another instance leads at its next renewal (about a
+/// second), not 30 s later, and the stopped instance leaves the instances
+/// table instead of showing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_gracefully_hands_the_lease_on_at_once_and_leaves_the_cluster() {
+    let url = testpg::database();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--store",
+        url.as_str(),
+        "--leader-lease",
+        "30s",
+        "--leader-renew",
+        "1s",
+    ];
+    let mut servers = Vec::new();
+    for name in ["a", "b", "c"] {
+        servers.push(Server::start_in(&tmp.path().join(name), &args).await);
+    }
+    let (lead, old_id, term) = leader(&servers, &[0, 1, 2], None).await;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+    let stopped = Instant::now();
+    assert!(servers[lead].terminate().success(), "a clean exit");
+    let (_, new_id, new_term) = leader(&servers, &survivors, Some(&old_id)).await;
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "another instance led only after {took:?} (the lease is 30 s)"
+    );
+    assert_eq!(new_term, term + 1, "{new_id} leads in the next term");
+    let view = servers[survivors[0]].admin_get("/api/v1/cluster").await;
+    let ids: Vec<&str> = view["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "the stopped instance left: {view}");
+    assert!(!ids.contains(&old_id.as_str()), "{view}");
 }

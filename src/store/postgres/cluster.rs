@@ -166,6 +166,14 @@ pub(super) async fn forget(db: &Db, before_ms: u64) -> Result2<usize> {
     Ok(n as usize)
 }
 
+/// Removes one instance's row (it stopped gracefully).
+pub(super) async fn remove(client: &impl GenericClient, id: &str) -> Result2<()> {
+    client
+        .execute("DELETE FROM instances WHERE id = $1", &[&id])
+        .await?;
+    Ok(())
+}
+
 /// A channel an instance listens on: announcements whose payload starts
 /// with a number, folded into the value a `watch` hands on.
 pub(super) struct Channel {

@@ -61,6 +61,19 @@ pub(super) async fn take_or_renew(
     Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
+/// Ends this instance's lease of `term` now (a graceful stop), so another
+/// instance takes it at its next renewal instead of after the lease.
+pub(super) async fn resign(client: &impl GenericClient, instance: &str, term: Term) -> Result2<()> {
+    client
+        .execute(
+            "UPDATE leader_lease SET expires_at = now()
+             WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now()",
+            &[&instance, &term],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Fencing, in a rollout write's transaction: a leader's write whose term
 /// is older than the lease's is refused. `FOR SHARE` holds the row until
 /// the write commits, so a takeover (an `UPDATE` of the row) waits for the
@@ -127,6 +140,9 @@ pub(super) async fn campaign(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        if lock(&state).resigned() {
+            return;
+        }
         let sent = Instant::now();
         let held = lock(&state).renewing(sent);
         // An answer later than the lease is worth nothing: the lease counts

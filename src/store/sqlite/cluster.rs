@@ -123,4 +123,9 @@ impl SqliteStore {
             )
         })
     }
+
+    pub(super) fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
+        self.with_tx(|tx| tx.execute("DELETE FROM instances WHERE id = ?1", [id]))
+            .map(|_| ())
+    }
 }
