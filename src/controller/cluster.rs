@@ -505,7 +505,7 @@ impl Controller {
         self.leaving.store(true, Ordering::Release);
         let store = self.registry.store().clone();
         let flush = store.keeps_buckets().then(|| {
-            let open = super::telemetry::epoch_at(now_ms());
+            let open = crate::metrics::window::epoch_at(now_ms());
             crate::metrics::cluster::Flush {
                 instance: me.id.clone(),
                 through: open,

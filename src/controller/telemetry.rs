@@ -69,10 +69,7 @@ impl ClusterRead {
     }
 }
 
-/// The epoch of the bucket filling at `now_ms`.
-pub fn epoch_at(now_ms: u64) -> u64 {
-    now_ms / 1000 / BUCKET_SECS
-}
+pub use crate::metrics::window::epoch_at;
 
 impl Controller {
     /// Reads the other instances' buckets of `model` of the last `window`

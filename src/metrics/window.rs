@@ -169,6 +169,11 @@ impl Series {
     }
 }
 
+/// The epoch of the bucket filling at `now_ms` (ms since the Unix epoch).
+pub fn epoch_at(now_ms: u64) -> u64 {
+    now_ms / 1000 / BUCKET_SECS
+}
+
 /// The epoch just before a `window` ending with epoch `last`, and the
 /// seconds the window covers (whole buckets).
 pub fn span(last: u64, window: Duration) -> (u64, u64) {
