@@ -828,19 +828,29 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
         let slow_closed_after = started.elapsed();
         let slow_answer = String::from_utf8_lossy(&buf[..n]).to_string();
         drop(slow);
-        // The server frees the slow client's slot as it closes it, a moment
-        // after the client sees the close: give it that moment, or the
-        // third connection below may find the limit still full.
-        std::thread::sleep(Duration::from_millis(300));
         // Three open connections fill the limit (each answered once, so the
-        // server has accepted it); a fourth is closed at once.
+        // server has accepted it); a fourth is closed at once. The server
+        // frees the slow client's slot a moment after the client sees the
+        // close, so a connection refused meanwhile is opened again (until
+        // one is answered, within 2 s).
         let idle: Vec<_> = (0..3)
             .map(|_| {
-                let mut c = std::net::TcpStream::connect(&addr).unwrap();
-                c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                    .unwrap();
-                assert_eq!(read_response(&mut c).0, 200);
-                c
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                loop {
+                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let sent =
+                        c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+                    if sent.is_ok() && c.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
+                        assert_eq!(read_response(&mut c).0, 200);
+                        break c;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the slow client's slot was not freed within 2 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             })
             .collect();
         let mut extra = std::net::TcpStream::connect(&addr).unwrap();
