@@ -866,11 +866,15 @@ impl Controller {
     /// most once a second otherwise (each feed is a store write).
     fn shadow_counted(&self, record: &RolloutRecord, now: u64) -> Option<strategy::ShadowProgress> {
         let (model, version) = (&record.model, &record.spec.version);
-        let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sh) = strategy::counts_comparisons(&record.spec, &record.state) else {
+            let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
             seen.remove(&record.id);
             return None;
         };
+        if self.me.get().is_some() && self.registry.store().keeps_buckets() {
+            return self.shadow_counted_in_cluster(record, now);
+        }
+        let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
         // Without a reading (the first look since a restart) everything this
         // process counted is this rollout's: the counters started at zero,
         // and a shadow created here took its reading when it was created.
@@ -893,6 +897,7 @@ impl Controller {
             errors,
             dropped,
             examples,
+            counted_through: None,
         };
         let reached =
             record.state.shadow.compared.compared() + delta.compared() >= sh.min_comparisons;
@@ -909,6 +914,69 @@ impl Controller {
             },
         );
         Some(delta)
+    }
+
+    /// The shadow comparisons of every instance sharing the store, from
+    /// their flushed buckets: those after the last bucket the rollout
+    /// counted (stored with the counts, so a new leader goes on from there
+    /// and counts nothing twice) through the last closed bucket every
+    /// instance has flushed (or whose grace is over). A bucket is counted
+    /// once it closed, so a cluster decides up to a bucket and its grace
+    /// (about 6.5 s) after one node would. Disagreement examples are this
+    /// instance's own (the buckets carry counts only).
+    fn shadow_counted_in_cluster(
+        &self,
+        record: &RolloutRecord,
+        now: u64,
+    ) -> Option<strategy::ShadowProgress> {
+        use super::telemetry::{epoch_at, may_judge};
+        use crate::metrics::window::{BUCKET_SECS, RING};
+        let (model, version) = (&record.model, &record.spec.version);
+        // Mirroring began with the rollout's first step: its bucket counts.
+        let counted = record.state.shadow.compared.counted_through;
+        let after =
+            counted.unwrap_or_else(|| epoch_at(record.state.step_started_ms).saturating_sub(1));
+        let last = epoch_at(now).saturating_sub(1);
+        // Buckets older than the ring are gone everywhere: a leader away
+        // longer than that counts on from what is still kept.
+        let after = after.max(last.saturating_sub(RING as u64 - 1));
+        if last <= after {
+            return None;
+        }
+        let bucket = Duration::from_secs(BUCKET_SECS);
+        let read = self.cluster_read(model, bucket * (last - after) as u32);
+        let through = match may_judge(&read.completeness(last, bucket), now) {
+            true => last,
+            false => last - 1,
+        };
+        if through <= after {
+            return None;
+        }
+        let merged = self.telemetry.merged_between(
+            (model, version, Role::Shadow),
+            after,
+            through,
+            read.peers(),
+        );
+        let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = seen.get(&record.id).map_or(0, |r| r.example);
+        let (examples, example) = self.telemetry.disagreements_since(model, version, taken);
+        seen.insert(
+            record.id,
+            ShadowReading {
+                counts: [0; 4],
+                example,
+                fed_at_ms: now,
+            },
+        );
+        Some(strategy::ShadowProgress {
+            agree: merged.agree,
+            disagree: merged.disagree,
+            errors: merged.compare_errors,
+            dropped: merged.dropped,
+            examples,
+            counted_through: Some(through),
+        })
     }
 
     /// Runs the labelled dataset against green's replicas (directly, not as

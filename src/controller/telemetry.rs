@@ -235,6 +235,7 @@ mod tests {
     use crate::analysis;
     use crate::metrics::Telemetry;
     use crate::metrics::cluster::PeerBucket;
+    use crate::metrics::window::Bucket;
     use crate::spec::RolloutSpec;
 
     const T0: u64 = 2_000_000_000 / BUCKET_SECS * BUCKET_SECS;
@@ -342,6 +343,65 @@ mod tests {
         let listed = three[0].merged_summaries("m", last, window, &peers);
         let totals: Vec<u64> = listed.iter().map(|s| s.summary.requests).collect();
         assert_eq!(totals, vec![s1.requests, c1.requests]);
+    }
+
+    /// Shadow comparisons counted span after span (as a leader counts on
+    /// from the last bucket its stored counts went through, whichever
+    /// instance leads): the spans add up to every comparison of every
+    /// instance, each counted once.
+    #[test]
+    fn shadow_comparisons_counted_span_by_span_add_up_over_three_instances() {
+        let three: Vec<Telemetry> = (0..3).map(|_| Telemetry::default()).collect();
+        let first = T0 / BUCKET_SECS;
+        let mut all = Bucket::default();
+        for i in 0..600u64 {
+            let at = T0 + i / 5; // 120 s: 24 buckets
+            let comparison = |b: &mut Bucket| match i % 10 {
+                0 => b.disagree += 1,
+                1 => b.compare_errors += 1,
+                2 => b.dropped += 1,
+                _ => b.agree += 1,
+            };
+            three[(i % 3) as usize]
+                .series("m", "2", Role::Shadow)
+                .record(at, comparison);
+            comparison(&mut all);
+        }
+        let last = first + 23;
+        let spans = [
+            (first - 1, first + 4),
+            (first + 4, first + 5),
+            (first + 5, last),
+        ];
+        let mut counted = Bucket::default();
+        // A different instance leads each span: its own ring and the
+        // others' flushed buckets.
+        for (leader, (after, through)) in spans.into_iter().enumerate() {
+            let peers = peers_of(leader, &three, through);
+            let span =
+                three[leader].merged_between(("m", "2", Role::Shadow), after, through, &peers);
+            assert_eq!(span.epoch, through);
+            counted.merge(&span);
+        }
+        assert_eq!(
+            (
+                counted.agree,
+                counted.disagree,
+                counted.compare_errors,
+                counted.dropped
+            ),
+            (all.agree, all.disagree, all.compare_errors, all.dropped)
+        );
+        assert_eq!(counted.agree + counted.disagree, 480);
+        // Nothing of another version or role, nothing outside the span.
+        let peers = peers_of(0, &three, last);
+        let none = three[0].merged_between(("m", "2", Role::Candidate), first - 1, last, &peers);
+        assert_eq!(none.agree + none.disagree, 0);
+        let one = three[0].merged_between(("m", "2", Role::Shadow), first, first + 1, &peers);
+        assert_eq!(
+            one.agree + one.disagree + one.compare_errors + one.dropped,
+            25
+        );
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Mirror {
                 pool.record_shadow(|b| match c {
                     Comparison::Agree => b.agree += 1,
                     Comparison::Disagree => b.disagree += 1,
-                    Comparison::Error => {}
+                    Comparison::Error => b.compare_errors += 1,
                 });
             }
             // The example after its count: a reader that takes examples, then

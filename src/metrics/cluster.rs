@@ -184,6 +184,37 @@ impl Telemetry {
         summarize(local.iter().chain(remote), covered)
     }
 
+    /// One version in one role over the closed buckets with
+    /// `after < epoch <= through`, this instance's merged with `peers'`
+    /// (which must have been read from after `after`): the counts a
+    /// cluster-wide counter adds for that span.
+    pub fn merged_between(
+        &self,
+        (model, version, role): (&str, &str, Role),
+        after: u64,
+        through: u64,
+        peers: &Peers,
+    ) -> Bucket {
+        let mut total = Bucket {
+            epoch: through,
+            ..Bucket::default()
+        };
+        let local = self
+            .find(model, version, role)
+            .map(|s| s.between(after, through + 1))
+            .unwrap_or_default();
+        let remote = peers
+            .buckets
+            .iter()
+            .filter(|p| p.version == version && p.role == role)
+            .map(|p| &p.bucket)
+            .filter(|b| b.epoch > after && b.epoch <= through);
+        for b in local.iter().chain(remote) {
+            total.merge(b);
+        }
+        total
+    }
+
     /// Every series of a model (this instance's or a peer's) over the
     /// `window` ending with epoch `last`, merged with `peers`'.
     pub fn merged_summaries(

@@ -31,6 +31,9 @@ pub struct Bucket {
     /// Shadow comparisons (recorded on the shadow's series).
     pub agree: u64,
     pub disagree: u64,
+    /// Shadow copies that could not be compared (the shadow failed, or its
+    /// answer lacked the compared output).
+    pub compare_errors: u64,
     /// Mirrored copies dropped because the shadow was saturated.
     pub dropped: u64,
     /// Predicted classes answered (for prediction-shift analysis).
@@ -53,6 +56,7 @@ impl Bucket {
         self.latency.merge(&o.latency);
         self.agree += o.agree;
         self.disagree += o.disagree;
+        self.compare_errors += o.compare_errors;
         self.dropped += o.dropped;
         for (c, n) in &o.classes {
             *self.classes.entry(*c).or_default() += n;

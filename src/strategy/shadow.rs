@@ -77,6 +77,12 @@ pub struct ShadowProgress {
     /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
     #[serde(default)]
     pub examples: Vec<crate::metrics::Disagreement>,
+    /// On a shared store, the last 5-second bucket (its epoch) whose
+    /// comparisons, flushed by every instance, are in these counts: a new
+    /// leader counts on from the next one, so nothing is counted twice.
+    /// None on one node, which counts its live counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_through: Option<u64>,
 }
 
 /// Disagreements a shadow rollout keeps as examples.
@@ -91,6 +97,7 @@ impl ShadowProgress {
         self.examples.extend(w.examples.iter().cloned());
         let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
         self.examples.drain(..extra);
+        self.counted_through = self.counted_through.max(w.counted_through);
     }
 
     pub fn compared(&self) -> u64 {

@@ -7,7 +7,9 @@
 //! checks, `restart::check_consistent`); a leader stopped (SIGSTOP) just
 //! before a write, replaced, then continued (SIGCONT) has that write
 //! refused (fencing), follows, and no step is applied twice; a leader
-//! stopped gracefully hands the lease on at once and leaves the cluster.
+//! stopped gracefully hands the lease on at once and leaves the cluster; a
+//! shadow counts the comparisons of every instance, once across a
+//! takeover.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -395,4 +397,96 @@ async fn a_leader_stopped_gracefully_hands_the_lease_on_at_once_and_leaves_the_c
         .collect();
     assert_eq!(ids.len(), 2, "the stopped instance left: {view}");
     assert!(!ids.contains(&old_id.as_str()), "{view}");
+}
+
+/// A shadow's `min_comparisons` counts every instance's comparisons, each
+/// once across a takeover: 60 requests answered by the two followers are
+/// counted by the leader (which answered none); the leader is killed; the
+/// new one counts on from the last bucket the stored counts went through
+/// (90 after 30 more, and still 90 two buckets later: nothing counted
+/// twice); the 100th comparison promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
+    let url = testpg::database();
+    let mut cluster = Cluster::start_serving_cancer(&url, 3).await;
+    let servers = &mut cluster.instances;
+    servers[0].add("cancer", "2", "cancer-v2.onnx");
+    let (lead, old_id, _) = leader(servers, &[0, 1, 2], None).await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+    servers[followers[0]]
+        .start_rollout(&serde_json::json!({
+            "model": "cancer", "version": "2",
+            "strategy": {"shadow": {"mirror_percent": 100, "compare": {"output": "label"},
+                         "min_comparisons": 100, "min_agreement": 0.5, "then": "promote"}},
+        }))
+        .await;
+    eventually(
+        Duration::from_secs(15),
+        "every instance mirrors to 2",
+        async || {
+            let view = servers[followers[0]].admin_get("/api/v1/cluster").await;
+            let all = view["instances"].as_array().unwrap();
+            all.len() == 3
+                && all.iter().all(|i| {
+                    i["warm"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&serde_json::json!("cancer/2"))
+                })
+        },
+    )
+    .await;
+    let rows = super::harness::holdout();
+    let send = async |s: &Server, n: usize| {
+        for (row, _) in rows.iter().take(n) {
+            let (status, _, out) = s.infer("/v2/models/cancer/infer", row).await;
+            assert_eq!(status, 200, "{out}");
+        }
+    };
+    let compared = async |s: &Server| {
+        let st = super::harness::status(s).await;
+        (
+            st["phase"].as_str().unwrap_or("").to_string(),
+            st["shadow"]["comparisons"].as_u64().unwrap_or(0),
+        )
+    };
+    send(&servers[followers[0]], 30).await;
+    send(&servers[followers[1]], 30).await;
+    let asked = &servers[followers[0]];
+    eventually(
+        Duration::from_secs(20),
+        "60 comparisons counted",
+        async || compared(asked).await == ("progressing".to_string(), 60),
+    )
+    .await;
+
+    servers[lead].kill9();
+    let (new, new_id, _) = leader(servers, &followers, Some(&old_id)).await;
+    eprintln!("leader {old_id} killed; {new_id} leads");
+    let other = *followers.iter().find(|i| **i != new).unwrap();
+    send(&servers[other], 30).await;
+    eventually(
+        Duration::from_secs(25),
+        "90 comparisons counted by the new leader",
+        async || compared(&servers[new]).await == ("progressing".to_string(), 90),
+    )
+    .await;
+    // Two more buckets closed and flushed: still 90.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        compared(&servers[new]).await,
+        ("progressing".to_string(), 90),
+        "counted twice after the takeover"
+    );
+    send(&servers[other], 10).await;
+    let last = ended(&servers[new], Duration::from_secs(30)).await;
+    assert_eq!(last["phase"], "succeeded", "{last}");
+    let events = rollout_events(&servers[new]).await;
+    each_once(&events);
+    let decided: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["data"]["comparisons"].is_u64())
+        .collect();
+    assert_eq!(decided.len(), 1, "{events:#?}");
+    assert_eq!(decided[0]["data"]["comparisons"], 100, "{:#}", decided[0]);
 }
