@@ -56,6 +56,7 @@ try {
   await page.locator("#traffic-observed", { hasText: "observed" }).waitFor({ timeout: 15000 });
   // The same recent requests by protocol (the test's traffic is REST).
   await page.locator('#traffic-protocols [data-protocol="rest"]', { hasText: /^REST [1-9]\d* \(100%\)$/ }).waitFor({ timeout: 15000 });
+  if (!(await page.locator("#cluster-note").isHidden())) fail("a single node shows a cluster note");
   console.log("versions, history and split read right");
 
   // Promote from the page: the split moves to 50 %.

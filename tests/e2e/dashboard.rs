@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: Debian's Chromium driven by
 //! `playwright-core` from npm (never a downloaded browser). The test
 //! provisions both when they are missing (npm into the target dir; Chromium
-//! with apt-get, which needs root — CI runs as root).
+//! with apt-get, which needs root — CI runs as root). On a cluster the page
+//! says whether its figures hold every instance's, and marks them
+//! incomplete while an instance is frozen.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,6 +11,8 @@ use std::process::Command;
 use serde_json::json;
 
 use super::harness::{Server, Traffic, repo};
+use super::outage::Cluster;
+use super::testpg;
 
 const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 
@@ -110,4 +114,69 @@ async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
         st["last_rollout"]["phase"], "aborted",
         "the page's Abort reached the server"
     );
+}
+
+/// Two instances on one PostgreSQL, traffic on both; the page of B says
+/// its figures are merged over both, marks them incomplete while A is
+/// frozen (SIGSTOP), and complete again once A flushed (SIGCONT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_marks_figures_incomplete_while_an_instance_is_frozen() {
+    use std::io::BufRead;
+    let (modules, browser) = tokio::task::spawn_blocking(|| (node_modules(), chromium()))
+        .await
+        .unwrap();
+    let url = testpg::database();
+    let cluster = Cluster::start_serving_cancer(&url, 2).await;
+    let [a, b] = &cluster.instances[..] else {
+        unreachable!()
+    };
+    let load = [Traffic::start(a, 20, 1), Traffic::start(b, 20, 1)];
+    let shots = target().join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::copy(
+        repo().join("tests/browser/cluster.mjs"),
+        modules.join("cluster.mjs"),
+    )
+    .unwrap();
+    let mut child = Command::new("node")
+        .arg("cluster.mjs")
+        .current_dir(&modules)
+        .env("FERRY_URL", &b.url)
+        .env("FERRY_TOKEN", b.token())
+        .env("CHROMIUM", browser)
+        .env("SCREENSHOTS", &shots)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    while let Some(line) = rx.recv().await {
+        if line == "complete seen" {
+            a.signal("-STOP");
+        }
+        if line.starts_with("incomplete seen") {
+            a.signal("-CONT");
+        }
+        said.push(line);
+    }
+    a.signal("-CONT");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    for l in load {
+        l.finish().await;
+    }
+    assert!(
+        status.success() && said.iter().any(|l| l == "dashboard cluster OK"),
+        "browser test failed:\n{}",
+        said.join("\n")
+    );
+    assert!(shots.join("dashboard-incomplete.png").exists());
 }
