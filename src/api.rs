@@ -117,6 +117,7 @@ async fn metrics(
 ) -> impl IntoResponse {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::metrics::Exposition::negotiate(accept);
+    state.controller.show_instance();
     (
         [(header::CONTENT_TYPE, format.content_type())],
         state.metrics.encode(format),

@@ -531,6 +531,20 @@ impl Controller {
         }
     }
 
+    /// Sets this instance's cluster series from what it knows now, without
+    /// a store call: whether it holds the lease by its own clock, and the
+    /// route version it serves. At each scrape (a report may be stuck on an
+    /// unreachable store for its time limit) and each report.
+    pub fn show_instance(&self) {
+        if let Some(me) = self.me.get() {
+            self.metrics.set_instance(
+                &me.id,
+                self.registry.store().leading().is_some(),
+                self.served_route_version(),
+            );
+        }
+    }
+
     async fn write_report(&self, me: &Identity) {
         if self.leaving.load(Ordering::Acquire) {
             return;

@@ -9,7 +9,9 @@
 //! refused (fencing), follows, and no step is applied twice; a leader
 //! stopped gracefully hands the lease on at once and leaves the cluster; a
 //! shadow counts the comparisons of every instance, once across a
-//! takeover.
+//! takeover; a leader cut off from PostgreSQL (its packets swallowed) stops
+//! leading within its lease while it goes on serving, another leads, and
+//! the cut-off one follows once the network heals.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -489,4 +491,112 @@ async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
         .collect();
     assert_eq!(decided.len(), 1, "{events:#?}");
     assert_eq!(decided[0]["data"]["comparisons"], 100, "{:#}", decided[0]);
+}
+
+/// The leader's connections to PostgreSQL go through a proxy that swallows
+/// every packet (no reset: the worst cut): within its lease it stops saying
+/// it leads (`ferry_cluster_leader` 0) while it answers every request and
+/// every scrape at once;
+/// another instance leads in the next term and finishes the canary; healed,
+/// the cut-off instance follows the new leader, and no step was recorded
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_postgres_stops_leading_within_its_lease_and_follows_when_healed() {
+    use super::outage::{Mode, Proxy};
+    let direct = testpg::database();
+    let port = testpg::shared().port;
+    let proxy = Proxy::start(port).await;
+    let cut_url = direct.replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Server::start_in(&tmp.path().join("a"), &["--store", &cut_url]).await;
+    a.add("cancer", "1", "cancer-v1.onnx");
+    a.add("cancer", "2", "cancer-v2.onnx");
+    let mut servers = vec![a];
+    let (first, a_id, term) = leader(&servers, &[0], None).await;
+    assert_eq!(first, 0);
+    for name in ["b", "c"] {
+        servers.push(Server::start_in(&tmp.path().join(name), &["--store", &direct]).await);
+    }
+    let traffic: Vec<Traffic> = servers.iter().map(|s| Traffic::start(s, 30, 2)).collect();
+    servers[1].ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "canary",
+        "--steps",
+        "20,50,100",
+        "--step-pause",
+        "6s",
+    ]);
+    eventually(Duration::from_secs(10), "at weight 20%", async || {
+        rollout_events(&servers[1])
+            .await
+            .iter()
+            .any(|e| e["message"].as_str().unwrap_or("").contains("weight 20%"))
+    })
+    .await;
+    let leads = |text: &str| {
+        series_value(
+            text,
+            &format!("ferry_cluster_leader{{instance=\"{a_id}\"}}"),
+        )
+    };
+    assert_eq!(leads(&servers[0].prometheus().await), 1.0);
+
+    proxy.set(Mode::Blackhole);
+    let cut = Instant::now();
+    // The lease (3 s) was renewed at most a renewal (1 s) before the cut:
+    // a stops leading by its own clock within 3 s; 1.5 s more for a
+    // loaded machine and the metrics poll.
+    loop {
+        // A scrape answers at once: a's store calls, waiting out their
+        // time limit on the swallowed connection, hold no worker of the
+        // API's.
+        let asked = Instant::now();
+        let v = leads(&servers[0].prometheus().await);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "a scrape took {:?} during the cut",
+            asked.elapsed()
+        );
+        if v == 0.0 {
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_millis(4_500),
+            "a still says it leads {:?} after the cut",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stepped_down = cut.elapsed();
+    let (new, new_id, new_term) = leader(&servers, &[1, 2], Some(&a_id)).await;
+    let took = cut.elapsed();
+    eprintln!(
+        "cut off: a ({a_id}) stopped leading after {stepped_down:?}; {new_id} leads in term {new_term} after {took:?}"
+    );
+    assert!(took <= TAKEOVER, "another instance led after {took:?}");
+    assert!(new_term > term);
+    let last = ended(&servers[new], Duration::from_secs(40)).await;
+    assert_eq!(last["phase"], "succeeded", "{last}");
+
+    proxy.set(Mode::Pass);
+    eventually(
+        Duration::from_secs(20),
+        "a follows the new leader",
+        async || leader_seen_by(&servers[0]).await == Some((new_id.clone(), new_term)),
+    )
+    .await;
+    assert_eq!(leads(&servers[0].prometheus().await), 0.0);
+    each_once(&rollout_events(&servers[new]).await);
+    for t in traffic {
+        let seen = t.finish().await;
+        assert!(
+            seen.failures.is_empty(),
+            "failed requests: {:?}",
+            &seen.failures[..seen.failures.len().min(3)]
+        );
+        assert!(seen.answered() > 0);
+    }
 }

@@ -296,20 +296,20 @@ async fn postgres_stopped_while_two_instances_serve_costs_no_inference_request()
 /// A TCP proxy between Ferry and PostgreSQL: it passes bytes, cuts every
 /// connection and refuses new ones, or swallows everything without a
 /// reset (connections hang, new ones too) until healed.
-struct Proxy {
-    port: u16,
+pub(super) struct Proxy {
+    pub(super) port: u16,
     mode: watch::Sender<Mode>,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Mode {
+pub(super) enum Mode {
     Pass,
     Cut,
     Blackhole,
 }
 
 impl Proxy {
-    async fn start(to: u16) -> Proxy {
+    pub(super) async fn start(to: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (mode, watching) = watch::channel(Mode::Pass);
@@ -324,7 +324,7 @@ impl Proxy {
         Proxy { port, mode }
     }
 
-    fn set(&self, mode: Mode) {
+    pub(super) fn set(&self, mode: Mode) {
         self.mode.send_replace(mode);
     }
 }
