@@ -344,7 +344,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
     ap.add_argument("--no-mlserver", action="store_true")
     ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
-    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover"], default="all")
+    ap.add_argument("--suite", choices=["all", "serving", "routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover", "memory"], default="all")
     ap.add_argument("--scale-models", type=int, default=1000)
     ap.add_argument("--routing-rate", type=int, default=2000)
     ap.add_argument("--gateway-rate", type=int, default=500, help="fixed rate of the grpc suite's gateway figures")
@@ -398,6 +398,12 @@ def main():
             sc = {"machine": machine(), "figures": scale.run(sys.modules[__name__], args, tmp, body)}
             (RESULTS / "scale.json").write_text(json.dumps(sc, indent=2) + "\n")
             print(json.dumps(sc, indent=2))
+        if args.suite in ("all", "memory"):
+            log(f"== memory per version, apart from ONNX Runtime: {args.scale_models} remote versions (Ferry)")
+            import version_memory
+            me = {"machine": machine(), "figures": version_memory.run(sys.modules[__name__], args, tmp, body)}
+            (RESULTS / "memory.json").write_text(json.dumps(me, indent=2) + "\n")
+            print(json.dumps(me, indent=2))
         if args.suite in ("all", "grpc"):
             log("== gRPC: Ferry gRPC vs Ferry REST vs MLServer gRPC; Ferry as a gRPC gateway")
             import grpc_suite
@@ -415,7 +421,7 @@ def main():
             batching = {"machine": machine(), "setups": run_batching(args, tmp, body)}
             (RESULTS / "batching.json").write_text(json.dumps(batching, indent=2) + "\n")
             print(json.dumps(batching, indent=2))
-        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover"):
+        if args.suite in ("routing", "batching", "gateways", "control", "scale", "grpc", "store", "cluster", "failover", "memory"):
             return
         results = {"machine": machine(), "ferry": run_ferry(args, tmp, body)}
         if not args.no_mlserver:

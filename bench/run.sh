@@ -6,7 +6,7 @@
 # writes bench/results/<suite>.json and prints a summary to paste into
 # BENCHMARKS.md. Every process it starts is stopped on exit.
 #
-#   bench/run.sh [--quick] [--no-mlserver] [--repeat N] [--sut-cpus L --load-cpus L] [--suite all|serving|routing|batching|gateways|control|scale|grpc|store|cluster|failover]
+#   bench/run.sh [--quick] [--no-mlserver] [--repeat N] [--sut-cpus L --load-cpus L] [--suite all|serving|routing|batching|gateways|control|scale|grpc|store|cluster|failover|memory]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,6 +10,7 @@
 //!   OpenMetrics or as Prometheus' classic text format ([`Exposition`]).
 
 pub mod cluster;
+pub mod packed;
 pub mod sketch;
 pub mod window;
 

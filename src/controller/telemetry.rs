@@ -274,7 +274,7 @@ mod tests {
             b.requests += 1;
             b.errors += u64::from(r.error);
             b.latency.add(r.ms / 1000.0);
-            *b.classes.entry(r.class).or_default() += 1;
+            b.classes.add(r.class, 1);
             if let Some(l) = r.label {
                 b.labelled += 1;
                 b.correct += u64::from(l == r.class);

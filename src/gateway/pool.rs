@@ -125,7 +125,7 @@ impl VersionPool {
                 Outcome::Rejected => b.rejected += 1,
             }
             if let Some(c) = class {
-                *b.classes.entry(c).or_default() += 1;
+                b.classes.add(c, 1);
             }
         });
     }

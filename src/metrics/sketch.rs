@@ -78,6 +78,26 @@ impl Sketch {
         self.buckets.iter().map(|(i, c)| (value(*i), *c))
     }
 
+    /// Adds `c` latencies to bucket `i` (a packed bucket read back).
+    pub fn add_count(&mut self, i: u16, c: u32) {
+        match self.buckets.last_mut() {
+            // Read back in order: appended, no search.
+            Some((last, _)) if *last < i => self.buckets.push((i, c)),
+            Some((last, n)) if *last == i => *n += c,
+            None => self.buckets.push((i, c)),
+            Some(_) => match self.buckets.binary_search_by_key(&i, |(b, _)| *b) {
+                Ok(pos) => self.buckets[pos].1 += c,
+                Err(pos) => self.buckets.insert(pos, (i, c)),
+            },
+        }
+        self.count += u64::from(c);
+    }
+
+    /// (bucket index, count), by index: what a packed bucket keeps.
+    pub fn entries(&self) -> &[(u16, u32)] {
+        &self.buckets
+    }
+
     /// Bytes of memory the sketch holds (for the size budget).
     pub fn heap_bytes(&self) -> usize {
         self.buckets.capacity() * size_of::<(u16, u32)>()

@@ -123,7 +123,7 @@ mod tests {
             ..Bucket::default()
         };
         bucket.latency.add(0.004);
-        bucket.classes.insert(-1, requests);
+        bucket.classes.add(-1, requests);
         Flushed {
             model: model.into(),
             version: version.into(),
