@@ -12,6 +12,7 @@ the whole body.
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import time
 
@@ -128,7 +129,11 @@ def run(bench, args, tmp, body):
             cpu = sum(bench.cpu_seconds(p) for p in pids) - before
             a, b = count_lines(log_a), count_lines(log_b)
             lengths = {"a": body_lengths(log_a), "b": body_lengths(log_b)}
+            for f in (log_a, log_b):
+                open(f, "w").close()
             sat = bench.oha(args, url, body, ["-c", "64", "-z", dur])
+            time.sleep(1)  # copies still in flight reach b
+            sat_a, sat_b = count_lines(log_a), count_lines(log_b)
             return {
                 "fixed_rate": fixed,
                 "cpu_us_per_request": round(cpu / max(fixed["ok"], 1) * 1e6, 1),
@@ -136,12 +141,38 @@ def run(bench, args, tmp, body):
                 "upstream_a": a,
                 "upstream_b": b,
                 "body_lengths": lengths,
+                # At saturation: what each upstream saw. For a mirror, b's
+                # share of a is the copies that reached the shadow (1 - the
+                # share dropped).
+                "saturation_upstream_a": sat_a,
+                "saturation_upstream_b": sat_b,
+                "saturation_b_per_a": round(sat_b / max(sat_a, 1), 4),
             }
 
         r = bench.repeated(args, once)
         results[name] = r
         bench.log(f"   {name}: {r}")
         return r
+
+    def shadow_cost(route, url, stable):
+        """The primary's latency with a 100 % shadow on and off, at a fixed
+        rate of half the gateway's saturation (stable only), rounds
+        interleaved so the machine's noise moves both alike."""
+        half = int(stable["saturation_c64_rps"] / 2)
+        on = {"stable": "a", "shadow": {"version": "b", "percent": 100, "compare": {"output": "label"}}}
+        off = {"stable": "a"}
+        runs = {"off": [], "on": []}
+        for _ in range(args.repeat):
+            for name, policy in (("off", off), ("on", on)):
+                route(policy)
+                bench.oha(args, url, body, ["-c", "8", "-z", "1s"])
+                runs[name].append(bench.oha(args, url, body, ["-c", "32", "-q", str(half), "--latency-correction", "-z", dur]))
+        route(off)
+        med = {k: {f: statistics.median(r[f] for r in v) for f in ("p50_ms", "p99_ms", "rps")} for k, v in runs.items()}
+        out = {"rate": half, "off": med["off"], "on": med["on"], "runs": runs,
+               "p99_on_vs_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}
+        bench.log(f"   shadow at half saturation ({half} req/s): p99 on/off {out['p99_on_vs_off']}")
+        return out
 
     def children(pid):
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
@@ -232,7 +263,9 @@ backend pool
             route({"stable": "a", "shadow": {"version": "b", "percent": 100, "compare": {"output": "label"}}})
             measure(f"ferry shadow 100%{label}", f"{url}/v2/models/cancer/infer", [ferry.pid])
             route({"stable": "a"})
-            measure(f"ferry stable only{label}", f"{url}/v2/models/cancer/infer", [ferry.pid])
+            stable = measure(f"ferry stable only{label}", f"{url}/v2/models/cancer/infer", [ferry.pid])
+            if not extra:
+                results["shadow_at_half_saturation"] = shadow_cost(route, f"{url}/v2/models/cancer/infer", stable)
             bench.stop(ferry)
 
         # The client's body length, to compare with the upstreams' body_lengths.
