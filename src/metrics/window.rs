@@ -393,8 +393,8 @@ mod tests {
     /// A version's metric windows stay within tens of kilobytes however
     /// long it serves: the ring holds at most 15 minutes, and a closed
     /// bucket is packed (11, 30 and 50 KB at 2, 20 and 200 requests/s,
-    /// against 45, 119 and 197 KB for open buckets in a ring grown by
-    /// doubling).
+    /// against 45, 119 and 197 KB with every bucket kept open, shrunk to
+    /// fit).
     #[test]
     fn a_full_ring_of_a_busy_version_holds_tens_of_kilobytes() {
         for (rate, budget) in [(2, 16_000), (20, 40_000), (200, 64_000)] {
