@@ -170,18 +170,9 @@ impl Telemetry {
         window: Duration,
         peers: &Peers,
     ) -> Summary {
-        let local = self
-            .find(model, version, role)
-            .map(|s| s.in_window(last, window))
-            .unwrap_or_default();
         let (first, covered) = span(last, window);
-        let remote = peers
-            .buckets
-            .iter()
-            .filter(|p| p.version == version && p.role == role)
-            .map(|p| &p.bucket)
-            .filter(|b| b.epoch > first && b.epoch <= last);
-        summarize(local.iter().chain(remote), covered)
+        let total = self.merged_between((model, version, role), first, last, peers);
+        summarize([&total], covered)
     }
 
     /// One version in one role over the closed buckets with

@@ -295,12 +295,6 @@ impl Series {
         out
     }
 
-    /// Copies of the buckets of the `window` ending with epoch `last`.
-    pub fn in_window(&self, last: u64, window: Duration) -> Vec<Bucket> {
-        let (first, _) = span(last, window);
-        self.between(first, last + 1)
-    }
-
     /// The newest bucket's start (Unix seconds), if any.
     pub fn last_seen(&self) -> Option<u64> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());

@@ -3,17 +3,13 @@
 //   node cluster.mjs   (env: FERRY_URL, FERRY_TOKEN, CHROMIUM, SCREENSHOTS)
 // Prints each stage it saw; the Rust test freezes the other instance
 // (SIGSTOP) after "complete seen" and thaws it after "incomplete seen".
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const url = process.env.FERRY_URL;
 const shots = process.env.SCREENSHOTS;
 const fail = (msg) => { console.log("FAIL: " + msg); process.exit(1); };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   await page.goto(url + "/ui/#model=cancer&token=" + process.env.FERRY_TOKEN);

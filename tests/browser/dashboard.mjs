@@ -2,18 +2,14 @@
 //   node dashboard.mjs   (env: FERRY_URL, FERRY_TOKEN, CHROMIUM, SCREENSHOTS)
 // The Rust test has started a canary of version 2 (weight 10, wait for
 // promote, weight 50, wait for promote, weight 100) under live traffic.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const url = process.env.FERRY_URL;
 const token = process.env.FERRY_TOKEN;
 const shots = process.env.SCREENSHOTS;
 const fail = (msg) => { console.error("FAIL: " + msg); process.exit(1); };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   page.on("dialog", (d) => d.accept()); // confirmations of destructive actions

@@ -138,17 +138,7 @@ async fn rollback_and_abort_name_the_rollout_once() {
     let said = s.ferry_ok(&["rollback", "cancer"]);
     assert_eq!(said.matches("r-2").count(), 1, "{said}");
     assert!(said.contains("version 1"), "{said}");
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "10,100",
-        "--step-pause",
-        "10m",
-    ]);
+    s.deploy_canary("2", "10,100", "10m", &[]);
     let said = s.ferry_ok(&["abort", "cancer"]);
     assert_eq!(said.matches("r-3").count(), 1, "{said}");
     assert!(said.contains("aborted"), "{said}");

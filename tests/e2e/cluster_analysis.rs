@@ -67,23 +67,19 @@ async fn the_leader_aborts_a_slow_canary_on_traffic_only_the_others_answered() {
     leader.add("cancer", "slow", "cancer-slow.onnx");
     let load = [Traffic::start(b, 40, 2), Traffic::start(c, 40, 2)];
     let started = Instant::now();
-    leader.ferry_ok(&[
-        "deploy",
-        "cancer",
+    leader.deploy_canary(
         "slow",
-        "--strategy",
-        "canary",
-        "--steps",
         "30,100",
-        "--step-pause",
         "60s",
-        "--interval",
-        "5s",
-        "--min-requests",
-        "10",
-        "--max-p99-vs-stable",
-        "1.5",
-    ]);
+        &[
+            "--interval",
+            "5s",
+            "--min-requests",
+            "10",
+            "--max-p99-vs-stable",
+            "1.5",
+        ],
+    );
     let ended = super::harness::ended(leader, Duration::from_secs(40)).await;
     let took = started.elapsed();
     assert_eq!(ended["phase"], "aborted", "{ended}");

@@ -48,6 +48,15 @@ fn node_modules() -> PathBuf {
     dir
 }
 
+/// The module every browser script starts Chromium with, beside them.
+fn copy_launch(dir: &std::path::Path) {
+    std::fs::copy(
+        repo().join("tests/browser/launch.mjs"),
+        dir.join("launch.mjs"),
+    )
+    .unwrap();
+}
+
 /// Debian's Chromium, installed when missing (as root).
 fn chromium() -> PathBuf {
     let path =
@@ -87,6 +96,7 @@ async fn the_dashboard_shows_and_steers_a_canary_in_a_real_browser() {
     let script = repo().join("tests/browser/dashboard.mjs");
     let run_dir = modules.clone();
     std::fs::copy(&script, run_dir.join("dashboard.mjs")).unwrap();
+    copy_launch(&run_dir);
     let (url, token, shots_dir) = (s.url.clone(), s.token(), shots.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -138,6 +148,7 @@ async fn the_dashboard_marks_figures_incomplete_while_an_instance_is_frozen() {
         modules.join("cluster.mjs"),
     )
     .unwrap();
+    copy_launch(&modules);
     let mut child = Command::new("node")
         .arg("cluster.mjs")
         .current_dir(&modules)

@@ -259,6 +259,24 @@ impl Server {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// `ferry deploy cancer VERSION --strategy canary --steps STEPS
+    /// --step-pause PAUSE`, then `extra` (analysis flags): its output.
+    pub fn deploy_canary(&self, version: &str, steps: &str, pause: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "deploy",
+            "cancer",
+            version,
+            "--strategy",
+            "canary",
+            "--steps",
+            steps,
+            "--step-pause",
+            pause,
+        ];
+        args.extend_from_slice(extra);
+        self.ferry_ok(&args)
+    }
+
     /// Runs the CLI with `-o json` and parses the answer.
     pub fn ferry_json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();

@@ -64,6 +64,16 @@ async fn leader(servers: &[Server], alive: &[usize], not: Option<&str>) -> (usiz
     }
 }
 
+/// Three instances serving `cancer` 1 with version 2 registered, and
+/// which leads: its index, id and term.
+async fn three_with_a_second_version() -> (Cluster, usize, String, i64) {
+    let url = testpg::database();
+    let cluster = Cluster::start_serving_cancer(&url, 3).await;
+    cluster.instances[0].add("cancer", "2", "cancer-v2.onnx");
+    let (lead, id, term) = leader(&cluster.instances, &[0, 1, 2], None).await;
+    (cluster, lead, id, term)
+}
+
 /// The events of the model's latest rollout, oldest first.
 async fn rollout_events(s: &Server) -> Vec<Value> {
     let events = s
@@ -108,11 +118,8 @@ fn recorded_at(events: &[Value], text: &str) -> SystemTime {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_during_a_canary_pause_hands_the_rollout_on_at_the_same_step() {
-    let url = testpg::database();
-    let mut cluster = Cluster::start_serving_cancer(&url, 3).await;
+    let (mut cluster, lead, old_id, term) = three_with_a_second_version().await;
     let servers = &mut cluster.instances;
-    servers[0].add("cancer", "2", "cancer-v2.onnx");
-    let (lead, old_id, term) = leader(servers, &[0, 1, 2], None).await;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
     let traffic: Vec<Traffic> = survivors
         .iter()
@@ -121,17 +128,7 @@ async fn killing_the_leader_during_a_canary_pause_hands_the_rollout_on_at_the_sa
     // Through a follower: the command is handed to the leader, which
     // takes the first step (tests/e2e/commands.rs covers each command).
     let via = survivors[0];
-    servers[via].ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "20,50,100",
-        "--step-pause",
-        "10s",
-    ]);
+    servers[via].deploy_canary("2", "20,50,100", "10s", &[]);
     eventually(Duration::from_secs(10), "at weight 20%", async || {
         rollout_events(&servers[survivors[0]])
             .await
@@ -283,17 +280,7 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
         servers.push(Server::start_in(&tmp.path().join(name), &["--store", &url]).await);
     }
     // Through the leader (a command a follower takes could race its loop).
-    servers[0].ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "20,50,100",
-        "--step-pause",
-        "2s",
-    ]);
+    servers[0].deploy_canary("2", "20,50,100", "2s", &[]);
     // a stops itself at its loop's first look at the rollout (its pause not
     // over); b or c takes over and stores "weight 50%" when it is.
     let (new, new_id, new_term) = leader(&servers, &[1, 2], Some(&a_id)).await;
@@ -409,11 +396,8 @@ async fn a_leader_stopped_gracefully_hands_the_lease_on_at_once_and_leaves_the_c
 /// twice); the 100th comparison promotes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
-    let url = testpg::database();
-    let mut cluster = Cluster::start_serving_cancer(&url, 3).await;
+    let (mut cluster, lead, old_id, _) = three_with_a_second_version().await;
     let servers = &mut cluster.instances;
-    servers[0].add("cancer", "2", "cancer-v2.onnx");
-    let (lead, old_id, _) = leader(servers, &[0, 1, 2], None).await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
     servers[followers[0]]
         .start_rollout(&serde_json::json!({
@@ -518,17 +502,7 @@ async fn a_leader_cut_off_from_postgres_stops_leading_within_its_lease_and_follo
         servers.push(Server::start_in(&tmp.path().join(name), &["--store", &direct]).await);
     }
     let traffic: Vec<Traffic> = servers.iter().map(|s| Traffic::start(s, 30, 2)).collect();
-    servers[1].ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "20,50,100",
-        "--step-pause",
-        "6s",
-    ]);
+    servers[1].deploy_canary("2", "20,50,100", "6s", &[]);
     eventually(Duration::from_secs(10), "at weight 20%", async || {
         rollout_events(&servers[1])
             .await

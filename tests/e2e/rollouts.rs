@@ -181,23 +181,19 @@ async fn a_remote_candidate_that_turns_bad_is_aborted(
         s.ferry_ok(&args);
     }
     let load = Traffic::start(&s, 150, 3);
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
+    s.deploy_canary(
         "broken",
-        "--strategy",
-        "canary",
-        "--steps",
         "20,100",
-        "--step-pause",
         "60s",
-        "--interval",
-        "5s",
-        "--min-requests",
-        "10",
-        "--max-error-rate",
-        "0.01",
-    ]);
+        &[
+            "--interval",
+            "5s",
+            "--min-requests",
+            "10",
+            "--max-error-rate",
+            "0.01",
+        ],
+    );
     // It loaded and warmed up fine; now it turns bad for every request.
     fault(&upstream, true);
     let started = Instant::now();
@@ -245,23 +241,19 @@ async fn a_slow_candidate_is_aborted_on_latency() {
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "slow", "cancer-slow.onnx");
     let load = Traffic::start(&s, 60, 2);
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
+    s.deploy_canary(
         "slow",
-        "--strategy",
-        "canary",
-        "--steps",
         "30,100",
-        "--step-pause",
         "60s",
-        "--interval",
-        "5s",
-        "--min-requests",
-        "10",
-        "--max-p99-vs-stable",
-        "1.5",
-    ]);
+        &[
+            "--interval",
+            "5s",
+            "--min-requests",
+            "10",
+            "--max-p99-vs-stable",
+            "1.5",
+        ],
+    );
     assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
     let seen = load.finish().await;
     assert!(seen.failures.is_empty(), "slow is not failing: {seen:?}");
@@ -285,17 +277,7 @@ async fn kill_9_during_a_pause_resumes_the_same_step_with_the_time_left() {
     let mut s = Server::start_in(&dir, &[]).await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "2", "cancer-v2.onnx");
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "25,100",
-        "--step-pause",
-        "8s",
-    ]);
+    s.deploy_canary("2", "25,100", "8s", &[]);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = status(&s).await;
@@ -605,17 +587,7 @@ async fn a_manual_pause_stops_the_clock_of_a_timed_pause() {
     let s = Server::start().await;
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "2", "cancer-v2.onnx");
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "10,50,100",
-        "--step-pause",
-        "8s",
-    ]);
+    s.deploy_canary("2", "10,50,100", "8s", &[]);
     let started = Instant::now();
     s.ferry_ok(&["pause", "cancer"]);
     // Paused for longer than the whole 8 s pause: the weight never moves.
@@ -739,17 +711,7 @@ async fn invalid_specs_and_commands_are_refused_with_reasons() {
             "{cmd:?}"
         );
     }
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "canary",
-        "--steps",
-        "10,100",
-        "--step-pause",
-        "1m",
-    ]);
+    s.deploy_canary("2", "10,100", "1m", &[]);
     let out = s.ferry(&["resume", "cancer"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not waiting for resume"));
     let (code, body) = s.set_route("cancer", json!({"stable": "1"})).await;
