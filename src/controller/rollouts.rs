@@ -897,7 +897,7 @@ impl Controller {
             errors,
             dropped,
             examples,
-            counted_through: None,
+            counted_through: Default::default(),
         };
         let reached =
             record.state.shadow.compared.compared() + delta.compared() >= sh.min_comparisons;
@@ -917,49 +917,55 @@ impl Controller {
     }
 
     /// The shadow comparisons of every instance sharing the store, from
-    /// their flushed buckets: those after the last bucket the rollout
-    /// counted (stored with the counts, so a new leader goes on from there
-    /// and counts nothing twice) through the last closed bucket every
-    /// instance has flushed (or whose grace is over). A bucket is counted
-    /// once it closed, so a cluster decides up to a bucket and its grace
-    /// (about 6.5 s) after one node would. Disagreement examples are this
-    /// instance's own (the buckets carry counts only).
+    /// their buckets ([`crate::metrics::Telemetry::count_on`]): this
+    /// instance's closed ones, and each other instance's as it flushes them
+    /// (a frozen instance's count once it thaws), each after the bucket the
+    /// stored counts went through for it, so a new leader goes on from
+    /// there and counts nothing twice. A comparison counts once its bucket
+    /// closed and was flushed: a cluster decides a few seconds after one
+    /// node would. Disagreement examples are this instance's own (the
+    /// buckets carry counts only), from this rollout's start.
     fn shadow_counted_in_cluster(
         &self,
         record: &RolloutRecord,
         now: u64,
     ) -> Option<strategy::ShadowProgress> {
-        use super::telemetry::{epoch_at, may_judge};
+        use super::telemetry::{FLUSH_AFTER, epoch_at};
         use crate::metrics::window::{BUCKET_SECS, RING};
         let (model, version) = (&record.model, &record.spec.version);
+        let me = &self.me.get()?.id;
+        let counted = &record.state.shadow.compared.counted_through;
         // Mirroring began with the rollout's first step: its bucket counts.
-        let counted = record.state.shadow.compared.counted_through;
-        let after =
-            counted.unwrap_or_else(|| epoch_at(record.state.step_started_ms).saturating_sub(1));
-        let last = epoch_at(now).saturating_sub(1);
-        // Buckets older than the ring are gone everywhere: a leader away
-        // longer than that counts on from what is still kept.
-        let after = after.max(last.saturating_sub(RING as u64 - 1));
-        if last <= after {
+        let start = epoch_at(record.state.step_started_ms).saturating_sub(1);
+        // This instance's own buckets once closed (and a request recorded
+        // just before the close has taken the bucket's lock).
+        let last = epoch_at(now.saturating_sub(FLUSH_AFTER.as_millis() as u64)).saturating_sub(1);
+        let oldest = counted
+            .values()
+            .copied()
+            .chain([start])
+            .min()
+            .unwrap_or(start);
+        let buckets = last.saturating_sub(oldest).clamp(1, RING as u64) as u32;
+        let read = self.cluster_read(model, Duration::from_secs(BUCKET_SECS) * buckets);
+        let role = (model.as_str(), version.as_str(), Role::Shadow);
+        let (sum, through) =
+            self.telemetry
+                .count_on(role, (me, last), start, counted, read.peers());
+        if through.is_empty() {
             return None;
         }
-        let bucket = Duration::from_secs(BUCKET_SECS);
-        let read = self.cluster_read(model, bucket * (last - after) as u32);
-        let through = match may_judge(&read.completeness(last, bucket), now) {
-            true => last,
-            false => last - 1,
-        };
-        if through <= after {
-            return None;
-        }
-        let merged = self.telemetry.merged_between(
-            (model, version, Role::Shadow),
-            after,
-            through,
-            read.peers(),
-        );
         let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = seen.get(&record.id).map_or(0, |r| r.example);
+        // Without a reading (this instance leads since): examples from now
+        // on, never an earlier rollout's.
+        let taken = match seen.get(&record.id) {
+            Some(r) => r.example,
+            None => {
+                self.telemetry
+                    .disagreements_since(model, version, u64::MAX)
+                    .1
+            }
+        };
         let (examples, example) = self.telemetry.disagreements_since(model, version, taken);
         seen.insert(
             record.id,
@@ -970,12 +976,12 @@ impl Controller {
             },
         );
         Some(strategy::ShadowProgress {
-            agree: merged.agree,
-            disagree: merged.disagree,
-            errors: merged.compare_errors,
-            dropped: merged.dropped,
+            agree: sum.agree,
+            disagree: sum.disagree,
+            errors: sum.compare_errors,
+            dropped: sum.dropped,
             examples,
-            counted_through: Some(through),
+            counted_through: through,
         })
     }
 

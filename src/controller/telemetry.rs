@@ -345,12 +345,13 @@ mod tests {
         assert_eq!(totals, vec![s1.requests, c1.requests]);
     }
 
-    /// Shadow comparisons counted span after span (as a leader counts on
-    /// from the last bucket its stored counts went through, whichever
-    /// instance leads): the spans add up to every comparison of every
-    /// instance, each counted once.
+    /// Shadow comparisons counted tick after tick, as a leader counts them
+    /// (whichever instance leads, going on from the per-instance epochs the
+    /// stored counts went through), while one instance flushes late (its
+    /// mark lags, as when it is frozen, then catches up): every comparison
+    /// of every instance is counted once, the late ones included.
     #[test]
-    fn shadow_comparisons_counted_span_by_span_add_up_over_three_instances() {
+    fn shadow_comparisons_counted_tick_by_tick_add_up_over_three_instances() {
         let three: Vec<Telemetry> = (0..3).map(|_| Telemetry::default()).collect();
         let first = T0 / BUCKET_SECS;
         let mut all = Bucket::default();
@@ -368,40 +369,68 @@ mod tests {
             comparison(&mut all);
         }
         let last = first + 23;
-        let spans = [
-            (first - 1, first + 4),
-            (first + 4, first + 5),
-            (first + 5, last),
+        // Each tick: who leads, the last closed bucket, and how far
+        // instance 2 has flushed (frozen from first + 6 to first + 16).
+        let ticks = [
+            (0, first + 4, first + 4),
+            (0, first + 9, first + 6),
+            (1, first + 15, first + 6),
+            (1, first + 18, first + 18),
+            (0, last, last),
         ];
-        let mut counted = Bucket::default();
-        // A different instance leads each span: its own ring and the
-        // others' flushed buckets.
-        for (leader, (after, through)) in spans.into_iter().enumerate() {
-            let peers = peers_of(leader, &three, through);
-            let span =
-                three[leader].merged_between(("m", "2", Role::Shadow), after, through, &peers);
-            assert_eq!(span.epoch, through);
-            counted.merge(&span);
+        let mut counted = std::collections::BTreeMap::new();
+        let mut total = Bucket::default();
+        for (leader, now_last, late_mark) in ticks {
+            let mut peers = peers_of(leader, &three, now_last);
+            if leader != 2 {
+                peers.marks.insert("i2".into(), late_mark);
+                peers
+                    .buckets
+                    .retain(|p| p.instance != "i2" || p.bucket.epoch <= late_mark);
+            }
+            let me = format!("i{leader}");
+            let (sum, through) = three[leader].count_on(
+                ("m", "2", Role::Shadow),
+                (&me, now_last),
+                first - 1,
+                &counted,
+                &peers,
+            );
+            total.merge(&sum);
+            for (id, e) in through {
+                counted.insert(id, e);
+            }
         }
         assert_eq!(
             (
-                counted.agree,
-                counted.disagree,
-                counted.compare_errors,
-                counted.dropped
+                total.agree,
+                total.disagree,
+                total.compare_errors,
+                total.dropped
             ),
             (all.agree, all.disagree, all.compare_errors, all.dropped)
         );
-        assert_eq!(counted.agree + counted.disagree, 480);
-        // Nothing of another version or role, nothing outside the span.
+        assert_eq!(total.agree + total.disagree, 480);
+        assert_eq!(counted["i2"], last);
+        // Nothing of another role; nothing more once every bucket counted.
         let peers = peers_of(0, &three, last);
-        let none = three[0].merged_between(("m", "2", Role::Candidate), first - 1, last, &peers);
-        assert_eq!(none.agree + none.disagree, 0);
-        let one = three[0].merged_between(("m", "2", Role::Shadow), first, first + 1, &peers);
-        assert_eq!(
-            one.agree + one.disagree + one.compare_errors + one.dropped,
-            25
+        let (none, _) = three[0].count_on(
+            ("m", "2", Role::Candidate),
+            ("i0", last),
+            first - 1,
+            &Default::default(),
+            &peers,
         );
+        assert_eq!(none.agree + none.disagree, 0);
+        let (again, through) = three[0].count_on(
+            ("m", "2", Role::Shadow),
+            ("i0", last),
+            first - 1,
+            &counted,
+            &peers,
+        );
+        assert_eq!((again.agree, again.disagree), (0, 0));
+        assert!(through.is_empty(), "{through:?}");
     }
 
     #[test]

@@ -206,6 +206,54 @@ impl Telemetry {
         total
     }
 
+    /// What a cluster-wide counter adds now (a shadow's comparisons): for
+    /// this instance, its closed buckets through `last`; for every other,
+    /// its flushed buckets through the epoch it has flushed through (its
+    /// mark in `peers`, however late that flush came) — each after the
+    /// epoch `counted` says was counted for it (`start` for an instance
+    /// not counted yet; never older than the ring). Returns the sum and the
+    /// new per-instance epochs to store with it. `peers` must have been
+    /// read from before the oldest of those epochs.
+    pub fn count_on(
+        &self,
+        (model, version, role): (&str, &str, Role),
+        (me, last): (&str, u64),
+        start: u64,
+        counted: &BTreeMap<String, u64>,
+        peers: &Peers,
+    ) -> (Bucket, BTreeMap<String, u64>) {
+        let floor = last.saturating_sub(super::window::RING as u64);
+        let from = |id: &str| counted.get(id).copied().unwrap_or(start).max(floor);
+        let mut total = Bucket::default();
+        let mut through = BTreeMap::new();
+        if last > from(me) {
+            if let Some(s) = self.find(model, version, role) {
+                for b in s.between(from(me), last + 1) {
+                    total.merge(&b);
+                }
+            }
+            through.insert(me.to_string(), last);
+        }
+        for (id, &mark) in peers.marks.iter().filter(|(id, _)| *id != me) {
+            let after = from(id);
+            if mark <= after {
+                continue;
+            }
+            let theirs = peers.buckets.iter().filter(|p| {
+                p.instance == *id
+                    && p.version == version
+                    && p.role == role
+                    && p.bucket.epoch > after
+                    && p.bucket.epoch <= mark
+            });
+            for p in theirs {
+                total.merge(&p.bucket);
+            }
+            through.insert(id.clone(), mark);
+        }
+        (total, through)
+    }
+
     /// Every series of a model (this instance's or a peer's) over the
     /// `window` ending with epoch `last`, merged with `peers`'.
     pub fn merged_summaries(

@@ -663,14 +663,26 @@ impl Store for PostgresStore {
         let answer = self.write(move |tx| {
             Box::pin(async move {
                 lease::check(tx, fence).await?;
-                tx.execute(
-                    "UPDATE rollouts SET state = $2, active = $3, updated_at = $4 WHERE id = $1",
-                    &[&id, &text, &active, &now_rfc3339()],
-                )
-                .await?;
+                // Whether the phase moved: the other instances show it.
+                let phase_moved: bool = tx
+                    .query_one(
+                        "WITH old AS (SELECT state FROM rollouts WHERE id = $1 FOR UPDATE)
+                         UPDATE rollouts SET state = $2, active = $3, updated_at = $4 WHERE id = $1
+                         RETURNING (SELECT (old.state::jsonb ->> 'phase') IS DISTINCT FROM ($2::text::jsonb ->> 'phase') FROM old)",
+                        &[&id, &text, &active, &now_rfc3339()],
+                    )
+                    .await?
+                    .try_get::<_, Option<bool>>(0)?
+                    .unwrap_or(true);
                 for mut e in events {
                     e.rollout = Some(format!("r-{id}"));
                     insert_event(tx, &e).await?;
+                }
+                // Only a change of what serves, or of the phase, is
+                // announced to the other instances (a step that counted
+                // comparisons or judged a window is not).
+                if route_changed.is_none() && !phase_moved {
+                    return Ok(());
                 }
                 if let Some(event) = route_changed {
                     tx.execute(

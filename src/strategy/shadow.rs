@@ -8,6 +8,8 @@
 //!
 //! Steps ([`ShadowStep`]): mirroring, decided, then the canary's steps.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{Phase, Plan, RolloutState, Waiting, canary, succeed};
@@ -77,12 +79,13 @@ pub struct ShadowProgress {
     /// The latest disagreements (at most [`SHADOW_EXAMPLES`]).
     #[serde(default)]
     pub examples: Vec<crate::metrics::Disagreement>,
-    /// On a shared store, the last 5-second bucket (its epoch) whose
-    /// comparisons, flushed by every instance, are in these counts: a new
-    /// leader counts on from the next one, so nothing is counted twice.
-    /// None on one node, which counts its live counters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub counted_through: Option<u64>,
+    /// On a shared store, per instance (by id), the last 5-second bucket
+    /// (its epoch) whose comparisons are in these counts: the leader counts
+    /// each instance's buckets as that instance flushes them, late or not,
+    /// and a new leader counts on from here, so nothing is counted twice or
+    /// skipped. Empty on one node, which counts its live counters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted_through: BTreeMap<String, u64>,
 }
 
 /// Disagreements a shadow rollout keeps as examples.
@@ -97,7 +100,10 @@ impl ShadowProgress {
         self.examples.extend(w.examples.iter().cloned());
         let extra = self.examples.len().saturating_sub(SHADOW_EXAMPLES);
         self.examples.drain(..extra);
-        self.counted_through = self.counted_through.max(w.counted_through);
+        for (instance, epoch) in &w.counted_through {
+            let through = self.counted_through.entry(instance.clone()).or_default();
+            *through = (*through).max(*epoch);
+        }
     }
 
     pub fn compared(&self) -> u64 {

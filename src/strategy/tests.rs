@@ -511,33 +511,46 @@ fn window(agree: u64, disagree: u64) -> Observations {
             errors: 0,
             dropped: 0,
             examples,
-            counted_through: None,
+            counted_through: Default::default(),
         }),
         ..Default::default()
     }
 }
 
-/// On a shared store the counts say through which flushed bucket they
-/// go: stored with them (a new leader reads it back and counts on from
-/// the next bucket), never moving back.
+/// On a shared store the counts say, per instance, through which flushed
+/// bucket they go: stored with them (a new leader reads it back and counts
+/// on from the next bucket of each), never moving back.
 #[test]
-fn shadow_counts_keep_the_last_bucket_counted_in_the_stored_state() {
+fn shadow_counts_keep_the_last_bucket_counted_per_instance_in_the_stored_state() {
+    let through = |pairs: &[(&str, u64)]| -> std::collections::BTreeMap<String, u64> {
+        pairs.iter().map(|(i, e)| (i.to_string(), *e)).collect()
+    };
     let mut d = Driver::new(spec(SHADOW));
     d.idle();
     let mut w = window(40, 0);
-    w.shadow_window.as_mut().unwrap().counted_through = Some(1_000);
+    w.shadow_window.as_mut().unwrap().counted_through = through(&[("a", 1_000), ("b", 998)]);
     d.tick(w);
     let stored = serde_json::to_string(&d.state).unwrap();
-    assert!(stored.contains("\"counted_through\":1000"), "{stored}");
+    assert!(
+        stored.contains("\"counted_through\":{\"a\":1000,\"b\":998}"),
+        "{stored}"
+    );
     d.state = serde_json::from_str(&stored).unwrap();
-    assert_eq!(d.state.shadow.compared.counted_through, Some(1_000));
     let mut w = window(20, 0);
-    w.shadow_window.as_mut().unwrap().counted_through = Some(1_003);
+    w.shadow_window.as_mut().unwrap().counted_through = through(&[("b", 1_003), ("c", 1_001)]);
     d.tick(w);
-    assert_eq!(d.state.shadow.compared.counted_through, Some(1_003));
+    assert_eq!(
+        d.state.shadow.compared.counted_through,
+        through(&[("a", 1_000), ("b", 1_003), ("c", 1_001)])
+    );
     assert_eq!(d.state.shadow.compared.compared(), 60);
-    d.tick(window(1, 0));
-    assert_eq!(d.state.shadow.compared.counted_through, Some(1_003));
+    let mut w = window(1, 0);
+    w.shadow_window.as_mut().unwrap().counted_through = through(&[("a", 999)]);
+    d.tick(w);
+    assert_eq!(
+        d.state.shadow.compared.counted_through["a"], 1_000,
+        "never back"
+    );
     let one_node = serde_json::to_string(&Driver::new(spec(SHADOW)).state).unwrap();
     assert!(!one_node.contains("counted_through"), "{one_node}");
 }

@@ -393,7 +393,8 @@ async fn a_leader_stopped_gracefully_hands_the_lease_on_at_once_and_leaves_the_c
 /// counted by the leader (which answered none); the leader is killed; the
 /// new one counts on from the last bucket the stored counts went through
 /// (90 after 30 more, and still 90 two buckets later: nothing counted
-/// twice); the 100th comparison promotes.
+/// twice); the last 10 come from a follower frozen before it flushed them,
+/// counted once it thaws (nothing skipped): the 100th comparison promotes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
     let (mut cluster, lead, old_id, _) = three_with_a_second_version().await;
@@ -464,7 +465,20 @@ async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
         ("progressing".to_string(), 90),
         "counted twice after the takeover"
     );
+    // The last 10 on a follower frozen (SIGSTOP) as soon as it answered,
+    // before its bucket closed, for longer than the grace a window waits:
+    // counted once it thaws and flushes, not skipped.
     send(&servers[other], 10).await;
+    servers[other].signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // (A bucket that closed while the 10 were sent may have been flushed
+    // before the freeze: some may count already, never all.)
+    let (phase, frozen) = compared(&servers[new]).await;
+    assert!(
+        phase == "progressing" && (90..100).contains(&frozen),
+        "{phase} with {frozen} comparisons while the follower is frozen"
+    );
+    servers[other].signal("-CONT");
     let last = ended(&servers[new], Duration::from_secs(30)).await;
     assert_eq!(last["phase"], "succeeded", "{last}");
     let events = rollout_events(&servers[new]).await;

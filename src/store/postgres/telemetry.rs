@@ -66,6 +66,15 @@ pub(super) async fn flush(db: &Db, f: &Flush) -> Result2<()> {
 
 pub(super) async fn peers(db: &Db, model: &str, after: u64, me: &str) -> Result2<Peers> {
     let client = db.client().await?;
+    // The marks first: a flush that lands between the two reads adds
+    // buckets past the marks read (counted at the next read), never a mark
+    // past the buckets read.
+    let marks = client
+        .query("SELECT instance, through FROM telemetry_marks", &[])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)?.max(0) as u64)))
+        .collect::<Result2<BTreeMap<String, u64>>>()?;
     let rows = client
         .query(
             "SELECT instance, version, role, data FROM telemetry_buckets
@@ -87,12 +96,6 @@ pub(super) async fn peers(db: &Db, model: &str, after: u64, me: &str) -> Result2
             bucket: json(r, 3, "a telemetry bucket")?,
         });
     }
-    let marks = client
-        .query("SELECT instance, through FROM telemetry_marks", &[])
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)?.max(0) as u64)))
-        .collect::<Result2<BTreeMap<String, u64>>>()?;
     Ok(Peers { buckets, marks })
 }
 
