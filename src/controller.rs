@@ -226,6 +226,12 @@ impl Controller {
     }
 
     /// The model's routing policy (the stored one, or stable-only).
+    /// Whether this instance serves `model` now (its published routes, no
+    /// store call).
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.routes.model(model).is_some()
+    }
+
     pub fn route(&self, model: &str) -> Result<RoutePolicy, ControlError> {
         if let Some(p) = self.registry.store().route(model)? {
             return Ok(p);

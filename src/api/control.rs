@@ -520,9 +520,14 @@ pub async fn model_metrics(
         )));
     }
     crate::records::check_name("model", &model)?;
-    s.controller
-        .route(&model)
-        .map_err(reading(&format!("whether model \"{model}\" exists")))?;
+    // A model this instance serves exists, whatever the store says now (it
+    // may be unreachable: the figures are then this instance's own, marked
+    // incomplete); any other is looked up.
+    if !s.controller.serves_model(&model) {
+        s.controller
+            .route(&model)
+            .map_err(reading(&format!("whether model \"{model}\" exists")))?;
+    }
     let (series, completeness) = s.controller.merged_summaries(&model, window.0);
     Ok(Json(ModelMetrics {
         model: model.clone(),

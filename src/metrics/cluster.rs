@@ -84,10 +84,11 @@ impl Completeness {
         }
     }
 
-    /// Whether other instances take part (otherwise nothing is shown, and
-    /// every output stays as on a single node).
+    /// Whether other instances take part, or may (the store could not be
+    /// read): otherwise nothing is shown, and every output stays as on a
+    /// single node.
     pub fn shared(&self) -> bool {
-        self.instances_expected > 1
+        self.instances_expected > 1 || !self.complete
     }
 
     /// The window's shortfall in words, for a verdict's reason.

@@ -32,6 +32,13 @@ fn names(specs: &[TensorSpec]) -> String {
 }
 
 impl Signature {
+    /// The outputs this signature has, when `name` is not one of them (a
+    /// signature that lists no outputs knows none: nothing to say).
+    pub fn lacks_output(&self, name: &str) -> Option<String> {
+        let has = self.outputs.is_empty() || self.outputs.iter().any(|o| o.name == name);
+        (!has).then(|| names(&self.outputs))
+    }
+
     /// Checks a request's inputs against the signature; the error says what
     /// the model expects.
     pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), String> {

@@ -159,6 +159,19 @@ async fn during_the_outage(cluster: &Cluster, shown_url: &str, within: Duration)
     let cancer =
         serde_json::json!({"name": "cancer", "version": "1", "state": "READY", "reason": ""});
     assert!(index.as_array().unwrap().contains(&cancer), "{index}");
+    // The metrics of a model it serves: its own figures, marked incomplete,
+    // at once.
+    let started = Instant::now();
+    let m = a
+        .admin_get("/api/v1/models/cancer/metrics?window=10s")
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(m["cluster"]["complete"], false, "{m}");
+    assert!(m["series"].as_array().is_some_and(|s| !s.is_empty()), "{m}");
     grpc_during_the_outage(a).await;
     // The CLI says the same, and what it could not read.
     let out = a.ferry(&[

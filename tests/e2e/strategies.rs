@@ -314,6 +314,29 @@ fn shadow_spec(version: &str, then: &str) -> Value {
     json!({"model": "cancer", "version": version, "strategy": {"shadow": shadow}, "analysis": {"interval": "5s", "min_requests": 5}})
 }
 
+/// A shadow compared on an output the versions do not answer would never
+/// count a comparison: refused when it is applied, naming the outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_compared_on_an_output_no_version_answers_is_refused_naming_the_outputs() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let mut spec = shadow_spec("2", "promote");
+    spec["strategy"]["shadow"]["compare"]["output"] = json!("nosuch");
+    let (code, body) = s
+        .admin_post("/api/v1/models/cancer/rollouts", Some(spec))
+        .await;
+    assert_eq!(code, 400, "{body}");
+    let said = body["error"].as_str().unwrap();
+    assert!(
+        said.contains("\"nosuch\" is not an output of version \"1\" (the stable)")
+            && said.contains("label")
+            && said.contains("probabilities"),
+        "{said}"
+    );
+    assert_eq!(status(&s).await["phase"], "idle");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_of_v2_hands_over_to_a_canary_and_cancer_bad_is_aborted_on_agreement() {
     let s = Server::start().await;
