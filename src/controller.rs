@@ -429,24 +429,14 @@ impl Controller {
                 )));
             }
         }
-        if let Some(shadow) = &policy.shadow
-            && !stable
-                .signature
-                .outputs
-                .iter()
-                .any(|o| o.name == shadow.compare.output)
-        {
-            return Err(ControlError::Invalid(format!(
-                "shadow.compare.output \"{}\" is not an output of the model; outputs: {}",
-                shadow.compare.output,
-                stable
-                    .signature
-                    .outputs
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+        if let Some(shadow) = &policy.shadow {
+            let compared = self.registry.version(model, &shadow.version)?;
+            compare_output(
+                "shadow.compare.output",
+                &shadow.compare.output,
+                &stable,
+                &compared,
+            )?;
         }
         Ok(())
     }
@@ -705,4 +695,23 @@ fn warn_if_oversubscribed(record: &VersionRecord) {
             record.settings.threads
         );
     }
+}
+
+/// A shadow is compared on an output that both the stable version and the
+/// shadow answer (`field` names the setting in the message).
+pub(crate) fn compare_output(
+    field: &str,
+    output: &str,
+    stable: &VersionRecord,
+    shadow: &VersionRecord,
+) -> Result<(), ControlError> {
+    for (role, v) in [("stable", stable), ("shadow", shadow)] {
+        if let Some(outputs) = v.signature.lacks_output(output) {
+            return Err(ControlError::Invalid(format!(
+                "{field} \"{output}\" is not an output of version \"{}\" (the {role}), whose outputs are: {outputs}; compare on one both versions answer",
+                v.version
+            )));
+        }
+    }
+    Ok(())
 }

@@ -303,14 +303,8 @@ impl Controller {
             }
             if let Strategy::Shadow(sh) = &spec.strategy {
                 let stable = self.registry.version(&model, &current.stable)?;
-                for (role, v) in [("stable", &stable), ("shadow", &candidate)] {
-                    if let Some(outputs) = v.signature.lacks_output(&sh.compare.output) {
-                        return Err(ControlError::Invalid(format!(
-                            "strategy.shadow.compare.output \"{}\" is not an output of version \"{}\" (the {role}), whose outputs are: {outputs}; compare on one both versions answer",
-                            sh.compare.output, v.version
-                        )));
-                    }
-                }
+                let (field, output) = ("strategy.shadow.compare.output", &sh.compare.output);
+                super::compare_output(field, output, &stable, &candidate)?;
             }
             let mut state = strategy::initial_state(&current, now_ms());
             if let Strategy::Rolling(r) = &spec.strategy
