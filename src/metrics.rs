@@ -9,6 +9,7 @@
 //!   traffic weights and rollout phases as separate info series; written as
 //!   OpenMetrics or as Prometheus' classic text format ([`Exposition`]).
 
+pub mod bucket;
 pub mod cluster;
 pub mod packed;
 pub mod sketch;

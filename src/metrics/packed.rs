@@ -5,7 +5,7 @@
 //! the open form's size. Merging reads the bytes directly; nothing is
 //! allocated to read a window. Only this module knows the layout.
 
-use super::window::Bucket;
+use super::bucket::Bucket;
 
 /// A closed bucket: its epoch, and its figures packed.
 #[derive(Debug, Clone, PartialEq)]
