@@ -392,6 +392,7 @@ fn wire(opts: &ServeOptions) -> anyhow::Result<Wired> {
     let token_path = opts.data_dir.join("admin-token");
     if created {
         tracing::info!("admin token created in {}", token_path.display());
+        warn_if_others_have_their_own_token(opened.store.as_ref(), &token_path);
     }
     let dashboard_path = created.then(|| token.dashboard_path());
     if let Some(retention) = opts.event_retention {
@@ -988,6 +989,38 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// A new admin token made while other instances share the store: commands
+/// and labels forwarded between instances carry the caller's token, so each
+/// instance needs the same one. Said once, at start (the instances table of
+/// an embedded store holds only this process's predecessors).
+fn warn_if_others_have_their_own_token(
+    store: &dyn crate::store::Store,
+    token_path: &std::path::Path,
+) {
+    if !store.keeps_buckets() {
+        return;
+    }
+    let others = match store.instances() {
+        Ok(i) => i,
+        Err(_) => return, // an outage is said elsewhere
+    };
+    let live = crate::controller::cluster::LIVE_WITHIN.as_millis() as u64;
+    let now = crate::units::now_ms();
+    let urls: Vec<String> = others
+        .iter()
+        .filter(|i| i.last_seen_ms + live >= now)
+        .map(|i| i.report.url.clone())
+        .collect();
+    if let Some(first) = urls.first() {
+        tracing::warn!(
+            "this instance made a new admin token in {} while {} other instance(s) share the store (e.g. {first}): commands and labels forwarded between instances carry the caller's token, so every instance needs the same one; stop this instance, copy another's DATA_DIR/admin-token to {}, and start it again (docs/scale-out.md)",
+            token_path.display(),
+            urls.len(),
+            token_path.display()
+        );
+    }
 }
 
 #[cfg(test)]

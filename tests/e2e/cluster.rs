@@ -266,3 +266,33 @@ async fn id_of(s: &Server, url: &str) -> String {
         .unwrap_or_else(|| panic!("no instance at {url}: {view}"))
         .to_string()
 }
+
+/// An instance that makes its own admin token while others share the store
+/// says so at start, with the fix; one given another's token says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_a_new_admin_token_beside_others_says_to_share_one() {
+    let url = testpg::database();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Server::start_in(&tmp.path().join("a"), &["--store", &url]).await;
+    eventually(Duration::from_secs(10), "a reports itself", async || {
+        cluster(&a).await["instances"]
+            .as_array()
+            .is_some_and(|i| i.len() == 1)
+    })
+    .await;
+    let (b_log, c_log) = (tmp.path().join("b.log"), tmp.path().join("c.log"));
+    let _b = Server::start_logging_to(&b_log, &tmp.path().join("b"), &["--store", &url]).await;
+    let said = std::fs::read_to_string(&b_log).unwrap();
+    assert!(
+        said.contains("made a new admin token")
+            && said.contains(&a.url)
+            && said.contains("copy another's DATA_DIR/admin-token"),
+        "{said}"
+    );
+    let c_dir = tmp.path().join("c");
+    std::fs::create_dir_all(&c_dir).unwrap();
+    std::fs::copy(a.dir.join("admin-token"), c_dir.join("admin-token")).unwrap();
+    let _c = Server::start_logging_to(&c_log, &c_dir, &["--store", &url]).await;
+    let said = std::fs::read_to_string(&c_log).unwrap();
+    assert!(!said.contains("made a new admin token"), "{said}");
+}
