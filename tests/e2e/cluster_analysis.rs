@@ -67,19 +67,7 @@ async fn the_leader_aborts_a_slow_canary_on_traffic_only_the_others_answered() {
     leader.add("cancer", "slow", "cancer-slow.onnx");
     let load = [Traffic::start(b, 40, 2), Traffic::start(c, 40, 2)];
     let started = Instant::now();
-    leader.deploy_canary(
-        "slow",
-        "30,100",
-        "60s",
-        &[
-            "--interval",
-            "5s",
-            "--min-requests",
-            "10",
-            "--max-p99-vs-stable",
-            "1.5",
-        ],
-    );
+    leader.deploy_canary("slow", "30,100", "60s", &Server::LATENCY_CHECKED);
     let ended = super::harness::ended(leader, Duration::from_secs(40)).await;
     let took = started.elapsed();
     assert_eq!(ended["phase"], "aborted", "{ended}");

@@ -259,6 +259,17 @@ impl Server {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// The analysis flags of a canary judged on latency against stable
+    /// every 5 s (`cancer-slow` fails it).
+    pub const LATENCY_CHECKED: [&str; 6] = [
+        "--interval",
+        "5s",
+        "--min-requests",
+        "10",
+        "--max-p99-vs-stable",
+        "1.5",
+    ];
+
     /// `ferry deploy cancer VERSION --strategy canary --steps STEPS
     /// --step-pause PAUSE`, then `extra` (analysis flags): its output.
     pub fn deploy_canary(&self, version: &str, steps: &str, pause: &str, extra: &[&str]) -> String {

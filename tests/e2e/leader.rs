@@ -74,6 +74,24 @@ async fn three_with_a_second_version() -> (Cluster, usize, String, i64) {
     (cluster, lead, id, term)
 }
 
+/// `a` (started alone on the store) registers `cancer` 1 and 2 and leads;
+/// then b and c start on `url` in `tmp`: the three, a's id and term.
+async fn a_leads_then_b_and_c_join(
+    a: Server,
+    tmp: &std::path::Path,
+    url: &str,
+) -> (Vec<Server>, String, i64) {
+    a.add("cancer", "1", "cancer-v1.onnx");
+    a.add("cancer", "2", "cancer-v2.onnx");
+    let mut servers = vec![a];
+    let (first, a_id, term) = leader(&servers, &[0], None).await;
+    assert_eq!(first, 0);
+    for name in ["b", "c"] {
+        servers.push(Server::start_in(&tmp.join(name), &["--store", url]).await);
+    }
+    (servers, a_id, term)
+}
+
 /// The events of the model's latest rollout, oldest first.
 async fn rollout_events(s: &Server) -> Vec<Value> {
     let events = s
@@ -271,14 +289,7 @@ async fn a_stopped_leader_that_comes_back_has_its_write_refused_and_follows() {
         file.into(),
     );
     a.wait_ready().await;
-    a.add("cancer", "1", "cancer-v1.onnx");
-    a.add("cancer", "2", "cancer-v2.onnx");
-    let mut servers = vec![a];
-    let (first, a_id, term) = leader(&servers, &[0], None).await;
-    assert_eq!(first, 0);
-    for name in ["b", "c"] {
-        servers.push(Server::start_in(&tmp.path().join(name), &["--store", &url]).await);
-    }
+    let (servers, a_id, term) = a_leads_then_b_and_c_join(a, tmp.path(), &url).await;
     // Through the leader (a command a follower takes could race its loop).
     servers[0].deploy_canary("2", "20,50,100", "2s", &[]);
     // a stops itself at its loop's first look at the rollout (its pause not
@@ -507,14 +518,7 @@ async fn a_leader_cut_off_from_postgres_stops_leading_within_its_lease_and_follo
     let cut_url = direct.replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
     let tmp = tempfile::tempdir().unwrap();
     let a = Server::start_in(&tmp.path().join("a"), &["--store", &cut_url]).await;
-    a.add("cancer", "1", "cancer-v1.onnx");
-    a.add("cancer", "2", "cancer-v2.onnx");
-    let mut servers = vec![a];
-    let (first, a_id, term) = leader(&servers, &[0], None).await;
-    assert_eq!(first, 0);
-    for name in ["b", "c"] {
-        servers.push(Server::start_in(&tmp.path().join(name), &["--store", &direct]).await);
-    }
+    let (servers, a_id, term) = a_leads_then_b_and_c_join(a, tmp.path(), &direct).await;
     let traffic: Vec<Traffic> = servers.iter().map(|s| Traffic::start(s, 30, 2)).collect();
     servers[1].deploy_canary("2", "20,50,100", "6s", &[]);
     eventually(Duration::from_secs(10), "at weight 20%", async || {

@@ -241,19 +241,7 @@ async fn a_slow_candidate_is_aborted_on_latency() {
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "slow", "cancer-slow.onnx");
     let load = Traffic::start(&s, 60, 2);
-    s.deploy_canary(
-        "slow",
-        "30,100",
-        "60s",
-        &[
-            "--interval",
-            "5s",
-            "--min-requests",
-            "10",
-            "--max-p99-vs-stable",
-            "1.5",
-        ],
-    );
+    s.deploy_canary("slow", "30,100", "60s", &Server::LATENCY_CHECKED);
     assert_eq!(ended(&s, Duration::from_secs(40)).await, "aborted");
     let seen = load.finish().await;
     assert!(seen.failures.is_empty(), "slow is not failing: {seen:?}");
