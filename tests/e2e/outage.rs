@@ -58,7 +58,7 @@ impl Cluster {
 }
 
 /// Stops the traffic: every request must have been answered.
-async fn no_failed_inference(traffic: Vec<Traffic>) -> u64 {
+pub(super) async fn no_failed_inference(traffic: Vec<Traffic>) -> u64 {
     let mut answered = 0;
     for t in traffic {
         let seen = t.finish().await;
