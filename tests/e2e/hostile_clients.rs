@@ -357,9 +357,18 @@ async fn slow_bodies_are_cut_and_one_peer_cannot_take_every_connection() {
         c.write_all(b" ").await.unwrap();
         slow.push(c);
     }
-    // Its thirteenth connection is refused at once...
+    // Its thirteenth connection is refused at once — while the twelve
+    // hold their slots: on a machine so loaded that opening them took
+    // longer than --body-read-timeout, some are cut already and a
+    // thirteenth is rightly let in (seen once in a full `.ci/run`).
     let mut extra = connect_from(&s, "127.0.0.3").await;
-    assert!(closed_within(&mut extra, Duration::from_secs(5)).await);
+    let opened = started.elapsed();
+    if opened < Duration::from_millis(800) {
+        assert!(closed_within(&mut extra, Duration::from_secs(5)).await);
+    } else {
+        eprintln!("the twelve took {opened:?} to open: the refusal of a thirteenth is not checked");
+    }
+    drop(extra);
     // ...while another peer is served.
     let mut other = connect_from(&s, "127.0.0.2").await;
     let body = serde_json::to_string(&batch(1)).unwrap();
