@@ -15,6 +15,7 @@ pub mod library;
 pub mod onnx;
 pub mod remote;
 pub mod target;
+pub mod upstream;
 pub mod worker;
 
 use std::time::Duration;

@@ -1,14 +1,15 @@
 //! Clients of remote Open Inference Protocol servers (Triton, MLServer, KServe,
 //! another Ferry): one [`RemoteClient`] per endpoint, sharing [`RemoteHttp`]:
-//! reqwest for the occasional metadata and readiness calls, and hyper's pooled
-//! keep-alive client directly for inference, the per-request path (reqwest's
-//! URL, proxy, redirect and retry layers cost more than the request itself
-//! on a pass-through; BENCHMARKS.md).
+//! reqwest for the occasional metadata and readiness calls, and for
+//! inference, the per-request path, a lean HTTP/1.1 client of our own on
+//! plain `http://` endpoints ([`super::upstream`]) and hyper's pooled client
+//! on `https://` ones (reqwest's URL, proxy, redirect and retry layers cost
+//! more than the request itself on a pass-through; BENCHMARKS.md).
 //!
-//! The inference client is per thread ([`PerThread`]): a serving thread
-//! (`server`'s thread per core) sends its requests on its own keep-alive
-//! connections, whose tasks run on that thread, so a pass-through request
-//! never wakes another thread (BENCHMARKS.md, the gateway's profile).
+//! Both inference clients keep their connections per thread: a serving
+//! thread (`server`'s thread per core) sends its requests on its own
+//! keep-alive connections, so a pass-through request never wakes another
+//! thread (BENCHMARKS.md, the gateway's profile).
 //!
 //! A version on `https://` endpoints, or with request headers, gets its own
 //! pair of clients ([`RemoteHttp::for_version`]) built from its
@@ -36,6 +37,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use super::RuntimeError;
+use super::upstream::Upstream;
 use crate::protocol::Signature;
 use crate::protocol::{self, Tensor};
 use crate::records::{HeaderRef, RemoteAccess};
@@ -49,6 +51,8 @@ pub struct RemoteClient {
     /// Parsed once: parsing a URL on every request showed up in profiles.
     infer_uri: hyper::Uri,
     http: RemoteHttp,
+    /// Set for a plain `http://` endpoint: its inference client.
+    plain: Option<Box<Upstream>>,
     /// Set for a `grpc://` endpoint: its calls go over gRPC.
     grpc: Option<Box<super::grpc_remote::GrpcRemote>>,
 }
@@ -89,10 +93,11 @@ where
     }
 }
 
-/// The inference client: plain HTTP (the shared one), or with TLS.
+/// The inference client: plain HTTP (each endpoint's own
+/// [`Upstream`], made by [`RemoteClient::new`]), or hyper's with TLS.
 #[derive(Clone)]
 enum DataClient {
-    Plain(Arc<PerThread<HttpConnector>>),
+    Plain,
     Tls(Arc<PerThread<HttpsConnector<HttpConnector>>>),
 }
 
@@ -227,21 +232,18 @@ impl RemoteHttp {
             .expect("the HTTP client builds with static settings");
         RemoteHttp {
             control,
-            data: DataClient::Plain(Arc::new(PerThread::new(Self::connector(
-                connect_timeout,
-                false,
-            )))),
+            data: DataClient::Plain,
             headers: Arc::new(HeaderMap::new()),
             connect_timeout,
         }
     }
 
-    /// `tls`: the connector sits under rustls, which handles `https`.
-    fn connector(connect_timeout: Duration, tls: bool) -> HttpConnector {
+    /// The connector under rustls, which handles `https`.
+    fn connector(connect_timeout: Duration) -> HttpConnector {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(!tls);
+        connector.enforce_http(false);
         connector
     }
 
@@ -267,7 +269,7 @@ impl RemoteHttp {
                 .with_tls_config(tls)
                 .https_or_http()
                 .enable_http1()
-                .wrap_connector(Self::connector(self.connect_timeout, true));
+                .wrap_connector(Self::connector(self.connect_timeout));
             DataClient::Tls(Arc::new(PerThread::new(connector)))
         } else {
             self.data.clone()
@@ -325,10 +327,20 @@ impl RemoteClient {
                     .expect("a grpc:// target is a valid address (checked when it was parsed)"),
             )
         });
+        let plain = (matches!(http.data, DataClient::Plain) && grpc.is_none()).then(|| {
+            let headers = http.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+            Box::new(Upstream::new(
+                &infer_uri,
+                headers,
+                http.connect_timeout,
+                IDLE,
+            ))
+        });
         RemoteClient {
             target,
             infer_uri,
             http,
+            plain,
             grpc,
         }
     }
@@ -417,16 +429,78 @@ impl RemoteClient {
         body: bytes::Bytes,
         header_len: Option<&str>,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
-        if self.grpc.is_some() {
-            return Err(RuntimeError::Inference(format!(
-                "remote {} speaks gRPC: it takes decoded tensors, not a REST body",
-                self.target.display()
-            )));
-        }
         let content_type = match header_len {
             Some(_) => "application/octet-stream",
             None => "application/json",
         };
+        match (&self.plain, &self.http.data) {
+            (Some(upstream), _) => {
+                self.forward_plain(upstream, content_type, body, header_len)
+                    .await
+            }
+            (None, DataClient::Tls(tls)) => {
+                self.forward_tls(tls, content_type, body, header_len).await
+            }
+            (None, DataClient::Plain) => Err(RuntimeError::Inference(format!(
+                "remote {} speaks gRPC: it takes decoded tensors, not a REST body",
+                self.target.display()
+            ))),
+        }
+    }
+
+    /// [`RemoteClient::forward`] to a plain-HTTP endpoint, on this
+    /// thread's own keep-alive connections.
+    async fn forward_plain(
+        &self,
+        upstream: &Upstream,
+        content_type: &str,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+        let header_len = header_len
+            .map(|n| {
+                n.trim().parse::<usize>().map_err(|_| {
+                    RuntimeError::BadInput(format!(
+                        "{}: {n:?} is not a length in bytes",
+                        protocol::HEADER_CONTENT_LENGTH
+                    ))
+                })
+            })
+            .transpose()?;
+        let answer = upstream
+            .post(content_type, header_len, &body)
+            .await
+            .map_err(|f| {
+                let why = if f.connect {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                RuntimeError::Unavailable(format!(
+                    "remote {} {why} ({})",
+                    self.target.display(),
+                    f.why
+                ))
+            })?;
+        let status = StatusCode::from_u16(answer.status).map_err(|_| {
+            RuntimeError::Upstream(format!(
+                "remote {} answered with status {}, which HTTP does not have",
+                self.target.display(),
+                answer.status
+            ))
+        })?;
+        self.answered(status, answer.body, answer.header_len)
+    }
+
+    /// [`RemoteClient::forward`] to an `https://` endpoint, with hyper's
+    /// pooled client over rustls.
+    async fn forward_tls(
+        &self,
+        tls: &PerThread<HttpsConnector<HttpConnector>>,
+        content_type: &str,
+        body: bytes::Bytes,
+        header_len: Option<&str>,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
         let mut request = hyper::Request::post(self.infer_uri.clone())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(n) = header_len {
@@ -443,11 +517,11 @@ impl RemoteClient {
                     .map(|(k, v)| (k.clone(), v.clone())),
             );
         }
-        let sent = match &self.http.data {
-            DataClient::Plain(c) => c.client().request(request).await,
-            DataClient::Tls(c) => c.client().request(request).await,
-        };
-        let resp = sent.map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
+        let resp = tls
+            .client()
+            .request(request)
+            .await
+            .map_err(|e| unavailable(&self.target, &e, false, e.is_connect()))?;
         let status = resp.status();
         let header_len = resp
             .headers()
@@ -458,6 +532,17 @@ impl RemoteClient {
             .await
             .map_err(|e| unavailable(&self.target, &e, false, false))?
             .to_bytes();
+        self.answered(status, bytes, header_len)
+    }
+
+    /// An answer's body and binary header length, or the error its status
+    /// says (4xx but 429: the client's input; otherwise the remote's).
+    fn answered(
+        &self,
+        status: StatusCode,
+        bytes: bytes::Bytes,
+        header_len: Option<String>,
+    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()

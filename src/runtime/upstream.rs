@@ -1,0 +1,728 @@
+//! HTTP/1.1 to one plain-HTTP remote endpoint, for inference: the request
+//! path's client ([`Upstream`]). Each thread keeps its own idle keep-alive
+//! connections to the endpoint; a request takes one, writes its head and
+//! the client's body in one write, and reads the answer in the same task,
+//! on the thread that accepted the client — no connection task, no
+//! channel, no header map. (hyper's pooled client, used before, cost more
+//! user time per pass-through request than nginx's whole request:
+//! BENCHMARKS.md, issue 17.) TLS endpoints keep hyper's client
+//! (`remote.rs`).
+//!
+//! Answers are parsed with `httparse`, hyper's own parser: bodies framed by
+//! `content-length`, chunked, or (for a server that says neither) by the
+//! end of the connection; interim 1xx answers are skipped. A connection is
+//! put back only when its answer was complete, framed, and not followed by
+//! stray bytes, and the server did not ask to close it.
+//!
+//! An idle connection the server has closed is noticed before it is used
+//! (it reads as ended) and dropped. When a reused connection still ends or
+//! resets before the first byte of its answer (the server closed it as the
+//! request went out), the request is sent once more on a new connection:
+//! inference is a pure function of its input (ARCHITECTURE.md), and the
+//! remote gave no answer to count twice.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most idle connections one thread keeps to one endpoint (more, at a
+/// peak, are closed once answered).
+const MAX_IDLE: usize = 256;
+/// Longest answer head (status line and headers) read from a remote.
+const MAX_HEAD: usize = 64 << 10;
+/// Most headers an answer may have.
+const MAX_HEADERS: usize = 64;
+/// Largest answer body read from a remote.
+const MAX_BODY: usize = 1 << 30;
+/// The buffer a new connection starts with.
+const BUFFER: usize = 8 << 10;
+
+/// The inference client of one plain-HTTP endpoint.
+pub struct Upstream {
+    /// What to connect to (an IPv6 address without its brackets).
+    host: String,
+    port: u16,
+    /// `POST {path} HTTP/1.1`, `host`, and the version's own headers: the
+    /// start of every request's head.
+    head: Vec<u8>,
+    connect_timeout: Duration,
+    /// How long a connection may stay idle before it is closed.
+    idle_for: Duration,
+    /// Each thread's idle connections, most recently used last.
+    idle: thread_local::ThreadLocal<RefCell<Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One connection and its read buffer.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// A remote's answer: its status, its `Inference-Header-Content-Length`,
+/// and its body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub header_len: Option<String>,
+    pub body: Bytes,
+}
+
+/// Why a request got no answer: `connect` when no connection could be
+/// opened, and what went wrong, for the caller's message.
+#[derive(Debug)]
+pub struct Failure {
+    pub connect: bool,
+    pub why: String,
+}
+
+/// A failed exchange: whether any of the answer had arrived (a request the
+/// server dropped unanswered on a reused connection is sent again).
+struct Broken {
+    answered: bool,
+    why: String,
+}
+
+impl Broken {
+    fn before_answer(e: std::io::Error) -> Broken {
+        Broken {
+            answered: false,
+            why: e.to_string(),
+        }
+    }
+
+    fn answer(why: impl Into<String>) -> Broken {
+        Broken {
+            answered: true,
+            why: why.into(),
+        }
+    }
+}
+
+impl Upstream {
+    /// The client of `uri` (an `http://` URI with its path), whose requests
+    /// carry `headers` (name, value; checked valid by the caller).
+    pub fn new<'a>(
+        uri: &hyper::Uri,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        connect_timeout: Duration,
+        idle_for: Duration,
+    ) -> Upstream {
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let host = uri.host().unwrap_or("");
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n").into_bytes();
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
+        }
+        Upstream {
+            host: host.to_string(),
+            port: uri.port_u16().unwrap_or(80),
+            head,
+            connect_timeout,
+            idle_for,
+            idle: thread_local::ThreadLocal::new(),
+        }
+    }
+
+    /// Posts `body` (of `content_type`, with its binary header length when
+    /// set) and reads the answer, whatever its status.
+    pub async fn post(
+        &self,
+        content_type: &str,
+        header_len: Option<usize>,
+        body: &[u8],
+    ) -> Result<Answer, Failure> {
+        let request = self.request(content_type, header_len, body);
+        loop {
+            let (mut conn, reused) = match self.take() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            match conn.exchange(&request).await {
+                Ok((answer, reusable)) => {
+                    if reusable {
+                        self.put(conn);
+                    }
+                    return Ok(answer);
+                }
+                // Closed by the server as the request went out: again, on
+                // the next idle connection or a new one.
+                Err(broken) if reused && !broken.answered => continue,
+                Err(broken) => {
+                    return Err(Failure {
+                        connect: false,
+                        why: broken.why,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The whole request: head and body, for one write.
+    fn request(&self, content_type: &str, header_len: Option<usize>, body: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut request = Vec::with_capacity(self.head.len() + 128 + body.len());
+        request.extend_from_slice(&self.head);
+        let _ = write!(request, "content-type: {content_type}\r\n");
+        if let Some(n) = header_len {
+            let _ = write!(request, "inference-header-content-length: {n}\r\n");
+        }
+        let _ = write!(request, "content-length: {}\r\n\r\n", body.len());
+        request.extend_from_slice(body);
+        request
+    }
+
+    /// This thread's most recently used idle connection that is still open;
+    /// those idle too long are closed.
+    fn take(&self) -> Option<Conn> {
+        let mut idle = self.idle.get()?.borrow_mut();
+        let now = Instant::now();
+        while let Some(Idle { conn, since }) = idle.pop() {
+            if now.saturating_duration_since(since) >= self.idle_for {
+                // The rest were put back earlier still.
+                idle.clear();
+                return None;
+            }
+            if conn.is_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        if idle.len() >= MAX_IDLE {
+            return;
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    async fn connect(&self) -> Result<Conn, Failure> {
+        let failed = |why: String| Failure { connect: true, why };
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| failed(format!("no connection within {:?}", self.connect_timeout)))?
+        .map_err(|e| failed(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(BUFFER),
+        })
+    }
+}
+
+/// How an answer's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(usize),
+    Chunked,
+    /// Until the server closes the connection.
+    ToEnd,
+}
+
+/// What an answer's head says.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    /// The head's length in the buffer.
+    len: usize,
+    framing: Framing,
+    header_len: Option<String>,
+    /// The server keeps the connection open.
+    keep_alive: bool,
+}
+
+impl Conn {
+    /// Whether an idle connection is still open: nothing to read yet (the
+    /// server closed it, or sent what no request asked for, otherwise).
+    fn is_open(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes `request` and reads its answer; also says whether the
+    /// connection may be used again.
+    async fn exchange(&mut self, request: &[u8]) -> Result<(Answer, bool), Broken> {
+        self.stream
+            .write_all(request)
+            .await
+            .map_err(Broken::before_answer)?;
+        self.buf.clear();
+        let head = self.read_head().await?;
+        let (body, complete) = match head.framing {
+            Framing::Length(n) => (self.read_length(head.len, n).await?, true),
+            Framing::Chunked => (self.read_chunked(head.len).await?, true),
+            Framing::ToEnd => (self.read_to_end(head.len).await?, false),
+        };
+        // Bytes after the answer are nothing a request asked for.
+        let reusable = complete && head.keep_alive && self.buf.is_empty();
+        let answer = Answer {
+            status: head.status,
+            header_len: head.header_len,
+            body,
+        };
+        Ok((answer, reusable))
+    }
+
+    /// Reads more into the buffer; the end of the connection is an error
+    /// (`what` says what was being read).
+    async fn fill(&mut self, what: &str) -> Result<(), Broken> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(BUFFER.max(self.buf.len()));
+        }
+        let answered = !self.buf.is_empty();
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) if answered => Err(Broken::answer(format!("connection closed {what}"))),
+            Ok(0) => Err(Broken {
+                answered: false,
+                why: "connection closed before an answer".into(),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) if answered => Err(Broken::answer(format!("{e} ({what})"))),
+            Err(e) => Err(Broken::before_answer(e)),
+        }
+    }
+
+    /// Reads the answer's head, skipping interim (1xx) answers.
+    async fn read_head(&mut self) -> Result<Head, Broken> {
+        loop {
+            if !self.buf.is_empty() {
+                match parse_head(&self.buf)? {
+                    Some(head) if (100..200).contains(&head.status) => {
+                        self.buf.advance(head.len);
+                        continue;
+                    }
+                    Some(head) => return Ok(head),
+                    None if self.buf.len() > MAX_HEAD => {
+                        return Err(Broken::answer(format!(
+                            "the answer's head is longer than {MAX_HEAD} bytes"
+                        )));
+                    }
+                    None => {}
+                }
+            }
+            self.fill("in the answer's head").await?;
+        }
+    }
+
+    /// A body of `n` bytes after a head of `head` bytes.
+    async fn read_length(&mut self, head: usize, n: usize) -> Result<Bytes, Broken> {
+        if n > MAX_BODY {
+            return Err(Broken::answer(format!(
+                "the answer's body of {n} bytes is larger than {MAX_BODY}"
+            )));
+        }
+        let end = head + n;
+        if self.buf.len() < end {
+            self.buf.reserve(end - self.buf.len());
+        }
+        while self.buf.len() < end {
+            self.fill("in the answer's body").await?;
+        }
+        let mut whole = self.buf.split_to(end);
+        whole.advance(head);
+        Ok(whole.freeze())
+    }
+
+    /// A chunked body after a head of `head` bytes, trailers skipped.
+    async fn read_chunked(&mut self, head: usize) -> Result<Bytes, Broken> {
+        self.buf.advance(head);
+        let mut body = BytesMut::new();
+        loop {
+            let (start, size) = loop {
+                match httparse::parse_chunk_size(&self.buf) {
+                    Ok(httparse::Status::Complete((start, size))) => break (start, size),
+                    Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                        return Err(Broken::answer("a chunk's size line is too long"));
+                    }
+                    Ok(httparse::Status::Partial) => self.fill("in a chunk's size").await?,
+                    Err(_) => return Err(Broken::answer("the answer's chunked body is malformed")),
+                }
+            };
+            if size == 0 {
+                self.buf.advance(start);
+                return self.skip_trailers().await.map(|()| body.freeze());
+            }
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|s| body.len() + s <= MAX_BODY)
+                .ok_or_else(|| {
+                    Broken::answer(format!("the answer's body is larger than {MAX_BODY} bytes"))
+                })?;
+            // The chunk and its closing CRLF.
+            let end = start + size + 2;
+            while self.buf.len() < end {
+                self.fill("in a chunk").await?;
+            }
+            if &self.buf[end - 2..end] != b"\r\n" {
+                return Err(Broken::answer("a chunk does not end with CRLF"));
+            }
+            body.extend_from_slice(&self.buf[start..end - 2]);
+            self.buf.advance(end);
+        }
+    }
+
+    /// The trailer section after the last chunk, up to its empty line.
+    async fn skip_trailers(&mut self) -> Result<(), Broken> {
+        loop {
+            match self.buf.windows(2).position(|w| w == b"\r\n") {
+                Some(0) => {
+                    self.buf.advance(2);
+                    return Ok(());
+                }
+                Some(line) => self.buf.advance(line + 2),
+                None if self.buf.len() > MAX_HEAD => {
+                    return Err(Broken::answer("the answer's trailers are too long"));
+                }
+                None => self.fill("in the trailers").await?,
+            }
+        }
+    }
+
+    /// A body that ends with the connection.
+    async fn read_to_end(&mut self, head: usize) -> Result<Bytes, Broken> {
+        self.buf.advance(head);
+        loop {
+            if self.buf.len() > MAX_BODY {
+                return Err(Broken::answer(format!(
+                    "the answer's body is larger than {MAX_BODY} bytes"
+                )));
+            }
+            self.buf.reserve(BUFFER);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(self.buf.split().freeze()),
+                Ok(_) => {}
+                Err(e) => return Err(Broken::answer(format!("{e} (in the answer's body)"))),
+            }
+        }
+    }
+}
+
+/// The head at the start of `buf`, `None` until it is whole.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Broken> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut answer = httparse::Response::new(&mut headers);
+    let len = match answer.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(Broken::answer(format!("the answer is not HTTP/1.1 ({e})")));
+        }
+    };
+    let status = answer.code.unwrap_or(0);
+    let mut length: Option<usize> = None;
+    let mut chunked = None;
+    let mut close = answer.version == Some(0);
+    let mut header_len = None;
+    for h in answer.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = value
+                .parse::<usize>()
+                .ok()
+                .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()));
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => {
+                    return Err(Broken::answer(format!(
+                        "the answer's content-length {value:?} is not valid or disagrees with another"
+                    )));
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides (RFC 9112, 6.3).
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            chunked = Some(last.eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") && answer.version == Some(0) {
+                    close = false;
+                }
+            }
+        } else if h
+            .name
+            .eq_ignore_ascii_case(crate::protocol::HEADER_CONTENT_LENGTH)
+        {
+            header_len = Some(value.to_string());
+        }
+    }
+    let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Length(0)
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::ToEnd,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::ToEnd,
+        }
+    };
+    Ok(Some(Head {
+        status,
+        len,
+        framing,
+        header_len,
+        keep_alive: !close,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A server that answers each connection's requests with `answers`,
+    /// one per request read, then does what `after` says; returns its
+    /// address and what it read.
+    async fn server(
+        answers: Vec<Vec<&'static [u8]>>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for per_connection in answers {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                for answer in per_connection {
+                    let request = read_request(&mut stream).await;
+                    let _ = seen.send(request);
+                    stream.write_all(answer).await.unwrap();
+                }
+                // Then closed.
+            }
+        });
+        (addr, requests)
+    }
+
+    /// One request: its head and its content-length's body.
+    async fn read_request(stream: &mut TcpStream) -> Vec<u8> {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed mid-request");
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            if let httparse::Status::Complete(len) = req.parse(&buf).unwrap() {
+                let cl: usize = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                    .unwrap();
+                if buf.len() >= len + cl {
+                    return buf;
+                }
+            }
+        }
+    }
+
+    fn upstream(addr: &str) -> Upstream {
+        let uri: hyper::Uri = format!("http://{addr}/v2/models/m/infer").parse().unwrap();
+        Upstream::new(
+            &uri,
+            [("authorization", b"Bearer t".as_slice())],
+            Duration::from_secs(2),
+            Duration::from_secs(90),
+        )
+    }
+
+    const OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ninference-header-content-length: 3\r\n\r\nhello";
+
+    #[tokio::test]
+    async fn writes_the_head_and_body_and_reuses_the_connection() {
+        let (addr, mut seen) = server(vec![vec![OK, OK]]).await;
+        let up = upstream(&addr);
+        for _ in 0..2 {
+            let answer = up.post("application/json", Some(2), b"{}").await.unwrap();
+            assert_eq!(answer.status, 200);
+            assert_eq!(answer.header_len.as_deref(), Some("3"));
+            assert_eq!(&answer.body[..], b"hello");
+        }
+        let request = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert_eq!(
+            request,
+            format!(
+                "POST /v2/models/m/infer HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer t\r\n\
+                 content-type: application/json\r\ninference-header-content-length: 2\r\n\
+                 content-length: 2\r\n\r\n{{}}"
+            )
+        );
+        // The second request came on the same connection (the server
+        // accepts only one).
+        assert!(seen.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn reads_chunked_bodies_and_skips_interim_answers() {
+        const CHUNKED: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let (addr, _seen) = server(vec![vec![CHUNKED, OK]]).await;
+        let up = upstream(&addr);
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello world");
+        // The connection stayed usable after the trailers.
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_end_of_the_connection_is_read_and_not_reused() {
+        const TO_END: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy";
+        let (addr, _seen) = server(vec![vec![TO_END], vec![OK]]).await;
+        let up = upstream(&addr);
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!((answer.status, &answer.body[..]), (503, &b"busy"[..]));
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_and_the_request_sent_once() {
+        // The first connection answers once and is closed by the server;
+        // the second answers the next request.
+        let (addr, mut seen) = server(vec![vec![OK], vec![OK]]).await;
+        let up = upstream(&addr);
+        up.post("application/json", None, b"{}").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+        assert!(seen.recv().await.is_some());
+        assert!(seen.recv().await.is_some());
+        assert!(
+            seen.try_recv().is_err(),
+            "each request reached the server once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_dropped_unanswered_sends_the_request_again_on_a_new_one() {
+        // The first connection answers once, then takes the next request
+        // and closes without a word (as a server closing an idle
+        // connection does when the request crosses its close); the second
+        // connection answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (seen, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            let _ = seen.send(read_request(&mut first).await);
+            first.write_all(OK).await.unwrap();
+            let _ = seen.send(read_request(&mut first).await);
+            drop(first);
+            let (mut second, _) = listener.accept().await.unwrap();
+            let _ = seen.send(read_request(&mut second).await);
+            second.write_all(OK).await.unwrap();
+            let _ = read_request(&mut second).await;
+        });
+        let up = upstream(&addr);
+        up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+        for _ in 0..3 {
+            assert!(requests.recv().await.is_some());
+        }
+        // A fresh connection that is dropped unanswered is an error, not
+        // another try: the server is really failing.
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_without_answering_is_an_error_on_a_new_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let _ = read_request(&mut stream).await;
+            }
+        });
+        let err = upstream(&addr)
+            .post("application/json", None, b"{}")
+            .await
+            .unwrap_err();
+        assert!(!err.connect);
+        assert!(err.why.contains("closed before an answer"), "{}", err.why);
+    }
+
+    #[tokio::test]
+    async fn refused_connections_and_bad_answers_say_what_was_wrong() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let err = upstream(&addr)
+            .post("application/json", None, b"{}")
+            .await
+            .unwrap_err();
+        assert!(err.connect, "{err:?}");
+
+        for (bad, says) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nhi"[..],
+                "content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                "content-length",
+            ),
+            (b"SMTP ready\r\n\r\n", "not HTTP/1.1"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+                "connection closed in the answer's body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunked body is malformed",
+            ),
+        ] {
+            let (addr, _seen) = server(vec![vec![bad]]).await;
+            let err = upstream(&addr)
+                .post("application/json", None, b"{}")
+                .await
+                .unwrap_err();
+            assert!(
+                err.why.contains(says),
+                "{:?}: {}",
+                String::from_utf8_lossy(bad),
+                err.why
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_honoured() {
+        const CLOSING: &[u8] =
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
+        let (addr, _seen) = server(vec![vec![CLOSING], vec![OK]]).await;
+        let up = upstream(&addr);
+        up.post("application/json", None, b"{}").await.unwrap();
+        assert!(up.idle.get().is_none_or(|i| i.borrow().is_empty()));
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+        assert_eq!(up.idle.get().unwrap().borrow().len(), 1);
+    }
+}
