@@ -5,14 +5,17 @@ per target and round: CPU µs per request (the server's own accounting),
 p50 / p99 ms, and voluntary / involuntary context switches per request.
 
     python3 bench/ab.py [--mode stable|split|shadow|local] [--rate 2000]
-                        [--seconds 5] [--rounds 3] [--perf] FERRY_BINARY...
+                        [--seconds 5] [--rounds 3] [--perf] [--syscalls]
+                        FERRY_BINARY...
 
 Modes: `stable`, `split` (90/10) and `shadow` (100 %, compared on label)
 put each build in front of two fixed-response nginx upstreams as
 bench/gateways.py does, beside nginx `split_clients` (or `mirror` for
 `shadow`); `local` serves cancer-v1 in-process (no nginx). `--rate 0` runs
 at saturation (64 connections). `--perf` records a profile of each target
-(`perf record -g`, into the temporary directory, printed at the end).
+(`perf record -g`, into the temporary directory, printed at the end);
+`--syscalls` counts each target's system calls per request by name
+(`perf stat` on the syscall tracepoints, the ones a request path makes).
 Servers run on CPU 0 and oha on CPU 1, as in bench/run.sh; run that once
 first (it installs oha and builds Ferry).
 """
@@ -55,6 +58,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count each target's system calls per request, by name (perf stat)")
     ap.add_argument("--oha", default=str(ROOT / "bench/.tools/bin/oha"))
     args = ap.parse_args()
     args.sut_cpus, args.load_cpus = "0", "1"
@@ -144,6 +149,28 @@ def main():
             print(f"{name}: CPU {cpu} µs per request (median of {len(results)})", flush=True)
             for r in results:
                 print(f"    {r}", flush=True)
+        if args.syscalls:
+            calls = ["epoll_wait", "recvfrom", "read", "readv", "sendto", "write", "writev", "futex",
+                     "epoll_ctl", "getpid", "getsockopt", "accept4", "close"]
+            for name, url, pids in targets:
+                out = tmp / f"syscalls-{len(name)}-{pids[0]}.csv"
+                events = ",".join(f"syscalls:sys_enter_{c}" for c in calls)
+                rec = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(out), "-e", events,
+                                        "-p", ",".join(map(str, pids))],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                r = measure(url, pids)
+                rec.send_signal(2)
+                rec.wait()
+                n = max(r["rps"] * args.seconds, 1)
+                counts = {}
+                for line in out.read_text().splitlines():
+                    cols = line.split(",")
+                    if len(cols) > 2 and cols[0].strip().isdigit():
+                        counts[cols[2].removeprefix("syscalls:sys_enter_")] = int(cols[0])
+                total = sum(counts.values()) / n
+                shown = ", ".join(f"{c} {v / n:.2f}" for c, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v / n >= 0.01)
+                print(f"{name}: {total:.2f} system calls per request: {shown}", flush=True)
         if args.perf:
             for name, url, pids in targets:
                 out = tmp / f"perf-{len(name)}-{pids[0]}.data"

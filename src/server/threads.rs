@@ -45,6 +45,7 @@ where
         std::thread::Builder::new()
             .name(format!("ferry-serve-{i}"))
             .spawn(move || {
+                runtime.spawn(keep_a_timer_armed());
                 runtime.block_on(serve(part));
                 // A run stuck in ONNX Runtime must not hold the thread: the
                 // drain timeout has passed.
@@ -56,6 +57,25 @@ where
     drop(running);
     let _ = ended.recv().await;
     Ok(())
+}
+
+/// How often a serving thread's runtime wakes with nothing to do.
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Keeps a timer pending on the serving thread's runtime, always due
+/// sooner than any request's timeout. tokio's time driver wakes its own
+/// thread (a write to its eventfd, then an extra turn of `epoll_wait`)
+/// whenever a new timer is due before the driver's next planned wake-up,
+/// which, with no timer pending, is every new timer: the timeout of every
+/// request, half a dozen system calls apiece (BENCHMARKS.md, issue 17).
+/// With this tick pending, a request's timeout (seconds away) is due after
+/// it, and costs no wake-up; the tick itself costs four a second.
+async fn keep_a_timer_armed() {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 #[cfg(test)]
