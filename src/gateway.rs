@@ -363,8 +363,7 @@ impl Gateway {
             rewritten.class,
         );
         if let Some(shadow) = shadow {
-            let outputs = protocol::decode_response_json(&answer, answer_len.as_deref()).ok();
-            shadow.primary_answered(outputs.as_deref(), &rewritten.id);
+            shadow.primary_sent(answer, answer_len, &rewritten.id);
         }
         Ok(Answer {
             body: rewritten.body,

@@ -51,9 +51,11 @@ impl ClusterRead {
     pub fn completeness(&self, last: u64, window: Duration) -> Completeness {
         let (Some(me), Ok(members)) = (&self.me, &self.members) else {
             return match &self.members {
+                // How many others there are is not known: this instance
+                // counts what it knows of, itself.
                 Err(why) => Completeness {
                     complete: false,
-                    instances_expected: 0,
+                    instances_expected: 1,
                     instances_reporting: 1,
                     missing: vec![format!("the others (the store could not be read: {why})")],
                 },

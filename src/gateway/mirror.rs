@@ -32,10 +32,37 @@ pub enum Copy<'a> {
     },
 }
 
-/// A copy on its way; tell it the primary's answer with [`Mirror::primary_answered`].
+/// A copy on its way; tell it the primary's answer with
+/// [`Mirror::primary_answered`] or [`Mirror::primary_sent`].
 pub struct Mirror {
     output: String,
-    primary: oneshot::Sender<(Option<Tensor>, String)>,
+    primary: oneshot::Sender<(Primary, String)>,
+}
+
+/// The primary's answer as the copy gets it.
+enum Primary {
+    /// The compared output, decoded (`None`: the primary failed, or has no
+    /// such output).
+    Decoded(Option<Tensor>),
+    /// A passed-through answer as the remote sent it, with its
+    /// `Inference-Header-Content-Length`: decoded by the copy's task, after
+    /// the user has the answer.
+    Encoded(bytes::Bytes, Option<String>),
+}
+
+impl Primary {
+    /// The compared output.
+    fn output(self, name: &str) -> Option<Tensor> {
+        match self {
+            Primary::Decoded(output) => output,
+            Primary::Encoded(body, header_len) => {
+                protocol::decode_response_json(&body, header_len.as_deref())
+                    .ok()?
+                    .into_iter()
+                    .find(|t| t.name == name)
+            }
+        }
+    }
 }
 
 /// The request the copy sends.
@@ -74,7 +101,7 @@ impl Mirror {
             pool.record_shadow(|b| b.dropped += 1);
             return None;
         };
-        let (primary, primary_answer) = oneshot::channel::<(Option<Tensor>, String)>();
+        let (primary, primary_answer) = oneshot::channel::<(Primary, String)>();
         let compare = policy.compare.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -104,7 +131,10 @@ impl Mirror {
             };
             pool.record(Role::Shadow, door, outcome, seconds, class);
             // `None`: the primary failed, so there is nothing to compare with.
-            let (primary, id) = primary_answer.await.unwrap_or_default();
+            let (primary, id) = match primary_answer.await {
+                Ok((primary, id)) => (primary.output(&compare.output), id),
+                Err(_) => (None, String::new()),
+            };
             let comparison = match (&result, &primary) {
                 (Err(_), _) => Some(Comparison::Error),
                 (Ok(shadow), Some(p)) => Some(
@@ -143,6 +173,17 @@ impl Mirror {
     /// request's id to the copy.
     pub fn primary_answered(self, outputs: Option<&[Tensor]>, id: &str) {
         let compared = outputs.and_then(|o| o.iter().find(|t| t.name == self.output).cloned());
-        let _ = self.primary.send((compared, id.to_string()));
+        let _ = self
+            .primary
+            .send((Primary::Decoded(compared), id.to_string()));
+    }
+
+    /// Hands a passed-through primary's answer, as the remote sent it, and
+    /// the request's id to the copy, which decodes it on its own task: the
+    /// user's answer does not wait for that.
+    pub fn primary_sent(self, answer: bytes::Bytes, header_len: Option<String>, id: &str) {
+        let _ = self
+            .primary
+            .send((Primary::Encoded(answer, header_len), id.to_string()));
     }
 }
