@@ -212,6 +212,7 @@ pub struct RemoteAccess {
 }
 
 /// Where a remote header's value comes from.
+#[derive(Debug, PartialEq, Eq)]
 pub enum HeaderRef<'a> {
     Env(&'a str),
     File(&'a str),
@@ -223,6 +224,22 @@ impl RemoteAccess {
     }
 
     /// A header reference, `NAME=@env:VAR` or `NAME=@file:PATH`, split.
+    /// Headers a remote header may not name: Ferry writes them on each
+    /// request, and a second copy would change how the remote reads it.
+    const SET_BY_FERRY: [&str; 11] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "content-type",
+        "inference-header-content-length",
+    ];
+
     pub fn header(spec: &str) -> Result<(hyper::header::HeaderName, HeaderRef<'_>), String> {
         let bad = || {
             format!(
@@ -232,6 +249,12 @@ impl RemoteAccess {
         let (name, from) = spec.split_once('=').ok_or_else(bad)?;
         let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| format!("remote header {spec:?}: {name:?} is not a header name"))?;
+        if Self::SET_BY_FERRY.contains(&name.as_str()) {
+            return Err(format!(
+                "remote header {spec:?}: {name} is set by Ferry on each request (it frames the request or says \
+                 how to read it); only other headers (host, authorization, routing headers) may be given"
+            ));
+        }
         let from = if let Some(var) = from.strip_prefix("@env:") {
             HeaderRef::Env(var)
         } else if let Some(path) = from.strip_prefix("@file:") {
@@ -344,6 +367,25 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_headers_may_not_name_what_frames_the_request() {
+        let (name, from) = RemoteAccess::header("Host=@file:/etc/vhost").unwrap();
+        assert_eq!(
+            (name.as_str(), from),
+            ("host", HeaderRef::File("/etc/vhost"))
+        );
+        assert!(RemoteAccess::header("authorization=@env:TOKEN").is_ok());
+        for framing in [
+            "Content-Length",
+            "transfer-encoding",
+            "Connection",
+            "content-type",
+        ] {
+            let err = RemoteAccess::header(&format!("{framing}=@env:X")).unwrap_err();
+            assert!(err.contains("is set by Ferry"), "{err}");
+        }
+    }
 
     #[test]
     fn a_typo_suggests_the_registered_name() {

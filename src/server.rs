@@ -443,7 +443,7 @@ fn controller(
     telemetry: &Arc<Telemetry>,
     routes: &Arc<RouteTable>,
 ) -> Arc<Controller> {
-    let http = remote::RemoteHttp::new(Duration::from_secs(2));
+    let http = remote::RemoteHttp::new(Duration::from_secs(2), opts.limits.max_body_bytes);
     let limits = LoadLimits {
         max_input_bytes: opts.limits.max_body_bytes as u64,
         timeout: opts.load_timeout,

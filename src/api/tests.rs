@@ -48,7 +48,7 @@ impl App {
         let dir = tempfile::tempdir().expect("a temporary dir");
         let store = Arc::new(SqliteStore::open(dir.path()).expect("a store"));
         let blobs = Arc::new(Blobs::open(dir.path()).expect("a blob dir"));
-        let http = remote::RemoteHttp::new(Duration::from_secs(2));
+        let http = remote::RemoteHttp::new(Duration::from_secs(2), 64 << 20);
         let limits = LoadLimits {
             max_input_bytes: 1 << 20,
             timeout: Duration::from_secs(30),

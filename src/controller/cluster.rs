@@ -791,7 +791,7 @@ mod tests {
     fn instance(dir: &std::path::Path) -> Arc<Controller> {
         let store = Arc::new(SqliteStore::open(dir).expect("a store"));
         let blobs = Arc::new(Blobs::open(dir).expect("a blob dir"));
-        let http = remote::RemoteHttp::new(Duration::from_secs(2));
+        let http = remote::RemoteHttp::new(Duration::from_secs(2), 64 << 20);
         let limits = LoadLimits {
             max_input_bytes: 1 << 20,
             timeout: Duration::from_secs(30),

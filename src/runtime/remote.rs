@@ -37,7 +37,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use super::RuntimeError;
-use super::upstream::Upstream;
+use super::upstream::{FailureKind, Upstream};
 use crate::protocol::Signature;
 use crate::protocol::{self, Tensor};
 use crate::records::{HeaderRef, RemoteAccess};
@@ -111,6 +111,8 @@ pub struct RemoteHttp {
     data: DataClient,
     headers: Arc<HeaderMap>,
     connect_timeout: Duration,
+    /// The largest inference answer taken (`--max-body-bytes`).
+    max_answer: usize,
 }
 
 /// Reading what a [`RemoteAccess`] refers to, when a version starts.
@@ -219,8 +221,9 @@ struct RemoteSpec {
 
 impl RemoteHttp {
     /// The clients every remote replica shares: connections are kept alive
-    /// for 90 s idle, opened with `TCP_NODELAY` within `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> RemoteHttp {
+    /// for 90 s idle, opened with `TCP_NODELAY` within `connect_timeout`;
+    /// inference answers may be up to `max_answer` bytes.
+    pub fn new(connect_timeout: Duration, max_answer: usize) -> RemoteHttp {
         // No redirects: a webhook or remote that answers 3xx gets that
         // answer, and cannot send Ferry to a host --allow-outbound refuses.
         let control = reqwest::Client::builder()
@@ -235,6 +238,7 @@ impl RemoteHttp {
             data: DataClient::Plain,
             headers: Arc::new(HeaderMap::new()),
             connect_timeout,
+            max_answer,
         }
     }
 
@@ -281,6 +285,7 @@ impl RemoteHttp {
             data,
             headers: Arc::new(headers),
             connect_timeout: self.connect_timeout,
+            max_answer: self.max_answer,
         })
     }
 }
@@ -334,6 +339,7 @@ impl RemoteClient {
                 headers,
                 http.connect_timeout,
                 IDLE,
+                http.max_answer,
             ))
         });
         RemoteClient {
@@ -471,16 +477,21 @@ impl RemoteClient {
             .post(content_type, header_len, &body)
             .await
             .map_err(|f| {
-                let why = if f.connect {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                RuntimeError::Unavailable(format!(
-                    "remote {} {why} ({})",
-                    self.target.display(),
-                    f.why
-                ))
+                let target = self.target.display();
+                match f.kind {
+                    FailureKind::Connect => RuntimeError::Unavailable(format!(
+                        "remote {target} connection failed ({})",
+                        f.why
+                    )),
+                    FailureKind::Lost => RuntimeError::Unavailable(format!(
+                        "remote {target} request failed ({})",
+                        f.why
+                    )),
+                    FailureKind::BadAnswer => RuntimeError::Upstream(format!(
+                        "remote {target} sent an answer Ferry cannot read: {}",
+                        f.why
+                    )),
+                }
             })?;
         let status = StatusCode::from_u16(answer.status).map_err(|_| {
             RuntimeError::Upstream(format!(

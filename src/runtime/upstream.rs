@@ -15,11 +15,18 @@
 //! stray bytes, and the server did not ask to close it.
 //!
 //! An idle connection the server has closed is noticed before it is used
-//! (it reads as ended) and dropped. When a reused connection still ends or
-//! resets before the first byte of its answer (the server closed it as the
-//! request went out), the request is sent once more on a new connection:
-//! inference is a pure function of its input (ARCHITECTURE.md), and the
-//! remote gave no answer to count twice.
+//! (it reads as ended) and dropped; connections idle too long are closed
+//! as the pool is used. When a reused connection still ends or resets
+//! before the first byte of its answer (the server closed it as the request
+//! went out), the request is sent once more, on a new connection, and only
+//! once: inference is a pure function of its input (ARCHITECTURE.md), and
+//! the remote gave no answer to count twice. An answer the remote sent
+//! before it had read the whole request (a 413, say) is read and used when
+//! the rest of the request cannot be written.
+//!
+//! Answers are bounded by the server's `--max-body-bytes`, as requests are;
+//! buffers grow as bytes arrive (a claimed length reserves nothing), and a
+//! connection does not keep a large answer's buffer once it is answered.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
@@ -33,12 +40,16 @@ use tokio::net::TcpStream;
 const MAX_IDLE: usize = 256;
 /// Longest answer head (status line and headers) read from a remote.
 const MAX_HEAD: usize = 64 << 10;
-/// Most headers an answer may have.
-const MAX_HEADERS: usize = 64;
-/// Largest answer body read from a remote.
-const MAX_BODY: usize = 1 << 30;
+/// Most headers an answer may have (as hyper allows).
+const MAX_HEADERS: usize = 100;
 /// The buffer a new connection starts with.
 const BUFFER: usize = 8 << 10;
+/// A connection's buffer larger than this (a large answer was read into
+/// it) is not kept once the answer is handed over.
+const KEPT_BUFFER: usize = 64 << 10;
+/// How long an answer sent early (before the request was all written) may
+/// take to read once the request cannot be written any more.
+const EARLY_ANSWER: Duration = Duration::from_secs(1);
 
 /// The inference client of one plain-HTTP endpoint.
 pub struct Upstream {
@@ -51,6 +62,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// How long a connection may stay idle before it is closed.
     idle_for: Duration,
+    /// The largest answer body taken (`--max-body-bytes`).
+    max_answer: usize,
     /// Each thread's idle connections, most recently used last.
     idle: thread_local::ThreadLocal<RefCell<Vec<Idle>>>,
 }
@@ -75,12 +88,23 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-/// Why a request got no answer: `connect` when no connection could be
-/// opened, and what went wrong, for the caller's message.
+/// Why a request got no answer, and what went wrong, for the caller's
+/// message.
 #[derive(Debug)]
 pub struct Failure {
-    pub connect: bool,
+    pub kind: FailureKind,
     pub why: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No connection could be opened.
+    Connect,
+    /// The connection failed before any answer came.
+    Lost,
+    /// An answer came but could not be read: not HTTP, cut short, too
+    /// large.
+    BadAnswer,
 }
 
 /// A failed exchange: whether any of the answer had arrived (a request the
@@ -91,6 +115,16 @@ struct Broken {
 }
 
 impl Broken {
+    fn failure(self) -> Failure {
+        Failure {
+            kind: match self.answered {
+                true => FailureKind::BadAnswer,
+                false => FailureKind::Lost,
+            },
+            why: self.why,
+        }
+    }
+
     fn before_answer(e: std::io::Error) -> Broken {
         Broken {
             answered: false,
@@ -108,12 +142,15 @@ impl Broken {
 
 impl Upstream {
     /// The client of `uri` (an `http://` URI with its path), whose requests
-    /// carry `headers` (name, value; checked valid by the caller).
+    /// carry `headers` (name, value; checked valid by the caller, none of
+    /// them framing the request; a `host` replaces the URI's), and whose
+    /// answers may be up to `max_answer` bytes.
     pub fn new<'a>(
         uri: &hyper::Uri,
         headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
         connect_timeout: Duration,
         idle_for: Duration,
+        max_answer: usize,
     ) -> Upstream {
         let authority = uri.authority().map_or("", |a| a.as_str());
         let host = uri.host().unwrap_or("");
@@ -122,12 +159,17 @@ impl Upstream {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n").into_bytes();
+        let mut head = format!("POST {path} HTTP/1.1\r\n").into_bytes();
+        let mut has_host = false;
         for (name, value) in headers {
+            has_host |= name.eq_ignore_ascii_case("host");
             head.extend_from_slice(name.as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value);
             head.extend_from_slice(b"\r\n");
+        }
+        if !has_host {
+            head.extend_from_slice(format!("host: {authority}\r\n").as_bytes());
         }
         Upstream {
             host: host.to_string(),
@@ -135,6 +177,7 @@ impl Upstream {
             head,
             connect_timeout,
             idle_for,
+            max_answer,
             idle: thread_local::ThreadLocal::new(),
         }
     }
@@ -148,29 +191,32 @@ impl Upstream {
         body: &[u8],
     ) -> Result<Answer, Failure> {
         let request = self.request(content_type, header_len, body);
-        loop {
-            let (mut conn, reused) = match self.take() {
-                Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
-            };
-            match conn.exchange(&request).await {
-                Ok((answer, reusable)) => {
-                    if reusable {
-                        self.put(conn);
-                    }
-                    return Ok(answer);
-                }
-                // Closed by the server as the request went out: again, on
-                // the next idle connection or a new one.
-                Err(broken) if reused && !broken.answered => continue,
-                Err(broken) => {
-                    return Err(Failure {
-                        connect: false,
-                        why: broken.why,
-                    });
-                }
+        let Some(idle) = self.take() else {
+            let conn = self.connect().await?;
+            return self.send_on(conn, &request).await.map_err(Broken::failure);
+        };
+        match self.send_on(idle, &request).await {
+            // Closed by the server as the request went out: once more, on
+            // a new connection.
+            Err(broken) if !broken.answered => {
+                let conn = self.connect().await?;
+                self.send_on(conn, &request).await.map_err(Broken::failure)
             }
+            answered => answered.map_err(Broken::failure),
         }
+    }
+
+    /// Sends `request` on `conn` and reads the answer; the connection goes
+    /// back to the pool when it can be used again.
+    async fn send_on(&self, mut conn: Conn, request: &[u8]) -> Result<Answer, Broken> {
+        let (answer, reusable) = conn.exchange(request, self.max_answer).await?;
+        if reusable {
+            if conn.buf.capacity() > KEPT_BUFFER {
+                conn.buf = BytesMut::with_capacity(BUFFER);
+            }
+            self.put(conn);
+        }
+        Ok(answer)
     }
 
     /// The whole request: head and body, for one write.
@@ -187,17 +233,11 @@ impl Upstream {
         request
     }
 
-    /// This thread's most recently used idle connection that is still open;
-    /// those idle too long are closed.
+    /// This thread's most recently used idle connection that is still open.
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.get()?.borrow_mut();
-        let now = Instant::now();
-        while let Some(Idle { conn, since }) = idle.pop() {
-            if now.saturating_duration_since(since) >= self.idle_for {
-                // The rest were put back earlier still.
-                idle.clear();
-                return None;
-            }
+        self.close_expired(&mut idle);
+        while let Some(Idle { conn, .. }) = idle.pop() {
             if conn.is_open() {
                 return Some(conn);
             }
@@ -207,6 +247,7 @@ impl Upstream {
 
     fn put(&self, conn: Conn) {
         let mut idle = self.idle.get_or_default().borrow_mut();
+        self.close_expired(&mut idle);
         if idle.len() >= MAX_IDLE {
             return;
         }
@@ -216,8 +257,20 @@ impl Upstream {
         });
     }
 
+    /// Closes the connections idle for longer than `idle_for` (the oldest
+    /// first in the list: each was put back after the one before).
+    fn close_expired(&self, idle: &mut Vec<Idle>) {
+        let now = Instant::now();
+        let expired =
+            idle.partition_point(|i| now.saturating_duration_since(i.since) >= self.idle_for);
+        idle.drain(..expired);
+    }
+
     async fn connect(&self) -> Result<Conn, Failure> {
-        let failed = |why: String| Failure { connect: true, why };
+        let failed = |why: String| Failure {
+            kind: FailureKind::Connect,
+            why,
+        };
         let stream = tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -262,19 +315,26 @@ impl Conn {
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Writes `request` and reads its answer; also says whether the
-    /// connection may be used again.
-    async fn exchange(&mut self, request: &[u8]) -> Result<(Answer, bool), Broken> {
-        self.stream
-            .write_all(request)
-            .await
-            .map_err(Broken::before_answer)?;
+    /// Writes `request` and reads its answer (bodies up to `max` bytes);
+    /// also says whether the connection may be used again.
+    async fn exchange(&mut self, request: &[u8], max: usize) -> Result<(Answer, bool), Broken> {
         self.buf.clear();
-        let head = self.read_head().await?;
+        let written = self.stream.write_all(request).await;
+        let head = match written {
+            Ok(()) => self.read_head().await?,
+            // An answer may have come before the server stopped reading.
+            Err(e) => match tokio::time::timeout(EARLY_ANSWER, self.read_head()).await {
+                Ok(Ok(head)) => Head {
+                    keep_alive: false,
+                    ..head
+                },
+                _ => return Err(Broken::before_answer(e)),
+            },
+        };
         let (body, complete) = match head.framing {
-            Framing::Length(n) => (self.read_length(head.len, n).await?, true),
-            Framing::Chunked => (self.read_chunked(head.len).await?, true),
-            Framing::ToEnd => (self.read_to_end(head.len).await?, false),
+            Framing::Length(n) => (self.read_length(head.len, n, max).await?, true),
+            Framing::Chunked => (self.read_chunked(head.len, max).await?, true),
+            Framing::ToEnd => (self.read_to_end(head.len, max).await?, false),
         };
         // Bytes after the answer are nothing a request asked for.
         let reusable = complete && head.keep_alive && self.buf.is_empty();
@@ -290,7 +350,9 @@ impl Conn {
     /// (`what` says what was being read).
     async fn fill(&mut self, what: &str) -> Result<(), Broken> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(BUFFER.max(self.buf.len()));
+            // Doubling as an answer grows (reserve grows by at least the
+            // capacity): what a length claims is not reserved up front.
+            self.buf.reserve(BUFFER);
         }
         let answered = !self.buf.is_empty();
         match self.stream.read_buf(&mut self.buf).await {
@@ -328,16 +390,11 @@ impl Conn {
     }
 
     /// A body of `n` bytes after a head of `head` bytes.
-    async fn read_length(&mut self, head: usize, n: usize) -> Result<Bytes, Broken> {
-        if n > MAX_BODY {
-            return Err(Broken::answer(format!(
-                "the answer's body of {n} bytes is larger than {MAX_BODY}"
-            )));
+    async fn read_length(&mut self, head: usize, n: usize, max: usize) -> Result<Bytes, Broken> {
+        if n > max {
+            return Err(too_large(n, max));
         }
         let end = head + n;
-        if self.buf.len() < end {
-            self.buf.reserve(end - self.buf.len());
-        }
         while self.buf.len() < end {
             self.fill("in the answer's body").await?;
         }
@@ -347,7 +404,7 @@ impl Conn {
     }
 
     /// A chunked body after a head of `head` bytes, trailers skipped.
-    async fn read_chunked(&mut self, head: usize) -> Result<Bytes, Broken> {
+    async fn read_chunked(&mut self, head: usize, max: usize) -> Result<Bytes, Broken> {
         self.buf.advance(head);
         let mut body = BytesMut::new();
         loop {
@@ -367,10 +424,8 @@ impl Conn {
             }
             let size = usize::try_from(size)
                 .ok()
-                .filter(|s| body.len() + s <= MAX_BODY)
-                .ok_or_else(|| {
-                    Broken::answer(format!("the answer's body is larger than {MAX_BODY} bytes"))
-                })?;
+                .filter(|s| body.len().saturating_add(*s) <= max)
+                .ok_or_else(|| too_large(body.len().saturating_add(size as usize), max))?;
             // The chunk and its closing CRLF.
             let end = start + size + 2;
             while self.buf.len() < end {
@@ -402,13 +457,11 @@ impl Conn {
     }
 
     /// A body that ends with the connection.
-    async fn read_to_end(&mut self, head: usize) -> Result<Bytes, Broken> {
+    async fn read_to_end(&mut self, head: usize, max: usize) -> Result<Bytes, Broken> {
         self.buf.advance(head);
         loop {
-            if self.buf.len() > MAX_BODY {
-                return Err(Broken::answer(format!(
-                    "the answer's body is larger than {MAX_BODY} bytes"
-                )));
+            if self.buf.len() > max {
+                return Err(too_large(self.buf.len(), max));
             }
             self.buf.reserve(BUFFER);
             match self.stream.read_buf(&mut self.buf).await {
@@ -420,6 +473,14 @@ impl Conn {
     }
 }
 
+/// An answer larger than the server takes.
+fn too_large(n: usize, max: usize) -> Broken {
+    Broken::answer(format!(
+        "an answer of {n} bytes or more is larger than --max-body-bytes ({max}); \
+         start the server with a larger --max-body-bytes if the model's answers are this large"
+    ))
+}
+
 /// The head at the start of `buf`, `None` until it is whole.
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, Broken> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -428,7 +489,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Broken> {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
-            return Err(Broken::answer(format!("the answer is not HTTP/1.1 ({e})")));
+            // An HTTP/2 server's first frame (a gRPC server's, say) has no
+            // status line.
+            let hint = match buf.first() {
+                Some(b'H') => "",
+                _ => "; a gRPC server is registered as grpc://host:port",
+            };
+            return Err(Broken::answer(format!(
+                "the answer is not HTTP/1.1 ({e}){hint}"
+            )));
         }
     };
     let status = answer.code.unwrap_or(0);
@@ -493,6 +562,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Broken> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
     /// A server that answers each connection's requests with `answers`,
@@ -549,6 +620,7 @@ mod tests {
             [("authorization", b"Bearer t".as_slice())],
             Duration::from_secs(2),
             Duration::from_secs(90),
+            1 << 20,
         )
     }
 
@@ -569,7 +641,7 @@ mod tests {
         assert_eq!(
             request,
             format!(
-                "POST /v2/models/m/infer HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer t\r\n\
+                "POST /v2/models/m/infer HTTP/1.1\r\nauthorization: Bearer t\r\nhost: {addr}\r\n\
                  content-type: application/json\r\ninference-header-content-length: 2\r\n\
                  content-length: 2\r\n\r\n{{}}"
             )
@@ -665,7 +737,7 @@ mod tests {
             .post("application/json", None, b"{}")
             .await
             .unwrap_err();
-        assert!(!err.connect);
+        assert_eq!(err.kind, FailureKind::Lost);
         assert!(err.why.contains("closed before an answer"), "{}", err.why);
     }
 
@@ -678,7 +750,7 @@ mod tests {
             .post("application/json", None, b"{}")
             .await
             .unwrap_err();
-        assert!(err.connect, "{err:?}");
+        assert_eq!(err.kind, FailureKind::Connect, "{err:?}");
 
         for (bad, says) in [
             (
@@ -711,6 +783,149 @@ mod tests {
                 err.why
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_unanswered_is_sent_once_more_and_no_more() {
+        // A server that answers until told to drop every request unanswered
+        // (a worker dying on one input, on every connection).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let read = Arc::new(AtomicUsize::new(0));
+        let drop_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, dropping) = (read.clone(), drop_all.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (count, dropping) = (count.clone(), dropping.clone());
+                tokio::spawn(async move {
+                    loop {
+                        read_request(&mut stream).await;
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if dropping.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        // Held, so the client opens three connections.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        stream.write_all(OK).await.unwrap();
+                    }
+                });
+            }
+        });
+        let up = upstream(&addr);
+        let post = || up.post("application/json", None, b"{}");
+        let (a, b, c) = tokio::join!(post(), post(), post());
+        for answer in [a, b, c] {
+            answer.unwrap();
+        }
+        assert_eq!(up.idle.get().unwrap().borrow().len(), 3);
+        drop_all.store(true, Ordering::SeqCst);
+        read.store(0, Ordering::SeqCst);
+        let err = post().await.unwrap_err();
+        assert_eq!(err.kind, FailureKind::Lost, "{err:?}");
+        assert_eq!(
+            read.load(Ordering::SeqCst),
+            2,
+            "sent on one idle connection, then once on a new one, whatever the pool held"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_not_kept_in_the_connections_buffer() {
+        static LARGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 300000\r\n\r\n".to_vec();
+            answer.resize(answer.len() + 300_000, b'x');
+            answer
+        });
+        let (addr, _seen) = server(vec![vec![&LARGE[..], OK]]).await;
+        let up = upstream(&addr);
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(answer.body.len(), 300_000);
+        drop(answer);
+        let kept = up.idle.get().unwrap().borrow()[0].conn.buf.capacity();
+        assert!(
+            kept <= KEPT_BUFFER,
+            "the idle connection keeps {kept} bytes"
+        );
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_limit_is_refused_before_it_is_read() {
+        const CLAIMS: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\n";
+        let (addr, _seen) = server(vec![vec![CLAIMS]]).await;
+        let err = upstream(&addr)
+            .post("application/json", None, b"{}")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, FailureKind::BadAnswer);
+        assert!(err.why.contains("--max-body-bytes"), "{}", err.why);
+    }
+
+    #[tokio::test]
+    async fn a_host_header_given_replaces_the_endpoints() {
+        let (addr, mut seen) = server(vec![vec![OK]]).await;
+        let uri: hyper::Uri = format!("http://{addr}/v2/models/m/infer").parse().unwrap();
+        let up = Upstream::new(
+            &uri,
+            [("host", b"models.example.com".as_slice())],
+            Duration::from_secs(2),
+            Duration::from_secs(90),
+            1 << 20,
+        );
+        up.post("application/json", None, b"{}").await.unwrap();
+        let request = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert_eq!(request.matches("host:").count(), 1, "{request}");
+        assert!(
+            request.contains("host: models.example.com\r\n"),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_the_request_was_read_is_used() {
+        // The server reads the head, answers 413 and closes, leaving most
+        // of a large body unread.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 512];
+            let _ = stream.read(&mut head).await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 9\r\n\r\ntoo large")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(stream);
+        });
+        let body = vec![b' '; 20 << 20];
+        let answer = upstream(&addr)
+            .post("application/json", None, &body)
+            .await
+            .unwrap();
+        assert_eq!((answer.status, &answer.body[..]), (413, &b"too large"[..]));
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed_as_the_pool_is_used() {
+        let (addr, _seen) = server(vec![vec![OK], vec![OK]]).await;
+        let uri: hyper::Uri = format!("http://{addr}/v2/models/m/infer").parse().unwrap();
+        let up = Upstream::new(
+            &uri,
+            [],
+            Duration::from_secs(2),
+            Duration::from_millis(30),
+            1 << 20,
+        );
+        up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(up.idle.get().unwrap().borrow().len(), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // The expired connection is closed, not used: the server's second
+        // connection answers.
+        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        assert_eq!(&answer.body[..], b"hello");
     }
 
     #[tokio::test]
