@@ -205,7 +205,8 @@ pub struct ServeArgs {
     /// threads when their replica is idle.
     #[arg(long, default_value_t = 0)]
     pub io_threads: usize,
-    /// Largest inference request body, in bytes.
+    /// Largest inference request body, in bytes; also the largest answer
+    /// taken from a remote version.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
     /// Largest model upload, in bytes.

@@ -65,7 +65,10 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "FILE", requires = "remote_client_cert")]
     remote_client_key: Option<PathBuf>,
     /// A header sent to the remote, NAME=@env:VAR or NAME=@file:PATH: the
-    /// server reads the value from its environment or disk (repeatable).
+    /// server reads the value from its environment or disk (repeatable). A
+    /// `host` replaces the URL's; headers that frame the request
+    /// (content-length, transfer-encoding, connection, content-type, ...)
+    /// are Ferry's and refused.
     #[arg(long, value_name = "NAME=@env:VAR", requires = "url")]
     remote_header: Vec<String>,
 }
