@@ -223,7 +223,6 @@ impl RemoteAccess {
         *self == RemoteAccess::default()
     }
 
-    /// A header reference, `NAME=@env:VAR` or `NAME=@file:PATH`, split.
     /// Headers a remote header may not name: Ferry writes them on each
     /// request, and a second copy would change how the remote reads it.
     const SET_BY_FERRY: [&str; 11] = [
@@ -240,6 +239,8 @@ impl RemoteAccess {
         "inference-header-content-length",
     ];
 
+    /// A header reference, `NAME=@env:VAR` or `NAME=@file:PATH`, split;
+    /// a name Ferry sets itself is refused.
     pub fn header(spec: &str) -> Result<(hyper::header::HeaderName, HeaderRef<'_>), String> {
         let bad = || {
             format!(
