@@ -172,14 +172,29 @@ mod tests {
             );
         }
         drop(log);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let rotated = PathBuf::from(format!("{}.1", path.display()));
-        while !rotated.exists() {
-            assert!(std::time::Instant::now() < deadline, "rotation happens");
+        // The writer thread finishes on its own once the log is dropped:
+        // wait (bounded) until the last line is in the current file. The
+        // file is briefly absent between rename and re-open, so a missing
+        // file means "not yet", not failure.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let current = loop {
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            let last_id = current
+                .lines()
+                .last()
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|v| v["id"].clone());
+            if last_id == Some(json!("r39")) {
+                break current;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer writes all 40 lines within 10 s"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let current = std::fs::read_to_string(&path).unwrap();
+        };
+        let rotated = PathBuf::from(format!("{}.1", path.display()));
+        assert!(rotated.exists(), "the file was rotated at 2,000 bytes");
         assert!(current.len() <= 2_000);
         let first: serde_json::Value =
             serde_json::from_str(current.lines().next().unwrap()).unwrap();
