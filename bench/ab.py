@@ -11,7 +11,11 @@ p50 / p99 ms, and voluntary / involuntary context switches per request.
 Modes: `stable`, `split` (90/10) and `shadow` (100 %, compared on label)
 put each build in front of two fixed-response nginx upstreams as
 bench/gateways.py does, beside nginx `split_clients` (or `mirror` for
-`shadow`); `local` serves cancer-v1 in-process (no nginx). `--rate 0` runs
+`shadow`); `local` serves cancer-v1 in-process (no nginx). In `shadow` mode each
+gateway is also measured with the shadow off (nginx: a server without
+`mirror`; Ferry: a second model routed to the same upstream, in the same
+process), interleaved, and the primary's p99 on / off is printed.
+`--rate 0` runs
 at saturation (64 connections). `--perf` records a profile of each target
 (`perf record -g`, into the temporary directory, printed at the end);
 `--syscalls` counts each target's system calls per request by name
@@ -70,8 +74,23 @@ def main():
     body = tmp / "body.json"
     body.write_text(json.dumps(row))
     procs, targets = [], []
+    ferry_urls = set()
+
+    def dropped_copies(url):
+        """Shadow copies Ferry dropped so far (`ferry_shadow_dropped_total`),
+        for a Ferry target in `shadow` mode; None otherwise."""
+        base, _, path = url.partition("/v2/models/")
+        if args.mode != "shadow" or not path.startswith("cancer/") or base not in ferry_urls:
+            return None
+        import urllib.request
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("ferry_shadow_dropped_total{") and 'model="cancer"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def measure(url, pids):
+        dropped_before = dropped_copies(url)
         before_switches = switches(pids)
         before = sum(bench.cpu_seconds(p) for p in pids)
         if args.rate:
@@ -82,10 +101,13 @@ def main():
         cpu = sum(bench.cpu_seconds(p) for p in pids) - before
         after = switches(pids)
         n = max(r["ok"], 1)
-        return {
+        result = {
             "cpu_us": round(cpu / n * 1e6, 1), "rps": r["rps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
             "switches": (round((after[0] - before_switches[0]) / n, 2), round((after[1] - before_switches[1]) / n, 2)),
         }
+        if dropped_before is not None:
+            result["copies_dropped_pct"] = round((dropped_copies(url) - dropped_before) / n * 100, 1)
+        return result
 
     try:
         if args.mode != "local":
@@ -100,10 +122,12 @@ def main():
   upstream b {{ server 127.0.0.1:{ub}; keepalive 64; }}"""
             proxy = 'proxy_http_version 1.1; proxy_set_header Connection "";'
             if args.mode == "shadow":
+                off = gateways.free_port()
                 conf = pools + f"""
   server {{ listen 127.0.0.1:{gp};
     location / {{ mirror /mirror; mirror_request_body on; proxy_pass http://a; {proxy} }}
-    location = /mirror {{ internal; proxy_pass http://b$request_uri; {proxy} }} }}"""
+    location = /mirror {{ internal; proxy_pass http://b$request_uri; {proxy} }} }}
+  server {{ listen 127.0.0.1:{off}; location / {{ proxy_pass http://a; {proxy} }} }}"""
             else:
                 split = "90% a; * b;" if args.mode == "split" else "* a;"
                 conf = pools + f"""
@@ -114,6 +138,9 @@ def main():
             time.sleep(0.5)
             workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
             targets.append(("nginx", f"http://127.0.0.1:{gp}/v2/models/cancer/infer", [nginx.pid, *map(int, workers)]))
+            if args.mode == "shadow":
+                targets.append(("nginx (shadow off)", f"http://127.0.0.1:{off}/v2/models/cancer/infer",
+                                [nginx.pid, *map(int, workers)]))
         for i, binary in enumerate(args.binaries):
             data = tmp / f"data{i}"
             ferry = bench.start([binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
@@ -123,8 +150,8 @@ def main():
             bench.wait_http(f"{url}/v2/health/ready")
             cli = [binary, "--server", url, "--token", (data / "admin-token").read_text().strip()]
 
-            def add(version, *source):
-                subprocess.run([*cli, "model", "add", "cancer", version, *source], check=True, capture_output=True)
+            def add(version, *source, model="cancer"):
+                subprocess.run([*cli, "model", "add", model, version, *source], check=True, capture_output=True)
 
             if args.mode == "local":
                 add("1", "--file", str(ROOT / "examples/models/cancer-v1.onnx"))
@@ -138,6 +165,12 @@ def main():
                 }[args.mode]
                 bench.api(url, (data / "admin-token").read_text().strip(), "PUT", "/api/v1/models/cancer/route", policy)
             targets.append((f"{i}: {binary}", f"{url}/v2/models/cancer/infer", [ferry.pid]))
+            ferry_urls.add(url)
+            if args.mode == "shadow":
+                add("a", "--url", f"http://127.0.0.1:{ua}/v2/models/cancer", model="off")
+                bench.api(url, (data / "admin-token").read_text().strip(), "PUT", "/api/v1/models/off/route",
+                          {"stable": "a"})
+                targets.append((f"{i}: {binary} (shadow off)", f"{url}/v2/models/off/infer", [ferry.pid]))
         for _, url, _ in targets:
             bench.oha(args, url, body, ["-c", "8", "-z", "1s"])  # warm-up
         runs = {name: [] for name, _, _ in targets}
@@ -149,6 +182,13 @@ def main():
             print(f"{name}: CPU {cpu} µs per request (median of {len(results)})", flush=True)
             for r in results:
                 print(f"    {r}", flush=True)
+        if args.mode == "shadow":
+            for name, _, _ in targets:
+                if f"{name} (shadow off)" in runs:
+                    on = statistics.median(r["p99_ms"] for r in runs[name])
+                    off = statistics.median(r["p99_ms"] for r in runs[f"{name} (shadow off)"])
+                    print(f"{name}: primary p99 with the shadow on / off {on} / {off} ms ({(on / off - 1) * 100:+.0f} %)",
+                          flush=True)
         if args.syscalls:
             calls = ["epoll_wait", "recvfrom", "read", "readv", "sendto", "write", "writev", "futex",
                      "epoll_ctl", "getpid", "getsockopt", "accept4", "close"]

@@ -12,13 +12,15 @@
 //! The request path is the file tree: [`routes`] (the published snapshot) →
 //! [`choose`] (the version, from the [`policy`]) → [`pool`] (the replica) →
 //! [`failover`] along the chain, guarded by [`breaker`]s → [`mirror`] (the
-//! shadow copy, compared by [`compare`]) → [`recent`] (what answered, for
+//! shadow copy, run by [`copies`] on a low-priority thread, compared by
+//! [`compare`]) → [`recent`] (what answered, for
 //! delayed labels) and [`predlog`] (the optional sampled prediction log);
 //! [`ids`] makes the ids of requests that bring none.
 
 pub mod breaker;
 pub mod choose;
 pub mod compare;
+pub mod copies;
 mod failover;
 pub mod ids;
 pub mod mirror;

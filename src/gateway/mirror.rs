@@ -1,16 +1,16 @@
 //! Shadow mirroring: a copy of a production request goes to the shadow
-//! version on its own task. The user's answer never waits for it; when the
-//! shadow is saturated (`max_in_flight` copies running) the copy is dropped
-//! and counted, never queued. When both have answered, the outputs are
-//! compared and the result counted on the shadow's series.
+//! version. The user's answer never waits for it: the copy is handed over
+//! once the primary has answered, with that answer, and runs on the serving
+//! thread's low-priority companion ([`super::copies`]). When the shadow is
+//! saturated (`max_in_flight` copies waiting or running) the copy is
+//! dropped and counted, never queued. When both have answered, the outputs
+//! are compared and the result counted on the shadow's series.
 //!
 //! A shadow on remote endpoints gets the client's own bytes when they can be
 //! sent as they are ([`Copy::Body`]): nothing is re-encoded, and only the
 //! answers are decoded, for the comparison.
 
 use std::time::Instant;
-
-use tokio::sync::oneshot;
 
 use super::routes::ModelRoute;
 use super::{FrontDoor, compare};
@@ -32,11 +32,22 @@ pub enum Copy<'a> {
     },
 }
 
-/// A copy on its way; tell it the primary's answer with
-/// [`Mirror::primary_answered`] or [`Mirror::primary_sent`].
+/// A copy taken (its slot held), sent to the shadow when the primary's
+/// answer is handed over with [`Mirror::primary_answered`] or
+/// [`Mirror::primary_sent`] — or, if the primary's path ends without
+/// either (an error on the way), when this is dropped: a copy taken is
+/// always sent.
 pub struct Mirror {
-    output: String,
-    primary: oneshot::Sender<(Primary, String)>,
+    copy: Option<Job>,
+}
+
+/// What the copy's work needs besides the primary's answer.
+struct Job {
+    pool: std::sync::Arc<super::VersionPool>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    request: Request,
+    compare: super::policy::Compare,
+    door: FrontDoor,
 }
 
 /// The primary's answer as the copy gets it.
@@ -73,10 +84,11 @@ enum Request {
 
 impl Mirror {
     /// Decides whether to mirror this request (by the policy's percentage and
-    /// the free slots) and, if so, sends the copy at once. `None` also when
-    /// the copy cannot be made from `copy` (a body without decoded inputs
-    /// for an in-process shadow: the caller decodes such requests). The copy
-    /// is counted under the front door of the request it copies.
+    /// the free slots) and, if so, takes the copy; it is sent once the
+    /// primary has answered. `None` also when the copy cannot be made from
+    /// `copy` (a body without decoded inputs for an in-process shadow: the
+    /// caller decodes such requests). The copy is counted under the front
+    /// door of the request it copies.
     pub fn start(route: &ModelRoute, copy: Copy<'_>, door: FrontDoor) -> Option<Mirror> {
         let policy = route.policy.shadow.as_ref()?;
         if fastrand::f64() * 100.0 >= policy.percent {
@@ -101,89 +113,114 @@ impl Mirror {
             pool.record_shadow(|b| b.dropped += 1);
             return None;
         };
-        let (primary, primary_answer) = oneshot::channel::<(Primary, String)>();
-        let compare = policy.compare.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let result = match request {
-                Request::Tensors(inputs) => pool.infer(inputs, pool.timeout()).await,
-                Request::Body(body, header_len) => pool
-                    .forward(body, header_len.as_deref(), pool.timeout())
-                    .await
-                    .and_then(|(answer, len)| {
-                        protocol::decode_response_json(&answer, len.as_deref()).map_err(|e| {
-                            RuntimeError::Inference(format!(
-                                "the shadow version sent an unreadable answer: {e}"
-                            ))
-                        })
-                    }),
-            };
-            let seconds = started.elapsed().as_secs_f64();
-            let (outcome, class) = match &result {
-                Ok(out) => (
-                    Outcome::Ok,
-                    out.iter()
-                        .find(|t| t.name == compare.output)
-                        .and_then(|t| compare::predicted_classes(t).first().copied()),
-                ),
-                Err(_) => (Outcome::Error, None),
-            };
-            pool.record(Role::Shadow, door, outcome, seconds, class);
-            // `None`: the primary failed, so there is nothing to compare with.
-            let (primary, id) = match primary_answer.await {
-                Ok((primary, id)) => (primary.output(&compare.output), id),
-                Err(_) => (None, String::new()),
-            };
-            let comparison = match (&result, &primary) {
-                (Err(_), _) => Some(Comparison::Error),
-                (Ok(shadow), Some(p)) => Some(
-                    match compare::agree(std::slice::from_ref(p), shadow, &compare) {
-                        Some(true) => Comparison::Agree,
-                        Some(false) => Comparison::Disagree,
-                        None => Comparison::Error,
-                    },
-                ),
-                (Ok(_), None) => None,
-            };
-            if let Some(c) = comparison {
-                pool.metrics.compared(c);
-                pool.record_shadow(|b| match c {
-                    Comparison::Agree => b.agree += 1,
-                    Comparison::Disagree => b.disagree += 1,
-                    Comparison::Error => b.compare_errors += 1,
-                });
-            }
-            // The example after its count: a reader that takes examples, then
-            // counts, never sees more disagreements than were counted.
-            if let (Some(Comparison::Disagree), Ok(shadow), Some(p)) =
-                (comparison, &result, &primary)
-                && let Some(s) = shadow.iter().find(|t| t.name == compare.output)
-            {
-                pool.record_disagreement(&id, p, s);
-            }
-        });
         Some(Mirror {
-            output: policy.compare.output.clone(),
-            primary,
+            copy: Some(Job {
+                pool,
+                _permit: permit,
+                request,
+                compare: policy.compare.clone(),
+                door,
+            }),
         })
     }
 
     /// Hands the primary's outputs (or `None` when it failed) and the
-    /// request's id to the copy.
-    pub fn primary_answered(self, outputs: Option<&[Tensor]>, id: &str) {
-        let compared = outputs.and_then(|o| o.iter().find(|t| t.name == self.output).cloned());
-        let _ = self
-            .primary
-            .send((Primary::Decoded(compared), id.to_string()));
+    /// request's id to the copy, and sends it.
+    pub fn primary_answered(mut self, outputs: Option<&[Tensor]>, id: &str) {
+        if let Some(job) = self.copy.take() {
+            let compared =
+                outputs.and_then(|o| o.iter().find(|t| t.name == job.compare.output).cloned());
+            job.send(Primary::Decoded(compared), id.to_string());
+        }
     }
 
     /// Hands a passed-through primary's answer, as the remote sent it, and
-    /// the request's id to the copy, which decodes it on its own task: the
-    /// user's answer does not wait for that.
-    pub fn primary_sent(self, answer: bytes::Bytes, header_len: Option<String>, id: &str) {
-        let _ = self
-            .primary
-            .send((Primary::Encoded(answer, header_len), id.to_string()));
+    /// the request's id to the copy, and sends it; the answer is decoded by
+    /// the copy's work, after the user has it.
+    pub fn primary_sent(mut self, answer: bytes::Bytes, header_len: Option<String>, id: &str) {
+        if let Some(job) = self.copy.take() {
+            job.send(Primary::Encoded(answer, header_len), id.to_string());
+        }
+    }
+}
+
+impl Drop for Mirror {
+    /// The primary's path ended without an answer to hand over: the copy
+    /// still goes, and only the shadow's own outcome is counted.
+    fn drop(&mut self) {
+        if let Some(job) = self.copy.take() {
+            job.send(Primary::Decoded(None), String::new());
+        }
+    }
+}
+
+impl Job {
+    /// Sends the copy, on this thread's companion (or as a task), then
+    /// compares its answer with the primary's.
+    fn send(self, primary: Primary, id: String) {
+        super::copies::run(Box::pin(self.run(primary, id)));
+    }
+
+    async fn run(self, primary: Primary, id: String) {
+        let Job {
+            pool,
+            _permit,
+            request,
+            compare,
+            door,
+        } = self;
+        let started = Instant::now();
+        let result = match request {
+            Request::Tensors(inputs) => pool.infer(inputs, pool.timeout()).await,
+            Request::Body(body, header_len) => pool
+                .forward(body, header_len.as_deref(), pool.timeout())
+                .await
+                .and_then(|(answer, len)| {
+                    protocol::decode_response_json(&answer, len.as_deref()).map_err(|e| {
+                        RuntimeError::Inference(format!(
+                            "the shadow version sent an unreadable answer: {e}"
+                        ))
+                    })
+                }),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let (outcome, class) = match &result {
+            Ok(out) => (
+                Outcome::Ok,
+                out.iter()
+                    .find(|t| t.name == compare.output)
+                    .and_then(|t| compare::predicted_classes(t).first().copied()),
+            ),
+            Err(_) => (Outcome::Error, None),
+        };
+        pool.record(Role::Shadow, door, outcome, seconds, class);
+        // `None`: the primary failed, so there is nothing to compare with.
+        let primary = primary.output(&compare.output);
+        let comparison = match (&result, &primary) {
+            (Err(_), _) => Some(Comparison::Error),
+            (Ok(shadow), Some(p)) => Some(
+                match compare::agree(std::slice::from_ref(p), shadow, &compare) {
+                    Some(true) => Comparison::Agree,
+                    Some(false) => Comparison::Disagree,
+                    None => Comparison::Error,
+                },
+            ),
+            (Ok(_), None) => None,
+        };
+        if let Some(c) = comparison {
+            pool.metrics.compared(c);
+            pool.record_shadow(|b| match c {
+                Comparison::Agree => b.agree += 1,
+                Comparison::Disagree => b.disagree += 1,
+                Comparison::Error => b.compare_errors += 1,
+            });
+        }
+        // The example after its count: a reader that takes examples, then
+        // counts, never sees more disagreements than were counted.
+        if let (Some(Comparison::Disagree), Ok(shadow), Some(p)) = (comparison, &result, &primary)
+            && let Some(s) = shadow.iter().find(|t| t.name == compare.output)
+        {
+            pool.record_disagreement(&id, p, s);
+        }
     }
 }

@@ -4,6 +4,8 @@
 //! requests, the routing decision, the upstream request on the thread's own
 //! keep-alive connections (`runtime::remote`) and the answer — so a request
 //! wakes no other thread (but an in-process version's inference thread).
+//! Beside each runs its companion at the lowest CPU priority, which sends
+//! the thread's shadow copies (`gateway::copies`).
 //! The control plane (the controller, the store, the rollout loop and the
 //! control API's requests, `api::dispatch`) stays on the main runtime.
 
@@ -45,11 +47,18 @@ where
         std::thread::Builder::new()
             .name(format!("ferry-serve-{i}"))
             .spawn(move || {
+                let companion = crate::gateway::copies::Companion::start(format!("ferry-copies-{i}"))
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "serving thread {i} sends its shadow copies itself (no companion thread: {e})"
+                        )
+                    });
                 runtime.spawn(keep_a_timer_armed());
                 runtime.block_on(serve(part));
                 // A run stuck in ONNX Runtime must not hold the thread: the
                 // drain timeout has passed.
                 runtime.shutdown_background();
+                drop(companion);
                 drop(running);
             })
             .context("cannot start a serving thread")?;

@@ -22,8 +22,15 @@ fn target() -> PathBuf {
         .unwrap_or_else(|| repo().join("target"))
 }
 
-/// A node_modules with playwright-core, made once.
+/// A node_modules with playwright-core, made once. The browser tests run
+/// concurrently: the first installs while the others wait (two `npm
+/// install`s in one directory fail each other, as a CI run showed).
 fn node_modules() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(install_node_modules).clone()
+}
+
+fn install_node_modules() -> PathBuf {
     let dir = target().join("test-node");
     if dir
         .join("node_modules/playwright-core/package.json")

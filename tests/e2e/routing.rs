@@ -702,3 +702,79 @@ async fn requests_past_an_open_breaker_count_as_failovers() {
     assert!(tried < 60.0, "the breaker opened: {tried} tries");
     assert_eq!(failovers, 60.0, "{prom}");
 }
+
+/// A copy is taken when the primary is chosen and sent once the primary has
+/// answered, by the serving thread's companion at the lowest CPU priority
+/// (so the kernel runs it only when no request waits for the core); a copy
+/// taken goes out also when the primary fails, its own outcome counted and
+/// nothing compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_copies_run_at_the_lowest_priority_and_go_out_when_the_primary_fails() {
+    let stable = Upstream::start().await;
+    let shadow = Upstream::start().await;
+    let s = Server::start().await;
+    s.ferry_json(&["model", "add", "cancer", "a", "--url", &stable.url]);
+    s.ferry_json(&["model", "add", "cancer", "b", "--url", &shadow.url]);
+    let policy = json!({"stable": "a", "shadow": {"version": "b", "percent": 100, "compare": {"output": "label"}}});
+    assert_eq!(s.set_route("cancer", policy).await.0, 200);
+
+    // Each serving thread has its copy thread, at nice 19 (the 19th field
+    // of /proc/PID/task/TID/stat); the serving threads keep their own.
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", s.pid())).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        let (name, rest) = stat.split_once(" (").unwrap().1.rsplit_once(") ").unwrap();
+        let nice: i32 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        threads.push((name.to_string(), nice));
+    }
+    let named = |prefix: &str| -> Vec<i32> {
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let (serving, copies) = (named("ferry-serve-"), named("ferry-copies-"));
+    assert!(!serving.is_empty(), "{threads:?}");
+    assert_eq!(copies.len(), serving.len(), "{threads:?}");
+    assert!(copies.iter().all(|&n| n == 19), "{threads:?}");
+    assert!(serving.iter().all(|&n| n < 19), "{threads:?}");
+
+    stable.set_failing(true);
+    let before = shadow.received();
+    let body = holdout()[0].0.clone();
+    for _ in 0..10 {
+        let (status, _, answer) = s.infer("/v2/models/cancer/infer", &body).await;
+        assert_eq!(status, 502, "the stable version's failure: {answer}");
+    }
+    super::harness::eventually(
+        Duration::from_secs(5),
+        "every copy reaches the shadow",
+        async || shadow.received() >= before + 10,
+    )
+    .await;
+    super::harness::eventually(
+        Duration::from_secs(5),
+        "the copies' outcomes are counted",
+        async || {
+            series_value(
+                &s.prometheus().await,
+                r#"ferry_requests_total{model="cancer",version="b",outcome="ok"}"#,
+            ) >= 10.0
+        },
+    )
+    .await;
+    let prom = s.prometheus().await;
+    let compared: f64 = ["agree", "disagree", "error"]
+        .iter()
+        .map(|r| {
+            series_value(
+                &prom,
+                &format!(
+                    r#"ferry_shadow_comparisons_total{{model="cancer",version="b",result="{r}"}}"#
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(compared, 0.0, "nothing to compare with a failed primary");
+}
