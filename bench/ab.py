@@ -20,7 +20,8 @@ at saturation (64 connections). `--perf` records a profile of each target
 (`perf record -g`, into the temporary directory, printed at the end);
 `--syscalls` counts each target's system calls per request by name
 (`perf stat` on the syscall tracepoints, the ones a request path makes).
-Servers run on CPU 0 and oha on CPU 1, as in bench/run.sh; run that once
+Servers run on CPU 0 and oha on CPU 1, as in bench/run.sh (`--upstreams-cpu
+1` moves the two upstreams beside oha); run that once
 first (it installs oha and builds Ferry).
 """
 
@@ -64,6 +65,9 @@ def main():
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--syscalls", action="store_true",
                     help="count each target's system calls per request, by name (perf stat)")
+    ap.add_argument("--upstreams-cpu", default="0",
+                    help="the CPU of the two fixed-response upstreams (default 0, beside the gateways; 1 puts "
+                         "them beside the load generator, so a gateway's core runs the gateway alone)")
     ap.add_argument("--oha", default=str(ROOT / "bench/.tools/bin/oha"))
     args = ap.parse_args()
     args.sut_cpus, args.load_cpus = "0", "1"
@@ -112,8 +116,10 @@ def main():
     try:
         if args.mode != "local":
             ua, ub = gateways.free_port(), gateways.free_port()
+            args.sut_cpus = args.upstreams_cpu
             ups = gateways.start_nginx(bench, tmp, "upstreams", gateways.upstream_server(ua, "a", tmp / "a.log")
                                        + gateways.upstream_server(ub, "b", tmp / "b.log"))
+            args.sut_cpus = "0"
             procs.append(ups)
             bench.wait_http(f"http://127.0.0.1:{ua}/v2/models/cancer/ready")
             gp = gateways.free_port()

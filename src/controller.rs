@@ -28,7 +28,7 @@ use crate::metrics::{Metrics, Role, Telemetry};
 use crate::records::{EventKind, SettingsPatch, Source, VersionRecord};
 use crate::registry::{Added, NewVersion, Registry, RegistryError};
 use crate::runtime::{
-    Batching, Engine, LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Worker,
+    Batching, Engine, LoadLimits, OnnxRuntime, RemoteTarget, RuntimeError, Worker,
 };
 use crate::store::NewEvent;
 
@@ -649,11 +649,10 @@ impl Controller {
                     .map_or(endpoints.len(), |n| (n as usize).min(endpoints.len()));
                 for url in endpoints.iter().take(n) {
                     let target = RemoteTarget::parse(url, &record.model).map_err(start_err)?;
-                    let http = self
+                    let client = self
                         .http
-                        .for_version(access, target.is_https())
+                        .client(target, access)
                         .map_err(|e| start_err(format!("{url}: {e}")))?;
-                    let client = RemoteClient::new(target, http);
                     tokio::time::timeout(record.settings.timeout.0, client.infer(&warmup))
                         .await
                         .map_err(|_| start_err(format!("warm-up of {url} timed out")))?

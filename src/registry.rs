@@ -17,9 +17,7 @@ use crate::records::{
     ModelRecord, NameError, RemoteAccess, ServingSettings, SettingsPatch, Source, VersionRecord,
     check_name, closest, shown_name,
 };
-use crate::runtime::{
-    LoadLimits, OnnxRuntime, RemoteClient, RemoteTarget, RuntimeError, Signature,
-};
+use crate::runtime::{LoadLimits, OnnxRuntime, RemoteTarget, RuntimeError, Signature};
 use crate::store::{BlobStore, DiskProblem, Event, Inserted, NewEvent, Page, Store, StoreError};
 use crate::units::now_rfc3339;
 pub use blobs::Blobs;
@@ -371,11 +369,10 @@ impl Registry {
         let mut signature: Option<Signature> = None;
         for target in targets {
             let shown = target.display();
-            let http = self
+            let client = self
                 .http
-                .for_version(access, target.is_https())
+                .client(target, access)
                 .map_err(|e| RegistryError::Invalid(format!("remote endpoint {shown}: {e}")))?;
-            let client = RemoteClient::new(target, http);
             let sig = client
                 .metadata(timeout)
                 .await

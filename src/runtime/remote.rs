@@ -12,7 +12,7 @@
 //! thread (BENCHMARKS.md, the gateway's profile).
 //!
 //! A version on `https://` endpoints, or with request headers, gets its own
-//! pair of clients ([`RemoteHttp::for_version`]) built from its
+//! pair of clients ([`RemoteHttp::client`]) built from its
 //! [`RemoteAccess`]: rustls with the system CAs or a given CA, an optional
 //! client certificate (mutual TLS), and headers whose values are read from
 //! the server's environment or disk when the version starts — only the
@@ -48,13 +48,24 @@ use super::target::signature_of;
 /// Calls one remote endpoint.
 pub struct RemoteClient {
     target: RemoteTarget,
-    /// Parsed once: parsing a URL on every request showed up in profiles.
-    infer_uri: hyper::Uri,
+    /// The control client and the headers every request carries.
     http: RemoteHttp,
-    /// Set for a plain `http://` endpoint: its inference client.
-    plain: Option<Box<Upstream>>,
-    /// Set for a `grpc://` endpoint: its calls go over gRPC.
-    grpc: Option<Box<super::grpc_remote::GrpcRemote>>,
+    /// How inference goes, by the endpoint's scheme.
+    transport: Transport,
+}
+
+/// A remote endpoint's inference client, one per scheme.
+enum Transport {
+    /// `http://`: our own keep-alive client.
+    Plain(Box<Upstream>),
+    /// `https://`: hyper's pooled client over rustls.
+    Tls {
+        /// Parsed once: parsing a URL on every request showed up in profiles.
+        infer_uri: hyper::Uri,
+        client: Arc<PerThread<HttpsConnector<HttpConnector>>>,
+    },
+    /// `grpc://`: the calls go over gRPC.
+    Grpc(Box<super::grpc_remote::GrpcRemote>),
 }
 
 type Body = http_body_util::Full<bytes::Bytes>;
@@ -93,22 +104,16 @@ where
     }
 }
 
-/// The inference client: plain HTTP (each endpoint's own
-/// [`Upstream`], made by [`RemoteClient::new`]), or hyper's with TLS.
-#[derive(Clone)]
-enum DataClient {
-    Plain,
-    Tls(Arc<PerThread<HttpsConnector<HttpConnector>>>),
-}
-
 /// The HTTP clients of remote replicas, each with its pool of keep-alive
 /// connections: `control` (reqwest) for metadata, readiness and the
-/// controller's webhooks and queries; `data` (hyper) for inference; and the
-/// headers every request to the remote carries.
+/// controller's webhooks and queries; for inference on `https://`, `tls`
+/// (hyper over rustls; a plain endpoint gets its own [`Upstream`] in
+/// [`RemoteHttp::client`]); and the headers every request to the remote
+/// carries.
 #[derive(Clone)]
 pub struct RemoteHttp {
     pub control: reqwest::Client,
-    data: DataClient,
+    tls: Option<Arc<PerThread<HttpsConnector<HttpConnector>>>>,
     headers: Arc<HeaderMap>,
     connect_timeout: Duration,
     /// The largest inference answer taken (`--max-body-bytes`).
@@ -235,7 +240,7 @@ impl RemoteHttp {
             .expect("the HTTP client builds with static settings");
         RemoteHttp {
             control,
-            data: DataClient::Plain,
+            tls: None,
             headers: Arc::new(HeaderMap::new()),
             connect_timeout,
             max_answer,
@@ -251,10 +256,22 @@ impl RemoteHttp {
         connector
     }
 
+    /// The client of one endpoint of a remote version, with what `access`
+    /// says (TLS settings, headers, read now). Errors name the file or
+    /// variable.
+    pub fn client(
+        &self,
+        target: RemoteTarget,
+        access: &RemoteAccess,
+    ) -> Result<RemoteClient, String> {
+        let http = self.for_version(access, target.is_https())?;
+        Ok(RemoteClient::new(target, http))
+    }
+
     /// The clients of one remote version: the shared ones for plain HTTP
     /// without headers; otherwise its own, with TLS (rustls) for `https`
-    /// and the headers read now. Errors name the file or variable.
-    pub fn for_version(&self, access: &RemoteAccess, https: bool) -> Result<RemoteHttp, String> {
+    /// and the headers read now.
+    fn for_version(&self, access: &RemoteAccess, https: bool) -> Result<RemoteHttp, String> {
         if !https && access.is_empty() {
             return Ok(self.clone());
         }
@@ -266,7 +283,7 @@ impl RemoteHttp {
             .pool_idle_timeout(IDLE)
             .tcp_nodelay(true)
             .default_headers(headers.clone());
-        let data = if https {
+        let tls = if https {
             let tls = access.tls_config()?;
             control = control.use_preconfigured_tls(tls.clone());
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -274,15 +291,15 @@ impl RemoteHttp {
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(Self::connector(self.connect_timeout));
-            DataClient::Tls(Arc::new(PerThread::new(connector)))
+            Some(Arc::new(PerThread::new(connector)))
         } else {
-            self.data.clone()
+            None
         };
         Ok(RemoteHttp {
             control: control
                 .build()
                 .map_err(|e| format!("the remote's HTTP client: {e}"))?,
-            data,
+            tls,
             headers: Arc::new(headers),
             connect_timeout: self.connect_timeout,
             max_answer: self.max_answer,
@@ -320,41 +337,47 @@ fn control_unavailable(target: &RemoteTarget, e: reqwest::Error) -> RuntimeError
 }
 
 impl RemoteClient {
-    pub fn new(target: RemoteTarget, http: RemoteHttp) -> RemoteClient {
-        // Url percent-encodes what a URI may not hold; its text is a URI.
-        let infer_uri = Url::parse(&format!("{}/infer", target.model_url()))
-            .ok()
-            .and_then(|url| url.as_str().parse().ok())
-            .expect("a remote target is a valid URL (checked when it was parsed)");
-        let grpc = target.is_grpc().then(|| {
-            Box::new(
+    /// `http` is [`RemoteHttp::for_version`]'s for this target's scheme.
+    fn new(target: RemoteTarget, http: RemoteHttp) -> RemoteClient {
+        let transport = if target.is_grpc() {
+            Transport::Grpc(Box::new(
                 super::grpc_remote::GrpcRemote::new(&target, http.connect_timeout)
                     .expect("a grpc:// target is a valid address (checked when it was parsed)"),
-            )
-        });
-        let plain = (matches!(http.data, DataClient::Plain) && grpc.is_none()).then(|| {
-            let headers = http.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-            Box::new(Upstream::new(
-                &infer_uri,
-                headers,
-                http.connect_timeout,
-                IDLE,
-                http.max_answer,
             ))
-        });
+        } else {
+            // Url percent-encodes what a URI may not hold; its text is a URI.
+            let infer_uri: hyper::Uri = Url::parse(&format!("{}/infer", target.model_url()))
+                .ok()
+                .and_then(|url| url.as_str().parse().ok())
+                .expect("a remote target is a valid URL (checked when it was parsed)");
+            match &http.tls {
+                Some(client) => Transport::Tls {
+                    infer_uri,
+                    client: client.clone(),
+                },
+                None => {
+                    let headers = http.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+                    Transport::Plain(Box::new(Upstream::new(
+                        &infer_uri,
+                        headers,
+                        http.connect_timeout,
+                        IDLE,
+                        http.max_answer,
+                    )))
+                }
+            }
+        };
         RemoteClient {
             target,
-            infer_uri,
             http,
-            plain,
-            grpc,
+            transport,
         }
     }
 
     /// Whether a V2 REST body can be passed to this endpoint as it is (an
     /// HTTP remote); a gRPC remote takes decoded tensors.
     pub fn takes_bodies(&self) -> bool {
-        self.grpc.is_none()
+        !matches!(self.transport, Transport::Grpc(_))
     }
 
     pub fn target(&self) -> &RemoteTarget {
@@ -363,7 +386,7 @@ impl RemoteClient {
 
     /// Fetches the remote model's signature, after checking it is ready.
     pub async fn metadata(&self, timeout: Duration) -> Result<Signature, RuntimeError> {
-        if let Some(grpc) = &self.grpc {
+        if let Transport::Grpc(grpc) = &self.transport {
             return grpc
                 .metadata(&self.target, &self.http.headers, timeout)
                 .await;
@@ -414,7 +437,7 @@ impl RemoteClient {
     /// and 5xx answers are `Unavailable`/`Inference` (retryable elsewhere);
     /// 4xx answers are `BadInput`.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        if let Some(grpc) = &self.grpc {
+        if let Transport::Grpc(grpc) = &self.transport {
             return grpc.infer(&self.target, &self.http.headers, inputs).await;
         }
         let body = protocol::encode_request_json(None, inputs);
@@ -439,15 +462,16 @@ impl RemoteClient {
             Some(_) => "application/octet-stream",
             None => "application/json",
         };
-        match (&self.plain, &self.http.data) {
-            (Some(upstream), _) => {
+        match &self.transport {
+            Transport::Plain(upstream) => {
                 self.forward_plain(upstream, content_type, body, header_len)
                     .await
             }
-            (None, DataClient::Tls(tls)) => {
-                self.forward_tls(tls, content_type, body, header_len).await
+            Transport::Tls { infer_uri, client } => {
+                self.forward_tls(infer_uri, client, content_type, body, header_len)
+                    .await
             }
-            (None, DataClient::Plain) => Err(RuntimeError::Inference(format!(
+            Transport::Grpc(_) => Err(RuntimeError::Inference(format!(
                 "remote {} speaks gRPC: it takes decoded tensors, not a REST body",
                 self.target.display()
             ))),
@@ -507,12 +531,13 @@ impl RemoteClient {
     /// pooled client over rustls.
     async fn forward_tls(
         &self,
+        infer_uri: &hyper::Uri,
         tls: &PerThread<HttpsConnector<HttpConnector>>,
         content_type: &str,
         body: bytes::Bytes,
         header_len: Option<&str>,
     ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
-        let mut request = hyper::Request::post(self.infer_uri.clone())
+        let mut request = hyper::Request::post(infer_uri.clone())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(n) = header_len {
             request = request.header(protocol::HEADER_CONTENT_LENGTH, n);
