@@ -1,10 +1,13 @@
 //! Where shadow copies run: each serving thread has a companion thread at
-//! the lowest CPU priority (`nice` 19) with its own single-threaded runtime,
-//! and its own keep-alive connections to the shadow. A serving thread hands
-//! a copy over once, after the primary has answered; the kernel then runs
-//! the copy's work — its request, the answers' decoding, the comparison,
-//! an in-process shadow's inference — only when no request is waiting for
-//! the core, so a shadow adds no queueing to the primary's latency. When
+//! the lowest CPU priority (Linux's `SCHED_IDLE`, and `nice` 19) with its
+//! own single-threaded runtime, and its own keep-alive connections to the
+//! shadow. A serving thread hands a copy over once, after the primary has
+//! answered; the kernel then runs the copy's work — its request, the
+//! answers' decoding, the comparison, an in-process shadow's inference —
+//! only when no request is waiting for the core, and a serving thread that
+//! wakes takes the core back at once (under `SCHED_IDLE`; at `nice` 19
+//! alone the copy could keep it for the rest of its time slice, a
+//! millisecond or more: BENCHMARKS.md). When
 //! production keeps the core busy, copies wait, their slots fill and
 //! further copies are dropped and counted (`mirror`), never queued without
 //! bound.
@@ -25,8 +28,8 @@ thread_local! {
     static COMPANION: RefCell<Option<mpsc::UnboundedSender<Work>>> = const { RefCell::new(None) };
 }
 
-/// The nice value of a copy thread: the lowest priority a thread can give
-/// itself without privileges.
+/// The nice value of a copy thread: the lowest a thread can give itself
+/// without privileges (what counts when `SCHED_IDLE` is refused).
 const NICE: i32 = 19;
 
 /// The companion thread of the serving thread that started it; copies
@@ -84,15 +87,28 @@ pub fn run(work: Work) {
     }
 }
 
+/// `SCHED_IDLE` (allowed without privileges since Linux 2.6.39), then nice
+/// 19: on Linux, PRIO_PROCESS with a thread id sets that thread's alone.
 #[cfg(target_os = "linux")]
 fn lower_this_threads_priority() {
-    // On Linux, PRIO_PROCESS with a thread id sets that thread's nice value
-    // alone.
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICE) {
-        tracing::warn!(
-            "the shadow copies' thread keeps the serving threads' priority (setpriority: {e}); a shadow may add to the primary's latency when the core is busy"
-        );
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    // Setting the policy also sets nice 0, which a thread already niced may
+    // not do: what counts is the policy read back below.
+    let _ = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Min,
+        idle,
+    );
+    let nice = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
+    match (thread_priority::thread_schedule_policy(), nice) {
+        (Ok(policy), _) if policy == idle => {}
+        (policy, Ok(())) => tracing::warn!(
+            "the shadow copies' thread runs at nice {NICE} but not under SCHED_IDLE (policy {policy:?}): a copy may hold a serving thread's core for the rest of its time slice"
+        ),
+        (policy, Err(e)) => tracing::warn!(
+            "the shadow copies' thread keeps the serving threads' priority (policy {policy:?}; setpriority: {e}): a shadow may add to the primary's latency when the core is busy"
+        ),
     }
 }
 
@@ -121,15 +137,23 @@ mod tests {
                 // finished, not cut off.
                 tokio::time::sleep(std::time::Duration::from_millis(20 * i)).await;
                 let name = std::thread::current().name().map(str::to_string);
-                tx.send((name, nice_of(rustix::thread::gettid()))).unwrap();
+                let policy = thread_priority::thread_schedule_policy().unwrap();
+                tx.send((name, policy, nice_of(rustix::thread::gettid())))
+                    .unwrap();
             }));
         }
         drop(companion);
         drop(tx);
         let seen: Vec<_> = rx.iter().collect();
         assert_eq!(seen.len(), 3, "every copy sent ran to its end");
-        for (name, nice) in seen {
+        for (name, policy, nice) in seen {
             assert_eq!(name.as_deref(), Some("ferry-copy-test"));
+            assert_eq!(
+                policy,
+                thread_priority::ThreadSchedulePolicy::Normal(
+                    thread_priority::NormalThreadSchedulePolicy::Idle
+                )
+            );
             assert_eq!(nice, NICE);
         }
         // The serving thread's own priority is untouched.
