@@ -88,10 +88,9 @@ def main():
             return None
         import urllib.request
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("ferry_shadow_dropped_total{") and 'model="cancer"' in line:
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
+            # One series per version (the stable's is 0): their sum.
+            return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                       if line.startswith("ferry_shadow_dropped_total{") and 'model="cancer"' in line)
 
     def measure(url, pids):
         dropped_before = dropped_copies(url)
