@@ -1,19 +1,20 @@
 //! Where shadow copies run: each serving thread has a companion thread at
-//! the lowest CPU priority (Linux's `SCHED_IDLE`, and `nice` 19) with its
-//! own single-threaded runtime, and its own keep-alive connections to the
-//! shadow. A serving thread hands a copy over once, after the primary has
-//! answered; the kernel then runs the copy's work — its request, the
-//! answers' decoding, the comparison, an in-process shadow's inference —
-//! only when no request is waiting for the core, and a serving thread that
-//! wakes takes the core back at once (under `SCHED_IDLE`; at `nice` 19
-//! alone the copy could keep it for the rest of its time slice, a
-//! millisecond or more: BENCHMARKS.md). When
-//! production keeps the core busy, copies wait, their slots fill and
-//! further copies are dropped and counted (`mirror`), never queued without
-//! bound.
+//! the lowest CPU priority (`nice` 19) with its own single-threaded
+//! runtime, and its own keep-alive connections to the shadow. A serving thread hands a copy over once, after the primary has
+//! answered; the kernel then runs the copy's work on this thread — its
+//! request to a remote shadow, the answers' decoding, the comparison —
+//! mostly when no request is waiting for the core (the kernel gives a nice
+//! 19 thread about 1.5 % of a core that a normal thread wants). When
+//! production keeps the core busy, copies wait, their slots fill and further copies are dropped and
+//! counted (`mirror`), never queued without bound.
 //!
-//! A thread without a companion (tests, the control plane's runtime) runs
-//! its copies as tasks of its own runtime.
+//! What does not run here, at the lowest priority: an in-process shadow's
+//! inference (always on the version's worker thread: a session held by
+//! this thread would make the version's other callers wait on it), and a
+//! `grpc://` shadow's HTTP/2 connection (on the runtime that opened it).
+//! A thread without a companion (tests, the control plane's runtime, which
+//! serves inference posts the fast path does not take) runs its copies as
+//! tasks of its own runtime, at its priority.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -28,15 +29,16 @@ thread_local! {
     static COMPANION: RefCell<Option<mpsc::UnboundedSender<Work>>> = const { RefCell::new(None) };
 }
 
-/// The nice value of a copy thread: the lowest a thread can give itself
-/// without privileges (what counts when `SCHED_IDLE` is refused).
+/// The nice value of a copy thread: the lowest priority a thread can give
+/// itself without privileges.
 const NICE: i32 = 19;
 
 /// The companion thread of the serving thread that started it; copies
 /// started on that thread go to it while this is held. Dropping it closes
-/// the hand-off: the companion finishes the copies it holds (each bounded
-/// by its version's timeout) and ends, without holding up the serving
-/// thread's own end.
+/// the hand-off: the companion goes on with the copies it holds (each
+/// bounded by its version's timeout) and then ends, without holding up the
+/// serving thread's own end; copies still running when the process exits
+/// are cut off, uncounted, as copies on any runtime are.
 pub struct Companion(());
 
 impl Companion {
@@ -48,6 +50,7 @@ impl Companion {
         let (tx, mut rx) = mpsc::unbounded_channel::<Work>();
         std::thread::Builder::new().name(name).spawn(move || {
             lower_this_threads_priority();
+            crate::runtime::worker::no_inline_runs_on_this_thread();
             runtime.block_on(async move {
                 let mut running = tokio::task::JoinSet::new();
                 loop {
@@ -87,28 +90,17 @@ pub fn run(work: Work) {
     }
 }
 
-/// `SCHED_IDLE` (allowed without privileges since Linux 2.6.39), then nice
-/// 19: on Linux, PRIO_PROCESS with a thread id sets that thread's alone.
+/// On Linux, PRIO_PROCESS with a thread id sets that thread's nice value
+/// alone. Not `SCHED_IDLE`: it measured no better, and a `SCHED_IDLE`
+/// thread gets no CPU at all while other processes keep every core busy,
+/// where nice 19 keeps a small share (BENCHMARKS.md).
 #[cfg(target_os = "linux")]
 fn lower_this_threads_priority() {
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
-    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    // Setting the policy also sets nice 0, which a thread already niced may
-    // not do: what counts is the policy read back below.
-    let _ = thread_priority::set_thread_priority_and_policy(
-        thread_priority::thread_native_id(),
-        ThreadPriority::Min,
-        idle,
-    );
-    let nice = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
-    match (thread_priority::thread_schedule_policy(), nice) {
-        (Ok(policy), _) if policy == idle => {}
-        (policy, Ok(())) => tracing::warn!(
-            "the shadow copies' thread runs at nice {NICE} but not under SCHED_IDLE (policy {policy:?}): a copy may hold a serving thread's core for the rest of its time slice"
-        ),
-        (policy, Err(e)) => tracing::warn!(
-            "the shadow copies' thread keeps the serving threads' priority (policy {policy:?}; setpriority: {e}): a shadow may add to the primary's latency when the core is busy"
-        ),
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICE) {
+        tracing::warn!(
+            "the shadow copies' thread keeps the serving threads' priority (setpriority: {e}); a shadow may add to the primary's latency when the core is busy"
+        );
     }
 }
 
@@ -137,23 +129,15 @@ mod tests {
                 // finished, not cut off.
                 tokio::time::sleep(std::time::Duration::from_millis(20 * i)).await;
                 let name = std::thread::current().name().map(str::to_string);
-                let policy = thread_priority::thread_schedule_policy().unwrap();
-                tx.send((name, policy, nice_of(rustix::thread::gettid())))
-                    .unwrap();
+                tx.send((name, nice_of(rustix::thread::gettid()))).unwrap();
             }));
         }
         drop(companion);
         drop(tx);
         let seen: Vec<_> = rx.iter().collect();
         assert_eq!(seen.len(), 3, "every copy sent ran to its end");
-        for (name, policy, nice) in seen {
+        for (name, nice) in seen {
             assert_eq!(name.as_deref(), Some("ferry-copy-test"));
-            assert_eq!(
-                policy,
-                thread_priority::ThreadSchedulePolicy::Normal(
-                    thread_priority::NormalThreadSchedulePolicy::Idle
-                )
-            );
             assert_eq!(nice, NICE);
         }
         // The serving thread's own priority is untouched.

@@ -1,10 +1,13 @@
 //! Shadow mirroring: a copy of a production request goes to the shadow
-//! version. The user's answer never waits for it: the copy is handed over
-//! once the primary has answered, with that answer, and runs on the serving
-//! thread's low-priority companion ([`super::copies`]). When the shadow is
-//! saturated (`max_in_flight` copies waiting or running) the copy is
-//! dropped and counted, never queued. When both have answered, the outputs
-//! are compared and the result counted on the shadow's series.
+//! version. The user's answer never waits for it: the copy is taken when the
+//! primary is chosen and handed over once the primary has answered (or
+//! failed), with that answer, to run on the serving thread's low-priority
+//! companion ([`super::copies`]). A copy handed over when `max_in_flight`
+//! copies are already waiting or running, or one that waited longer than
+//! the shadow's timeout for the CPU, is dropped and counted, never queued
+//! without bound; the count never waits on the companion. When both have
+//! answered, the outputs are compared and the result counted on the
+//! shadow's series.
 //!
 //! A shadow on remote endpoints gets the client's own bytes when they can be
 //! sent as they are ([`Copy::Body`]): nothing is re-encoded, and only the
@@ -32,8 +35,8 @@ pub enum Copy<'a> {
     },
 }
 
-/// A copy taken (its slot held), sent to the shadow when the primary's
-/// answer is handed over with [`Mirror::primary_answered`] or
+/// A copy taken, sent to the shadow (if a slot is free then) when the
+/// primary's answer is handed over with [`Mirror::primary_answered`] or
 /// [`Mirror::primary_sent`] — or, if the primary's path ends without
 /// either (an error on the way), when this is dropped: a copy taken is
 /// always sent.
@@ -44,7 +47,8 @@ pub struct Mirror {
 /// What the copy's work needs besides the primary's answer.
 struct Job {
     pool: std::sync::Arc<super::VersionPool>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The route's bound on copies waiting or running.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     request: Request,
     compare: super::policy::Compare,
     door: FrontDoor,
@@ -83,9 +87,9 @@ enum Request {
 }
 
 impl Mirror {
-    /// Decides whether to mirror this request (by the policy's percentage and
-    /// the free slots) and, if so, takes the copy; it is sent once the
-    /// primary has answered. `None` also when the copy cannot be made from
+    /// Decides whether to mirror this request (by the policy's percentage)
+    /// and, if so, takes the copy; it is sent once the primary has answered,
+    /// when a slot is free then. `None` also when the copy cannot be made from
     /// `copy` (a body without decoded inputs for an in-process shadow: the
     /// caller decodes such requests). The copy is counted under the front
     /// door of the request it copies.
@@ -95,8 +99,7 @@ impl Mirror {
             return None;
         }
         let pool = route.pools.get(&policy.version)?.clone();
-        // Made before taking a slot: a copy that cannot be made is not a
-        // dropped one.
+        let slots = route.shadow_slots.as_ref()?.clone();
         let request = match copy {
             Copy::Body {
                 body, header_len, ..
@@ -108,15 +111,10 @@ impl Mirror {
             } => Request::Tensors(inputs.to_vec()),
             Copy::Body { inputs: None, .. } => return None,
         };
-        let Ok(permit) = route.shadow_slots.as_ref()?.clone().try_acquire_owned() else {
-            pool.metrics.dropped();
-            pool.record_shadow(|b| b.dropped += 1);
-            return None;
-        };
         Some(Mirror {
             copy: Some(Job {
                 pool,
-                _permit: permit,
+                slots,
                 request,
                 compare: policy.compare.clone(),
                 door,
@@ -156,18 +154,34 @@ impl Drop for Mirror {
 
 impl Job {
     /// Sends the copy, on this thread's companion (or as a task), then
-    /// compares its answer with the primary's.
+    /// compares its answer with the primary's; or drops it, counted, when
+    /// `max_in_flight` copies are already waiting or running.
     fn send(self, primary: Primary, id: String) {
-        super::copies::run(Box::pin(self.run(primary, id)));
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.pool.shadow_dropped();
+            return;
+        };
+        let handed = Instant::now();
+        super::copies::run(Box::pin(async move {
+            let _permit = permit;
+            // Waiting for the CPU counts against the shadow's timeout: a
+            // copy the companion could not start in time is dropped (and
+            // its slot freed) as soon as the companion reaches it.
+            if handed.elapsed() >= self.pool.timeout() {
+                self.pool.shadow_dropped();
+                return;
+            }
+            self.run(primary, id).await;
+        }));
     }
 
     async fn run(self, primary: Primary, id: String) {
         let Job {
             pool,
-            _permit,
             request,
             compare,
             door,
+            ..
         } = self;
         let started = Instant::now();
         let result = match request {

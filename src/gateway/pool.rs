@@ -62,6 +62,8 @@ pub struct VersionPool {
     pub breaker: Breaker,
     telemetry: Arc<Telemetry>,
     series: [OnceLock<Arc<Series>>; 6],
+    /// Dropped copies not yet in the shadow series (its lock was busy).
+    drops_pending: std::sync::atomic::AtomicU64,
 }
 
 impl VersionPool {
@@ -84,6 +86,7 @@ impl VersionPool {
             breaker: Breaker::default(),
             telemetry,
             series: Default::default(),
+            drops_pending: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -147,7 +150,23 @@ impl VersionPool {
 
     /// Records a shadow comparison or a dropped copy on this (shadow) version.
     pub fn record_shadow(&self, f: impl FnOnce(&mut crate::metrics::window::Bucket)) {
-        self.series(Role::Shadow).record(now_secs(), f);
+        self.series(Role::Shadow).record(now_secs(), |b| {
+            b.dropped += self.drops_pending.swap(0, Ordering::Relaxed);
+            f(b);
+        });
+    }
+
+    /// Counts a shadow copy dropped, on the request's own thread, without
+    /// waiting: the shadow series' lock may be held by the copies' thread,
+    /// which runs at the lowest priority (`gateway::copies`). A drop that
+    /// finds it busy is added by the next one that does not, or by the
+    /// copies' next record.
+    pub fn shadow_dropped(&self) {
+        self.metrics.dropped();
+        self.drops_pending.fetch_add(1, Ordering::Relaxed);
+        self.series(Role::Shadow).try_record(now_secs(), |b| {
+            b.dropped += self.drops_pending.swap(0, Ordering::Relaxed);
+        });
     }
 
     fn pick(&self) -> Option<&Replica> {

@@ -112,9 +112,25 @@ impl Figures<'_> {
 impl Series {
     /// Applies `f` to the bucket covering `now` (Unix seconds).
     pub fn record(&self, now: u64, f: impl FnOnce(&mut Bucket)) {
-        let epoch = now / BUCKET_SECS;
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        let ring = &mut *ring;
+        Self::record_in(&mut ring, now, f);
+    }
+
+    /// [`Series::record`] if the series is free now; `false` (and `f` not
+    /// applied) if another thread holds it. For a caller that must never
+    /// wait on a thread that may not get the CPU (a shadow's copies).
+    pub fn try_record(&self, now: u64, f: impl FnOnce(&mut Bucket)) -> bool {
+        let mut ring = match self.ring.try_lock() {
+            Ok(ring) => ring,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        Self::record_in(&mut ring, now, f);
+        true
+    }
+
+    fn record_in(ring: &mut Ring, now: u64, f: impl FnOnce(&mut Bucket)) {
+        let epoch = now / BUCKET_SECS;
         if ring.open.as_ref().is_none_or(|b| b.epoch < epoch) {
             if let Some(closed) = ring.open.take() {
                 // Room for twice the buckets held, never more than the ring.
@@ -308,6 +324,16 @@ mod tests {
             assert_eq!(all.requests, rate * 900);
             assert!(all.latency_p99_ms.is_some_and(|p| p > 1.0));
         }
+    }
+
+    #[test]
+    fn try_record_never_waits_for_a_holder() {
+        let s = Series::default();
+        let held = s.ring.lock().unwrap();
+        assert!(!s.try_record(1_000, |b| b.dropped += 1), "held elsewhere");
+        drop(held);
+        assert!(s.try_record(1_000, |b| b.dropped += 1));
+        assert_eq!(s.summary(1_000, Duration::from_secs(60)).dropped, 1);
     }
 
     #[test]

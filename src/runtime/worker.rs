@@ -8,6 +8,9 @@
 //! session free), a request runs at once on the calling thread, sparing
 //! the two thread wake-ups of handing it to the worker thread and back.
 //! Batching replicas never run inline: their point is to wait for others.
+//! Neither does a thread that said so ([`no_inline_runs_on_this_thread`]):
+//! the shadow copies' thread runs at the lowest CPU priority, and holding a
+//! session there would make the version's other callers wait on it.
 //!
 //! With adaptive batching on, the worker waits up to the batch delay after a
 //! request for others to arrive and runs them as one batch ([`batch`]).
@@ -255,6 +258,17 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, jobs: Vec<Job>) {
     }
 }
 
+thread_local! {
+    /// Whether this thread may run a request inline.
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// From now on, requests made on this thread always run on the replica's
+/// worker thread, never inline on this one.
+pub fn no_inline_runs_on_this_thread() {
+    INLINE.with(|i| i.set(false));
+}
+
 impl Worker {
     /// Starts the thread. `depth` is the number of requests that may wait;
     /// with `batching`, requests that arrive within its delay of each other
@@ -320,6 +334,7 @@ impl Worker {
     /// is idle, otherwise on the worker thread (see the module's doc).
     pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         if self.shared.pace.may_run_inline()
+            && INLINE.with(std::cell::Cell::get)
             && let Ok(mut session) = self.shared.session.try_lock()
         {
             return self.shared.run(&mut session, inputs, None);
@@ -356,6 +371,64 @@ mod tests {
     use super::*;
 
     const US: Duration = Duration::from_micros(1);
+
+    /// A thread that said so never runs inline, even when the replica
+    /// would take it (the shadow copies' thread: `gateway::copies`).
+    #[test]
+    fn a_thread_without_inline_runs_hands_every_request_to_the_worker() {
+        let onnx = crate::runtime::OnnxRuntime::for_tests();
+        let model =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/cancer-v1.onnx");
+        let session = onnx.session_from_file(&model, 1).unwrap();
+        let worker = Arc::new(Worker::spawn("inline-test", session, 8, None).unwrap());
+        let input = || {
+            vec![Tensor {
+                name: "input".into(),
+                shape: vec![1, 30],
+                data: crate::protocol::TensorData::Fp32(vec![0.5; 30]),
+            }]
+        };
+        let sent = |w: &Worker| w.shared.next_id.load(Ordering::Relaxed);
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // Here, once runs are timed as tiny, they go inline: nothing more
+        // is sent to the worker thread.
+        runtime().block_on(async {
+            let mut inline = false;
+            for _ in 0..500 {
+                let before = sent(&worker);
+                worker.infer(input()).await.unwrap();
+                if sent(&worker) == before {
+                    inline = true;
+                    break;
+                }
+            }
+            assert!(inline, "this thread runs inline once runs are tiny");
+        });
+        let w = worker.clone();
+        std::thread::spawn(move || {
+            no_inline_runs_on_this_thread();
+            runtime().block_on(async {
+                let mut inline_allowed = 0;
+                for _ in 0..20 {
+                    inline_allowed += usize::from(w.shared.pace.may_run_inline());
+                    let before = sent(&w);
+                    w.infer(input()).await.unwrap();
+                    assert_eq!(sent(&w), before + 1, "every run on the worker thread");
+                }
+                assert!(
+                    inline_allowed > 0,
+                    "the replica would have taken runs inline"
+                );
+            });
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn tiny_runs_go_inline_when_nothing_waits() {
