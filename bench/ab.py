@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import bench
 import gateways
@@ -86,7 +87,6 @@ def main():
         base, _, path = url.partition("/v2/models/")
         if args.mode != "shadow" or not path.startswith("cancer/") or base not in ferry_urls:
             return None
-        import urllib.request
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
             # One series per version (the stable's is 0): their sum.
             return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
