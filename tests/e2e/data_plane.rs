@@ -832,13 +832,15 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
         // server has accepted it); a fourth is closed at once. The server
         // frees the slow client's slot a moment after the client sees the
         // close, so a connection refused meanwhile is opened again (until
-        // one is answered, within 2 s).
+        // one is answered). The bounds are generous: on a loaded 2-core CI
+        // host an answer can take a second, and a connection given up on
+        // holds its slot until the server sees it closed.
         let idle: Vec<_> = (0..3)
             .map(|_| {
-                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                let deadline = std::time::Instant::now() + Duration::from_secs(15);
                 loop {
                     let mut c = std::net::TcpStream::connect(&addr).unwrap();
-                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                     let sent =
                         c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
                     if sent.is_ok() && c.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
@@ -847,7 +849,7 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
                     }
                     assert!(
                         std::time::Instant::now() < deadline,
-                        "the slow client's slot was not freed within 2 s"
+                        "the slow client's slot was not freed within 15 s"
                     );
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -855,7 +857,7 @@ async fn slow_clients_are_disconnected_and_connections_are_limited() {
             .collect();
         let mut extra = std::net::TcpStream::connect(&addr).unwrap();
         extra
-            .set_read_timeout(Some(Duration::from_secs(2)))
+            .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let _ = extra.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         // Closed (EOF or reset), not merely unanswered until the read timeout.
