@@ -16,7 +16,11 @@ bench.ARGS=args
 tmp=pathlib.Path(tempfile.mkdtemp())
 ua,ub=gateways.free_port(),gateways.free_port()
 os.environ["PATH"]+=":/usr/sbin"
+# UPSTREAMS_CPU=1 puts the upstreams beside oha, off the gateway's core (as
+# remote models run on other hosts).
+args.sut_cpus=os.environ.get("UPSTREAMS_CPU","0")
 ups=gateways.start_nginx(bench,tmp,"ups",gateways.upstream_server(ua,"a",tmp/"a.log")+gateways.upstream_server(ub,"b",tmp/"b.log"))
+args.sut_cpus="0"
 bench.wait_http(f"http://127.0.0.1:{ua}/v2/models/cancer/ready")
 binary=sys.argv[1]
 data=tmp/"d"

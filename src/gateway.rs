@@ -339,14 +339,24 @@ impl Gateway {
         let result = pool
             .forward(request.body, request.header_len, timeout)
             .await;
+        // The remote's own time when the answer was timed (the yardstick
+        // its shadow's copies are timed by: `gateway::copies`).
+        let took = match &result {
+            Ok(passed) => passed.took,
+            Err(_) => None,
+        };
         pool.record(
             role,
             request.door,
             outcome(&result),
-            started.elapsed().as_secs_f64(),
+            took.unwrap_or_else(|| started.elapsed()).as_secs_f64(),
             None,
         );
-        let (answer, answer_len) = result?;
+        let crate::runtime::Passed {
+            body: answer,
+            header_len: answer_len,
+            ..
+        } = result?;
         let rewritten = protocol::rewrite_response(
             &answer,
             answer_len.as_deref(),
@@ -421,7 +431,7 @@ impl Gateway {
             },
             call.inputs,
             timeout,
-            async |pool: &VersionPool, inputs| pool.run(inputs).await,
+            async |pool: &VersionPool, inputs| pool.run_timed(inputs).await,
         )
         .await;
         if let Some(shadow) = shadow {

@@ -105,6 +105,19 @@ impl Default for LoadLimits {
     }
 }
 
+/// A remote's answer to a body passed through as it came.
+#[derive(Debug)]
+pub struct Passed {
+    pub body: bytes::Bytes,
+    /// Its `Inference-Header-Content-Length` (binary extension).
+    pub header_len: Option<String>,
+    /// How long the remote took, from the request's write to the arrival
+    /// of the answer's last bytes, when the calling thread times answers
+    /// so ([`upstream::time_answers_on_this_thread`]): without the time
+    /// that thread then waited for the CPU.
+    pub took: Option<Duration>,
+}
+
 /// One running replica's engine: the only thing the gateway calls to infer.
 pub enum Engine {
     /// An ONNX Runtime session on its own thread.
@@ -125,7 +138,7 @@ impl Engine {
         &self,
         body: bytes::Bytes,
         header_len: Option<&str>,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<Passed, RuntimeError> {
         match self {
             Engine::Remote(r) => r.forward(body, header_len).await,
             Engine::Local(_) => Err(RuntimeError::Inference(
@@ -139,6 +152,21 @@ impl Engine {
         match self {
             Engine::Local(w) => w.infer(inputs).await,
             Engine::Remote(r) => r.infer(&inputs).await,
+        }
+    }
+
+    /// [`Engine::infer`], with how long the answer took to be ready when
+    /// the engine can tell it apart from the caller's own wait to notice
+    /// it: a worker thread's run, or a remote's answer on a thread that
+    /// times answers. For the shadow copies' low-priority threads, whose
+    /// wait for the CPU is not the version's latency.
+    pub async fn infer_timed(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
+        match self {
+            Engine::Local(w) => w.infer_timed(inputs).await,
+            Engine::Remote(r) => r.infer_timed(&inputs).await,
         }
     }
 }

@@ -12,6 +12,12 @@
 //! inference (always on the version's worker thread: a session held by
 //! this thread would make the version's other callers wait on it), and a
 //! `grpc://` shadow's HTTP/2 connection (on the runtime that opened it).
+//!
+//! A copy's latency is not this thread's: how long the shadow's answer
+//! took to be ready is told by the engine (a worker thread's run; for a
+//! plain-HTTP remote, the kernel's receive time of the answer), without the
+//! time this thread then waited for the CPU (`mirror`).
+//!
 //! A thread without a companion (tests, the control plane's runtime, which
 //! serves inference posts the fast path does not take) runs its copies as
 //! tasks of its own runtime, at its priority.

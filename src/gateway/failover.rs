@@ -65,7 +65,10 @@ pub(super) async fn run_chain(
     origin: Origin,
     inputs: Vec<Tensor>,
     timeout: Duration,
-    run: impl AsyncFn(&VersionPool, Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>,
+    run: impl AsyncFn(
+        &VersionPool,
+        Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError>,
 ) -> Result<Served, GatewayError> {
     let breakers = chain.len() > 1;
     let mut inputs = Some(inputs);
@@ -98,7 +101,12 @@ pub(super) async fn run_chain(
         };
         let result = within(timeout, run(pool, attempt_inputs)).await;
         unanswered.answered();
-        let seconds = started.elapsed().as_secs_f64();
+        // The engine's own time when it could tell (see `Engine::infer_timed`).
+        let (result, took) = match result {
+            Ok((outputs, took)) => (Ok(outputs), took),
+            Err(e) => (Err(e), None),
+        };
+        let seconds = took.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         if breakers {
             pool.breaker
                 .record(result.is_ok(), Instant::now(), &route.policy.breaker);
@@ -315,7 +323,7 @@ mod tests {
             },
             input(),
             Duration::from_secs(1),
-            async |pool: &VersionPool, inputs| fake.run(pool, inputs).await,
+            async |pool: &VersionPool, inputs| Ok((fake.run(pool, inputs).await?, None)),
         )
         .await
     }

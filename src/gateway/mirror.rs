@@ -183,21 +183,37 @@ impl Job {
             door,
             ..
         } = self;
+        // The shadow's latency is how long its answer took to be ready
+        // where the engine can tell (a worker thread's run; a plain-HTTP
+        // remote's answer by the kernel's receive time): this thread runs
+        // at the lowest priority, and its own wait for the CPU on a busy
+        // gateway is not the shadow's latency. Otherwise (TLS, gRPC), the
+        // time until this thread had the answer.
         let started = Instant::now();
-        let result = match request {
-            Request::Tensors(inputs) => pool.infer(inputs, pool.timeout()).await,
-            Request::Body(body, header_len) => pool
-                .forward(body, header_len.as_deref(), pool.timeout())
-                .await
-                .and_then(|(answer, len)| {
-                    protocol::decode_response_json(&answer, len.as_deref()).map_err(|e| {
-                        RuntimeError::Inference(format!(
-                            "the shadow version sent an unreadable answer: {e}"
-                        ))
-                    })
-                }),
+        let (result, took) = match request {
+            Request::Tensors(inputs) => match pool.infer_timed(inputs, pool.timeout()).await {
+                Ok((outputs, took)) => (Ok(outputs), took),
+                Err(e) => (Err(e), None),
+            },
+            Request::Body(body, header_len) => {
+                match pool
+                    .forward(body, header_len.as_deref(), pool.timeout())
+                    .await
+                {
+                    Ok(passed) => (
+                        protocol::decode_response_json(&passed.body, passed.header_len.as_deref())
+                            .map_err(|e| {
+                                RuntimeError::Inference(format!(
+                                    "the shadow version sent an unreadable answer: {e}"
+                                ))
+                            }),
+                        passed.took,
+                    ),
+                    Err(e) => (Err(e), None),
+                }
+            }
         };
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = took.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         let (outcome, class) = match &result {
             Ok(out) => (
                 Outcome::Ok,

@@ -184,7 +184,7 @@ impl VersionPool {
         body: bytes::Bytes,
         header_len: Option<&str>,
         timeout: Duration,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<crate::runtime::Passed, RuntimeError> {
         within(
             timeout,
             self.on_replica(async |engine: &Engine| engine.forward(body, header_len).await),
@@ -201,10 +201,32 @@ impl VersionPool {
         within(timeout, self.run(inputs)).await
     }
 
+    /// [`VersionPool::infer`], with how long the answer took to be ready
+    /// when the engine can tell it apart from this thread's own wait
+    /// ([`Engine::infer_timed`]).
+    pub async fn infer_timed(
+        &self,
+        inputs: Vec<Tensor>,
+        timeout: Duration,
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
+        within(timeout, self.run_timed(inputs)).await
+    }
+
     /// Runs a request on the least busy replica, for as long as it takes
     /// (the caller bounds it: the failover chain, per attempt).
     pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         self.on_replica(async |engine: &Engine| engine.infer(inputs).await)
+            .await
+    }
+
+    /// [`VersionPool::run`], with how long the answer took to be ready
+    /// when the engine can tell it apart from this thread's own wait
+    /// ([`Engine::infer_timed`]).
+    pub async fn run_timed(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
+        self.on_replica(async |engine: &Engine| engine.infer_timed(inputs).await)
             .await
     }
 

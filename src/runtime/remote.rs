@@ -36,8 +36,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reqwest::Url;
 use serde::Deserialize;
 
-use super::RuntimeError;
 use super::upstream::{FailureKind, Upstream};
+use super::{Passed, RuntimeError};
 use crate::protocol::Signature;
 use crate::protocol::{self, Tensor};
 use crate::records::{HeaderRef, RemoteAccess};
@@ -437,17 +437,29 @@ impl RemoteClient {
     /// and 5xx answers are `Unavailable`/`Inference` (retryable elsewhere);
     /// 4xx answers are `BadInput`.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        self.infer_timed(inputs).await.map(|(outputs, _)| outputs)
+    }
+
+    /// [`RemoteClient::infer`], with how long the remote took when this
+    /// thread times answers ([`Passed::took`]).
+    pub async fn infer_timed(
+        &self,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
         if let Transport::Grpc(grpc) = &self.transport {
-            return grpc.infer(&self.target, &self.http.headers, inputs).await;
+            let outputs = grpc.infer(&self.target, &self.http.headers, inputs).await?;
+            return Ok((outputs, None));
         }
         let body = protocol::encode_request_json(None, inputs);
-        let (bytes, header_len) = self.forward(body.into(), None).await?;
-        protocol::decode_response_json(&bytes, header_len.as_deref()).map_err(|e| {
-            RuntimeError::Inference(format!(
-                "remote {} sent an unreadable answer: {e}",
-                self.target.display()
-            ))
-        })
+        let passed = self.forward(body.into(), None).await?;
+        let outputs = protocol::decode_response_json(&passed.body, passed.header_len.as_deref())
+            .map_err(|e| {
+                RuntimeError::Inference(format!(
+                    "remote {} sent an unreadable answer: {e}",
+                    self.target.display()
+                ))
+            })?;
+        Ok((outputs, passed.took))
     }
 
     /// Sends a request body as it is (JSON, or the binary extension when
@@ -457,7 +469,7 @@ impl RemoteClient {
         &self,
         body: bytes::Bytes,
         header_len: Option<&str>,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<Passed, RuntimeError> {
         let content_type = match header_len {
             Some(_) => "application/octet-stream",
             None => "application/json",
@@ -486,7 +498,7 @@ impl RemoteClient {
         content_type: &str,
         body: bytes::Bytes,
         header_len: Option<&str>,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<Passed, RuntimeError> {
         let header_len = header_len
             .map(|n| {
                 n.trim().parse::<usize>().map_err(|_| {
@@ -524,7 +536,9 @@ impl RemoteClient {
                 answer.status
             ))
         })?;
-        self.answered(status, answer.body, answer.header_len)
+        let took = answer.took;
+        let passed = self.answered(status, answer.body, answer.header_len)?;
+        Ok(Passed { took, ..passed })
     }
 
     /// [`RemoteClient::forward`] to an `https://` endpoint, with hyper's
@@ -536,7 +550,7 @@ impl RemoteClient {
         content_type: &str,
         body: bytes::Bytes,
         header_len: Option<&str>,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<Passed, RuntimeError> {
         let mut request = hyper::Request::post(infer_uri.clone())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(n) = header_len {
@@ -578,7 +592,7 @@ impl RemoteClient {
         status: StatusCode,
         bytes: bytes::Bytes,
         header_len: Option<String>,
-    ) -> Result<(bytes::Bytes, Option<String>), RuntimeError> {
+    ) -> Result<Passed, RuntimeError> {
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
@@ -593,7 +607,11 @@ impl RemoteClient {
                 },
             );
         }
-        Ok((bytes, header_len))
+        Ok(Passed {
+            body: bytes,
+            header_len,
+            took: None,
+        })
     }
 }
 

@@ -40,7 +40,9 @@ use super::onnx::OnnxSession;
 use super::{RuntimeError, batch};
 use crate::protocol::Tensor;
 
-type Reply = oneshot::Sender<Result<Vec<Tensor>, RuntimeError>>;
+/// A job's answer and when it was ready (the caller may notice it later:
+/// a caller at a low priority waits for the CPU first).
+type Reply = oneshot::Sender<(Result<Vec<Tensor>, RuntimeError>, Instant)>;
 
 struct Job {
     /// Which job this is, for [`Cancel`] (from 1).
@@ -231,7 +233,7 @@ fn run_each(shared: &Shared, session: &mut OnnxSession, jobs: Vec<Job>) {
         }
         let result = shared.run(session, job.inputs, Some(&shared.cancel.options));
         shared.cancel.finish();
-        let _ = job.reply.send(result);
+        let _ = job.reply.send((result, Instant::now()));
     }
 }
 
@@ -251,7 +253,7 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, jobs: Vec<Job>) {
     {
         Some(parts) => {
             for (job, outputs) in jobs.into_iter().zip(parts) {
-                let _ = job.reply.send(Ok(outputs));
+                let _ = job.reply.send((Ok(outputs), Instant::now()));
             }
         }
         None => run_each(shared, session, jobs),
@@ -333,12 +335,24 @@ impl Worker {
     /// Runs a request: inline when the model's runs are tiny and the replica
     /// is idle, otherwise on the worker thread (see the module's doc).
     pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        self.infer_timed(inputs).await.map(|(outputs, _)| outputs)
+    }
+
+    /// [`Worker::infer`], with how long the answer took to be ready when
+    /// the worker thread ran it: from the request's hand-over to the end of
+    /// its run, without the time this thread then took to notice (a
+    /// low-priority thread's wait for the CPU). `None` for an inline run.
+    pub async fn infer_timed(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
         if self.shared.pace.may_run_inline()
             && INLINE.with(std::cell::Cell::get)
             && let Ok(mut session) = self.shared.session.try_lock()
         {
-            return self.shared.run(&mut session, inputs, None);
+            return Ok((self.shared.run(&mut session, inputs, None)?, None));
         }
+        let handed = Instant::now();
         let (reply, answer) = oneshot::channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.pace.sent();
@@ -361,8 +375,10 @@ impl Worker {
         };
         let answer = answer.await;
         waiting.answered = true;
-        answer
-            .map_err(|_| RuntimeError::Unavailable("the replica stopped before answering".into()))?
+        let (outputs, ready) = answer.map_err(|_| {
+            RuntimeError::Unavailable("the replica stopped before answering".into())
+        })?;
+        Ok((outputs?, Some(ready.saturating_duration_since(handed))))
     }
 }
 
@@ -428,6 +444,49 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A run's time is the worker thread's: a caller that got to the
+    /// answer late (blocked here; on a busy gateway, the shadow copies'
+    /// low-priority thread waiting for the CPU) does not count its wait.
+    #[test]
+    fn a_runs_time_does_not_count_the_callers_wait_to_notice_it() {
+        let onnx = crate::runtime::OnnxRuntime::for_tests();
+        let model =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/cancer-v1.onnx");
+        let session = onnx.session_from_file(&model, 1).unwrap();
+        let worker = Arc::new(Worker::spawn("timed-test", session, 8, None).unwrap());
+        let (took, wall) = std::thread::spawn(move || {
+            no_inline_runs_on_this_thread();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let started = Instant::now();
+                let run = tokio::spawn(async move {
+                    let input = vec![Tensor {
+                        name: "input".into(),
+                        shape: vec![1, 30],
+                        data: crate::protocol::TensorData::Fp32(vec![0.5; 30]),
+                    }];
+                    worker.infer_timed(input).await.unwrap().1
+                });
+                // The request is handed over; then this thread is busy
+                // while the worker answers.
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_millis(600));
+                (run.await.unwrap(), started.elapsed())
+            })
+        })
+        .join()
+        .unwrap();
+        let took = took.expect("a run on the worker thread is timed");
+        assert!(wall >= Duration::from_millis(600), "{wall:?}");
+        assert!(
+            took < Duration::from_millis(400),
+            "the caller took {wall:?}; the run was timed {took:?}"
+        );
     }
 
     #[test]
