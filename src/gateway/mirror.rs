@@ -254,3 +254,112 @@ impl Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::gateway::policy::{Compare, CompareMode, RoutePolicy, ShadowPolicy};
+    use crate::metrics::{Metrics, Telemetry};
+    use crate::protocol::{Signature, TensorData};
+    use crate::records::ServingSettings;
+    use crate::units::HumanDuration;
+
+    /// Stable `a`, shadow `b` at 100 %, each with `timeout` and no replica
+    /// (a copy sent fails at once, counted as a failed comparison).
+    fn route(timeout: Duration) -> ModelRoute {
+        let metrics = Metrics::new();
+        let telemetry = Arc::new(Telemetry::default());
+        let pools = ["a", "b"]
+            .into_iter()
+            .map(|v| {
+                let settings = ServingSettings {
+                    timeout: HumanDuration(timeout),
+                    ..ServingSettings::default()
+                };
+                let pool = crate::gateway::VersionPool::new(
+                    "m".into(),
+                    v.into(),
+                    Signature {
+                        inputs: Vec::new(),
+                        outputs: Vec::new(),
+                    },
+                    Vec::new(),
+                    settings,
+                    metrics.for_version("m", v),
+                    telemetry.clone(),
+                );
+                (v.to_string(), Arc::new(pool))
+            })
+            .collect::<HashMap<_, _>>();
+        let mut policy = RoutePolicy::stable_only("a");
+        policy.shadow = Some(ShadowPolicy {
+            version: "b".into(),
+            percent: 100.0,
+            compare: Compare {
+                output: "y".into(),
+                mode: CompareMode::Class,
+                tolerance: 0.0,
+            },
+            max_in_flight: 4,
+        });
+        ModelRoute::new(policy, pools)
+    }
+
+    fn tensor(name: &str) -> Tensor {
+        Tensor {
+            name: name.into(),
+            shape: vec![1],
+            data: TensorData::Int64(vec![1]),
+        }
+    }
+
+    /// Runs the copies handed over so far (they are tasks of this
+    /// runtime: no companion thread here) until `b`'s counts change.
+    async fn settled(route: &ModelRoute, before: [u64; 4]) -> [u64; 4] {
+        let b = &route.pools["b"];
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+            if b.metrics.shadow_counts() != before {
+                break;
+            }
+        }
+        b.metrics.shadow_counts()
+    }
+
+    /// A copy that waited longer than the shadow's timeout before its
+    /// thread could start it (on a busy gateway, the copies' thread waits
+    /// for the CPU) is dropped and counted, not sent late; one that did not
+    /// wait is sent. Counts: agreed, disagreed, failed, dropped.
+    #[test]
+    fn a_copy_that_waited_past_the_shadows_timeout_is_dropped_and_counted() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let route = route(Duration::from_millis(50));
+            let inputs = [tensor("x")];
+            let outputs = [tensor("y")];
+            let copy = || Mirror::start(&route, Copy::Tensors(&inputs), FrontDoor::Rest).unwrap();
+
+            copy().primary_answered(Some(&outputs), "1");
+            assert_eq!(
+                settled(&route, [0; 4]).await,
+                [0, 0, 1, 0],
+                "sent at once: it runs (and fails: no replica)"
+            );
+
+            copy().primary_answered(Some(&outputs), "2");
+            // The copy's thread is busy past the timeout before it runs.
+            std::thread::sleep(Duration::from_millis(80));
+            assert_eq!(settled(&route, [0, 0, 1, 0]).await, [0, 0, 1, 1]);
+            // Its slot is free again: the next copy goes.
+            copy().primary_answered(Some(&outputs), "3");
+            assert_eq!(settled(&route, [0, 0, 1, 1]).await, [0, 0, 2, 1]);
+        });
+    }
+}
