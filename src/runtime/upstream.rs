@@ -36,12 +36,9 @@
 //! connection does not keep a large answer's buffer once it is answered.
 
 use std::cell::RefCell;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -297,12 +294,7 @@ impl Upstream {
         .map_err(|_| failed(format!("no connection within {:?}", self.connect_timeout)))?
         .map_err(|e| failed(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let timed = nix::sys::socket::setsockopt(
-            &stream,
-            nix::sys::socket::sockopt::ReceiveTimestampns,
-            &true,
-        )
-        .is_ok();
+        let timed = stamps::enable(&stream);
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(BUFFER),
@@ -312,18 +304,64 @@ impl Upstream {
     }
 }
 
-/// Room for a message's control data: one receive timestamp.
-const CONTROL: usize = 64;
+/// The kernel's receive timestamps (Linux; elsewhere answers are untimed).
+#[cfg(target_os = "linux")]
+mod stamps {
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, SystemTime};
 
-/// The receive timestamp a message carries, if any.
-fn stamp_of<S>(msg: &nix::sys::socket::RecvMsg<'_, '_, S>) -> Option<SystemTime> {
-    let stamps = msg.cmsgs().ok()?.find_map(|m| match m {
-        ControlMessageOwned::ScmTimestampns(t) => Some(t),
-        _ => None,
-    })?;
-    let (secs, nanos) = (u64::try_from(stamps.tv_sec()).ok()?, stamps.tv_nsec());
-    (secs > 0)
-        .then(|| SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(nanos).unwrap_or(0)))
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// Room for a message's control data: one receive timestamp.
+    const CONTROL: usize = 64;
+
+    /// Asks the kernel to timestamp what `stream` receives (`SO_TIMESTAMPNS`).
+    pub fn enable(stream: &TcpStream) -> bool {
+        setsockopt(stream, sockopt::ReceiveTimestampns, &true).is_ok()
+    }
+
+    /// Reads into `buf`, with the receive timestamp of the last bytes read.
+    pub async fn read(
+        stream: &TcpStream,
+        buf: &mut [u8],
+    ) -> std::io::Result<(usize, Option<SystemTime>)> {
+        let fd = stream.as_raw_fd();
+        let mut control = [0u8; CONTROL];
+        stream
+            .async_io(Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(buf)];
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
+                let stamp = msg.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(t) => Some(t),
+                        _ => None,
+                    })
+                });
+                let stamp = stamp.and_then(|t| {
+                    let secs = u64::try_from(t.tv_sec()).ok().filter(|s| *s > 0)?;
+                    let nanos = u32::try_from(t.tv_nsec()).unwrap_or(0);
+                    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+                });
+                Ok((msg.bytes, stamp))
+            })
+            .await
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod stamps {
+    use std::time::SystemTime;
+    use tokio::net::TcpStream;
+
+    pub fn enable(_: &TcpStream) -> bool {
+        false
+    }
+
+    pub async fn read(_: &TcpStream, _: &mut [u8]) -> std::io::Result<(usize, Option<SystemTime>)> {
+        unreachable!("a connection without timestamps is read as it is")
+    }
 }
 
 /// How an answer's body is framed.
@@ -420,18 +458,9 @@ impl Conn {
         }
         let start = self.buf.len();
         let room = (self.buf.capacity() - start).clamp(1, KEPT_BUFFER);
-        // recvmsg writes into initialised memory only (no unsafe here).
+        // The kernel writes into initialised memory only (no unsafe here).
         self.buf.resize(start + room, 0);
-        let fd = self.stream.as_raw_fd();
-        let mut control = [0u8; CONTROL];
-        let (stream, buf) = (&self.stream, &mut self.buf);
-        let read = stream
-            .async_io(Interest::READABLE, || {
-                let mut iov = [std::io::IoSliceMut::new(&mut buf[start..])];
-                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
-                Ok((msg.bytes, stamp_of(&msg)))
-            })
-            .await;
+        let read = stamps::read(&self.stream, &mut self.buf[start..]).await;
         let n = read.as_ref().map_or(0, |(n, _)| *n);
         self.buf.truncate(start + n);
         let (n, stamp) = read?;
