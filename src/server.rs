@@ -352,7 +352,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     })
     .await?;
-    // Every request answered: hand the lease on and leave the cluster.
+    // Every request answered: the shadows' last comparisons stored, hand
+    // the lease on and leave the cluster.
+    controller.store_last_comparisons().await;
     controller.leave().await;
     tracing::info!("stopped");
     Ok(())

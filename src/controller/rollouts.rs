@@ -783,7 +783,7 @@ impl Controller {
         if let Some(qa) = strategy::qa_due(&record.spec, &record.state) {
             obs.qa = self.run_qa(&record.model, &record.spec.version, qa).await;
         }
-        obs.shadow_window = self.shadow_counted(&record, now);
+        obs.shadow_window = self.shadow_counted(&record, now, false);
         let _guard = self.lock.lock().await;
         // Re-read under the lock: a command may have changed it meanwhile.
         let Some(current) = self.registry.store().rollout(record.id)? else {
@@ -868,8 +868,14 @@ impl Controller {
     /// mirroring rollout, with the disagreements among them: read live from
     /// the counters each tick, so the decision is taken as soon as
     /// `min_comparisons` is reached, not at the next analysis window. Fed at
-    /// most once a second otherwise (each feed is a store write).
-    fn shadow_counted(&self, record: &RolloutRecord, now: u64) -> Option<strategy::ShadowProgress> {
+    /// most once a second otherwise (each feed is a store write), or at
+    /// once when `stopping` ([`Controller::store_last_comparisons`]).
+    fn shadow_counted(
+        &self,
+        record: &RolloutRecord,
+        now: u64,
+        stopping: bool,
+    ) -> Option<strategy::ShadowProgress> {
         let (model, version) = (&record.model, &record.spec.version);
         let Some(sh) = strategy::counts_comparisons(&record.spec, &record.state) else {
             let mut seen = self.shadow_seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -906,7 +912,7 @@ impl Controller {
         };
         let reached =
             record.state.shadow.compared.compared() + delta.compared() >= sh.min_comparisons;
-        let due = now >= reading.fed_at_ms + 1_000;
+        let due = stopping || now >= reading.fed_at_ms + 1_000;
         if delta == strategy::ShadowProgress::default() || !(reached || due) {
             return None;
         }
@@ -919,6 +925,44 @@ impl Controller {
             },
         );
         Some(delta)
+    }
+
+    /// At a graceful stop, once the listeners have drained: the shadow
+    /// comparisons counted since they were last fed (at most a second's,
+    /// and the copies that finished since) are stored with their rollouts,
+    /// so that a restart goes on from every comparison made. On a shared
+    /// store they are in the buckets [`Controller::leave`] flushes.
+    pub async fn store_last_comparisons(&self) {
+        let store = self.registry.store().clone();
+        if store.keeps_buckets() {
+            return;
+        }
+        let Some(term) = store.leading() else { return };
+        let Ok(active) = store.active_rollouts() else {
+            return;
+        };
+        for record in active {
+            let Some(counted) = self.shadow_counted(&record, now_ms(), true) else {
+                continue;
+            };
+            let obs = Observations {
+                shadow_window: Some(counted),
+                ..Observations::default()
+            };
+            let _guard = self.lock.lock().await;
+            let Ok(Some(current)) = store.rollout(record.id) else {
+                continue;
+            };
+            if !current.state.phase.is_active() {
+                continue;
+            }
+            if let Err(e) = self.step(current, obs, Fence::Term(term)).await {
+                tracing::warn!(
+                    "stopping: cannot store rollout {}'s last shadow comparisons: {e}",
+                    record.name()
+                );
+            }
+        }
     }
 
     /// The shadow comparisons of every instance sharing the store, from

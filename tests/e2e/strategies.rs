@@ -558,3 +558,59 @@ async fn kill_9_in_the_middle_of_rolling_blue_green_and_shadow_resumes_where_it_
     );
     let _ = batch;
 }
+
+/// A graceful stop stores the shadow comparisons counted since they were
+/// last fed to the rollout (at most once a second while it runs), so a
+/// restart goes on from every comparison made, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_keeps_every_shadow_comparison_for_the_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut s = Server::start_in(&dir, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let mut spec = shadow_spec("2", "manual");
+    spec["strategy"]["shadow"]["min_comparisons"] = json!(100_000);
+    s.start_rollout(&spec).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.admin_get("/api/v1/models/cancer/route").await["shadow"].is_null() {
+        assert!(Instant::now() < deadline, "mirroring within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let compared = |prom: &str| -> u64 {
+        prom.lines()
+            .filter(|l| {
+                l.starts_with("ferry_shadow_comparisons_total{model=\"cancer\",version=\"2\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    // Copies are counted once the stable answered: wait for them, then
+    // stop at once (well within the second between two feeds).
+    for _ in 0..50 {
+        assert_eq!(s.infer("/v2/models/cancer/infer", &batch(1)).await.0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while compared(&s.prometheus().await) < 50 {
+        assert!(Instant::now() < deadline, "50 copies compared within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopped = tokio::task::spawn_blocking(move || {
+        let st = s.terminate();
+        drop(s);
+        st
+    })
+    .await
+    .unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+
+    let s = Server::start_in(&dir, &[]).await;
+    let st = status(&s).await;
+    assert_eq!(st["phase"], "progressing", "{st}");
+    assert_eq!(
+        st["shadow"]["comparisons"].as_u64(),
+        Some(50),
+        "every comparison made before the stop is kept: {}",
+        st["shadow"]
+    );
+}
