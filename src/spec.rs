@@ -629,6 +629,11 @@ impl CheckSpec {
         {
             return Err(format!("{field}: a ratio to stable must be greater than 0"));
         }
+        if metric == Metric::Agreement && condition.against_stable() {
+            return Err(format!(
+                "{field}: agreement is how often a shadow's answers agree with production's, and stable has none to compare with: give min (e.g. min: 0.95)"
+            ));
+        }
         let floored = metric.is_latency() && condition.against_stable();
         Ok(Check::Metric {
             metric,
@@ -916,6 +921,18 @@ fn check_qa(field: &str, qa: &QaSpec) -> Result<(), String> {
 
 fn check_shadow(s: &ShadowSpec) -> Result<(), String> {
     check_weight("strategy.shadow.mirror_percent", s.mirror_percent)?;
+    if s.mirror_percent == 0.0 {
+        return Err(
+            "strategy.shadow.mirror_percent is 0: the shadow would get no copy and could never be compared; give a share above 0 (up to 100)"
+                .into(),
+        );
+    }
+    let tolerance = s.compare.tolerance;
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        return Err(format!(
+            "strategy.shadow.compare.tolerance must be 0 or more (the largest difference allowed between two values with mode: abs), not {tolerance}"
+        ));
+    }
     if !(0.0..=1.0).contains(&s.min_agreement) {
         return Err(format!(
             "strategy.shadow.min_agreement must be between 0 and 1, not {}",
@@ -1056,6 +1073,47 @@ analysis:
 notify:
   - { url: "http://127.0.0.1:9000/hooks/ferry", events: [aborted, succeeded, failed, rolled_back] }
 "#;
+
+    /// A shadow spec that could never decide is refused when applied, with
+    /// what to give instead.
+    #[test]
+    fn a_shadow_that_could_never_decide_is_refused() {
+        let spec = |shadow: &str, checks: &str| {
+            format!(
+                "model: cancer\nversion: \"2\"\nstrategy: {{ shadow: {{ compare: {{ output: p, mode: abs, tolerance: 0.01 }}, min_comparisons: 5, min_agreement: 0.9, then: promote, {shadow} }} }}\nanalysis: {{ checks: [ {checks} ] }}\n"
+            )
+        };
+        let ok = "{ metric: agreement, min: 0.9 }";
+        assert!(RolloutSpec::from_yaml(&spec("mirror_percent: 100", ok)).is_ok());
+        let cases = [
+            (
+                spec("mirror_percent: 0", ok),
+                "mirror_percent is 0: the shadow would get no copy",
+            ),
+            (
+                spec("mirror_percent: 100", ok).replace("tolerance: 0.01", "tolerance: -1"),
+                "compare.tolerance must be 0 or more",
+            ),
+            (
+                spec(
+                    "mirror_percent: 100",
+                    "{ metric: agreement, min_vs_stable: 0.9 }",
+                ),
+                "analysis.checks[0]: agreement is how often a shadow's answers agree with production's, and stable has none to compare with: give min",
+            ),
+            (
+                spec(
+                    "mirror_percent: 100",
+                    "{ metric: agreement, max_delta_vs_stable: 0.1 }",
+                ),
+                "stable has none to compare with",
+            ),
+        ];
+        for (text, refusal) in cases {
+            let err = RolloutSpec::from_yaml(&text).unwrap_err();
+            assert!(err.contains(refusal), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn the_design_example_parses() {
