@@ -221,7 +221,10 @@ impl Job {
                     .find(|t| t.name == compare.output)
                     .and_then(|t| compare::predicted_classes(t).first().copied()),
             ),
-            Err(_) => (Outcome::Error, None),
+            Err(e) => {
+                pool.shadow_failed(e);
+                (Outcome::Error, None)
+            }
         };
         pool.record(Role::Shadow, door, outcome, seconds, class);
         // `None`: the primary failed, so there is nothing to compare with.
@@ -360,6 +363,10 @@ mod tests {
             // Its slot is free again: the next copy goes.
             copy().primary_answered(Some(&outputs), "3");
             assert_eq!(settled(&route, [0, 0, 1, 1]).await, [0, 0, 2, 1]);
+            // The failed copies were said in the log, once: a failure
+            // within the interval after is counted for the next line.
+            let error = RuntimeError::Unavailable("down".into());
+            assert!(!route.pools["b"].shadow_failed(&error));
         });
     }
 }

@@ -64,7 +64,13 @@ pub struct VersionPool {
     series: [OnceLock<Arc<Series>>; 6],
     /// Dropped copies not yet in the shadow series (its lock was busy).
     drops_pending: std::sync::atomic::AtomicU64,
+    /// When a failed shadow copy was last logged, and the failures since.
+    shadow_errors: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
+
+/// How often a shadow's failed copies are logged at most (with the count
+/// of those not logged since).
+const SHADOW_ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl VersionPool {
     pub fn new(
@@ -87,6 +93,7 @@ impl VersionPool {
             telemetry,
             series: Default::default(),
             drops_pending: std::sync::atomic::AtomicU64::new(0),
+            shadow_errors: Default::default(),
         }
     }
 
@@ -167,6 +174,30 @@ impl VersionPool {
         self.series(Role::Shadow).try_record(now_secs(), |b| {
             b.dropped += self.drops_pending.swap(0, Ordering::Relaxed);
         });
+    }
+
+    /// Says why a copy to this (shadow) version failed, in the log: nobody
+    /// else sees a shadow's errors. At most once per
+    /// [`SHADOW_ERROR_LOG_EVERY`], with the failures not logged since;
+    /// whether this one was logged.
+    pub fn shadow_failed(&self, error: &RuntimeError) -> bool {
+        let mut seen = self.shadow_errors.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, unlogged) = &mut *seen;
+        if last.is_some_and(|t| t.elapsed() < SHADOW_ERROR_LOG_EVERY) {
+            *unlogged += 1;
+            return false;
+        }
+        let more = match std::mem::take(unlogged) {
+            0 => String::new(),
+            n => format!(" ({n} more failed since the last such line)"),
+        };
+        tracing::warn!(
+            model = %self.model,
+            version = %self.version,
+            "a shadow copy failed: {error}{more}; users are not affected (they get production's answers), and the shadow's errors count against it"
+        );
+        *last = Some(std::time::Instant::now());
+        true
     }
 
     fn pick(&self) -> Option<&Replica> {
