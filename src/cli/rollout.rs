@@ -253,13 +253,50 @@ fn blue_green_of(a: &DeployArgs) -> BlueGreenSpec {
 }
 
 fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
-    let output = a.compare_output.clone();
+    // Every missing flag at once, each with an example.
+    let missing: Vec<&str> = [
+        (a.mirror_percent.is_none(), "--mirror-percent 100"),
+        (a.compare_output.is_none(), "--compare-output probabilities"),
+        (a.min_comparisons.is_none(), "--min-comparisons 500"),
+        (a.min_agreement.is_none(), "--min-agreement 0.98"),
+        (a.then.is_none(), "--then promote"),
+    ]
+    .into_iter()
+    .filter_map(|(missing, flag)| missing.then_some(flag))
+    .collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing
+            .iter()
+            .filter_map(|f| f.split_whitespace().next())
+            .collect();
+        anyhow::bail!(
+            "{} {} required for shadow, e.g. {}",
+            names.join(", "),
+            if names.len() == 1 { "is" } else { "are" },
+            missing.join(" ")
+        );
+    }
     let then = required(a.then, "--then", "shadow", "promote")?;
+    let canary_flags = [
+        (!a.steps.is_empty(), "--steps"),
+        (a.step_pause.is_some(), "--step-pause"),
+        (a.sticky_header.is_some(), "--sticky-header"),
+        (!a.matches.is_empty(), "--match"),
+    ];
+    if then != ShadowThen::Canary
+        && let Some((_, flag)) = canary_flags.iter().find(|(given, _)| *given)
+    {
+        anyhow::bail!(
+            "{flag} describes the canary a shadow hands over to: it is used with --then canary only (this shadow is --then {})",
+            match then {
+                ShadowThen::Promote => "promote",
+                _ => "manual",
+            }
+        );
+    }
     Ok(ShadowSpec {
         mirror_percent: required(a.mirror_percent, "--mirror-percent", "shadow", "100")?,
-        compare: CompareSpec::of(output.context(
-            "--compare-output is required for shadow, e.g. --compare-output probabilities",
-        )?),
+        compare: CompareSpec::of(output_of(a)?),
         min_comparisons: required(a.min_comparisons, "--min-comparisons", "shadow", "500")?,
         min_agreement: required(a.min_agreement, "--min-agreement", "shadow", "0.98")?,
         then,
@@ -268,6 +305,12 @@ fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
             ShadowThen::Promote | ShadowThen::Manual => None,
         },
     })
+}
+
+fn output_of(a: &DeployArgs) -> anyhow::Result<String> {
+    a.compare_output
+        .clone()
+        .context("--compare-output is required for shadow, e.g. --compare-output probabilities")
 }
 
 /// The analysis block, when an analysis flag is given.
@@ -1019,6 +1062,18 @@ mod tests {
             (
                 "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then canary",
                 "--steps is required for canary",
+            ),
+            (
+                "--strategy shadow --mirror-percent 50",
+                "--compare-output, --min-comparisons, --min-agreement, --then are required for shadow, e.g. --compare-output probabilities --min-comparisons 500 --min-agreement 0.98 --then promote",
+            ),
+            (
+                "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then manual --steps 10,100",
+                "--steps describes the canary a shadow hands over to: it is used with --then canary only (this shadow is --then manual)",
+            ),
+            (
+                "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then promote --sticky-header x-user",
+                "--sticky-header describes the canary",
             ),
         ] {
             let err = deployed(args).unwrap_err().to_string();
