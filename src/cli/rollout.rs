@@ -595,11 +595,15 @@ fn analysis_lines(a: &AnalysisView) -> Vec<String> {
                 four(c.candidate),
                 four(c.stable),
                 four(c.p_value),
+                // Why: a check beyond its bound can still pass (not
+                // significant, or under min_difference_ms).
+                c.reason.clone(),
             ]
         })
         .collect();
     if !rows.is_empty() {
-        for line in table::render(&["CHECK", "RESULT", "CANDIDATE", "STABLE", "P"], &rows).lines() {
+        let head = ["CHECK", "RESULT", "CANDIDATE", "STABLE", "P", "WHY"];
+        for line in table::render(&head, &rows).lines() {
             out.push(format!("  {line}"));
         }
     }
@@ -1142,8 +1146,8 @@ staging   version 2 (requests with x-ferry-env: staging)
 shadow    10 comparisons, agreement 0.9000, 1 disagreed, 0 errors, 2 dropped
   disagreed on a1: production [0] vs shadow [1.5]
 analysis  inconclusive over 10s: too few requests (3 candidate / 120 stable requests)
-  CHECK                RESULT        CANDIDATE  STABLE  P
-  error_rate max 0.01  inconclusive  0.0000     -       -
+  CHECK                RESULT        CANDIDATE  STABLE  P  WHY
+  error_rate max 0.01  inconclusive  0.0000     -       -  3 requests < 50
 recent events
   2026-12-01T10:00:00Z  paused by you"
         );
