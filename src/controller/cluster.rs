@@ -449,11 +449,11 @@ impl Controller {
         );
     }
 
-    /// Follows the store until the instance leaves (see the module doc).
+    /// Follows the store until the process ends (see the module doc).
     pub async fn run_following(self: Arc<Self>, me: Identity) {
         let mut announced = self.registry.store().changes();
         let mut failing = false;
-        while !self.is_leaving() {
+        loop {
             match announced.as_mut() {
                 Some(rx) => {
                     let _ = tokio::time::timeout(CHECK_EVERY, rx.changed()).await;
@@ -478,11 +478,11 @@ impl Controller {
     }
 
     /// Reports this instance every [`HEARTBEAT`] and forgets instances
-    /// silent for [`FORGET_AFTER`], until the instance leaves.
+    /// silent for [`FORGET_AFTER`], until the process ends.
     pub async fn run_heartbeat(self: Arc<Self>, me: Identity) {
         let _ = self.me.set(me.clone());
         let mut beats: u64 = 0;
-        while !self.is_leaving() {
+        loop {
             self.write_report(&me).await;
             if beats.is_multiple_of(60) {
                 let before = now_ms().saturating_sub(FORGET_AFTER.as_millis() as u64);
@@ -545,16 +545,8 @@ impl Controller {
         }
     }
 
-    /// Whether this instance is stopping ([`Controller::leave`]): the
-    /// background loops end at their next turn rather than sleep again. (A
-    /// loop that was inside a store call when the runtime shut down would
-    /// otherwise poll a timer on a runtime without one, and panic.)
-    pub fn is_leaving(&self) -> bool {
-        self.leaving.load(Ordering::Acquire)
-    }
-
     async fn write_report(&self, me: &Identity) {
-        if self.is_leaving() {
+        if self.leaving.load(Ordering::Acquire) {
             return;
         }
         let store = self.registry.store().clone();

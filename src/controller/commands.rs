@@ -283,7 +283,7 @@ impl Controller {
     }
 
     /// Executes the commands other instances store, while this instance
-    /// leads, until the instance leaves (see the module doc). An embedded
+    /// leads, until the process ends (see the module doc). An embedded
     /// store has no queue: nothing to do.
     pub async fn run_commands(self: Arc<Self>, answer: Answerer) {
         let store = self.registry.store().clone();
@@ -293,7 +293,7 @@ impl Controller {
         let mut heard = queue.command_notices();
         let mut pruned: Option<Instant> = None;
         let mut failing = false;
-        while !self.is_leaving() {
+        loop {
             if let Ok(Err(_)) = tokio::time::timeout(CHECK_EVERY, heard.changed()).await {
                 tokio::time::sleep(CHECK_EVERY).await; // nobody announces any more
             }

@@ -678,7 +678,7 @@ impl Controller {
     }
 
     /// Drives every active rollout: timers, and an analysis window every
-    /// `interval` while the candidate takes traffic, until the instance leaves.
+    /// `interval` while the candidate takes traffic. Runs until the process ends.
     pub async fn run_rollouts(self: Arc<Self>) {
         let mut ticks: u64 = 0;
         // A store failure: said once per 30 s, not at every tick; an
@@ -697,7 +697,7 @@ impl Controller {
         };
         // The term this loop last led in: a new one is a takeover.
         let mut led: Option<Term> = None;
-        while !self.is_leaving() {
+        loop {
             tokio::time::sleep(next_wake(now_ms())).await;
             if !self.is_ready() {
                 continue;

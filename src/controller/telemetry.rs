@@ -149,7 +149,7 @@ impl Controller {
     }
 
     /// Flushes this instance's closed buckets just after each closes, until
-    /// the instance leaves; prunes rows older than the ring now and then.
+    /// the process ends; prunes rows older than the ring now and then.
     pub async fn run_flushing(self: Arc<Self>, me: Identity) {
         if !self.registry.store().keeps_buckets() {
             return; // an embedded store: this instance's ring is the source
@@ -157,8 +157,7 @@ impl Controller {
         let mut through: u64 = 0;
         let mut flushes: u64 = 0;
         let mut failing = false;
-        // `leave` flushes the last buckets.
-        while !self.is_leaving() {
+        loop {
             tokio::time::sleep(match failing {
                 true => RETRY_EVERY,
                 false => until_flush(now_ms()),
