@@ -77,6 +77,9 @@ pub struct Controller {
     me: std::sync::OnceLock<cluster::Identity>,
     /// Set by a graceful stop ([`Controller::leave`]): no more reports.
     leaving: std::sync::atomic::AtomicBool,
+    /// The background loops ([`Controller::spawn_background`]), stopped
+    /// by [`Controller::stop_background`].
+    background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// How long a command stored for the leader waits to be taken
     /// (`--command-timeout`).
     command_wait: Duration,
@@ -180,7 +183,35 @@ impl Controller {
             warm_waits: Default::default(),
             me: Default::default(),
             leaving: Default::default(),
+            background: Default::default(),
             command_wait: p.command_wait,
+        }
+    }
+
+    /// Runs one of the background loops (rollouts, commands, following
+    /// the store, heartbeat, flushing) until [`Controller::stop_background`].
+    pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+    }
+
+    /// At a graceful stop, before the last store writes: ends the
+    /// background loops and waits until they have, while the runtime still
+    /// runs. (A loop left to the runtime's own shutdown, inside a store
+    /// call then, went on to poll a timer without a driver and panicked;
+    /// and a rollout stepped after this would race the stop's writes.)
+    pub async fn stop_background(&self) {
+        let tasks = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            // A loop inside a blocking store call ends when the call does;
+            // the store's own time limits bound it.
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
 

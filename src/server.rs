@@ -352,8 +352,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     })
     .await?;
-    // Every request answered: the shadows' last comparisons stored, hand
-    // the lease on and leave the cluster.
+    // Every request answered: the background loops ended, the shadows'
+    // last comparisons stored, hand the lease on and leave the cluster.
+    controller.stop_background().await;
     controller.store_last_comparisons().await;
     controller.leave().await;
     tracing::info!("stopped");
@@ -588,17 +589,18 @@ fn announce(
 /// still loading would hold up every rollout).
 fn start_models(controller: Arc<Controller>, me: Identity, lease: crate::store::LeaseSettings) {
     controller.identify(me.clone());
-    tokio::spawn(controller.clone().run_heartbeat(me.clone()));
-    tokio::spawn(controller.clone().run_flushing(me.clone()));
-    tokio::spawn(async move {
-        match controller.start().await {
+    controller.spawn_background(controller.clone().run_heartbeat(me.clone()));
+    controller.spawn_background(controller.clone().run_flushing(me.clone()));
+    let c = controller.clone();
+    controller.spawn_background(async move {
+        match c.start().await {
             Ok(()) => tracing::info!("ready: every registered model that should serve is loaded"),
             Err(e) => tracing::error!("start-up failed: {e}"),
         }
-        controller.campaign(&me, lease);
-        tokio::spawn(controller.clone().run_following(me));
-        tokio::spawn(controller.clone().run_commands(api::rollouts::answer));
-        controller.run_rollouts().await;
+        c.campaign(&me, lease);
+        c.spawn_background(c.clone().run_following(me));
+        c.spawn_background(c.clone().run_commands(api::rollouts::answer));
+        c.run_rollouts().await;
     });
 }
 

@@ -927,11 +927,13 @@ impl Controller {
         Some(delta)
     }
 
-    /// At a graceful stop, once the listeners have drained: the shadow
-    /// comparisons counted since they were last fed (at most a second's,
-    /// and the copies that finished since) are stored with their rollouts,
-    /// so that a restart goes on from every comparison made. On a shared
-    /// store they are in the buckets [`Controller::leave`] flushes.
+    /// At a graceful stop, once the listeners have drained and the
+    /// rollout loop has ended ([`Controller::stop_background`]): the shadow
+    /// comparisons counted since they were last fed (at most a second's)
+    /// are added to their rollouts as they are stored, so that a restart
+    /// goes on from every comparison made. Nothing is decided here: the
+    /// next tick, after the restart, decides on them (and says so). On a
+    /// shared store they are in the buckets [`Controller::leave`] flushes.
     pub async fn store_last_comparisons(&self) {
         let store = self.registry.store().clone();
         if store.keeps_buckets() {
@@ -941,22 +943,16 @@ impl Controller {
         let Ok(active) = store.active_rollouts() else {
             return;
         };
+        let _guard = self.lock.lock().await;
         for record in active {
             let Some(counted) = self.shadow_counted(&record, now_ms(), true) else {
                 continue;
             };
-            let obs = Observations {
-                shadow_window: Some(counted),
-                ..Observations::default()
-            };
-            let _guard = self.lock.lock().await;
-            let Ok(Some(current)) = store.rollout(record.id) else {
-                continue;
-            };
-            if !current.state.phase.is_active() {
-                continue;
-            }
-            if let Err(e) = self.step(current, obs, Fence::Term(term)).await {
+            let mut state = record.state.clone();
+            state.shadow.add(&counted);
+            if let Err(e) =
+                store.update_rollout(record.id, &state, Vec::new(), None, Fence::Term(term))
+            {
                 tracing::warn!(
                     "stopping: cannot store rollout {}'s last shadow comparisons: {e}",
                     record.name()

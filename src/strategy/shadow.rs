@@ -60,8 +60,9 @@ pub struct ShadowState {
 }
 
 impl ShadowState {
-    /// Adds the comparisons counted since the last observation.
-    pub(super) fn add(&mut self, w: &ShadowProgress) {
+    /// Adds the comparisons counted since the last observation (the plan
+    /// does with each; a stopping instance without planning).
+    pub fn add(&mut self, w: &ShadowProgress) {
         self.compared.add(w);
     }
 }
