@@ -111,10 +111,10 @@ pub struct Passed {
     pub body: bytes::Bytes,
     /// Its `Inference-Header-Content-Length` (binary extension).
     pub header_len: Option<String>,
-    /// How long the remote took, from the request's write to the arrival
-    /// of the answer's last bytes, when the calling thread times answers
-    /// so ([`upstream::time_answers_on_this_thread`]): without the time
-    /// that thread then waited for the CPU.
+    /// How long the remote took, from the request (its connection
+    /// included) to the arrival in the kernel of the answer's last bytes
+    /// ([`upstream::Answer::took`]): without the time the calling thread
+    /// then waited for the CPU. `None` over TLS, or without timestamps.
     pub took: Option<Duration>,
 }
 

@@ -24,8 +24,9 @@
 //! before it had read the whole request (a 413, say) is read and used when
 //! the rest of the request cannot be written.
 //!
-//! Each answer is timed from the request's write to the kernel's receive
-//! timestamp of the answer's last bytes (`SO_TIMESTAMPNS`, [`Answer::took`]):
+//! Each answer is timed from the request (its connection included) to the
+//! kernel's receive timestamp of the answer's last bytes (`SO_TIMESTAMPNS`,
+//! [`Answer::took`]; Linux):
 //! the remote's latency, without the time the reading thread waits for the
 //! CPU once the answer is in (the shadow copies' thread runs at the lowest
 //! priority) — the same yardstick for every version. (Transmit timestamps
@@ -98,9 +99,12 @@ pub struct Answer {
     pub status: u16,
     pub header_len: Option<String>,
     pub body: Bytes,
-    /// From the request's write to the arrival (in the kernel) of the
-    /// answer's last bytes; `None` when the socket gave no timestamp.
+    /// From the request (its connection included) to the arrival, in the
+    /// kernel, of the answer's last bytes; `None` when the socket gave no
+    /// timestamp.
     pub took: Option<Duration>,
+    /// When the answer's last bytes arrived (the kernel's clock).
+    arrived: Option<SystemTime>,
 }
 
 /// Why a request got no answer, and what went wrong, for the caller's
@@ -200,6 +204,24 @@ impl Upstream {
     /// Posts `body` (of `content_type`, with its binary header length when
     /// set) and reads the answer, whatever its status.
     pub async fn post(
+        &self,
+        content_type: &str,
+        header_len: Option<usize>,
+        body: &[u8],
+    ) -> Result<Answer, Failure> {
+        // The kernel stamps arrivals by the realtime clock; the monotonic
+        // one bounds the result should the realtime clock be set meanwhile.
+        let started = (SystemTime::now(), Instant::now());
+        let mut answer = self.answer(content_type, header_len, body).await?;
+        answer.took = answer
+            .arrived
+            .and_then(|arrived| arrived.duration_since(started.0).ok())
+            .map(|took| took.min(started.1.elapsed()));
+        Ok(answer)
+    }
+
+    /// [`Upstream::post`], untimed.
+    async fn answer(
         &self,
         content_type: &str,
         header_len: Option<usize>,
@@ -314,8 +336,10 @@ mod stamps {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    /// Room for a message's control data: one receive timestamp.
-    const CONTROL: usize = 64;
+    /// Room for a message's control data (one receive timestamp), aligned
+    /// as the kernel's `cmsghdr` is read from it.
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
 
     /// Asks the kernel to timestamp what `stream` receives (`SO_TIMESTAMPNS`).
     pub fn enable(stream: &TcpStream) -> bool {
@@ -328,11 +352,11 @@ mod stamps {
         buf: &mut [u8],
     ) -> std::io::Result<(usize, Option<SystemTime>)> {
         let fd = stream.as_raw_fd();
-        let mut control = [0u8; CONTROL];
+        let mut control = Control([0; 64]);
         stream
             .async_io(Interest::READABLE, || {
                 let mut iov = [std::io::IoSliceMut::new(buf)];
-                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control.0), MsgFlags::empty())?;
                 let stamp = msg.cmsgs().ok().and_then(|mut c| {
                     c.find_map(|m| match m {
                         ControlMessageOwned::ScmTimestampns(t) => Some(t),
@@ -398,7 +422,6 @@ impl Conn {
     async fn exchange(&mut self, request: &[u8], max: usize) -> Result<(Answer, bool), Broken> {
         self.buf.clear();
         self.arrived = None;
-        let writing = self.timed.then(SystemTime::now);
         let written = self.stream.write_all(request).await;
         let head = match written {
             Ok(()) => self.read_head().await?,
@@ -422,9 +445,8 @@ impl Conn {
             status: head.status,
             header_len: head.header_len,
             body,
-            took: writing
-                .zip(self.arrived)
-                .and_then(|(sent, arrived)| arrived.duration_since(sent).ok()),
+            took: None,
+            arrived: self.arrived,
         };
         Ok((answer, reusable))
     }
@@ -464,7 +486,9 @@ impl Conn {
         let n = read.as_ref().map_or(0, |(n, _)| *n);
         self.buf.truncate(start + n);
         let (n, stamp) = read?;
-        if n > 0 && stamp.is_some() {
+        // The read with the answer's last bytes says when they arrived
+        // (none: the answer goes untimed, not timed by an earlier read).
+        if n > 0 {
             self.arrived = stamp;
         }
         Ok(n)
@@ -1053,11 +1077,13 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         // Answers each connection's request 100 ms after reading it.
+        let (read_at, request_read) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut open = Vec::new();
             for stream in listener.incoming() {
                 let mut stream = stream.unwrap();
                 let _ = stream.read(&mut [0u8; 4096]).unwrap();
+                let _ = read_at.send(Instant::now());
                 std::thread::sleep(Duration::from_millis(100));
                 stream.write_all(OK).unwrap();
                 open.push(stream);
@@ -1080,15 +1106,23 @@ mod tests {
                     // while the answer arrives.
                     tokio::time::sleep(Duration::from_millis(30)).await;
                     std::thread::sleep(Duration::from_millis(600));
+                    let busy_until = Instant::now();
                     let answer = post.await.unwrap();
                     assert_eq!(&answer.body[..], b"hello");
-                    (answer.took, started.elapsed())
+                    (answer.took, started.elapsed(), busy_until)
                 })
             })
             .join()
             .unwrap()
         };
-        let (took, wall) = post();
+        let (took, wall, busy_until) = post();
+        // The answer (100 ms after the request was read) came while this
+        // thread was busy: there was a wait to leave out.
+        let read = request_read.recv().unwrap();
+        assert!(
+            read + Duration::from_millis(100) < busy_until,
+            "the request went out before the thread was busy"
+        );
         let took = took.expect("the answer is timed");
         assert!(wall >= Duration::from_millis(600), "{wall:?}");
         assert!(

@@ -456,6 +456,7 @@ mod tests {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/cancer-v1.onnx");
         let session = onnx.session_from_file(&model, 1).unwrap();
         let worker = Arc::new(Worker::spawn("timed-test", session, 8, None).unwrap());
+        let handed_over = |w: &Worker| w.shared.next_id.load(Ordering::Relaxed) > 1;
         let (took, wall) = std::thread::spawn(move || {
             no_inline_runs_on_this_thread();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -464,17 +465,19 @@ mod tests {
                 .unwrap();
             runtime.block_on(async move {
                 let started = Instant::now();
+                let w = worker.clone();
                 let run = tokio::spawn(async move {
                     let input = vec![Tensor {
                         name: "input".into(),
                         shape: vec![1, 30],
                         data: crate::protocol::TensorData::Fp32(vec![0.5; 30]),
                     }];
-                    worker.infer_timed(input).await.unwrap().1
+                    w.infer_timed(input).await.unwrap().1
                 });
                 // The request is handed over; then this thread is busy
                 // while the worker answers.
                 tokio::task::yield_now().await;
+                assert!(handed_over(&worker), "handed over before the wait");
                 std::thread::sleep(Duration::from_millis(600));
                 (run.await.unwrap(), started.elapsed())
             })
