@@ -1136,6 +1136,15 @@ impl Controller {
             return Ok(());
         };
         for record in self.registry.store().active_rollouts()? {
+            // Stored before this version refused something in it (e.g. an
+            // agreement check against stable): it goes on without the
+            // parts that cannot be read, and says so once here.
+            if let Err(e) = record.spec.validate() {
+                tracing::warn!(
+                    rollout = %record.name(),
+                    "its stored spec no longer passes this version's checks ({e}); it goes on, and what cannot be read (an analysis check, say) is left out: abort it and apply a corrected spec if that matters"
+                );
+            }
             let published = self.route(&record.model)?;
             if published != record.state.route {
                 tracing::info!(rollout = %record.name(), "re-applying the route of an interrupted step");
