@@ -253,30 +253,43 @@ fn blue_green_of(a: &DeployArgs) -> BlueGreenSpec {
 }
 
 fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
-    // Every missing flag at once, each with an example.
-    let missing: Vec<&str> = [
-        (a.mirror_percent.is_none(), "--mirror-percent 100"),
-        (a.compare_output.is_none(), "--compare-output probabilities"),
-        (a.min_comparisons.is_none(), "--min-comparisons 500"),
-        (a.min_agreement.is_none(), "--min-agreement 0.98"),
-        (a.then.is_none(), "--then promote"),
-    ]
-    .into_iter()
-    .filter_map(|(missing, flag)| missing.then_some(flag))
-    .collect();
-    if !missing.is_empty() {
-        let names: Vec<&str> = missing
-            .iter()
-            .filter_map(|f| f.split_whitespace().next())
-            .collect();
+    let (
+        Some(mirror_percent),
+        Some(output),
+        Some(min_comparisons),
+        Some(min_agreement),
+        Some(then),
+    ) = (
+        a.mirror_percent,
+        a.compare_output.clone(),
+        a.min_comparisons,
+        a.min_agreement,
+        a.then,
+    )
+    else {
+        // Every missing flag at once, each with an example.
+        let missing: Vec<(&str, &str)> = [
+            (a.mirror_percent.is_none(), ("--mirror-percent", "100")),
+            (
+                a.compare_output.is_none(),
+                ("--compare-output", "probabilities"),
+            ),
+            (a.min_comparisons.is_none(), ("--min-comparisons", "500")),
+            (a.min_agreement.is_none(), ("--min-agreement", "0.98")),
+            (a.then.is_none(), ("--then", "promote")),
+        ]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+        let names: Vec<&str> = missing.iter().map(|(name, _)| *name).collect();
+        let examples: Vec<String> = missing.iter().map(|(n, e)| format!("{n} {e}")).collect();
         anyhow::bail!(
             "{} {} required for shadow, e.g. {}",
             names.join(", "),
             if names.len() == 1 { "is" } else { "are" },
-            missing.join(" ")
+            examples.join(" ")
         );
-    }
-    let then = required(a.then, "--then", "shadow", "promote")?;
+    };
     let canary_flags = [
         (!a.steps.is_empty(), "--steps"),
         (a.step_pause.is_some(), "--step-pause"),
@@ -295,22 +308,16 @@ fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
         );
     }
     Ok(ShadowSpec {
-        mirror_percent: required(a.mirror_percent, "--mirror-percent", "shadow", "100")?,
-        compare: CompareSpec::of(output_of(a)?),
-        min_comparisons: required(a.min_comparisons, "--min-comparisons", "shadow", "500")?,
-        min_agreement: required(a.min_agreement, "--min-agreement", "shadow", "0.98")?,
+        mirror_percent,
+        compare: CompareSpec::of(output),
+        min_comparisons,
+        min_agreement,
         then,
         canary: match then {
             ShadowThen::Canary => Some(canary_of(a)?),
             ShadowThen::Promote | ShadowThen::Manual => None,
         },
     })
-}
-
-fn output_of(a: &DeployArgs) -> anyhow::Result<String> {
-    a.compare_output
-        .clone()
-        .context("--compare-output is required for shadow, e.g. --compare-output probabilities")
 }
 
 /// The analysis block, when an analysis flag is given.

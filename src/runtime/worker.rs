@@ -388,15 +388,20 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
-    /// A thread that said so never runs inline, even when the replica
-    /// would take it (the shadow copies' thread: `gateway::copies`).
-    #[test]
-    fn a_thread_without_inline_runs_hands_every_request_to_the_worker() {
+    /// A worker for the example `cancer-v1` model, without batching.
+    fn cancer_worker(name: &str) -> Arc<Worker> {
         let onnx = crate::runtime::OnnxRuntime::for_tests();
         let model =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/cancer-v1.onnx");
         let session = onnx.session_from_file(&model, 1).unwrap();
-        let worker = Arc::new(Worker::spawn("inline-test", session, 8, None).unwrap());
+        Arc::new(Worker::spawn(name, session, 8, None).unwrap())
+    }
+
+    /// A thread that said so never runs inline, even when the replica
+    /// would take it (the shadow copies' thread: `gateway::copies`).
+    #[test]
+    fn a_thread_without_inline_runs_hands_every_request_to_the_worker() {
+        let worker = cancer_worker("inline-test");
         let input = || {
             vec![Tensor {
                 name: "input".into(),
@@ -451,11 +456,7 @@ mod tests {
     /// low-priority thread waiting for the CPU) does not count its wait.
     #[test]
     fn a_runs_time_does_not_count_the_callers_wait_to_notice_it() {
-        let onnx = crate::runtime::OnnxRuntime::for_tests();
-        let model =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/cancer-v1.onnx");
-        let session = onnx.session_from_file(&model, 1).unwrap();
-        let worker = Arc::new(Worker::spawn("timed-test", session, 8, None).unwrap());
+        let worker = cancer_worker("timed-test");
         let handed_over = |w: &Worker| w.shared.next_id.load(Ordering::Relaxed) > 1;
         let (took, wall) = std::thread::spawn(move || {
             no_inline_runs_on_this_thread();
