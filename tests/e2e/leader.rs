@@ -480,18 +480,50 @@ async fn a_shadow_counts_every_instances_comparisons_once_across_a_takeover() {
         ("progressing".to_string(), 90),
         "counted twice after the takeover"
     );
-    // The last 10 on a follower frozen (SIGSTOP) as soon as it answered,
-    // before its bucket closed, for longer than the grace a window waits:
-    // counted once it thaws and flushes, not skipped.
+    // The last 10 on a follower frozen (SIGSTOP) once it compared them,
+    // before their bucket closed, for longer than the grace a window waits:
+    // counted once it thaws and flushes, not skipped. The 10 are sent early
+    // in a bucket (buckets close on the wall clock's multiples of 5 s), so
+    // none is flushed before the freeze; and the freeze waits for the
+    // copies, since a copy frozen past the shadow's timeout is dropped.
+    let local = async |s: &Server| {
+        let prom = s.prometheus().await;
+        ["agree", "disagree", "error"]
+            .iter()
+            .map(|r| {
+                series_value(
+                    &prom,
+                    &format!(r#"ferry_shadow_comparisons_total{{model="cancer",version="2",result="{r}"}}"#),
+                )
+            })
+            .sum::<f64>()
+    };
+    let before = local(&servers[other]).await;
+    let into_bucket = || {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        ms % 5_000
+    };
+    while !(200..1_000).contains(&into_bucket()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     send(&servers[other], 10).await;
+    eventually(
+        Duration::from_secs(3),
+        "the 10 copies compared",
+        async || local(&servers[other]).await >= before + 10.0,
+    )
+    .await;
     servers[other].signal("-STOP");
+    let frozen_at = into_bucket();
     tokio::time::sleep(Duration::from_secs(7)).await;
-    // (A bucket that closed while the 10 were sent may have been flushed
-    // before the freeze: some may count already, never all.)
     let (phase, frozen) = compared(&servers[new]).await;
     assert!(
-        phase == "progressing" && (90..100).contains(&frozen),
-        "{phase} with {frozen} comparisons while the follower is frozen"
+        phase == "progressing" && frozen == 90,
+        "{phase} with {frozen} comparisons while the follower is frozen \
+         (frozen {frozen_at} ms into a bucket)"
     );
     servers[other].signal("-CONT");
     let last = ended(&servers[new], Duration::from_secs(30)).await;
