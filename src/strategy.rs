@@ -653,7 +653,10 @@ fn judge(spec: &RolloutSpec, p: &mut Plan, verdict: &Verdict, now_ms: u64) -> Ne
 fn record_window(p: &mut Plan, verdict: &Verdict, limits: &crate::spec::AnalysisSpec) {
     let a = &p.state.analysis;
     let (kind, count) = match verdict.outcome {
-        Outcome::Pass => (EventKind::AnalysisPassed, String::new()),
+        Outcome::Pass => (
+            EventKind::AnalysisPassed,
+            format!(" ({} candidate requests)", verdict.candidate_requests),
+        ),
         Outcome::Fail => (
             EventKind::AnalysisFailed,
             format!(

@@ -178,7 +178,89 @@ fn required<T: Copy>(flag: Option<T>, name: &str, strategy: &str, e_g: &str) -> 
     flag.with_context(|| format!("{name} is required for {strategy}, e.g. {name} {e_g}"))
 }
 
+/// Each strategy's own flags, and the strategies that read them.
+fn strategy_flags(a: &DeployArgs) -> [(bool, &'static str, &'static [StrategyName]); 20] {
+    use StrategyName::{BlueGreen, Canary, Multi, Rolling, Shadow};
+    [
+        (!a.steps.is_empty(), "--steps", &[Canary, Shadow]),
+        (a.step_pause.is_some(), "--step-pause", &[Canary, Shadow]),
+        (
+            a.sticky_header.is_some(),
+            "--sticky-header",
+            &[Canary, Shadow],
+        ),
+        (!a.matches.is_empty(), "--match", &[Canary, Shadow]),
+        (a.keep.is_some(), "--keep", &[Multi]),
+        (a.timeout.is_some(), "--timeout", &[Multi]),
+        (a.replicas.is_some(), "--replicas", &[Rolling]),
+        (a.scope.is_some(), "--scope", &[Rolling]),
+        (a.batch_size.is_some(), "--batch-size", &[Rolling]),
+        (a.batch_pause.is_some(), "--batch-pause", &[Rolling]),
+        (a.max_unavailable.is_some(), "--max-unavailable", &[Rolling]),
+        (a.qa_dataset.is_some(), "--qa-dataset", &[BlueGreen]),
+        (a.qa_output.is_some(), "--qa-output", &[BlueGreen]),
+        (a.min_accuracy.is_some(), "--min-accuracy", &[BlueGreen]),
+        (
+            a.auto_promote_after.is_some(),
+            "--auto-promote-after",
+            &[BlueGreen],
+        ),
+        (
+            a.scale_down_delay.is_some(),
+            "--scale-down-delay",
+            &[BlueGreen],
+        ),
+        (a.mirror_percent.is_some(), "--mirror-percent", &[Shadow]),
+        (a.compare_output.is_some(), "--compare-output", &[Shadow]),
+        (a.min_comparisons.is_some(), "--min-comparisons", &[Shadow]),
+        (a.min_agreement.is_some(), "--min-agreement", &[Shadow]),
+    ]
+}
+
+/// A strategy's name as `--strategy` takes it.
+fn flag_name(s: StrategyName) -> String {
+    use clap::ValueEnum;
+    s.to_possible_value()
+        .map_or_else(|| format!("{s:?}"), |v| v.get_name().to_string())
+}
+
 fn strategy_of(a: &DeployArgs) -> anyhow::Result<Strategy> {
+    // A flag of another strategy is refused rather than ignored: the user
+    // meant it to change something.
+    let not_read: Vec<(&str, &[StrategyName])> = strategy_flags(a)
+        .into_iter()
+        .filter(|(given, _, by)| *given && !by.contains(&a.strategy))
+        .map(|(_, flag, by)| (flag, by))
+        .collect();
+    let strategy = flag_name(a.strategy);
+    match not_read.as_slice() {
+        [] => {}
+        [(flag, by)] => {
+            let by: Vec<String> = by.iter().map(|s| flag_name(*s)).collect();
+            anyhow::bail!(
+                "{flag} is not used by --strategy {strategy} (it is for --strategy {}): leave it out, or deploy with that strategy",
+                by.join(" or ")
+            );
+        }
+        many => {
+            let named: Vec<String> = many
+                .iter()
+                .map(|(flag, by)| {
+                    let by: Vec<String> = by.iter().map(|s| flag_name(*s)).collect();
+                    format!("{flag} (for {})", by.join(" or "))
+                })
+                .collect();
+            anyhow::bail!(
+                "{} are not used by --strategy {strategy}: leave them out, or deploy with the strategy they are for",
+                named.join(", ")
+            );
+        }
+    }
+    if a.then.is_some() && a.strategy != StrategyName::Shadow {
+        anyhow::bail!(
+            "--then is not used by --strategy {strategy}: it says what follows a shadow (--strategy shadow)"
+        );
+    }
     Ok(match a.strategy {
         StrategyName::Basic => Strategy::Basic(BasicSpec {}),
         StrategyName::Multi => {
@@ -1085,6 +1167,23 @@ mod tests {
             (
                 "--strategy shadow --mirror-percent 100 --compare-output label --min-comparisons 5 --min-agreement 0.9 --then promote --sticky-header x-user",
                 "--sticky-header describes the canary",
+            ),
+            // Another strategy's flag is refused, not ignored.
+            (
+                "--strategy canary --steps 10,100 --keep 2",
+                "--keep is not used by --strategy canary (it is for --strategy multi): leave it out, or deploy with that strategy",
+            ),
+            (
+                "--strategy blue-green --steps 10 --replicas 3",
+                "--steps (for canary or shadow), --replicas (for rolling) are not used by --strategy blue-green",
+            ),
+            (
+                "--strategy basic --mirror-percent 10",
+                "--mirror-percent is not used by --strategy basic (it is for --strategy shadow)",
+            ),
+            (
+                "--strategy rolling --replicas 4 --then promote",
+                "--then is not used by --strategy rolling: it says what follows a shadow",
             ),
         ] {
             let err = deployed(args).unwrap_err().to_string();
