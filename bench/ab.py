@@ -5,7 +5,7 @@ per target and round: CPU µs per request (the server's own accounting),
 p50 / p99 ms, and voluntary / involuntary context switches per request.
 
     python3 bench/ab.py [--mode stable|split|shadow|local] [--rate 2000]
-                        [--seconds 5] [--rounds 3] [--perf] [--syscalls]
+                        [--seconds 5] [--rounds 3] [--perf] [--syscalls] [--allocs]
                         FERRY_BINARY...
 
 Modes: `stable`, `split` (90/10) and `shadow` (100 %, compared on label)
@@ -19,7 +19,9 @@ process), interleaved, and the primary's p99 on / off is printed.
 at saturation (64 connections). `--perf` records a profile of each target
 (`perf record -g`, into the temporary directory, printed at the end);
 `--syscalls` counts each target's system calls per request by name
-(`perf stat` on the syscall tracepoints, the ones a request path makes).
+(`perf stat` on the syscall tracepoints, the ones a request path makes);
+`--allocs` counts heap allocations per request (probes on libc's `malloc`,
+`calloc`, `realloc`, `posix_memalign`; exact, so unmoved by a noisy host).
 Servers run on CPU 0 and oha on CPU 1, as in bench/run.sh (`--upstreams-cpu
 1` moves the two upstreams beside oha); run that once
 first (it installs oha and builds Ferry).
@@ -66,6 +68,10 @@ def main():
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--syscalls", action="store_true",
                     help="count each target's system calls per request, by name (perf stat)")
+    ap.add_argument("--perf-event", help="with --perf: record every EVENT (e.g. probe_libc:malloc, after a run "
+                                         "with --allocs made the probe) instead of sampling cycles")
+    ap.add_argument("--allocs", action="store_true",
+                    help="count each target's heap allocations per request (perf probes on libc's malloc family)")
     ap.add_argument("--upstreams-cpu", default="0",
                     help="the CPU of the two fixed-response upstreams (default 0, beside the gateways; 1 puts "
                          "them beside the load generator, so a gateway's core runs the gateway alone)")
@@ -194,13 +200,11 @@ def main():
                     off = statistics.median(r["p99_ms"] for r in runs[f"{name} (shadow off)"])
                     print(f"{name}: primary p99 with the shadow on / off {on} / {off} ms ({(on / off - 1) * 100:+.0f} %)",
                           flush=True)
-        if args.syscalls:
-            calls = ["epoll_wait", "recvfrom", "read", "readv", "sendto", "write", "writev", "futex",
-                     "epoll_ctl", "getpid", "getsockopt", "accept4", "close"]
+        def count(what, events, short):
+            """Counts `events` per request for each target (perf stat)."""
             for name, url, pids in targets:
-                out = tmp / f"syscalls-{len(name)}-{pids[0]}.csv"
-                events = ",".join(f"syscalls:sys_enter_{c}" for c in calls)
-                rec = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(out), "-e", events,
+                out = tmp / f"{what}-{len(name)}-{pids[0]}.csv"
+                rec = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events),
                                         "-p", ",".join(map(str, pids))],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
@@ -212,14 +216,31 @@ def main():
                 for line in out.read_text().splitlines():
                     cols = line.split(",")
                     if len(cols) > 2 and cols[0].strip().isdigit():
-                        counts[cols[2].removeprefix("syscalls:sys_enter_")] = int(cols[0])
+                        counts[short(cols[2])] = int(cols[0])
                 total = sum(counts.values()) / n
                 shown = ", ".join(f"{c} {v / n:.2f}" for c, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v / n >= 0.01)
-                print(f"{name}: {total:.2f} system calls per request: {shown}", flush=True)
+                print(f"{name}: {total:.2f} {what} per request: {shown}", flush=True)
+
+        if args.syscalls:
+            calls = ["epoll_wait", "recvfrom", "recvmsg", "read", "readv", "sendto", "write", "writev", "futex",
+                     "epoll_ctl", "getpid", "getsockopt", "accept4", "close"]
+            count("system calls", [f"syscalls:sys_enter_{c}" for c in calls],
+                  lambda e: e.removeprefix("syscalls:sys_enter_"))
+        if args.allocs:
+            # User-space probes on the C library's allocator (what Ferry's
+            # default build and nginx allocate with): exact counts, unmoved
+            # by a noisy host, unlike CPU time.
+            libc = subprocess.run(["sh", "-c", "ldconfig -p | awk '/libc.so.6 .*x86-64/ {print $NF; exit}'"],
+                                  capture_output=True, text=True).stdout.strip() or "/lib/x86_64-linux-gnu/libc.so.6"
+            fns = ["malloc", "calloc", "realloc", "posix_memalign"]
+            for fn in fns:
+                subprocess.run(["perf", "probe", "-q", "-x", libc, "--add", fn], capture_output=True)
+            count("allocations", [f"probe_libc:{fn}" for fn in fns], lambda e: e.removeprefix("probe_libc:"))
         if args.perf:
             for name, url, pids in targets:
                 out = tmp / f"perf-{len(name)}-{pids[0]}.data"
-                rec = subprocess.Popen(["perf", "record", "-F", "4999", "-g", "-o", str(out), "-p", ",".join(map(str, pids))],
+                event = ["-e", args.perf_event, "-c", "1", "--call-graph", "dwarf,8192"] if args.perf_event else ["-F", "4999", "-g"]
+                rec = subprocess.Popen(["perf", "record", *event, "-o", str(out), "-p", ",".join(map(str, pids))],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
                 measure(url, pids)

@@ -33,7 +33,7 @@ pub mod routes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 
 use crate::metrics::{Metrics, Outcome, Role};
 use crate::protocol::{self, InferRequest, InferResponse, ProtocolError, Tensor};
@@ -92,8 +92,9 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// The length of the JSON header when tensors follow it in binary.
     pub json_len: Option<usize>,
-    /// The version that answered.
-    pub version: String,
+    /// The version that answered, as its header says it (`None` for a
+    /// name no header can carry).
+    pub version: Option<HeaderValue>,
     /// The request id (the client's, or one made for the request).
     pub id: String,
 }
@@ -380,7 +381,7 @@ impl Gateway {
         Ok(Answer {
             body: rewritten.body,
             json_len: rewritten.json_len,
-            version: pool.version.clone(),
+            version: pool.version_header.clone(),
             id: rewritten.id,
         })
     }
@@ -495,7 +496,7 @@ fn encode(model: &str, id: String, served: Served, request: &InferRequest) -> An
     Answer {
         body,
         json_len,
-        version: response.model_version,
+        version: HeaderValue::from_str(&response.model_version).ok(),
         id: response.id,
     }
 }

@@ -112,13 +112,13 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
         ) {
             return Box::pin(std::future::ready(Ok(closing(e))));
         }
-        let target = (req.method() == Method::POST)
-            .then(|| infer_target(req.uri().path()))
-            .flatten()
-            .filter(|_| self.state.may_infer(req.headers()));
         let this = self.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
+            let target = (parts.method == Method::POST)
+                .then(|| infer_target(parts.uri.path()))
+                .flatten()
+                .filter(|_| this.state.may_infer(&parts.headers));
             let declared = body.size_hint().exact();
             let body = Paced::new(body, this.limits.body);
             if is_upload(&parts.method, parts.uri.path()) {
@@ -182,7 +182,7 @@ fn is_upload(method: &Method, path: &str) -> bool {
 
 /// The model (and version) of an inference path, when the path is exactly
 /// one and needs no decoding; `None` sends the request to the router.
-fn infer_target(path: &str) -> Option<(String, Option<String>)> {
+fn infer_target(path: &str) -> Option<(&str, Option<&str>)> {
     if path.contains('%') {
         return None;
     }
@@ -191,11 +191,11 @@ fn infer_target(path: &str) -> Option<(String, Option<String>)> {
     let target = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(model), None, None, None) => (model, None),
         (Some(model), Some("versions"), Some(version), None) if !version.is_empty() => {
-            (model, Some(version.to_string()))
+            (model, Some(version))
         }
         _ => return None,
     };
-    (!target.0.is_empty()).then(|| (target.0.to_string(), target.1))
+    (!target.0.is_empty()).then_some(target)
 }
 
 #[cfg(test)]
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn takes_exactly_the_two_inference_paths() {
-        let own = |m: &str, v: Option<&str>| Some((m.to_string(), v.map(str::to_string)));
+        let own = |m, v| Some((m, v));
         assert_eq!(infer_target("/v2/models/cancer/infer"), own("cancer", None));
         assert_eq!(
             infer_target("/v2/models/cancer/versions/v2/infer"),

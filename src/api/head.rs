@@ -97,13 +97,12 @@ impl HeadRules {
                 .get(header::CONTENT_TYPE)
                 .map(|v| v.to_str().unwrap_or("(not text)"));
             if let Some(ct) = ct {
-                let essence = ct
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                if essence == "text/plain" || essence.starts_with("multipart/") {
+                let essence = ct.split(';').next().unwrap_or("").trim().as_bytes();
+                if essence.eq_ignore_ascii_case(b"text/plain")
+                    || essence
+                        .get(..10)
+                        .is_some_and(|p| p.eq_ignore_ascii_case(b"multipart/"))
+                {
                     return Err(ApiError::new(
                         StatusCode::UNSUPPORTED_MEDIA_TYPE,
                         format!(
@@ -155,7 +154,11 @@ fn host_name(host: &str) -> &str {
 
 fn is_loopback_name(name: &str) -> bool {
     name.eq_ignore_ascii_case("localhost")
-        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name
+            .len()
+            .checked_sub(10)
+            .and_then(|at| name.as_bytes().get(at..))
+            .is_some_and(|end| end.eq_ignore_ascii_case(b".localhost"))
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
@@ -199,6 +202,7 @@ mod tests {
             "[::1]:8080",
             "FERRY.internal:80",
             "app.localhost",
+            "App.LocalHost:80",
         ] {
             assert_eq!(check(&lo, &[("host", ok)]), Ok(()), "{ok}");
         }
@@ -207,6 +211,8 @@ mod tests {
             "evil.example:8080",
             "10.0.0.1",
             "localhost.evil.example",
+            ".localhos",
+            "evillocalhost",
         ] {
             assert_eq!(check(&lo, &[("host", refused)]), Err(403), "{refused}");
         }
@@ -309,6 +315,7 @@ mod tests {
             "text/plain",
             "TEXT/PLAIN;charset=UTF-8",
             "multipart/form-data; boundary=x",
+            "Multipart/Mixed",
         ] {
             assert_eq!(
                 check(&r, &[host, ("content-type", refused)]),

@@ -320,7 +320,7 @@ pub async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    run_infer(s, model, None, headers, body?).await
+    run_infer(s, &model, None, headers, body?).await
 }
 
 /// Inference on one loaded version.
@@ -334,7 +334,7 @@ pub async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    run_infer(s, model, Some(version), headers, body?).await
+    run_infer(s, &model, Some(&version), headers, body?).await
 }
 
 /// Inference on the model's routed version, or on `version`, served by the
@@ -342,8 +342,8 @@ pub async fn infer_version(
 /// dispatcher's hot path ([`super::dispatch`]) all end here.
 pub async fn run_infer(
     s: AppState,
-    model: String,
-    version: Option<String>,
+    model: &str,
+    version: Option<&str>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -354,8 +354,8 @@ pub async fn run_infer(
         .gateway
         .serve(Request {
             door: FrontDoor::Rest,
-            model: &model,
-            version: version.as_deref(),
+            model,
+            version,
             headers: &headers,
             body,
             header_len,
@@ -387,10 +387,11 @@ fn respond(answer: Answer) -> Response {
             );
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&answer.version) {
+    if let Some(v) = answer.version {
         h.insert(HeaderName::from_static(VERSION_HEADER), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&answer.id) {
+    // The id's own bytes, not a copy (ids are checked printable ASCII).
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(answer.id)) {
         h.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
     resp

@@ -53,6 +53,9 @@ impl Drop for InFlight<'_> {
 pub struct VersionPool {
     pub model: String,
     pub version: String,
+    /// The version's name as an answer's `x-ferry-version` header says it,
+    /// made once rather than for every request.
+    pub version_header: Option<axum::http::HeaderValue>,
     pub signature: Signature,
     pub replicas: Vec<Replica>,
     /// The settings the replicas were started with (a change restarts the pool).
@@ -84,6 +87,7 @@ impl VersionPool {
     ) -> VersionPool {
         VersionPool {
             model,
+            version_header: axum::http::HeaderValue::from_str(&version).ok(),
             version,
             signature,
             replicas,

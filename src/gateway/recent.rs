@@ -87,17 +87,19 @@ impl RecentPredictions {
             role,
             class,
         };
-        if let Some(known) = inner.by_id.get_mut(id) {
-            known.shared = true;
-        } else {
-            let id: Arc<str> = id.into();
-            let entry = Entry {
-                answered,
-                shared: false,
-                labelled: false,
-            };
-            inner.by_id.insert(id.clone(), entry);
-            inner.order.push_back(id);
+        // One hash of the id: ids are nearly always new, so the entry's key
+        // is made before looking (a repeated id wastes it).
+        let id: Arc<str> = id.into();
+        match inner.by_id.entry(id.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut known) => known.get_mut().shared = true,
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(Entry {
+                    answered,
+                    shared: false,
+                    labelled: false,
+                });
+                inner.order.push_back(id);
+            }
         }
         while inner.order.len() > self.capacity {
             if let Some(old) = inner.order.pop_front() {
