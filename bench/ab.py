@@ -2,7 +2,8 @@
 load on nginx (the reference, in the gateway modes) and on each build given,
 interleaved round by round so a noisy machine moves them all alike. Prints
 per target and round: CPU µs per request (the server's own accounting),
-p50 / p99 ms, and voluntary / involuntary context switches per request.
+p50 / p99 ms, voluntary / involuntary context switches per request, and
+resident memory (VmRSS, all the target's processes) after the round.
 
     python3 bench/ab.py [--mode stable|split|shadow|local] [--rate 2000]
                         [--seconds 5] [--rounds 3] [--perf] [--syscalls] [--allocs]
@@ -98,6 +99,13 @@ def main():
             return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
                        if line.startswith("ferry_shadow_dropped_total{") and 'model="cancer"' in line)
 
+    def rss_kib(pid):
+        """Resident memory of a process, KiB (VmRSS)."""
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
     def measure(url, pids):
         dropped_before = dropped_copies(url)
         before_switches = switches(pids)
@@ -113,6 +121,7 @@ def main():
         result = {
             "cpu_us": round(cpu / n * 1e6, 1), "rps": r["rps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
             "switches": (round((after[0] - before_switches[0]) / n, 2), round((after[1] - before_switches[1]) / n, 2)),
+            "rss_mib": round(sum(rss_kib(p) for p in pids) / 1024, 1),
         }
         if dropped_before is not None:
             result["copies_dropped_pct"] = round((dropped_copies(url) - dropped_before) / n * 100, 1)

@@ -2,11 +2,18 @@
 //! predicted class, for delayed labels (`POST /v2/models/{m}/feedback`).
 //! Bounded: the oldest ids are forgotten first. A label counts once per
 //! id, and an id that answered more than one request (clients choose their
-//! ids) takes no label at all: it could not say which answer it is for. An entry costs one
-//! allocation (its id, shared by the index and the queue); model and version
-//! names are shared by every entry that names them.
+//! ids) takes no label at all: it could not say which answer it is for.
+//!
+//! This runs on every request, so an entry is small and made without
+//! allocating: the id is kept as its 64-bit keyed hash (SipHash with a
+//! per-process random key, so a client choosing ids cannot choose their
+//! keys), and model and version as the index of their pair, each pair
+//! stored once. Two live ids with the same hash (about 10⁻¹⁰ over 100,000
+//! ids) read as one id sent twice: neither takes a label, none is
+//! misattributed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
 
 use crate::metrics::Role;
@@ -23,8 +30,11 @@ pub struct Answered {
 
 /// What the memory knows of one id.
 struct Entry {
-    answered: Answered,
-    /// Set when a second request came with the same id.
+    /// The (model, version) pair, an index into [`Inner::pairs`].
+    pair: u32,
+    role: Role,
+    class: Option<i64>,
+    /// Set when a second request came with this id.
     shared: bool,
     labelled: bool,
 }
@@ -40,27 +50,70 @@ pub enum NoLabel {
     Labelled,
 }
 
+/// The maps' keys are keyed hashes already: used as they are.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; anything else is folded in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
+
 struct Inner {
-    by_id: HashMap<Arc<str>, Entry>,
-    order: VecDeque<Arc<str>>,
-    /// Model and version names, one copy each (as many as were ever served).
-    names: HashSet<Arc<str>>,
+    by_id: ByHash<Entry>,
+    order: VecDeque<u64>,
+    /// Every (model, version) pair ever answered, once each.
+    pairs: Vec<(Arc<str>, Arc<str>)>,
+    pair_of: ByHash<u32>,
 }
 
 impl Inner {
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.names.get(name) {
-            return shared.clone();
+    /// The index of the pair (model, version), added when new.
+    fn pair(&mut self, key: u64, model: &str, version: &str) -> u32 {
+        let is = |p: &(Arc<str>, Arc<str>)| &*p.0 == model && &*p.1 == version;
+        if let Some(&i) = self.pair_of.get(&key)
+            && is(&self.pairs[i as usize])
+        {
+            return i;
         }
-        let shared: Arc<str> = name.into();
-        self.names.insert(shared.clone());
-        shared
+        // Another pair with this hash (never seen in practice): looked for
+        // the long way, so no answer is ever given another's name.
+        if let Some(i) = self.pairs.iter().position(is) {
+            return i as u32;
+        }
+        let i = self.pairs.len() as u32;
+        self.pairs.push((model.into(), version.into()));
+        self.pair_of.entry(key).or_insert(i);
+        i
+    }
+
+    fn answered(&self, e: &Entry) -> Answered {
+        let (model, version) = &self.pairs[e.pair as usize];
+        Answered {
+            model: model.clone(),
+            version: version.clone(),
+            role: e.role,
+            class: e.class,
+        }
     }
 }
 
 /// A bounded memory of recent answers.
 pub struct RecentPredictions {
     capacity: usize,
+    keys: RandomState,
     inner: Mutex<Inner>,
 }
 
@@ -68,37 +121,40 @@ impl RecentPredictions {
     pub fn new(capacity: usize) -> RecentPredictions {
         RecentPredictions {
             capacity,
+            keys: RandomState::new(),
             inner: Mutex::new(Inner {
-                by_id: HashMap::new(),
+                by_id: ByHash::default(),
                 order: VecDeque::new(),
-                names: HashSet::new(),
+                pairs: Vec::new(),
+                pair_of: ByHash::default(),
             }),
         }
+    }
+
+    fn key(&self, id: &str) -> u64 {
+        self.keys.hash_one(id)
     }
 
     pub fn remember(&self, id: &str, model: &str, version: &str, role: Role, class: Option<i64>) {
         if self.capacity == 0 {
             return;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let answered = Answered {
-            model: inner.name(model),
-            version: inner.name(version),
-            role,
-            class,
-        };
-        // One hash of the id: ids are nearly always new, so the entry's key
-        // is made before looking (a repeated id wastes it).
-        let id: Arc<str> = id.into();
-        match inner.by_id.entry(id.clone()) {
+        let key = self.key(id);
+        let pair_key = self.keys.hash_one((model, version));
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        let pair = inner.pair(pair_key, model, version);
+        match inner.by_id.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut known) => known.get_mut().shared = true,
             std::collections::hash_map::Entry::Vacant(new) => {
                 new.insert(Entry {
-                    answered,
+                    pair,
+                    role,
+                    class,
                     shared: false,
                     labelled: false,
                 });
-                inner.order.push_back(id);
+                inner.order.push_back(key);
             }
         }
         while inner.order.len() > self.capacity {
@@ -109,22 +165,21 @@ impl RecentPredictions {
     }
 
     pub fn get(&self, id: &str) -> Option<Answered> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_id
-            .get(id)
-            .map(|e| e.answered.clone())
+        let key = self.key(id);
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.by_id.get(&key).map(|e| inner.answered(e))
     }
 
     /// What answered `id` for `model`, marked as labelled, if it may take
     /// a label now: known, answered once, and not labelled yet.
     pub fn label(&self, id: &str, model: &str) -> Result<Answered, NoLabel> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = self.key(id);
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
         let entry = inner
             .by_id
-            .get_mut(id)
-            .filter(|e| &*e.answered.model == model)
+            .get_mut(&key)
+            .filter(|e| &*inner.pairs[e.pair as usize].0 == model)
             .ok_or(NoLabel::Unknown)?;
         if entry.shared {
             return Err(NoLabel::Shared);
@@ -133,7 +188,8 @@ impl RecentPredictions {
             return Err(NoLabel::Labelled);
         }
         entry.labelled = true;
-        Ok(entry.answered.clone())
+        let entry = &inner.by_id[&key];
+        Ok(inner.answered(entry))
     }
 
     pub fn len(&self) -> usize {
@@ -163,6 +219,43 @@ mod tests {
         assert!(r.get("a").is_none());
         assert_eq!(r.get("b").unwrap().class, Some(1));
         assert_eq!(&*r.get("c").unwrap().version, "2");
+    }
+
+    #[test]
+    fn pairs_with_one_hash_keep_their_own_names() {
+        let r = RecentPredictions::new(10);
+        let mut inner = r.inner.lock().unwrap();
+        let a = inner.pair(7, "m", "1");
+        let b = inner.pair(7, "m", "2");
+        assert_ne!(a, b, "a second pair under the same hash is a new pair");
+        assert_eq!(inner.pair(7, "m", "2"), b, "and found again");
+        assert_eq!(inner.pair(7, "m", "1"), a);
+        assert_eq!(inner.pair(8, "m", "1"), a, "whatever the hash says");
+        assert_eq!(
+            (&*inner.pairs[b as usize].0, &*inner.pairs[b as usize].1),
+            ("m", "2")
+        );
+    }
+
+    #[test]
+    fn many_models_and_versions_are_told_apart() {
+        let r = RecentPredictions::new(1_000);
+        for i in 0..1_000 {
+            let (m, v) = (format!("m{}", i % 50), format!("{}", i % 7));
+            r.remember(&format!("id-{i}"), &m, &v, Role::Stable, Some(i));
+        }
+        for i in (0..1_000).step_by(37) {
+            let got = r
+                .label(&format!("id-{i}"), &format!("m{}", i % 50))
+                .unwrap();
+            assert_eq!(
+                (&*got.version, got.class),
+                (format!("{}", i % 7).as_str(), Some(i))
+            );
+        }
+        r.remember("id-new", "m0", "0", Role::Stable, None);
+        assert!(r.get("id-0").is_none(), "the oldest is forgotten");
+        assert_eq!(r.len(), 1_000);
     }
 
     #[test]
