@@ -30,11 +30,7 @@ impl RequestIds {
             .chain_update(self.key)
             .chain_update(n.to_le_bytes())
             .finalize();
-        // Into a string of exactly its length: the answer's header takes
-        // its bytes as they are (`api::v2::respond`).
-        let mut hex = vec![0u8; 32];
-        hex::encode_to_slice(&digest[..16], &mut hex).expect("32 hex digits for 16 bytes");
-        String::from_utf8(hex).expect("hex digits are ASCII")
+        hex::encode(&digest[..16])
     }
 }
 

@@ -479,7 +479,8 @@ pub fn names_outputs(body: &[u8], header_len: Option<&str>) -> bool {
 /// header is read once, each member written out as it is met (this runs on
 /// every passed-through request: a whole `Value` round trip cost 6 % of
 /// it, a map of the members and a vector of the outputs 3 allocations per
-/// member); the id is written last, once it is known.
+/// member); the id is written last, once it is known. An answer that names
+/// a member twice is refused: readers differ on which one counts.
 pub fn rewrite_response(
     body: &[u8],
     header_len: Option<&str>,
@@ -504,6 +505,13 @@ pub fn rewrite_response(
             }
             _ => json_error(e),
         })?;
+    if let Some(name) = read.repeated {
+        // Readers of JSON differ on which of the two counts: the client
+        // could be shown one and the label read from the other.
+        return Err(ProtocolError::Json(format!(
+            "the answer names the member \"{name}\" more than once"
+        )));
+    }
     let id = read
         .id
         .filter(|id| check_id(id).is_ok())
@@ -526,6 +534,43 @@ pub fn rewrite_response(
 struct HeadRead {
     id: Option<String>,
     class: Option<i64>,
+    /// A member named twice (readers of JSON differ on which one counts).
+    repeated: Option<String>,
+}
+
+/// The member names of one object so far: the first 16 in place (an
+/// answer's header has a handful), any more in a set.
+#[derive(Default)]
+struct Names<'de> {
+    first: [Option<std::borrow::Cow<'de, str>>; 16],
+    more: std::collections::HashSet<std::borrow::Cow<'de, str>>,
+}
+
+impl<'de> Names<'de> {
+    /// Whether `name` is new (then it is added).
+    fn insert(&mut self, name: &std::borrow::Cow<'de, str>) -> bool {
+        let mut free = None;
+        for (i, slot) in self.first.iter().enumerate() {
+            match slot {
+                Some(seen) if seen == name => return false,
+                Some(_) => {}
+                None => {
+                    free = Some(i);
+                    break;
+                }
+            }
+        }
+        if self.more.contains(&**name) {
+            return false;
+        }
+        match free {
+            Some(i) => self.first[i] = Some(name.clone()),
+            None => {
+                self.more.insert(name.clone());
+            }
+        }
+        true
+    }
 }
 
 /// Reads an answer's top-level object, appending each member but
@@ -550,12 +595,16 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
         let mut read = HeadRead {
             id: None,
             class: None,
+            repeated: None,
         };
+        let mut seen = Names::default();
         while let Some(Key(key)) = map.next_key()? {
             let value: &RawValue = map.next_value()?;
+            if read.repeated.is_none() && !seen.insert(&key) {
+                read.repeated = Some(key.chars().take(64).collect());
+            }
             match &*key {
                 "model_name" | "model_version" => {}
-                // As any reader of JSON would: the last of repeated members.
                 "id" => read.id = serde_json::from_str(value.get()).ok(),
                 other => {
                     if other == "outputs" {
@@ -861,6 +910,27 @@ mod tests {
         assert_eq!(r.id, "gen-4");
         let r = rewrite_response(br#"{"id":"a\nb"}"#, None, "m", "1", || "gen-5".into()).unwrap();
         assert_eq!(r.id, "gen-5");
+        // A member named twice, however it is written, and past the first
+        // 16 names: refused, naming it.
+        for twice in [
+            r#"{"outputs":[{"name":"label","data":[1]}],"outputs":[{"name":"label","data":[2]}]}"#,
+            r#"{"id":"a","\u0069d":"b"}"#,
+            r#"{"model_name":"x","model_name":"y"}"#,
+        ] {
+            let e = rewrite_response(twice.as_bytes(), None, "m", "1", || "g".into());
+            assert!(
+                matches!(&e, Err(ProtocolError::Json(m)) if m.contains("more than once")),
+                "{twice}: {:?}",
+                e.map(|r| r.id)
+            );
+        }
+        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let ok = format!("{{{}}}", many.join(","));
+        assert!(rewrite_response(ok.as_bytes(), None, "m", "1", || "g".into()).is_ok());
+        let late = format!(r#"{{{},"k3":0}}"#, many.join(","));
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", || "g".into()).is_err());
+        let late = format!(r#"{{{},"k39":0}}"#, many.join(","));
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", || "g".into()).is_err());
     }
 
     #[test]
