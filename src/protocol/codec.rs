@@ -548,11 +548,11 @@ struct Names<'de> {
 
 impl<'de> Names<'de> {
     /// Whether `name` is new (then it is added).
-    fn insert(&mut self, name: &std::borrow::Cow<'de, str>) -> bool {
+    fn insert(&mut self, name: std::borrow::Cow<'de, str>) -> bool {
         let mut free = None;
         for (i, slot) in self.first.iter().enumerate() {
             match slot {
-                Some(seen) if seen == name => return false,
+                Some(seen) if *seen == name => return false,
                 Some(_) => {}
                 None => {
                     free = Some(i);
@@ -560,13 +560,13 @@ impl<'de> Names<'de> {
                 }
             }
         }
-        if self.more.contains(&**name) {
+        if self.more.contains(&*name) {
             return false;
         }
         match free {
-            Some(i) => self.first[i] = Some(name.clone()),
+            Some(i) => self.first[i] = Some(name),
             None => {
-                self.more.insert(name.clone());
+                self.more.insert(name);
             }
         }
         true
@@ -600,7 +600,9 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
         let mut seen = Names::default();
         while let Some(Key(key)) = map.next_key()? {
             let value: &RawValue = map.next_value()?;
-            if read.repeated.is_none() && !seen.insert(&key) {
+            // (A borrowed name's copy is free; an escaped one's is not, and
+            // rare.)
+            if read.repeated.is_none() && !seen.insert(key.clone()) {
                 read.repeated = Some(key.chars().take(64).collect());
             }
             match &*key {
