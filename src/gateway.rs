@@ -346,28 +346,39 @@ impl Gateway {
             Ok(passed) => passed.took,
             Err(_) => None,
         };
+        // An answer counts once it is read: one that cannot be is the
+        // version's error, and a readable one's class is counted.
+        let result = result.and_then(|passed| {
+            let rewritten = protocol::rewrite_response(
+                &passed.body,
+                passed.header_len.as_deref(),
+                request.model,
+                &pool.version,
+                || self.ids.next(),
+            )
+            .map_err(|e| {
+                RuntimeError::Upstream(format!(
+                    "the remote version sent an unreadable answer: {}",
+                    e.of_answer()
+                ))
+            })?;
+            Ok((passed, rewritten))
+        });
         pool.record(
             role,
             request.door,
             outcome(&result),
             took.unwrap_or_else(|| started.elapsed()).as_secs_f64(),
-            None,
+            result.as_ref().ok().and_then(|(_, r)| r.class),
         );
-        let crate::runtime::Passed {
-            body: answer,
-            header_len: answer_len,
-            ..
-        } = result?;
-        let rewritten = protocol::rewrite_response(
-            &answer,
-            answer_len.as_deref(),
-            request.model,
-            &pool.version,
-            || self.ids.next(),
-        )
-        .map_err(|e| {
-            RuntimeError::Upstream(format!("the remote version sent an unreadable answer: {e}"))
-        })?;
+        let (
+            crate::runtime::Passed {
+                body: answer,
+                header_len: answer_len,
+                ..
+            },
+            rewritten,
+        ) = result?;
         self.recent.remember(
             &rewritten.id,
             &pool.model,

@@ -86,6 +86,19 @@ pub enum ProtocolError {
     Id(String),
 }
 
+impl ProtocolError {
+    /// The error said of a remote's answer rather than of a request.
+    pub fn of_answer(&self) -> String {
+        match self {
+            ProtocolError::Json(why) => why.clone(),
+            ProtocolError::HeaderLength { header, body } => format!(
+                "its Inference-Header-Content-Length {header} does not fit its {body} bytes"
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// The longest request id a client may send (it is echoed in a header and
 /// remembered for delayed labels).
 pub const MAX_ID_BYTES: usize = 256;

@@ -204,7 +204,8 @@ impl Job {
                         protocol::decode_response_json(&passed.body, passed.header_len.as_deref())
                             .map_err(|e| {
                                 RuntimeError::Inference(format!(
-                                    "the shadow version sent an unreadable answer: {e}"
+                                    "the shadow version sent an unreadable answer: {}",
+                                    e.of_answer()
                                 ))
                             }),
                         passed.took,

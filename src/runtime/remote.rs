@@ -455,8 +455,9 @@ impl RemoteClient {
         let outputs = protocol::decode_response_json(&passed.body, passed.header_len.as_deref())
             .map_err(|e| {
                 RuntimeError::Inference(format!(
-                    "remote {} sent an unreadable answer: {e}",
-                    self.target.display()
+                    "remote {} sent an unreadable answer: {}",
+                    self.target.display(),
+                    e.of_answer()
                 ))
             })?;
         Ok((outputs, passed.took))

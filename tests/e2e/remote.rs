@@ -241,3 +241,59 @@ async fn an_https_remote_with_mutual_tls_and_a_header_from_the_environment() {
     let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(3)).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A passed-through answer counts once it is read: one Ferry cannot read is
+/// the version's error (502 to the client, `outcome="error"` in the metrics,
+/// an error in analysis), and a readable one's class is counted for
+/// `prediction_shift`. (They were counted as answered before being read: a
+/// canary of a remote sending broken answers passed `error_rate`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_class_counts() {
+    let upstream = super::upstream::Upstream::start().await;
+    let s = Server::start().await;
+    s.ferry_json(&["model", "add", "cancer", "far", "--url", &upstream.url]);
+    let counted = async |outcome: &str| {
+        super::harness::series_value(
+            &s.prometheus().await,
+            &format!(r#"ferry_requests_total{{model="cancer",version="far",outcome="{outcome}"}}"#),
+        )
+    };
+    for _ in 0..3 {
+        let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    upstream
+        .behaviour
+        .garbled
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..2 {
+        let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+        assert_eq!(status, 502, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the remote version sent an unreadable answer")
+                && !error.contains("request body"),
+            "{body}"
+        );
+    }
+    assert_eq!((counted("ok").await, counted("error").await), (3.0, 2.0));
+    // The three readable answers' class (the fake says 1) is counted.
+    super::harness::eventually(
+        std::time::Duration::from_secs(10),
+        "the classes counted",
+        async || {
+            let m = s
+                .admin_get("/api/v1/models/cancer/metrics?window=60s")
+                .await;
+            let far = m["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["version"] == "far")
+                .cloned()
+                .unwrap_or_default();
+            far["errors"] == 2 && far["classes"]["1"] == 3
+        },
+    )
+    .await;
+}

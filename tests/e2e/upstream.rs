@@ -19,6 +19,8 @@ pub struct Behaviour {
     pub delay_ms: AtomicU64,
     /// Answer inferences with 500.
     pub failing: AtomicBool,
+    /// Answer inferences with 200 and a body that is not JSON.
+    pub garbled: AtomicBool,
     /// Inference requests received.
     pub received: AtomicU64,
     /// Answer class 0 (with probability 0.8) instead of class 1.
@@ -62,7 +64,10 @@ fn signature() -> Value {
     })
 }
 
-async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl IntoResponse {
+async fn infer(
+    State(b): State<Arc<Behaviour>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
     *b.last_body.lock().unwrap() = body.to_vec();
     b.received.fetch_add(1, Ordering::Relaxed);
     let delay = b.delay_ms.load(Ordering::Relaxed);
@@ -73,7 +78,16 @@ async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             axum::Json(json!({"error": "fake upstream failure"})),
-        );
+        )
+            .into_response();
+    }
+    if b.garbled.load(Ordering::Relaxed) {
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "{\"outputs\": [",
+        )
+            .into_response();
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rows = req["inputs"][0]["shape"][0].as_u64().unwrap_or(1) as usize;
@@ -94,7 +108,7 @@ async fn infer(State(b): State<Arc<Behaviour>>, body: axum::body::Bytes) -> impl
     if let Some(id) = req.get("id") {
         answer["id"] = id.clone();
     }
-    (StatusCode::OK, axum::Json(answer))
+    (StatusCode::OK, axum::Json(answer)).into_response()
 }
 
 impl Upstream {
