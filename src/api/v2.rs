@@ -614,13 +614,14 @@ pub async fn feedback(
     ApiJson(req): ApiJson<FeedbackRequest>,
 ) -> Result<Response, ApiError> {
     use crate::gateway::recent::NoLabel;
+    // A class is an integer (1, or 1.0 as some clients write it).
     let label = req
         .label
         .as_f64()
-        .filter(|l| l.is_finite())
+        .filter(|l| l.fract() == 0.0 && l.abs() < 2f64.powi(53))
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "label must be a number (a class index), not {}",
+                "label must be a class, an integer such as 0 or 1, not {}",
                 req.label
             ))
         })?;
@@ -647,6 +648,12 @@ pub async fn feedback(
             NoLabel::Labelled => ApiError::new(
                 StatusCode::CONFLICT,
                 format!("request id \"{id}\" already has its label; a label counts once per request"),
+            ),
+            NoLabel::NoPrediction => ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "request id \"{id}\" was answered without a class Ferry could read (a \"label\" output, in JSON, with an integer first value), so its label cannot be judged; requests whose labels you will post should get the label output in JSON"
+                ),
             ),
         }
     })?;

@@ -50,6 +50,9 @@ pub enum NoLabel {
     Shared,
     /// It already has its label.
     Labelled,
+    /// Its answer had no class Ferry could read (no `label` output in
+    /// JSON), so a label could not be judged right or wrong.
+    NoPrediction,
 }
 
 /// The maps' keys are keyed hashes already: used as they are.
@@ -191,6 +194,9 @@ impl RecentPredictions {
         if entry.labelled {
             return Err(NoLabel::Labelled);
         }
+        if entry.class.is_none() {
+            return Err(NoLabel::NoPrediction);
+        }
         entry.labelled = true;
         let entry = &inner.by_id[&key];
         Ok(inner.answered(entry))
@@ -276,5 +282,10 @@ mod tests {
         assert_eq!(&*r.get("b").unwrap().version, "1");
         assert_eq!(r.label("b", "m"), Err(NoLabel::Shared));
         assert_eq!(r.label("never", "m"), Err(NoLabel::Unknown));
+        // An answer without a class Ferry read cannot be judged: refused,
+        // and not consumed.
+        r.remember("c", "m", "1", Role::Stable, None);
+        assert_eq!(r.label("c", "m"), Err(NoLabel::NoPrediction));
+        assert_eq!(r.label("c", "m"), Err(NoLabel::NoPrediction));
     }
 }

@@ -131,6 +131,31 @@ async fn remote_requests_pass_through_untouched_and_answer_as_ferrys() {
         .unwrap();
     assert_eq!(fb["correct"], true, "{fb}");
     assert_eq!(fb["version"], "far");
+    let post = async |body: serde_json::Value| {
+        let r = s
+            .http
+            .post(s.at("/v2/models/cancer/feedback"))
+            .bearer_auth(s.token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    // The binary answer's class was not read (its tensors pass through
+    // untouched): its label cannot be judged, and is refused, not counted
+    // wrong.
+    let (status, text) = post(json!({"id": id, "label": 1})).await;
+    assert!(
+        status == 409 && text.contains("without a class Ferry could read"),
+        "{status} {text}"
+    );
+    // A label is a class: an integer.
+    let (status, text) = post(json!({"id": "client-7", "label": 1.5})).await;
+    assert!(
+        status == 400 && text.contains("an integer"),
+        "{status} {text}"
+    );
 }
 
 /// An https:// remote behind mutual TLS that wants a bearer token: Ferry
