@@ -325,6 +325,14 @@ impl Gateway {
         request: Request<'_>,
     ) -> Result<Answer, GatewayError> {
         let Routed { route, pool, role } = routed;
+        // The client's id is its answer's, whatever the remote echoes.
+        let client_id = match protocol::request_id(&request.body, request.header_len) {
+            Ok(id) => id,
+            Err(e) => {
+                pool.record(role, request.door, Outcome::Rejected, 0.0, None);
+                return Err(RuntimeError::BadInput(e.to_string()).into());
+            }
+        };
         let timeout = timeout(&route, &pool);
         let shadow = (role == Role::Stable)
             .then(|| {
@@ -354,6 +362,7 @@ impl Gateway {
                 passed.header_len.as_deref(),
                 request.model,
                 &pool.version,
+                client_id,
                 || self.ids.next(),
             )
             .map_err(|e| {

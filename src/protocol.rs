@@ -15,7 +15,7 @@ pub mod tensor;
 
 pub use codec::{
     InferRequest, InferResponse, RequestedOutput, Rewritten, decode_request, decode_response_json,
-    encode_request_json, encode_response, names_outputs, rewrite_response,
+    encode_request_json, encode_response, names_outputs, request_id, rewrite_response,
 };
 pub use signature::{Signature, TensorSpec};
 pub use tensor::{DataType, Tensor, TensorData};

@@ -470,8 +470,30 @@ pub fn names_outputs(body: &[u8], header_len: Option<&str>) -> bool {
     split_body(body, header_len).map_or(true, |(json, _)| json.windows(KEY.len()).any(|w| w == KEY))
 }
 
+/// The client's `id` in a request body's JSON part, read without decoding
+/// the tensors (they are skipped); `None` when it names none. Only a body
+/// holding the bytes `"id"` is read at all (this runs on every
+/// passed-through request). Refused as the decoded path refuses it: an id
+/// that is not a string, or not printable.
+pub fn request_id(body: &[u8], header_len: Option<&str>) -> Result<Option<String>, ProtocolError> {
+    #[derive(Deserialize)]
+    struct Head {
+        id: Option<String>,
+    }
+    let (json, _) = split_body(body, header_len)?;
+    if memchr::memmem::find(json, b"\"id\"").is_none() {
+        return Ok(None);
+    }
+    let head: Head = serde_json::from_slice(json).map_err(json_error)?;
+    if let Some(id) = &head.id {
+        check_id(id)?;
+    }
+    Ok(head.id)
+}
+
 /// Rewrites a passed-through answer's JSON header: `model_name` and
-/// `model_version` become Ferry's, and an answer without an `id` gets
+/// `model_version` become Ferry's, and its `id` is the client's
+/// (`client_id`, whatever the remote said), else the remote's, else
 /// `fallback_id()` (only then made: this runs on every passed-through
 /// request). Binary tensor data after the header is kept as it is, and
 /// so is every other member of the header, byte for byte and in its order:
@@ -486,6 +508,7 @@ pub fn rewrite_response(
     header_len: Option<&str>,
     model: &str,
     version: &str,
+    client_id: Option<String>,
     fallback_id: impl FnOnce() -> String,
 ) -> Result<Rewritten, ProtocolError> {
     use serde::de::DeserializeSeed;
@@ -512,9 +535,8 @@ pub fn rewrite_response(
             "the answer names the member \"{name}\" more than once"
         )));
     }
-    let id = read
-        .id
-        .filter(|id| check_id(id).is_ok())
+    let id = client_id
+        .or(read.id.filter(|id| check_id(id).is_ok()))
         .unwrap_or_else(fallback_id);
     out.extend_from_slice(b",\"id\":");
     serde_json::to_writer(&mut out, &id).expect("a string serialises");
@@ -860,9 +882,14 @@ mod tests {
         let head = br#"{"model_name":"remote-name","model_version":"9","outputs":[{"name":"label","datatype":"INT64","shape":[1],"parameters":{"binary_data_size":8}}]}"#;
         let mut body = head.to_vec();
         body.extend(1i64.to_le_bytes());
-        let r = rewrite_response(&body, Some(&head.len().to_string()), "cancer", "2", || {
-            "gen-1".into()
-        })
+        let r = rewrite_response(
+            &body,
+            Some(&head.len().to_string()),
+            "cancer",
+            "2",
+            None,
+            || "gen-1".into(),
+        )
         .unwrap();
         let json_len = r.json_len.unwrap();
         let v: Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
@@ -877,9 +904,37 @@ mod tests {
         assert_eq!(&r.body[json_len..], &1i64.to_le_bytes());
         assert_eq!(r.class, None, "binary data is not read");
         let json = br#"{"id":"c-1","outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[1]}]}"#;
-        let r = rewrite_response(json, None, "cancer", "2", || "gen-2".into()).unwrap();
+        let r = rewrite_response(json, None, "cancer", "2", None, || "gen-2".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class, r.json_len), ("c-1", Some(1), None));
-        assert!(rewrite_response(b"[]", None, "m", "v", || "x".into()).is_err());
+        // The client's id wins over the remote's.
+        let r = rewrite_response(json, None, "cancer", "2", Some("mine".into()), || {
+            "g".into()
+        })
+        .unwrap();
+        assert_eq!(r.id, "mine");
+        assert!(rewrite_response(b"[]", None, "m", "v", None, || "x".into()).is_err());
+    }
+
+    #[test]
+    fn a_requests_id_is_read_without_decoding_its_tensors() {
+        let id = |body: &str| request_id(body.as_bytes(), None);
+        assert_eq!(id(r#"{"inputs":[]}"#).unwrap(), None);
+        assert_eq!(
+            id(r#"{"id":"c-1","inputs":[{"data":[1,2]}]}"#)
+                .unwrap()
+                .as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(
+            id(r#"{"inputs":[{"name":"id","data":[1]}]}"#).unwrap(),
+            None
+        );
+        assert!(id(r#"{"id":7}"#).is_err(), "not a string");
+        assert!(id(r#"{"id":"a\nb"}"#).is_err(), "not printable");
+        // The binary part is not read.
+        let mut body = br#"{"inputs":[]}"#.to_vec();
+        body.extend_from_slice(br#""id""#);
+        assert_eq!(request_id(&body, Some("13")).unwrap(), None);
     }
 
     #[test]
@@ -887,7 +942,7 @@ mod tests {
         let json = br#"{"model_name":"r","id":"","parameters":{"x":[1,2.50]},
             "outputs":[{"name":"probabilities","data":[0.25]},{"name":"label","data":[7,3]}],
             "extra":"\u00e9"}"#;
-        let r = rewrite_response(json, None, "can\"cer", "2", || "gen-3".into()).unwrap();
+        let r = rewrite_response(json, None, "can\"cer", "2", None, || "gen-3".into()).unwrap();
         let text = String::from_utf8(r.body).unwrap();
         assert!(text.contains(r#""parameters":{"x":[1,2.50]}"#), "{text}");
         assert!(text.contains(r#""extra":"\u00e9""#), "{text}");
@@ -903,14 +958,15 @@ mod tests {
         assert_eq!(v.as_object().unwrap().len(), 6);
         assert_eq!((r.id.as_str(), r.class), ("gen-3", Some(7)));
         let nested = br#"{"id":7,"outputs":[{"name":"label","data":[[1]]}]}"#;
-        let r = rewrite_response(nested, None, "m", "v", || "gen-4".into()).unwrap();
+        let r = rewrite_response(nested, None, "m", "v", None, || "gen-4".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
-        assert!(rewrite_response(b"{", None, "m", "v", || "x".into()).is_err());
+        assert!(rewrite_response(b"{", None, "m", "v", None, || "x".into()).is_err());
         // So is one a client could not have sent (too long, or not printable).
         let long = format!(r#"{{"id":"{}","outputs":[]}}"#, "x".repeat(257));
-        let r = rewrite_response(long.as_bytes(), None, "m", "1", || "gen-4".into()).unwrap();
+        let r = rewrite_response(long.as_bytes(), None, "m", "1", None, || "gen-4".into()).unwrap();
         assert_eq!(r.id, "gen-4");
-        let r = rewrite_response(br#"{"id":"a\nb"}"#, None, "m", "1", || "gen-5".into()).unwrap();
+        let r =
+            rewrite_response(br#"{"id":"a\nb"}"#, None, "m", "1", None, || "gen-5".into()).unwrap();
         assert_eq!(r.id, "gen-5");
         // A member named twice, however it is written, and past the first
         // 16 names: refused, naming it.
@@ -919,7 +975,7 @@ mod tests {
             r#"{"id":"a","\u0069d":"b"}"#,
             r#"{"model_name":"x","model_name":"y"}"#,
         ] {
-            let e = rewrite_response(twice.as_bytes(), None, "m", "1", || "g".into());
+            let e = rewrite_response(twice.as_bytes(), None, "m", "1", None, || "g".into());
             assert!(
                 matches!(&e, Err(ProtocolError::Json(m)) if m.contains("more than once")),
                 "{twice}: {:?}",
@@ -928,11 +984,11 @@ mod tests {
         }
         let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
         let ok = format!("{{{}}}", many.join(","));
-        assert!(rewrite_response(ok.as_bytes(), None, "m", "1", || "g".into()).is_ok());
+        assert!(rewrite_response(ok.as_bytes(), None, "m", "1", None, || "g".into()).is_ok());
         let late = format!(r#"{{{},"k3":0}}"#, many.join(","));
-        assert!(rewrite_response(late.as_bytes(), None, "m", "1", || "g".into()).is_err());
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
         let late = format!(r#"{{{},"k39":0}}"#, many.join(","));
-        assert!(rewrite_response(late.as_bytes(), None, "m", "1", || "g".into()).is_err());
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
     }
 
     #[test]

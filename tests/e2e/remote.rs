@@ -322,3 +322,54 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
     )
     .await;
 }
+
+/// The client's id comes back as its answer's, and takes the label, whatever
+/// the remote does with it (leaves it out, or answers with its own); a
+/// client id Ferry would refuse on the decoded path is refused here too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
+    let upstream = super::upstream::Upstream::start().await;
+    let s = Server::start().await;
+    s.ferry_json(&["model", "add", "cancer", "far", "--url", &upstream.url]);
+    for (i, remote_says) in [None, Some(None), Some(Some("not-yours".to_string()))]
+        .into_iter()
+        .enumerate()
+    {
+        *upstream.behaviour.answer_id.lock().unwrap() = remote_says.clone();
+        let mut row = batch(1);
+        let mine = format!("mine-{i}");
+        row["id"] = json!(mine);
+        let (status, headers, answer) = s.infer("/v2/models/cancer/infer", &row).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            (
+                answer["id"].as_str(),
+                headers["x-ferry-request-id"].to_str().ok()
+            ),
+            (Some(mine.as_str()), Some(mine.as_str())),
+            "the remote said {remote_says:?}"
+        );
+        let r = s
+            .http
+            .post(s.at("/v2/models/cancer/feedback"))
+            .bearer_auth(s.token())
+            .json(&json!({"id": mine, "label": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // Without an id of its own, the client gets the remote's, else one
+    // Ferry makes.
+    *upstream.behaviour.answer_id.lock().unwrap() = Some(Some("theirs".into()));
+    let (_, _, answer) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(answer["id"], "theirs");
+    *upstream.behaviour.answer_id.lock().unwrap() = Some(None);
+    let (_, _, answer) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(answer["id"].as_str().map(str::len), Some(32), "{answer}");
+    // An id the decoded path refuses is refused here too.
+    let mut row = batch(1);
+    row["id"] = json!(7);
+    let (status, _, answer) = s.infer("/v2/models/cancer/infer", &row).await;
+    assert_eq!(status, 400, "{answer}");
+}

@@ -21,6 +21,9 @@ pub struct Behaviour {
     pub failing: AtomicBool,
     /// Answer inferences with 200 and a body that is not JSON.
     pub garbled: AtomicBool,
+    /// Answer without the request's id (`Some(None)`), or with this id
+    /// instead (`Some(Some(id))`); echo it when `None`.
+    pub answer_id: std::sync::Mutex<Option<Option<String>>>,
     /// Inference requests received.
     pub received: AtomicU64,
     /// Answer class 0 (with probability 0.8) instead of class 1.
@@ -105,8 +108,14 @@ async fn infer(
             {"name": "probabilities", "datatype": "FP32", "shape": [rows, 2], "data": probabilities}
         ]
     });
-    if let Some(id) = req.get("id") {
-        answer["id"] = id.clone();
+    match b.answer_id.lock().unwrap().clone() {
+        None => {
+            if let Some(id) = req.get("id") {
+                answer["id"] = id.clone();
+            }
+        }
+        Some(Some(own)) => answer["id"] = json!(own),
+        Some(None) => {}
     }
     (StatusCode::OK, axum::Json(answer)).into_response()
 }
