@@ -88,7 +88,7 @@ pub struct DeployArgs {
     #[arg(long)]
     pub max_unavailable: Option<u32>,
     /// Blue-green: labelled JSON Lines run against green before promotion.
-    #[arg(long, requires = "min_accuracy")]
+    #[arg(long)]
     pub qa_dataset: Option<PathBuf>,
     /// Blue-green: the output the QA run scores (class probabilities or
     /// labels; default probabilities).
@@ -258,7 +258,7 @@ fn strategy_of(a: &DeployArgs) -> anyhow::Result<Strategy> {
     }
     if a.then.is_some() && a.strategy != StrategyName::Shadow {
         anyhow::bail!(
-            "--then is not used by --strategy {strategy}: it says what follows a shadow (--strategy shadow)"
+            "--then is not used by --strategy {strategy} (it says what follows a shadow, --strategy shadow): leave it out, or deploy a shadow"
         );
     }
     Ok(match a.strategy {
@@ -290,7 +290,7 @@ fn strategy_of(a: &DeployArgs) -> anyhow::Result<Strategy> {
             })
         }
         StrategyName::Canary => Strategy::Canary(canary_of(a)?),
-        StrategyName::BlueGreen => Strategy::BlueGreen(blue_green_of(a)),
+        StrategyName::BlueGreen => Strategy::BlueGreen(blue_green_of(a)?),
         StrategyName::Shadow => Strategy::Shadow(shadow_of(a)?),
     })
 }
@@ -315,8 +315,17 @@ fn canary_of(a: &DeployArgs) -> anyhow::Result<CanarySpec> {
     })
 }
 
-fn blue_green_of(a: &DeployArgs) -> BlueGreenSpec {
+fn blue_green_of(a: &DeployArgs) -> anyhow::Result<BlueGreenSpec> {
     let d = BlueGreenSpec::default();
+    match (&a.qa_dataset, a.min_accuracy, &a.qa_output) {
+        (Some(_), None, _) => anyhow::bail!(
+            "--qa-dataset needs the accuracy green must reach on it, e.g. --min-accuracy 0.95"
+        ),
+        (None, Some(_), _) | (None, _, Some(_)) => anyhow::bail!(
+            "--min-accuracy and --qa-output describe the QA run: give its labelled data with them, e.g. --qa-dataset examples/models/cancer-holdout.jsonl"
+        ),
+        _ => {}
+    }
     let qa = a.qa_dataset.as_ref().map(|dataset| QaSpec {
         dataset: dataset.display().to_string(),
         content: None,
@@ -326,12 +335,12 @@ fn blue_green_of(a: &DeployArgs) -> BlueGreenSpec {
         min_accuracy: a.min_accuracy,
         max_mean_abs_error: None,
     });
-    BlueGreenSpec {
+    Ok(BlueGreenSpec {
         qa: qa.or(d.qa),
         auto_promote_after: a.auto_promote_after.or(d.auto_promote_after),
         scale_down_delay: a.scale_down_delay.unwrap_or(d.scale_down_delay),
         ..d
-    }
+    })
 }
 
 fn shadow_of(a: &DeployArgs) -> anyhow::Result<ShadowSpec> {
@@ -1183,7 +1192,19 @@ mod tests {
             ),
             (
                 "--strategy rolling --replicas 4 --then promote",
-                "--then is not used by --strategy rolling: it says what follows a shadow",
+                "--then is not used by --strategy rolling (it says what follows a shadow, --strategy shadow): leave it out",
+            ),
+            (
+                "--strategy blue-green --qa-dataset d.jsonl",
+                "--qa-dataset needs the accuracy green must reach on it, e.g. --min-accuracy 0.95",
+            ),
+            (
+                "--strategy blue-green --min-accuracy 0.9",
+                "give its labelled data with them, e.g. --qa-dataset",
+            ),
+            (
+                "--strategy canary --steps 10,100 --qa-dataset d.jsonl",
+                "--qa-dataset is not used by --strategy canary (it is for --strategy blue-green)",
             ),
         ] {
             let err = deployed(args).unwrap_err().to_string();
@@ -1193,10 +1214,6 @@ mod tests {
             (
                 "--strategy bogus",
                 "possible values: basic, multi, rolling, canary, blue-green, shadow",
-            ),
-            (
-                "--strategy blue-green --qa-dataset d.jsonl",
-                "--min-accuracy",
             ),
             (
                 "--strategy canary --steps 10 --match x-region",
