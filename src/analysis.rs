@@ -406,7 +406,10 @@ pub fn evaluate(
             Outcome::Pass,
             // The request counts are the verdict's own fields, which every
             // view shows beside this reason.
-            format!("all {} checks pass", results.len()),
+            match results.len() {
+                1 => "its check passes".to_string(),
+                n => format!("all {n} checks pass"),
+            },
         )
     };
     Verdict {
