@@ -532,6 +532,18 @@ pub fn holdout() -> Vec<(Value, i64)> {
 }
 
 /// A value of a Prometheus series (0 when absent).
+/// The series of `/api/v1/models/{m}/metrics` whose `key` is `value`
+/// (e.g. `role` `stable`, `version` `2`); `Null` when there is none.
+pub fn metrics_series(m: &Value, key: &str, value: &str) -> Value {
+    m["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x[key] == value)
+        .cloned()
+        .unwrap_or_default()
+}
+
 pub fn series_value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| {

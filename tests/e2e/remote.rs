@@ -310,13 +310,7 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
             let m = s
                 .admin_get("/api/v1/models/cancer/metrics?window=60s")
                 .await;
-            let far = m["series"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["version"] == "far")
-                .cloned()
-                .unwrap_or_default();
+            let far = super::harness::metrics_series(&m, "version", "far");
             far["errors"] == 2 && far["classes"]["1"] == 3
         },
     )

@@ -418,13 +418,7 @@ async fn delayed_labels_give_live_accuracy_per_version() {
         correct += usize::from(fb["correct"] == true);
     }
     let m = s.admin_get("/api/v1/models/cancer/metrics?window=1m").await;
-    let stable = m["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["role"] == "stable")
-        .unwrap()
-        .clone();
+    let stable = super::harness::metrics_series(&m, "role", "stable");
     assert_eq!(stable["labelled"], 40);
     assert_eq!(stable["correct"], correct);
     let r = s

@@ -421,13 +421,7 @@ async fn a_slow_shadow_never_delays_users_and_saturation_drops_copies() {
         upstream.received()
     );
     let m = s.admin_get("/api/v1/models/cancer/metrics?window=1m").await;
-    let shadow = m["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["role"] == "shadow")
-        .unwrap()
-        .clone();
+    let shadow = super::harness::metrics_series(&m, "role", "shadow");
     assert!(shadow["agreement"].is_number(), "{shadow}");
     assert!(shadow["dropped"].as_u64().unwrap() >= 40);
     assert!(
