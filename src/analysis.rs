@@ -68,13 +68,26 @@ pub struct Settings {
     pub confidence: f64,
 }
 
-fn fmt(x: f64) -> String {
+/// A figure as the verdicts print it: whole above 100, two places above
+/// 1, four below (every view of a check uses this, so a value reads the
+/// same in a reason and in a table).
+pub fn figure(x: f64) -> String {
     if x.abs() >= 100.0 {
         format!("{x:.0}")
     } else if x.abs() >= 1.0 {
         format!("{x:.2}")
     } else {
         format!("{x:.4}")
+    }
+}
+
+/// A p-value as the verdicts print it: three places, and `<0.001` below
+/// that (a rounded `0.000` would claim a certainty no test has).
+pub fn p_value(p: f64) -> String {
+    if p < 0.001 {
+        "<0.001".into()
+    } else {
+        format!("{p:.3}")
     }
 }
 
@@ -148,13 +161,13 @@ impl Judged {
             self.result(
                 Outcome::Fail,
                 None,
-                format!("candidate {metric} {} {word} {}", fmt(cv), fmt(bound)),
+                format!("candidate {metric} {} {word} {}", figure(cv), figure(bound)),
             )
         } else {
             self.result(
                 Outcome::Pass,
                 None,
-                format!("candidate {metric} {} within {}", fmt(cv), fmt(bound)),
+                format!("candidate {metric} {} within {}", figure(cv), figure(bound)),
             )
         }
     }
@@ -183,9 +196,9 @@ impl Relative {
         };
         let text = match condition {
             Condition::MaxVsStable(k) | Condition::MinVsStable(k) => {
-                format!("{k} x stable {}", fmt(sv))
+                format!("{k} x stable {}", figure(sv))
             }
-            _ => format!("stable {} {d:+}", fmt(sv)),
+            _ => format!("stable {} {}", figure(sv), crate::spec::signed(d)),
         };
         Some(Relative {
             k,
@@ -269,7 +282,7 @@ fn evaluate_metric(
     let b = Relative::of(condition, sv).expect("absolute conditions returned above");
     let (word, bound) = (b.word(), &b.text);
     if !b.beyond(cv) {
-        let reason = format!("candidate {name} {} within {bound}", fmt(cv));
+        let reason = format!("candidate {name} {} within {bound}", figure(cv));
         return judged.result(Outcome::Pass, None, reason);
     }
     // Beyond the bound: does the difference matter at all?
@@ -277,8 +290,8 @@ fn evaluate_metric(
     if let Some(floor) = min_difference_ms.filter(|floor| worse_by < *floor) {
         let reason = format!(
             "candidate {name} {} {word} {bound}, but only {} ms {} (min_difference_ms {floor})",
-            fmt(cv),
-            fmt(worse_by.max(0.0)),
+            figure(cv),
+            figure(worse_by.max(0.0)),
             if b.upper { "slower" } else { "faster" }
         );
         return judged.result(Outcome::Pass, None, reason);
@@ -289,8 +302,9 @@ fn evaluate_metric(
             Outcome::Pass,
             Some(p),
             format!(
-                "candidate {name} {} {word} {bound}, but not significantly (p={p:.3})",
-                fmt(cv)
+                "candidate {name} {} {word} {bound}, but not significantly (p={})",
+                figure(cv),
+                p_value(p)
             ),
         ),
         p => judged.result(
@@ -298,8 +312,11 @@ fn evaluate_metric(
             p,
             format!(
                 "candidate {name} {} {word} {bound}{}",
-                fmt(cv),
-                p.map_or(String::new(), |p| format!(", p={p:.3}"))
+                figure(cv),
+                p.map_or(String::new(), |p| match p_value(p) {
+                    t if t.starts_with('<') => format!(", p{t}"),
+                    t => format!(", p={t}"),
+                })
             ),
         ),
     }
@@ -331,17 +348,17 @@ fn evaluate_external(check: &Check, result: Option<&External>) -> CheckResult {
         (Some(External::Value(v)), Some(Condition::Max(b))) if *v > b => out(
             Outcome::Fail,
             Some(*v),
-            format!("{name}: value {} > {}", fmt(*v), fmt(b)),
+            format!("{name}: value {} > {}", figure(*v), figure(b)),
         ),
         (Some(External::Value(v)), Some(Condition::Min(b))) if *v < b => out(
             Outcome::Fail,
             Some(*v),
-            format!("{name}: value {} < {}", fmt(*v), fmt(b)),
+            format!("{name}: value {} < {}", figure(*v), figure(b)),
         ),
         (Some(External::Value(v)), _) => out(
             Outcome::Pass,
             Some(*v),
-            format!("value {} within bound", fmt(*v)),
+            format!("value {} within bound", figure(*v)),
         ),
         (Some(External::Unavailable(why)), _) => out(Outcome::Inconclusive, None, why.clone()),
         (None, _) => out(Outcome::Inconclusive, None, "not fetched".into()),
@@ -523,10 +540,45 @@ mod tests {
         let r = &v.checks[1];
         assert_eq!(r.outcome, Outcome::Fail);
         assert!(r.p_value.unwrap() < 0.001);
+        // A p-value too small for three places reads as such, not `0.000`.
         assert!(
-            r.reason.starts_with("candidate latency_p99_ms"),
+            r.reason.starts_with("candidate latency_p99_ms")
+                && r.reason.ends_with("> 1.5 x stable 1.91, p<0.001"),
             "{}",
             r.reason
+        );
+        assert_eq!(p_value(0.0004), "<0.001");
+        assert_eq!(p_value(0.0449), "0.045");
+    }
+
+    /// A bound of stable's value plus or minus a difference reads as the
+    /// arithmetic it is, in the check's name and in its reason.
+    #[test]
+    fn a_delta_bound_reads_as_arithmetic() {
+        let checks = [Check::Metric {
+            metric: Metric::ErrorRate,
+            condition: Condition::MaxDeltaVsStable(0.01),
+            min_difference_ms: None,
+        }];
+        let v = evaluate(
+            &checks,
+            &summary(400, 40, 5.0),
+            &summary(400, 4, 5.0),
+            &[],
+            SETTINGS,
+        );
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+        assert_eq!(v.checks[0].check, "error_rate max stable + 0.01");
+        assert!(
+            v.checks[0]
+                .reason
+                .starts_with("candidate error_rate 0.1000 > stable 0.0100 + 0.01, p"),
+            "{}",
+            v.checks[0].reason
+        );
+        assert_eq!(
+            Condition::MinDeltaVsStable(-0.01).describe(),
+            "min stable - 0.01"
         );
     }
 

@@ -531,8 +531,8 @@ impl Condition {
             Condition::Min(v) => format!("min {v}"),
             Condition::MaxVsStable(v) => format!("max {v} x stable"),
             Condition::MinVsStable(v) => format!("min {v} x stable"),
-            Condition::MaxDeltaVsStable(v) => format!("max stable {v:+}"),
-            Condition::MinDeltaVsStable(v) => format!("min stable {v:+}"),
+            Condition::MaxDeltaVsStable(v) => format!("max stable {}", signed(*v)),
+            Condition::MinDeltaVsStable(v) => format!("min stable {}", signed(*v)),
         }
     }
 }
@@ -541,6 +541,16 @@ impl Condition {
     /// Whether the condition compares with the stable version's value.
     pub fn against_stable(&self) -> bool {
         !matches!(self, Condition::Max(_) | Condition::Min(_))
+    }
+}
+
+/// A difference added to stable's value, as arithmetic reads it: `+ 5`,
+/// `- 0.01` (so `min stable - 0.01` is not read as "stable is -0.01").
+pub fn signed(d: f64) -> String {
+    if d < 0.0 {
+        format!("- {}", -d)
+    } else {
+        format!("+ {d}")
     }
 }
 

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::client::Client;
 use super::table::{self, cell};
 use super::{Output, print_json};
+use crate::analysis::Outcome;
 use crate::analysis::report::{Rate, Report};
 use crate::api::rollouts::{ApplyResult, RolloutSummary};
 use crate::controller::rollouts::{AnalysisView, Applied, Protocols, ShadowView, Status};
@@ -669,9 +670,32 @@ fn shadow_lines(sh: &ShadowView) -> Vec<String> {
     out
 }
 
-/// A number to four places, `-` when there is none.
-fn four(x: Option<f64>) -> String {
-    x.map_or("-".into(), |f| format!("{f:.4}"))
+/// A verdict's figure, `-` when there is none.
+fn figure(x: Option<f64>) -> String {
+    x.map_or("-".into(), crate::analysis::figure)
+}
+
+/// The analysis line's reason: the verdict's own, unless it only repeats
+/// what the table's WHY column says check by check; then how many checks
+/// failed (or could not decide).
+fn headline(a: &AnalysisView) -> String {
+    let repeats = a.checks.iter().any(|c| a.reason.contains(&c.reason));
+    if !repeats || a.verdict == Outcome::Pass {
+        return a.reason.clone();
+    }
+    let n = a.checks.len();
+    let k = a.checks.iter().filter(|c| c.outcome == a.verdict).count();
+    let what = match (a.verdict == Outcome::Fail, k == 1) {
+        (true, true) => "fails",
+        (true, false) => "fail",
+        (false, true) => "is inconclusive",
+        (false, false) => "are inconclusive",
+    };
+    if n == 1 {
+        format!("its check {what}")
+    } else {
+        format!("{k} of {n} checks {what}")
+    }
 }
 
 fn analysis_lines(a: &AnalysisView) -> Vec<String> {
@@ -679,7 +703,7 @@ fn analysis_lines(a: &AnalysisView) -> Vec<String> {
         "analysis  {} over {}: {} ({} candidate / {} stable requests)",
         cell(&a.verdict),
         a.window,
-        a.reason,
+        headline(a),
         a.candidate_requests,
         a.stable_requests
     )];
@@ -690,9 +714,9 @@ fn analysis_lines(a: &AnalysisView) -> Vec<String> {
             vec![
                 c.check.clone(),
                 cell(&c.outcome),
-                four(c.candidate),
-                four(c.stable),
-                four(c.p_value),
+                figure(c.candidate),
+                figure(c.stable),
+                c.p_value.map_or("-".into(), crate::analysis::p_value),
                 // Why: a check beyond its bound can still pass (not
                 // significant, or under min_difference_ms).
                 c.reason.clone(),
@@ -1274,6 +1298,47 @@ analysis  inconclusive over 10s: too few requests (3 candidate / 120 stable requ
 recent events
   2026-12-01T10:00:00Z  paused by you"
         );
+    }
+
+    /// A failing window says each figure once: the line counts the failed
+    /// checks, the table gives each one's values and why; figures and
+    /// p-values read as the verdict prints them.
+    #[test]
+    fn a_failing_window_says_each_figure_once() {
+        let view = |verdict: &str, reason: &str| -> AnalysisView {
+            serde_json::from_value(serde_json::json!({
+                "verdict": verdict, "window": "10s", "reason": reason,
+                "candidate_requests": 97, "stable_requests": 880,
+                "consecutive_failures": 1, "consecutive_inconclusive": 0,
+                "checks": [
+                    {"check": "error_rate max 0.01", "outcome": "pass", "candidate": 0.0,
+                     "stable": 0.0, "p_value": null, "reason": "candidate error_rate 0.0000 within 0.01"},
+                    {"check": "latency_p99_ms max 1.5 x stable", "outcome": "fail",
+                     "candidate": 45.2, "stable": 1.91, "p_value": 0.00001,
+                     "reason": "candidate latency_p99_ms 45.20 > 1.5 x stable 1.91, p<0.001"}]
+            }))
+            .unwrap()
+        };
+        let failing = view(
+            "fail",
+            "candidate latency_p99_ms 45.20 > 1.5 x stable 1.91, p<0.001",
+        );
+        assert_eq!(
+            analysis_lines(&failing).join("\n"),
+            "analysis  fail over 10s: 1 of 2 checks fails (97 candidate / 880 stable requests)
+  CHECK                            RESULT  CANDIDATE  STABLE  P       WHY
+  error_rate max 0.01              pass    0.0000     0.0000  -       candidate error_rate 0.0000 within 0.01
+  latency_p99_ms max 1.5 x stable  fail    45.20      1.91    <0.001  candidate latency_p99_ms 45.20 > 1.5 x stable 1.91, p<0.001"
+        );
+        // A reason no check gives (too few requests) is the line's own.
+        let few = view(
+            "inconclusive",
+            "inconclusive: 7 candidate requests in the window, fewer than min_requests 50",
+        );
+        assert!(analysis_lines(&few)[0].contains(": inconclusive: 7 candidate requests"));
+        let mut one = failing.clone();
+        one.checks.remove(0);
+        assert!(analysis_lines(&one)[0].contains(": its check fails ("));
     }
 
     /// The protocol line says how many requests and how they split; no

@@ -66,6 +66,29 @@ pub struct ShadowView {
     pub examples: Vec<crate::metrics::Disagreement>,
 }
 
+impl AnalysisView {
+    /// A rollout's latest analysis window, live or, once the rollout has
+    /// ended, the one it ended with (the evidence behind an abort).
+    fn of(r: &RolloutRecord) -> Option<AnalysisView> {
+        let v = r.state.analysis.last.as_ref()?;
+        let interval = r
+            .spec
+            .analysis
+            .as_ref()
+            .map_or(Duration::from_secs(10), |a| a.interval.0);
+        Some(AnalysisView {
+            verdict: v.outcome,
+            window: crate::units::HumanDuration(interval).to_string(),
+            reason: v.reason.clone(),
+            candidate_requests: v.candidate_requests,
+            stable_requests: v.stable_requests,
+            checks: v.checks.clone(),
+            consecutive_failures: r.state.analysis.consecutive_failures,
+            consecutive_inconclusive: r.state.analysis.consecutive_inconclusive,
+        })
+    }
+}
+
 impl ShadowView {
     /// A shadow rollout's comparisons and examples, as stored with it (so
     /// the counts always cover the examples).
@@ -1189,9 +1212,9 @@ impl Controller {
         // restored route read with it, never the route before its end.
         let route = self.route(model)?;
         let (observed, protocols) = observed(&self.merged_summaries(model, OBSERVED_WINDOW).0);
-        let latest = history.into_iter().next();
-        let Some(r) = latest.filter(|r| r.state.phase.is_active()) else {
-            let last = self.registry.store().rollouts(model, 1)?.into_iter().next();
+        let mut latest = history.into_iter().next();
+        let Some(r) = latest.take_if(|r| r.state.phase.is_active()) else {
+            let last = latest;
             return Ok(Status {
                 model: model.to_string(),
                 stable: Some(route.stable.clone()),
@@ -1208,7 +1231,8 @@ impl Controller {
                 message: last.as_ref().map_or("no rollout yet".to_string(), |l| {
                     format!("last rollout {}: {}", l.name(), l.state.message)
                 }),
-                analysis: None,
+                // So is the analysis window a rollout ended with.
+                analysis: last.as_ref().and_then(AnalysisView::of),
                 updated_at: last.as_ref().map(|l| l.updated_at.clone()),
                 last_rollout: last.clone().map(|l| LastRollout {
                     rollout: l.name(),
@@ -1222,11 +1246,6 @@ impl Controller {
                 staging: route.staging.clone(),
             });
         };
-        let interval = r
-            .spec
-            .analysis
-            .as_ref()
-            .map_or(Duration::from_secs(10), |a| a.interval.0);
         Ok(Status {
             model: model.to_string(),
             stable: Some(r.state.before.stable.clone()),
@@ -1241,16 +1260,7 @@ impl Controller {
             observed,
             protocols,
             message: live_message(&r.spec, &r.state, now_ms()),
-            analysis: r.state.analysis.last.as_ref().map(|v| AnalysisView {
-                verdict: v.outcome,
-                window: crate::units::HumanDuration(interval).to_string(),
-                reason: v.reason.clone(),
-                candidate_requests: v.candidate_requests,
-                stable_requests: v.stable_requests,
-                checks: v.checks.clone(),
-                consecutive_failures: r.state.analysis.consecutive_failures,
-                consecutive_inconclusive: r.state.analysis.consecutive_inconclusive,
-            }),
+            analysis: AnalysisView::of(&r),
             updated_at: Some(r.updated_at.clone()),
             last_rollout: None,
             shadow: ShadowView::of(&r),

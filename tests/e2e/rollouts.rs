@@ -253,8 +253,18 @@ async fn a_slow_candidate_is_aborted_on_latency() {
         .unwrap()
         .to_string();
     assert!(
-        last.contains("latency_p99_ms") && last.contains("x stable") && last.contains("p="),
+        last.contains("latency_p99_ms") && last.contains("x stable") && last.contains(", p"),
         "{last}"
+    );
+    // After the abort, the status still shows the window it ended on.
+    let st = status(&s).await;
+    assert_eq!(st["analysis"]["verdict"], "fail", "{st}");
+    let human = s.ferry_ok(&["status", "cancer"]);
+    assert!(
+        human.contains("last rollout r-1: aborted")
+            && human.contains("analysis  fail over 5s: ")
+            && human.contains("latency_p99_ms max 1.5 x stable  fail"),
+        "{human}"
     );
 }
 
