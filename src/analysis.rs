@@ -589,7 +589,7 @@ mod tests {
     fn a_latency_difference_under_min_difference_ms_cannot_fail() {
         let spec = |extra: &str| {
             crate::spec::RolloutSpec::from_yaml(&format!(
-                "model: m\nversion: \"2\"\nstrategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ metric: latency_p99_ms, max_vs_stable: 1.5{extra} }} ] }}"
+                "model: m\nversion: \"2\"\nstrategy: {{ canary: {{ steps: [ {{ weight: 100 }} ] }} }}\nanalysis: {{ checks: [ {{ metric: latency_p99_ms, max_vs_stable: 1.5{extra} }} ] }}"
             ))
             .unwrap()
             .checks()

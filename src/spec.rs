@@ -828,9 +828,30 @@ impl RolloutSpec {
         }
         if let Some(a) = &self.analysis {
             check_analysis(a)?;
+            check_analysis_is_read(&self.strategy)?;
         }
         check_notify(&self.notify)
     }
+}
+
+/// Basic and multi end as soon as the candidate serves, before a window
+/// could close: an analysis given with them would be stored and never
+/// run, so it is refused rather than silently ignored.
+fn check_analysis_is_read(strategy: &Strategy) -> Result<(), String> {
+    let (name, why) = match strategy {
+        Strategy::Basic(_) => (
+            "basic",
+            "a basic rollout switches all traffic at once and ends, so no window is ever judged",
+        ),
+        Strategy::Multi(_) => (
+            "multi",
+            "a multi rollout ends as soon as the candidate is primary and warm; its failover chain guards it, not analysis",
+        ),
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "analysis is not used by strategy {name}: {why}. Remove analysis, or use a strategy that judges the candidate on live traffic (canary, rolling, blue_green or shadow)"
+    ))
 }
 
 fn check_multi(m: &MultiSpec) -> Result<(), String> {
@@ -1217,19 +1238,27 @@ notify:
                 "sticky.header",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate } ] }",
                 "analysis.checks[0]: give exactly one of",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }",
                 "unknown variant `error_rat`",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { interval: 1s }",
+                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
+                "analysis is not used by strategy basic: a basic rollout switches all traffic at once and ends, so no window is ever judged. Remove analysis, or use a strategy that judges the candidate on live traffic (canary, rolling, blue_green or shadow)",
+            ),
+            (
+                "strategy: { multi: {} }\nanalysis: {}",
+                "analysis is not used by strategy multi: a multi rollout ends as soon as the candidate is primary and warm",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { interval: 1s }",
                 "analysis.interval must be at least 5s",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { kind: prometheus, address: \"http://x\", max: 1 } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { kind: prometheus, address: \"http://x\", max: 1 } ] }",
                 "needs query",
             ),
             (
@@ -1250,15 +1279,15 @@ notify:
             ),
             ("strategy: { basic: {} }\nextra: 1", "unknown field `extra`"),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max_vs_stable: 2, min_difference_ms: 1 } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max_vs_stable: 2, min_difference_ms: 1 } ] }",
                 "analysis.checks[0].min_difference_ms applies only to latency checks against stable",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: latency_p99_ms, max: 20, min_difference_ms: 1 } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: latency_p99_ms, max: 20, min_difference_ms: 1 } ] }",
                 "analysis.checks[0].min_difference_ms applies only",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5, min_difference_ms: -1 } ] }",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5, min_difference_ms: -1 } ] }",
                 "analysis.checks[0].min_difference_ms must be 0 or more milliseconds, not -1",
             ),
         ];
@@ -1368,13 +1397,13 @@ notify:
                 "strategy.canary.match[0].values has 65 entries; at most 64",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ LIST ] }".into(),
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ LIST ] }".into(),
                 metric,
                 limits::CHECKS,
                 "analysis.checks has 33 entries; at most 32 are allowed",
             ),
             (
-                "strategy: { basic: {} }\nanalysis: { checks: [ LIST ] }".into(),
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ LIST ] }".into(),
                 "{ kind: webhook, url: \"http://127.0.0.1:9/h\" }",
                 limits::EXTERNAL_CHECKS,
                 "analysis.checks has 5 external checks (kind: webhook or prometheus), each called every window; at most 4",
@@ -1414,7 +1443,7 @@ notify:
             ),
             (
                 format!(
-                    "strategy: {{ basic: {{}} }}\nanalysis: {{ checks: [ {{ kind: prometheus, address: \"http://p\", query: \"{long}\", max: 1 }} ] }}"
+                    "strategy: {{ canary: {{ steps: [ {{ weight: 100 }} ] }} }}\nanalysis: {{ checks: [ {{ kind: prometheus, address: \"http://p\", query: \"{long}\", max: 1 }} ] }}"
                 ),
                 "analysis.checks[0].query is 4105 bytes long",
             ),
@@ -1488,7 +1517,11 @@ notify:
             (CompareMode::Class, 0.0)
         );
         assert_eq!(
-            spec(r#"{"basic": {}}"#, r#", "analysis": {}"#).analysis,
+            spec(
+                r#"{"canary": {"steps": [{"weight": 100}]}}"#,
+                r#", "analysis": {}"#
+            )
+            .analysis,
             Some(AnalysisSpec {
                 interval: secs(10),
                 min_requests: 50,

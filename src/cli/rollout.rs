@@ -180,9 +180,15 @@ fn required<T: Copy>(flag: Option<T>, name: &str, strategy: &str, e_g: &str) -> 
 }
 
 /// Each strategy's own flags, and the strategies that read them.
-fn strategy_flags(a: &DeployArgs) -> [(bool, &'static str, &'static [StrategyName]); 20] {
+fn strategy_flags(a: &DeployArgs) -> [(bool, &'static str, &'static [StrategyName]); 24] {
     use StrategyName::{BlueGreen, Canary, Multi, Rolling, Shadow};
+    // Basic and multi end before an analysis window could close.
+    const JUDGED: &[StrategyName] = &[Canary, Rolling, BlueGreen, Shadow];
     [
+        (a.interval.is_some(), "--interval", JUDGED),
+        (a.min_requests.is_some(), "--min-requests", JUDGED),
+        (a.max_error_rate.is_some(), "--max-error-rate", JUDGED),
+        (a.max_p99_vs_stable.is_some(), "--max-p99-vs-stable", JUDGED),
         (!a.steps.is_empty(), "--steps", &[Canary, Shadow]),
         (a.step_pause.is_some(), "--step-pause", &[Canary, Shadow]),
         (
@@ -1152,12 +1158,12 @@ mod tests {
                 "strategy: { shadow: { mirror_percent: 100, compare: { output: label }, min_comparisons: 5, min_agreement: 0.9, then: canary, canary: { steps: [ { weight: 10 }, { weight: 100 } ] } } }",
             ),
             (
-                "--strategy basic --max-error-rate 0.01",
-                "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
+                "--strategy canary --steps 100 --max-error-rate 0.01",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
             ),
             (
-                "--strategy basic --interval 30s --min-requests 10 --max-p99-vs-stable 1.5 --allow-signature-change",
-                "strategy: { basic: {} }\nallow_signature_change: true\nanalysis: { interval: 30s, min_requests: 10, checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5 } ] }",
+                "--strategy canary --steps 100 --interval 30s --min-requests 10 --max-p99-vs-stable 1.5 --allow-signature-change",
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nallow_signature_change: true\nanalysis: { interval: 30s, min_requests: 10, checks: [ { metric: latency_p99_ms, max_vs_stable: 1.5 } ] }",
             ),
         ] {
             assert_eq!(deployed(args).unwrap(), parsed(yaml), "{args}");
@@ -1213,6 +1219,14 @@ mod tests {
             (
                 "--strategy basic --mirror-percent 10",
                 "--mirror-percent is not used by --strategy basic (it is for --strategy shadow)",
+            ),
+            (
+                "--strategy basic --max-error-rate 0.01",
+                "--max-error-rate is not used by --strategy basic (it is for --strategy canary or rolling or blue-green or shadow)",
+            ),
+            (
+                "--strategy multi --interval 5s",
+                "--interval is not used by --strategy multi",
             ),
             (
                 "--strategy rolling --replicas 4 --then promote",

@@ -152,7 +152,7 @@ mod tests {
         let list = AllowList::parse("127.0.0.1:9000").unwrap();
         let spec = |notify: &str, check: &str| {
             RolloutSpec::from_yaml(&format!(
-                "model: m\nversion: \"2\"\nstrategy: {{ basic: {{}} }}\nnotify: [ {{ url: \"{notify}\" }} ]\nanalysis: {{ checks: [ {check} ] }}"
+                "model: m\nversion: \"2\"\nstrategy: {{ canary: {{ steps: [ {{ weight: 100 }} ] }} }}\nnotify: [ {{ url: \"{notify}\" }} ]\nanalysis: {{ checks: [ {check} ] }}"
             ))
             .unwrap()
         };

@@ -209,7 +209,7 @@ async fn a_spec_with_too_many_checks_is_refused_naming_the_limit() {
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "2", "cancer-v2.onnx");
     let spec = |checks: Vec<Value>| {
-        json!({"model": "cancer", "version": "2", "strategy": {"basic": {}},
+        json!({"model": "cancer", "version": "2", "strategy": {"canary": {"steps": [{"weight": 100}]}},
                "analysis": {"checks": checks}})
     };
     let metric = json!({"metric": "error_rate", "max": 0.01});
@@ -266,6 +266,7 @@ async fn notify_urls_off_allow_outbound_are_refused_at_apply() {
         )
     );
     let mut check = spec("http://hooks.example.com/ok".into());
+    check["strategy"] = json!({"canary": {"steps": [{"weight": 100}]}});
     check["analysis"] = json!({"checks": [{"kind": "prometheus", "address": "http://10.1.2.3:9090", "query": "up", "max": 1}]});
     let (status, body) = apply(&s, &check).await;
     assert_eq!(status, 400, "{body}");
