@@ -91,6 +91,14 @@ pub fn p_value(p: f64) -> String {
     }
 }
 
+/// `p=0.044`, or `p<0.001`: a p-value as a reason says it.
+pub fn p_is(p: f64) -> String {
+    match p_value(p) {
+        t if t.starts_with('<') => format!("p{t}"),
+        t => format!("p={t}"),
+    }
+}
+
 fn metric_value(m: Metric, s: &Summary, stable: Option<&Summary>) -> Option<f64> {
     match m {
         Metric::ErrorRate => s.error_rate,
@@ -302,9 +310,9 @@ fn evaluate_metric(
             Outcome::Pass,
             Some(p),
             format!(
-                "candidate {name} {} {word} {bound}, but not significantly (p={})",
+                "candidate {name} {} {word} {bound}, but not significantly ({})",
                 figure(cv),
-                p_value(p)
+                p_is(p)
             ),
         ),
         p => judged.result(
@@ -313,10 +321,7 @@ fn evaluate_metric(
             format!(
                 "candidate {name} {} {word} {bound}{}",
                 figure(cv),
-                p.map_or(String::new(), |p| match p_value(p) {
-                    t if t.starts_with('<') => format!(", p{t}"),
-                    t => format!(", p={t}"),
-                })
+                p.map_or(String::new(), |p| format!(", {}", p_is(p)))
             ),
         ),
     }

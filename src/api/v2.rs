@@ -627,6 +627,15 @@ pub async fn feedback(
         })?;
     protocol::check_id(&req.id)?;
     let known = s.gateway.recent().label(&req.id, &model);
+    if known == Err(NoLabel::Unknown) {
+        // A model name mistyped is said as such, not as an unknown id.
+        crate::records::check_name("model", &model)?;
+        if s.controller.registry().stable(&model)?.is_none() {
+            return Err(ApiError::not_found(format!(
+                "model \"{model}\" is not registered: post a label to the model that answered the request, /v2/models/MODEL/feedback"
+            )));
+        }
+    }
     if known == Err(NoLabel::Unknown) && !headers.contains_key(FORWARDED) {
         // Perhaps another instance answered it: it takes the label.
         let asked = label_elsewhere(&s, &model, &req, &headers).await;

@@ -965,6 +965,14 @@ struct ReportHeading {
 }
 
 /// `ferry report MODEL [ROLLOUT]`.
+/// Why a report has no figures, when it has none: say so rather than
+/// leave a table of dashes.
+fn report_is_empty(report: &Report) -> Option<&'static str> {
+    (report.stable.requests == 0 && report.candidate.requests == 0).then_some(
+        "no requests counted yet: the report reads closed 5-second windows, so traffic shows here within 5 s of reaching either version",
+    )
+}
+
 pub async fn report(
     client: &Client,
     model: &str,
@@ -1002,6 +1010,9 @@ pub async fn report(
     if let Some(psi) = report.prediction_shift {
         outln!("\nprediction shift (PSI of predicted classes): {psi:.4}");
     }
+    if let Some(why) = report_is_empty(&report) {
+        outln!("\n{why}");
+    }
     if let Some(short) = report.cluster.as_ref().and_then(|c| c.shortfall()) {
         outln!("\nmerged over the cluster's instances; {short}");
     }
@@ -1025,9 +1036,9 @@ fn report_rows(r: &Report) -> Vec<Vec<String>> {
             .find(|d| d.metric == metric)
             .map(|d| {
                 format!(
-                    "{} (p={}){}",
+                    "{} ({}){}",
                     d.difference.map_or("-".into(), |f| format!("{f:+.4}")),
-                    d.p_value.map_or("-".into(), |p| format!("{p:.3}")),
+                    d.p_value.map_or("p=-".into(), crate::analysis::p_is),
                     if d.significant { " significant" } else { "" }
                 )
             })
@@ -1423,6 +1434,11 @@ latency p99  9.25 ms                          9.25 ms
 accuracy     -                                -
 classes      10:7 2:5                         10:7 2:5"
         );
+        assert_eq!(report_is_empty(&report), None);
+        // Before a window has closed, the report says why it is empty.
+        let mut early = report.clone();
+        (early.stable.requests, early.candidate.requests) = (0, 0);
+        assert!(report_is_empty(&early).unwrap().contains("within 5 s"));
     }
 
     #[test]

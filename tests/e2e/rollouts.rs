@@ -446,6 +446,23 @@ async fn delayed_labels_give_live_accuracy_per_version() {
             .unwrap()
             .contains("unknown or too old")
     );
+    // A mistyped model is named as such, not as an unknown id.
+    let r = s
+        .http
+        .post(s.at("/v2/models/cancr/feedback"))
+        .bearer_auth(s.token())
+        .json(&json!({"id": "never-seen", "label": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.json::<Value>().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().starts_with(
+            "model \"cancr\" is not registered: post a label to the model that answered"
+        ),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
