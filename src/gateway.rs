@@ -449,6 +449,7 @@ impl Gateway {
             failover::Origin {
                 role,
                 door: call.door,
+                asked: call.outputs,
             },
             call.inputs,
             timeout,

@@ -20,7 +20,7 @@ use super::pool::{VersionPool, within};
 use super::routes::ModelRoute;
 use super::{FrontDoor, GatewayError, Served, compare, outcome};
 use crate::metrics::{Metrics, Outcome, Role};
-use crate::protocol::Tensor;
+use crate::protocol::{RequestedOutput, Tensor};
 use crate::runtime::RuntimeError;
 
 /// The versions a request may run on, in order: only its own for anything
@@ -45,12 +45,13 @@ pub(super) fn chain<'a>(
         .collect()
 }
 
-/// Where a request came from: the role its version was chosen in, and the
-/// front door that received it.
+/// Where a request came from: the role its version was chosen in, the
+/// front door that received it, and the outputs it asked for (empty: all).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Origin {
+pub(super) struct Origin<'a> {
     pub role: Role,
     pub door: FrontDoor,
+    pub asked: &'a [RequestedOutput],
 }
 
 /// Runs the request on the first version of `chain` that takes it, each
@@ -62,7 +63,7 @@ pub(super) async fn run_chain(
     metrics: &Metrics,
     route: &ModelRoute,
     chain: &[&Arc<VersionPool>],
-    origin: Origin,
+    origin: Origin<'_>,
     inputs: Vec<Tensor>,
     timeout: Duration,
     run: impl AsyncFn(
@@ -103,7 +104,10 @@ pub(super) async fn run_chain(
         unanswered.answered();
         // The engine's own time when it could tell (see `Engine::infer_timed`).
         let (result, took) = match result {
-            Ok((outputs, took)) => (Ok(outputs), took),
+            Ok((outputs, took)) => (
+                answers_what_was_asked(pool, &outputs, origin.asked).map(|()| outputs),
+                took,
+            ),
             Err(e) => (Err(e), None),
         };
         let seconds = took.unwrap_or_else(|| started.elapsed()).as_secs_f64();
@@ -134,6 +138,37 @@ pub(super) async fn run_chain(
             RuntimeError::Unavailable("no version of the chain could take the request".into())
         })
         .into())
+}
+
+/// A version's answer must hold every output the request named, and at
+/// least one: an answer without them is the version's error (counted as
+/// such, and failed over like any), not a 200 with less than was asked.
+/// Only a remote version can fall short (ONNX Runtime runs every output).
+fn answers_what_was_asked(
+    pool: &VersionPool,
+    outputs: &[Tensor],
+    asked: &[RequestedOutput],
+) -> Result<(), RuntimeError> {
+    let missing = asked
+        .iter()
+        .find(|o| !outputs.iter().any(|t| t.name == o.name));
+    let what = match (outputs.is_empty(), missing) {
+        (true, _) => "no outputs".to_string(),
+        (false, Some(o)) => format!(
+            "no output {:?}, which the request asked for (it answered {})",
+            o.name,
+            outputs
+                .iter()
+                .map(|t| format!("{:?}", t.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        (false, None) => return Ok(()),
+    };
+    Err(RuntimeError::Upstream(format!(
+        "version \"{}\" of model \"{}\" answered with {what}",
+        pool.version, pool.model
+    )))
 }
 
 /// An attempt whose caller stopped waiting (a gRPC client's deadline, a
@@ -267,6 +302,8 @@ mod tests {
         Fail,
         BadInput,
         Hang,
+        /// Answers, with no outputs (a remote can).
+        Empty,
     }
 
     impl Fake {
@@ -292,6 +329,7 @@ mod tests {
                 }]),
                 Some(Failure::Fail) => Err(RuntimeError::Unavailable("replica down".into())),
                 Some(Failure::BadInput) => Err(RuntimeError::BadInput("no such input".into())),
+                Some(Failure::Empty) => Ok(vec![]),
                 Some(Failure::Hang) => {
                     tokio::time::sleep(Duration::from_secs(3_600)).await;
                     unreachable!("the chain's timeout ends a hanging attempt")
@@ -313,6 +351,15 @@ mod tests {
     }
 
     async fn serve(f: &Fixture, fake: &Fake) -> Result<Served, GatewayError> {
+        serve_asking(f, fake, &[]).await
+    }
+
+    /// [`serve`] for a request that names the outputs it wants.
+    async fn serve_asking(
+        f: &Fixture,
+        fake: &Fake,
+        asked: &[RequestedOutput],
+    ) -> Result<Served, GatewayError> {
         run_chain(
             &f.metrics,
             &f.route,
@@ -320,6 +367,7 @@ mod tests {
             Origin {
                 role: Role::Stable,
                 door: FrontDoor::Rest,
+                asked,
             },
             input(),
             Duration::from_secs(1),
@@ -369,6 +417,56 @@ mod tests {
         assert_eq!(f.failovers("a", "b"), 1);
         assert!(f.pool("a").breaker.is_open(), "one failure opens it here");
         assert!(!f.pool("b").breaker.is_open());
+    }
+
+    /// An answer without what was asked (no outputs at all, or not the one
+    /// the request named) is the version's error, counted and failed over,
+    /// never a 200 with less than was asked.
+    #[tokio::test]
+    async fn an_answer_short_of_what_was_asked_is_the_versions_error() {
+        let f = Fixture::new();
+        let fake = Fake::new(&[("a", Failure::Empty)]);
+        let served = serve(&f, &fake).await.expect("the fallback answered");
+        assert_eq!(served.version, "b");
+        assert_eq!(f.counted("a", Role::Stable), (1, 1, 0));
+        // Each version answers an output named after itself: asking for
+        // "c" fails on a and b, saying what they answered instead.
+        let f = Fixture::new();
+        let fake = Fake::new(&[]);
+        let asked = [RequestedOutput {
+            name: "c".into(),
+            binary: None,
+        }];
+        let served = serve_asking(&f, &fake, &asked).await.expect("c answered");
+        assert_eq!(
+            (served.version.as_str(), served.outputs[0].name.as_str()),
+            ("c", "c")
+        );
+        assert_eq!(f.counted("b", Role::Fallback), (1, 1, 0));
+        let e = answers_what_was_asked(f.pool("a"), &[], &asked).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            RuntimeError::Upstream(format!(
+                "version \"a\" of model \"{}\" answered with no outputs",
+                f.pool("a").model
+            ))
+            .to_string()
+        );
+        let e = answers_what_was_asked(
+            f.pool("a"),
+            &served.outputs,
+            &[RequestedOutput {
+                name: "p".into(),
+                binary: None,
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "answered with no output \"p\", which the request asked for (it answered \"c\")"
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]

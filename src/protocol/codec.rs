@@ -535,6 +535,22 @@ pub fn rewrite_response(
             "the answer names the member \"{name}\" more than once"
         )));
     }
+    match read.outputs {
+        OutputsRead::Count(n) if n > 0 => {}
+        OutputsRead::Count(_) => {
+            return Err(ProtocolError::Json("the answer has no outputs".into()));
+        }
+        OutputsRead::Absent => {
+            return Err(ProtocolError::Json(
+                "the answer has no \"outputs\" member".into(),
+            ));
+        }
+        OutputsRead::Malformed => {
+            return Err(ProtocolError::Json(
+                "the answer's \"outputs\" is not a list of named outputs".into(),
+            ));
+        }
+    }
     let id = client_id
         .or(read.id.filter(|id| check_id(id).is_ok()))
         .unwrap_or_else(fallback_id);
@@ -556,8 +572,17 @@ pub fn rewrite_response(
 struct HeadRead {
     id: Option<String>,
     class: Option<i64>,
+    outputs: OutputsRead,
     /// A member named twice (readers of JSON differ on which one counts).
     repeated: Option<String>,
+}
+
+/// What an answer's `outputs` member was found to be.
+enum OutputsRead {
+    Absent,
+    /// Not a list of objects that each have a `name`.
+    Malformed,
+    Count(usize),
 }
 
 /// The member names of one object so far: the first 16 in place (an
@@ -617,6 +642,7 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
         let mut read = HeadRead {
             id: None,
             class: None,
+            outputs: OutputsRead::Absent,
             repeated: None,
         };
         let mut seen = Names::default();
@@ -632,7 +658,10 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
                 "id" => read.id = serde_json::from_str(value.get()).ok(),
                 other => {
                     if other == "outputs" {
-                        read.class = first_label(value.get());
+                        (read.outputs, read.class) = match read_outputs(value.get()) {
+                            Some((n, class)) => (OutputsRead::Count(n), class),
+                            None => (OutputsRead::Malformed, None),
+                        };
                     }
                     self.out.push(b',');
                     serde_json::to_writer(&mut *self.out, other).expect("a string serialises");
@@ -667,10 +696,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
     }
 }
 
-/// The first value of the output named `label` in an answer's `outputs`,
-/// when it is a JSON integer (a flat list's first element); `None` for
-/// anything else. Reads without building the list.
-fn first_label(outputs: &str) -> Option<i64> {
+/// How many outputs an answer's `outputs` lists, and the first value of
+/// the one named `label` when that is a JSON integer (a flat list's first
+/// element); `None` when it is not a list of named outputs. Reads without
+/// building the list.
+fn read_outputs(outputs: &str) -> Option<(usize, Option<i64>)> {
     #[derive(Deserialize)]
     struct Output<'a> {
         #[serde(borrow)]
@@ -680,7 +710,7 @@ fn first_label(outputs: &str) -> Option<i64> {
     }
     struct Label;
     impl<'de> serde::de::Visitor<'de> for Label {
-        type Value = Option<&'de RawValue>;
+        type Value = (usize, Option<&'de RawValue>);
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a list of outputs")
         }
@@ -688,13 +718,14 @@ fn first_label(outputs: &str) -> Option<i64> {
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut found = None;
+            let (mut n, mut found) = (0, None);
             while let Some(o) = seq.next_element::<Output<'de>>()? {
+                n += 1;
                 if found.is_none() && o.name.0 == "label" {
                     found = Some(o.data);
                 }
             }
-            Ok(found.flatten())
+            Ok((n, found.flatten()))
         }
     }
     struct First;
@@ -713,12 +744,16 @@ fn first_label(outputs: &str) -> Option<i64> {
         }
     }
     use serde::Deserializer as _;
-    let data = serde_json::Deserializer::from_str(outputs)
+    let (n, data) = serde_json::Deserializer::from_str(outputs)
         .deserialize_seq(Label)
-        .ok()??;
-    serde_json::Deserializer::from_str(data.get())
-        .deserialize_seq(First)
-        .ok()?
+        .ok()?;
+    let label = data.and_then(|data| {
+        serde_json::Deserializer::from_str(data.get())
+            .deserialize_seq(First)
+            .ok()
+            .flatten()
+    });
+    Some((n, label))
 }
 
 /// Encodes a JSON request, as Ferry sends to a remote V2 server.
@@ -962,11 +997,21 @@ mod tests {
         assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
         assert!(rewrite_response(b"{", None, "m", "v", None, || "x".into()).is_err());
         // So is one a client could not have sent (too long, or not printable).
-        let long = format!(r#"{{"id":"{}","outputs":[]}}"#, "x".repeat(257));
+        let long = format!(
+            r#"{{"id":"{}","outputs":[{{"name":"p"}}]}}"#,
+            "x".repeat(257)
+        );
         let r = rewrite_response(long.as_bytes(), None, "m", "1", None, || "gen-4".into()).unwrap();
         assert_eq!(r.id, "gen-4");
-        let r =
-            rewrite_response(br#"{"id":"a\nb"}"#, None, "m", "1", None, || "gen-5".into()).unwrap();
+        let r = rewrite_response(
+            br#"{"id":"a\nb","outputs":[{"name":"p"}]}"#,
+            None,
+            "m",
+            "1",
+            None,
+            || "gen-5".into(),
+        )
+        .unwrap();
         assert_eq!(r.id, "gen-5");
         // A member named twice, however it is written, and past the first
         // 16 names: refused, naming it.
@@ -982,13 +1027,34 @@ mod tests {
                 e.map(|r| r.id)
             );
         }
-        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let mut many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        many.push(r#""outputs":[{"name":"p"}]"#.into());
         let ok = format!("{{{}}}", many.join(","));
         assert!(rewrite_response(ok.as_bytes(), None, "m", "1", None, || "g".into()).is_ok());
         let late = format!(r#"{{{},"k3":0}}"#, many.join(","));
         assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
         let late = format!(r#"{{{},"k39":0}}"#, many.join(","));
         assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
+        // An answer without outputs is no answer: refused, saying which way.
+        for (answer, why) in [
+            (r#"{"outputs":[]}"#, "the answer has no outputs"),
+            (r#"{"id":"a"}"#, "the answer has no \"outputs\" member"),
+            (
+                r#"{"outputs":{"name":"label"}}"#,
+                "the answer's \"outputs\" is not a list of named outputs",
+            ),
+            (
+                r#"{"outputs":[{"data":[1]}]}"#,
+                "the answer's \"outputs\" is not a list of named outputs",
+            ),
+        ] {
+            let e = rewrite_response(answer.as_bytes(), None, "m", "1", None, || "g".into());
+            assert!(
+                matches!(&e, Err(ProtocolError::Json(m)) if m == why),
+                "{answer}: {:?}",
+                e.map(|r| r.id)
+            );
+        }
     }
 
     #[test]

@@ -301,7 +301,25 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
             "{body}"
         );
     }
-    assert_eq!((counted("ok").await, counted("error").await), (3.0, 2.0));
+    // An answer with no outputs is no answer either.
+    upstream
+        .behaviour
+        .garbled
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    upstream
+        .behaviour
+        .no_outputs
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("the answer has no outputs"),
+        "{body}"
+    );
+    assert_eq!((counted("ok").await, counted("error").await), (3.0, 3.0));
     // The three readable answers' class (the fake says 1) is counted.
     super::harness::eventually(
         std::time::Duration::from_secs(10),
@@ -311,7 +329,7 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
                 .admin_get("/api/v1/models/cancer/metrics?window=60s")
                 .await;
             let far = super::harness::metrics_series(&m, "version", "far");
-            far["errors"] == 2 && far["classes"]["1"] == 3
+            far["errors"] == 3 && far["classes"]["1"] == 3
         },
     )
     .await;

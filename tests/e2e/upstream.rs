@@ -21,6 +21,8 @@ pub struct Behaviour {
     pub failing: AtomicBool,
     /// Answer inferences with 200 and a body that is not JSON.
     pub garbled: AtomicBool,
+    /// Answer inferences with 200 and `"outputs": []`.
+    pub no_outputs: AtomicBool,
     /// Answer without the request's id (`Some(None)`), or with this id
     /// instead (`Some(Some(id))`); echo it when `None`.
     pub answer_id: std::sync::Mutex<Option<Option<String>>>,
@@ -91,6 +93,9 @@ async fn infer(
             "{\"outputs\": [",
         )
             .into_response();
+    }
+    if b.no_outputs.load(Ordering::Relaxed) {
+        return axum::Json(json!({"model_name": "cancer", "outputs": []})).into_response();
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rows = req["inputs"][0]["shape"][0].as_u64().unwrap_or(1) as usize;
