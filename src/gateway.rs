@@ -325,9 +325,10 @@ impl Gateway {
         request: Request<'_>,
     ) -> Result<Answer, GatewayError> {
         let Routed { route, pool, role } = routed;
-        // The client's id is its answer's, whatever the remote echoes.
-        let client_id = match protocol::request_id(&request.body, request.header_len) {
-            Ok(id) => id,
+        // The client's id, or one made now: sent with the request (and its
+        // copy), and its answer's, whatever the remote echoes.
+        let id = match protocol::request_id(&request.body, request.header_len) {
+            Ok(id) => id.unwrap_or_else(|| self.ids.next()),
             Err(e) => {
                 pool.record(role, request.door, Outcome::Rejected, 0.0, None);
                 return Err(RuntimeError::BadInput(e.to_string()).into());
@@ -341,12 +342,12 @@ impl Gateway {
                     header_len: request.header_len,
                     inputs: None,
                 };
-                mirror::Mirror::start(&route, copy, request.door)
+                mirror::Mirror::start(&route, copy, request.door, &id)
             })
             .flatten();
         let started = Instant::now();
         let result = pool
-            .forward(request.body, request.header_len, timeout)
+            .forward(request.body, request.header_len, &id, timeout)
             .await;
         // The remote's own time when the answer was timed (the yardstick
         // its shadow's copies are timed by: `gateway::copies`).
@@ -362,8 +363,7 @@ impl Gateway {
                 passed.header_len.as_deref(),
                 request.model,
                 &pool.version,
-                client_id,
-                || self.ids.next(),
+                id,
             )
             .map_err(|e| {
                 RuntimeError::Upstream(format!(
@@ -396,7 +396,7 @@ impl Gateway {
             rewritten.class,
         );
         if let Some(shadow) = shadow {
-            shadow.primary_sent(answer, answer_len, &rewritten.id);
+            shadow.primary_sent(answer, answer_len);
         }
         Ok(Answer {
             body: rewritten.body,
@@ -433,7 +433,7 @@ impl Gateway {
                     },
                     None => mirror::Copy::Tensors(&call.inputs),
                 };
-                mirror::Mirror::start(&route, copy, call.door)
+                mirror::Mirror::start(&route, copy, call.door, call.id)
             })
             .flatten();
         let chain = failover::chain(&route, pool, role);
@@ -450,14 +450,15 @@ impl Gateway {
                 role,
                 door: call.door,
                 asked: call.outputs,
+                id: call.id,
             },
             call.inputs,
             timeout,
-            async |pool: &VersionPool, inputs| pool.run_timed(inputs).await,
+            async |pool: &VersionPool, inputs, id: &str| pool.run_timed(inputs, id).await,
         )
         .await;
         if let Some(shadow) = shadow {
-            shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()), call.id);
+            shadow.primary_answered(result.as_ref().ok().map(|s| s.outputs.as_slice()));
         }
         let served = result?;
         self.recent.remember(

@@ -24,6 +24,11 @@ pub use tensor::{DataType, Tensor, TensorData};
 /// JSON header at the start of the body; binary tensor data follows it.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
+/// A request's id, in Ferry's answers and in what Ferry sends a remote
+/// version (its body may not carry it: a passed-through body is the
+/// client's, as sent).
+pub const REQUEST_ID_HEADER: &str = "x-ferry-request-id";
+
 /// Why a request body could not be understood. Every variant becomes a 400
 /// with a message that names the tensor and what to change.
 #[derive(Debug, thiserror::Error, PartialEq)]

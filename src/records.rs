@@ -225,7 +225,7 @@ impl RemoteAccess {
 
     /// Headers a remote header may not name: Ferry writes them on each
     /// request, and a second copy would change how the remote reads it.
-    const SET_BY_FERRY: [&str; 11] = [
+    const SET_BY_FERRY: [&str; 12] = [
         "content-length",
         "transfer-encoding",
         "connection",
@@ -237,6 +237,7 @@ impl RemoteAccess {
         "expect",
         "content-type",
         "inference-header-content-length",
+        crate::protocol::REQUEST_ID_HEADER,
     ];
 
     /// A header reference, `NAME=@env:VAR` or `NAME=@file:PATH`, split;
@@ -252,8 +253,8 @@ impl RemoteAccess {
             .map_err(|_| format!("remote header {spec:?}: {name:?} is not a header name"))?;
         if Self::SET_BY_FERRY.contains(&name.as_str()) {
             return Err(format!(
-                "remote header {spec:?}: {name} is set by Ferry on each request (it frames the request or says \
-                 how to read it); only other headers (host, authorization, routing headers) may be given"
+                "remote header {spec:?}: {name} is set by Ferry on each request (it frames the request, says \
+                 how to read it, or names it); only other headers (host, authorization, routing headers) may be given"
             ));
         }
         let from = if let Some(var) = from.strip_prefix("@env:") {
@@ -382,6 +383,7 @@ mod tests {
             "transfer-encoding",
             "Connection",
             "content-type",
+            "X-Ferry-Request-Id",
         ] {
             let err = RemoteAccess::header(&format!("{framing}=@env:X")).unwrap_err();
             assert!(err.contains("is set by Ferry"), "{err}");

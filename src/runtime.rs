@@ -133,14 +133,16 @@ impl Engine {
         matches!(self, Engine::Remote(r) if r.takes_bodies())
     }
 
-    /// Passes a request body through to a remote endpoint untouched.
+    /// Passes a request body through to a remote endpoint untouched, with
+    /// the request's id beside it.
     pub async fn forward(
         &self,
         body: bytes::Bytes,
         header_len: Option<&str>,
+        id: Option<&str>,
     ) -> Result<Passed, RuntimeError> {
         match self {
-            Engine::Remote(r) => r.forward(body, header_len).await,
+            Engine::Remote(r) => r.forward(body, header_len, id).await,
             Engine::Local(_) => Err(RuntimeError::Inference(
                 "a local replica has no pass-through".into(),
             )),
@@ -160,13 +162,16 @@ impl Engine {
     /// it: a worker thread's run, or a remote's answer on a thread that
     /// times answers. For the shadow copies' low-priority threads, whose
     /// wait for the CPU is not the version's latency.
+    /// A remote is sent the request's `id`; an in-process run has no use
+    /// for it.
     pub async fn infer_timed(
         &self,
         inputs: Vec<Tensor>,
+        id: Option<&str>,
     ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
         match self {
             Engine::Local(w) => w.infer_timed(inputs).await,
-            Engine::Remote(r) => r.infer_timed(&inputs).await,
+            Engine::Remote(r) => r.infer_timed(&inputs, id).await,
         }
     }
 }

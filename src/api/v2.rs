@@ -21,7 +21,7 @@ use crate::records::{Source, VersionRecord};
 use crate::runtime::TensorSpec;
 
 pub const VERSION_HEADER: &str = "x-ferry-version";
-pub const REQUEST_ID_HEADER: &str = "x-ferry-request-id";
+pub use crate::protocol::REQUEST_ID_HEADER;
 
 /// The protocol extensions Ferry really implements.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];

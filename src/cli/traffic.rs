@@ -90,6 +90,7 @@ impl GrpcLoad {
                 Ok(crate::protocol::grpc::encode_request(
                     model,
                     None,
+                    request.id.as_deref(),
                     &request.inputs,
                 ))
             })

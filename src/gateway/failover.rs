@@ -52,6 +52,8 @@ pub(super) struct Origin<'a> {
     pub role: Role,
     pub door: FrontDoor,
     pub asked: &'a [RequestedOutput],
+    /// The request's id (the client's or a generated one), sent to remotes.
+    pub id: &'a str,
 }
 
 /// Runs the request on the first version of `chain` that takes it, each
@@ -69,6 +71,7 @@ pub(super) async fn run_chain(
     run: impl AsyncFn(
         &VersionPool,
         Vec<Tensor>,
+        &str,
     ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError>,
 ) -> Result<Served, GatewayError> {
     let breakers = chain.len() > 1;
@@ -100,7 +103,7 @@ pub(super) async fn run_chain(
             started,
             waiting: true,
         };
-        let result = within(timeout, run(pool, attempt_inputs)).await;
+        let result = within(timeout, run(pool, attempt_inputs, origin.id)).await;
         unanswered.answered();
         // The engine's own time when it could tell (see `Engine::infer_timed`).
         let (result, took) = match result {
@@ -368,10 +371,11 @@ mod tests {
                 role: Role::Stable,
                 door: FrontDoor::Rest,
                 asked,
+                id: "r-1",
             },
             input(),
             Duration::from_secs(1),
-            async |pool: &VersionPool, inputs| Ok((fake.run(pool, inputs).await?, None)),
+            async |pool: &VersionPool, inputs, _id: &str| Ok((fake.run(pool, inputs).await?, None)),
         )
         .await
     }

@@ -52,6 +52,9 @@ struct Job {
     request: Request,
     compare: super::policy::Compare,
     door: FrontDoor,
+    /// The request's id: sent with the copy (so the shadow's logs name the
+    /// request as production's do) and kept with a disagreement.
+    id: String,
 }
 
 /// The primary's answer as the copy gets it.
@@ -93,7 +96,7 @@ impl Mirror {
     /// `copy` (a body without decoded inputs for an in-process shadow: the
     /// caller decodes such requests). The copy is counted under the front
     /// door of the request it copies.
-    pub fn start(route: &ModelRoute, copy: Copy<'_>, door: FrontDoor) -> Option<Mirror> {
+    pub fn start(route: &ModelRoute, copy: Copy<'_>, door: FrontDoor, id: &str) -> Option<Mirror> {
         let policy = route.policy.shadow.as_ref()?;
         if fastrand::f64() * 100.0 >= policy.percent {
             return None;
@@ -118,26 +121,27 @@ impl Mirror {
                 request,
                 compare: policy.compare.clone(),
                 door,
+                id: id.to_string(),
             }),
         })
     }
 
-    /// Hands the primary's outputs (or `None` when it failed) and the
-    /// request's id to the copy, and sends it.
-    pub fn primary_answered(mut self, outputs: Option<&[Tensor]>, id: &str) {
+    /// Hands the primary's outputs (or `None` when it failed) to the copy,
+    /// and sends it.
+    pub fn primary_answered(mut self, outputs: Option<&[Tensor]>) {
         if let Some(job) = self.copy.take() {
             let compared =
                 outputs.and_then(|o| o.iter().find(|t| t.name == job.compare.output).cloned());
-            job.send(Primary::Decoded(compared), id.to_string());
+            job.send(Primary::Decoded(compared));
         }
     }
 
-    /// Hands a passed-through primary's answer, as the remote sent it, and
-    /// the request's id to the copy, and sends it; the answer is decoded by
-    /// the copy's work, after the user has it.
-    pub fn primary_sent(mut self, answer: bytes::Bytes, header_len: Option<String>, id: &str) {
+    /// Hands a passed-through primary's answer, as the remote sent it, to
+    /// the copy, and sends it; the answer is decoded by the copy's work,
+    /// after the user has it.
+    pub fn primary_sent(mut self, answer: bytes::Bytes, header_len: Option<String>) {
         if let Some(job) = self.copy.take() {
-            job.send(Primary::Encoded(answer, header_len), id.to_string());
+            job.send(Primary::Encoded(answer, header_len));
         }
     }
 }
@@ -147,7 +151,7 @@ impl Drop for Mirror {
     /// still goes, and only the shadow's own outcome is counted.
     fn drop(&mut self) {
         if let Some(job) = self.copy.take() {
-            job.send(Primary::Decoded(None), String::new());
+            job.send(Primary::Decoded(None));
         }
     }
 }
@@ -156,7 +160,7 @@ impl Job {
     /// Sends the copy, on this thread's companion (or as a task), then
     /// compares its answer with the primary's; or drops it, counted, when
     /// `max_in_flight` copies are already waiting or running.
-    fn send(self, primary: Primary, id: String) {
+    fn send(self, primary: Primary) {
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             self.pool.shadow_dropped();
             return;
@@ -171,16 +175,17 @@ impl Job {
                 self.pool.shadow_dropped();
                 return;
             }
-            self.run(primary, id).await;
+            self.run(primary).await;
         }));
     }
 
-    async fn run(self, primary: Primary, id: String) {
+    async fn run(self, primary: Primary) {
         let Job {
             pool,
             request,
             compare,
             door,
+            id,
             ..
         } = self;
         // The shadow's latency is how long its answer took to be ready
@@ -191,13 +196,13 @@ impl Job {
         // time until this thread had the answer.
         let started = Instant::now();
         let (result, took) = match request {
-            Request::Tensors(inputs) => match pool.infer_timed(inputs, pool.timeout()).await {
+            Request::Tensors(inputs) => match pool.infer_timed(inputs, &id, pool.timeout()).await {
                 Ok((outputs, took)) => (Ok(outputs), took),
                 Err(e) => (Err(e), None),
             },
             Request::Body(body, header_len) => {
                 match pool
-                    .forward(body, header_len.as_deref(), pool.timeout())
+                    .forward(body, header_len.as_deref(), &id, pool.timeout())
                     .await
                 {
                     Ok(passed) => (
@@ -348,21 +353,22 @@ mod tests {
             let route = route(Duration::from_millis(50));
             let inputs = [tensor("x")];
             let outputs = [tensor("y")];
-            let copy = || Mirror::start(&route, Copy::Tensors(&inputs), FrontDoor::Rest).unwrap();
+            let copy =
+                |id| Mirror::start(&route, Copy::Tensors(&inputs), FrontDoor::Rest, id).unwrap();
 
-            copy().primary_answered(Some(&outputs), "1");
+            copy("1").primary_answered(Some(&outputs));
             assert_eq!(
                 settled(&route, [0; 4]).await,
                 [0, 0, 1, 0],
                 "sent at once: it runs (and fails: no replica)"
             );
 
-            copy().primary_answered(Some(&outputs), "2");
+            copy("2").primary_answered(Some(&outputs));
             // The copy's thread is busy past the timeout before it runs.
             std::thread::sleep(Duration::from_millis(80));
             assert_eq!(settled(&route, [0, 0, 1, 0]).await, [0, 0, 1, 1]);
             // Its slot is free again: the next copy goes.
-            copy().primary_answered(Some(&outputs), "3");
+            copy("3").primary_answered(Some(&outputs));
             assert_eq!(settled(&route, [0, 0, 1, 1]).await, [0, 0, 2, 1]);
             // The failed copies were said in the log, once: a failure
             // within the interval after is counted for the next line.

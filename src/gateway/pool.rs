@@ -218,11 +218,14 @@ impl VersionPool {
         &self,
         body: bytes::Bytes,
         header_len: Option<&str>,
+        id: &str,
         timeout: Duration,
     ) -> Result<crate::runtime::Passed, RuntimeError> {
         within(
             timeout,
-            self.on_replica(async |engine: &Engine| engine.forward(body, header_len).await),
+            self.on_replica(async |engine: &Engine| {
+                engine.forward(body, header_len, Some(id)).await
+            }),
         )
         .await
     }
@@ -242,9 +245,10 @@ impl VersionPool {
     pub async fn infer_timed(
         &self,
         inputs: Vec<Tensor>,
+        id: &str,
         timeout: Duration,
     ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
-        within(timeout, self.run_timed(inputs)).await
+        within(timeout, self.run_timed(inputs, id)).await
     }
 
     /// Runs a request on the least busy replica, for as long as it takes
@@ -260,8 +264,9 @@ impl VersionPool {
     pub async fn run_timed(
         &self,
         inputs: Vec<Tensor>,
+        id: &str,
     ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
-        self.on_replica(async |engine: &Engine| engine.infer_timed(inputs).await)
+        self.on_replica(async |engine: &Engine| engine.infer_timed(inputs, Some(id)).await)
             .await
     }
 

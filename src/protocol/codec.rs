@@ -492,10 +492,9 @@ pub fn request_id(body: &[u8], header_len: Option<&str>) -> Result<Option<String
 }
 
 /// Rewrites a passed-through answer's JSON header: `model_name` and
-/// `model_version` become Ferry's, and its `id` is the client's
-/// (`client_id`, whatever the remote said), else the remote's, else
-/// `fallback_id()` (only then made: this runs on every passed-through
-/// request). Binary tensor data after the header is kept as it is, and
+/// `model_version` become Ferry's, and its `id` is the request's (`id`,
+/// sent with it: the client's or Ferry's own, whatever the remote said).
+/// Binary tensor data after the header is kept as it is, and
 /// so is every other member of the header, byte for byte and in its order:
 /// only the id and the first value of a `label` output are read. The
 /// header is read once, each member written out as it is met (this runs on
@@ -508,8 +507,7 @@ pub fn rewrite_response(
     header_len: Option<&str>,
     model: &str,
     version: &str,
-    client_id: Option<String>,
-    fallback_id: impl FnOnce() -> String,
+    id: String,
 ) -> Result<Rewritten, ProtocolError> {
     use serde::de::DeserializeSeed;
     let (json, binary) = split_body(body, header_len)?;
@@ -551,9 +549,6 @@ pub fn rewrite_response(
             ));
         }
     }
-    let id = client_id
-        .or(read.id.filter(|id| check_id(id).is_ok()))
-        .unwrap_or_else(fallback_id);
     out.extend_from_slice(b",\"id\":");
     serde_json::to_writer(&mut out, &id).expect("a string serialises");
     out.push(b'}');
@@ -570,7 +565,6 @@ pub fn rewrite_response(
 /// What [`rewrite_response`] reads of an answer's header while it copies
 /// the other members.
 struct HeadRead {
-    id: Option<String>,
     class: Option<i64>,
     outputs: OutputsRead,
     /// A member named twice (readers of JSON differ on which one counts).
@@ -640,7 +634,6 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<HeadRead, A::Error> {
         let mut read = HeadRead {
-            id: None,
             class: None,
             outputs: OutputsRead::Absent,
             repeated: None,
@@ -654,8 +647,8 @@ impl<'de> serde::de::Visitor<'de> for AnswerHead<'_> {
                 read.repeated = Some(key.chars().take(64).collect());
             }
             match &*key {
-                "model_name" | "model_version" => {}
-                "id" => read.id = serde_json::from_str(value.get()).ok(),
+                // Ours replace them; the id is written last.
+                "model_name" | "model_version" | "id" => {}
                 other => {
                     if other == "outputs" {
                         (read.outputs, read.class) = match read_outputs(value.get()) {
@@ -922,8 +915,7 @@ mod tests {
             Some(&head.len().to_string()),
             "cancer",
             "2",
-            None,
-            || "gen-1".into(),
+            "gen-1".into(),
         )
         .unwrap();
         let json_len = r.json_len.unwrap();
@@ -939,15 +931,15 @@ mod tests {
         assert_eq!(&r.body[json_len..], &1i64.to_le_bytes());
         assert_eq!(r.class, None, "binary data is not read");
         let json = br#"{"id":"c-1","outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[1]}]}"#;
-        let r = rewrite_response(json, None, "cancer", "2", None, || "gen-2".into()).unwrap();
-        assert_eq!((r.id.as_str(), r.class, r.json_len), ("c-1", Some(1), None));
-        // The client's id wins over the remote's.
-        let r = rewrite_response(json, None, "cancer", "2", Some("mine".into()), || {
-            "g".into()
-        })
-        .unwrap();
-        assert_eq!(r.id, "mine");
-        assert!(rewrite_response(b"[]", None, "m", "v", None, || "x".into()).is_err());
+        // The request's id wins over whatever the remote says.
+        let r = rewrite_response(json, None, "cancer", "2", "mine".into()).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.class, r.json_len),
+            ("mine", Some(1), None)
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["id"], "mine");
+        assert!(rewrite_response(b"[]", None, "m", "v", "x".into()).is_err());
     }
 
     #[test]
@@ -977,7 +969,7 @@ mod tests {
         let json = br#"{"model_name":"r","id":"","parameters":{"x":[1,2.50]},
             "outputs":[{"name":"probabilities","data":[0.25]},{"name":"label","data":[7,3]}],
             "extra":"\u00e9"}"#;
-        let r = rewrite_response(json, None, "can\"cer", "2", None, || "gen-3".into()).unwrap();
+        let r = rewrite_response(json, None, "can\"cer", "2", "gen-3".into()).unwrap();
         let text = String::from_utf8(r.body).unwrap();
         assert!(text.contains(r#""parameters":{"x":[1,2.50]}"#), "{text}");
         assert!(text.contains(r#""extra":"\u00e9""#), "{text}");
@@ -988,31 +980,14 @@ mod tests {
         );
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["model_name"], "can\"cer");
-        assert_eq!(v["id"], "gen-3", "an empty id is replaced");
+        assert_eq!(v["id"], "gen-3", "the remote's (empty) id is replaced");
         assert_eq!(v["outputs"][1]["data"], serde_json::json!([7, 3]));
         assert_eq!(v.as_object().unwrap().len(), 6);
         assert_eq!((r.id.as_str(), r.class), ("gen-3", Some(7)));
         let nested = br#"{"id":7,"outputs":[{"name":"label","data":[[1]]}]}"#;
-        let r = rewrite_response(nested, None, "m", "v", None, || "gen-4".into()).unwrap();
+        let r = rewrite_response(nested, None, "m", "v", "gen-4".into()).unwrap();
         assert_eq!((r.id.as_str(), r.class), ("gen-4", None));
-        assert!(rewrite_response(b"{", None, "m", "v", None, || "x".into()).is_err());
-        // So is one a client could not have sent (too long, or not printable).
-        let long = format!(
-            r#"{{"id":"{}","outputs":[{{"name":"p"}}]}}"#,
-            "x".repeat(257)
-        );
-        let r = rewrite_response(long.as_bytes(), None, "m", "1", None, || "gen-4".into()).unwrap();
-        assert_eq!(r.id, "gen-4");
-        let r = rewrite_response(
-            br#"{"id":"a\nb","outputs":[{"name":"p"}]}"#,
-            None,
-            "m",
-            "1",
-            None,
-            || "gen-5".into(),
-        )
-        .unwrap();
-        assert_eq!(r.id, "gen-5");
+        assert!(rewrite_response(b"{", None, "m", "v", "x".into()).is_err());
         // A member named twice, however it is written, and past the first
         // 16 names: refused, naming it.
         for twice in [
@@ -1020,7 +995,7 @@ mod tests {
             r#"{"id":"a","\u0069d":"b"}"#,
             r#"{"model_name":"x","model_name":"y"}"#,
         ] {
-            let e = rewrite_response(twice.as_bytes(), None, "m", "1", None, || "g".into());
+            let e = rewrite_response(twice.as_bytes(), None, "m", "1", "g".into());
             assert!(
                 matches!(&e, Err(ProtocolError::Json(m)) if m.contains("more than once")),
                 "{twice}: {:?}",
@@ -1030,11 +1005,11 @@ mod tests {
         let mut many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
         many.push(r#""outputs":[{"name":"p"}]"#.into());
         let ok = format!("{{{}}}", many.join(","));
-        assert!(rewrite_response(ok.as_bytes(), None, "m", "1", None, || "g".into()).is_ok());
+        assert!(rewrite_response(ok.as_bytes(), None, "m", "1", "g".into()).is_ok());
         let late = format!(r#"{{{},"k3":0}}"#, many.join(","));
-        assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", "g".into()).is_err());
         let late = format!(r#"{{{},"k39":0}}"#, many.join(","));
-        assert!(rewrite_response(late.as_bytes(), None, "m", "1", None, || "g".into()).is_err());
+        assert!(rewrite_response(late.as_bytes(), None, "m", "1", "g".into()).is_err());
         // An answer without outputs is no answer: refused, saying which way.
         for (answer, why) in [
             (r#"{"outputs":[]}"#, "the answer has no outputs"),
@@ -1048,7 +1023,7 @@ mod tests {
                 "the answer's \"outputs\" is not a list of named outputs",
             ),
         ] {
-            let e = rewrite_response(answer.as_bytes(), None, "m", "1", None, || "g".into());
+            let e = rewrite_response(answer.as_bytes(), None, "m", "1", "g".into());
             assert!(
                 matches!(&e, Err(ProtocolError::Json(m)) if m == why),
                 "{answer}: {:?}",

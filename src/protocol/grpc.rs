@@ -254,12 +254,13 @@ pub fn encode_response(
 pub fn encode_request(
     model: &str,
     version: Option<&str>,
+    id: Option<&str>,
     inputs: &[Tensor],
 ) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: model.into(),
         model_version: version.unwrap_or_default().into(),
-        id: String::new(),
+        id: id.unwrap_or_default().into(),
         parameters: Default::default(),
         inputs: inputs
             .iter()
@@ -347,7 +348,8 @@ mod tests {
         let resp = encode_response("m".into(), "2".into(), "id-1".into(), &outputs);
         assert_eq!(resp.model_version, "2");
         assert_eq!(decode_response(resp).unwrap(), outputs);
-        let req = encode_request("m", Some("3"), &outputs);
+        let req = encode_request("m", Some("3"), Some("r-9"), &outputs);
+        assert_eq!(req.id, "r-9");
         let back = decode_request(req).unwrap();
         assert_eq!((back.version.as_deref(), back.inputs), (Some("3"), outputs));
     }

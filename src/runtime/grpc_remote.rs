@@ -101,8 +101,9 @@ impl GrpcRemote {
         target: &RemoteTarget,
         headers: &axum::http::HeaderMap,
         inputs: &[Tensor],
+        id: Option<&str>,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let request = wire::encode_request(&target.model, target.version.as_deref(), inputs);
+        let request = wire::encode_request(&target.model, target.version.as_deref(), id, inputs);
         let answer = self
             .client
             .clone()

@@ -437,7 +437,9 @@ impl RemoteClient {
     /// and 5xx answers are `Unavailable`/`Inference` (retryable elsewhere);
     /// 4xx answers are `BadInput`.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        self.infer_timed(inputs).await.map(|(outputs, _)| outputs)
+        self.infer_timed(inputs, None)
+            .await
+            .map(|(outputs, _)| outputs)
     }
 
     /// [`RemoteClient::infer`], with how long the remote took when this
@@ -445,13 +447,16 @@ impl RemoteClient {
     pub async fn infer_timed(
         &self,
         inputs: &[Tensor],
+        id: Option<&str>,
     ) -> Result<(Vec<Tensor>, Option<Duration>), RuntimeError> {
         if let Transport::Grpc(grpc) = &self.transport {
-            let outputs = grpc.infer(&self.target, &self.http.headers, inputs).await?;
+            let outputs = grpc
+                .infer(&self.target, &self.http.headers, inputs, id)
+                .await?;
             return Ok((outputs, None));
         }
-        let body = protocol::encode_request_json(None, inputs);
-        let passed = self.forward(body.into(), None).await?;
+        let body = protocol::encode_request_json(id, inputs);
+        let passed = self.forward(body.into(), None, id).await?;
         let outputs = protocol::decode_response_json(&passed.body, passed.header_len.as_deref())
             .map_err(|e| {
                 RuntimeError::Inference(format!(
@@ -465,11 +470,13 @@ impl RemoteClient {
 
     /// Sends a request body as it is (JSON, or the binary extension when
     /// `header_len` is set) and returns the answer's body and its
-    /// `Inference-Header-Content-Length`. Error answers become errors.
+    /// `Inference-Header-Content-Length`. Error answers become errors. The
+    /// request's id, when it has one, goes with it as `x-ferry-request-id`.
     pub async fn forward(
         &self,
         body: bytes::Bytes,
         header_len: Option<&str>,
+        id: Option<&str>,
     ) -> Result<Passed, RuntimeError> {
         let content_type = match header_len {
             Some(_) => "application/octet-stream",
@@ -477,11 +484,11 @@ impl RemoteClient {
         };
         match &self.transport {
             Transport::Plain(upstream) => {
-                self.forward_plain(upstream, content_type, body, header_len)
+                self.forward_plain(upstream, content_type, body, header_len, id)
                     .await
             }
             Transport::Tls { infer_uri, client } => {
-                self.forward_tls(infer_uri, client, content_type, body, header_len)
+                self.forward_tls(infer_uri, client, content_type, body, header_len, id)
                     .await
             }
             Transport::Grpc(_) => Err(RuntimeError::Inference(format!(
@@ -499,6 +506,7 @@ impl RemoteClient {
         content_type: &str,
         body: bytes::Bytes,
         header_len: Option<&str>,
+        id: Option<&str>,
     ) -> Result<Passed, RuntimeError> {
         let header_len = header_len
             .map(|n| {
@@ -511,7 +519,7 @@ impl RemoteClient {
             })
             .transpose()?;
         let answer = upstream
-            .post(content_type, header_len, &body)
+            .post(content_type, header_len, &body, id)
             .await
             .map_err(|f| {
                 let target = self.target.display();
@@ -551,11 +559,15 @@ impl RemoteClient {
         content_type: &str,
         body: bytes::Bytes,
         header_len: Option<&str>,
+        id: Option<&str>,
     ) -> Result<Passed, RuntimeError> {
         let mut request = hyper::Request::post(infer_uri.clone())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(n) = header_len {
             request = request.header(protocol::HEADER_CONTENT_LENGTH, n);
+        }
+        if let Some(id) = id {
+            request = request.header(protocol::REQUEST_ID_HEADER, id.trim());
         }
         let mut request = request
             .body(http_body_util::Full::new(body))

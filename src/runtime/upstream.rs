@@ -208,11 +208,12 @@ impl Upstream {
         content_type: &str,
         header_len: Option<usize>,
         body: &[u8],
+        id: Option<&str>,
     ) -> Result<Answer, Failure> {
         // The kernel stamps arrivals by the realtime clock; the monotonic
         // one bounds the result should the realtime clock be set meanwhile.
         let started = (SystemTime::now(), Instant::now());
-        let mut answer = self.answer(content_type, header_len, body).await?;
+        let mut answer = self.answer(content_type, header_len, body, id).await?;
         answer.took = answer
             .arrived
             .and_then(|arrived| arrived.duration_since(started.0).ok())
@@ -226,8 +227,9 @@ impl Upstream {
         content_type: &str,
         header_len: Option<usize>,
         body: &[u8],
+        id: Option<&str>,
     ) -> Result<Answer, Failure> {
-        let request = self.request(content_type, header_len, body);
+        let request = self.request(content_type, header_len, body, id);
         let Some(idle) = self.take() else {
             let conn = self.connect().await?;
             return self.send_on(conn, &request).await.map_err(Broken::failure);
@@ -256,12 +258,28 @@ impl Upstream {
         Ok(answer)
     }
 
-    /// The whole request: head and body, for one write.
-    fn request(&self, content_type: &str, header_len: Option<usize>, body: &[u8]) -> Vec<u8> {
+    /// The whole request: head and body, for one write. The request's id
+    /// (printable ASCII: `protocol::check_id`) goes in its own header.
+    fn request(
+        &self,
+        content_type: &str,
+        header_len: Option<usize>,
+        body: &[u8],
+        id: Option<&str>,
+    ) -> Vec<u8> {
         use std::io::Write as _;
-        let mut request = Vec::with_capacity(self.head.len() + 128 + body.len());
+        let id_len = id.map_or(0, |id| id.len() + 24);
+        let mut request = Vec::with_capacity(self.head.len() + 128 + id_len + body.len());
         request.extend_from_slice(&self.head);
         let _ = write!(request, "content-type: {content_type}\r\n");
+        if let Some(id) = id {
+            let _ = write!(
+                request,
+                "{}: {}\r\n",
+                crate::protocol::REQUEST_ID_HEADER,
+                id.trim()
+            );
+        }
         if let Some(n) = header_len {
             let _ = write!(request, "inference-header-content-length: {n}\r\n");
         }
@@ -758,8 +776,11 @@ mod tests {
     async fn writes_the_head_and_body_and_reuses_the_connection() {
         let (addr, mut seen) = server(vec![vec![OK, OK]]).await;
         let up = upstream(&addr);
-        for _ in 0..2 {
-            let answer = up.post("application/json", Some(2), b"{}").await.unwrap();
+        for id in [Some("r-1"), None] {
+            let answer = up
+                .post("application/json", Some(2), b"{}", id)
+                .await
+                .unwrap();
             assert_eq!(answer.status, 200);
             assert_eq!(answer.header_len.as_deref(), Some("3"));
             assert_eq!(&answer.body[..], b"hello");
@@ -769,13 +790,14 @@ mod tests {
             request,
             format!(
                 "POST /v2/models/m/infer HTTP/1.1\r\nauthorization: Bearer t\r\nhost: {addr}\r\n\
-                 content-type: application/json\r\ninference-header-content-length: 2\r\n\
-                 content-length: 2\r\n\r\n{{}}"
+                 content-type: application/json\r\nx-ferry-request-id: r-1\r\n\
+                 inference-header-content-length: 2\r\ncontent-length: 2\r\n\r\n{{}}"
             )
         );
         // The second request came on the same connection (the server
-        // accepts only one).
-        assert!(seen.recv().await.is_some());
+        // accepts only one), without an id: it had none.
+        let second = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(!second.contains("x-ferry-request-id"), "{second}");
     }
 
     #[tokio::test]
@@ -783,10 +805,16 @@ mod tests {
         const CHUNKED: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
         let (addr, _seen) = server(vec![vec![CHUNKED, OK]]).await;
         let up = upstream(&addr);
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello world");
         // The connection stayed usable after the trailers.
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
     }
 
@@ -795,9 +823,15 @@ mod tests {
         const TO_END: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy";
         let (addr, _seen) = server(vec![vec![TO_END], vec![OK]]).await;
         let up = upstream(&addr);
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!((answer.status, &answer.body[..]), (503, &b"busy"[..]));
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
     }
 
@@ -807,9 +841,14 @@ mod tests {
         // the second answers the next request.
         let (addr, mut seen) = server(vec![vec![OK], vec![OK]]).await;
         let up = upstream(&addr);
-        up.post("application/json", None, b"{}").await.unwrap();
+        up.post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
         assert!(seen.recv().await.is_some());
         assert!(seen.recv().await.is_some());
@@ -840,8 +879,13 @@ mod tests {
             let _ = read_request(&mut second).await;
         });
         let up = upstream(&addr);
-        up.post("application/json", None, b"{}").await.unwrap();
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        up.post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
         for _ in 0..3 {
             assert!(requests.recv().await.is_some());
@@ -861,7 +905,7 @@ mod tests {
             }
         });
         let err = upstream(&addr)
-            .post("application/json", None, b"{}")
+            .post("application/json", None, b"{}", None)
             .await
             .unwrap_err();
         assert_eq!(err.kind, FailureKind::Lost);
@@ -874,7 +918,7 @@ mod tests {
         let addr = closed.local_addr().unwrap().to_string();
         drop(closed);
         let err = upstream(&addr)
-            .post("application/json", None, b"{}")
+            .post("application/json", None, b"{}", None)
             .await
             .unwrap_err();
         assert_eq!(err.kind, FailureKind::Connect, "{err:?}");
@@ -900,7 +944,7 @@ mod tests {
         ] {
             let (addr, _seen) = server(vec![vec![bad]]).await;
             let err = upstream(&addr)
-                .post("application/json", None, b"{}")
+                .post("application/json", None, b"{}", None)
                 .await
                 .unwrap_err();
             assert!(
@@ -940,7 +984,7 @@ mod tests {
             }
         });
         let up = upstream(&addr);
-        let post = || up.post("application/json", None, b"{}");
+        let post = || up.post("application/json", None, b"{}", None);
         let (a, b, c) = tokio::join!(post(), post(), post());
         for answer in [a, b, c] {
             answer.unwrap();
@@ -966,7 +1010,10 @@ mod tests {
         });
         let (addr, _seen) = server(vec![vec![&LARGE[..], OK]]).await;
         let up = upstream(&addr);
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(answer.body.len(), 300_000);
         drop(answer);
         let kept = up.idle.get().unwrap().borrow()[0].conn.buf.capacity();
@@ -974,7 +1021,10 @@ mod tests {
             kept <= KEPT_BUFFER,
             "the idle connection keeps {kept} bytes"
         );
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
     }
 
@@ -983,7 +1033,7 @@ mod tests {
         const CLAIMS: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\n";
         let (addr, _seen) = server(vec![vec![CLAIMS]]).await;
         let err = upstream(&addr)
-            .post("application/json", None, b"{}")
+            .post("application/json", None, b"{}", None)
             .await
             .unwrap_err();
         assert_eq!(err.kind, FailureKind::BadAnswer);
@@ -1001,7 +1051,9 @@ mod tests {
             Duration::from_secs(90),
             1 << 20,
         );
-        up.post("application/json", None, b"{}").await.unwrap();
+        up.post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         let request = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert_eq!(request.matches("host:").count(), 1, "{request}");
         assert!(
@@ -1029,7 +1081,7 @@ mod tests {
         });
         let body = vec![b' '; 20 << 20];
         let answer = upstream(&addr)
-            .post("application/json", None, &body)
+            .post("application/json", None, &body, None)
             .await
             .unwrap();
         assert_eq!((answer.status, &answer.body[..]), (413, &b"too large"[..]));
@@ -1046,12 +1098,17 @@ mod tests {
             Duration::from_millis(30),
             1 << 20,
         );
-        up.post("application/json", None, b"{}").await.unwrap();
+        up.post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(up.idle.get().unwrap().borrow().len(), 1);
         tokio::time::sleep(Duration::from_millis(60)).await;
         // The expired connection is closed, not used: the server's second
         // connection answers.
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
     }
 
@@ -1061,9 +1118,14 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
         let (addr, _seen) = server(vec![vec![CLOSING], vec![OK]]).await;
         let up = upstream(&addr);
-        up.post("application/json", None, b"{}").await.unwrap();
+        up.post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert!(up.idle.get().is_none_or(|i| i.borrow().is_empty()));
-        let answer = up.post("application/json", None, b"{}").await.unwrap();
+        let answer = up
+            .post("application/json", None, b"{}", None)
+            .await
+            .unwrap();
         assert_eq!(&answer.body[..], b"hello");
         assert_eq!(up.idle.get().unwrap().borrow().len(), 1);
     }
@@ -1100,7 +1162,9 @@ mod tests {
                     let up = upstream(&addr);
                     let started = Instant::now();
                     let post = tokio::spawn(async move {
-                        up.post("application/json", None, b"{}").await.unwrap()
+                        up.post("application/json", None, b"{}", None)
+                            .await
+                            .unwrap()
                     });
                     // The request goes out; then this thread is busy
                     // while the answer arrives.

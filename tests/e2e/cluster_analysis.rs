@@ -88,7 +88,7 @@ async fn the_leader_aborts_a_slow_canary_on_traffic_only_the_others_answered() {
         .collect();
     assert!(!verdicts.is_empty(), "{events}");
     let last = verdicts.last().unwrap();
-    assert!(last.contains("x stable") && last.contains("p="), "{last}");
+    assert!(last.contains("x stable") && last.contains(", p"), "{last}");
     assert!(!last.contains("incomplete"), "{last}");
     let on_leader = super::harness::answered_by(leader, "slow").await;
     assert_eq!(on_leader, 0.0, "the leader took no candidate traffic");

@@ -272,8 +272,15 @@ impl ResettingRemote {
                     });
                     continue;
                 }
+                let flag = flag.clone();
                 tokio::spawn(async move {
                     watch.mark_unchanged();
+                    // Told to reset between the accept and here: the watch
+                    // missed it, the flag did not.
+                    if flag.load(Ordering::SeqCst) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     let service = TowerToHyperService::new(app);
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service);

@@ -338,6 +338,8 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
 /// The client's id comes back as its answer's, and takes the label, whatever
 /// the remote does with it (leaves it out, or answers with its own); a
 /// client id Ferry would refuse on the decoded path is refused here too.
+/// Without one, Ferry makes it; either way the remote is sent it in
+/// `x-ferry-request-id`, so its logs name the request as Ferry's answer does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
     let upstream = super::upstream::Upstream::start().await;
@@ -361,6 +363,15 @@ async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
             (Some(mine.as_str()), Some(mine.as_str())),
             "the remote said {remote_says:?}"
         );
+        assert_eq!(
+            upstream
+                .behaviour
+                .last_request_id
+                .lock()
+                .unwrap()
+                .as_deref(),
+            Some(mine.as_str())
+        );
         let r = s
             .http
             .post(s.at("/v2/models/cancer/feedback"))
@@ -371,14 +382,24 @@ async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
-    // Without an id of its own, the client gets the remote's, else one
-    // Ferry makes.
-    *upstream.behaviour.answer_id.lock().unwrap() = Some(Some("theirs".into()));
-    let (_, _, answer) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
-    assert_eq!(answer["id"], "theirs");
-    *upstream.behaviour.answer_id.lock().unwrap() = Some(None);
-    let (_, _, answer) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
-    assert_eq!(answer["id"].as_str().map(str::len), Some(32), "{answer}");
+    // Without an id of its own, the client gets the one Ferry made and sent
+    // the remote, whatever the remote answers.
+    for remote_says in [Some(Some("theirs".to_string())), Some(None)] {
+        *upstream.behaviour.answer_id.lock().unwrap() = remote_says;
+        let (_, headers, answer) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+        let made = answer["id"].as_str().unwrap();
+        assert_eq!(made.len(), 32, "{answer}");
+        assert_eq!(headers["x-ferry-request-id"], made);
+        assert_eq!(
+            upstream
+                .behaviour
+                .last_request_id
+                .lock()
+                .unwrap()
+                .as_deref(),
+            Some(made)
+        );
+    }
     // An id the decoded path refuses is refused here too.
     let mut row = batch(1);
     row["id"] = json!(7);

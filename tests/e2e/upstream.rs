@@ -32,6 +32,8 @@ pub struct Behaviour {
     pub class_zero: AtomicBool,
     /// The body of the last inference request, byte for byte.
     pub last_body: std::sync::Mutex<Vec<u8>>,
+    /// The last inference request's `x-ferry-request-id`.
+    pub last_request_id: std::sync::Mutex<Option<String>>,
     /// Requests without this header and value get 401.
     pub required_header: std::sync::Mutex<Option<(String, String)>>,
 }
@@ -71,9 +73,14 @@ fn signature() -> Value {
 
 async fn infer(
     State(b): State<Arc<Behaviour>>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     *b.last_body.lock().unwrap() = body.to_vec();
+    *b.last_request_id.lock().unwrap() = headers
+        .get("x-ferry-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     b.received.fetch_add(1, Ordering::Relaxed);
     let delay = b.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
