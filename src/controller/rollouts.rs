@@ -198,6 +198,41 @@ pub struct ProtocolCounts {
 
 /// What production answered over the status's window: each version's share
 /// of the requests (in percent, to a tenth), and those requests by protocol.
+
+/// What an A/B report covers: the 5-second buckets from the one the
+/// rollout started in through the one filling now (this instance's part of
+/// it: the others flush theirs as it closes), at most 15 minutes of them,
+/// what the buckets keep. The start's bucket also holds what came just
+/// before the start: stable's own traffic, a fair part of its arm, but
+/// also, when the previous rollout ended in it, that rollout's candidate
+/// traffic; then it is left out (`None` while it is the one filling).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ReportSpan {
+    /// The last bucket counted (the filling one).
+    last: u64,
+    window: Duration,
+    /// The seconds of traffic it holds so far.
+    seconds: u64,
+}
+
+fn report_span(started_ms: u64, previous_end_ms: Option<u64>, now_ms: u64) -> Option<ReportSpan> {
+    use crate::metrics::window::BUCKET_SECS;
+    let bucket = |ms: u64| ms / 1000 / BUCKET_SECS;
+    let first = match previous_end_ms {
+        Some(end) if bucket(end) == bucket(started_ms) => started_ms.div_ceil(1000 * BUCKET_SECS),
+        _ => bucket(started_ms),
+    };
+    let filling = bucket(now_ms);
+    let buckets = (filling + 1).checked_sub(first).filter(|n| *n > 0)?;
+    let buckets = buckets.min(900 / BUCKET_SECS);
+    let from_ms = (filling + 1 - buckets) * BUCKET_SECS * 1000;
+    Some(ReportSpan {
+        last: filling,
+        window: Duration::from_secs(buckets * BUCKET_SECS),
+        seconds: (now_ms - from_ms) / 1000,
+    })
+}
+
 fn observed(summaries: &[SeriesSummary]) -> (BTreeMap<String, f64>, Protocols) {
     let mut by_version: BTreeMap<String, ProtocolCounts> = BTreeMap::new();
     for s in summaries {
@@ -1279,17 +1314,36 @@ impl Controller {
         {
             return stored;
         }
-        let started = humantime::parse_rfc3339(&record.created_at)
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .unwrap_or_default();
-        let window = started.clamp(Duration::from_secs(5), Duration::from_secs(900));
+        let ms = |at: &str| {
+            humantime::parse_rfc3339(at)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+        };
+        // When the rollout before this one ended (its last update).
+        let previous_end = self
+            .registry
+            .store()
+            .rollouts(&record.model, 3)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|r| r.id < record.id)
+            .and_then(|r| ms(&r.updated_at));
+        let now = now_ms();
+        let span = report_span(ms(&record.created_at).unwrap_or(0), previous_end, now);
+        let window = span.map_or(Duration::ZERO, |s| s.window);
         let stable_version = &record.state.before.stable;
-        let (read, now) = (self.cluster_read(&record.model, window), now_ms());
-        let stable = (&*record.model, &**stable_version, Role::Stable);
-        let stable = self.merged_summary(&read, stable, window, now);
-        let candidate = (&*record.model, &*record.spec.version, Role::Candidate);
-        let candidate = self.merged_summary(&read, candidate, window, now);
+        let read = self.cluster_read(&record.model, window.max(Duration::from_secs(5)));
+        let summary = |(model, version, role)| match span {
+            Some(s) => {
+                self.telemetry
+                    .merged_summary(model, version, role, s.last, s.window, read.peers())
+            }
+            // The bucket the start fell in is still filling.
+            None => crate::metrics::Summary::default(),
+        };
+        let stable = summary((&*record.model, &**stable_version, Role::Stable));
+        let candidate = summary((&*record.model, &*record.spec.version, Role::Candidate));
         let confidence = record.spec.analysis.as_ref().map_or(0.95, |a| a.confidence);
         let mut report = analysis::report::compare(
             stable_version,
@@ -1297,7 +1351,7 @@ impl Controller {
             &record.spec.version,
             &candidate,
             confidence,
-            window.as_secs(),
+            span.map_or(0, |s| s.seconds),
         );
         let last = super::telemetry::epoch_at(now).saturating_sub(1);
         let completeness = read.completeness(last, window);
@@ -1376,12 +1430,37 @@ fn next_wake(now_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProtocolCounts, incomplete, live_message, next_wake, observed};
+    use super::{ProtocolCounts, incomplete, live_message, next_wake, observed, report_span};
     use crate::gateway::RoutePolicy;
     use crate::metrics::{Role, SeriesSummary, Summary};
     use crate::spec::RolloutSpec;
     use crate::strategy::{self, Observations};
     use std::time::Duration;
+
+    /// A report counts the buckets from the start's through the filling
+    /// one, at most 15 minutes; the start's bucket is left out when the
+    /// rollout before ended in it (its candidate traffic is there).
+    #[test]
+    fn a_report_covers_the_buckets_since_the_start() {
+        let span = |start, previous, now| {
+            report_span(start, previous, now).map(|s| (s.last, s.window.as_secs(), s.seconds))
+        };
+        assert_eq!(
+            span(12_300, None, 14_000),
+            Some((2, 5, 4)),
+            "10-15 s, so far"
+        );
+        assert_eq!(span(12_300, Some(3_000), 17_600), Some((3, 10, 7)));
+        // The previous rollout ended at 11.9 s, in the start's bucket.
+        assert_eq!(span(12_300, Some(11_900), 14_000), None);
+        assert_eq!(span(12_300, Some(11_900), 17_600), Some((3, 5, 2)));
+        assert_eq!(
+            span(15_000, Some(14_999), 15_100),
+            Some((3, 5, 0)),
+            "on a bucket's edge"
+        );
+        assert_eq!(span(12_300, None, 10_000_000).map(|s| s.1), Some(900));
+    }
 
     /// A window some instance had not reported cannot pass, says so, and a
     /// failure stays a failure; a complete one is left as judged.

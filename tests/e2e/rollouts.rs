@@ -235,6 +235,32 @@ async fn a_remote_candidate_that_turns_bad_is_aborted(
     seen
 }
 
+/// A live A/B report counts only its own rollout's traffic: one started
+/// right after an abort does not show the aborted rollout's candidate
+/// requests as its own (its candidate here takes none: weight 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_counts_only_its_own_rollouts_traffic() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let load = Traffic::start(&s, 200, 4);
+    s.deploy_canary("2", "50,100", "60s", &[]);
+    super::harness::wait_answered(&s, "2", 50.0).await;
+    s.ferry_ok(&["abort", "cancer"]);
+    s.deploy_canary("2", "0,100", "60s", &[]);
+    for _ in 0..4 {
+        let report = s.ferry_json(&["report", "cancer", "r-2"]);
+        assert_eq!(report["candidate"]["requests"], 0, "{report}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let report = s.ferry_json(&["report", "cancer", "r-2"]);
+    assert!(
+        report["stable"]["requests"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    load.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_candidate_is_aborted_on_latency() {
     let s = Server::start().await;
