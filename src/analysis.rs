@@ -271,7 +271,10 @@ fn evaluate_metric(
         check: format!("{} {}", metric.as_str(), condition.describe()),
         metric: metric.as_str(),
         candidate: metric_value(metric, candidate, Some(stable)),
-        stable: metric_value(metric, stable, Some(stable)),
+        // Prediction shift is itself the comparison: stable has none.
+        stable: (metric != Metric::PredictionShift)
+            .then(|| metric_value(metric, stable, Some(stable)))
+            .flatten(),
     };
     let name = metric.as_str();
     let Some(cv) = judged.candidate else {

@@ -644,6 +644,27 @@ impl CheckSpec {
                 "{field}: agreement is how often a shadow's answers agree with production's, and stable has none to compare with: give min (e.g. min: 0.95)"
             ));
         }
+        if metric == Metric::PredictionShift && condition.against_stable() {
+            return Err(format!(
+                "{field}: prediction_shift already compares the candidate with stable (the PSI of their predicted classes), and stable has none of its own: give max (e.g. max: 0.2)"
+            ));
+        }
+        if matches!(
+            metric,
+            Metric::ErrorRate | Metric::Accuracy | Metric::Agreement
+        ) {
+            let range = match condition {
+                Condition::Max(_) | Condition::Min(_) => 0.0..=1.0,
+                Condition::MaxDeltaVsStable(_) | Condition::MinDeltaVsStable(_) => -1.0..=1.0,
+                Condition::MaxVsStable(_) | Condition::MinVsStable(_) => 0.0..=f64::MAX,
+            };
+            if !range.contains(&x) {
+                return Err(format!(
+                    "{field}: {} is a share between 0 and 1, so a bound of {x} could never be crossed (a difference to stable's lies between -1 and 1): give a share, e.g. 0.01 for 1 %",
+                    metric.as_str()
+                ));
+            }
+        }
         let floored = metric.is_latency() && condition.against_stable();
         Ok(Check::Metric {
             metric,
@@ -1244,6 +1265,18 @@ notify:
             (
                 "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rat, max: 1 } ] }",
                 "unknown variant `error_rat`",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: prediction_shift, max_vs_stable: 2 } ] }",
+                "analysis.checks[0]: prediction_shift already compares the candidate with stable",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max: 2 } ] }",
+                "analysis.checks[0]: error_rate is a share between 0 and 1, so a bound of 2 could never be crossed",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: accuracy, min_delta_vs_stable: 2 } ] }",
+                "accuracy is a share between 0 and 1",
             ),
             (
                 "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
