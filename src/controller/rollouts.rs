@@ -196,9 +196,6 @@ pub struct ProtocolCounts {
     pub grpc: u64,
 }
 
-/// What production answered over the status's window: each version's share
-/// of the requests (in percent, to a tenth), and those requests by protocol.
-
 /// What an A/B report covers: the 5-second buckets from the one the
 /// rollout started in through the one filling now (this instance's part of
 /// it: the others flush theirs as it closes), at most 15 minutes of them,
@@ -233,6 +230,8 @@ fn report_span(started_ms: u64, previous_end_ms: Option<u64>, now_ms: u64) -> Op
     })
 }
 
+/// What production answered over the status's window: each version's share
+/// of the requests (in percent, to a tenth), and those requests by protocol.
 fn observed(summaries: &[SeriesSummary]) -> (BTreeMap<String, f64>, Protocols) {
     let mut by_version: BTreeMap<String, ProtocolCounts> = BTreeMap::new();
     for s in summaries {
