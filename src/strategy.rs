@@ -660,7 +660,7 @@ fn record_window(p: &mut Plan, verdict: &Verdict, limits: &crate::spec::Analysis
         Outcome::Fail => (
             EventKind::AnalysisFailed,
             format!(
-                " ({} of {} allowed)",
+                " (failed window {} in a row; {} abort)",
                 a.consecutive_failures + 1,
                 limits.failure_limit
             ),

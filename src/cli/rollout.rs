@@ -687,7 +687,9 @@ fn figure(x: Option<f64>) -> String {
 fn headline(a: &AnalysisView) -> String {
     let repeats = a.checks.iter().any(|c| a.reason.contains(&c.reason));
     if !repeats || a.verdict == Outcome::Pass {
-        return a.reason.clone();
+        // The line already says the verdict.
+        let reason = a.reason.strip_prefix("inconclusive: ").unwrap_or(&a.reason);
+        return reason.to_string();
     }
     let n = a.checks.len();
     let k = a.checks.iter().filter(|c| c.outcome == a.verdict).count();
@@ -811,7 +813,12 @@ pub async fn status(
         if st.rollout.is_some() {
             watched.clone_from(&st.rollout);
         }
-        let shown_rollout = st.rollout.clone().or_else(|| watched.clone());
+        // After the end, the events of the rollout that ended.
+        let shown_rollout = st
+            .rollout
+            .clone()
+            .or_else(|| watched.clone())
+            .or_else(|| st.last_rollout.as_ref().map(|l| l.rollout.clone()));
         if !watch {
             if output == Output::Json {
                 print_json(&v);
@@ -1360,7 +1367,12 @@ recent events
             "inconclusive",
             "inconclusive: 7 candidate requests in the window, fewer than min_requests 50",
         );
-        assert!(analysis_lines(&few)[0].contains(": inconclusive: 7 candidate requests"));
+        assert!(
+            analysis_lines(&few)[0]
+                .starts_with("analysis  inconclusive over 10s: 7 candidate requests in the window"),
+            "the verdict is said once: {:?}",
+            analysis_lines(&few)[0]
+        );
         let mut one = failing.clone();
         one.checks.remove(0);
         assert!(analysis_lines(&one)[0].contains(": its check fails ("));

@@ -1372,6 +1372,11 @@ impl Controller {
             }
             None => store.rollouts(model, 1)?.into_iter().next(),
         };
+        if found.is_none() && self.registry.stable(model)?.is_none() {
+            return Err(ControlError::Registry(RegistryError::NotFound(format!(
+                "model \"{model}\" is not registered"
+            ))));
+        }
         found.ok_or_else(|| {
             ControlError::Registry(RegistryError::NotFound(match name {
                 Some(n) => format!("model \"{model}\" has no rollout {n}"),

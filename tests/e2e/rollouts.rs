@@ -289,8 +289,16 @@ async fn a_slow_candidate_is_aborted_on_latency() {
     assert!(
         human.contains("last rollout r-1: aborted")
             && human.contains("analysis  fail over 5s: ")
-            && human.contains("latency_p99_ms max 1.5 x stable  fail"),
+            && human.contains("latency_p99_ms max 1.5 x stable  fail")
+            && human.contains("recent events"),
         "{human}"
+    );
+    // A model that is not registered is said to be so, not to have no
+    // rollouts.
+    let out = s.ferry(&["report", "cancr"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model \"cancr\" is not registered"),
+        "{out:?}"
     );
 }
 
