@@ -714,8 +714,13 @@ impl Telemetry {
 
     /// Summaries of every series of a model over the last `window`.
     pub fn summaries(&self, model: &str, window: Duration) -> Vec<SeriesSummary> {
-        let now = now_secs() / window::BUCKET_SECS;
-        self.merged_summaries(model, now, window, &cluster::Peers::default())
+        let now_ms = crate::units::now_ms();
+        let now = now_ms / 1000 / window::BUCKET_SECS;
+        let mut series = self.merged_summaries(model, now, window, &cluster::Peers::default());
+        for s in &mut series {
+            s.summary = window::to_now(std::mem::take(&mut s.summary), now_ms);
+        }
+        series
     }
 
     /// Drops the series of versions that no longer serve and have seen no

@@ -139,10 +139,14 @@ impl Controller {
         window: Duration,
     ) -> (Vec<SeriesSummary>, Completeness) {
         let read = self.cluster_read(model, window);
-        let now = epoch_at(now_ms());
-        let series = self
+        let now_ms = now_ms();
+        let now = epoch_at(now_ms);
+        let mut series = self
             .telemetry
             .merged_summaries(model, now, window, &read.peers);
+        for s in &mut series {
+            s.summary = crate::metrics::window::to_now(std::mem::take(&mut s.summary), now_ms);
+        }
         // The others' filling buckets are never in the store: the closed
         // part is what completeness speaks of.
         (series, read.completeness(now.saturating_sub(1), window))
