@@ -481,6 +481,14 @@ impl Controller {
     /// silent for [`FORGET_AFTER`], until the process ends.
     pub async fn run_heartbeat(self: Arc<Self>, me: Identity) {
         let _ = self.me.set(me.clone());
+        // An embedded store is one node's: any other row is a previous
+        // process of this one (killed, so it never left), not a second
+        // instance to list beside it.
+        if !self.registry.store().keeps_buckets()
+            && let Err(e) = self.registry.store().forget_instances(now_ms())
+        {
+            tracing::debug!("cannot forget a previous process's row: {e}");
+        }
         let mut beats: u64 = 0;
         loop {
             self.write_report(&me).await;

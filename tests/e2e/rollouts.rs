@@ -318,6 +318,13 @@ async fn kill_9_during_a_pause_resumes_the_same_step_with_the_time_left() {
     let s = Server::start_in(&dir, &[]).await;
     let after = status(&s).await;
     let since_start = started.elapsed().as_secs();
+    // One node: the killed process's row is not listed as a second instance.
+    let cluster = s.admin_get("/api/v1/cluster").await;
+    assert_eq!(
+        cluster["instances"].as_array().unwrap().len(),
+        1,
+        "{cluster}"
+    );
     assert_eq!(after["rollout"], "r-1");
     assert_eq!(after["step"], 1, "same step");
     assert_eq!(
