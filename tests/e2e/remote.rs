@@ -363,15 +363,7 @@ async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
             (Some(mine.as_str()), Some(mine.as_str())),
             "the remote said {remote_says:?}"
         );
-        assert_eq!(
-            upstream
-                .behaviour
-                .last_request_id
-                .lock()
-                .unwrap()
-                .as_deref(),
-            Some(mine.as_str())
-        );
+        assert_eq!(upstream.behaviour.last_request_id(), Some(mine.clone()));
         let r = s
             .http
             .post(s.at("/v2/models/cancer/feedback"))
@@ -390,15 +382,7 @@ async fn the_clients_id_is_its_answers_whatever_the_remote_says() {
         let made = answer["id"].as_str().unwrap();
         assert_eq!(made.len(), 32, "{answer}");
         assert_eq!(headers["x-ferry-request-id"], made);
-        assert_eq!(
-            upstream
-                .behaviour
-                .last_request_id
-                .lock()
-                .unwrap()
-                .as_deref(),
-            Some(made)
-        );
+        assert_eq!(upstream.behaviour.last_request_id().as_deref(), Some(made));
     }
     // An id the decoded path refuses is refused here too.
     let mut row = batch(1);

@@ -472,32 +472,28 @@ async fn delayed_labels_give_live_accuracy_per_version() {
     let stable = super::harness::metrics_series(&m, "role", "stable");
     assert_eq!(stable["labelled"], 40);
     assert_eq!(stable["correct"], correct);
-    let r = s
-        .http
-        .post(s.at("/v2/models/cancer/feedback"))
-        .bearer_auth(s.token())
-        .json(&json!({"id": "never-seen", "label": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    let unknown = async |model: &str| {
+        let r = s
+            .http
+            .post(s.at(&format!("/v2/models/{model}/feedback")))
+            .bearer_auth(s.token())
+            .json(&json!({"id": "never-seen", "label": 1}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    let (status, body) = unknown("cancer").await;
+    assert_eq!(status, 404);
     assert!(
-        r.json::<Value>().await.unwrap()["error"]
+        body["error"]
             .as_str()
             .unwrap()
             .contains("unknown or too old")
     );
     // A mistyped model is named as such, not as an unknown id.
-    let r = s
-        .http
-        .post(s.at("/v2/models/cancr/feedback"))
-        .bearer_auth(s.token())
-        .json(&json!({"id": "never-seen", "label": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let body = r.json::<Value>().await.unwrap();
+    let (status, body) = unknown("cancr").await;
+    assert_eq!(status, 404);
     assert!(
         body["error"].as_str().unwrap().starts_with(
             "model \"cancr\" is not registered: post a label to the model that answered"

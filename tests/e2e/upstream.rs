@@ -132,6 +132,13 @@ async fn infer(
     (StatusCode::OK, axum::Json(answer)).into_response()
 }
 
+impl Behaviour {
+    /// The `x-ferry-request-id` of the last inference request.
+    pub fn last_request_id(&self) -> Option<String> {
+        self.last_request_id.lock().unwrap().clone()
+    }
+}
+
 impl Upstream {
     /// The fake's routes, answering as `behaviour` says.
     pub fn app(behaviour: Arc<Behaviour>) -> Router {
