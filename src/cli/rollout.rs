@@ -976,7 +976,7 @@ struct ReportHeading {
 /// leave a table of dashes.
 fn report_is_empty(report: &Report) -> Option<&'static str> {
     (report.stable.requests == 0 && report.candidate.requests == 0).then_some(
-        "no requests counted yet: the report reads closed 5-second windows, so traffic shows here within 5 s of reaching either version",
+        "no requests counted yet for this rollout: traffic shows here within 5 s of reaching either version (the report counts 5-second buckets)",
     )
 }
 
