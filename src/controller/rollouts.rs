@@ -492,6 +492,13 @@ impl Controller {
                 last.state.phase
             )));
         }
+        // Stored before this version refused something in it.
+        last.spec.validate().map_err(|e| {
+            ControlError::Invalid(format!(
+                "{}'s spec no longer passes this version's checks: {e}. Apply a corrected spec instead (ferry apply -f)",
+                last.name()
+            ))
+        })?;
         let by = format!("{who} (retry of {})", last.name());
         self.apply_rollout(last.spec, &by).await.map(|(_, s)| s)
     }

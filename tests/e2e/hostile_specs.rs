@@ -281,6 +281,37 @@ async fn notify_urls_off_allow_outbound_are_refused_at_apply() {
     assert_eq!(status, 201, "an allowed host is accepted: {body}");
 }
 
+/// A rollout stored before this version refused something in its spec
+/// (here: analysis with a basic rollout, as an older Ferry took it) is not
+/// retried as it was: `ferry retry` says why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_spec_this_version_refuses_is_not_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start_in(&data, &[]).await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    s.deploy_canary("2", "10,100", "60s", &["--max-error-rate", "0.01"]);
+    s.ferry_ok(&["abort", "cancer"]);
+    let conn = rusqlite::Connection::open(data.join("ferry.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE rollouts SET spec = json_set(spec, '$.strategy', json('{\"basic\":{}}')) WHERE id = 1",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    let out = s.ferry(&["retry", "cancer"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && said.contains("r-1's spec no longer passes this version's checks: analysis is not used by strategy basic")
+            && said.contains("ferry apply -f"),
+        "{said}"
+    );
+}
+
 /// Seeds `n` events of `model` straight into the database (as a long
 /// history would have left them).
 fn seed_events(data: &Path, model: &str, n: usize) {
