@@ -1340,16 +1340,33 @@ impl Controller {
         let window = span.map_or(Duration::ZERO, |s| s.window);
         let stable_version = &record.state.before.stable;
         let read = self.cluster_read(&record.model, window.max(Duration::from_secs(5)));
-        let summary = |(model, version, role)| match span {
+        // An arm is its version's buckets in the roles it served in during
+        // the rollout: stable's production traffic; the candidate's as a
+        // canary, a shadow, in staging, or once it serves production (a
+        // blue-green switch, rolling's last batch). It was not stable
+        // before, so all of that is the rollout's.
+        let summary = |version: &str, roles: &[Role]| match span {
             Some(s) => {
-                self.telemetry
-                    .merged_summary(model, version, role, s.last, s.window, read.peers())
+                let (after, covered) = crate::metrics::window::span(s.last, s.window);
+                let mut total = crate::metrics::window::Bucket::default();
+                for role in roles {
+                    total.merge(&self.telemetry.merged_between(
+                        (&record.model, version, *role),
+                        after,
+                        s.last,
+                        read.peers(),
+                    ));
+                }
+                crate::metrics::window::summarize([&total], covered)
             }
             // The bucket the start fell in is still filling.
             None => crate::metrics::Summary::default(),
         };
-        let stable = summary((&*record.model, &**stable_version, Role::Stable));
-        let candidate = summary((&*record.model, &*record.spec.version, Role::Candidate));
+        let stable = summary(stable_version, &[Role::Stable]);
+        let candidate = summary(
+            &record.spec.version,
+            &[Role::Candidate, Role::Shadow, Role::Staging, Role::Stable],
+        );
         let confidence = record.spec.analysis.as_ref().map_or(0.95, |a| a.confidence);
         let mut report = analysis::report::compare(
             stable_version,

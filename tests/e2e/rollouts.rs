@@ -261,6 +261,44 @@ async fn a_report_counts_only_its_own_rollouts_traffic() {
     load.finish().await;
 }
 
+/// A shadow's report compares production with its copies: the candidate's
+/// arm is what it answered as the shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadows_report_counts_the_copies_it_answered() {
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.add("cancer", "2", "cancer-v2.onnx");
+    let load = Traffic::start(&s, 100, 2);
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "2",
+        "--strategy",
+        "shadow",
+        "--mirror-percent",
+        "100",
+        "--compare-output",
+        "label",
+        "--min-comparisons",
+        "100000",
+        "--min-agreement",
+        "0.5",
+        "--then",
+        "manual",
+    ]);
+    eventually(
+        Duration::from_secs(15),
+        "copies in the report",
+        async || {
+            let report = s.ferry_json(&["report", "cancer"]);
+            report["candidate"]["requests"].as_u64().unwrap_or(0) > 20
+                && report["stable"]["requests"].as_u64().unwrap_or(0) > 20
+        },
+    )
+    .await;
+    load.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_candidate_is_aborted_on_latency() {
     let s = Server::start().await;
