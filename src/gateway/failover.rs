@@ -108,7 +108,8 @@ pub(super) async fn run_chain(
         // The engine's own time when it could tell (see `Engine::infer_timed`).
         let (result, took) = match result {
             Ok((outputs, took)) => (
-                answers_what_was_asked(pool, &outputs, origin.asked).map(|()| outputs),
+                answers_what_was_asked(pool, &outputs, origin.asked.iter().map(|o| &*o.name))
+                    .map(|()| outputs),
                 took,
             ),
             Err(e) => (Err(e), None),
@@ -147,19 +148,16 @@ pub(super) async fn run_chain(
 /// least one: an answer without them is the version's error (counted as
 /// such, and failed over like any), not a 200 with less than was asked.
 /// Only a remote version can fall short (ONNX Runtime runs every output).
-fn answers_what_was_asked(
+pub(super) fn answers_what_was_asked<'a>(
     pool: &VersionPool,
     outputs: &[Tensor],
-    asked: &[RequestedOutput],
+    mut asked: impl Iterator<Item = &'a str>,
 ) -> Result<(), RuntimeError> {
-    let missing = asked
-        .iter()
-        .find(|o| !outputs.iter().any(|t| t.name == o.name));
+    let missing = asked.find(|name| !outputs.iter().any(|t| t.name == *name));
     let what = match (outputs.is_empty(), missing) {
         (true, _) => "no outputs".to_string(),
-        (false, Some(o)) => format!(
-            "no output {:?}, which the request asked for (it answered {})",
-            o.name,
+        (false, Some(name)) => format!(
+            "no output {name:?}, which the request asked for (it answered {})",
             outputs
                 .iter()
                 .map(|t| format!("{:?}", t.name))
@@ -447,7 +445,7 @@ mod tests {
             ("c", "c")
         );
         assert_eq!(f.counted("b", Role::Fallback), (1, 1, 0));
-        let e = answers_what_was_asked(f.pool("a"), &[], &asked).unwrap_err();
+        let e = answers_what_was_asked(f.pool("a"), &[], std::iter::empty()).unwrap_err();
         assert_eq!(
             e.to_string(),
             RuntimeError::Upstream(format!(
@@ -456,15 +454,8 @@ mod tests {
             ))
             .to_string()
         );
-        let e = answers_what_was_asked(
-            f.pool("a"),
-            &served.outputs,
-            &[RequestedOutput {
-                name: "p".into(),
-                binary: None,
-            }],
-        )
-        .unwrap_err();
+        let e =
+            answers_what_was_asked(f.pool("a"), &served.outputs, ["p"].into_iter()).unwrap_err();
         assert!(
             e.to_string().contains(
                 "answered with no output \"p\", which the request asked for (it answered \"c\")"

@@ -219,6 +219,13 @@ impl Job {
                 }
             }
         };
+        // An answer without the compared output (or with none) is the
+        // shadow's error, as it would be production's.
+        let result = result.and_then(|outputs| {
+            let compared = std::iter::once(compare.output.as_str());
+            super::failover::answers_what_was_asked(&pool, &outputs, compared)?;
+            Ok(outputs)
+        });
         let seconds = took.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         let (outcome, class) = match &result {
             Ok(out) => (

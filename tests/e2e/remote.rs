@@ -335,6 +335,54 @@ async fn an_unreadable_remote_answer_is_the_versions_error_and_a_readable_ones_c
     .await;
 }
 
+/// A remote shadow answering without outputs (or without the compared
+/// one) fails, counted as its error, as production's would: it was counted
+/// as answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_shadow_answering_no_outputs_is_its_error() {
+    let upstream = super::upstream::Upstream::start().await;
+    let s = Server::start().await;
+    s.add("cancer", "1", "cancer-v1.onnx");
+    s.ferry_json(&["model", "add", "cancer", "far", "--url", &upstream.url]);
+    upstream
+        .behaviour
+        .no_outputs
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    s.ferry_ok(&[
+        "deploy",
+        "cancer",
+        "far",
+        "--strategy",
+        "shadow",
+        "--mirror-percent",
+        "100",
+        "--compare-output",
+        "label",
+        "--min-comparisons",
+        "100000",
+        "--min-agreement",
+        "0.5",
+        "--then",
+        "manual",
+    ]);
+    for _ in 0..5 {
+        let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
+        assert_eq!(status, 200, "the user never sees the shadow: {body}");
+    }
+    super::harness::eventually(
+        std::time::Duration::from_secs(10),
+        "the shadow's five errors",
+        async || {
+            let m = s
+                .admin_get("/api/v1/models/cancer/metrics?window=60s")
+                .await;
+            let shadow = super::harness::metrics_series(&m, "role", "shadow");
+            shadow["requests"] == 5 && shadow["errors"] == 5
+        },
+    )
+    .await;
+}
+
 /// The client's id comes back as its answer's, and takes the label, whatever
 /// the remote does with it (leaves it out, or answers with its own); a
 /// client id Ferry would refuse on the decoded path is refused here too.
