@@ -660,10 +660,15 @@ impl CheckSpec {
             };
             if !range.contains(&x) {
                 return Err(format!(
-                    "{field}: {} is a share between 0 and 1, so a bound of {x} could never be crossed (a difference to stable's lies between -1 and 1): give a share, e.g. 0.01 for 1 %",
+                    "{field}: {} is a share between 0 and 1, so a bound of {x} is outside what it can be (a difference to stable's lies between -1 and 1): give a share, e.g. 0.01 for 1 %",
                     metric.as_str()
                 ));
             }
+        } else if matches!(condition, Condition::Max(_) | Condition::Min(_)) && x < 0.0 {
+            return Err(format!(
+                "{field}: {} is never negative, so a bound of {x} is outside what it can be: give 0 or more",
+                metric.as_str()
+            ));
         }
         let floored = metric.is_latency() && condition.against_stable();
         Ok(Check::Metric {
@@ -850,6 +855,7 @@ impl RolloutSpec {
         if let Some(a) = &self.analysis {
             check_analysis(a)?;
             check_analysis_is_read(&self.strategy)?;
+            check_agreement_is_a_shadows(&self.strategy, a)?;
         }
         check_notify(&self.notify)
     }
@@ -873,6 +879,25 @@ fn check_analysis_is_read(strategy: &Strategy) -> Result<(), String> {
     Err(format!(
         "analysis is not used by strategy {name}: {why}. Remove analysis, or use a strategy that judges the candidate on live traffic (canary, rolling, blue_green or shadow)"
     ))
+}
+
+/// Agreement is a shadow's comparison with production: any other strategy
+/// has none, and a check on it could only ever be inconclusive.
+fn check_agreement_is_a_shadows(strategy: &Strategy, a: &AnalysisSpec) -> Result<(), String> {
+    if matches!(strategy, Strategy::Shadow(_)) {
+        return Ok(());
+    }
+    match a
+        .checks
+        .iter()
+        .position(|c| c.metric == Some(Metric::Agreement))
+    {
+        Some(i) => Err(format!(
+            "analysis.checks[{i}]: agreement is how often a shadow's answers agree with production's, and a {} rollout has no shadow, so the check could never decide: use it with strategy shadow, or remove it",
+            strategy.name()
+        )),
+        None => Ok(()),
+    }
 }
 
 fn check_multi(m: &MultiSpec) -> Result<(), String> {
@@ -1272,11 +1297,23 @@ notify:
             ),
             (
                 "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max: 2 } ] }",
-                "analysis.checks[0]: error_rate is a share between 0 and 1, so a bound of 2 could never be crossed",
+                "analysis.checks[0]: error_rate is a share between 0 and 1, so a bound of 2 is outside what it can be",
             ),
             (
                 "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: accuracy, min_delta_vs_stable: 2 } ] }",
                 "accuracy is a share between 0 and 1",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max: -0.1 } ] }",
+                "a bound of -0.1 is outside what it can be",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: latency_p99_ms, max: -5 } ] }",
+                "analysis.checks[0]: latency_p99_ms is never negative, so a bound of -5 is outside what it can be: give 0 or more",
+            ),
+            (
+                "strategy: { canary: { steps: [ { weight: 100 } ] } }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 }, { metric: agreement, min: 0.95 } ] }",
+                "analysis.checks[1]: agreement is how often a shadow's answers agree with production's, and a canary rollout has no shadow",
             ),
             (
                 "strategy: { basic: {} }\nanalysis: { checks: [ { metric: error_rate, max: 0.01 } ] }",
