@@ -600,9 +600,20 @@ const EXAMPLES: usize = 5;
 #[derive(Default)]
 pub struct Telemetry {
     series: RwLock<HashMap<String, HashMap<String, RoleSeries>>>,
+    /// When these series began: the ring holds nothing older.
+    since: Since,
     /// The latest disagreements per (model, version), each numbered so a
     /// reader can take only those newer than what it has seen.
     examples: Mutex<HashMap<(String, String), Examples>>,
+}
+
+/// A moment, now by default (Unix milliseconds).
+struct Since(u64);
+
+impl Default for Since {
+    fn default() -> Self {
+        Since(crate::units::now_ms())
+    }
 }
 
 /// Numbered disagreements: the latest few and the last number given.
@@ -622,6 +633,11 @@ pub struct SeriesSummary {
 }
 
 impl Telemetry {
+    /// When this process began keeping series (Unix milliseconds).
+    pub fn since_ms(&self) -> u64 {
+        self.since.0
+    }
+
     /// The series of a model, version and role (created on first use).
     pub fn series(&self, model: &str, version: &str, role: Role) -> Arc<Series> {
         if let Some(s) = self
@@ -718,7 +734,11 @@ impl Telemetry {
         let now = now_ms / 1000 / window::BUCKET_SECS;
         let mut series = self.merged_summaries(model, now, window, &cluster::Peers::default());
         for s in &mut series {
-            s.summary = window::to_now(std::mem::take(&mut s.summary), now_ms);
+            s.summary = window::to_now(
+                std::mem::take(&mut s.summary),
+                now_ms,
+                Some(self.since_ms()),
+            );
         }
         series
     }

@@ -144,8 +144,12 @@ impl Controller {
         let mut series = self
             .telemetry
             .merged_summaries(model, now, window, &read.peers);
+        // One node's figures begin with its process; a cluster's may be
+        // older than this instance.
+        let since = (!self.registry.store().keeps_buckets()).then(|| self.telemetry.since_ms());
         for s in &mut series {
-            s.summary = crate::metrics::window::to_now(std::mem::take(&mut s.summary), now_ms);
+            let summary = std::mem::take(&mut s.summary);
+            s.summary = crate::metrics::window::to_now(summary, now_ms, since);
         }
         // The others' filling buckets are never in the store: the closed
         // part is what completeness speaks of.

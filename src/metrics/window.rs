@@ -241,12 +241,16 @@ pub fn span(last: u64, window: Duration) -> (u64, u64) {
 /// A summary of whole buckets whose last is the one filling at `now_ms`:
 /// only `now_ms`'s part of that one has passed, so the seconds covered and
 /// the rate are those (a 10 s window 2 s into its last bucket covers 7 s;
-/// counted over 10, its rate read 30 % low).
-pub fn to_now(mut summary: Summary, now_ms: u64) -> Summary {
+/// counted over 10, its rate read 30 % low). Nor does it reach back past
+/// `since_ms`, when the figures began there (a single node's start).
+pub fn to_now(mut summary: Summary, now_ms: u64, since_ms: Option<u64>) -> Summary {
     let bucket_ms = BUCKET_SECS * 1000;
     let unfilled_ms = bucket_ms - now_ms % bucket_ms;
-    let covered_ms = (summary.seconds * 1000)
-        .saturating_sub(unfilled_ms)
+    let covered_ms = (summary.seconds * 1000).saturating_sub(unfilled_ms);
+    let covered_ms = since_ms
+        .map_or(covered_ms, |since| {
+            covered_ms.min(now_ms.saturating_sub(since))
+        })
         .max(1000);
     summary.seconds = (covered_ms + 500) / 1000;
     summary.requests_per_second = summary.requests as f64 * 1000.0 / covered_ms as f64;
@@ -308,12 +312,19 @@ mod tests {
             requests_per_second: 70.0,
             ..Summary::default()
         };
-        let s = to_now(ten.clone(), 1_000_000_000 + 2_000);
+        let s = to_now(ten.clone(), 1_000_000_000 + 2_000, None);
         assert_eq!((s.seconds, s.requests_per_second), (7, 100.0));
-        let s = to_now(ten.clone(), 1_000_000_000 + 4_999);
+        let s = to_now(ten.clone(), 1_000_000_000 + 4_999, None);
         assert_eq!(s.seconds, 10);
+        // Nor past the start of the figures: 3.5 s ago, 700 are 200 a second.
+        let s = to_now(
+            ten.clone(),
+            1_000_000_000 + 2_000,
+            Some(1_000_000_000 - 1_500),
+        );
+        assert_eq!((s.seconds, s.requests_per_second), (4, 200.0));
         // Just after a bucket began, at least a second is counted.
-        let s = to_now(Summary { seconds: 5, ..ten }, 1_000_000_000);
+        let s = to_now(Summary { seconds: 5, ..ten }, 1_000_000_000, None);
         assert_eq!(s.seconds, 1);
     }
 

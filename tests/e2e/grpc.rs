@@ -425,9 +425,10 @@ async fn the_status_splits_recent_requests_between_rest_and_grpc() {
         "too slow to test the window: {took:?}"
     );
     let split = &status["protocols"];
-    // The 10 s window's seconds so far: its last bucket is filling.
+    // The 10 s window's seconds so far: its last bucket is filling, and
+    // the server started moments ago.
     let seconds = split["seconds"].as_u64().unwrap();
-    assert!((5..=10).contains(&seconds), "{status}");
+    assert!((1..=10).contains(&seconds), "{status}");
     assert_eq!(
         (split["rest"].as_u64(), split["grpc"].as_u64()),
         (Some(rest), Some(grpc)),
