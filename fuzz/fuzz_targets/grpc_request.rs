@@ -23,10 +23,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     common::assert_counts_match_shapes(&request.inputs);
-    let again = encode_request(&request.model, request.version.as_deref(), &request.inputs);
+    let again = encode_request(
+        &request.model,
+        request.version.as_deref(),
+        request.id.as_deref(),
+        &request.inputs,
+    );
     let again =
         decode_request(pb::ModelInferRequest::decode(again.encode_to_vec().as_slice()).unwrap())
             .unwrap_or_else(|e| panic!("a re-encoded request does not decode: {e}"));
+    assert_eq!(again.id, request.id, "the id goes with the request");
     assert_eq!(again.inputs.len(), request.inputs.len());
     for (a, b) in again.inputs.iter().zip(&request.inputs) {
         // NaN != NaN: compare the bits, as the bytes on the wire are.
