@@ -288,6 +288,29 @@ impl Server {
         self.ferry_ok(&args)
     }
 
+    /// `ferry deploy cancer VERSION` as a shadow of every request, compared
+    /// on `label`, that never decides by itself (`--then manual` after
+    /// more comparisons than a test makes).
+    pub fn deploy_shadow_that_waits(&self, version: &str) -> String {
+        self.ferry_ok(&[
+            "deploy",
+            "cancer",
+            version,
+            "--strategy",
+            "shadow",
+            "--mirror-percent",
+            "100",
+            "--compare-output",
+            "label",
+            "--min-comparisons",
+            "100000",
+            "--min-agreement",
+            "0.5",
+            "--then",
+            "manual",
+        ])
+    }
+
     /// Runs the CLI with `-o json` and parses the answer.
     pub fn ferry_json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();

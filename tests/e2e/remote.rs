@@ -348,23 +348,7 @@ async fn a_remote_shadow_answering_no_outputs_is_its_error() {
         .behaviour
         .no_outputs
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "far",
-        "--strategy",
-        "shadow",
-        "--mirror-percent",
-        "100",
-        "--compare-output",
-        "label",
-        "--min-comparisons",
-        "100000",
-        "--min-agreement",
-        "0.5",
-        "--then",
-        "manual",
-    ]);
+    s.deploy_shadow_that_waits("far");
     for _ in 0..5 {
         let (status, _, body) = s.infer("/v2/models/cancer/infer", &batch(1)).await;
         assert_eq!(status, 200, "the user never sees the shadow: {body}");

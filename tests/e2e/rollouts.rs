@@ -269,23 +269,7 @@ async fn a_shadows_report_counts_the_copies_it_answered() {
     s.add("cancer", "1", "cancer-v1.onnx");
     s.add("cancer", "2", "cancer-v2.onnx");
     let load = Traffic::start(&s, 100, 2);
-    s.ferry_ok(&[
-        "deploy",
-        "cancer",
-        "2",
-        "--strategy",
-        "shadow",
-        "--mirror-percent",
-        "100",
-        "--compare-output",
-        "label",
-        "--min-comparisons",
-        "100000",
-        "--min-agreement",
-        "0.5",
-        "--then",
-        "manual",
-    ]);
+    s.deploy_shadow_that_waits("2");
     eventually(
         Duration::from_secs(15),
         "copies in the report",
