@@ -66,6 +66,15 @@ pub fn now_rfc3339() -> String {
     rfc3339_of_ms(now_ms())
 }
 
+/// A stored RFC 3339 timestamp in Unix milliseconds (the inverse of
+/// [`rfc3339_of_ms`]); `None` when it is not one.
+pub fn ms_of_rfc3339(at: &str) -> Option<u64> {
+    humantime::parse_rfc3339(at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+}
+
 /// A time in Unix milliseconds as Ferry shows it (RFC 3339, UTC, milliseconds).
 pub fn rfc3339_of_ms(ms: u64) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
@@ -75,6 +84,13 @@ pub fn rfc3339_of_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_timestamp_reads_back_as_its_milliseconds() {
+        let ms = 1_764_700_000_123;
+        assert_eq!(ms_of_rfc3339(&rfc3339_of_ms(ms)), Some(ms));
+        assert_eq!(ms_of_rfc3339("yesterday"), None);
+    }
 
     #[test]
     fn round_trips_with_units_and_explains_mistakes() {

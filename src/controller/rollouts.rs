@@ -213,7 +213,7 @@ struct ReportSpan {
 }
 
 fn report_span(started_ms: u64, previous_end_ms: Option<u64>, now_ms: u64) -> Option<ReportSpan> {
-    use crate::metrics::window::BUCKET_SECS;
+    use crate::metrics::window::{BUCKET_SECS, RING};
     let bucket = |ms: u64| ms / 1000 / BUCKET_SECS;
     let first = match previous_end_ms {
         Some(end) if bucket(end) == bucket(started_ms) => started_ms.div_ceil(1000 * BUCKET_SECS),
@@ -221,7 +221,7 @@ fn report_span(started_ms: u64, previous_end_ms: Option<u64>, now_ms: u64) -> Op
     };
     let filling = bucket(now_ms);
     let buckets = (filling + 1).checked_sub(first).filter(|n| *n > 0)?;
-    let buckets = buckets.min(900 / BUCKET_SECS);
+    let buckets = buckets.min(RING as u64);
     let from_ms = (filling + 1 - buckets) * BUCKET_SECS * 1000;
     Some(ReportSpan {
         last: filling,
@@ -1320,12 +1320,7 @@ impl Controller {
         {
             return stored;
         }
-        let ms = |at: &str| {
-            humantime::parse_rfc3339(at)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64)
-        };
+        use crate::units::ms_of_rfc3339 as ms;
         // When the rollout before this one ended (its last update).
         let previous_end = self
             .registry

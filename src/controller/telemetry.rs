@@ -210,10 +210,7 @@ impl Controller {
 
 /// An instance's report as completeness sees it.
 fn member(r: crate::records::InstanceRecord) -> Member {
-    let started_ms = humantime::parse_rfc3339(&r.report.started_at)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_ms = crate::units::ms_of_rfc3339(&r.report.started_at).unwrap_or(0);
     Member {
         id: r.report.id,
         started_ms,
